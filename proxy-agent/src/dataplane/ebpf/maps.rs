@@ -1,0 +1,76 @@
+//! The service maps of the loaded object, behind [`ServiceMaps`].
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, MapData, MapError};
+use proxy_common::{
+    backend::Backend,
+    maps as names,
+    revnat::RevNat,
+    service::{ServiceKey, ServiceValue},
+};
+
+use super::writer::{Contents, ServiceMaps};
+
+pub struct AyaServiceMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    revnat: HashMap<MapData, u32, RevNat>,
+}
+
+fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
+    let map = ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+    HashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type or key/value size"))
+}
+
+/// Deleting an entry that is already gone is success: the writer's goal is its absence.
+fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl AyaServiceMaps {
+    pub fn take_from(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        Ok(Self {
+            services: take(ebpf, names::SERVICES)?,
+            backends: take(ebpf, names::BACKENDS)?,
+            revnat: take(ebpf, names::REVNAT)?,
+        })
+    }
+}
+
+impl ServiceMaps for AyaServiceMaps {
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
+        self.backends.insert(&id, backend, 0).with_context(|| format!("writing backend {id}"))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        absent_ok(self.backends.remove(&id)).with_context(|| format!("deleting backend {id}"))
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> anyhow::Result<()> {
+        self.services.insert(key, value, 0).with_context(|| format!("writing service entry {key:?}"))
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> anyhow::Result<()> {
+        absent_ok(self.services.remove(key)).with_context(|| format!("deleting service entry {key:?}"))
+    }
+
+    fn put_revnat(&mut self, id: u32, revnat: &RevNat) -> anyhow::Result<()> {
+        self.revnat.insert(&id, revnat, 0).with_context(|| format!("writing reverse-NAT entry {id}"))
+    }
+
+    fn delete_revnat(&mut self, id: u32) -> anyhow::Result<()> {
+        absent_ok(self.revnat.remove(&id)).with_context(|| format!("deleting reverse-NAT entry {id}"))
+    }
+
+    fn dump(&self) -> anyhow::Result<Contents> {
+        Ok(Contents {
+            services: self.services.iter().collect::<Result<_, _>>().context("reading SERVICES")?,
+            backends: self.backends.iter().collect::<Result<_, _>>().context("reading BACKENDS")?,
+            revnat: self.revnat.iter().collect::<Result<_, _>>().context("reading REVNAT")?,
+        })
+    }
+}

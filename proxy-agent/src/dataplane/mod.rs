@@ -1,0 +1,30 @@
+//! The dataplane: one trait between the model and the kernel. Nothing above it knows which one is in use.
+
+pub mod ebpf;
+
+use crate::model::ServiceTable;
+
+/// What one `apply` changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Map entries (or rules) written.
+    pub writes: usize,
+    /// Map entries (or rules) removed.
+    pub deletes: usize,
+}
+
+pub trait Dataplane: Send {
+    /// A short name for logs and metrics: `ebpf`, `iptables`, `nftables`.
+    fn name(&self) -> &'static str;
+
+    /// Makes the kernel's service state equal `table`, writing only the differences, in an order that never
+    /// shows a half-written service to traffic. On error the live state is still consistent, and the next
+    /// call picks up from wherever this one stopped.
+    fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats>;
+
+    /// Periodic work that does not depend on the table, such as attaching to pod interfaces that appeared
+    /// since the last call.
+    fn housekeeping(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}

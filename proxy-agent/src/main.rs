@@ -1,0 +1,84 @@
+//! proxy-agent: the node daemon. Wires source → store → model → dataplane.
+
+mod cli;
+mod dataplane;
+mod model;
+mod source;
+mod store;
+mod sync;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+
+use crate::{
+    dataplane::ebpf::{EbpfDataplane, InterfacePatterns},
+    model::NodeIdentity,
+    store::Store,
+};
+
+fn init_logging(format: cli::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        cli::LogFormat::Text => builder.init(),
+        cli::LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = cli::Args::parse();
+    init_logging(args.log_format);
+    let node = NodeIdentity { name: args.node_name.clone() };
+    tracing::info!(node = %node.name, version = env!("CARGO_PKG_VERSION"), "starting");
+
+    let dataplane = EbpfDataplane::start(&args.bpffs, InterfacePatterns::new(args.pod_interfaces.clone()))
+        .context("starting the eBPF dataplane")?;
+    let (store, snapshots) = Store::new();
+
+    let source = match &args.manifests {
+        Some(dir) => {
+            tracing::info!(dir = %dir.display(), "source: manifest directory");
+            tokio::spawn(source::manifests::ManifestSource::new(dir.clone(), args.manifest_poll_interval).run(store))
+        }
+        None => {
+            let mut config = kube::Config::infer().await.context("finding the API server (in-cluster config or kubeconfig)")?;
+            if let Some(master) = &args.master {
+                config.cluster_url = master.parse().with_context(|| format!("--master {master:?} is not a URL"))?;
+            }
+            tracing::info!(server = %config.cluster_url, "source: Kubernetes API");
+            let client = kube::Client::try_from(config).context("building the API client")?;
+            tokio::spawn(source::kubernetes::run(client, node.name.clone(), store))
+        }
+    };
+
+    let sync_config = sync::SyncConfig {
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        housekeeping_period: Duration::from_secs(1).min(args.sync_period),
+    };
+    let sync = sync::run(snapshots, node, Box::new(dataplane), sync_config);
+
+    tokio::select! {
+        result = sync => result.context("sync loop"),
+        result = source => result.context("source task panicked")?.context("source"),
+        _ = shutdown_signal() => {
+            // Maps stay pinned; the next agent adopts them.
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,124 @@
+//! The desired service table: what the dataplane must make true.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+/// An L4 protocol a Service port can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the Kubernetes spelling; an absent protocol means TCP, as the API server defaults it.
+    #[must_use]
+    pub fn from_k8s(value: Option<&str>) -> Option<Self> {
+        match value.unwrap_or("TCP") {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
+    /// The IP protocol number.
+    #[must_use]
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => proxy_common::proto::TCP,
+            Self::Udp => proxy_common::proto::UDP,
+            Self::Sctp => proxy_common::proto::SCTP,
+        }
+    }
+
+    #[must_use]
+    pub fn from_number(number: u8) -> Option<Self> {
+        [Self::Tcp, Self::Udp, Self::Sctp].into_iter().find(|p| p.number() == number)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+/// An address clients send to: a Service IP, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+    }
+}
+
+/// A backend address: a pod IP and the resolved target port. Its protocol is its frontend's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+/// kube-proxy's name for one port of a Service: `namespace/name:port`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name; empty for an unnamed single port.
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// What one frontend resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendEntry {
+    pub service: ServicePortName,
+    /// The backends new flows may go to, sorted and without duplicates. Empty: no usable backend.
+    pub backends: Vec<Endpoint>,
+}
+
+/// The whole desired state of this node's service dataplane.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceTable {
+    pub frontends: BTreeMap<Frontend, FrontendEntry>,
+}
+
+impl ServiceTable {
+    /// How many distinct backends (address, port, protocol) the table uses.
+    #[must_use]
+    pub fn distinct_backends(&self) -> usize {
+        let mut all: Vec<_> = self
+            .frontends
+            .iter()
+            .flat_map(|(f, e)| e.backends.iter().map(move |b| (*b, f.protocol)))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all.len()
+    }
+}

@@ -1,0 +1,132 @@
+//! Cluster state from the Kubernetes API: watchers on Services, EndpointSlices and this node's Node.
+//!
+//! Each watcher lists, then watches, relisting with backoff after errors. A (re)list is buffered and replaces
+//! that kind's objects at once when it is complete; the store is marked complete only when every kind has
+//! delivered its first full list, so the dataplane is never programmed from a partial view.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, watcher},
+};
+
+use crate::store::{ClusterState, ObjectKey, Store};
+
+/// A kind the store holds: how to key it and where it lives in [`ClusterState`].
+trait StoredKind: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static {
+    type Key: Ord + Clone + Send;
+    const NAME: &'static str;
+    fn key(&self) -> Self::Key;
+    fn slot(state: &mut ClusterState) -> &mut BTreeMap<Self::Key, Arc<Self>>;
+}
+
+impl StoredKind for Service {
+    type Key = ObjectKey;
+    const NAME: &'static str = "Service";
+    fn key(&self) -> ObjectKey {
+        ObjectKey::of(&self.metadata)
+    }
+    fn slot(state: &mut ClusterState) -> &mut BTreeMap<ObjectKey, Arc<Self>> {
+        &mut state.services
+    }
+}
+
+impl StoredKind for EndpointSlice {
+    type Key = ObjectKey;
+    const NAME: &'static str = "EndpointSlice";
+    fn key(&self) -> ObjectKey {
+        ObjectKey::of(&self.metadata)
+    }
+    fn slot(state: &mut ClusterState) -> &mut BTreeMap<ObjectKey, Arc<Self>> {
+        &mut state.endpoint_slices
+    }
+}
+
+impl StoredKind for Node {
+    type Key = String;
+    const NAME: &'static str = "Node";
+    fn key(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+    fn slot(state: &mut ClusterState) -> &mut BTreeMap<String, Arc<Self>> {
+        &mut state.nodes
+    }
+}
+
+/// Which kinds have delivered their first complete list.
+struct Readiness {
+    pending: Mutex<Vec<&'static str>>,
+}
+
+impl Readiness {
+    fn listed(&self, kind: &'static str, store: &Store) {
+        let mut pending = self.pending.lock().expect("readiness lock");
+        pending.retain(|k| *k != kind);
+        if pending.is_empty() {
+            store.mark_complete();
+        }
+    }
+}
+
+/// Applies one watcher event to the store. A (re)list is buffered in `relist` until `InitDone`.
+fn on_event<K: StoredKind>(event: watcher::Event<K>, relist: &mut Option<BTreeMap<K::Key, Arc<K>>>, store: &Store) -> bool {
+    match event {
+        watcher::Event::Init => *relist = Some(BTreeMap::new()),
+        watcher::Event::InitApply(obj) => {
+            relist.get_or_insert_default().insert(obj.key(), Arc::new(obj));
+        }
+        watcher::Event::InitDone => {
+            let fresh = relist.take().unwrap_or_default();
+            store.update(|s| *K::slot(s) = fresh);
+            return true;
+        }
+        watcher::Event::Apply(obj) => store.update(|s| drop(K::slot(s).insert(obj.key(), Arc::new(obj)))),
+        watcher::Event::Delete(obj) => store.update(|s| drop(K::slot(s).remove(&obj.key()))),
+    }
+    false
+}
+
+async fn watch_kind<K: StoredKind>(api: Api<K>, config: watcher::Config, store: Store, readiness: Arc<Readiness>) -> anyhow::Result<()>
+where
+    K::DynamicType: Default,
+{
+    let mut relist = None;
+    let mut events = watcher(api, config).default_backoff().boxed();
+    loop {
+        match events.try_next().await {
+            Ok(Some(event)) => {
+                if on_event(event, &mut relist, &store) {
+                    tracing::info!(kind = K::NAME, "list complete");
+                    readiness.listed(K::NAME, &store);
+                }
+            }
+            Ok(None) => anyhow::bail!("the {} watch stream ended", K::NAME),
+            // The backoff wrapper retries; an error here is reported and the stream goes on.
+            Err(e) => tracing::warn!(kind = K::NAME, error = %e, "watch failed; retrying with backoff"),
+        }
+    }
+}
+
+/// Runs the three watchers until one of them fails for good.
+pub async fn run(client: Client, node_name: String, store: Store) -> anyhow::Result<()> {
+    let readiness = Arc::new(Readiness { pending: Mutex::new(vec![Service::NAME, EndpointSlice::NAME, Node::NAME]) });
+    // Services another proxy is responsible for carry this label; kube-proxy skips them too.
+    let services = watcher::Config::default().labels("!service.kubernetes.io/service-proxy-name");
+    let slices = watcher::Config::default().labels("kubernetes.io/service-name");
+    let nodes = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    tokio::try_join!(
+        watch_kind::<Service>(Api::all(client.clone()), services, store.clone(), readiness.clone()),
+        watch_kind::<EndpointSlice>(Api::all(client.clone()), slices, store.clone(), readiness.clone()),
+        watch_kind::<Node>(Api::all(client), nodes, store, readiness),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! Cluster state from a directory of manifests: the same YAML a user would `kubectl apply`.
+//!
+//! The directory is polled; when any file changes, all files are read again. A document that does not parse,
+//! or an object that does not check, is logged with its file, kind and name, and the object's last good
+//! version stays in place, as a rejected `kubectl apply` would leave it. Other objects are unaffected.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::Deserialize as _;
+
+use crate::{
+    model::validate,
+    store::{ClusterState, ObjectKey, Store},
+};
+
+/// One object read from a file, or the reason it could not be used.
+#[derive(Clone, Debug)]
+enum Parsed {
+    Service(ObjectKey, Arc<Service>),
+    EndpointSlice(ObjectKey, Arc<EndpointSlice>),
+    Node(String, Arc<Node>),
+}
+
+/// An object's identity across reloads: kind and `namespace/name`.
+type Identity = (&'static str, String);
+
+impl Parsed {
+    fn identity(&self) -> Identity {
+        match self {
+            Self::Service(k, _) => ("Service", k.to_string()),
+            Self::EndpointSlice(k, _) => ("EndpointSlice", k.to_string()),
+            Self::Node(n, _) => ("Node", n.clone()),
+        }
+    }
+
+    fn insert_into(self, state: &mut ClusterState) {
+        match self {
+            Self::Service(k, v) => drop(state.services.insert(k, v)),
+            Self::EndpointSlice(k, v) => drop(state.endpoint_slices.insert(k, v)),
+            Self::Node(k, v) => drop(state.nodes.insert(k, v)),
+        }
+    }
+}
+
+/// Where each object came from, and the last version of it that checked.
+#[derive(Default)]
+struct LastGood {
+    objects: BTreeMap<Identity, (PathBuf, Parsed)>,
+}
+
+pub struct ManifestSource {
+    dir: PathBuf,
+    poll: Duration,
+}
+
+impl ManifestSource {
+    #[must_use]
+    pub fn new(dir: PathBuf, poll: Duration) -> Self {
+        Self { dir, poll }
+    }
+
+    /// Watches the directory forever, writing the store on every change.
+    pub async fn run(self, store: Store) -> anyhow::Result<()> {
+        let mut last_fingerprint = None;
+        let mut last_good = LastGood::default();
+        loop {
+            let fingerprint = fingerprint(&self.dir)?;
+            if last_fingerprint.as_ref() != Some(&fingerprint) {
+                let state = load(&self.dir, &mut last_good)?;
+                tracing::info!(
+                    dir = %self.dir.display(),
+                    services = state.services.len(),
+                    endpoint_slices = state.endpoint_slices.len(),
+                    nodes = state.nodes.len(),
+                    "manifests loaded"
+                );
+                store.update(|s| *s = state);
+                store.mark_complete();
+                last_fingerprint = Some(fingerprint);
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+}
+
+fn manifest_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("reading manifest directory {}: {e}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Name, size and modification time of every manifest file: cheap to compute, and changes with any edit.
+fn fingerprint(dir: &Path) -> anyhow::Result<Vec<(PathBuf, u64, Option<SystemTime>)>> {
+    Ok(manifest_files(dir)?
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(&p).ok();
+            let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+            let modified = meta.and_then(|m| m.modified().ok());
+            (p, len, modified)
+        })
+        .collect())
+}
+
+/// Reads every file, keeping the last good version of anything that does not parse or check.
+fn load(dir: &Path, last_good: &mut LastGood) -> anyhow::Result<ClusterState> {
+    let mut state = ClusterState::default();
+    let mut good: BTreeMap<Identity, (PathBuf, Parsed)> = BTreeMap::new();
+    let mut kept: Vec<Identity> = Vec::new();
+    for file in manifest_files(dir)? {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "cannot read manifest; keeping its objects as they were");
+                kept.extend(last_good.objects.iter().filter(|(_, (f, _))| *f == file).map(|(id, _)| id.clone()));
+                continue;
+            }
+        };
+        for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let value = match serde_yaml::Value::deserialize(doc) {
+                Ok(value) => value,
+                Err(e) => {
+                    // The rest of the file cannot be read reliably after a syntax error.
+                    tracing::error!(file = %file.display(), document = index, error = %e,
+                        "manifest is not valid YAML; keeping the objects it had as they were");
+                    kept.extend(last_good.objects.iter().filter(|(_, (f, _))| *f == file).map(|(id, _)| id.clone()));
+                    break;
+                }
+            };
+            for item in items(value) {
+                match parse_object(item) {
+                    Ok(None) => {}
+                    Ok(Some(parsed)) => {
+                        let id = parsed.identity();
+                        good.insert(id, (file.clone(), parsed.clone()));
+                        parsed.insert_into(&mut state);
+                    }
+                    Err((id, reason)) => {
+                        let keeping = id.as_ref().is_some_and(|id| last_good.objects.contains_key(id));
+                        tracing::error!(
+                            file = %file.display(),
+                            document = index,
+                            object = %id.as_ref().map_or_else(|| "?".to_owned(), |(k, n)| format!("{k} {n}")),
+                            error = %reason,
+                            "rejected manifest object; {}",
+                            if keeping { "keeping its previous version" } else { "it is not programmed" }
+                        );
+                        if let Some(id) = id.filter(|_| keeping) {
+                            kept.push(id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for id in kept {
+        if good.contains_key(&id) {
+            continue;
+        }
+        if let Some((file, parsed)) = last_good.objects.get(&id).cloned() {
+            parsed.clone().insert_into(&mut state);
+            good.insert(id, (file, parsed));
+        }
+    }
+    last_good.objects = good;
+    Ok(state)
+}
+
+/// A document, or the items of a `kind: List`.
+fn items(value: serde_yaml::Value) -> Vec<serde_yaml::Value> {
+    if value.get("kind").and_then(serde_yaml::Value::as_str) == Some("List") {
+        if let Some(serde_yaml::Value::Sequence(items)) = value.get("items") {
+            return items.clone();
+        }
+    }
+    if value.is_null() { Vec::new() } else { vec![value] }
+}
+
+type ParseError = (Option<Identity>, String);
+
+fn parse_object(value: serde_yaml::Value) -> Result<Option<Parsed>, ParseError> {
+    let kind = value.get("kind").and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+    let meta = value.get("metadata");
+    let name = meta.and_then(|m| m.get("name")).and_then(serde_yaml::Value::as_str).unwrap_or_default();
+    let namespace = meta.and_then(|m| m.get("namespace")).and_then(serde_yaml::Value::as_str).unwrap_or("default");
+    let namespaced = format!("{namespace}/{name}");
+    match kind.as_str() {
+        "Service" => {
+            let id = Some(("Service", namespaced));
+            let svc: Service = serde_yaml::from_value(value).map_err(|e| (id.clone(), e.to_string()))?;
+            validate::service(&svc).map_err(|r| (id, format!("{}: {}", r.field, r.reason)))?;
+            Ok(Some(Parsed::Service(ObjectKey::of(&svc.metadata), Arc::new(svc))))
+        }
+        "EndpointSlice" => {
+            let id = Some(("EndpointSlice", namespaced));
+            let slice: EndpointSlice = serde_yaml::from_value(value).map_err(|e| (id.clone(), e.to_string()))?;
+            validate::endpoint_slice(&slice).map_err(|r| (id, format!("{}: {}", r.field, r.reason)))?;
+            Ok(Some(Parsed::EndpointSlice(ObjectKey::of(&slice.metadata), Arc::new(slice))))
+        }
+        "Node" => {
+            let id = Some(("Node", name.to_owned()));
+            let node: Node = serde_yaml::from_value(value).map_err(|e| (id, e.to_string()))?;
+            Ok(Some(Parsed::Node(node.metadata.name.clone().unwrap_or_default(), Arc::new(node))))
+        }
+        // Deployments, ConfigMaps and the like may sit in the same directory; they are not ours.
+        _ => Ok(None),
+    }
+}

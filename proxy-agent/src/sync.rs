@@ -1,0 +1,111 @@
+//! The sync loop: waits for the store to change, coalesces bursts, runs the model, applies the result.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    dataplane::Dataplane,
+    model::{self, NodeIdentity, Rejection},
+    store::Snapshot,
+};
+
+#[derive(Clone, Copy, Debug)]
+pub struct SyncConfig {
+    /// At most one sync per this period, however fast changes arrive (kube-proxy's `minSyncPeriod`).
+    pub min_sync_period: Duration,
+    /// A full reconcile at least this often, even without changes (kube-proxy's `syncPeriod`).
+    pub sync_period: Duration,
+    /// How often to look for new pod interfaces.
+    pub housekeeping_period: Duration,
+}
+
+/// Runs until the source goes away. Returns only on error.
+pub async fn run(
+    mut snapshots: watch::Receiver<Snapshot>,
+    node: NodeIdentity,
+    mut dataplane: Box<dyn Dataplane>,
+    config: SyncConfig,
+) -> anyhow::Result<()> {
+    tracing::info!(dataplane = dataplane.name(), "waiting for the initial view of the cluster");
+    snapshots.wait_for(|s| s.complete).await.map_err(|_| anyhow::anyhow!("the source stopped before its first complete view"))?;
+
+    let mut reported: BTreeSet<Rejection> = BTreeSet::new();
+    let mut last_sync: Option<Instant> = None;
+    let mut applied_generation = None;
+    let mut housekeeping = tokio::time::interval(config.housekeeping_period);
+    let mut resync = tokio::time::interval(config.sync_period);
+    loop {
+        let forced = tokio::select! {
+            changed = snapshots.changed() => {
+                changed.map_err(|_| anyhow::anyhow!("the source stopped"))?;
+                false
+            }
+            _ = resync.tick() => true,
+            _ = housekeeping.tick() => {
+                let (returned, result) = blocking(dataplane, |d| d.housekeeping()).await?;
+                dataplane = returned;
+                if let Err(e) = result {
+                    tracing::warn!(error = format!("{e:#}"), "dataplane housekeeping failed; retrying next period");
+                }
+                continue;
+            }
+        };
+        if let Some(last) = last_sync {
+            tokio::time::sleep_until(last + config.min_sync_period).await;
+        }
+        let snapshot = snapshots.borrow_and_update().clone();
+        if !forced && applied_generation == Some(snapshot.generation) {
+            continue;
+        }
+        last_sync = Some(Instant::now());
+
+        let started = std::time::Instant::now();
+        let desired = model::desired(&snapshot.state, &node);
+        report_rejections(&desired.rejected, &mut reported);
+        let table = desired.table;
+        let frontends = table.frontends.len();
+        let backends = table.distinct_backends();
+        let (returned, result) = blocking(dataplane, move |d| d.apply(&table)).await?;
+        dataplane = returned;
+        match result {
+            Ok(stats) => {
+                applied_generation = Some(snapshot.generation);
+                tracing::info!(
+                    generation = snapshot.generation,
+                    frontends,
+                    backends,
+                    writes = stats.writes,
+                    deletes = stats.deletes,
+                    rejected = desired.rejected.len(),
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "service table applied"
+                );
+            }
+            // The live state stays consistent; the next change or resync retries from where this stopped.
+            Err(e) => tracing::error!(generation = snapshot.generation, error = format!("{e:#}"), "applying the service table failed"),
+        }
+    }
+}
+
+/// Logs each rejected object once, when it is first rejected, and again if it recovers and breaks again.
+fn report_rejections(rejected: &[Rejection], reported: &mut BTreeSet<Rejection>) {
+    let now: BTreeSet<Rejection> = rejected.iter().cloned().collect();
+    for r in now.difference(reported) {
+        tracing::error!(kind = r.kind, object = %r.object, field = %r.field, reason = %r.reason, "{r}; not programmed");
+    }
+    *reported = now;
+}
+
+/// Runs dataplane work on a blocking thread: map writes and netlink calls are syscalls.
+async fn blocking<T: Send + 'static>(
+    mut dataplane: Box<dyn Dataplane>,
+    work: impl FnOnce(&mut dyn Dataplane) -> T + Send + 'static,
+) -> anyhow::Result<(Box<dyn Dataplane>, T)> {
+    let result = tokio::task::spawn_blocking(move || {
+        let out = work(dataplane.as_mut());
+        (dataplane, out)
+    })
+    .await?;
+    Ok(result)
+}

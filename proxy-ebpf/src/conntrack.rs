@@ -1,0 +1,57 @@
+//! Connection tracking for translated flows: which backend a flow was given, and how to undo it on replies.
+
+use aya_ebpf::{bindings::BPF_ANY, macros::map, maps::LruHashMap};
+use proxy_common::{
+    backend::Backend,
+    capacity,
+    conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY},
+};
+
+use crate::packet::Flow;
+
+#[map(name = "CONNTRACK")]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+#[inline(always)]
+fn forward_key(flow: &Flow) -> CtKey {
+    CtKey {
+        src_addr: flow.src_addr,
+        dst_addr: flow.dst_addr,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        proto: flow.proto,
+        dir: DIR_FORWARD,
+        _pad: 0,
+    }
+}
+
+/// The entry of a flow from a client to a frontend, if it was seen before.
+#[inline(always)]
+pub fn lookup_forward(flow: &Flow) -> Option<CtValue> {
+    // SAFETY: the value is copied out at once.
+    unsafe { CONNTRACK.get(&forward_key(flow)).copied() }
+}
+
+/// Records a flow's backend, and the reply tuple the egress program will reverse-translate.
+#[inline(always)]
+pub fn record(flow: &Flow, backend: &Backend, value: &CtValue) -> Result<(), i32> {
+    CONNTRACK.insert(&forward_key(flow), value, u64::from(BPF_ANY))?;
+    let reply = CtKey {
+        src_addr: backend.addr,
+        dst_addr: flow.src_addr,
+        src_port: backend.port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        dir: DIR_REPLY,
+        _pad: 0,
+    };
+    CONNTRACK.insert(&reply, value, u64::from(BPF_ANY))
+}
+
+/// The entry of a packet that answers a translated flow (backend → client), if any.
+#[inline(always)]
+pub fn lookup_reply(flow: &Flow) -> Option<CtValue> {
+    let key = CtKey { dir: DIR_REPLY, ..forward_key(flow) };
+    // SAFETY: the value is copied out at once.
+    unsafe { CONNTRACK.get(&key).copied() }
+}

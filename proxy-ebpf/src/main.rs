@@ -1,0 +1,23 @@
+//! The kernel half of the service proxy.
+//!
+//! One file per attach point (`tc_pod`), one module per concern (`packet`, `lb`, `conntrack`, `nat`), each
+//! map defined beside the logic that uses it, as Cilium's bpf/ is laid out.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod lb;
+mod nat;
+mod packet;
+mod tc_pod;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach a real panic, so this is never executed.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

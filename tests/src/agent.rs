@@ -1,0 +1,141 @@
+//! Running the real `proxy-agent` binary inside a node namespace.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// The agent binary: `PROXY_AGENT_BIN` if set, otherwise built now (a no-op when it is up to date), so a
+/// test can never run against a stale agent.
+pub fn binary() -> anyhow::Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| build_binary().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow::anyhow!(e))
+}
+
+fn build_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("PROXY_AGENT_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--package", "proxy-agent"])
+        .current_dir(workspace)
+        .status()
+        .context("running cargo build for proxy-agent")?;
+    if !status.success() {
+        bail!("cargo build -p proxy-agent failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
+    Ok(target.join("debug/proxy-agent"))
+}
+
+/// What an agent is started with.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub netns: String,
+    pub manifests: PathBuf,
+    pub pin_dir: PathBuf,
+    pub log: PathBuf,
+    pub pod_interfaces: String,
+}
+
+/// A running agent; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Agent {
+    child: Option<Child>,
+    config: AgentConfig,
+}
+
+impl Agent {
+    pub fn spawn(config: AgentConfig) -> anyhow::Result<Self> {
+        let bin = binary()?;
+        let log = File::create(&config.log).with_context(|| format!("creating {}", config.log.display()))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &config.netns])
+            .arg(&bin)
+            .arg("--manifests")
+            .arg(&config.manifests)
+            .args(["--manifest-poll-interval", "100ms", "--min-sync-period", "50ms", "--sync-period", "30s"])
+            .args(["--hostname-override", &config.node_name])
+            .arg("--bpffs")
+            .arg(&config.pin_dir)
+            .args(["--pod-interfaces", &config.pod_interfaces])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} in {}", bin.display(), config.netns))?;
+        Ok(Self { child: Some(child), config })
+    }
+
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.config.log).unwrap_or_default()
+    }
+
+    /// How many times `needle` occurs in the log so far.
+    #[must_use]
+    pub fn count_in_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Waits until `needle` has occurred more than `seen` times, or fails with the log if the agent exits or
+    /// `timeout` passes.
+    pub fn wait_for_log(&mut self, needle: &str, seen: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.count_in_log(needle) > seen {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("agent on {} exited ({status}) before logging {needle:?}:\n{}", self.config.node_name, self.log());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("agent on {} did not log {needle:?} within {timeout:?}:\n{}", self.config.node_name, self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[must_use]
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Stops the agent: SIGTERM, and SIGKILL if it has not exited within two seconds.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

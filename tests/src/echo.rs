@@ -1,0 +1,159 @@
+//! The lab's servers and clients: real TCP and UDP sockets inside pod namespaces.
+//!
+//! A server answers every request with `NAME PEER_IP:PEER_PORT`, so a client learns which backend answered
+//! and which source address the backend saw (its own, or a node's after SNAT). Clients check that the answer
+//! came from the address they sent to: a reply that still carries the backend's address means reverse NAT
+//! failed, and is an error.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::{in_netns, spawn_in_netns};
+
+/// How long a server thread sleeps between checks of its stop flag.
+const POLL: Duration = Duration::from_millis(20);
+
+/// What one request got back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The name of the backend that answered.
+    pub backend: String,
+    /// The client address the backend saw.
+    pub seen_source: SocketAddrV4,
+}
+
+impl Reply {
+    fn parse(line: &str) -> anyhow::Result<Self> {
+        let (name, peer) = line.trim().split_once(' ').with_context(|| format!("malformed reply {line:?}"))?;
+        Ok(Self { backend: name.to_owned(), seen_source: peer.parse().with_context(|| format!("malformed peer in {line:?}"))? })
+    }
+}
+
+/// Echo servers running in one pod; stopped and joined on drop.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Starts serving `name` on the given TCP and UDP ports inside namespace `ns`.
+    pub fn start(ns: &str, name: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for &port in tcp_ports {
+            let listener = in_netns(ns, move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?
+                .with_context(|| format!("binding TCP port {port} in {ns}"))?;
+            listener.set_nonblocking(true)?;
+            let (stop, name) = (stop.clone(), name.to_owned());
+            threads.push(thread::spawn(move || serve_tcp(&listener, &name, &stop)));
+        }
+        for &port in udp_ports {
+            let socket = in_netns(ns, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))?
+                .with_context(|| format!("binding UDP port {port} in {ns}"))?;
+            socket.set_read_timeout(Some(POLL))?;
+            let (stop, name) = (stop.clone(), name.to_owned());
+            threads.push(thread::spawn(move || serve_udp(&socket, &name, &stop)));
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, SocketAddr::V4(peer))) => {
+                let _ = answer_tcp(stream, name, peer);
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(POLL),
+            Err(_) => thread::sleep(POLL),
+        }
+    }
+}
+
+fn answer_tcp(stream: TcpStream, name: &str, peer: SocketAddrV4) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    (&stream).write_all(format!("{name} {peer}\n").as_bytes())
+}
+
+fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, SocketAddr::V4(peer))) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+        }
+    }
+}
+
+/// One TCP request from inside the current thread's namespace.
+pub fn tcp_request_here(target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
+    let stream = TcpStream::connect_timeout(&target.into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
+    if stream.peer_addr()? != SocketAddr::V4(target) {
+        bail!("TCP peer is {}, not {target}", stream.peer_addr()?);
+    }
+    stream.set_read_timeout(Some(timeout))?;
+    (&stream).write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).with_context(|| format!("TCP read from {target}"))?;
+    Reply::parse(&line)
+}
+
+/// One UDP request from inside the current thread's namespace. The reply must come from `target` itself.
+pub fn udp_request_here(target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"hello\n", target)?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = socket.recv_from(&mut buf).with_context(|| format!("UDP reply from {target}"))?;
+    if from != SocketAddr::V4(target) {
+        bail!("UDP reply came from {from}, not {target}: reverse NAT did not happen");
+    }
+    Reply::parse(&String::from_utf8_lossy(&buf[..n]))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// `count` sequential requests from namespace `ns`, each on a new connection (TCP) or socket (UDP).
+pub fn requests(ns: &str, proto: Proto, target: SocketAddrV4, count: usize, timeout: Duration) -> anyhow::Result<Vec<anyhow::Result<Reply>>> {
+    spawn_in_netns(ns, move || {
+        (0..count)
+            .map(|_| match proto {
+                Proto::Tcp => tcp_request_here(target, timeout),
+                Proto::Udp => udp_request_here(target, timeout),
+            })
+            .collect()
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))
+}
+
+/// One request from namespace `ns`.
+pub fn request(ns: &str, proto: Proto, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
+    requests(ns, proto, target, 1, timeout)?.pop().expect("one request")
+}

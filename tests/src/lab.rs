@@ -1,0 +1,303 @@
+//! Building and tearing down the namespace cluster.
+//!
+//! ```text
+//!   pod ns (10.200.N.X/32) ── veth ── node ns N (eth0 10.240.0.1N) ── veth ── underlay ns (bridge br0)
+//!                                                                              │
+//!                                                        external ns (10.240.0.100) ── veth ──┘
+//! ```
+//! Pods are routed, not bridged: each pod has a /32 and a default route to 169.254.1.1, which its node
+//! answers ARP for (the node holds that address on lo), and each node routes every other node's pod CIDR
+//! via that node. Nodes run with strict rp_filter, as most distributions ship.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    agent::{Agent, AgentConfig},
+    cmd::{ip, ip_in, run, sysctl_in},
+    echo::EchoServer,
+};
+
+/// Interface name prefix of the host end of pod veths; the agents attach to these.
+pub const POD_IFACE_PREFIX: &str = "vp";
+/// The address pods use as their gateway; every node answers ARP for it.
+const POD_GATEWAY: &str = "169.254.1.1";
+/// Prefix of every namespace a lab creates; followed by the creating process's pid.
+const NS_PREFIX: &str = "kpl";
+
+#[derive(Clone, Copy, Debug)]
+pub struct LabSpec {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    /// Whether pods leave L4 checksums to the (virtual) device. Both ways must work.
+    pub tx_checksum_offload: bool,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        Self { nodes: 2, pods_per_node: 3, tx_checksum_offload: true }
+    }
+}
+
+/// A pod of the lab.
+#[derive(Clone, Debug)]
+pub struct PodRef {
+    pub name: String,
+    pub node: usize,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+}
+
+pub struct Lab {
+    prefix: String,
+    dir: PathBuf,
+    bpffs: PathBuf,
+    bpffs_mounted: bool,
+    /// Every namespace created, in creation order; deleted in reverse.
+    namespaces: Vec<String>,
+    pods: Vec<PodRef>,
+    spec: LabSpec,
+    agents: Vec<Agent>,
+    servers: Vec<EchoServer>,
+}
+
+#[must_use]
+pub fn node_ip(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 240, 0, 10 + u8::try_from(node).expect("small node number"))
+}
+
+#[must_use]
+pub fn node_name(node: usize) -> String {
+    format!("node{node}")
+}
+
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 100);
+
+impl Lab {
+    /// Builds the topology: underlay, nodes, pods and the external client. Agents start separately.
+    pub fn start(spec: LabSpec) -> anyhow::Result<Self> {
+        sweep_stale_labs();
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!("{NS_PREFIX}{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(dir.join("manifests"))?;
+        let mut lab = Self {
+            bpffs: dir.join("bpffs"),
+            prefix,
+            dir,
+            bpffs_mounted: false,
+            namespaces: Vec::new(),
+            pods: Vec::new(),
+            spec,
+            agents: Vec::new(),
+            servers: Vec::new(),
+        };
+        // On error, `lab` is dropped here and removes whatever was built so far.
+        lab.build().context("building the lab")?;
+        Ok(lab)
+    }
+
+    fn add_ns(&mut self, suffix: &str) -> anyhow::Result<String> {
+        let name = format!("{}-{suffix}", self.prefix);
+        ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        ip_in(&name, &["link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    fn build(&mut self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.bpffs)?;
+        run("mount", &["-t", "bpf", "bpffs", path_str(&self.bpffs)?])?;
+        self.bpffs_mounted = true;
+
+        let underlay = self.add_ns("ul")?;
+        ip_in(&underlay, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(&underlay, &["link", "set", "br0", "up"])?;
+
+        for n in 1..=self.spec.nodes {
+            let ns = self.add_ns(&format!("n{n}"))?;
+            self.plug_into_underlay(&underlay, &ns, &format!("n{n}"), node_ip(n))?;
+            for (key, value) in [
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv4.conf.all.rp_filter", "1"),
+                ("net.ipv4.conf.default.rp_filter", "1"),
+                ("net.ipv4.conf.all.send_redirects", "0"),
+            ] {
+                sysctl_in(&ns, key, value)?;
+            }
+            ip_in(&ns, &["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo"])?;
+            for other in (1..=self.spec.nodes).filter(|o| *o != n) {
+                ip_in(&ns, &["route", "add", &format!("10.200.{other}.0/24"), "via", &node_ip(other).to_string()])?;
+            }
+            for k in 1..=self.spec.pods_per_node {
+                self.add_pod(&ns, n, k)?;
+            }
+        }
+
+        let external = self.add_ns("ext")?;
+        self.plug_into_underlay(&underlay, &external, "ext", EXTERNAL_IP)?;
+        Ok(())
+    }
+
+    /// Connects namespace `ns` to the underlay bridge with a veth whose `ns` end is `eth0` at `addr`/24.
+    fn plug_into_underlay(&self, underlay: &str, ns: &str, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+        ip_in(underlay, &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        ip_in(underlay, &["link", "set", port, "master", "br0", "up"])?;
+        ip_in(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip_in(ns, &["link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    fn add_pod(&mut self, node_ns: &str, node: usize, k: usize) -> anyhow::Result<()> {
+        let ns = self.add_ns(&format!("n{node}p{k}"))?;
+        let addr = Ipv4Addr::new(10, 200, u8::try_from(node)?, 10 + u8::try_from(k)?);
+        let host_end = format!("{POD_IFACE_PREFIX}{k}");
+        ip_in(node_ns, &["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip_in(node_ns, &["link", "set", &host_end, "up"])?;
+        ip_in(node_ns, &["route", "add", &format!("{addr}/32"), "dev", &host_end])?;
+        ip_in(&ns, &["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+        ip_in(&ns, &["link", "set", "eth0", "up"])?;
+        // veth marks packets checksum-verified while rx checksumming is on, so a wrong checksum written by
+        // the dataplane would go unnoticed. With it off, the pod's stack verifies every checksum it receives.
+        run("ip", &["netns", "exec", &ns, "ethtool", "-K", "eth0", "rx", "off"])?;
+        if !self.spec.tx_checksum_offload {
+            // Senders then compute full checksums instead of leaving them for the device (CHECKSUM_PARTIAL):
+            // the dataplane's incremental updates must be right on both kinds of packet.
+            run("ip", &["netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"])?;
+        }
+        ip_in(&ns, &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
+        ip_in(&ns, &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+        self.pods.push(PodRef { name: format!("pod-{node}-{k}"), node, ns, ip: addr });
+        Ok(())
+    }
+
+    /// Pod `k` (1-based) of node `node` (1-based).
+    #[must_use]
+    pub fn pod(&self, node: usize, k: usize) -> &PodRef {
+        self.pods.iter().find(|p| p.node == node && p.name == format!("pod-{node}-{k}")).expect("pod exists in this lab")
+    }
+
+    #[must_use]
+    pub fn pods(&self) -> &[PodRef] {
+        &self.pods
+    }
+
+    #[must_use]
+    pub fn node_ns(&self, node: usize) -> String {
+        format!("{}-n{node}", self.prefix)
+    }
+
+    #[must_use]
+    pub fn external_ns(&self) -> String {
+        format!("{}-ext", self.prefix)
+    }
+
+    /// The directory every agent reads manifests from (one "API server" for the whole lab).
+    #[must_use]
+    pub fn manifest_dir(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    /// Writes (or replaces) one manifest file. The write is atomic: agents never read half a file.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifest_dir().join(file))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, file: &str) -> anyhow::Result<()> {
+        std::fs::remove_file(self.manifest_dir().join(file))?;
+        Ok(())
+    }
+
+    /// Starts an echo server named after the pod, on the given ports.
+    pub fn serve(&mut self, pod: &PodRef, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
+        self.servers.push(EchoServer::start(&pod.ns, &pod.name, tcp, udp)?);
+        Ok(())
+    }
+
+    /// Starts one agent per node and waits until each has programmed its first table.
+    pub fn start_agents(&mut self) -> anyhow::Result<()> {
+        for n in 1..=self.spec.nodes {
+            let config = AgentConfig {
+                node_name: node_name(n),
+                netns: self.node_ns(n),
+                manifests: self.manifest_dir(),
+                pin_dir: self.bpffs.join(node_name(n)),
+                log: self.dir.join(format!("agent-{}.log", node_name(n))),
+                pod_interfaces: format!("{POD_IFACE_PREFIX}*"),
+            };
+            self.agents.push(Agent::spawn(config)?);
+        }
+        for agent in &mut self.agents {
+            agent.wait_for_log("service table applied", 0, Duration::from_secs(20))?;
+        }
+        Ok(())
+    }
+
+    /// The agent of node `node` (1-based).
+    pub fn agent(&mut self, node: usize) -> &mut Agent {
+        &mut self.agents[node - 1]
+    }
+
+    /// Waits until every agent has applied a table since it had applied `seen[i]` of them.
+    pub fn wait_for_sync(&mut self, seen: &[usize]) -> anyhow::Result<()> {
+        for (agent, seen) in self.agents.iter_mut().zip(seen) {
+            agent.wait_for_log("service table applied", *seen, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// How many tables each agent has applied so far; pass to [`Lab::wait_for_sync`] after a change.
+    #[must_use]
+    pub fn sync_counts(&self) -> Vec<usize> {
+        self.agents.iter().map(|a| a.count_in_log("service table applied")).collect()
+    }
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("non-UTF-8 temp path")
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for agent in &mut self.agents {
+            agent.stop();
+        }
+        self.agents.clear();
+        self.servers.clear();
+        for ns in self.namespaces.drain(..).rev() {
+            if let Err(e) = ip(&["netns", "del", &ns]) {
+                eprintln!("lab teardown: {e:#}");
+            }
+        }
+        if self.bpffs_mounted {
+            if let Err(e) = run("umount", &[path_str(&self.bpffs).unwrap_or_default()]) {
+                eprintln!("lab teardown: {e:#}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes namespaces and mounts left by lab processes that died without tearing down (SIGKILL, OOM).
+fn sweep_stale_labs() {
+    let Ok(list) = ip(&["netns", "list"]) else { return };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["netns", "del", name]);
+            let stale_dir = std::env::temp_dir().join(name.split('-').next().unwrap_or(name));
+            let _ = run("umount", &[&stale_dir.join("bpffs").to_string_lossy()]);
+            let _ = std::fs::remove_dir_all(stale_dir);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! A Kubernetes-like cluster made of network namespaces, for the integration tests, the demo and the
+//! benchmarks.
+//!
+//! "Kubernetes The Hard Way" addressing: nodes on 10.240.0.0/24, pods on 10.200.N.0/24, Services on
+//! 10.32.0.0/24. Everything lives in namespaces the lab creates; nothing is added to the root namespace,
+//! and [`Lab`]'s `Drop` removes every namespace, process and mount it made, on success, failure or panic.
+
+pub mod agent;
+pub mod cmd;
+pub mod echo;
+pub mod lab;
+pub mod manifests;
+pub mod netns;
+
+pub use lab::{Lab, LabSpec, PodRef};
