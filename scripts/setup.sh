@@ -28,19 +28,23 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- Rust toolchains -------------------------------------------------------------------------------
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 if ! command -v rustup >/dev/null 2>&1; then
     echo "setup: rustup is not installed; install it from your distribution or rustup.rs first" >&2
     exit 1
 fi
 installed_toolchains=$(rustup toolchain list)
-if ! grep -q "^${RUST_STABLE}-" <<<"$installed_toolchains"; then
+stable_components=$(rustup component list --installed --toolchain "$RUST_STABLE" 2>/dev/null || true)
+if ! grep -q "^${RUST_STABLE}-" <<<"$installed_toolchains" \
+    || ! grep -q '^rustfmt' <<<"$stable_components" || ! grep -q '^clippy' <<<"$stable_components"; then
     log "installing Rust $RUST_STABLE (userspace)"
     rustup toolchain install "$RUST_STABLE" --profile minimal -c rustfmt -c clippy
 fi
+nightly_components=$(rustup component list --installed --toolchain "$RUST_NIGHTLY" 2>/dev/null || true)
 if ! grep -q "^${RUST_NIGHTLY}-" <<<"$installed_toolchains" \
-    || ! rustup component list --installed --toolchain "$RUST_NIGHTLY" 2>/dev/null | grep -q '^rust-src'; then
-    log "installing Rust $RUST_NIGHTLY with rust-src (eBPF)"
-    rustup toolchain install "$RUST_NIGHTLY" --profile minimal -c rust-src
+    || ! grep -q '^rust-src' <<<"$nightly_components" || ! grep -q '^clippy' <<<"$nightly_components"; then
+    log "installing Rust $RUST_NIGHTLY with rust-src and clippy (eBPF)"
+    rustup toolchain install "$RUST_NIGHTLY" --profile minimal -c rust-src -c clippy
 fi
 
 # --- bpf-linker, built against Debian's LLVM whose major matches the nightly's ----------------------

@@ -41,13 +41,13 @@ async fn main() -> anyhow::Result<()> {
         .context("starting the eBPF dataplane")?;
     let (store, snapshots) = Store::new();
 
-    let source = match &args.manifests {
-        Some(dir) => {
-            tracing::info!(dir = %dir.display(), "source: manifest directory");
-            tokio::spawn(source::manifests::ManifestSource::new(dir.clone(), args.manifest_poll_interval).run(store))
-        }
-        None => {
-            let mut config = kube::Config::infer().await.context("finding the API server (in-cluster config or kubeconfig)")?;
+    let source = if let Some(dir) = &args.manifests {
+        tracing::info!(dir = %dir.display(), "source: manifest directory");
+        tokio::spawn(source::manifests::ManifestSource::new(dir.clone(), args.manifest_poll_interval).run(store))
+    } else {
+        {
+            let mut config =
+                kube::Config::infer().await.context("finding the API server (in-cluster config or kubeconfig)")?;
             if let Some(master) = &args.master {
                 config.cluster_url = master.parse().with_context(|| format!("--master {master:?} is not a URL"))?;
             }
@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         result = sync => result.context("sync loop"),
         result = source => result.context("source task panicked")?.context("source"),
-        _ = shutdown_signal() => {
+        () = shutdown_signal() => {
             // Maps stay pinned; the next agent adopts them.
             tracing::info!("shutting down");
             Ok(())

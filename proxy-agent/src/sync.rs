@@ -11,6 +11,7 @@ use crate::{
 };
 
 #[derive(Clone, Copy, Debug)]
+#[expect(clippy::struct_field_names, reason = "the names follow kube-proxy's minSyncPeriod and syncPeriod")]
 pub struct SyncConfig {
     /// At most one sync per this period, however fast changes arrive (kube-proxy's `minSyncPeriod`).
     pub min_sync_period: Duration,
@@ -28,7 +29,10 @@ pub async fn run(
     config: SyncConfig,
 ) -> anyhow::Result<()> {
     tracing::info!(dataplane = dataplane.name(), "waiting for the initial view of the cluster");
-    snapshots.wait_for(|s| s.complete).await.map_err(|_| anyhow::anyhow!("the source stopped before its first complete view"))?;
+    snapshots
+        .wait_for(|s| s.complete)
+        .await
+        .map_err(|_| anyhow::anyhow!("the source stopped before its first complete view"))?;
 
     let mut reported: BTreeSet<Rejection> = BTreeSet::new();
     let mut last_sync: Option<Instant> = None;
@@ -83,7 +87,11 @@ pub async fn run(
                 );
             }
             // The live state stays consistent; the next change or resync retries from where this stopped.
-            Err(e) => tracing::error!(generation = snapshot.generation, error = format!("{e:#}"), "applying the service table failed"),
+            Err(e) => tracing::error!(
+                generation = snapshot.generation,
+                error = format!("{e:#}"),
+                "applying the service table failed"
+            ),
         }
     }
 }

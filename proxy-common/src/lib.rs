@@ -43,9 +43,9 @@ pub mod service {
         /// Port, network byte order.
         pub port: u16,
         pub proto: u8,
-        pub _pad: u8,
+        pub pad: u8,
         pub slot: u16,
-        pub _pad2: u16,
+        pub pad2: u16,
     }
 
     #[repr(C)]
@@ -64,7 +64,7 @@ pub mod service {
     impl ServiceKey {
         #[must_use]
         pub const fn new(addr: u32, port: u16, proto: u8, slot: u16) -> Self {
-            Self { addr, port, proto, _pad: 0, slot, _pad2: 0 }
+            Self { addr, port, proto, pad: 0, slot, pad2: 0 }
         }
     }
 }
@@ -92,7 +92,7 @@ pub mod revnat {
         pub addr: u32,
         /// Port, network byte order.
         pub port: u16,
-        pub _pad: u16,
+        pub pad: u16,
     }
 }
 
@@ -115,7 +115,7 @@ pub mod conntrack {
         pub dst_port: u16,
         pub proto: u8,
         pub dir: u8,
-        pub _pad: u16,
+        pub pad: u16,
     }
 
     #[repr(C)]
@@ -151,9 +151,9 @@ mod layout_tests {
         assert_eq!(offset_of!(ServiceKey, addr), 0);
         assert_eq!(offset_of!(ServiceKey, port), 4);
         assert_eq!(offset_of!(ServiceKey, proto), 6);
-        assert_eq!(offset_of!(ServiceKey, _pad), 7);
+        assert_eq!(offset_of!(ServiceKey, pad), 7);
         assert_eq!(offset_of!(ServiceKey, slot), 8);
-        assert_eq!(offset_of!(ServiceKey, _pad2), 10);
+        assert_eq!(offset_of!(ServiceKey, pad2), 10);
     }
 
     #[test]
@@ -178,7 +178,7 @@ mod layout_tests {
     fn revnat_has_no_padding() {
         assert_eq!(size_of::<RevNat>(), 8);
         assert_eq!(offset_of!(RevNat, port), 4);
-        assert_eq!(offset_of!(RevNat, _pad), 6);
+        assert_eq!(offset_of!(RevNat, pad), 6);
     }
 
     #[test]
@@ -189,7 +189,7 @@ mod layout_tests {
         assert_eq!(offset_of!(CtKey, dst_port), 10);
         assert_eq!(offset_of!(CtKey, proto), 12);
         assert_eq!(offset_of!(CtKey, dir), 13);
-        assert_eq!(offset_of!(CtKey, _pad), 14);
+        assert_eq!(offset_of!(CtKey, pad), 14);
         assert_eq!(size_of::<CtValue>(), 8);
         assert_eq!(offset_of!(CtValue, rev_nat_id), 4);
     }

@@ -21,7 +21,7 @@ fn forward_key(flow: &Flow) -> CtKey {
         dst_port: flow.dst_port,
         proto: flow.proto,
         dir: DIR_FORWARD,
-        _pad: 0,
+        pad: 0,
     }
 }
 
@@ -43,7 +43,7 @@ pub fn record(flow: &Flow, backend: &Backend, value: &CtValue) -> Result<(), i32
         dst_port: flow.src_port,
         proto: flow.proto,
         dir: DIR_REPLY,
-        _pad: 0,
+        pad: 0,
     };
     CONNTRACK.insert(&reply, value, u64::from(BPF_ANY))
 }

@@ -40,7 +40,8 @@ pub fn select_backend(flow: &Flow, svc: &ServiceValue) -> Option<(u32, Backend)>
     if count == 0 {
         return None;
     }
-    let slot = (rand % count) as u16 + 1;
+    // `rand % count` < count <= u16::MAX, so the conversion never fails.
+    let slot = u16::try_from(rand % count).ok()? + 1;
     let key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, slot);
     // SAFETY: as in `lookup_service`.
     let id = unsafe { SERVICES.get(&key) }?.backend_id;

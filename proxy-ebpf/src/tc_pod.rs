@@ -1,8 +1,8 @@
 //! TC programs on the node's pod-facing interfaces (the host end of each pod's veth).
 //!
-//! - `tc_pod_ingress` sees what a pod sends: packets to a frontend are DNATed to a backend.
+//! - `tc_pod_ingress` sees what a pod sends: packets to a frontend get a backend as their destination (DNAT).
 //! - `tc_pod_egress` sees what is delivered to a pod: replies of translated flows get the frontend back as
-//!   their source. Doing this at egress, after routing, keeps rp_filter on the backend side out of the way.
+//!   their source. Doing this at egress, after routing, keeps `rp_filter` on the backend side out of the way.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -17,10 +17,11 @@ use crate::{
     packet,
 };
 
-const PASS: i32 = TC_ACT_OK as i32;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const PASS: i32 = TC_ACT_OK;
+const DROP: i32 = TC_ACT_SHOT;
 
 #[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
     // A packet that was chosen for translation but could not be translated is dropped, never passed on
     // half-rewritten or with the service address to a network that does not know it.
@@ -28,6 +29,7 @@ pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
     try_pod_egress(&ctx).unwrap_or(DROP)
 }
@@ -41,18 +43,16 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, i64> {
         return Ok(PASS);
     };
     // An established flow keeps its backend while that backend exists; otherwise pick (again).
-    let known = conntrack::lookup_forward(&flow).and_then(|ct| lb::backend(ct.backend_id));
-    let backend = match known {
-        Some(backend) => backend,
-        None => {
-            let Some(picked) = lb::select_backend(&flow, &svc) else {
-                // No usable backend.
-                return Ok(DROP);
-            };
-            let value = CtValue { backend_id: picked.0, rev_nat_id: svc.rev_nat_id };
-            conntrack::record(&flow, &picked.1, &value).map_err(i64::from)?;
-            picked.1
-        }
+    let backend = if let Some(known) = conntrack::lookup_forward(&flow).and_then(|ct| lb::backend(ct.backend_id)) {
+        known
+    } else {
+        let Some((backend_id, picked)) = lb::select_backend(&flow, &svc) else {
+            // No usable backend.
+            return Ok(DROP);
+        };
+        let value = CtValue { backend_id, rev_nat_id: svc.rev_nat_id };
+        conntrack::record(&flow, &picked, &value).map_err(i64::from)?;
+        picked
     };
     nat::rewrite(ctx, &flow, Side::Destination, backend.addr, backend.port)?;
     Ok(PASS)

@@ -99,10 +99,14 @@ impl Agent {
             if self.count_in_log(needle) > seen {
                 return Ok(());
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!("agent on {} exited ({status}) before logging {needle:?}:\n{}", self.config.node_name, self.log());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "agent on {} exited ({status}) before logging {needle:?}:\n{}",
+                    self.config.node_name,
+                    self.log()
+                );
             }
             if Instant::now() > deadline {
                 bail!("agent on {} did not log {needle:?} within {timeout:?}:\n{}", self.config.node_name, self.log());

@@ -35,7 +35,10 @@ pub struct Reply {
 impl Reply {
     fn parse(line: &str) -> anyhow::Result<Self> {
         let (name, peer) = line.trim().split_once(' ').with_context(|| format!("malformed reply {line:?}"))?;
-        Ok(Self { backend: name.to_owned(), seen_source: peer.parse().with_context(|| format!("malformed peer in {line:?}"))? })
+        Ok(Self {
+            backend: name.to_owned(),
+            seen_source: peer.parse().with_context(|| format!("malformed peer in {line:?}"))?,
+        })
     }
 }
 
@@ -81,7 +84,7 @@ fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, SocketAddr::V4(peer))) => {
-                let _ = answer_tcp(stream, name, peer);
+                let _ = answer_tcp(&stream, name, peer);
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(POLL),
@@ -90,12 +93,13 @@ fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
     }
 }
 
-fn answer_tcp(stream: TcpStream, name: &str, peer: SocketAddrV4) -> std::io::Result<()> {
+fn answer_tcp(stream: &TcpStream, name: &str, peer: SocketAddrV4) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    (&stream).write_all(format!("{name} {peer}\n").as_bytes())
+    BufReader::new(stream).read_line(&mut line)?;
+    let mut stream = stream;
+    stream.write_all(format!("{name} {peer}\n").as_bytes())
 }
 
 fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
@@ -109,7 +113,8 @@ fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
 
 /// One TCP request from inside the current thread's namespace.
 pub fn tcp_request_here(target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
-    let stream = TcpStream::connect_timeout(&target.into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
+    let stream =
+        TcpStream::connect_timeout(&target.into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
     if stream.peer_addr()? != SocketAddr::V4(target) {
         bail!("TCP peer is {}, not {target}", stream.peer_addr()?);
     }
@@ -140,7 +145,13 @@ pub enum Proto {
 }
 
 /// `count` sequential requests from namespace `ns`, each on a new connection (TCP) or socket (UDP).
-pub fn requests(ns: &str, proto: Proto, target: SocketAddrV4, count: usize, timeout: Duration) -> anyhow::Result<Vec<anyhow::Result<Reply>>> {
+pub fn requests(
+    ns: &str,
+    proto: Proto,
+    target: SocketAddrV4,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<anyhow::Result<Reply>>> {
     spawn_in_netns(ns, move || {
         (0..count)
             .map(|_| match proto {

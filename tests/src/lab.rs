@@ -7,7 +7,7 @@
 //! ```
 //! Pods are routed, not bridged: each pod has a /32 and a default route to 169.254.1.1, which its node
 //! answers ARP for (the node holds that address on lo), and each node routes every other node's pod CIDR
-//! via that node. Nodes run with strict rp_filter, as most distributions ship.
+//! via that node. Nodes run with strict `rp_filter`, as most distributions ship.
 
 use std::{
     net::Ipv4Addr,
@@ -82,8 +82,8 @@ pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 100);
 impl Lab {
     /// Builds the topology: underlay, nodes, pods and the external client. Agents start separately.
     pub fn start(spec: LabSpec) -> anyhow::Result<Self> {
-        sweep_stale_labs();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
+        sweep_stale_labs();
         let prefix = format!("{NS_PREFIX}{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(dir.join("manifests"))?;
@@ -122,7 +122,7 @@ impl Lab {
 
         for n in 1..=self.spec.nodes {
             let ns = self.add_ns(&format!("n{n}"))?;
-            self.plug_into_underlay(&underlay, &ns, &format!("n{n}"), node_ip(n))?;
+            Self::plug_into_underlay(&underlay, &ns, &format!("n{n}"), node_ip(n))?;
             for (key, value) in [
                 ("net.ipv4.ip_forward", "1"),
                 ("net.ipv4.conf.all.rp_filter", "1"),
@@ -141,12 +141,12 @@ impl Lab {
         }
 
         let external = self.add_ns("ext")?;
-        self.plug_into_underlay(&underlay, &external, "ext", EXTERNAL_IP)?;
+        Self::plug_into_underlay(&underlay, &external, "ext", EXTERNAL_IP)?;
         Ok(())
     }
 
     /// Connects namespace `ns` to the underlay bridge with a veth whose `ns` end is `eth0` at `addr`/24.
-    fn plug_into_underlay(&self, underlay: &str, ns: &str, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+    fn plug_into_underlay(underlay: &str, ns: &str, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
         ip_in(underlay, &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
         ip_in(underlay, &["link", "set", port, "master", "br0", "up"])?;
         ip_in(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
@@ -180,7 +180,10 @@ impl Lab {
     /// Pod `k` (1-based) of node `node` (1-based).
     #[must_use]
     pub fn pod(&self, node: usize, k: usize) -> &PodRef {
-        self.pods.iter().find(|p| p.node == node && p.name == format!("pod-{node}-{k}")).expect("pod exists in this lab")
+        self.pods
+            .iter()
+            .find(|p| p.node == node && p.name == format!("pod-{node}-{k}"))
+            .expect("pod exists in this lab")
     }
 
     #[must_use]
@@ -278,10 +281,10 @@ impl Drop for Lab {
                 eprintln!("lab teardown: {e:#}");
             }
         }
-        if self.bpffs_mounted {
-            if let Err(e) = run("umount", &[path_str(&self.bpffs).unwrap_or_default()]) {
-                eprintln!("lab teardown: {e:#}");
-            }
+        if self.bpffs_mounted
+            && let Err(e) = run("umount", &[path_str(&self.bpffs).unwrap_or_default()])
+        {
+            eprintln!("lab teardown: {e:#}");
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

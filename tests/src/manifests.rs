@@ -18,7 +18,11 @@ pub fn service(namespace: &str, name: &str, cluster_ip: Ipv4Addr, ports: &[Port]
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  type: ClusterIP\n  clusterIP: {cluster_ip}\n  clusterIPs: [{cluster_ip}]\n  ports:\n"
     );
     for p in ports {
-        let _ = writeln!(y, "  - name: {}\n    port: {}\n    protocol: {}\n    targetPort: {}", p.name, p.port, p.protocol, p.target_port);
+        let _ = writeln!(
+            y,
+            "  - name: {}\n    port: {}\n    protocol: {}\n    targetPort: {}",
+            p.name, p.port, p.protocol, p.target_port
+        );
     }
     y
 }
@@ -57,7 +61,13 @@ pub fn endpoint_slice(namespace: &str, name: &str, service: &str, ports: &[Port]
 
 /// A Service and its EndpointSlice in one file, as `kubectl get -o yaml` would print them.
 #[must_use]
-pub fn service_with_endpoints(namespace: &str, name: &str, cluster_ip: Ipv4Addr, ports: &[Port], endpoints: &[Endpoint]) -> String {
+pub fn service_with_endpoints(
+    namespace: &str,
+    name: &str,
+    cluster_ip: Ipv4Addr,
+    ports: &[Port],
+    endpoints: &[Endpoint],
+) -> String {
     format!(
         "{}---\n{}",
         service(namespace, name, cluster_ip, ports),

@@ -23,9 +23,7 @@ fn http(target_port: u16) -> Vec<Port> {
 }
 
 fn ready(lab: &Lab, pods: &[(usize, usize)]) -> Vec<Endpoint> {
-    pods.iter()
-        .map(|&(n, k)| Endpoint { addr: lab.pod(n, k).ip, node: node_name(n), ready: true })
-        .collect()
+    pods.iter().map(|&(n, k)| Endpoint { addr: lab.pod(n, k).ip, node: node_name(n), ready: true }).collect()
 }
 
 /// kube-proxy behaviour: a ClusterIP Service forwards to its endpoints, and the backend sees the client
@@ -37,10 +35,16 @@ fn clusterip_tcp_same_and_other_node(spec: LabSpec) {
     lab.serve(&remote, &[8080], &[]).unwrap();
     let local_eps = ready(&lab, &[(1, 2)]);
     let remote_eps = ready(&lab, &[(2, 1)]);
-    lab.write_manifest("local.yaml", &service_with_endpoints("default", "web-local", vip(10, 80).ip().to_owned(), &http(8080), &local_eps))
-        .unwrap();
-    lab.write_manifest("remote.yaml", &service_with_endpoints("default", "web-remote", *vip(11, 80).ip(), &http(8080), &remote_eps))
-        .unwrap();
+    lab.write_manifest(
+        "local.yaml",
+        &service_with_endpoints("default", "web-local", vip(10, 80).ip().to_owned(), &http(8080), &local_eps),
+    )
+    .unwrap();
+    lab.write_manifest(
+        "remote.yaml",
+        &service_with_endpoints("default", "web-remote", *vip(11, 80).ip(), &http(8080), &remote_eps),
+    )
+    .unwrap();
     lab.start_agents().unwrap();
 
     let client = lab.pod(1, 1).clone();
@@ -60,7 +64,7 @@ fn clusterip_tcp_reaches_backends_on_same_and_other_node() {
 }
 
 /// The same with senders computing full checksums (no offload). This is the variant that catches a wrong
-/// checksum: with offload on, veth hands the packet over as CHECKSUM_PARTIAL and the receiver never checks
+/// checksum: with offload on, veth hands the packet over as `CHECKSUM_PARTIAL` and the receiver never checks
 /// (seen here: dropping the L4 pseudo-header update fails only this test).
 #[test]
 fn clusterip_tcp_with_checksum_offload_off() {
@@ -80,7 +84,8 @@ fn dns_like_service_answers_on_udp_and_tcp_port_53() {
         lab.serve(&pod, &[5353], &[5353]).unwrap();
     }
     let eps = ready(&lab, &[(1, 3), (2, 3)]);
-    lab.write_manifest("dns.yaml", &service_with_endpoints("kube-system", "kube-dns", *vip(53, 53).ip(), &ports, &eps)).unwrap();
+    lab.write_manifest("dns.yaml", &service_with_endpoints("kube-system", "kube-dns", *vip(53, 53).ip(), &ports, &eps))
+        .unwrap();
     lab.start_agents().unwrap();
 
     let backends = [lab.pod(1, 3).name.clone(), lab.pod(2, 3).name.clone()];
@@ -108,7 +113,8 @@ fn load_spreads_across_three_backends() {
         lab.serve(&pod, &[8080], &[]).unwrap();
     }
     let eps = ready(&lab, &pods);
-    lab.write_manifest("web.yaml", &service_with_endpoints("default", "web", *vip(20, 80).ip(), &http(8080), &eps)).unwrap();
+    lab.write_manifest("web.yaml", &service_with_endpoints("default", "web", *vip(20, 80).ip(), &http(8080), &eps))
+        .unwrap();
     lab.start_agents().unwrap();
 
     let client = lab.pod(1, 1).clone();
@@ -141,12 +147,16 @@ fn endpoint_added_and_removed_while_running() {
     lab.serve(&second, &[8080], &[]).unwrap();
     let write = |lab: &Lab, pods: &[(usize, usize)]| {
         let eps = ready(lab, pods);
-        lab.write_manifest("web.yaml", &service_with_endpoints("default", "web", *vip(30, 80).ip(), &http(8080), &eps)).unwrap();
+        lab.write_manifest("web.yaml", &service_with_endpoints("default", "web", *vip(30, 80).ip(), &http(8080), &eps))
+            .unwrap();
     };
     write(&lab, &[(1, 2)]);
     lab.start_agents().unwrap();
     let client = lab.pod(1, 1).clone();
-    assert_eq!(backends_seen(requests(&client.ns, Proto::Tcp, vip(30, 80), 20, TIMEOUT).unwrap()).keys().collect::<Vec<_>>(), [&first.name]);
+    assert_eq!(
+        backends_seen(requests(&client.ns, Proto::Tcp, vip(30, 80), 20, TIMEOUT).unwrap()).keys().collect::<Vec<_>>(),
+        [&first.name]
+    );
 
     let seen = lab.sync_counts();
     write(&lab, &[(1, 2), (2, 2)]);
@@ -191,18 +201,25 @@ fn bad_manifest_edits_are_rejected_and_nothing_else_breaks() {
         lab.write_manifest("alpha.yaml", &bad).unwrap();
         lab.agent(1).wait_for_log(field, errors_before, Duration::from_secs(10)).unwrap();
         let log = lab.agent(1).log();
-        let line = log.lines().filter(|l| l.contains(field)).last().unwrap();
-        assert!(line.contains("ERROR") && line.contains("alpha"), "rejection must be an error naming the object: {line}");
+        let line = log.lines().rfind(|l| l.contains(field)).unwrap();
+        assert!(
+            line.contains("ERROR") && line.contains("alpha"),
+            "rejection must be an error naming the object: {line}"
+        );
 
         for (target, backend) in [(vip(41, 80), &b.name), (vip(40, 80), &a.name)] {
-            let reply = request(&client.ns, Proto::Tcp, target, TIMEOUT).unwrap_or_else(|e| panic!("{target} after bad edit {to:?}: {e:#}"));
+            let reply = request(&client.ns, Proto::Tcp, target, TIMEOUT)
+                .unwrap_or_else(|e| panic!("{target} after bad edit {to:?}: {e:#}"));
             assert_eq!(&reply.backend, backend);
         }
     }
     // A good edit is taken again: alpha moves to beta's backend.
     let seen = lab.sync_counts();
-    lab.write_manifest("alpha.yaml", &service_with_endpoints("default", "alpha", *vip(40, 80).ip(), &http(8080), &ready(&lab, &[(2, 1)])))
-        .unwrap();
+    lab.write_manifest(
+        "alpha.yaml",
+        &service_with_endpoints("default", "alpha", *vip(40, 80).ip(), &http(8080), &ready(&lab, &[(2, 1)])),
+    )
+    .unwrap();
     lab.wait_for_sync(&seen).unwrap();
     assert_eq!(request(&client.ns, Proto::Tcp, vip(40, 80), TIMEOUT).unwrap().backend, b.name);
 }

@@ -1,1 +1,165 @@
-fn main() {}
+//! Developer and CI tasks: `cargo xtask <task>`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Developer and CI tasks for the service proxy")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (release, with BTF) with the pinned nightly, and check it.
+    BuildEbpf,
+    /// The whole test suite: formatting, clippy (userspace and eBPF), unit and lab tests. Needs root.
+    Test,
+    /// Bring up a small cluster in network namespaces and send real requests to its Services.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root();
+    match Cli::parse().task {
+        Task::BuildEbpf => build_ebpf(&root).map(drop),
+        Task::Test => test(&root),
+        Task::Demo => demo(&root),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+/// A pinned version from scripts/versions.env, the one place versions are written down.
+fn pinned(root: &Path, key: &str) -> anyhow::Result<String> {
+    let path = root.join("scripts/versions.env");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|v| v.trim().to_owned())
+        .with_context(|| format!("{key}= missing from {}", path.display()))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// `cargo` through rustup with the pinned nightly, for the bpfel-unknown-none target.
+fn nightly_cargo(root: &Path) -> anyhow::Result<Command> {
+    let nightly = pinned(root, "RUST_NIGHTLY")?;
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", &nightly, "cargo"]).current_dir(root);
+    // The outer cargo's toolchain must not leak into the nightly build.
+    for key in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO", "RUSTUP_TOOLCHAIN"] {
+        cmd.env_remove(key);
+    }
+    Ok(cmd)
+}
+
+const EBPF_FLAGS: &str = "-Cdebuginfo=2\x1f-Clink-arg=--btf";
+
+fn build_ebpf(root: &Path) -> anyhow::Result<PathBuf> {
+    let mut cmd = nightly_cargo(root)?;
+    cmd.args([
+        "build",
+        "--package",
+        "proxy-ebpf",
+        "--bins",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ])
+    .env("CARGO_ENCODED_RUSTFLAGS", EBPF_FLAGS);
+    run(&mut cmd)?;
+    let object = root.join("target/bpfel-unknown-none/release/proxy-ebpf");
+    let bytes = std::fs::read(&object).with_context(|| format!("reading {}", object.display()))?;
+    let sections = elf_section_names(&bytes).context("the eBPF object is not a valid ELF file")?;
+    for wanted in [".BTF", "maps", "classifier"] {
+        if !sections.iter().any(|s| s == wanted || s.starts_with(&format!("{wanted}/"))) {
+            bail!("{} has no {wanted} section (sections: {sections:?})", object.display());
+        }
+    }
+    eprintln!("xtask: eBPF object {} ({} bytes, with BTF)", object.display(), bytes.len());
+    Ok(object)
+}
+
+/// Section names of a little-endian ELF64 file; enough to check the object carries BTF and its programs.
+fn elf_section_names(elf: &[u8]) -> Option<Vec<String>> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(elf.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    if elf.get(..4)? != b"\x7fELF" || elf.get(4)? != &2 {
+        return None;
+    }
+    let shoff = usize::try_from(u64_at(0x28)?).ok()?;
+    let shentsize = usize::from(u16_at(0x3a)?);
+    let shnum = usize::from(u16_at(0x3c)?);
+    let shstrndx = usize::from(u16_at(0x3e)?);
+    let strtab = usize::try_from(u64_at(shoff + shstrndx * shentsize + 0x18)?).ok()?;
+    (0..shnum)
+        .map(|i| {
+            let name_off = usize::try_from(u32_at(shoff + i * shentsize)?).ok()?;
+            let start = strtab + name_off;
+            let end = start + elf.get(start..)?.iter().position(|b| *b == 0)?;
+            Some(String::from_utf8_lossy(elf.get(start..end)?).into_owned())
+        })
+        .collect()
+}
+
+fn require_root(task: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask {task}` needs root: the lab creates network namespaces and loads eBPF programs");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+fn test(root: &Path) -> anyhow::Result<()> {
+    require_root("test")?;
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(root))?;
+    run(Command::new("cargo")
+        .args(["clippy", "--workspace", "--exclude", "proxy-ebpf", "--all-targets", "--", "-D", "warnings"])
+        .current_dir(root))?;
+    let mut ebpf_clippy = nightly_cargo(root)?;
+    ebpf_clippy
+        .args([
+            "clippy",
+            "--package",
+            "proxy-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("CARGO_ENCODED_RUSTFLAGS", EBPF_FLAGS);
+    run(&mut ebpf_clippy)?;
+    build_ebpf(root)?;
+    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "proxy-ebpf"]).current_dir(root))
+}
+
+fn demo(root: &Path) -> anyhow::Result<()> {
+    require_root("demo")?;
+    run(Command::new("cargo").args(["run", "--quiet", "--package", "proxy-lab", "--bin", "demo"]).current_dir(root))
+}

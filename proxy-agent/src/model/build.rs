@@ -41,9 +41,8 @@ pub fn desired(state: &ClusterState, _node: &NodeIdentity) -> Desired {
                 continue;
             }
         };
-        let slices = slices_by_service
-            .get(&(checked.namespace.clone(), checked.name.clone()))
-            .map_or(&[][..], Vec::as_slice);
+        let slices =
+            slices_by_service.get(&(checked.namespace.clone(), checked.name.clone())).map_or(&[][..], Vec::as_slice);
         for (i, port) in checked.ports.iter().enumerate() {
             let entry = FrontendEntry {
                 service: ServicePortName {

@@ -112,11 +112,8 @@ impl ServiceTable {
     /// How many distinct backends (address, port, protocol) the table uses.
     #[must_use]
     pub fn distinct_backends(&self) -> usize {
-        let mut all: Vec<_> = self
-            .frontends
-            .iter()
-            .flat_map(|(f, e)| e.backends.iter().map(move |b| (*b, f.protocol)))
-            .collect();
+        let mut all: Vec<_> =
+            self.frontends.iter().flat_map(|(f, e)| e.backends.iter().map(move |b| (*b, f.protocol))).collect();
         all.sort_unstable();
         all.dedup();
         all.len()

@@ -116,7 +116,8 @@ fn object_name(namespace: Option<&String>, name: Option<&String>) -> String {
 pub fn service(svc: &Service) -> Result<CheckedService, Rejection> {
     let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let c = Checker { kind: "Service", object: object_name(Some(&namespace), svc.metadata.name.as_ref()) };
-    let name = svc.metadata.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| c.reject("metadata.name", "missing"))?;
+    let name =
+        svc.metadata.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| c.reject("metadata.name", "missing"))?;
     let spec = svc.spec.as_ref().ok_or_else(|| c.reject("spec", "missing"))?;
 
     let mut cluster_ips = Vec::new();
@@ -124,7 +125,9 @@ pub fn service(svc: &Service) -> Result<CheckedService, Rejection> {
         let parse = |field: String, ip: &str| -> Result<Option<IpAddr>, Rejection> {
             match ip {
                 "" | "None" => Ok(None),
-                _ => ip.parse::<IpAddr>().map(Some).map_err(|_| c.reject(field, format!("{ip:?} is not an IP address"))),
+                _ => {
+                    ip.parse::<IpAddr>().map(Some).map_err(|_| c.reject(field, format!("{ip:?} is not an IP address")))
+                }
             }
         };
         let primary = match &spec.cluster_ip {
@@ -173,7 +176,8 @@ pub fn service(svc: &Service) -> Result<CheckedService, Rejection> {
 pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<CheckedSlice>, Rejection> {
     let namespace = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let c = Checker { kind: "EndpointSlice", object: object_name(Some(&namespace), slice.metadata.name.as_ref()) };
-    let name = slice.metadata.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| c.reject("metadata.name", "missing"))?;
+    let name =
+        slice.metadata.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| c.reject("metadata.name", "missing"))?;
     let Some(service_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned() else {
         return Ok(None);
     };

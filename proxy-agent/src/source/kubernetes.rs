@@ -78,7 +78,11 @@ impl Readiness {
 }
 
 /// Applies one watcher event to the store. A (re)list is buffered in `relist` until `InitDone`.
-fn on_event<K: StoredKind>(event: watcher::Event<K>, relist: &mut Option<BTreeMap<K::Key, Arc<K>>>, store: &Store) -> bool {
+fn on_event<K: StoredKind>(
+    event: watcher::Event<K>,
+    relist: &mut Option<BTreeMap<K::Key, Arc<K>>>,
+    store: &Store,
+) -> bool {
     match event {
         watcher::Event::Init => *relist = Some(BTreeMap::new()),
         watcher::Event::InitApply(obj) => {
@@ -95,7 +99,12 @@ fn on_event<K: StoredKind>(event: watcher::Event<K>, relist: &mut Option<BTreeMa
     false
 }
 
-async fn watch_kind<K: StoredKind>(api: Api<K>, config: watcher::Config, store: Store, readiness: Arc<Readiness>) -> anyhow::Result<()>
+async fn watch_kind<K: StoredKind>(
+    api: Api<K>,
+    config: watcher::Config,
+    store: Store,
+    readiness: Arc<Readiness>,
+) -> anyhow::Result<()>
 where
     K::DynamicType: Default,
 {

@@ -93,7 +93,8 @@ impl ManifestSource {
 }
 
 fn manifest_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("reading manifest directory {}: {e}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("reading manifest directory {}: {e}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -182,10 +183,10 @@ fn load(dir: &Path, last_good: &mut LastGood) -> anyhow::Result<ClusterState> {
 
 /// A document, or the items of a `kind: List`.
 fn items(value: serde_yaml::Value) -> Vec<serde_yaml::Value> {
-    if value.get("kind").and_then(serde_yaml::Value::as_str) == Some("List") {
-        if let Some(serde_yaml::Value::Sequence(items)) = value.get("items") {
-            return items.clone();
-        }
+    if value.get("kind").and_then(serde_yaml::Value::as_str) == Some("List")
+        && let Some(serde_yaml::Value::Sequence(items)) = value.get("items")
+    {
+        return items.clone();
     }
     if value.is_null() { Vec::new() } else { vec![value] }
 }

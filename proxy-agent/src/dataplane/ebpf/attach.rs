@@ -58,12 +58,8 @@ impl Attachments {
 
         // A deleted interface took its TCX links with it; drop our handles. An index reused by a new
         // interface with another name is a new attachment.
-        let stale: Vec<u32> = self
-            .by_index
-            .iter()
-            .filter(|(idx, a)| present.get(idx) != Some(&a.name))
-            .map(|(idx, _)| *idx)
-            .collect();
+        let stale: Vec<u32> =
+            self.by_index.iter().filter(|(idx, a)| present.get(idx) != Some(&a.name)).map(|(idx, _)| *idx).collect();
         for idx in stale {
             let gone = self.by_index.remove(&idx).expect("listed above");
             drop(program(ebpf, INGRESS_PROGRAM)?.take_link(gone.ingress));

@@ -42,8 +42,8 @@ impl AyaServiceMaps {
 }
 
 impl ServiceMaps for AyaServiceMaps {
-    fn put_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
-        self.backends.insert(&id, backend, 0).with_context(|| format!("writing backend {id}"))
+    fn put_backend(&mut self, id: u32, backend: Backend) -> anyhow::Result<()> {
+        self.backends.insert(&id, &backend, 0).with_context(|| format!("writing backend {id}"))
     }
 
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
@@ -58,8 +58,8 @@ impl ServiceMaps for AyaServiceMaps {
         absent_ok(self.services.remove(key)).with_context(|| format!("deleting service entry {key:?}"))
     }
 
-    fn put_revnat(&mut self, id: u32, revnat: &RevNat) -> anyhow::Result<()> {
-        self.revnat.insert(&id, revnat, 0).with_context(|| format!("writing reverse-NAT entry {id}"))
+    fn put_revnat(&mut self, id: u32, revnat: RevNat) -> anyhow::Result<()> {
+        self.revnat.insert(&id, &revnat, 0).with_context(|| format!("writing reverse-NAT entry {id}"))
     }
 
     fn delete_revnat(&mut self, id: u32) -> anyhow::Result<()> {

@@ -32,11 +32,11 @@ pub struct Contents {
 
 /// The maps the writer drives. Implemented over aya's maps, and in memory for tests.
 pub trait ServiceMaps {
-    fn put_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
+    fn put_backend(&mut self, id: u32, backend: Backend) -> anyhow::Result<()>;
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()>;
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> anyhow::Result<()>;
     fn delete_service(&mut self, key: &ServiceKey) -> anyhow::Result<()>;
-    fn put_revnat(&mut self, id: u32, revnat: &RevNat) -> anyhow::Result<()>;
+    fn put_revnat(&mut self, id: u32, revnat: RevNat) -> anyhow::Result<()>;
     fn delete_revnat(&mut self, id: u32) -> anyhow::Result<()>;
     fn dump(&self) -> anyhow::Result<Contents>;
 }
@@ -76,7 +76,7 @@ fn be_addr(addr: std::net::Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
-fn service_key(f: &Frontend, slot: u16) -> ServiceKey {
+fn service_key(f: Frontend, slot: u16) -> ServiceKey {
     ServiceKey::new(be_addr(f.addr), f.port.to_be(), f.protocol.number(), slot)
 }
 
@@ -121,11 +121,6 @@ impl<M: ServiceMaps> TableWriter<M> {
         })
     }
 
-    #[cfg(test)]
-    pub fn maps(&self) -> &M {
-        &self.maps
-    }
-
     /// Programs `table`, writing only what differs from what is programmed.
     pub fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
         check_capacity(table)?;
@@ -135,7 +130,7 @@ impl<M: ServiceMaps> TableWriter<M> {
         //    first, so no new flow starts while the rest goes.
         let gone: Vec<Frontend> = self.frontends.keys().filter(|f| !table.frontends.contains_key(f)).copied().collect();
         for frontend in gone {
-            self.remove_frontend(&frontend, &mut stats)?;
+            self.remove_frontend(frontend, &mut stats)?;
         }
         for id in std::mem::take(&mut self.orphan_rev_nat) {
             self.maps.delete_revnat(id)?;
@@ -154,7 +149,7 @@ impl<M: ServiceMaps> TableWriter<M> {
         // 3. New and changed frontends.
         for (frontend, entry) in &table.frontends {
             let ids: Vec<u32> = entry.backends.iter().map(|ep| self.backend_ids[&(*ep, frontend.protocol)]).collect();
-            self.program_frontend(frontend, &ids, &mut stats)?;
+            self.program_frontend(*frontend, &ids, &mut stats)?;
         }
 
         // 4. Backends no slot points at any more.
@@ -176,25 +171,25 @@ impl<M: ServiceMaps> TableWriter<M> {
         // never be mistaken for a new, unrelated one.
         let id = self.next_backend_id;
         let backend = Backend { addr: be_addr(ep.addr), port: ep.port.to_be(), proto: protocol.number(), flags: 0 };
-        self.maps.put_backend(id, &backend)?;
+        self.maps.put_backend(id, backend)?;
         self.next_backend_id += 1;
         self.backend_ids.insert((ep, protocol), id);
         stats.writes += 1;
         Ok(id)
     }
 
-    fn program_frontend(&mut self, frontend: &Frontend, ids: &[u32], stats: &mut ApplyStats) -> anyhow::Result<()> {
+    fn program_frontend(&mut self, frontend: Frontend, ids: &[u32], stats: &mut ApplyStats) -> anyhow::Result<()> {
         let count = u16::try_from(ids.len()).map_err(|_| anyhow::anyhow!("{frontend}: more than 65535 backends"))?;
-        if !self.frontends.contains_key(frontend) {
+        if !self.frontends.contains_key(&frontend) {
             let rev_nat_id = self.next_rev_nat_id;
-            let revnat = RevNat { addr: be_addr(frontend.addr), port: frontend.port.to_be(), _pad: 0 };
-            self.maps.put_revnat(rev_nat_id, &revnat)?;
+            let revnat = RevNat { addr: be_addr(frontend.addr), port: frontend.port.to_be(), pad: 0 };
+            self.maps.put_revnat(rev_nat_id, revnat)?;
             self.next_rev_nat_id += 1;
             stats.writes += 1;
-            self.frontends.insert(*frontend, Programmed { rev_nat_id, slot0: None, slots: BTreeMap::new() });
+            self.frontends.insert(frontend, Programmed { rev_nat_id, slot0: None, slots: BTreeMap::new() });
         }
         let Self { maps, frontends, .. } = self;
-        let programmed = frontends.get_mut(frontend).expect("inserted above");
+        let programmed = frontends.get_mut(&frontend).expect("inserted above");
         let rev_nat_id = programmed.rev_nat_id;
 
         for (slot, id) in (1..=count).zip(ids) {
@@ -220,8 +215,8 @@ impl<M: ServiceMaps> TableWriter<M> {
         Ok(())
     }
 
-    fn remove_frontend(&mut self, frontend: &Frontend, stats: &mut ApplyStats) -> anyhow::Result<()> {
-        let Some(programmed) = self.frontends.get_mut(frontend) else { return Ok(()) };
+    fn remove_frontend(&mut self, frontend: Frontend, stats: &mut ApplyStats) -> anyhow::Result<()> {
+        let Some(programmed) = self.frontends.get_mut(&frontend) else { return Ok(()) };
         if programmed.slot0.is_some() {
             self.maps.delete_service(&service_key(frontend, 0))?;
             programmed.slot0 = None;
@@ -236,7 +231,7 @@ impl<M: ServiceMaps> TableWriter<M> {
         }
         self.maps.delete_revnat(programmed.rev_nat_id)?;
         stats.deletes += 1;
-        self.frontends.remove(frontend);
+        self.frontends.remove(&frontend);
         Ok(())
     }
 }
