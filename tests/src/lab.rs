@@ -83,6 +83,9 @@ impl Lab {
     /// Builds the topology: underlay, nodes, pods and the external client. Agents start separately.
     pub fn start(spec: LabSpec) -> anyhow::Result<Self> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
+        if !nix::unistd::geteuid().is_root() {
+            anyhow::bail!("the lab needs root: it creates network namespaces, mounts bpffs and loads eBPF programs");
+        }
         sweep_stale_labs();
         let prefix = format!("{NS_PREFIX}{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(&prefix);

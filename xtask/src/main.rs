@@ -156,7 +156,44 @@ fn test(root: &Path) -> anyhow::Result<()> {
         .env("CARGO_ENCODED_RUSTFLAGS", EBPF_FLAGS);
     run(&mut ebpf_clippy)?;
     build_ebpf(root)?;
-    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "proxy-ebpf"]).current_dir(root))
+    cargo_test(root)
+}
+
+/// Runs the tests, passing their output through, and ends with one line totalling every test binary's
+/// result, so the outcome of the whole suite reads from its last line.
+fn cargo_test(root: &Path) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--workspace", "--exclude", "proxy-ebpf"]).current_dir(root).stdout(std::process::Stdio::piped());
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd.spawn().context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+/// The number just before `label` in a `test result:` line, e.g. `5` in `ok. 5 passed; 0 failed`.
+fn count_before(line: &str, label: &str) -> u64 {
+    line.split_once(label)
+        .and_then(|(before, _)| before.rsplit(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {

@@ -15,3 +15,6 @@ pub use validate::Rejection;
 pub struct NodeIdentity {
     pub name: String,
 }
+
+#[cfg(test)]
+mod tests;

@@ -139,3 +139,71 @@ pub async fn run(client: Client, node_name: String, store: Store) -> anyhow::Res
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn service(name: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                ..ObjectMeta::default()
+            },
+            ..Service::default()
+        }
+    }
+
+    fn names(rx: &tokio::sync::watch::Receiver<crate::store::Snapshot>) -> Vec<String> {
+        rx.borrow().state.services.keys().map(|k| k.name.clone()).collect()
+    }
+
+    /// A relist is buffered and swapped in whole at `InitDone`: objects that vanished while the watch was
+    /// down disappear, and nothing is visible half-listed.
+    #[test]
+    fn a_relist_replaces_the_kind_only_when_complete() {
+        let (store, rx) = Store::new();
+        let mut relist = None;
+        for e in
+            [watcher::Event::Init, watcher::Event::InitApply(service("a")), watcher::Event::InitApply(service("b"))]
+        {
+            assert!(!on_event(e, &mut relist, &store));
+        }
+        assert!(names(&rx).is_empty(), "nothing is visible before InitDone");
+        assert!(on_event(watcher::Event::InitDone, &mut relist, &store));
+        assert_eq!(names(&rx), ["a", "b"]);
+
+        on_event(watcher::Event::Apply(service("c")), &mut relist, &store);
+        on_event(watcher::Event::Delete(service("a")), &mut relist, &store);
+        assert_eq!(names(&rx), ["b", "c"]);
+
+        // After a 410 Gone the watcher relists; "b" was deleted meanwhile.
+        for e in [watcher::Event::Init, watcher::Event::InitApply(service("c")), watcher::Event::InitDone] {
+            on_event(e, &mut relist, &store);
+        }
+        assert_eq!(names(&rx), ["c"]);
+    }
+
+    #[test]
+    fn the_store_is_complete_only_after_every_kind_has_listed() {
+        let (store, rx) = Store::new();
+        let readiness = Readiness { pending: Mutex::new(vec![Service::NAME, EndpointSlice::NAME, Node::NAME]) };
+        readiness.listed(Service::NAME, &store);
+        readiness.listed(Node::NAME, &store);
+        assert!(!rx.borrow().complete);
+        readiness.listed(EndpointSlice::NAME, &store);
+        assert!(rx.borrow().complete);
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_does_not_wake_the_sync_loop() {
+        let (store, rx) = Store::new();
+        store.update(|s| drop(s.services.insert(ObjectKey::of(&service("a").metadata), Arc::new(service("a")))));
+        let generation = rx.borrow().generation;
+        store.update(|s| drop(s.services.insert(ObjectKey::of(&service("a").metadata), Arc::new(service("a")))));
+        assert_eq!(rx.borrow().generation, generation);
+    }
+}

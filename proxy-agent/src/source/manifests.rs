@@ -221,3 +221,97 @@ fn parse_object(value: serde_yaml::Value) -> Result<Option<Parsed>, ParseError> 
         _ => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.32.0.5, ports: [{name: http, port: 80}]}\n";
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.200.1.10]}]\n";
+
+    fn key(ns: &str, name: &str) -> ObjectKey {
+        ObjectKey { namespace: ns.into(), name: name.into() }
+    }
+
+    fn cluster_ip(state: &ClusterState, ns: &str, name: &str) -> String {
+        state.services[&key(ns, name)].spec.as_ref().unwrap().cluster_ip.clone().unwrap()
+    }
+
+    #[test]
+    fn reads_every_document_and_list_items_and_ignores_other_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- {}",
+            SVC.replace("name: web", "name: api").replace("10.32.0.5", "10.32.0.6").replace('\n', "\n  ")
+        );
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            format!("{SVC}---\n{SLICE}---\nkind: ConfigMap\nmetadata: {{name: x}}\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("b.yml"), list).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "kind: Service").unwrap();
+        let state = load(dir.path(), &mut LastGood::default()).unwrap();
+        assert_eq!(state.services.keys().cloned().collect::<Vec<_>>(), vec![key("shop", "api"), key("shop", "web")]);
+        assert_eq!(state.endpoint_slices.keys().cloned().collect::<Vec<_>>(), vec![key("shop", "web-1")]);
+    }
+
+    #[test]
+    fn a_bad_edit_keeps_the_last_good_version_and_other_objects_move_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = SVC.replace("name: web", "name: db").replace("10.32.0.5", "10.32.0.7");
+        std::fs::write(dir.path().join("web.yaml"), SVC).unwrap();
+        std::fs::write(dir.path().join("db.yaml"), &other).unwrap();
+        let mut last_good = LastGood::default();
+        load(dir.path(), &mut last_good).unwrap();
+
+        std::fs::write(dir.path().join("web.yaml"), SVC.replace("port: 80", "port: 70000")).unwrap();
+        std::fs::write(dir.path().join("db.yaml"), other.replace("10.32.0.7", "10.32.0.8")).unwrap();
+        let state = load(dir.path(), &mut last_good).unwrap();
+        assert_eq!(cluster_ip(&state, "shop", "web"), "10.32.0.5", "the rejected edit must leave the old version");
+        assert_eq!(cluster_ip(&state, "shop", "db"), "10.32.0.8", "a good edit elsewhere goes through");
+
+        // Still kept on the next reload, and replaced once the file is fixed.
+        let state = load(dir.path(), &mut last_good).unwrap();
+        assert_eq!(cluster_ip(&state, "shop", "web"), "10.32.0.5");
+        std::fs::write(dir.path().join("web.yaml"), SVC.replace("10.32.0.5", "10.32.0.9")).unwrap();
+        let state = load(dir.path(), &mut last_good).unwrap();
+        assert_eq!(cluster_ip(&state, "shop", "web"), "10.32.0.9");
+    }
+
+    #[test]
+    fn a_new_object_that_is_bad_is_simply_not_there() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), SVC.replace("10.32.0.5", "not-an-ip")).unwrap();
+        let state = load(dir.path(), &mut LastGood::default()).unwrap();
+        assert!(state.services.is_empty());
+    }
+
+    #[test]
+    fn a_file_that_stops_parsing_keeps_all_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), format!("{SVC}---\n{SLICE}")).unwrap();
+        let mut last_good = LastGood::default();
+        load(dir.path(), &mut last_good).unwrap();
+        std::fs::write(dir.path().join("web.yaml"), "kind: Service\nmetadata: {name: [unclosed\n").unwrap();
+        let state = load(dir.path(), &mut last_good).unwrap();
+        assert_eq!(state.services.len(), 1);
+        assert_eq!(state.endpoint_slices.len(), 1);
+    }
+
+    #[test]
+    fn removing_a_file_removes_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), SVC).unwrap();
+        let mut last_good = LastGood::default();
+        load(dir.path(), &mut last_good).unwrap();
+        std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
+        assert!(load(dir.path(), &mut last_good).unwrap().services.is_empty());
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_error_naming_it() {
+        let err = load(Path::new("/nonexistent/manifests"), &mut LastGood::default()).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/manifests"), "{err}");
+    }
+}

@@ -250,3 +250,7 @@ fn check_capacity(table: &ServiceTable) -> Result<(), TooLarge> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "writer_tests.rs"]
+mod tests;

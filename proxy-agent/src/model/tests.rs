@@ -1,0 +1,246 @@
+//! The model, tested without a cluster or a kernel: objects in, table out.
+
+use std::{fmt::Write as _, net::Ipv4Addr, sync::Arc};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{build::Desired, *};
+use crate::store::{ClusterState, ObjectKey};
+
+fn svc(yaml: &str) -> Service {
+    serde_yaml::from_str(yaml).expect("test Service parses")
+}
+
+fn slice(yaml: &str) -> EndpointSlice {
+    serde_yaml::from_str(yaml).expect("test EndpointSlice parses")
+}
+
+fn state(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
+    let mut s = ClusterState::default();
+    for x in services {
+        s.services.insert(ObjectKey::of(&x.metadata), Arc::new(x));
+    }
+    for x in slices {
+        s.endpoint_slices.insert(ObjectKey::of(&x.metadata), Arc::new(x));
+    }
+    s
+}
+
+fn run(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Desired {
+    desired(&state(services, slices), &NodeIdentity { name: "node1".into() })
+}
+
+const DNS: &str = r"
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.32.0.10
+  clusterIPs: [10.32.0.10]
+  ports:
+  - {name: dns, port: 53, protocol: UDP, targetPort: 53}
+  - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}
+";
+
+const DNS_SLICE: &str = r#"
+metadata:
+  name: kube-dns-abc
+  namespace: kube-system
+  labels: {kubernetes.io/service-name: kube-dns}
+addressType: IPv4
+ports:
+- {name: dns, port: 5353, protocol: UDP}
+- {name: dns-tcp, port: 5354, protocol: TCP}
+endpoints:
+- addresses: ["10.200.1.10"]
+  conditions: {ready: true}
+- addresses: ["10.200.2.10"]
+"#;
+
+fn fe(ip: [u8; 4], port: u16, protocol: Protocol) -> Frontend {
+    Frontend { addr: Ipv4Addr::from(ip), port, protocol }
+}
+
+fn ep(ip: [u8; 4], port: u16) -> Endpoint {
+    Endpoint { addr: Ipv4Addr::from(ip), port }
+}
+
+#[test]
+fn each_port_resolves_through_the_slice_port_of_the_same_name_and_protocol() {
+    let d = run(vec![svc(DNS)], vec![slice(DNS_SLICE)]);
+    assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+    assert_eq!(d.table.frontends.len(), 2);
+    let udp = &d.table.frontends[&fe([10, 32, 0, 10], 53, Protocol::Udp)];
+    assert_eq!(udp.service.to_string(), "kube-system/kube-dns:dns");
+    assert_eq!(udp.backends, vec![ep([10, 200, 1, 10], 5353), ep([10, 200, 2, 10], 5353)]);
+    let tcp = &d.table.frontends[&fe([10, 32, 0, 10], 53, Protocol::Tcp)];
+    assert_eq!(tcp.backends, vec![ep([10, 200, 1, 10], 5354), ep([10, 200, 2, 10], 5354)]);
+}
+
+#[test]
+fn a_service_without_slices_has_a_frontend_with_no_backends() {
+    let d = run(vec![svc(DNS)], vec![]);
+    assert_eq!(d.table.frontends.len(), 2);
+    assert!(d.table.frontends.values().all(|e| e.backends.is_empty()));
+}
+
+#[test]
+fn slices_of_other_services_and_namespaces_are_not_used() {
+    let other_ns = DNS_SLICE.replace("namespace: kube-system", "namespace: default");
+    let other_svc = DNS_SLICE.replace("service-name: kube-dns", "service-name: other").replace("kube-dns-abc", "x");
+    let d = run(vec![svc(DNS)], vec![slice(&other_ns), slice(&other_svc)]);
+    assert!(d.table.frontends.values().all(|e| e.backends.is_empty()));
+}
+
+#[test]
+fn backends_from_several_slices_are_merged_without_duplicates() {
+    let second = DNS_SLICE.replace("kube-dns-abc", "kube-dns-def").replace("10.200.1.10", "10.200.3.10");
+    let d = run(vec![svc(DNS)], vec![slice(DNS_SLICE), slice(&second)]);
+    let udp = &d.table.frontends[&fe([10, 32, 0, 10], 53, Protocol::Udp)];
+    assert_eq!(udp.backends, vec![ep([10, 200, 1, 10], 5353), ep([10, 200, 2, 10], 5353), ep([10, 200, 3, 10], 5353)]);
+}
+
+fn conditions_slice(endpoints: &[(&str, &str)]) -> EndpointSlice {
+    let mut y = String::from(
+        "metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n",
+    );
+    for (addr, conditions) in endpoints {
+        let _ = writeln!(y, "- addresses: [\"{addr}\"]\n  conditions: {conditions}");
+    }
+    slice(&y)
+}
+
+const WEB: &str = "metadata: {name: web, namespace: default}\nspec: {clusterIP: 10.32.0.20, ports: [{name: http, port: 80, targetPort: http}]}";
+
+fn web_backends(endpoints: &[(&str, &str)]) -> Vec<Endpoint> {
+    let d = run(vec![svc(WEB)], vec![conditions_slice(endpoints)]);
+    d.table.frontends[&fe([10, 32, 0, 20], 80, Protocol::Tcp)].backends.clone()
+}
+
+#[test]
+fn ready_endpoints_are_used_and_terminating_ones_are_not_while_any_is_ready() {
+    let got = web_backends(&[
+        ("10.200.1.1", "{ready: true, serving: true, terminating: false}"),
+        ("10.200.1.2", "{ready: false, serving: true, terminating: true}"),
+        ("10.200.1.3", "{ready: false, serving: false, terminating: false}"),
+    ]);
+    assert_eq!(got, vec![ep([10, 200, 1, 1], 8080)]);
+}
+
+#[test]
+fn serving_terminating_endpoints_are_used_when_none_is_ready() {
+    let got = web_backends(&[
+        ("10.200.1.2", "{ready: false, serving: true, terminating: true}"),
+        ("10.200.1.3", "{ready: false, serving: false, terminating: true}"),
+        ("10.200.1.4", "{ready: false, serving: false, terminating: false}"),
+    ]);
+    assert_eq!(got, vec![ep([10, 200, 1, 2], 8080)]);
+}
+
+#[test]
+fn unset_conditions_mean_ready_as_the_api_documents() {
+    assert_eq!(web_backends(&[("10.200.1.5", "{}")]), vec![ep([10, 200, 1, 5], 8080)]);
+}
+
+#[test]
+fn headless_and_external_name_services_have_no_frontends() {
+    let headless = svc("metadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}");
+    let external = svc("metadata: {name: e}\nspec: {type: ExternalName, externalName: example.org}");
+    let d = run(vec![headless, external], vec![]);
+    assert!(d.table.frontends.is_empty() && d.rejected.is_empty(), "{d:?}");
+}
+
+#[test]
+fn ipv6_cluster_ips_of_dual_stack_services_are_skipped_not_rejected() {
+    let dual = svc(
+        "metadata: {name: d}\nspec: {clusterIP: 10.32.0.7, clusterIPs: [10.32.0.7, 'fd00::7'], ports: [{port: 80}]}",
+    );
+    let d = run(vec![dual], vec![]);
+    assert!(d.rejected.is_empty());
+    assert_eq!(d.table.frontends.keys().copied().collect::<Vec<_>>(), vec![fe([10, 32, 0, 7], 80, Protocol::Tcp)]);
+}
+
+#[test]
+fn a_frontend_claimed_twice_goes_to_the_first_service_and_the_second_is_rejected() {
+    let a = svc("metadata: {name: a}\nspec: {clusterIP: 10.32.0.9, ports: [{port: 80}]}");
+    let b = svc("metadata: {name: b}\nspec: {clusterIP: 10.32.0.9, ports: [{port: 80}]}");
+    let d = run(vec![b, a], vec![]);
+    assert_eq!(d.table.frontends[&fe([10, 32, 0, 9], 80, Protocol::Tcp)].service.name, "a");
+    assert_eq!(d.rejected.len(), 1);
+    assert_eq!(d.rejected[0].object, "default/b");
+}
+
+fn rejection_of_service(yaml: &str) -> Rejection {
+    let d = run(vec![svc(yaml)], vec![]);
+    assert!(d.table.frontends.is_empty(), "a rejected Service must not be programmed");
+    assert_eq!(d.rejected.len(), 1, "{d:?}");
+    d.rejected[0].clone()
+}
+
+#[test]
+fn bad_services_are_rejected_naming_object_and_field() {
+    let cases = [
+        ("spec: {clusterIP: 10.32.0.300, ports: [{port: 80}]}", "spec.clusterIP", "is not an IP address"),
+        (
+            "spec: {clusterIP: 10.32.0.3, clusterIPs: [10.32.0.4], ports: [{port: 80}]}",
+            "spec.clusterIP",
+            "does not match",
+        ),
+        ("spec: {clusterIPs: [bogus], ports: [{port: 80}]}", "spec.clusterIPs[0]", "is not an IP address"),
+        ("spec: {clusterIP: 10.32.0.3, ports: [{port: 0}]}", "spec.ports[0].port", "not a port number"),
+        ("spec: {clusterIP: 10.32.0.3, ports: [{port: 80}, {port: 65536}]}", "spec.ports[1].port", "not a port number"),
+        (
+            "spec: {clusterIP: 10.32.0.3, ports: [{port: 80, protocol: QUIC}]}",
+            "spec.ports[0].protocol",
+            "unknown protocol",
+        ),
+        (
+            "spec: {clusterIP: 10.32.0.3, ports: [{port: 80, targetPort: 0}]}",
+            "spec.ports[0].targetPort",
+            "not a port number",
+        ),
+        (
+            "spec: {clusterIP: 10.32.0.3, ports: [{port: 80, targetPort: '70000'}]}",
+            "spec.ports[0].targetPort",
+            "not a port",
+        ),
+    ];
+    for (spec, field, reason) in cases {
+        let r = rejection_of_service(&format!("metadata: {{name: bad, namespace: prod}}\n{spec}"));
+        assert_eq!((r.kind, r.object.as_str(), r.field.as_str()), ("Service", "prod/bad", field), "{spec}");
+        assert!(r.reason.contains(reason), "{spec}: {}", r.reason);
+        assert!(r.to_string().starts_with("Service prod/bad: "), "{r}");
+    }
+}
+
+#[test]
+fn bad_endpoint_slices_are_rejected_and_their_service_keeps_other_slices() {
+    let bad = DNS_SLICE.replace("kube-dns-abc", "kube-dns-bad").replace("10.200.2.10", "10.200.2.999");
+    let d = run(vec![svc(DNS)], vec![slice(DNS_SLICE.replace("10.200.2.10", "10.200.3.3").as_str()), slice(&bad)]);
+    assert_eq!(d.rejected.len(), 1);
+    assert_eq!(d.rejected[0].field, "endpoints[1].addresses[0]");
+    assert_eq!(d.rejected[0].object, "kube-system/kube-dns-bad");
+    let udp = &d.table.frontends[&fe([10, 32, 0, 10], 53, Protocol::Udp)];
+    assert_eq!(udp.backends, vec![ep([10, 200, 1, 10], 5353), ep([10, 200, 3, 3], 5353)]);
+
+    let bad_port = DNS_SLICE.replace("port: 5353", "port: 0");
+    let d = run(vec![svc(DNS)], vec![slice(&bad_port)]);
+    assert_eq!(d.rejected[0].field, "ports[0].port");
+    let bad_proto = DNS_SLICE.replace("protocol: UDP", "protocol: ICMP");
+    let d = run(vec![svc(DNS)], vec![slice(&bad_proto)]);
+    assert_eq!(d.rejected[0].field, "ports[0].protocol");
+}
+
+#[test]
+fn ipv6_and_fqdn_slices_and_unowned_slices_are_ignored() {
+    let v6 = DNS_SLICE.replace("addressType: IPv4", "addressType: IPv6").replace("10.200.1.10", "fd00::1");
+    let unowned = DNS_SLICE.replace("labels: {kubernetes.io/service-name: kube-dns}", "labels: {}");
+    let d = run(vec![svc(DNS)], vec![slice(&v6), slice(&unowned)]);
+    assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+    assert!(d.table.frontends.values().all(|e| e.backends.is_empty()));
+}
+
+#[test]
+fn the_model_is_deterministic() {
+    let input = state(vec![svc(DNS), svc(WEB)], vec![slice(DNS_SLICE)]);
+    let node = NodeIdentity { name: "n".into() };
+    assert_eq!(desired(&input, &node), desired(&input.clone(), &node));
+}
