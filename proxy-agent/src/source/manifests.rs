@@ -309,6 +309,18 @@ mod tests {
         assert!(load(dir.path(), &mut last_good).unwrap().services.is_empty());
     }
 
+    /// The examples in the repository must stay loadable and valid.
+    #[test]
+    fn the_shipped_examples_load_without_rejections() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/manifests");
+        let state = load(&dir, &mut LastGood::default()).unwrap();
+        let d = crate::model::desired(&state, &crate::model::NodeIdentity::default());
+        assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+        assert_eq!(state.services.len(), 2);
+        assert_eq!(d.table.frontends.len(), 3);
+        assert!(d.table.frontends.values().all(|e| e.backends.len() == 2));
+    }
+
     #[test]
     fn a_missing_directory_is_an_error_naming_it() {
         let err = load(Path::new("/nonexistent/manifests"), &mut LastGood::default()).unwrap_err();
