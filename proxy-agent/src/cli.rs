@@ -31,6 +31,27 @@ pub struct Args {
     #[arg(long, value_name = "GLOB,...", value_delimiter = ',', default_value = "veth*,cali*,lxc*,cni*")]
     pub pod_interfaces: Vec<String>,
 
+    /// Interfaces towards other nodes and the outside, where NodePort and external traffic arrives.
+    #[arg(long, value_name = "GLOB,...", value_delimiter = ',', default_value = "eth*,ens*,enp*,eno*,bond*")]
+    pub host_interfaces: Vec<String>,
+
+    /// Which node addresses NodePorts are served on: CIDRs, or `primary` (the Node's InternalIP). Default:
+    /// every address of the host interfaces.
+    #[arg(long, value_name = "CIDR,...|primary", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+
+    /// The address SNATed traffic leaves with. Default: the first address of the first host interface.
+    #[arg(long, value_name = "IPV4")]
+    pub node_ip: Option<std::net::Ipv4Addr>,
+
+    /// Source ports for SNATed flows; keep this outside the kernel's ephemeral port range.
+    #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535", value_parser = parse_port_range)]
+    pub snat_ports: (u16, u16),
+
+    /// SNAT all traffic to Services, not only what needs it (kube-proxy's `--masquerade-all`).
+    #[arg(long)]
+    pub masquerade_all: bool,
+
     /// At most one sync per period, however fast changes arrive.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub min_sync_period: Duration,
@@ -48,4 +69,40 @@ pub struct Args {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not MIN-MAX"))?;
+    let (a, b): (u16, u16) =
+        (a.parse().map_err(|e| format!("{a:?}: {e}"))?, b.parse().map_err(|e| format!("{b:?}: {e}"))?);
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: need 1 <= MIN <= MAX"));
+    }
+    Ok((a, b))
+}
+
+/// Parses `--nodeport-addresses`.
+pub fn parse_nodeport_addresses(values: &[String]) -> Result<crate::model::NodePortAddresses, String> {
+    use crate::model::NodePortAddresses;
+    if values.is_empty() {
+        return Ok(NodePortAddresses::All);
+    }
+    if values.iter().any(|v| v == "primary") {
+        return if values.len() == 1 {
+            Ok(NodePortAddresses::Primary)
+        } else {
+            Err("`primary` cannot be combined with CIDRs".into())
+        };
+    }
+    values
+        .iter()
+        .map(|v| {
+            let (addr, len) = v.split_once('/').ok_or_else(|| format!("{v:?} is not a CIDR"))?;
+            let addr = addr.parse().map_err(|_| format!("{v:?} is not an IPv4 CIDR"))?;
+            let len: u8 =
+                len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{v:?} has a bad prefix length"))?;
+            Ok((addr, len))
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(NodePortAddresses::Cidrs)
 }

@@ -2,7 +2,9 @@
 
 mod cli;
 mod dataplane;
+mod health;
 mod model;
+mod node;
 mod source;
 mod store;
 mod sync;
@@ -13,7 +15,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 
 use crate::{
-    dataplane::ebpf::{EbpfDataplane, InterfacePatterns},
+    dataplane::ebpf::{EbpfDataplane, InterfacePatterns, InterfaceRoles, NodeSettings},
     model::NodeIdentity,
     store::Store,
 };
@@ -34,11 +36,22 @@ fn init_logging(format: cli::LogFormat) {
 async fn main() -> anyhow::Result<()> {
     let args = cli::Args::parse();
     init_logging(args.log_format);
-    let node = NodeIdentity { name: args.node_name.clone() };
-    tracing::info!(node = %node.name, version = env!("CARGO_PKG_VERSION"), "starting");
+    let roles = InterfaceRoles {
+        pods: InterfacePatterns::new(args.pod_interfaces.clone()),
+        hosts: InterfacePatterns::new(args.host_interfaces.clone()),
+    };
+    let node_port_addresses = cli::parse_nodeport_addresses(&args.nodeport_addresses)
+        .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
+    let addresses = node::host_addresses(&roles).context("reading this node's addresses")?;
+    let node = NodeIdentity { name: args.node_name.clone(), addresses, node_port_addresses };
+    let settings = NodeSettings {
+        snat_addr: args.node_ip.or_else(|| node.addresses.first().copied()),
+        snat_ports: args.snat_ports,
+        masquerade_all: args.masquerade_all,
+    };
+    tracing::info!(node = %node.name, addresses = ?node.addresses, snat = ?settings.snat_addr, version = env!("CARGO_PKG_VERSION"), "starting");
 
-    let dataplane = EbpfDataplane::start(&args.bpffs, InterfacePatterns::new(args.pod_interfaces.clone()))
-        .context("starting the eBPF dataplane")?;
+    let dataplane = EbpfDataplane::start(&args.bpffs, roles, &settings).context("starting the eBPF dataplane")?;
     let (store, snapshots) = Store::new();
 
     let source = if let Some(dir) = &args.manifests {

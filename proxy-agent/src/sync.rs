@@ -6,6 +6,7 @@ use tokio::{sync::watch, time::Instant};
 
 use crate::{
     dataplane::Dataplane,
+    health::service_checks::ServiceHealthServers,
     model::{self, NodeIdentity, Rejection},
     store::Snapshot,
 };
@@ -35,6 +36,7 @@ pub async fn run(
         .map_err(|_| anyhow::anyhow!("the source stopped before its first complete view"))?;
 
     let mut reported: BTreeSet<Rejection> = BTreeSet::new();
+    let mut health_checks = ServiceHealthServers::new(None);
     let mut last_sync: Option<Instant> = None;
     let mut applied_generation = None;
     let mut housekeeping = tokio::time::interval(config.housekeeping_period);
@@ -67,6 +69,7 @@ pub async fn run(
         let started = std::time::Instant::now();
         let desired = model::desired(&snapshot.state, &node);
         report_rejections(&desired.rejected, &mut reported);
+        health_checks.update(&desired.health_checks).await;
         let table = desired.table;
         let frontends = table.frontends.len();
         let backends = table.distinct_backends();

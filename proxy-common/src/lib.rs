@@ -19,6 +19,10 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const REVNAT: &str = "REVNAT";
+    pub const SNAT: &str = "SNAT";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const CONFIG: &str = "CONFIG";
 }
 
 /// Sizes of the maps. The agent refuses a desired table that would not fit, rather than half-write it.
@@ -27,6 +31,34 @@ pub mod capacity {
     pub const BACKENDS: u32 = 1 << 20;
     pub const CONNTRACK: u32 = 1 << 18;
     pub const REVNAT: u32 = 1 << 18;
+    pub const SNAT: u32 = 1 << 18;
+    pub const AFFINITY: u32 = 1 << 16;
+    pub const SOURCE_RANGES: u32 = 1 << 14;
+}
+
+/// Bits of `skb->mark` the programs use to hand a decision from ingress to egress. kube-proxy uses 0x4000
+/// and 0x8000; this bit is clear of both.
+pub mod mark {
+    /// Set at ingress on a packet whose flow must leave with the node's address as its source.
+    pub const SNAT: u32 = 0x0010_0000;
+}
+
+/// Node-wide settings, in the single entry of the `CONFIG` array.
+pub mod config {
+    /// Traffic from pods to a Service is always SNATed (kube-proxy's `masqueradeAll`).
+    pub const FLAG_MASQUERADE_ALL: u32 = 1;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Config {
+        /// The address SNATed flows leave with (the node's primary IPv4), network byte order. Zero: none.
+        pub snat_addr: u32,
+        /// SNAT source ports are taken from `snat_port_min..=snat_port_max` (host byte order). The
+        /// default range sits above the kernel's ephemeral ports, so it never collides with the node's sockets.
+        pub snat_port_min: u16,
+        pub snat_port_max: u16,
+        pub flags: u32,
+    }
 }
 
 /// The service map: a frontend (service address, port, protocol) and a slot.
@@ -35,6 +67,25 @@ pub mod capacity {
 /// id. The agent writes backends and slots before slot 0, and slot 0 last, so the data path never sees a
 /// count that points past the written slots (the layout follows Cilium's `lb4_key`/`lb4_service`).
 pub mod service {
+    /// Traffic arriving on a host interface (from outside the node's pods).
+    pub const SCOPE_EXTERNAL: u8 = 0;
+    /// Traffic from this node's pods, when a Local policy makes its backends differ from external traffic's.
+    pub const SCOPE_INTERNAL: u8 = 1;
+
+    /// Slot-0 flags.
+    pub mod flags {
+        /// Internal traffic uses the `SCOPE_INTERNAL` entries of this frontend.
+        pub const HAS_INTERNAL_SCOPE: u16 = 1 << 0;
+        /// External traffic is SNATed to the node (externalTrafficPolicy Cluster, ClusterIPs).
+        pub const MASQUERADE_EXTERNAL: u16 = 1 << 1;
+        /// With no backend, refuse the client (ICMP port unreachable) instead of dropping.
+        pub const REJECT_WHEN_EMPTY: u16 = 1 << 2;
+        /// sessionAffinity ClientIP; `affinity_timeout` holds the seconds.
+        pub const AFFINITY: u16 = 1 << 3;
+        /// Only sources in the `SOURCE_RANGES` entries of this frontend's reverse-NAT id may use it.
+        pub const SOURCE_RANGES: u16 = 1 << 4;
+    }
+
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
     pub struct ServiceKey {
@@ -43,9 +94,10 @@ pub mod service {
         /// Port, network byte order.
         pub port: u16,
         pub proto: u8,
-        pub pad: u8,
+        /// `SCOPE_EXTERNAL` or `SCOPE_INTERNAL`.
+        pub scope: u8,
         pub slot: u16,
-        pub pad2: u16,
+        pub pad: u16,
     }
 
     #[repr(C)]
@@ -59,18 +111,23 @@ pub mod service {
         pub count: u16,
         /// `flags::*` bits, in slot 0.
         pub flags: u16,
+        /// sessionAffinity timeout in seconds, in slot 0.
+        pub affinity_timeout: u32,
     }
 
     impl ServiceKey {
         #[must_use]
-        pub const fn new(addr: u32, port: u16, proto: u8, slot: u16) -> Self {
-            Self { addr, port, proto, pad: 0, slot, pad2: 0 }
+        pub const fn new(addr: u32, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
+            Self { addr, port, proto, scope, slot, pad: 0 }
         }
     }
 }
 
 /// The backend map: backend id → the endpoint's address and port.
 pub mod backend {
+    /// The backend runs on this node.
+    pub const FLAG_LOCAL: u8 = 1;
+
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub struct Backend {
@@ -118,17 +175,74 @@ pub mod conntrack {
         pub pad: u16,
     }
 
+    /// The flow leaves with the node's address as its source.
+    pub const FLAG_SNAT: u32 = 1;
+
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub struct CtValue {
         pub backend_id: u32,
         pub rev_nat_id: u32,
+        pub flags: u32,
+    }
+
+    /// SNAT entries (a map of their own, keyed like conntrack): `DIR_SNAT_OUT` maps client → backend to the
+    /// node address and port the flow leaves with; `DIR_SNAT_IN` maps backend → node address and port back
+    /// to the client.
+    pub const DIR_SNAT_OUT: u8 = 2;
+    pub const DIR_SNAT_IN: u8 = 3;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct SnatValue {
+        /// Network byte order.
+        pub addr: u32,
+        /// Network byte order.
+        pub port: u16,
+        pub pad: u16,
+    }
+}
+
+/// sessionAffinity ClientIP: which backend a client was last given for a frontend, and when.
+pub mod affinity {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct AffinityKey {
+        pub client_addr: u32,
+        pub rev_nat_id: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct AffinityValue {
+        pub backend_id: u32,
+        pub pad: u32,
+        /// `bpf_ktime_get_ns` of the last packet.
+        pub last_seen_ns: u64,
+    }
+}
+
+/// loadBalancerSourceRanges: an LPM trie keyed by reverse-NAT id (matched in full) then source address.
+pub mod source_range {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct SourceRangeKey {
+        /// Network byte order, so the trie matches its bits first and in full.
+        pub rev_nat_id: u32,
+        /// Network byte order.
+        pub addr: u32,
+    }
+
+    /// The prefix length of an entry for a CIDR of `len` bits: the whole id, then the address bits.
+    #[must_use]
+    pub const fn prefix_len(cidr_len: u8) -> u32 {
+        32 + cidr_len as u32
     }
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{backend::Backend, conntrack, revnat::RevNat, service};
+    use super::{affinity, backend::Backend, config::Config, conntrack, revnat::RevNat, service, source_range};
 
     // SAFETY: each type is repr(C), Copy, made of integers only, and has no padding (see the layout tests),
     // so every bit pattern is valid and no uninitialised byte is ever read.
@@ -138,11 +252,18 @@ mod pod {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for conntrack::CtKey {}
     unsafe impl aya::Pod for conntrack::CtValue {}
+    unsafe impl aya::Pod for conntrack::SnatValue {}
+    unsafe impl aya::Pod for affinity::AffinityKey {}
+    unsafe impl aya::Pod for affinity::AffinityValue {}
+    unsafe impl aya::Pod for source_range::SourceRangeKey {}
+    unsafe impl aya::Pod for Config {}
 }
 
 #[cfg(test)]
 mod layout_tests {
-    use super::{backend::Backend, conntrack::*, revnat::RevNat, service::*};
+    use super::{
+        affinity::*, backend::Backend, config::Config, conntrack::*, revnat::RevNat, service::*, source_range::*,
+    };
     use core::mem::{offset_of, size_of};
 
     #[test]
@@ -151,18 +272,19 @@ mod layout_tests {
         assert_eq!(offset_of!(ServiceKey, addr), 0);
         assert_eq!(offset_of!(ServiceKey, port), 4);
         assert_eq!(offset_of!(ServiceKey, proto), 6);
-        assert_eq!(offset_of!(ServiceKey, pad), 7);
+        assert_eq!(offset_of!(ServiceKey, scope), 7);
         assert_eq!(offset_of!(ServiceKey, slot), 8);
-        assert_eq!(offset_of!(ServiceKey, pad2), 10);
+        assert_eq!(offset_of!(ServiceKey, pad), 10);
     }
 
     #[test]
     fn service_value_has_no_padding() {
-        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(offset_of!(ServiceValue, backend_id), 0);
         assert_eq!(offset_of!(ServiceValue, rev_nat_id), 4);
         assert_eq!(offset_of!(ServiceValue, count), 8);
         assert_eq!(offset_of!(ServiceValue, flags), 10);
+        assert_eq!(offset_of!(ServiceValue, affinity_timeout), 12);
     }
 
     #[test]
@@ -190,7 +312,26 @@ mod layout_tests {
         assert_eq!(offset_of!(CtKey, proto), 12);
         assert_eq!(offset_of!(CtKey, dir), 13);
         assert_eq!(offset_of!(CtKey, pad), 14);
-        assert_eq!(size_of::<CtValue>(), 8);
+        assert_eq!(size_of::<CtValue>(), 12);
         assert_eq!(offset_of!(CtValue, rev_nat_id), 4);
+        assert_eq!(offset_of!(CtValue, flags), 8);
+        assert_eq!(size_of::<SnatValue>(), 8);
+        assert_eq!(offset_of!(SnatValue, port), 4);
+        assert_eq!(offset_of!(SnatValue, pad), 6);
+    }
+
+    #[test]
+    fn affinity_source_range_and_config_have_no_padding() {
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(offset_of!(AffinityValue, pad), 4);
+        assert_eq!(offset_of!(AffinityValue, last_seen_ns), 8);
+        assert_eq!(size_of::<SourceRangeKey>(), 8);
+        assert_eq!(offset_of!(SourceRangeKey, addr), 4);
+        assert_eq!(prefix_len(24), 56);
+        assert_eq!(size_of::<Config>(), 12);
+        assert_eq!(offset_of!(Config, snat_port_min), 4);
+        assert_eq!(offset_of!(Config, snat_port_max), 6);
+        assert_eq!(offset_of!(Config, flags), 8);
     }
 }

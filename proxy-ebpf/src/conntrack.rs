@@ -12,15 +12,16 @@ use crate::packet::Flow;
 #[map(name = "CONNTRACK")]
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 
+/// The key of a flow's packet in direction `dir`, as the packet carries it.
 #[inline(always)]
-fn forward_key(flow: &Flow) -> CtKey {
+pub fn key(flow: &Flow, dir: u8) -> CtKey {
     CtKey {
         src_addr: flow.src_addr,
         dst_addr: flow.dst_addr,
         src_port: flow.src_port,
         dst_port: flow.dst_port,
         proto: flow.proto,
-        dir: DIR_FORWARD,
+        dir,
         pad: 0,
     }
 }
@@ -29,13 +30,13 @@ fn forward_key(flow: &Flow) -> CtKey {
 #[inline(always)]
 pub fn lookup_forward(flow: &Flow) -> Option<CtValue> {
     // SAFETY: the value is copied out at once.
-    unsafe { CONNTRACK.get(&forward_key(flow)).copied() }
+    unsafe { CONNTRACK.get(&key(flow, DIR_FORWARD)).copied() }
 }
 
 /// Records a flow's backend, and the reply tuple the egress program will reverse-translate.
 #[inline(always)]
 pub fn record(flow: &Flow, backend: &Backend, value: &CtValue) -> Result<(), i32> {
-    CONNTRACK.insert(&forward_key(flow), value, u64::from(BPF_ANY))?;
+    CONNTRACK.insert(&key(flow, DIR_FORWARD), value, u64::from(BPF_ANY))?;
     let reply = CtKey {
         src_addr: backend.addr,
         dst_addr: flow.src_addr,
@@ -51,7 +52,6 @@ pub fn record(flow: &Flow, backend: &Backend, value: &CtValue) -> Result<(), i32
 /// The entry of a packet that answers a translated flow (backend → client), if any.
 #[inline(always)]
 pub fn lookup_reply(flow: &Flow) -> Option<CtValue> {
-    let key = CtKey { dir: DIR_REPLY, ..forward_key(flow) };
     // SAFETY: the value is copied out at once.
-    unsafe { CONNTRACK.get(&key).copied() }
+    unsafe { CONNTRACK.get(&key(flow, DIR_REPLY)).copied() }
 }

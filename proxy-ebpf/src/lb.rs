@@ -1,10 +1,17 @@
-//! Service lookup and backend selection.
+//! Service lookup, backend selection, session affinity and source ranges.
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::HashMap};
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+};
 use proxy_common::{
+    affinity::{AffinityKey, AffinityValue},
     backend::Backend,
     capacity,
-    service::{ServiceKey, ServiceValue},
+    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, flags},
+    source_range::{SourceRangeKey, prefix_len},
 };
 
 use crate::packet::Flow;
@@ -15,35 +22,93 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::S
 #[map(name = "BACKENDS")]
 static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
 
-/// The frontend a packet is addressed to: slot 0 of the service map.
+#[map(name = "AFFINITY")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
+
+#[map(name = "SOURCE_RANGES")]
+static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+
+/// A frontend as found for one packet: the slot-0 entry of the scope that applies, and that scope.
+#[derive(Clone, Copy)]
+pub struct Service {
+    pub value: ServiceValue,
+    pub scope: u8,
+    /// The slot-0 flags of the external scope (masquerade, source ranges), which hold for both scopes.
+    pub ext_flags: u16,
+}
+
 #[inline(always)]
-pub fn lookup_service(flow: &Flow) -> Option<ServiceValue> {
-    let key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, 0);
+fn get(key: &ServiceKey) -> Option<ServiceValue> {
     // SAFETY: values are plain integers copied out at once; a concurrent update can at worst give a
     // torn-but-valid value, which the agent's write order makes harmless (count is written last).
-    unsafe { SERVICES.get(&key).copied() }
+    unsafe { SERVICES.get(key).copied() }
+}
+
+/// The frontend a packet is addressed to. Traffic from the node's pods (`internal`) uses the internal scope
+/// where the frontend has one (a Local policy), and the external one otherwise.
+#[inline(always)]
+pub fn lookup_service(flow: &Flow, internal: bool) -> Option<Service> {
+    let ext = get(&ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, SCOPE_EXTERNAL, 0))?;
+    if internal && ext.flags & flags::HAS_INTERNAL_SCOPE != 0 {
+        let int = get(&ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, SCOPE_INTERNAL, 0))?;
+        return Some(Service { value: int, scope: SCOPE_INTERNAL, ext_flags: ext.flags });
+    }
+    Some(Service { value: ext, scope: SCOPE_EXTERNAL, ext_flags: ext.flags })
 }
 
 /// A backend by id, if it still exists.
 #[inline(always)]
 pub fn backend(id: u32) -> Option<Backend> {
-    // SAFETY: as in `lookup_service`.
+    // SAFETY: as in `get`.
     unsafe { BACKENDS.get(&id).copied() }
 }
 
-/// Picks a random backend of a service with `svc.count > 0`. Returns its id and address.
+/// Picks a random backend of a service with `count > 0`. Returns its id and address.
 #[inline(always)]
-pub fn select_backend(flow: &Flow, svc: &ServiceValue) -> Option<(u32, Backend)> {
-    // SAFETY: the helper has no preconditions.
-    let rand = unsafe { bpf_get_prandom_u32() };
-    let count = u32::from(svc.count);
+pub fn select_backend(flow: &Flow, svc: &Service) -> Option<(u32, Backend)> {
+    let count = u32::from(svc.value.count);
     if count == 0 {
         return None;
     }
+    // SAFETY: the helper has no preconditions.
+    let rand = unsafe { bpf_get_prandom_u32() };
     // `rand % count` < count <= u16::MAX, so the conversion never fails.
     let slot = u16::try_from(rand % count).ok()? + 1;
-    let key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, slot);
-    // SAFETY: as in `lookup_service`.
-    let id = unsafe { SERVICES.get(&key) }?.backend_id;
+    let id = get(&ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, svc.scope, slot))?.backend_id;
     Some((id, backend(id)?))
+}
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// sessionAffinity ClientIP: the backend this client used within the timeout, if it still exists.
+#[inline(always)]
+pub fn affinity_backend(flow: &Flow, svc: &Service) -> Option<(u32, Backend)> {
+    let key = AffinityKey { client_addr: flow.src_addr, rev_nat_id: svc.value.rev_nat_id };
+    // SAFETY: the value is copied out at once.
+    let entry = unsafe { AFFINITY.get(&key).copied() }?;
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(entry.last_seen_ns) > u64::from(svc.value.affinity_timeout) * NS_PER_SEC {
+        return None;
+    }
+    Some((entry.backend_id, backend(entry.backend_id)?))
+}
+
+/// Records (or refreshes) a client's affinity to a backend.
+#[inline(always)]
+pub fn remember_affinity(flow: &Flow, svc: &Service, backend_id: u32) {
+    let key = AffinityKey { client_addr: flow.src_addr, rev_nat_id: svc.value.rev_nat_id };
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let value = AffinityValue { backend_id, pad: 0, last_seen_ns: now };
+    // An LRU insert only fails on allocation failure; affinity then falls back to a random pick.
+    let _ = AFFINITY.insert(&key, &value, u64::from(BPF_ANY));
+}
+
+/// loadBalancerSourceRanges: whether the packet's source may use this frontend.
+#[inline(always)]
+pub fn source_allowed(flow: &Flow, svc: &Service) -> bool {
+    let key =
+        Key::new(prefix_len(32), SourceRangeKey { rev_nat_id: svc.value.rev_nat_id.to_be(), addr: flow.src_addr });
+    SOURCE_RANGES.get(&key).is_some()
 }

@@ -1,6 +1,7 @@
 //! The kernel half of the service proxy.
 //!
-//! One file per attach point (`tc_pod`), one module per concern (`packet`, `lb`, `conntrack`, `nat`), each
+//! One file per attach point (`tc_pod`, `tc_host`), one module per concern (`packet`, `lb`, `conntrack`,
+//! `nat`, `snat`, `reject`; `service_path` ties them together), each
 //! map defined beside the logic that uses it, as Cilium's bpf/ is laid out.
 #![no_std]
 #![no_main]
@@ -13,6 +14,11 @@ mod conntrack;
 mod lb;
 mod nat;
 mod packet;
+mod reject;
+mod service_path;
+mod skb;
+mod snat;
+mod tc_host;
 mod tc_pod;
 
 #[cfg(not(test))]

@@ -1,24 +1,36 @@
-//! Builds the desired service table from checked objects.
+//! Builds the desired service table from checked objects, following kube-proxy's rules.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::{
-    Endpoint, Frontend, FrontendEntry, NodeIdentity, ServicePortName, ServiceTable,
-    validate::{self, CheckedServicePort, CheckedSlice, Rejection},
+    BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, NodeIdentity, ServicePortName, ServiceTable,
+    validate::{self, CheckedService, CheckedServicePort, CheckedSlice, Rejection, ServiceType, TrafficPolicy},
 };
 use crate::store::ClusterState;
 
-/// The model's answer: the table to program, and the objects that were left out and why.
+/// The model's answer: the table to program, the health checks to serve, and what was left out and why.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub table: ServiceTable,
+    /// healthCheckNodePort → what it reports (Services with externalTrafficPolicy Local).
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     pub rejected: Vec<Rejection>,
+}
+
+/// What a healthCheckNodePort answers: kube-proxy's `{"service": …, "localEndpoints": N}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `namespace/name`
+    pub service: String,
+    pub local_endpoints: usize,
 }
 
 /// Computes this node's desired service table. Pure: same input, same output.
 #[must_use]
-pub fn desired(state: &ClusterState, _node: &NodeIdentity) -> Desired {
-    let mut rejected = Vec::new();
+pub fn desired(state: &ClusterState, node: &NodeIdentity) -> Desired {
+    let mut out = Desired::default();
+    let zone = node_zone(state, &node.name);
+    let node_port_addrs = node.node_port_addresses(state);
 
     let mut slices_by_service: BTreeMap<(String, String), Vec<CheckedSlice>> = BTreeMap::new();
     for slice in state.endpoint_slices.values() {
@@ -28,34 +40,29 @@ pub fn desired(state: &ClusterState, _node: &NodeIdentity) -> Desired {
                 .or_default()
                 .push(checked),
             Ok(None) => {}
-            Err(rejection) => rejected.push(rejection),
+            Err(rejection) => out.rejected.push(rejection),
         }
     }
 
-    let mut table = ServiceTable::default();
     for svc in state.services.values() {
         let checked = match validate::service(svc) {
             Ok(checked) => checked,
             Err(rejection) => {
-                rejected.push(rejection);
+                out.rejected.push(rejection);
                 continue;
             }
         };
         let slices =
             slices_by_service.get(&(checked.namespace.clone(), checked.name.clone())).map_or(&[][..], Vec::as_slice);
+        let mut local_endpoints = 0;
         for (i, port) in checked.ports.iter().enumerate() {
-            let entry = FrontendEntry {
-                service: ServicePortName {
-                    namespace: checked.namespace.clone(),
-                    name: checked.name.clone(),
-                    port: port.name.clone(),
-                },
-                backends: backends_of(port, slices),
-            };
-            for addr in &checked.cluster_ips {
-                let frontend = Frontend { addr: *addr, port: port.port, protocol: port.protocol };
-                if let Some(owner) = table.frontends.get(&frontend) {
-                    rejected.push(Rejection {
+            let candidates = candidates(port, slices, &node.name);
+            let sets = Sets::of(&candidates, zone.as_deref(), &node.name);
+            local_endpoints = local_endpoints.max(sets.local.endpoints.len());
+            for (frontend, kind) in frontends_of(&checked, port, &node_port_addrs) {
+                let entry = entry_for(&checked, port, kind, &sets);
+                if let Some(owner) = out.table.frontends.get(&frontend) {
+                    out.rejected.push(Rejection {
                         kind: "Service",
                         object: format!("{}/{}", checked.namespace, checked.name),
                         field: format!("spec.ports[{i}]"),
@@ -63,36 +70,172 @@ pub fn desired(state: &ClusterState, _node: &NodeIdentity) -> Desired {
                     });
                     continue;
                 }
-                table.frontends.insert(frontend, entry.clone());
+                out.table.frontends.insert(frontend, entry);
             }
         }
+        if let Some(port) = checked.health_check_node_port
+            && checked.external_policy == TrafficPolicy::Local
+            && matches!(checked.type_, ServiceType::LoadBalancer | ServiceType::NodePort)
+        {
+            let service = format!("{}/{}", checked.namespace, checked.name);
+            out.health_checks.insert(port, HealthCheck { service, local_endpoints });
+        }
     }
-    Desired { table, rejected }
+    out
 }
 
-/// The endpoints new flows to one Service port may use, following kube-proxy: ready endpoints; if none is
-/// ready, those that are serving while terminating; never a non-serving one. The EndpointSlice port whose
-/// name and protocol match the Service port carries the resolved target port.
-fn backends_of(port: &CheckedServicePort, slices: &[CheckedSlice]) -> Vec<Endpoint> {
-    let mut ready = Vec::new();
-    let mut terminating = Vec::new();
+/// The zone of this node, from its Node object's `topology.kubernetes.io/zone` label.
+fn node_zone(state: &ClusterState, node: &str) -> Option<String> {
+    state.nodes.get(node)?.metadata.labels.as_ref()?.get("topology.kubernetes.io/zone").cloned()
+}
+
+/// Every address one Service port is reachable at, and how.
+fn frontends_of(
+    svc: &CheckedService,
+    port: &CheckedServicePort,
+    node_addrs: &[Ipv4Addr],
+) -> Vec<(Frontend, FrontendKind)> {
+    if svc.type_ == ServiceType::ExternalName {
+        return Vec::new();
+    }
+    let at =
+        |addr: Ipv4Addr, port_number: u16, kind| (Frontend { addr, port: port_number, protocol: port.protocol }, kind);
+    let mut out: Vec<_> = svc.cluster_ips.iter().map(|a| at(*a, port.port, FrontendKind::ClusterIp)).collect();
+    if let Some(node_port) =
+        port.node_port.filter(|_| matches!(svc.type_, ServiceType::NodePort | ServiceType::LoadBalancer))
+    {
+        out.extend(node_addrs.iter().map(|a| at(*a, node_port, FrontendKind::NodePort)));
+    }
+    out.extend(svc.external_ips.iter().map(|a| at(*a, port.port, FrontendKind::ExternalIp)));
+    if svc.type_ == ServiceType::LoadBalancer {
+        out.extend(svc.load_balancer_ips.iter().map(|a| at(*a, port.port, FrontendKind::LoadBalancer)));
+    }
+    out
+}
+
+fn entry_for(svc: &CheckedService, port: &CheckedServicePort, kind: FrontendKind, sets: &Sets) -> FrontendEntry {
+    let service = ServicePortName { namespace: svc.namespace.clone(), name: svc.name.clone(), port: port.name.clone() };
+    let cluster_wide = !sets.usable.is_empty();
+    let local_policy = |policy: TrafficPolicy| {
+        let set = if policy == TrafficPolicy::Local { &sets.local } else { &sets.cluster };
+        // An empty set is refused at once only if the Service has no usable endpoint anywhere; if a Local
+        // policy filtered remote endpoints out, the traffic is dropped, as kube-proxy does.
+        BackendSet { endpoints: set.endpoints.clone(), reject_when_empty: !cluster_wide }
+    };
+    let (external, internal) = match kind {
+        // internalTrafficPolicy applies to ClusterIP traffic only; traffic from outside the cluster to a
+        // ClusterIP uses every endpoint.
+        FrontendKind::ClusterIp => (local_policy(TrafficPolicy::Cluster), local_policy(svc.internal_policy)),
+        // externalTrafficPolicy applies to external traffic; pods and the node reach every endpoint.
+        _ => (local_policy(svc.external_policy), local_policy(TrafficPolicy::Cluster)),
+    };
+    FrontendEntry {
+        service,
+        kind,
+        external,
+        internal,
+        terminating: sets.terminating.clone(),
+        masquerade_external: kind == FrontendKind::ClusterIp || svc.external_policy == TrafficPolicy::Cluster,
+        affinity_timeout: svc.affinity_timeout,
+        source_ranges: if kind == FrontendKind::LoadBalancer { svc.source_ranges.clone() } else { Vec::new() },
+    }
+}
+
+/// One endpoint address for one Service port, with what kube-proxy looks at.
+struct Candidate {
+    endpoint: Endpoint,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    zone_hints: Option<Vec<String>>,
+    node_hints: Option<Vec<String>>,
+}
+
+/// The EndpointSlice port whose name and protocol match the Service port carries the resolved target
+/// port; this is how kube-proxy resolves named and numbered targetPorts alike.
+fn candidates(port: &CheckedServicePort, slices: &[CheckedSlice], node: &str) -> Vec<Candidate> {
+    let mut out = Vec::new();
     for slice in slices {
         let Some(slice_port) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {
             continue;
         };
         for ep in &slice.endpoints {
-            let bucket = if ep.ready {
-                &mut ready
-            } else if ep.serving && ep.terminating {
-                &mut terminating
-            } else {
-                continue;
-            };
-            bucket.extend(ep.addresses.iter().map(|addr| Endpoint { addr: *addr, port: slice_port.port }));
+            let local = ep.node_name.as_deref() == Some(node);
+            out.extend(ep.addresses.iter().map(|addr| Candidate {
+                endpoint: Endpoint { addr: *addr, port: slice_port.port, local },
+                ready: ep.ready,
+                serving: ep.serving,
+                terminating: ep.terminating,
+                zone_hints: ep.zone_hints.clone(),
+                node_hints: ep.node_hints.clone(),
+            }));
         }
     }
-    let mut chosen = if ready.is_empty() { terminating } else { ready };
-    chosen.sort_unstable();
-    chosen.dedup();
-    chosen
+    out
+}
+
+/// The endpoint sets of one Service port.
+struct Sets {
+    /// Usable anywhere: ready ones, or if none is ready, the serving-and-terminating ones.
+    usable: Vec<Endpoint>,
+    /// `usable`, narrowed by topology hints where kube-proxy would narrow it.
+    cluster: BackendSet,
+    /// This node's: ready ones, or if none is ready here, serving-and-terminating ones here.
+    local: BackendSet,
+    /// Serving and terminating but not used for new flows: kept for established ones.
+    terminating: Vec<Endpoint>,
+}
+
+impl Sets {
+    fn of(candidates: &[Candidate], zone: Option<&str>, node: &str) -> Self {
+        let pick = |filter: &dyn Fn(&Candidate) -> bool| -> Vec<&Candidate> {
+            let ready: Vec<&Candidate> = candidates.iter().filter(|c| c.ready && filter(c)).collect();
+            if ready.is_empty() {
+                candidates.iter().filter(|c| c.serving && c.terminating && filter(c)).collect()
+            } else {
+                ready
+            }
+        };
+        let usable = pick(&|_| true);
+        let local = pick(&|c| c.endpoint.local);
+        let cluster = topology_filter(&usable, zone, node);
+        let endpoints = |cs: &[&Candidate]| sorted(cs.iter().map(|c| c.endpoint).collect());
+        let in_use = endpoints(&usable);
+        let terminating = sorted(
+            candidates
+                .iter()
+                .filter(|c| c.serving && c.terminating && !in_use.contains(&c.endpoint))
+                .map(|c| c.endpoint)
+                .collect(),
+        );
+        Self {
+            cluster: BackendSet { endpoints: endpoints(&cluster), reject_when_empty: false },
+            local: BackendSet { endpoints: endpoints(&local), reject_when_empty: false },
+            usable: in_use,
+            terminating,
+        }
+    }
+}
+
+fn sorted(mut v: Vec<Endpoint>) -> Vec<Endpoint> {
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// kube-proxy's topology-aware routing: if every usable endpoint carries hints and some hint names this node
+/// (`forNodes`) or its zone (`forZones`), only those endpoints are used; otherwise all of them are.
+fn topology_filter<'a>(usable: &[&'a Candidate], zone: Option<&str>, node: &str) -> Vec<&'a Candidate> {
+    let by_node: Vec<&Candidate> =
+        usable.iter().copied().filter(|c| c.node_hints.as_ref().is_some_and(|h| h.iter().any(|n| n == node))).collect();
+    if !by_node.is_empty() && usable.iter().all(|c| c.node_hints.is_some()) {
+        return by_node;
+    }
+    let Some(zone) = zone else { return usable.to_vec() };
+    if usable.is_empty() || !usable.iter().all(|c| c.zone_hints.is_some()) {
+        return usable.to_vec();
+    }
+    let by_zone: Vec<&Candidate> =
+        usable.iter().copied().filter(|c| c.zone_hints.as_ref().is_some_and(|h| h.iter().any(|z| z == zone))).collect();
+    if by_zone.is_empty() { usable.to_vec() } else { by_zone }
 }

@@ -6,14 +6,71 @@ mod build;
 mod table;
 pub mod validate;
 
-pub use build::desired;
-pub use table::{Endpoint, Frontend, FrontendEntry, Protocol, ServicePortName, ServiceTable};
+use std::net::Ipv4Addr;
+
+#[cfg(test)]
+pub use build::Desired;
+pub use build::{HealthCheck, desired};
+pub use table::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable};
 pub use validate::Rejection;
 
-/// Who "this node" is; the model needs it for node-local policies.
+use crate::store::ClusterState;
+
+/// Who "this node" is: its name (for Local policies and topology), and its addresses (for NodePorts).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeIdentity {
     pub name: String,
+    /// The IPv4 addresses of this node's own interfaces (not loopback, not pod-facing).
+    pub addresses: Vec<Ipv4Addr>,
+    pub node_port_addresses: NodePortAddresses,
+}
+
+/// kube-proxy's `nodePortAddresses`: which node addresses NodePorts listen on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every address of the node (kube-proxy's iptables-mode default).
+    #[default]
+    All,
+    /// Addresses within these CIDRs.
+    Cidrs(Vec<(Ipv4Addr, u8)>),
+    /// The node's primary address: the Node object's InternalIP, else its first address.
+    Primary,
+}
+
+/// Whether `addr` lies in `net/len`.
+#[must_use]
+pub fn in_cidr(addr: Ipv4Addr, (net, len): (Ipv4Addr, u8)) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+    u32::from(addr) & mask == u32::from(net) & mask
+}
+
+impl NodeIdentity {
+    /// The addresses NodePorts are served on.
+    #[must_use]
+    pub fn node_port_addresses(&self, state: &ClusterState) -> Vec<Ipv4Addr> {
+        match &self.node_port_addresses {
+            NodePortAddresses::All => self.addresses.clone(),
+            NodePortAddresses::Cidrs(cidrs) => {
+                self.addresses.iter().copied().filter(|a| cidrs.iter().any(|c| in_cidr(*a, *c))).collect()
+            }
+            NodePortAddresses::Primary => self.primary_address(state).into_iter().collect(),
+        }
+    }
+
+    /// The Node object's first IPv4 InternalIP, else the first local address.
+    #[must_use]
+    pub fn primary_address(&self, state: &ClusterState) -> Option<Ipv4Addr> {
+        let from_node = state.nodes.get(&self.name).and_then(|n| {
+            n.status
+                .as_ref()?
+                .addresses
+                .as_ref()?
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .find_map(|a| a.address.parse().ok())
+        });
+        from_node.or_else(|| self.addresses.first().copied())
+    }
 }
 
 #[cfg(test)]

@@ -67,12 +67,33 @@ impl fmt::Display for Frontend {
 pub struct Endpoint {
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// The endpoint runs on this node. External traffic to a local endpoint can keep its source address.
+    pub local: bool,
 }
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.addr, self.port)
     }
+}
+
+/// How a frontend is reached; decides which traffic counts as external.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+/// The endpoints new flows of one kind of traffic may use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendSet {
+    /// Sorted, without duplicates.
+    pub endpoints: Vec<Endpoint>,
+    /// With no endpoint: refuse the client at once (the Service has no usable endpoint anywhere) rather than
+    /// drop (a Local policy filtered the endpoints out), as kube-proxy does.
+    pub reject_when_empty: bool,
 }
 
 /// kube-proxy's name for one port of a Service: `namespace/name:port`.
@@ -98,8 +119,26 @@ impl fmt::Display for ServicePortName {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendEntry {
     pub service: ServicePortName,
-    /// The backends new flows may go to, sorted and without duplicates. Empty: no usable backend.
-    pub backends: Vec<Endpoint>,
+    pub kind: FrontendKind,
+    /// For traffic from outside the node's pods (arriving on a host interface).
+    pub external: BackendSet,
+    /// For traffic from this node's pods.
+    pub internal: BackendSet,
+    /// Terminating endpoints that are still serving: no new flows, but established ones continue.
+    pub terminating: Vec<Endpoint>,
+    /// External traffic is SNATed to the node (externalTrafficPolicy Cluster, and ClusterIPs).
+    pub masquerade_external: bool,
+    /// sessionAffinity ClientIP: a client keeps its backend for this many seconds of inactivity.
+    pub affinity_timeout: Option<u32>,
+    /// loadBalancerSourceRanges: only these sources may use the frontend (load-balancer IPs only).
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+impl FrontendEntry {
+    /// Every endpoint the entry refers to, in any role.
+    pub fn all_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.external.endpoints.iter().chain(&self.internal.endpoints).chain(&self.terminating)
+    }
 }
 
 /// The whole desired state of this node's service dataplane.
@@ -112,8 +151,11 @@ impl ServiceTable {
     /// How many distinct backends (address, port, protocol) the table uses.
     #[must_use]
     pub fn distinct_backends(&self) -> usize {
-        let mut all: Vec<_> =
-            self.frontends.iter().flat_map(|(f, e)| e.backends.iter().map(move |b| (*b, f.protocol))).collect();
+        let mut all: Vec<_> = self
+            .frontends
+            .iter()
+            .flat_map(|(f, e)| e.all_endpoints().map(move |b| (b.addr, b.port, f.protocol)))
+            .collect();
         all.sort_unstable();
         all.dedup();
         all.len()

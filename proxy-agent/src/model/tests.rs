@@ -4,7 +4,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use super::{build::Desired, *};
+use super::*;
 use crate::store::{ClusterState, ObjectKey};
 
 fn svc(yaml: &str) -> Service {
@@ -27,7 +27,7 @@ fn state(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
 }
 
 fn run(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Desired {
-    desired(&state(services, slices), &NodeIdentity { name: "node1".into() })
+    desired(&state(services, slices), &NodeIdentity { name: "node1".into(), ..NodeIdentity::default() })
 }
 
 const DNS: &str = r"
@@ -60,7 +60,7 @@ fn fe(ip: [u8; 4], port: u16, protocol: Protocol) -> Frontend {
 }
 
 fn ep(ip: [u8; 4], port: u16) -> Endpoint {
-    Endpoint { addr: Ipv4Addr::from(ip), port }
+    Endpoint { addr: Ipv4Addr::from(ip), port, local: false }
 }
 
 #[test]
@@ -70,16 +70,16 @@ fn each_port_resolves_through_the_slice_port_of_the_same_name_and_protocol() {
     assert_eq!(d.table.frontends.len(), 2);
     let udp = &d.table.frontends[&fe([10, 32, 0, 10], 53, Protocol::Udp)];
     assert_eq!(udp.service.to_string(), "kube-system/kube-dns:dns");
-    assert_eq!(udp.backends, vec![ep([10, 200, 1, 10], 5353), ep([10, 200, 2, 10], 5353)]);
+    assert_eq!(udp.internal.endpoints, vec![ep([10, 200, 1, 10], 5353), ep([10, 200, 2, 10], 5353)]);
     let tcp = &d.table.frontends[&fe([10, 32, 0, 10], 53, Protocol::Tcp)];
-    assert_eq!(tcp.backends, vec![ep([10, 200, 1, 10], 5354), ep([10, 200, 2, 10], 5354)]);
+    assert_eq!(tcp.internal.endpoints, vec![ep([10, 200, 1, 10], 5354), ep([10, 200, 2, 10], 5354)]);
 }
 
 #[test]
 fn a_service_without_slices_has_a_frontend_with_no_backends() {
     let d = run(vec![svc(DNS)], vec![]);
     assert_eq!(d.table.frontends.len(), 2);
-    assert!(d.table.frontends.values().all(|e| e.backends.is_empty()));
+    assert!(d.table.frontends.values().all(|e| e.internal.endpoints.is_empty()));
 }
 
 #[test]
@@ -87,7 +87,7 @@ fn slices_of_other_services_and_namespaces_are_not_used() {
     let other_ns = DNS_SLICE.replace("namespace: kube-system", "namespace: default");
     let other_svc = DNS_SLICE.replace("service-name: kube-dns", "service-name: other").replace("kube-dns-abc", "x");
     let d = run(vec![svc(DNS)], vec![slice(&other_ns), slice(&other_svc)]);
-    assert!(d.table.frontends.values().all(|e| e.backends.is_empty()));
+    assert!(d.table.frontends.values().all(|e| e.internal.endpoints.is_empty()));
 }
 
 #[test]
@@ -95,7 +95,10 @@ fn backends_from_several_slices_are_merged_without_duplicates() {
     let second = DNS_SLICE.replace("kube-dns-abc", "kube-dns-def").replace("10.200.1.10", "10.200.3.10");
     let d = run(vec![svc(DNS)], vec![slice(DNS_SLICE), slice(&second)]);
     let udp = &d.table.frontends[&fe([10, 32, 0, 10], 53, Protocol::Udp)];
-    assert_eq!(udp.backends, vec![ep([10, 200, 1, 10], 5353), ep([10, 200, 2, 10], 5353), ep([10, 200, 3, 10], 5353)]);
+    assert_eq!(
+        udp.internal.endpoints,
+        vec![ep([10, 200, 1, 10], 5353), ep([10, 200, 2, 10], 5353), ep([10, 200, 3, 10], 5353)]
+    );
 }
 
 fn conditions_slice(endpoints: &[(&str, &str)]) -> EndpointSlice {
@@ -112,7 +115,7 @@ const WEB: &str = "metadata: {name: web, namespace: default}\nspec: {clusterIP: 
 
 fn web_backends(endpoints: &[(&str, &str)]) -> Vec<Endpoint> {
     let d = run(vec![svc(WEB)], vec![conditions_slice(endpoints)]);
-    d.table.frontends[&fe([10, 32, 0, 20], 80, Protocol::Tcp)].backends.clone()
+    d.table.frontends[&fe([10, 32, 0, 20], 80, Protocol::Tcp)].internal.endpoints.clone()
 }
 
 #[test]
@@ -219,7 +222,7 @@ fn bad_endpoint_slices_are_rejected_and_their_service_keeps_other_slices() {
     assert_eq!(d.rejected[0].field, "endpoints[1].addresses[0]");
     assert_eq!(d.rejected[0].object, "kube-system/kube-dns-bad");
     let udp = &d.table.frontends[&fe([10, 32, 0, 10], 53, Protocol::Udp)];
-    assert_eq!(udp.backends, vec![ep([10, 200, 1, 10], 5353), ep([10, 200, 3, 3], 5353)]);
+    assert_eq!(udp.internal.endpoints, vec![ep([10, 200, 1, 10], 5353), ep([10, 200, 3, 3], 5353)]);
 
     let bad_port = DNS_SLICE.replace("port: 5353", "port: 0");
     let d = run(vec![svc(DNS)], vec![slice(&bad_port)]);
@@ -235,12 +238,12 @@ fn ipv6_and_fqdn_slices_and_unowned_slices_are_ignored() {
     let unowned = DNS_SLICE.replace("labels: {kubernetes.io/service-name: kube-dns}", "labels: {}");
     let d = run(vec![svc(DNS)], vec![slice(&v6), slice(&unowned)]);
     assert!(d.rejected.is_empty(), "{:?}", d.rejected);
-    assert!(d.table.frontends.values().all(|e| e.backends.is_empty()));
+    assert!(d.table.frontends.values().all(|e| e.internal.endpoints.is_empty()));
 }
 
 #[test]
 fn the_model_is_deterministic() {
     let input = state(vec![svc(DNS), svc(WEB)], vec![slice(DNS_SLICE)]);
-    let node = NodeIdentity { name: "n".into() };
+    let node = NodeIdentity { name: "n".into(), ..NodeIdentity::default() };
     assert_eq!(desired(&input, &node), desired(&input.clone(), &node));
 }

@@ -7,7 +7,10 @@
 use std::{fmt, net::IpAddr, net::Ipv4Addr};
 
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Service, ServiceSpec},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
@@ -48,16 +51,46 @@ pub struct CheckedServicePort {
     pub port: u16,
     pub protocol: Protocol,
     pub target: TargetPort,
+    pub node_port: Option<u16>,
+}
+
+/// `externalTrafficPolicy` / `internalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckedService {
     pub namespace: String,
     pub name: String,
+    pub type_: ServiceType,
     /// IPv4 cluster IPs; empty for headless and ExternalName Services. IPv6 ones are not handled yet.
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<CheckedServicePort>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`, except those with `ipMode: Proxy` (the load balancer proxies).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    pub health_check_node_port: Option<u16>,
+    /// sessionAffinity ClientIP, with its timeout in seconds.
+    pub affinity_timeout: Option<u32>,
 }
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`: three hours.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckedSlicePort {
@@ -73,6 +106,10 @@ pub struct CheckedEndpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// Topology hints: the zones this endpoint should serve (`hints.forZones`).
+    pub zone_hints: Option<Vec<String>>,
+    /// Topology hints: the nodes this endpoint should serve (`hints.forNodes`).
+    pub node_hints: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +138,22 @@ impl Checker {
             .ok_or_else(|| self.reject(field, format!("{value} is not a port number (1-65535)")))
     }
 
+    fn ipv4(&self, field: String, value: &str) -> Result<Option<Ipv4Addr>, Rejection> {
+        match value.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => Ok(Some(v4)),
+            Ok(IpAddr::V6(_)) => Ok(None),
+            Err(_) => Err(self.reject(field, format!("{value:?} is not an IP address"))),
+        }
+    }
+
+    fn policy(&self, field: &str, value: Option<&str>) -> Result<TrafficPolicy, Rejection> {
+        match value {
+            None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+            Some("Local") => Ok(TrafficPolicy::Local),
+            Some(other) => Err(self.reject(field, format!("unknown traffic policy {other:?} (Cluster or Local)"))),
+        }
+    }
+
     fn protocol(&self, field: &str, value: Option<&str>) -> Result<Protocol, Rejection> {
         Protocol::from_k8s(value).ok_or_else(|| {
             self.reject(field, format!("unknown protocol {:?} (TCP, UDP or SCTP)", value.unwrap_or_default()))
@@ -120,6 +173,42 @@ pub fn service(svc: &Service) -> Result<CheckedService, Rejection> {
         svc.metadata.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| c.reject("metadata.name", "missing"))?;
     let spec = svc.spec.as_ref().ok_or_else(|| c.reject("spec", "missing"))?;
 
+    let cluster_ips = cluster_ips(&c, spec)?;
+    let ports = service_ports(&c, spec)?;
+    let type_ = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        Some(other) => return Err(c.reject("spec.type", format!("unknown Service type {other:?}"))),
+    };
+    let mut external_ips = Vec::new();
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        external_ips.extend(c.ipv4(format!("spec.externalIPs[{i}]"), ip)?);
+    }
+    let (load_balancer_ips, source_ranges) = load_balancer(&c, svc, spec)?;
+    let affinity_timeout = affinity(&c, spec)?;
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(n) => Some(c.port("spec.healthCheckNodePort", n)?),
+    };
+    Ok(CheckedService {
+        namespace,
+        name,
+        type_,
+        cluster_ips,
+        ports,
+        external_ips,
+        load_balancer_ips,
+        source_ranges,
+        external_policy: c.policy("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())?,
+        internal_policy: c.policy("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?,
+        health_check_node_port,
+        affinity_timeout,
+    })
+}
+
+fn cluster_ips(c: &Checker, spec: &ServiceSpec) -> Result<Vec<Ipv4Addr>, Rejection> {
     let mut cluster_ips = Vec::new();
     if spec.type_.as_deref() != Some("ExternalName") {
         let parse = |field: String, ip: &str| -> Result<Option<IpAddr>, Rejection> {
@@ -149,7 +238,10 @@ pub fn service(svc: &Service) -> Result<CheckedService, Rejection> {
             _ => {}
         }
     }
+    Ok(cluster_ips)
+}
 
+fn service_ports(c: &Checker, spec: &ServiceSpec) -> Result<Vec<CheckedServicePort>, Rejection> {
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let port = c.port(&format!("spec.ports[{i}].port"), p.port)?;
@@ -166,9 +258,67 @@ pub fn service(svc: &Service) -> Result<CheckedService, Rejection> {
                 Err(_) => TargetPort::Name(s.clone()),
             },
         };
-        ports.push(CheckedServicePort { name: p.name.clone().unwrap_or_default(), port, protocol, target });
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(c.port(&format!("spec.ports[{i}].nodePort"), n)?),
+        };
+        ports.push(CheckedServicePort { name: p.name.clone().unwrap_or_default(), port, protocol, target, node_port });
     }
-    Ok(CheckedService { namespace, name, cluster_ips, ports })
+    Ok(ports)
+}
+
+/// `status.loadBalancer.ingress[].ip` (but not those with `ipMode: Proxy`) and `loadBalancerSourceRanges`.
+type LoadBalancerFields = (Vec<Ipv4Addr>, Vec<(Ipv4Addr, u8)>);
+
+fn load_balancer(c: &Checker, svc: &Service, spec: &ServiceSpec) -> Result<LoadBalancerFields, Rejection> {
+    let mut load_balancer_ips = Vec::new();
+    let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        let Some(ip) = &ing.ip else { continue };
+        let addr = c.ipv4(format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
+        // With ipMode Proxy the load balancer terminates traffic itself and forwards to nodes: no rule here.
+        if ing.ip_mode.as_deref() != Some("Proxy") {
+            load_balancer_ips.extend(addr);
+        }
+    }
+    let mut source_ranges = Vec::new();
+    for (i, range) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+        let field = format!("spec.loadBalancerSourceRanges[{i}]");
+        let parsed = range.trim().split_once('/').and_then(|(addr, len)| {
+            let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
+            Some((addr.parse::<IpAddr>().ok()?, len))
+        });
+        match parsed {
+            Some((IpAddr::V4(addr), len)) => source_ranges.push((addr, len)),
+            Some((IpAddr::V6(_), _)) => {}
+            None => return Err(c.reject(field, format!("{range:?} is not a CIDR"))),
+        }
+    }
+    Ok((load_balancer_ips, source_ranges))
+}
+
+fn affinity(c: &Checker, spec: &ServiceSpec) -> Result<Option<u32>, Rejection> {
+    Ok(match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT.cast_signed());
+            if !(1..=86_400).contains(&timeout) {
+                return Err(c.reject(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    format!("{timeout} is not in 1..=86400"),
+                ));
+            }
+            Some(timeout.cast_unsigned())
+        }
+        Some(other) => {
+            return Err(c.reject("spec.sessionAffinity", format!("unknown affinity {other:?} (None or ClientIP)")));
+        }
+    })
 }
 
 /// Checks an EndpointSlice. Returns `Ok(None)` for slices the proxy ignores: not IPv4, or not owned by a
@@ -216,6 +366,16 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<CheckedSlice>, Rej
             serving: cond.and_then(|c| c.serving).unwrap_or(ready),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
             node_name: ep.node_name.clone(),
+            zone_hints: ep
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect()),
+            node_hints: ep
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect()),
         });
     }
     Ok(Some(CheckedSlice { namespace, name, service_name, ports, endpoints }))

@@ -318,7 +318,7 @@ mod tests {
         assert!(d.rejected.is_empty(), "{:?}", d.rejected);
         assert_eq!(state.services.len(), 2);
         assert_eq!(d.table.frontends.len(), 3);
-        assert!(d.table.frontends.values().all(|e| e.backends.len() == 2));
+        assert!(d.table.frontends.values().all(|e| e.internal.endpoints.len() == 2));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use aya::programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId};
 
 /// Which interfaces face pods: names matching any of these patterns (`*` matches any run of characters).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct InterfacePatterns(Vec<String>);
 
 impl InterfacePatterns {
@@ -31,13 +31,31 @@ fn glob_match(pattern: &str, name: &str) -> bool {
     }
 }
 
-pub const INGRESS_PROGRAM: &str = "tc_pod_ingress";
-pub const EGRESS_PROGRAM: &str = "tc_pod_egress";
+/// What an interface faces, which decides the programs it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The host end of a pod's veth.
+    Pod,
+    /// A host interface towards other nodes and the outside.
+    Host,
+}
+
+impl Role {
+    const fn programs(self) -> [(&'static str, TcAttachType); 2] {
+        match self {
+            Self::Pod => [("tc_pod_ingress", TcAttachType::Ingress), ("tc_pod_egress", TcAttachType::Egress)],
+            Self::Host => [("tc_host_ingress", TcAttachType::Ingress), ("tc_host_egress", TcAttachType::Egress)],
+        }
+    }
+}
+
+/// Every TC program in the object.
+pub const PROGRAMS: [&str; 4] = ["tc_pod_ingress", "tc_pod_egress", "tc_host_ingress", "tc_host_egress"];
 
 struct Attached {
     name: String,
-    ingress: SchedClassifierLinkId,
-    egress: SchedClassifierLinkId,
+    role: Role,
+    links: Vec<(&'static str, SchedClassifierLinkId)>,
 }
 
 /// The interfaces the programs are attached to, by ifindex.
@@ -46,45 +64,76 @@ pub struct Attachments {
     by_index: BTreeMap<u32, Attached>,
 }
 
+/// Which interfaces get which programs.
+#[derive(Clone, Debug)]
+pub struct InterfaceRoles {
+    pub pods: InterfacePatterns,
+    pub hosts: InterfacePatterns,
+}
+
+impl InterfaceRoles {
+    /// The role of an interface, if any. Pod patterns win over host patterns.
+    #[must_use]
+    pub fn role_of(&self, name: &str) -> Option<Role> {
+        if self.pods.matches(name) {
+            Some(Role::Pod)
+        } else if self.hosts.matches(name) {
+            Some(Role::Host)
+        } else {
+            None
+        }
+    }
+}
+
 impl Attachments {
     /// Attaches to new matching interfaces and forgets those that are gone. Returns the names newly attached.
-    pub fn refresh(&mut self, ebpf: &mut aya::Ebpf, patterns: &InterfacePatterns) -> anyhow::Result<Vec<String>> {
-        let present: BTreeMap<u32, String> = nix::net::if_::if_nameindex()
+    pub fn refresh(&mut self, ebpf: &mut aya::Ebpf, roles: &InterfaceRoles) -> anyhow::Result<Vec<String>> {
+        let present: BTreeMap<u32, (String, Role)> = nix::net::if_::if_nameindex()
             .context("listing network interfaces")?
             .iter()
-            .filter_map(|i| Some((i.index(), i.name().to_str().ok()?.to_owned())))
-            .filter(|(_, name)| patterns.matches(name))
+            .filter_map(|i| {
+                let name = i.name().to_str().ok()?.to_owned();
+                let role = roles.role_of(&name)?;
+                Some((i.index(), (name, role)))
+            })
             .collect();
 
         // A deleted interface took its TCX links with it; drop our handles. An index reused by a new
         // interface with another name is a new attachment.
-        let stale: Vec<u32> =
-            self.by_index.iter().filter(|(idx, a)| present.get(idx) != Some(&a.name)).map(|(idx, _)| *idx).collect();
+        let stale: Vec<u32> = self
+            .by_index
+            .iter()
+            .filter(|(idx, a)| present.get(idx).is_none_or(|(name, role)| *name != a.name || *role != a.role))
+            .map(|(idx, _)| *idx)
+            .collect();
         for idx in stale {
             let gone = self.by_index.remove(&idx).expect("listed above");
-            drop(program(ebpf, INGRESS_PROGRAM)?.take_link(gone.ingress));
-            drop(program(ebpf, EGRESS_PROGRAM)?.take_link(gone.egress));
-            tracing::debug!(interface = %gone.name, "pod interface gone");
+            for (prog, link) in gone.links {
+                drop(program(ebpf, prog)?.take_link(link));
+            }
+            tracing::debug!(interface = %gone.name, "interface gone");
         }
 
         let mut added = Vec::new();
-        for (idx, name) in present {
+        for (idx, (name, role)) in present {
             if self.by_index.contains_key(&idx) {
                 continue;
             }
-            let ingress = program(ebpf, INGRESS_PROGRAM)?
-                .attach(idx, TcAttachType::Ingress)
-                .with_context(|| format!("attaching {INGRESS_PROGRAM} to {name}"))?;
-            let egress = match program(ebpf, EGRESS_PROGRAM)?.attach(idx, TcAttachType::Egress) {
-                Ok(id) => id,
-                Err(e) => {
-                    // Never leave an interface half-attached: DNAT without reverse NAT breaks every flow.
-                    let _ = program(ebpf, INGRESS_PROGRAM)?.detach(ingress);
-                    return Err(e).with_context(|| format!("attaching {EGRESS_PROGRAM} to {name}"));
+            let mut links = Vec::new();
+            for (prog, attach_type) in role.programs() {
+                match program(ebpf, prog)?.attach(idx, attach_type) {
+                    Ok(link) => links.push((prog, link)),
+                    Err(e) => {
+                        // Never leave an interface half-attached: DNAT without reverse NAT breaks every flow.
+                        for (prog, link) in links {
+                            let _ = program(ebpf, prog)?.detach(link);
+                        }
+                        return Err(e).with_context(|| format!("attaching {prog} to {name}"));
+                    }
                 }
-            };
-            self.by_index.insert(idx, Attached { name: name.clone(), ingress, egress });
-            added.push(name);
+            }
+            self.by_index.insert(idx, Attached { name: name.clone(), role, links });
+            added.push(format!("{name} ({role:?})"));
         }
         Ok(added)
     }
@@ -102,9 +151,9 @@ fn program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> anyhow::Result<&'a mut Sc
         .with_context(|| format!("program {name} is not a TC classifier"))
 }
 
-/// Loads both TC programs into the kernel (the verifier runs here; its log is part of the error).
+/// Loads every TC program into the kernel (the verifier runs here; its log is part of the error).
 pub fn load_programs(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
-    for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+    for name in PROGRAMS {
         program(ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
     }
     Ok(())

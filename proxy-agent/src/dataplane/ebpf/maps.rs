@@ -1,20 +1,32 @@
 //! The service maps of the loaded object, behind [`ServiceMaps`].
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{
+    HashMap, MapData, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
 use proxy_common::{
     backend::Backend,
     maps as names,
     revnat::RevNat,
     service::{ServiceKey, ServiceValue},
+    source_range::{SourceRangeKey, prefix_len},
 };
 
-use super::writer::{Contents, ServiceMaps};
+use super::writer::{Cidr, Contents, ServiceMaps};
 
 pub struct AyaServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u32, RevNat>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+}
+
+fn range_key(rev_nat_id: u32, (addr, len): Cidr) -> Key<SourceRangeKey> {
+    Key::new(
+        prefix_len(len),
+        SourceRangeKey { rev_nat_id: rev_nat_id.to_be(), addr: u32::from_ne_bytes(addr.octets()) },
+    )
 }
 
 fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<HashMap<MapData, K, V>> {
@@ -37,6 +49,11 @@ impl AyaServiceMaps {
             services: take(ebpf, names::SERVICES)?,
             backends: take(ebpf, names::BACKENDS)?,
             revnat: take(ebpf, names::REVNAT)?,
+            source_ranges: {
+                let map =
+                    ebpf.take_map(names::SOURCE_RANGES).context("map SOURCE_RANGES missing from the eBPF object")?;
+                LpmTrie::try_from(map).context("map SOURCE_RANGES has an unexpected type or key/value size")?
+            },
         })
     }
 }
@@ -66,11 +83,31 @@ impl ServiceMaps for AyaServiceMaps {
         absent_ok(self.revnat.remove(&id)).with_context(|| format!("deleting reverse-NAT entry {id}"))
     }
 
+    fn put_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()> {
+        self.source_ranges
+            .insert(&range_key(rev_nat_id, range), &1, 0)
+            .with_context(|| format!("writing source range {}/{} of {rev_nat_id}", range.0, range.1))
+    }
+
+    fn delete_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()> {
+        absent_ok(self.source_ranges.remove(&range_key(rev_nat_id, range)))
+            .with_context(|| format!("deleting source range {}/{} of {rev_nat_id}", range.0, range.1))
+    }
+
     fn dump(&self) -> anyhow::Result<Contents> {
+        let mut source_ranges = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key.context("reading SOURCE_RANGES")?;
+            let len = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(32);
+            let data = key.data();
+            source_ranges
+                .push((u32::from_be(data.rev_nat_id), (std::net::Ipv4Addr::from(data.addr.to_ne_bytes()), len)));
+        }
         Ok(Contents {
             services: self.services.iter().collect::<Result<_, _>>().context("reading SERVICES")?,
             backends: self.backends.iter().collect::<Result<_, _>>().context("reading BACKENDS")?,
             revnat: self.revnat.iter().collect::<Result<_, _>>().context("reading REVNAT")?,
+            source_ranges,
         })
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-pub use attach::InterfacePatterns;
+pub use attach::{InterfacePatterns, InterfaceRoles, Role};
 
 use super::{ApplyStats, Dataplane};
 use crate::model::ServiceTable;
@@ -20,23 +20,49 @@ pub struct EbpfDataplane {
     ebpf: aya::Ebpf,
     writer: writer::TableWriter<maps::AyaServiceMaps>,
     attachments: attach::Attachments,
-    patterns: InterfacePatterns,
+    roles: InterfaceRoles,
     pin_dir: PathBuf,
+}
+
+/// Node-wide settings of the data path.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeSettings {
+    /// The address SNATed flows leave with: the node's primary IPv4.
+    pub snat_addr: Option<std::net::Ipv4Addr>,
+    /// SNAT ports, above the kernel's default ephemeral range (32768–60999) so they never collide with the
+    /// node's own sockets.
+    pub snat_ports: (u16, u16),
+    /// kube-proxy's `masqueradeAll`.
+    pub masquerade_all: bool,
+}
+
+fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result<()> {
+    let map = ebpf.map_mut(proxy_common::maps::CONFIG).context("map CONFIG missing from the eBPF object")?;
+    let mut config: aya::maps::Array<_, proxy_common::config::Config> =
+        aya::maps::Array::try_from(map).context("map CONFIG has an unexpected type")?;
+    let value = proxy_common::config::Config {
+        snat_addr: settings.snat_addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+        snat_port_min: settings.snat_ports.0,
+        snat_port_max: settings.snat_ports.1,
+        flags: if settings.masquerade_all { proxy_common::config::FLAG_MASQUERADE_ALL } else { 0 },
+    };
+    config.set(0, &value, 0).context("writing CONFIG")
 }
 
 impl EbpfDataplane {
     /// Loads the programs and opens the maps pinned under `pin_dir`, creating them if they are not there.
     /// Maps a previous agent pinned are adopted as they are: nothing live is flushed.
-    pub fn start(pin_dir: &Path, patterns: InterfacePatterns) -> anyhow::Result<Self> {
+    pub fn start(pin_dir: &Path, roles: InterfaceRoles, settings: &NodeSettings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
             .with_context(|| format!("loading the eBPF object (maps pinned under {})", pin_dir.display()))?;
         attach::load_programs(&mut ebpf)?;
+        write_config(&mut ebpf, settings)?;
         let writer = writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?;
         let mut dataplane =
-            Self { ebpf, writer, attachments: attach::Attachments::default(), patterns, pin_dir: pin_dir.to_owned() };
+            Self { ebpf, writer, attachments: attach::Attachments::default(), roles, pin_dir: pin_dir.to_owned() };
         dataplane.housekeeping()?;
         Ok(dataplane)
     }
@@ -52,13 +78,13 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn housekeeping(&mut self) -> anyhow::Result<()> {
-        let added = self.attachments.refresh(&mut self.ebpf, &self.patterns)?;
+        let added = self.attachments.refresh(&mut self.ebpf, &self.roles)?;
         if !added.is_empty() {
             tracing::info!(
                 interfaces = ?added,
                 total = self.attachments.len(),
                 pins = %self.pin_dir.display(),
-                "attached service programs to pod interfaces"
+                "attached service programs to interfaces"
             );
         }
         Ok(())

@@ -1,33 +1,42 @@
 //! Turns a desired [`ServiceTable`] into the fewest map writes, in a safe order.
 //!
 //! The order is what keeps traffic safe while the maps change under it:
-//! - adding: backends, then the reverse-NAT entry, then backend slots `1..=n`, then slot 0 with count `n`;
+//! - adding: backends, then the reverse-NAT entry and source ranges, then backend slots `1..=n`, then slot 0
+//!   with count `n`; a frontend's internal scope before the external slot 0 that points at it;
 //! - shrinking: slot 0 with the new count first, then the slots past it, then unused backends;
-//! - removing: slot 0, then the slots, then the reverse-NAT entry, then unused backends.
+//! - removing: slot 0, then the slots, then source ranges and the reverse-NAT entry, then unused backends.
 //!
-//! So a packet never reads a count that points at a missing slot, nor a slot that names a missing backend.
+//! So a packet never reads a count that points at a missing slot, a slot that names a missing backend, or a
+//! flag that points at a missing scope or range.
 //! The writer is generic over [`ServiceMaps`], so the ordering is tested against an in-memory map that
 //! checks those invariants after every single write.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-use proxy_common::{
-    backend::Backend,
-    capacity,
-    revnat::RevNat,
-    service::{ServiceKey, ServiceValue},
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
 };
 
-use crate::model::{Endpoint, Frontend, Protocol, ServiceTable};
+use proxy_common::{
+    backend::{Backend, FLAG_LOCAL},
+    capacity,
+    revnat::RevNat,
+    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, flags},
+};
+
+use crate::model::{BackendSet, Endpoint, Frontend, FrontendEntry, Protocol, ServiceTable};
 
 use super::ApplyStats;
 
-/// Everything in the three service maps, as read back at start-up.
+/// A source range: address and prefix length.
+pub type Cidr = (Ipv4Addr, u8);
+
+/// Everything in the service maps, as read back at start-up.
 #[derive(Clone, Debug, Default)]
 pub struct Contents {
     pub services: Vec<(ServiceKey, ServiceValue)>,
     pub backends: Vec<(u32, Backend)>,
     pub revnat: Vec<(u32, RevNat)>,
+    pub source_ranges: Vec<(u32, Cidr)>,
 }
 
 /// The maps the writer drives. Implemented over aya's maps, and in memory for tests.
@@ -38,6 +47,8 @@ pub trait ServiceMaps {
     fn delete_service(&mut self, key: &ServiceKey) -> anyhow::Result<()>;
     fn put_revnat(&mut self, id: u32, revnat: RevNat) -> anyhow::Result<()>;
     fn delete_revnat(&mut self, id: u32) -> anyhow::Result<()>;
+    fn put_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()>;
+    fn delete_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()>;
     fn dump(&self) -> anyhow::Result<Contents>;
 }
 
@@ -50,34 +61,69 @@ pub struct TooLarge {
     pub capacity: u32,
 }
 
-/// What is programmed for one frontend.
+/// One scope of one frontend, as the maps hold it.
+type ScopedFrontend = (Frontend, u8);
+
+/// What is programmed for one scope of a frontend.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Programmed {
-    rev_nat_id: u32,
-    /// The count in slot 0, if slot 0 is written.
-    slot0: Option<u16>,
-    /// Slot → backend id, for every slot entry present (including any past `count` left by a crash).
+    /// Slot 0, if written.
+    slot0: Option<ServiceValue>,
+    /// Slot → backend id, for every slot entry present (including any past the count left by a crash).
     slots: BTreeMap<u16, u32>,
 }
 
-type BackendKey = (Endpoint, Protocol);
+/// What one scope of a frontend should hold.
+struct Wanted {
+    slot0: ServiceValue,
+    backend_ids: Vec<u32>,
+}
+
+type BackendKey = (Ipv4Addr, u16, Protocol);
 
 pub struct TableWriter<M> {
     maps: M,
-    frontends: BTreeMap<Frontend, Programmed>,
-    backend_ids: HashMap<BackendKey, u32>,
+    scopes: BTreeMap<ScopedFrontend, Programmed>,
+    rev_nat_ids: BTreeMap<Frontend, u32>,
+    source_ranges: BTreeMap<u32, BTreeSet<Cidr>>,
+    backends: HashMap<BackendKey, (u32, Backend)>,
     next_backend_id: u32,
     next_rev_nat_id: u32,
     /// Reverse-NAT ids found in the maps that no frontend uses (left by a crash); removed on the next apply.
     orphan_rev_nat: BTreeSet<u32>,
 }
 
-fn be_addr(addr: std::net::Ipv4Addr) -> u32 {
+fn be_addr(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
-fn service_key(f: Frontend, slot: u16) -> ServiceKey {
-    ServiceKey::new(be_addr(f.addr), f.port.to_be(), f.protocol.number(), slot)
+fn from_be_addr(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr.to_ne_bytes())
+}
+
+fn service_key((f, scope): ScopedFrontend, slot: u16) -> ServiceKey {
+    ServiceKey::new(be_addr(f.addr), f.port.to_be(), f.protocol.number(), scope, slot)
+}
+
+fn backend_value(ep: Endpoint, protocol: Protocol) -> Backend {
+    Backend {
+        addr: be_addr(ep.addr),
+        port: ep.port.to_be(),
+        proto: protocol.number(),
+        flags: if ep.local { FLAG_LOCAL } else { 0 },
+    }
+}
+
+/// The slot-0 flags shared by both scopes.
+fn common_flags(entry: &FrontendEntry, set: &BackendSet) -> u16 {
+    let mut f = 0;
+    if set.reject_when_empty {
+        f |= flags::REJECT_WHEN_EMPTY;
+    }
+    if entry.affinity_timeout.is_some() {
+        f |= flags::AFFINITY;
+    }
+    f
 }
 
 impl<M: ServiceMaps> TableWriter<M> {
@@ -85,36 +131,38 @@ impl<M: ServiceMaps> TableWriter<M> {
     /// difference and live flows are never flushed.
     pub fn adopt(maps: M) -> anyhow::Result<Self> {
         let contents = maps.dump()?;
-        let mut frontends: BTreeMap<Frontend, Programmed> = BTreeMap::new();
+        let mut scopes: BTreeMap<ScopedFrontend, Programmed> = BTreeMap::new();
+        let mut rev_nat_ids = BTreeMap::new();
         for (key, value) in &contents.services {
             let Some(protocol) = Protocol::from_number(key.proto) else { continue };
-            let frontend = Frontend {
-                addr: std::net::Ipv4Addr::from(key.addr.to_ne_bytes()),
-                port: u16::from_be(key.port),
-                protocol,
-            };
-            let p = frontends.entry(frontend).or_default();
+            let frontend = Frontend { addr: from_be_addr(key.addr), port: u16::from_be(key.port), protocol };
+            let p = scopes.entry((frontend, key.scope)).or_default();
             if key.slot == 0 {
-                p.slot0 = Some(value.count);
-                p.rev_nat_id = value.rev_nat_id;
+                p.slot0 = Some(*value);
+                rev_nat_ids.insert(frontend, value.rev_nat_id);
             } else {
                 p.slots.insert(key.slot, value.backend_id);
             }
         }
-        let mut backend_ids = HashMap::new();
+        let mut backends = HashMap::new();
         for (id, b) in &contents.backends {
             let Some(protocol) = Protocol::from_number(b.proto) else { continue };
-            let ep = Endpoint { addr: std::net::Ipv4Addr::from(b.addr.to_ne_bytes()), port: u16::from_be(b.port) };
-            backend_ids.insert((ep, protocol), *id);
+            backends.insert((from_be_addr(b.addr), u16::from_be(b.port), protocol), (*id, *b));
         }
-        let used_rev: BTreeSet<u32> = frontends.values().map(|p| p.rev_nat_id).collect();
+        let mut source_ranges: BTreeMap<u32, BTreeSet<Cidr>> = BTreeMap::new();
+        for (id, range) in &contents.source_ranges {
+            source_ranges.entry(*id).or_default().insert(*range);
+        }
+        let used_rev: BTreeSet<u32> = rev_nat_ids.values().copied().collect();
         let orphan_rev_nat = contents.revnat.iter().map(|(id, _)| *id).filter(|id| !used_rev.contains(id)).collect();
         let max_backend = contents.backends.iter().map(|(id, _)| *id).max().unwrap_or(0);
         let max_rev = contents.revnat.iter().map(|(id, _)| *id).chain(used_rev).max().unwrap_or(0);
         Ok(Self {
             maps,
-            frontends,
-            backend_ids,
+            scopes,
+            rev_nat_ids,
+            source_ranges,
+            backends,
             next_backend_id: max_backend + 1,
             next_rev_nat_id: max_rev + 1,
             orphan_rev_nat,
@@ -126,122 +174,227 @@ impl<M: ServiceMaps> TableWriter<M> {
         check_capacity(table)?;
         let mut stats = ApplyStats::default();
 
-        // 1. Frontends no longer wanted, first, so their entries make room for new ones. Within each: slot 0
-        //    first, so no new flow starts while the rest goes.
-        let gone: Vec<Frontend> = self.frontends.keys().filter(|f| !table.frontends.contains_key(f)).copied().collect();
+        // 1. Frontends no longer wanted at all, first, so their entries make room for new ones.
+        let gone: BTreeSet<Frontend> = self
+            .rev_nat_ids
+            .keys()
+            .chain(self.scopes.keys().map(|(f, _)| f))
+            .filter(|f| !table.frontends.contains_key(f))
+            .copied()
+            .collect();
         for frontend in gone {
-            self.remove_frontend(frontend, &mut stats)?;
+            // External scope first: its slot 0 is what new flows find.
+            for scope in [SCOPE_EXTERNAL, SCOPE_INTERNAL] {
+                self.remove_scope((frontend, scope), &mut stats)?;
+            }
+            if let Some(id) = self.rev_nat_ids.get(&frontend).copied() {
+                self.set_source_ranges(id, &BTreeSet::new(), &mut stats)?;
+                self.maps.delete_revnat(id)?;
+                self.rev_nat_ids.remove(&frontend);
+                stats.deletes += 1;
+            }
         }
         for id in std::mem::take(&mut self.orphan_rev_nat) {
+            self.set_source_ranges(id, &BTreeSet::new(), &mut stats)?;
             self.maps.delete_revnat(id)?;
             stats.deletes += 1;
         }
 
-        // 2. Backends before any slot that names them.
-        let mut wanted_backends: BTreeSet<u32> = BTreeSet::new();
+        // 2. Backends before any slot that names them; terminating endpoints stay for established flows.
         for (frontend, entry) in &table.frontends {
-            for ep in &entry.backends {
-                let id = self.backend_id(*ep, frontend.protocol, &mut stats)?;
-                wanted_backends.insert(id);
+            for ep in entry.all_endpoints() {
+                self.ensure_backend(*ep, frontend.protocol, &mut stats)?;
             }
         }
 
-        // 3. New and changed frontends.
+        // 3. New and changed frontends. The internal scope is written before the external slot 0 that
+        //    points at it, and removed only after that slot 0 stopped pointing at it.
         for (frontend, entry) in &table.frontends {
-            let ids: Vec<u32> = entry.backends.iter().map(|ep| self.backend_ids[&(*ep, frontend.protocol)]).collect();
-            self.program_frontend(*frontend, &ids, &mut stats)?;
+            let rev_nat_id = self.ensure_rev_nat(*frontend, &mut stats)?;
+            let ranges: BTreeSet<Cidr> = entry.source_ranges.iter().copied().collect();
+            let mut ext_flags = common_flags(entry, &entry.external);
+            if entry.masquerade_external {
+                ext_flags |= flags::MASQUERADE_EXTERNAL;
+            }
+            if !ranges.is_empty() {
+                ext_flags |= flags::SOURCE_RANGES;
+                self.set_source_ranges(rev_nat_id, &ranges, &mut stats)?;
+            }
+            let internal_differs = entry.internal != entry.external;
+            if internal_differs {
+                ext_flags |= flags::HAS_INTERNAL_SCOPE;
+                let wanted = self.wanted(
+                    entry,
+                    &entry.internal,
+                    frontend.protocol,
+                    rev_nat_id,
+                    common_flags(entry, &entry.internal),
+                );
+                self.program_scope((*frontend, SCOPE_INTERNAL), &wanted, &mut stats)?;
+            }
+            let wanted = self.wanted(entry, &entry.external, frontend.protocol, rev_nat_id, ext_flags);
+            self.program_scope((*frontend, SCOPE_EXTERNAL), &wanted, &mut stats)?;
+            if !internal_differs {
+                self.remove_scope((*frontend, SCOPE_INTERNAL), &mut stats)?;
+            }
+            if ranges.is_empty() {
+                self.set_source_ranges(rev_nat_id, &ranges, &mut stats)?;
+            }
         }
 
-        // 4. Backends no slot points at any more.
+        // 4. Backends nothing refers to any more.
+        let wanted_backends: BTreeSet<BackendKey> = table
+            .frontends
+            .iter()
+            .flat_map(|(f, e)| e.all_endpoints().map(move |ep| (ep.addr, ep.port, f.protocol)))
+            .collect();
         let unused: Vec<(BackendKey, u32)> =
-            self.backend_ids.iter().filter(|(_, id)| !wanted_backends.contains(id)).map(|(k, id)| (*k, *id)).collect();
+            self.backends.iter().filter(|(k, _)| !wanted_backends.contains(k)).map(|(k, (id, _))| (*k, *id)).collect();
         for (key, id) in unused {
             self.maps.delete_backend(id)?;
-            self.backend_ids.remove(&key);
+            self.backends.remove(&key);
             stats.deletes += 1;
         }
         Ok(stats)
     }
 
-    fn backend_id(&mut self, ep: Endpoint, protocol: Protocol, stats: &mut ApplyStats) -> anyhow::Result<u32> {
-        if let Some(id) = self.backend_ids.get(&(ep, protocol)) {
-            return Ok(*id);
+    fn wanted(
+        &self,
+        entry: &FrontendEntry,
+        set: &BackendSet,
+        protocol: Protocol,
+        rev_nat_id: u32,
+        flags: u16,
+    ) -> Wanted {
+        let backend_ids: Vec<u32> =
+            set.endpoints.iter().map(|ep| self.backends[&(ep.addr, ep.port, protocol)].0).collect();
+        let count = u16::try_from(backend_ids.len()).unwrap_or(u16::MAX);
+        let slot0 = ServiceValue {
+            backend_id: 0,
+            rev_nat_id,
+            count,
+            flags,
+            affinity_timeout: entry.affinity_timeout.unwrap_or(0),
+        };
+        Wanted { slot0, backend_ids }
+    }
+
+    fn ensure_backend(&mut self, ep: Endpoint, protocol: Protocol, stats: &mut ApplyStats) -> anyhow::Result<u32> {
+        let value = backend_value(ep, protocol);
+        let key = (ep.addr, ep.port, protocol);
+        if let Some((id, current)) = self.backends.get(&key) {
+            let id = *id;
+            if *current != value {
+                self.maps.put_backend(id, value)?;
+                self.backends.insert(key, (id, value));
+                stats.writes += 1;
+            }
+            return Ok(id);
         }
         // Ids are never reused while the agent runs, so a conntrack entry naming a deleted backend can
         // never be mistaken for a new, unrelated one.
         let id = self.next_backend_id;
-        let backend = Backend { addr: be_addr(ep.addr), port: ep.port.to_be(), proto: protocol.number(), flags: 0 };
-        self.maps.put_backend(id, backend)?;
+        self.maps.put_backend(id, value)?;
         self.next_backend_id += 1;
-        self.backend_ids.insert((ep, protocol), id);
+        self.backends.insert(key, (id, value));
         stats.writes += 1;
         Ok(id)
     }
 
-    fn program_frontend(&mut self, frontend: Frontend, ids: &[u32], stats: &mut ApplyStats) -> anyhow::Result<()> {
-        let count = u16::try_from(ids.len()).map_err(|_| anyhow::anyhow!("{frontend}: more than 65535 backends"))?;
-        if !self.frontends.contains_key(&frontend) {
-            let rev_nat_id = self.next_rev_nat_id;
-            let revnat = RevNat { addr: be_addr(frontend.addr), port: frontend.port.to_be(), pad: 0 };
-            self.maps.put_revnat(rev_nat_id, revnat)?;
-            self.next_rev_nat_id += 1;
-            stats.writes += 1;
-            self.frontends.insert(frontend, Programmed { rev_nat_id, slot0: None, slots: BTreeMap::new() });
+    fn ensure_rev_nat(&mut self, frontend: Frontend, stats: &mut ApplyStats) -> anyhow::Result<u32> {
+        if let Some(id) = self.rev_nat_ids.get(&frontend) {
+            return Ok(*id);
         }
-        let Self { maps, frontends, .. } = self;
-        let programmed = frontends.get_mut(&frontend).expect("inserted above");
-        let rev_nat_id = programmed.rev_nat_id;
+        let id = self.next_rev_nat_id;
+        self.maps.put_revnat(id, RevNat { addr: be_addr(frontend.addr), port: frontend.port.to_be(), pad: 0 })?;
+        self.next_rev_nat_id += 1;
+        self.rev_nat_ids.insert(frontend, id);
+        stats.writes += 1;
+        Ok(id)
+    }
 
-        for (slot, id) in (1..=count).zip(ids) {
+    fn set_source_ranges(&mut self, id: u32, wanted: &BTreeSet<Cidr>, stats: &mut ApplyStats) -> anyhow::Result<()> {
+        let current = self.source_ranges.entry(id).or_default();
+        for range in wanted.difference(&current.clone()) {
+            self.maps.put_source_range(id, *range)?;
+            current.insert(*range);
+            stats.writes += 1;
+        }
+        for range in current.clone().difference(wanted) {
+            self.maps.delete_source_range(id, *range)?;
+            current.remove(range);
+            stats.deletes += 1;
+        }
+        if current.is_empty() {
+            self.source_ranges.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn program_scope(&mut self, scoped: ScopedFrontend, wanted: &Wanted, stats: &mut ApplyStats) -> anyhow::Result<()> {
+        let programmed = self.scopes.entry(scoped).or_default();
+        let count = wanted.slot0.count;
+        for (slot, id) in (1..=count).zip(&wanted.backend_ids) {
             if programmed.slots.get(&slot) != Some(id) {
-                let value = ServiceValue { backend_id: *id, rev_nat_id, count: 0, flags: 0 };
-                maps.put_service(&service_key(frontend, slot), &value)?;
+                let value = ServiceValue {
+                    backend_id: *id,
+                    rev_nat_id: wanted.slot0.rev_nat_id,
+                    count: 0,
+                    flags: 0,
+                    affinity_timeout: 0,
+                };
+                self.maps.put_service(&service_key(scoped, slot), &value)?;
                 programmed.slots.insert(slot, *id);
                 stats.writes += 1;
             }
         }
-        if programmed.slot0 != Some(count) {
-            let value = ServiceValue { backend_id: 0, rev_nat_id, count, flags: 0 };
-            maps.put_service(&service_key(frontend, 0), &value)?;
-            programmed.slot0 = Some(count);
+        if programmed.slot0 != Some(wanted.slot0) {
+            self.maps.put_service(&service_key(scoped, 0), &wanted.slot0)?;
+            programmed.slot0 = Some(wanted.slot0);
             stats.writes += 1;
         }
         let extra: Vec<u16> = programmed.slots.range(count + 1..).map(|(slot, _)| *slot).collect();
         for slot in extra {
-            maps.delete_service(&service_key(frontend, slot))?;
+            self.maps.delete_service(&service_key(scoped, slot))?;
             programmed.slots.remove(&slot);
             stats.deletes += 1;
         }
         Ok(())
     }
 
-    fn remove_frontend(&mut self, frontend: Frontend, stats: &mut ApplyStats) -> anyhow::Result<()> {
-        let Some(programmed) = self.frontends.get_mut(&frontend) else { return Ok(()) };
+    fn remove_scope(&mut self, scoped: ScopedFrontend, stats: &mut ApplyStats) -> anyhow::Result<()> {
+        let Some(programmed) = self.scopes.get_mut(&scoped) else { return Ok(()) };
         if programmed.slot0.is_some() {
-            self.maps.delete_service(&service_key(frontend, 0))?;
+            self.maps.delete_service(&service_key(scoped, 0))?;
             programmed.slot0 = None;
             stats.deletes += 1;
         }
-        while let Some((slot, _)) = programmed.slots.pop_last() {
-            if let Err(e) = self.maps.delete_service(&service_key(frontend, slot)) {
-                programmed.slots.insert(slot, 0);
+        while let Some((slot, id)) = programmed.slots.pop_last() {
+            if let Err(e) = self.maps.delete_service(&service_key(scoped, slot)) {
+                programmed.slots.insert(slot, id);
                 return Err(e);
             }
             stats.deletes += 1;
         }
-        self.maps.delete_revnat(programmed.rev_nat_id)?;
-        stats.deletes += 1;
-        self.frontends.remove(&frontend);
+        self.scopes.remove(&scoped);
         Ok(())
     }
 }
 
 fn check_capacity(table: &ServiceTable) -> Result<(), TooLarge> {
-    let slots: usize = table.frontends.values().map(|e| 1 + e.backends.len()).sum();
+    let slots: usize = table
+        .frontends
+        .values()
+        .map(|e| {
+            1 + e.external.endpoints.len() + if e.internal == e.external { 0 } else { 1 + e.internal.endpoints.len() }
+        })
+        .sum();
+    let ranges: usize = table.frontends.values().map(|e| e.source_ranges.len()).sum();
     let checks = [
         ("service", slots, capacity::SERVICES),
         ("backend", table.distinct_backends(), capacity::BACKENDS),
         ("reverse-NAT", table.frontends.len(), capacity::REVNAT),
+        ("source-range", ranges, capacity::SOURCE_RANGES),
     ];
     for (what, needed, capacity) in checks {
         if needed > capacity as usize {

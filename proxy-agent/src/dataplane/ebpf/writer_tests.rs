@@ -8,7 +8,7 @@ use std::{
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{FrontendEntry, ServicePortName};
+use crate::model::{FrontendEntry, FrontendKind, ServicePortName};
 
 /// In-memory maps. After every operation they assert the data path's invariant: a slot 0 with count `n`
 /// has slots `1..=n`, each naming an existing backend, and its reverse-NAT entry exists.
@@ -17,6 +17,7 @@ struct CheckedMaps {
     services: BTreeMap<ServiceKey, ServiceValue>,
     backends: BTreeMap<u32, Backend>,
     revnat: BTreeMap<u32, RevNat>,
+    source_ranges: BTreeSet<(u32, Cidr)>,
     ops: usize,
     /// Fail the operation with this number (counting from 0), to test recovery.
     fail_at: Option<usize>,
@@ -35,6 +36,16 @@ impl CheckedMaps {
     fn check(&self) {
         for (key, value) in self.services.iter().filter(|(k, _)| k.slot == 0) {
             assert!(self.revnat.contains_key(&value.rev_nat_id), "{key:?}: reverse-NAT entry missing");
+            if value.flags & flags::HAS_INTERNAL_SCOPE != 0 {
+                let internal = ServiceKey { scope: SCOPE_INTERNAL, ..*key };
+                assert!(self.services.contains_key(&internal), "{key:?}: flag points at a missing internal scope");
+            }
+            if value.flags & flags::SOURCE_RANGES != 0 {
+                assert!(
+                    self.source_ranges.iter().any(|(id, _)| *id == value.rev_nat_id),
+                    "{key:?}: flag points at missing source ranges"
+                );
+            }
             for slot in 1..=value.count {
                 let slot_key = ServiceKey { slot, ..*key };
                 let entry = self.services.get(&slot_key).unwrap_or_else(|| panic!("{key:?}: slot {slot} missing"));
@@ -47,31 +58,48 @@ impl CheckedMaps {
         }
     }
 
-    /// The table the maps encode, decoded the way the data path reads it.
-    fn decode(&self) -> BTreeMap<Frontend, Vec<Endpoint>> {
+    /// The table the maps encode, decoded the way the data path reads it: per frontend, the backends
+    /// external and internal traffic get, and the external slot-0 flags.
+    fn decode(&self) -> BTreeMap<Frontend, (Vec<Endpoint>, Vec<Endpoint>, u16)> {
+        let backends_of = |key: &ServiceKey, count: u16| -> Vec<Endpoint> {
+            let mut eps: Vec<Endpoint> = (1..=count)
+                .map(|slot| {
+                    let b = self.backends[&self.services[&ServiceKey { slot, ..*key }].backend_id];
+                    Endpoint {
+                        addr: Ipv4Addr::from(b.addr.to_ne_bytes()),
+                        port: u16::from_be(b.port),
+                        local: b.flags & FLAG_LOCAL != 0,
+                    }
+                })
+                .collect();
+            eps.sort();
+            eps
+        };
         let mut out = BTreeMap::new();
-        for (key, value) in self.services.iter().filter(|(k, _)| k.slot == 0) {
+        for (key, value) in self.services.iter().filter(|(k, _)| k.slot == 0 && k.scope == SCOPE_EXTERNAL) {
             let frontend = Frontend {
                 addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
                 port: u16::from_be(key.port),
                 protocol: Protocol::from_number(key.proto).unwrap(),
             };
-            let mut backends: Vec<Endpoint> = (1..=value.count)
-                .map(|slot| {
-                    let b = self.backends[&self.services[&ServiceKey { slot, ..*key }].backend_id];
-                    Endpoint { addr: Ipv4Addr::from(b.addr.to_ne_bytes()), port: u16::from_be(b.port) }
-                })
-                .collect();
-            backends.sort();
-            out.insert(frontend, backends);
+            let external = backends_of(key, value.count);
+            let internal = if value.flags & flags::HAS_INTERNAL_SCOPE == 0 {
+                external.clone()
+            } else {
+                let int_key = ServiceKey { scope: SCOPE_INTERNAL, ..*key };
+                backends_of(&int_key, self.services[&int_key].count)
+            };
+            out.insert(frontend, (external, internal, value.flags));
         }
         out
     }
 
-    /// Nothing is left that the table does not use.
-    fn assert_no_garbage(&self) {
+    /// Nothing is left that the table does not use. Terminating endpoints count as used.
+    fn assert_no_garbage(&self, table: &ServiceTable) {
         let mut used_backends = BTreeSet::new();
         let mut used_revnat = BTreeSet::new();
+        let terminating: BTreeSet<(Ipv4Addr, u16)> =
+            table.frontends.values().flat_map(|e| e.terminating.iter().map(|t| (t.addr, t.port))).collect();
         for (key, value) in &self.services {
             if key.slot == 0 {
                 used_revnat.insert(value.rev_nat_id);
@@ -85,8 +113,12 @@ impl CheckedMaps {
                 used_backends.insert(value.backend_id);
             }
         }
-        assert_eq!(self.backends.keys().copied().collect::<BTreeSet<_>>(), used_backends, "unused backends remain");
+        for (id, b) in &self.backends {
+            let addr = (Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port));
+            assert!(used_backends.contains(id) || terminating.contains(&addr), "unused backend {id} remains");
+        }
         assert_eq!(self.revnat.keys().copied().collect::<BTreeSet<_>>(), used_revnat, "unused reverse-NAT entries");
+        assert!(self.source_ranges.iter().all(|(id, _)| used_revnat.contains(id)), "orphan source ranges");
     }
 }
 
@@ -127,40 +159,95 @@ impl ServiceMaps for &mut CheckedMaps {
         self.check();
         Ok(())
     }
+    fn put_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()> {
+        self.op()?;
+        self.source_ranges.insert((rev_nat_id, range));
+        self.check();
+        Ok(())
+    }
+    fn delete_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()> {
+        self.op()?;
+        self.source_ranges.remove(&(rev_nat_id, range));
+        self.check();
+        Ok(())
+    }
     fn dump(&self) -> anyhow::Result<Contents> {
         Ok(Contents {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             revnat: self.revnat.iter().map(|(k, v)| (*k, *v)).collect(),
+            source_ranges: self.source_ranges.iter().copied().collect(),
         })
     }
 }
 
-fn expected(table: &ServiceTable) -> BTreeMap<Frontend, Vec<Endpoint>> {
-    table.frontends.iter().map(|(f, e)| (*f, e.backends.clone())).collect()
+fn expected(table: &ServiceTable) -> BTreeMap<Frontend, (Vec<Endpoint>, Vec<Endpoint>, u16)> {
+    table
+        .frontends
+        .iter()
+        .map(|(f, e)| {
+            let mut flags = 0;
+            if e.internal != e.external {
+                flags |= flags::HAS_INTERNAL_SCOPE;
+            }
+            if e.masquerade_external {
+                flags |= flags::MASQUERADE_EXTERNAL;
+            }
+            if e.external.reject_when_empty {
+                flags |= flags::REJECT_WHEN_EMPTY;
+            }
+            if e.affinity_timeout.is_some() {
+                flags |= flags::AFFINITY;
+            }
+            if !e.source_ranges.is_empty() {
+                flags |= flags::SOURCE_RANGES;
+            }
+            (*f, (e.external.endpoints.clone(), e.internal.endpoints.clone(), flags))
+        })
+        .collect()
+}
+
+fn entry(name: String, external: Vec<Endpoint>, internal: Option<Vec<Endpoint>>) -> FrontendEntry {
+    let external = BackendSet { endpoints: external, reject_when_empty: false };
+    FrontendEntry {
+        service: ServicePortName { namespace: "default".into(), name, port: String::new() },
+        kind: FrontendKind::ClusterIp,
+        internal: internal
+            .map_or_else(|| external.clone(), |endpoints| BackendSet { endpoints, reject_when_empty: false }),
+        external,
+        terminating: Vec::new(),
+        masquerade_external: false,
+        affinity_timeout: None,
+        source_ranges: Vec::new(),
+    }
 }
 
 /// Small universes, so tables overlap a lot and every kind of change happens.
 fn table_strategy() -> impl Strategy<Value = ServiceTable> {
     let frontend = (0u8..4, prop_oneof![Just(80u16), Just(53)], prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)])
         .prop_map(|(ip, port, protocol)| Frontend { addr: Ipv4Addr::new(10, 32, 0, 1 + ip), port, protocol });
-    let endpoint = (0u8..6, prop_oneof![Just(8080u16), Just(53)])
-        .prop_map(|(ip, port)| Endpoint { addr: Ipv4Addr::new(10, 200, 1, 1 + ip), port });
-    prop::collection::btree_map(frontend, prop::collection::btree_set(endpoint, 0..5), 0..6).prop_map(|m| {
-        ServiceTable {
-            frontends: m
-                .into_iter()
-                .map(|(f, eps)| {
-                    let service = ServicePortName {
-                        namespace: "default".into(),
-                        name: format!("svc-{}", f.addr),
-                        port: String::new(),
-                    };
-                    (f, FrontendEntry { service, backends: eps.into_iter().collect() })
-                })
-                .collect(),
-        }
-    })
+    // Locality follows the address, as it does in a cluster: an endpoint lives on one node.
+    let endpoint = (0u8..6, prop_oneof![Just(8080u16), Just(53)]).prop_map(|(ip, port)| Endpoint {
+        addr: Ipv4Addr::new(10, 200, 1, 1 + ip),
+        port,
+        local: ip % 2 == 0,
+    });
+    let endpoints = prop::collection::btree_set(endpoint, 0..5).prop_map(|s| s.into_iter().collect::<Vec<_>>());
+    let policy = (any::<bool>(), any::<bool>(), any::<bool>(), prop::option::of(1u32..100), 0usize..3, any::<bool>());
+    let entry_strategy = (endpoints.clone(), endpoints.clone(), endpoints, policy).prop_map(
+        |(external, internal, terminating, (split, masq, reject, affinity, ranges, reject_int))| {
+            let mut e = entry(String::new(), external, split.then_some(internal));
+            e.external.reject_when_empty = reject && e.external.endpoints.is_empty();
+            e.internal.reject_when_empty = reject_int && e.internal.endpoints.is_empty();
+            e.terminating = terminating;
+            e.masquerade_external = masq;
+            e.affinity_timeout = affinity;
+            e.source_ranges =
+                (0..ranges).map(|i| (Ipv4Addr::new(192, 0, 2, 0), 24 + u8::try_from(i).unwrap())).collect();
+            e
+        },
+    );
+    prop::collection::btree_map(frontend, entry_strategy, 0..6).prop_map(|m| ServiceTable { frontends: m })
 }
 
 proptest! {
@@ -173,7 +260,7 @@ proptest! {
             writer.apply(table).unwrap();
             drop(writer);
             prop_assert_eq!(maps.decode(), expected(table));
-            maps.assert_no_garbage();
+            maps.assert_no_garbage(table);
             writer = TableWriter::adopt(&mut maps).unwrap();
         }
     }
@@ -193,7 +280,7 @@ proptest! {
         writer.apply(&second).unwrap();
         drop(writer);
         prop_assert_eq!(maps.decode(), expected(&second));
-        maps.assert_no_garbage();
+        maps.assert_no_garbage(&second);
     }
 }
 
@@ -204,9 +291,9 @@ fn table(entries: TableSpec<'_>) -> ServiceTable {
     let mut t = ServiceTable::default();
     for (ip, port, backends) in entries {
         let f = Frontend { addr: Ipv4Addr::from(*ip), port: *port, protocol: Protocol::Tcp };
-        let backends = backends.iter().map(|b| Endpoint { addr: Ipv4Addr::from(*b), port: 8080 }).collect();
-        let service = ServicePortName { namespace: "default".into(), name: "web".into(), port: String::new() };
-        t.frontends.insert(f, FrontendEntry { service, backends });
+        let backends =
+            backends.iter().map(|b| Endpoint { addr: Ipv4Addr::from(*b), port: 8080, local: false }).collect();
+        t.frontends.insert(f, entry("web".into(), backends, None));
     }
     t
 }
@@ -247,12 +334,10 @@ fn backend_ids_are_not_reused_after_a_backend_is_removed() {
 #[test]
 fn a_table_larger_than_the_maps_is_refused_before_any_write() {
     let mut big = ServiceTable::default();
-    let service = ServicePortName { namespace: "default".into(), name: "big".into(), port: String::new() };
-    let many: Vec<Endpoint> =
-        (0..=capacity::REVNAT).map(|i| Endpoint { addr: Ipv4Addr::from(0x0a00_0000 + i), port: 80 }).collect();
     for i in 0..=capacity::REVNAT {
         let f = Frontend { addr: Ipv4Addr::from(0x0a20_0000 + i), port: 80, protocol: Protocol::Tcp };
-        big.frontends.insert(f, FrontendEntry { service: service.clone(), backends: vec![many[i as usize]] });
+        let backend = Endpoint { addr: Ipv4Addr::from(0x0a00_0000 + i), port: 80, local: false };
+        big.frontends.insert(f, entry("big".into(), vec![backend], None));
     }
     let mut maps = CheckedMaps::default();
     let err = TableWriter::adopt(&mut maps).unwrap().apply(&big).unwrap_err();
