@@ -49,6 +49,7 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     pub log: PathBuf,
     pub pod_interfaces: String,
+    pub extra_args: Vec<String>,
 }
 
 /// A running agent; stopped (SIGTERM, then SIGKILL) on drop.
@@ -71,6 +72,7 @@ impl Agent {
             .arg("--bpffs")
             .arg(&config.pin_dir)
             .args(["--pod-interfaces", &config.pod_interfaces])
+            .args(&config.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -84,7 +84,9 @@ fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, SocketAddr::V4(peer))) => {
-                let _ = answer_tcp(&stream, name, peer);
+                let name = name.to_owned();
+                // One thread per connection, so a held-open connection does not block new ones.
+                thread::spawn(move || answer_tcp(&stream, &name, peer));
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(POLL),
@@ -93,13 +95,20 @@ fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
     }
 }
 
+/// Answers every line of a connection until the client closes it (or is idle for 10 s), so a test can
+/// hold a connection open across a change and use it again.
 fn answer_tcp(stream: &TcpStream, name: &str, peer: SocketAddrV4) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    let mut stream = stream;
-    stream.write_all(format!("{name} {peer}\n").as_bytes())
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream);
+    let mut writer = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        writer.write_all(format!("{name} {peer}\n").as_bytes())?;
+    }
 }
 
 fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
@@ -167,4 +176,118 @@ pub fn requests(
 /// One request from namespace `ns`.
 pub fn request(ns: &str, proto: Proto, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
     requests(ns, proto, target, 1, timeout)?.pop().expect("one request")
+}
+
+/// How a single attempt ended, for tests that expect a refusal or a timeout rather than an answer.
+#[derive(Debug)]
+pub enum Outcome {
+    Answered(Reply),
+    /// ECONNREFUSED: a TCP RST, or an ICMP port unreachable.
+    Refused,
+    TimedOut,
+    Failed(String),
+}
+
+fn classify(result: anyhow::Result<Reply>) -> Outcome {
+    match result {
+        Ok(reply) => Outcome::Answered(reply),
+        Err(e) => {
+            let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()).map(std::io::Error::kind);
+            match io {
+                Some(std::io::ErrorKind::ConnectionRefused) => Outcome::Refused,
+                Some(std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => Outcome::TimedOut,
+                _ => Outcome::Failed(format!("{e:#}")),
+            }
+        }
+    }
+}
+
+/// One attempt from namespace `ns`, classified. UDP uses a connected socket, so an ICMP error is reported.
+pub fn attempt(ns: &str, proto: Proto, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Outcome> {
+    in_netns(ns, move || {
+        classify(match proto {
+            Proto::Tcp => tcp_request_here(target, timeout),
+            Proto::Udp => (|| {
+                let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+                socket.connect(target)?;
+                socket.set_read_timeout(Some(timeout))?;
+                socket.send(b"hello\n")?;
+                let mut buf = [0u8; 1500];
+                let n = socket.recv(&mut buf)?;
+                Reply::parse(&String::from_utf8_lossy(&buf[..n]))
+            })(),
+        })
+    })
+}
+
+/// A TCP connection held open in a pod namespace; each `ask` is one request on it.
+pub struct TcpSession {
+    tx: std::sync::mpsc::Sender<std::sync::mpsc::Sender<anyhow::Result<Reply>>>,
+}
+
+impl TcpSession {
+    pub fn open(ns: &str, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Self> {
+        let stream = in_netns(ns, move || TcpStream::connect_timeout(&target.into(), timeout))??;
+        stream.set_read_timeout(Some(timeout))?;
+        let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<anyhow::Result<Reply>>>();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(&stream);
+            for answer in rx {
+                let result = (|| {
+                    (&stream).write_all(b"hello\n")?;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line)? == 0 {
+                        bail!("connection closed");
+                    }
+                    Reply::parse(&line)
+                })();
+                let _ = answer.send(result);
+            }
+        });
+        Ok(Self { tx })
+    }
+
+    pub fn ask(&self) -> anyhow::Result<Reply> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx.send(tx).map_err(|_| anyhow::anyhow!("session thread gone"))?;
+        rx.recv().map_err(|_| anyhow::anyhow!("session thread gone"))?
+    }
+}
+
+/// A UDP socket with a fixed source port in a pod namespace: every `ask` is the same flow.
+pub struct UdpSession {
+    socket: UdpSocket,
+    target: SocketAddrV4,
+}
+
+impl UdpSession {
+    pub fn open(ns: &str, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Self> {
+        let socket = in_netns(ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))??;
+        socket.set_read_timeout(Some(timeout))?;
+        Ok(Self { socket, target })
+    }
+
+    pub fn ask(&self) -> anyhow::Result<Reply> {
+        self.socket.send_to(b"hello\n", self.target)?;
+        let mut buf = [0u8; 1500];
+        let (n, from) = self.socket.recv_from(&mut buf).with_context(|| format!("UDP reply from {}", self.target))?;
+        if from != SocketAddr::V4(self.target) {
+            bail!("UDP reply came from {from}, not {}", self.target);
+        }
+        Reply::parse(&String::from_utf8_lossy(&buf[..n]))
+    }
+}
+
+/// `GET /` over HTTP/1.0 from namespace `ns`: the status code and the body.
+pub fn http_get(ns: &str, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    in_netns(ns, move || -> anyhow::Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&target.into(), timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: lab\r\n\r\n")?;
+        let mut response = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut response)?;
+        let status = response.split_whitespace().nth(1).context("no status line")?.parse()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Ok((status, body))
+    })?
 }

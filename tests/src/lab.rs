@@ -31,18 +31,26 @@ const POD_GATEWAY: &str = "169.254.1.1";
 /// Prefix of every namespace a lab creates; followed by the creating process's pid.
 const NS_PREFIX: &str = "kpl";
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LabSpec {
     pub nodes: usize,
     pub pods_per_node: usize,
     /// Whether pods leave L4 checksums to the (virtual) device. Both ways must work.
     pub tx_checksum_offload: bool,
+    /// Extra flags for every agent.
+    pub agent_args: Vec<String>,
 }
 
 impl Default for LabSpec {
     fn default() -> Self {
-        Self { nodes: 2, pods_per_node: 3, tx_checksum_offload: true }
+        Self { nodes: 2, pods_per_node: 3, tx_checksum_offload: true, agent_args: Vec::new() }
     }
+}
+
+/// The zone of node `n` in the lab's Node objects: odd nodes in zone-a, even ones in zone-b.
+#[must_use]
+pub fn node_zone(node: usize) -> &'static str {
+    if node % 2 == 1 { "zone-a" } else { "zone-b" }
 }
 
 /// A pod of the lab.
@@ -145,6 +153,11 @@ impl Lab {
 
         let external = self.add_ns("ext")?;
         Self::plug_into_underlay(&underlay, &external, "ext", EXTERNAL_IP)?;
+
+        // The Node objects, as the API server would have them.
+        let nodes: Vec<String> =
+            (1..=self.spec.nodes).map(|n| crate::manifests::node(&node_name(n), node_ip(n), node_zone(n))).collect();
+        self.write_manifest("nodes.yaml", &nodes.join("---\n"))?;
         Ok(())
     }
 
@@ -204,6 +217,13 @@ impl Lab {
         format!("{}-ext", self.prefix)
     }
 
+    /// Routes `addr` from the external client's namespace via node `node`, as a router or a load balancer
+    /// in front of the cluster would (external IPs and load-balancer IPs are not on any interface).
+    pub fn route_external_via(&self, addr: Ipv4Addr, node: usize) -> anyhow::Result<()> {
+        ip_in(&self.external_ns(), &["route", "replace", &format!("{addr}/32"), "via", &node_ip(node).to_string()])?;
+        Ok(())
+    }
+
     /// The directory every agent reads manifests from (one "API server" for the whole lab).
     #[must_use]
     pub fn manifest_dir(&self) -> PathBuf {
@@ -239,6 +259,7 @@ impl Lab {
                 pin_dir: self.bpffs.join(node_name(n)),
                 log: self.dir.join(format!("agent-{}.log", node_name(n))),
                 pod_interfaces: format!("{POD_IFACE_PREFIX}*"),
+                extra_args: self.spec.agent_args.clone(),
             };
             self.agents.push(Agent::spawn(config)?);
         }

@@ -27,12 +27,35 @@ pub fn service(namespace: &str, name: &str, cluster_ip: Ipv4Addr, ports: &[Port]
     y
 }
 
-/// An endpoint of an EndpointSlice: a pod address, its node, and whether it is ready.
+/// An endpoint of an EndpointSlice: a pod address, its node, and its conditions.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     pub addr: Ipv4Addr,
     pub node: String,
     pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// Topology hint: the zone this endpoint should serve.
+    pub zone_hint: Option<&'static str>,
+}
+
+impl Endpoint {
+    #[must_use]
+    pub fn with_zone_hint(mut self, zone: &'static str) -> Self {
+        self.zone_hint = Some(zone);
+        self
+    }
+
+    #[must_use]
+    pub fn ready(addr: Ipv4Addr, node: String) -> Self {
+        Self { addr, node, ready: true, serving: true, terminating: false, zone_hint: None }
+    }
+
+    /// Being deleted but still serving: established flows continue, new ones go elsewhere.
+    #[must_use]
+    pub fn terminating(addr: Ipv4Addr, node: String) -> Self {
+        Self { addr, node, ready: false, serving: true, terminating: true, zone_hint: None }
+    }
 }
 
 /// The EndpointSlice of Service `service`, with every port's target port.
@@ -52,9 +75,12 @@ pub fn endpoint_slice(namespace: &str, name: &str, service: &str, ports: &[Port]
     for e in endpoints {
         let _ = writeln!(
             y,
-            "- addresses: [\"{}\"]\n  nodeName: {}\n  conditions:\n    ready: {}\n    serving: {}\n    terminating: false",
-            e.addr, e.node, e.ready, e.ready
+            "- addresses: [\"{}\"]\n  nodeName: {}\n  conditions:\n    ready: {}\n    serving: {}\n    terminating: {}",
+            e.addr, e.node, e.ready, e.serving, e.terminating
         );
+        if let Some(zone) = e.zone_hint {
+            let _ = writeln!(y, "  hints:\n    forZones:\n    - name: {zone}");
+        }
     }
     y
 }
@@ -72,5 +98,107 @@ pub fn service_with_endpoints(
         "{}---\n{}",
         service(namespace, name, cluster_ip, ports),
         endpoint_slice(namespace, &format!("{name}-slice"), name, ports, endpoints)
+    )
+}
+
+/// A Service with everything kube-proxy looks at; `yaml()` renders it.
+#[derive(Clone, Debug)]
+pub struct Svc {
+    pub namespace: &'static str,
+    pub name: &'static str,
+    /// ClusterIP, NodePort or LoadBalancer.
+    pub type_: &'static str,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<Port>,
+    /// `nodePort` of each entry of `ports`, in order; missing entries have none.
+    pub node_ports: Vec<u16>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress`: IP and `ipMode` (`VIP` or `Proxy`).
+    pub lb_ingress: Vec<(Ipv4Addr, &'static str)>,
+    pub source_ranges: Vec<&'static str>,
+    pub external_policy: &'static str,
+    pub internal_policy: &'static str,
+    pub affinity_timeout: Option<u32>,
+    pub health_check_node_port: Option<u16>,
+}
+
+impl Svc {
+    #[must_use]
+    pub fn new(name: &'static str, cluster_ip: Ipv4Addr, ports: Vec<Port>) -> Self {
+        Self {
+            namespace: "default",
+            name,
+            type_: "ClusterIP",
+            cluster_ip,
+            ports,
+            node_ports: Vec::new(),
+            external_ips: Vec::new(),
+            lb_ingress: Vec::new(),
+            source_ranges: Vec::new(),
+            external_policy: "Cluster",
+            internal_policy: "Cluster",
+            affinity_timeout: None,
+            health_check_node_port: None,
+        }
+    }
+
+    #[must_use]
+    pub fn yaml(&self) -> String {
+        let mut y = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  type: {}\n  clusterIP: {}\n  externalTrafficPolicy: {}\n  internalTrafficPolicy: {}\n",
+            self.name, self.namespace, self.type_, self.cluster_ip, self.external_policy, self.internal_policy
+        );
+        if let Some(t) = self.affinity_timeout {
+            let _ = writeln!(
+                y,
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}"
+            );
+        }
+        if let Some(p) = self.health_check_node_port {
+            let _ = writeln!(y, "  healthCheckNodePort: {p}");
+        }
+        if !self.external_ips.is_empty() {
+            let ips: Vec<String> = self.external_ips.iter().map(ToString::to_string).collect();
+            let _ = writeln!(y, "  externalIPs: [{}]", ips.join(", "));
+        }
+        if !self.source_ranges.is_empty() {
+            let _ = writeln!(y, "  loadBalancerSourceRanges: [{}]", self.source_ranges.join(", "));
+        }
+        y.push_str("  ports:\n");
+        for (i, p) in self.ports.iter().enumerate() {
+            let _ = writeln!(
+                y,
+                "  - name: {}\n    port: {}\n    protocol: {}\n    targetPort: {}",
+                p.name, p.port, p.protocol, p.target_port
+            );
+            if let Some(np) = self.node_ports.get(i) {
+                let _ = writeln!(y, "    nodePort: {np}");
+            }
+        }
+        if !self.lb_ingress.is_empty() {
+            y.push_str("status:\n  loadBalancer:\n    ingress:\n");
+            for (ip, mode) in &self.lb_ingress {
+                let _ = writeln!(y, "    - ip: {ip}\n      ipMode: {mode}");
+            }
+        }
+        y
+    }
+
+    /// The Service and its EndpointSlice, in one file.
+    #[must_use]
+    pub fn with_endpoints(&self, endpoints: &[Endpoint]) -> String {
+        format!(
+            "{}---\n{}",
+            self.yaml(),
+            endpoint_slice(self.namespace, &format!("{}-slice", self.name), self.name, &self.ports, endpoints)
+        )
+    }
+}
+
+/// Node objects, with their InternalIP and a zone label.
+#[must_use]
+pub fn node(name: &str, internal_ip: Ipv4Addr, zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    topology.kubernetes.io/zone: {zone}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {internal_ip}\n"
     )
 }

@@ -23,7 +23,7 @@ fn http(target_port: u16) -> Vec<Port> {
 }
 
 fn ready(lab: &Lab, pods: &[(usize, usize)]) -> Vec<Endpoint> {
-    pods.iter().map(|&(n, k)| Endpoint { addr: lab.pod(n, k).ip, node: node_name(n), ready: true }).collect()
+    pods.iter().map(|&(n, k)| Endpoint::ready(lab.pod(n, k).ip, node_name(n))).collect()
 }
 
 /// kube-proxy behaviour: a ClusterIP Service forwards to its endpoints, and the backend sees the client

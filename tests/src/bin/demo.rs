@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
         lab.serve(&pod, &[8080], &[])?;
     }
     let endpoints = |pods: &[(usize, usize)]| -> Vec<Endpoint> {
-        pods.iter().map(|&(n, k)| Endpoint { addr: lab.pod(n, k).ip, node: node_name(n), ready: true }).collect()
+        pods.iter().map(|&(n, k)| Endpoint::ready(lab.pod(n, k).ip, node_name(n))).collect()
     };
     let dns_vip = "10.32.0.10".parse()?;
     let web_vip = "10.32.0.20".parse()?;

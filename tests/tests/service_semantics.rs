@@ -1,0 +1,358 @@
+//! kube-proxy's Service behaviours, checked with real packets in the lab. Each test names the behaviour.
+//!
+//! Lab addresses: node N is 10.240.0.1N, pod K of node N is 10.200.N.(10+K), the external client is
+//! 10.240.0.100. Backends answer with their name and the source address they saw.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, net::SocketAddrV4, thread, time::Duration};
+
+use proxy_lab::{
+    Lab, LabSpec,
+    echo::{Outcome, Proto, TcpSession, UdpSession, attempt, http_get, request, requests},
+    lab::{EXTERNAL_IP, node_ip, node_name},
+    manifests::{Endpoint, Port, Svc},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a test waits before calling a flow dropped.
+const DROP_WAIT: Duration = Duration::from_millis(1500);
+
+fn vip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 32, 0, last)
+}
+
+fn http() -> Vec<Port> {
+    vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }]
+}
+
+fn ep(lab: &Lab, (n, k): (usize, usize)) -> Endpoint {
+    Endpoint::ready(lab.pod(n, k).ip, node_name(n))
+}
+
+fn eps(lab: &Lab, pods: &[(usize, usize)]) -> Vec<Endpoint> {
+    pods.iter().map(|p| ep(lab, *p)).collect()
+}
+
+/// A lab whose listed pods serve TCP and UDP on 8080 and 5353.
+fn lab(spec: LabSpec, serving: &[(usize, usize)]) -> Lab {
+    let mut lab = Lab::start(spec).expect("lab");
+    for &(n, k) in serving {
+        let pod = lab.pod(n, k).clone();
+        lab.serve(&pod, &[8080, 5353], &[5353]).unwrap();
+    }
+    lab
+}
+
+fn answered(outcome: Outcome) -> proxy_lab::echo::Reply {
+    match outcome {
+        Outcome::Answered(r) => r,
+        other => panic!("expected an answer, got {other:?}"),
+    }
+}
+
+fn ext(lab: &Lab) -> String {
+    lab.external_ns()
+}
+
+fn at(addr: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(addr, port)
+}
+
+fn distinct(replies: Vec<anyhow::Result<proxy_lab::echo::Reply>>) -> BTreeSet<String> {
+    replies.into_iter().map(|r| r.expect("request").backend).collect()
+}
+
+/// NodePort with externalTrafficPolicy Cluster: external clients reach the Service on every node's address,
+/// whether the backend is on that node or another, and the backend sees the node's address (masquerade).
+/// Pods reaching a NodePort are not masqueraded.
+#[test]
+fn nodeport_cluster_policy_reaches_local_and_remote_backends_and_masquerades_external_clients() {
+    let mut lab = lab(LabSpec::default(), &[(1, 2), (2, 2)]);
+    let mut local = Svc::new("np-a", vip(70), http());
+    local.type_ = "NodePort";
+    local.node_ports = vec![30080];
+    let mut remote = Svc::new("np-b", vip(71), http());
+    remote.type_ = "NodePort";
+    remote.node_ports = vec![30081];
+    lab.write_manifest("a.yaml", &local.with_endpoints(&eps(&lab, &[(1, 2)]))).unwrap();
+    lab.write_manifest("b.yaml", &remote.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+
+    for (node, port, backend) in
+        [(1, 30080, "pod-1-2"), (1, 30081, "pod-2-2"), (2, 30080, "pod-1-2"), (2, 30081, "pod-2-2")]
+    {
+        let r = request(&ext(&lab), Proto::Tcp, at(node_ip(node), port), TIMEOUT)
+            .unwrap_or_else(|e| panic!("node{node}:{port}: {e:#}"));
+        assert_eq!(r.backend, backend, "node{node}:{port}");
+        assert_eq!(*r.seen_source.ip(), node_ip(node), "node{node}:{port}: external traffic must be masqueraded");
+    }
+    let client = lab.pod(1, 1).clone();
+    let r = request(&client.ns, Proto::Tcp, at(node_ip(1), 30081), TIMEOUT).unwrap();
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", client.ip));
+}
+
+/// externalTrafficPolicy Local: external clients reach only endpoints on the node they sent to, and the
+/// backend sees the client's own address. healthCheckNodePort answers 200 with the local endpoint count.
+#[test]
+fn nodeport_local_policy_preserves_client_source_and_uses_local_endpoints_only() {
+    let mut lab = lab(LabSpec::default(), &[(1, 2), (2, 2)]);
+    let mut svc = Svc::new("np-local", vip(72), http());
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30090];
+    svc.external_policy = "Local";
+    svc.health_check_node_port = Some(32000);
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(1, 2), (2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+
+    for (node, backend) in [(1, "pod-1-2"), (2, "pod-2-2")] {
+        for r in requests(&ext(&lab), Proto::Tcp, at(node_ip(node), 30090), 10, TIMEOUT).unwrap() {
+            let r = r.unwrap();
+            assert_eq!(r.backend, backend);
+            assert_eq!(*r.seen_source.ip(), EXTERNAL_IP, "the client's address must be preserved");
+        }
+        let (status, body) = http_get(&ext(&lab), at(node_ip(node), 32000), TIMEOUT).unwrap();
+        assert_eq!(status, 200, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["localEndpoints"], 1, "{body}");
+        assert_eq!(json["serviceProxyHealthy"], true, "{body}");
+        assert_eq!(json["service"]["name"], "np-local", "{body}");
+        assert_eq!(json["service"]["namespace"], "default", "{body}");
+    }
+}
+
+/// externalTrafficPolicy Local with no endpoint on this node: external traffic is dropped (not refused),
+/// the health check says 503, and pods on the node still reach the endpoints elsewhere.
+#[test]
+fn nodeport_local_policy_without_local_endpoint_drops_external_traffic_but_not_pod_traffic() {
+    let mut lab = lab(LabSpec::default(), &[(2, 2)]);
+    let mut svc = Svc::new("np-remote-only", vip(73), http());
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30091];
+    svc.external_policy = "Local";
+    svc.health_check_node_port = Some(32001);
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+
+    let outcome = attempt(&ext(&lab), Proto::Tcp, at(node_ip(1), 30091), DROP_WAIT).unwrap();
+    assert!(matches!(outcome, Outcome::TimedOut), "expected a drop, got {outcome:?}");
+    let (status, body) = http_get(&ext(&lab), at(node_ip(1), 32001), TIMEOUT).unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+
+    let client = lab.pod(1, 1).clone();
+    let r = request(&client.ns, Proto::Tcp, at(node_ip(1), 30091), TIMEOUT).unwrap();
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", client.ip));
+}
+
+/// externalIPs are handled like NodePort external traffic: DNAT on arrival, masquerade under policy
+/// Cluster.
+#[test]
+fn external_ips_are_served_like_nodeport_external_traffic() {
+    let mut lab = lab(LabSpec::default(), &[(2, 2)]);
+    let external_ip = Ipv4Addr::new(10, 250, 0, 5);
+    let mut svc = Svc::new("with-external-ip", vip(74), http());
+    svc.external_ips = vec![external_ip];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    lab.route_external_via(external_ip, 1).unwrap();
+    lab.start_agents().unwrap();
+
+    let r = request(&ext(&lab), Proto::Tcp, at(external_ip, 80), TIMEOUT).unwrap();
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", node_ip(1)));
+}
+
+/// status.loadBalancer.ingress IPs get rules, except with ipMode Proxy. loadBalancerSourceRanges drop other
+/// sources at the load-balancer IP, but not at the NodePort.
+#[test]
+fn load_balancer_ips_honour_ip_mode_and_source_ranges() {
+    let mut lab = lab(LabSpec::default(), &[(1, 2)]);
+    let (vip_ip, proxy_ip, ranged_ip) =
+        (Ipv4Addr::new(10, 250, 0, 10), Ipv4Addr::new(10, 250, 0, 11), Ipv4Addr::new(10, 250, 0, 12));
+    let mut open = Svc::new("lb-open", vip(75), http());
+    open.type_ = "LoadBalancer";
+    open.node_ports = vec![30092];
+    open.lb_ingress = vec![(vip_ip, "VIP"), (proxy_ip, "Proxy")];
+    open.source_ranges = vec!["10.240.0.100/32"];
+    let mut ranged = Svc::new("lb-ranged", vip(76), http());
+    ranged.type_ = "LoadBalancer";
+    ranged.node_ports = vec![30093];
+    ranged.lb_ingress = vec![(ranged_ip, "VIP")];
+    ranged.source_ranges = vec!["192.0.2.0/24"];
+    lab.write_manifest("open.yaml", &open.with_endpoints(&eps(&lab, &[(1, 2)]))).unwrap();
+    lab.write_manifest("ranged.yaml", &ranged.with_endpoints(&eps(&lab, &[(1, 2)]))).unwrap();
+    for ip in [vip_ip, proxy_ip, ranged_ip] {
+        lab.route_external_via(ip, 1).unwrap();
+    }
+    lab.start_agents().unwrap();
+
+    assert_eq!(answered(attempt(&ext(&lab), Proto::Tcp, at(vip_ip, 80), TIMEOUT).unwrap()).backend, "pod-1-2");
+    let proxied = attempt(&ext(&lab), Proto::Tcp, at(proxy_ip, 80), DROP_WAIT).unwrap();
+    assert!(!matches!(proxied, Outcome::Answered(_)), "ipMode Proxy must get no rule: {proxied:?}");
+    let outside = attempt(&ext(&lab), Proto::Tcp, at(ranged_ip, 80), DROP_WAIT).unwrap();
+    assert!(matches!(outside, Outcome::TimedOut), "a source outside the ranges must be dropped: {outside:?}");
+    let via_node_port = attempt(&ext(&lab), Proto::Tcp, at(node_ip(1), 30093), TIMEOUT).unwrap();
+    assert_eq!(answered(via_node_port).backend, "pod-1-2", "source ranges do not apply to the NodePort");
+}
+
+/// A Service with no usable endpoint refuses clients at once (ICMP port unreachable → ECONNREFUSED), for
+/// TCP and UDP, instead of leaving them to time out.
+#[test]
+fn a_service_without_endpoints_refuses_clients_at_once() {
+    let mut lab = lab(LabSpec::default(), &[]);
+    let ports = vec![
+        Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 },
+        Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 },
+    ];
+    lab.write_manifest("svc.yaml", &Svc::new("empty", vip(77), ports).with_endpoints(&[])).unwrap();
+    lab.start_agents().unwrap();
+    let client = lab.pod(1, 1).clone();
+    for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
+        let outcome = attempt(&client.ns, proto, at(vip(77), port), TIMEOUT).unwrap();
+        assert!(matches!(outcome, Outcome::Refused), "{proto:?}: expected a refusal, got {outcome:?}");
+    }
+}
+
+/// internalTrafficPolicy Local: pods use only endpoints on their own node; with none there, the traffic is
+/// dropped (not refused, since the Service has endpoints elsewhere).
+#[test]
+fn internal_traffic_policy_local_keeps_pod_traffic_on_the_node() {
+    let mut lab = lab(LabSpec::default(), &[(1, 2), (2, 2)]);
+    let mut both = Svc::new("itp-both", vip(78), http());
+    both.internal_policy = "Local";
+    let mut remote = Svc::new("itp-remote", vip(79), http());
+    remote.internal_policy = "Local";
+    lab.write_manifest("both.yaml", &both.with_endpoints(&eps(&lab, &[(1, 2), (2, 2)]))).unwrap();
+    lab.write_manifest("remote.yaml", &remote.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+
+    for (client, backend) in [((1, 1), "pod-1-2"), ((2, 1), "pod-2-2")] {
+        let ns = lab.pod(client.0, client.1).ns.clone();
+        assert_eq!(
+            distinct(requests(&ns, Proto::Tcp, at(vip(78), 80), 10, TIMEOUT).unwrap()),
+            BTreeSet::from([backend.to_owned()])
+        );
+    }
+    let outcome = attempt(&lab.pod(1, 1).ns.clone(), Proto::Tcp, at(vip(79), 80), DROP_WAIT).unwrap();
+    assert!(matches!(outcome, Outcome::TimedOut), "expected a drop, got {outcome:?}");
+}
+
+/// Hairpin: a pod reaching itself through its own Service gets an answer, from the node's address.
+#[test]
+fn hairpin_a_pod_reaches_itself_through_its_service() {
+    let mut lab = lab(LabSpec::default(), &[(1, 1)]);
+    lab.write_manifest("svc.yaml", &Svc::new("self", vip(80), http()).with_endpoints(&eps(&lab, &[(1, 1)]))).unwrap();
+    lab.start_agents().unwrap();
+    let pod = lab.pod(1, 1).clone();
+    let r = request(&pod.ns, Proto::Tcp, at(vip(80), 80), TIMEOUT).unwrap();
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-1-1", node_ip(1)));
+}
+
+/// sessionAffinity ClientIP: a client keeps its backend; after timeoutSeconds of inactivity it may move.
+#[test]
+fn session_affinity_client_ip_keeps_clients_on_one_backend_until_the_timeout() {
+    let mut lab = lab(LabSpec::default(), &[(1, 2), (1, 3), (2, 2)]);
+    let mut sticky = Svc::new("sticky", vip(81), http());
+    sticky.affinity_timeout = Some(60);
+    let mut brief = Svc::new("brief", vip(82), http());
+    brief.affinity_timeout = Some(1);
+    let backends = eps(&lab, &[(1, 2), (1, 3), (2, 2)]);
+    lab.write_manifest("sticky.yaml", &sticky.with_endpoints(&backends)).unwrap();
+    lab.write_manifest("brief.yaml", &brief.with_endpoints(&backends)).unwrap();
+    lab.start_agents().unwrap();
+
+    for client in [(1, 1), (2, 1)] {
+        let ns = lab.pod(client.0, client.1).ns.clone();
+        let seen = distinct(requests(&ns, Proto::Tcp, at(vip(81), 80), 30, TIMEOUT).unwrap());
+        assert_eq!(seen.len(), 1, "one client, one backend: {seen:?}");
+    }
+    // With a 1 s timeout, each request after 1.3 s of silence picks afresh: 8 picks among 3 backends all
+    // landing on one has probability (1/3)^7 < 0.05 %.
+    let ns = lab.pod(1, 1).ns.clone();
+    let mut seen = BTreeSet::new();
+    for _ in 0..8 {
+        seen.insert(request(&ns, Proto::Tcp, at(vip(82), 80), TIMEOUT).unwrap().backend);
+        thread::sleep(Duration::from_millis(1300));
+    }
+    assert!(seen.len() >= 2, "affinity outlived its timeout: {seen:?}");
+}
+
+/// UDP: a flow whose backend is deleted moves to a live backend on its next packet. The stale-conntrack
+/// failure kube-proxy users hit with DNS to a deleted CoreDNS pod cannot happen.
+#[test]
+fn a_udp_flow_moves_to_a_live_backend_when_its_backend_is_removed() {
+    let mut lab = lab(LabSpec::default(), &[(1, 2), (2, 2)]);
+    let dns = vec![Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 }];
+    let svc = Svc::new("dns", vip(83), dns);
+    lab.write_manifest("dns.yaml", &svc.with_endpoints(&eps(&lab, &[(1, 2), (2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+
+    let session = UdpSession::open(&lab.pod(1, 1).ns.clone(), at(vip(83), 53), TIMEOUT).unwrap();
+    let first = session.ask().unwrap().backend;
+    assert_eq!(session.ask().unwrap().backend, first, "one flow, one backend");
+    let survivor = if first == "pod-1-2" { (2, 2) } else { (1, 2) };
+    let seen = lab.sync_counts();
+    lab.write_manifest("dns.yaml", &svc.with_endpoints(&eps(&lab, &[survivor]))).unwrap();
+    lab.wait_for_sync(&seen).unwrap();
+    let after = session.ask().expect("the same flow must be answered after its backend went away").backend;
+    assert_eq!(after, format!("pod-{}-{}", survivor.0, survivor.1));
+}
+
+/// Endpoint conditions: connections established to an endpoint that starts terminating continue; new
+/// connections go to ready endpoints.
+#[test]
+fn established_flows_to_a_terminating_endpoint_continue_and_new_ones_avoid_it() {
+    let mut lab = lab(LabSpec::default(), &[(1, 2), (2, 2)]);
+    let svc = Svc::new("rolling", vip(84), http());
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(1, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+    let client = lab.pod(1, 1).ns.clone();
+    let session = TcpSession::open(&client, at(vip(84), 80), TIMEOUT).unwrap();
+    assert_eq!(session.ask().unwrap().backend, "pod-1-2");
+
+    let seen = lab.sync_counts();
+    let endpoints = vec![Endpoint::terminating(lab.pod(1, 2).ip, node_name(1)), ep(&lab, (2, 2))];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&endpoints)).unwrap();
+    lab.wait_for_sync(&seen).unwrap();
+    assert_eq!(session.ask().expect("the established connection must survive").backend, "pod-1-2");
+    assert_eq!(
+        distinct(requests(&client, Proto::Tcp, at(vip(84), 80), 20, TIMEOUT).unwrap()),
+        BTreeSet::from(["pod-2-2".to_owned()])
+    );
+}
+
+/// masqueradeAll: pod traffic to Services is SNATed too.
+#[test]
+fn masquerade_all_snats_pod_traffic() {
+    let spec = LabSpec { agent_args: vec!["--masquerade-all".into()], ..LabSpec::default() };
+    let mut lab = lab(spec, &[(2, 2)]);
+    lab.write_manifest("svc.yaml", &Svc::new("m", vip(85), http()).with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+    let r = request(&lab.pod(1, 1).ns.clone(), Proto::Tcp, at(vip(85), 80), TIMEOUT).unwrap();
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", node_ip(1)));
+}
+
+/// Topology-aware routing: when every endpoint has zone hints, a node uses the endpoints hinted for its zone.
+#[test]
+fn topology_hints_keep_traffic_in_the_clients_zone() {
+    let mut lab = lab(LabSpec::default(), &[(1, 2), (2, 2)]);
+    let endpoints = vec![ep(&lab, (1, 2)).with_zone_hint("zone-a"), ep(&lab, (2, 2)).with_zone_hint("zone-b")];
+    lab.write_manifest("svc.yaml", &Svc::new("zonal", vip(86), http()).with_endpoints(&endpoints)).unwrap();
+    lab.start_agents().unwrap();
+    for (client, backend) in [((1, 1), "pod-1-2"), ((2, 1), "pod-2-2")] {
+        let ns = lab.pod(client.0, client.1).ns.clone();
+        assert_eq!(
+            distinct(requests(&ns, Proto::Tcp, at(vip(86), 80), 10, TIMEOUT).unwrap()),
+            BTreeSet::from([backend.to_owned()])
+        );
+    }
+}
+
+/// targetPort by name: resolved through the EndpointSlice port of the same name.
+#[test]
+fn a_named_target_port_resolves_through_the_endpoint_slice() {
+    let mut lab = lab(LabSpec::default(), &[(2, 2)]);
+    let manifest = Svc::new("named", vip(87), http()).with_endpoints(&eps(&lab, &[(2, 2)]));
+    let named = manifest.replacen("targetPort: 8080", "targetPort: web-port", 1);
+    assert_ne!(named, manifest);
+    lab.write_manifest("svc.yaml", &named).unwrap();
+    lab.start_agents().unwrap();
+    assert_eq!(request(&lab.pod(1, 1).ns.clone(), Proto::Tcp, at(vip(87), 80), TIMEOUT).unwrap().backend, "pod-2-2");
+}
