@@ -48,6 +48,11 @@ pub struct Args {
     #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535", value_parser = parse_port_range)]
     pub snat_ports: (u16, u16),
 
+    /// The cgroup (v2) whose processes' connections to Services are translated at the socket (the node's own
+    /// traffic). Default: the root of the cgroup v2 mount. `none` turns this off.
+    #[arg(long, value_name = "PATH|none")]
+    pub cgroup: Option<String>,
+
     /// SNAT all traffic to Services, not only what needs it (kube-proxy's `--masquerade-all`).
     #[arg(long)]
     pub masquerade_all: bool,

@@ -48,6 +48,11 @@ async fn main() -> anyhow::Result<()> {
         snat_addr: args.node_ip.or_else(|| node.addresses.first().copied()),
         snat_ports: args.snat_ports,
         masquerade_all: args.masquerade_all,
+        socket_cgroup: match args.cgroup.as_deref() {
+            Some("none") => None,
+            Some(path) => Some(path.into()),
+            None => dataplane::ebpf::sockets::cgroup2_mount(),
+        },
     };
     tracing::info!(node = %node.name, addresses = ?node.addresses, snat = ?settings.snat_addr, version = env!("CARGO_PKG_VERSION"), "starting");
 

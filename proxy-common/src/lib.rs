@@ -23,6 +23,7 @@ pub mod maps {
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const CONFIG: &str = "CONFIG";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
 }
 
 /// Sizes of the maps. The agent refuses a desired table that would not fit, rather than half-write it.
@@ -34,6 +35,7 @@ pub mod capacity {
     pub const SNAT: u32 = 1 << 18;
     pub const AFFINITY: u32 = 1 << 16;
     pub const SOURCE_RANGES: u32 = 1 << 14;
+    pub const SOCK_REVNAT: u32 = 1 << 16;
 }
 
 /// Bits of `skb->mark` the programs use to hand a decision from ingress to egress. kube-proxy uses 0x4000
@@ -51,6 +53,9 @@ pub mod config {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Config {
+        /// The network namespace the agent serves (`SO_NETNS_COOKIE`). The socket programs attach to a
+        /// cgroup, which can hold processes of other namespaces; they leave those alone.
+        pub netns_cookie: u64,
         /// The address SNATed flows leave with (the node's primary IPv4), network byte order. Zero: none.
         pub snat_addr: u32,
         /// SNAT source ports are taken from `snat_port_min..=snat_port_max` (host byte order). The
@@ -58,6 +63,31 @@ pub mod config {
         pub snat_port_min: u16,
         pub snat_port_max: u16,
         pub flags: u32,
+        pub pad: u32,
+    }
+}
+
+/// The node's own sockets: `connect()` and `sendmsg()` to a frontend are pointed at a backend, and this map
+/// lets `recvmsg()` and `getpeername()` show the frontend again.
+pub mod sock {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct SockKey {
+        /// `bpf_get_socket_cookie`
+        pub cookie: u64,
+        /// The backend, network byte order.
+        pub addr: u32,
+        pub port: u16,
+        pub pad: u16,
+    }
+
+    /// The frontend, network byte order.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct SockFrontend {
+        pub addr: u32,
+        pub port: u16,
+        pub pad: u16,
     }
 }
 
@@ -257,6 +287,8 @@ mod pod {
     unsafe impl aya::Pod for affinity::AffinityValue {}
     unsafe impl aya::Pod for source_range::SourceRangeKey {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for super::sock::SockKey {}
+    unsafe impl aya::Pod for super::sock::SockFrontend {}
 }
 
 #[cfg(test)]
@@ -329,9 +361,15 @@ mod layout_tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
         assert_eq!(prefix_len(24), 56);
-        assert_eq!(size_of::<Config>(), 12);
-        assert_eq!(offset_of!(Config, snat_port_min), 4);
-        assert_eq!(offset_of!(Config, snat_port_max), 6);
-        assert_eq!(offset_of!(Config, flags), 8);
+        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(offset_of!(Config, snat_addr), 8);
+        assert_eq!(offset_of!(Config, snat_port_min), 12);
+        assert_eq!(offset_of!(Config, snat_port_max), 14);
+        assert_eq!(offset_of!(Config, flags), 16);
+        assert_eq!(offset_of!(Config, pad), 20);
+        assert_eq!(size_of::<super::sock::SockKey>(), 16);
+        assert_eq!(offset_of!(super::sock::SockKey, addr), 8);
+        assert_eq!(offset_of!(super::sock::SockKey, port), 12);
+        assert_eq!(size_of::<super::sock::SockFrontend>(), 8);
     }
 }

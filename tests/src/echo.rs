@@ -204,20 +204,41 @@ fn classify(result: anyhow::Result<Reply>) -> Outcome {
 
 /// One attempt from namespace `ns`, classified. UDP uses a connected socket, so an ICMP error is reported.
 pub fn attempt(ns: &str, proto: Proto, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Outcome> {
-    in_netns(ns, move || {
-        classify(match proto {
-            Proto::Tcp => tcp_request_here(target, timeout),
-            Proto::Udp => (|| {
-                let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-                socket.connect(target)?;
-                socket.set_read_timeout(Some(timeout))?;
-                socket.send(b"hello\n")?;
-                let mut buf = [0u8; 1500];
-                let n = socket.recv(&mut buf)?;
-                Reply::parse(&String::from_utf8_lossy(&buf[..n]))
-            })(),
-        })
+    in_netns(ns, move || attempt_here(proto, target, timeout))
+}
+
+/// [`attempt`] from the current namespace.
+#[must_use]
+pub fn attempt_here(proto: Proto, target: SocketAddrV4, timeout: Duration) -> Outcome {
+    classify(match proto {
+        Proto::Tcp => tcp_request_here(target, timeout),
+        Proto::Udp => (|| {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            socket.connect(target)?;
+            socket.set_read_timeout(Some(timeout))?;
+            socket.send(b"hello\n")?;
+            let mut buf = [0u8; 1500];
+            let n = socket.recv(&mut buf)?;
+            // A connected socket only receives from its peer, as the kernel sees it after recvmsg hooks.
+            Reply::parse(&String::from_utf8_lossy(&buf[..n]))
+        })(),
     })
+}
+
+impl Outcome {
+    /// Parses what `lab-client` printed.
+    #[must_use]
+    pub fn from_client_output(out: &str) -> Self {
+        let line = out.trim();
+        if let Some(rest) = line.strip_prefix("OK ") {
+            return Reply::parse(rest).map_or_else(|e| Self::Failed(format!("{e:#}")), Self::Answered);
+        }
+        match line {
+            "ERR refused" => Self::Refused,
+            "ERR timeout" => Self::TimedOut,
+            other => Self::Failed(other.to_owned()),
+        }
+    }
 }
 
 /// A TCP connection held open in a pod namespace; each `ask` is one request on it.

@@ -10,7 +10,7 @@
 //! via that node. Nodes run with strict `rp_filter`, as most distributions ship.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use crate::{
     agent::{Agent, AgentConfig},
     cmd::{ip, ip_in, run, sysctl_in},
-    echo::EchoServer,
+    echo::{EchoServer, Outcome, Proto},
 };
 
 /// Interface name prefix of the host end of pod veths; the agents attach to these.
@@ -65,6 +65,9 @@ pub struct PodRef {
 pub struct Lab {
     prefix: String,
     dir: PathBuf,
+    /// This lab's cgroup (v2), with one child per node for the node's own processes.
+    cgroup: Option<PathBuf>,
+    cgroup2_mounted: bool,
     bpffs: PathBuf,
     bpffs_mounted: bool,
     /// Every namespace created, in creation order; deleted in reverse.
@@ -99,6 +102,8 @@ impl Lab {
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(dir.join("manifests"))?;
         let mut lab = Self {
+            cgroup: None,
+            cgroup2_mounted: false,
             bpffs: dir.join("bpffs"),
             prefix,
             dir,
@@ -126,6 +131,19 @@ impl Lab {
         std::fs::create_dir_all(&self.bpffs)?;
         run("mount", &["-t", "bpf", "bpffs", path_str(&self.bpffs)?])?;
         self.bpffs_mounted = true;
+
+        // `ip netns exec` remounts /sys, hiding the host's cgroup mount from the agents: mount the cgroup v2
+        // hierarchy a second time under the lab's directory, where they can see it.
+        let cgroup2 = self.dir.join("cgroup2");
+        std::fs::create_dir_all(&cgroup2)?;
+        run("mount", &["-t", "cgroup2", "none", path_str(&cgroup2)?])?;
+        self.cgroup2_mounted = true;
+        let cgroup = cgroup2.join(&self.prefix);
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        self.cgroup = Some(cgroup);
+        for n in 1..=self.spec.nodes {
+            std::fs::create_dir_all(self.node_cgroup(n))?;
+        }
 
         let underlay = self.add_ns("ul")?;
         ip_in(&underlay, &["link", "add", "br0", "type", "bridge"])?;
@@ -176,7 +194,9 @@ impl Lab {
         let host_end = format!("{POD_IFACE_PREFIX}{k}");
         ip_in(node_ns, &["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
         ip_in(node_ns, &["link", "set", &host_end, "up"])?;
-        ip_in(node_ns, &["route", "add", &format!("{addr}/32"), "dev", &host_end])?;
+        // `src`: the node's own connections to pods come from its address, not from the gateway on lo.
+        let node_addr = node_ip(node).to_string();
+        ip_in(node_ns, &["route", "add", &format!("{addr}/32"), "dev", &host_end, "src", &node_addr])?;
         ip_in(&ns, &["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
         ip_in(&ns, &["link", "set", "eth0", "up"])?;
         // veth marks packets checksum-verified while rx checksumming is on, so a wrong checksum written by
@@ -224,6 +244,34 @@ impl Lab {
         Ok(())
     }
 
+    /// The cgroup of node `node`'s own processes; the agent's socket programs are attached to it.
+    #[must_use]
+    pub fn node_cgroup(&self, node: usize) -> PathBuf {
+        self.cgroup.as_ref().map(|c| c.join(node_name(node))).unwrap_or_default()
+    }
+
+    /// One request from a process on node `node` itself (its namespace and cgroup), using the `lab-client`
+    /// binary at `client`.
+    pub fn request_from_node(
+        &self,
+        node: usize,
+        client: &Path,
+        proto: Proto,
+        target: SocketAddrV4,
+    ) -> anyhow::Result<Outcome> {
+        let procs = self.node_cgroup(node).join("cgroup.procs");
+        let proto = if proto == Proto::Udp { "udp" } else { "tcp" };
+        // The shell joins the cgroup, then becomes the client in the node's namespace.
+        let script = format!(
+            "echo $$ > '{}' && exec ip netns exec '{}' '{}' {proto} {target} 2000",
+            procs.display(),
+            self.node_ns(node),
+            client.display()
+        );
+        let out = run("sh", &["-c", &script])?;
+        Ok(Outcome::from_client_output(&out))
+    }
+
     /// The directory every agent reads manifests from (one "API server" for the whole lab).
     #[must_use]
     pub fn manifest_dir(&self) -> PathBuf {
@@ -259,7 +307,11 @@ impl Lab {
                 pin_dir: self.bpffs.join(node_name(n)),
                 log: self.dir.join(format!("agent-{}.log", node_name(n))),
                 pod_interfaces: format!("{POD_IFACE_PREFIX}*"),
-                extra_args: self.spec.agent_args.clone(),
+                extra_args: [
+                    vec!["--cgroup".to_owned(), self.node_cgroup(n).to_string_lossy().into_owned()],
+                    self.spec.agent_args.clone(),
+                ]
+                .concat(),
             };
             self.agents.push(Agent::spawn(config)?);
         }
@@ -310,7 +362,39 @@ impl Drop for Lab {
         {
             eprintln!("lab teardown: {e:#}");
         }
+        if let Some(cgroup) = self.cgroup.take() {
+            remove_cgroup(&cgroup);
+        }
+        if self.cgroup2_mounted
+            && let Err(e) = run("umount", &[&self.dir.join("cgroup2").to_string_lossy()])
+        {
+            eprintln!("lab teardown: {e:#}");
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Where cgroup v2 is mounted, from /proc/self/mountinfo.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// Removes a lab cgroup and its node children (empty once their processes have exited).
+fn remove_cgroup(cgroup: &Path) {
+    if let Ok(children) = std::fs::read_dir(cgroup) {
+        for child in children.flatten().filter(|c| c.path().is_dir()) {
+            let _ = std::fs::remove_dir(child.path());
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(cgroup) {
+        eprintln!("lab teardown: removing cgroup {}: {e}", cgroup.display());
     }
 }
 
@@ -324,7 +408,14 @@ fn sweep_stale_labs() {
             let _ = ip(&["netns", "del", name]);
             let stale_dir = std::env::temp_dir().join(name.split('-').next().unwrap_or(name));
             let _ = run("umount", &[&stale_dir.join("bpffs").to_string_lossy()]);
+            let _ = run("umount", &[&stale_dir.join("cgroup2").to_string_lossy()]);
             let _ = std::fs::remove_dir_all(stale_dir);
+            if let Some(cg) = cgroup2_mount() {
+                let stale_cgroup = cg.join(name.split('-').next().unwrap_or(name));
+                if stale_cgroup.is_dir() {
+                    remove_cgroup(&stale_cgroup);
+                }
+            }
         }
     }
 }

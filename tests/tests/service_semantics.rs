@@ -356,3 +356,33 @@ fn a_named_target_port_resolves_through_the_endpoint_slice() {
     lab.start_agents().unwrap();
     assert_eq!(request(&lab.pod(1, 1).ns.clone(), Proto::Tcp, at(vip(87), 80), TIMEOUT).unwrap().backend, "pod-2-2");
 }
+
+/// The node's own processes reach ClusterIPs and NodePorts (translated at the socket), TCP and UDP, and
+/// reach every endpoint whatever the external policy. UDP replies show the Service address.
+#[test]
+fn the_node_itself_reaches_cluster_ips_and_node_ports() {
+    let client = std::path::Path::new(env!("CARGO_BIN_EXE_lab-client"));
+    let mut lab = lab(LabSpec::default(), &[(2, 2)]);
+    let ports = vec![
+        Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 },
+        Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 },
+    ];
+    let mut svc = Svc::new("from-node", vip(88), ports);
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30095];
+    svc.external_policy = "Local";
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+
+    for (node, proto, target) in [
+        (1, Proto::Tcp, at(vip(88), 80)),
+        (1, Proto::Udp, at(vip(88), 53)),
+        (1, Proto::Tcp, at(node_ip(1), 30095)),
+        (2, Proto::Tcp, at(node_ip(2), 30095)),
+    ] {
+        let outcome = lab.request_from_node(node, client, proto, target).unwrap();
+        let r = answered(outcome);
+        assert_eq!(r.backend, "pod-2-2", "node{node} → {target}");
+        assert_eq!(*r.seen_source.ip(), node_ip(node), "node{node} → {target}");
+    }
+}

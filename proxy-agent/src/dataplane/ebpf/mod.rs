@@ -2,6 +2,7 @@
 
 mod attach;
 mod maps;
+pub mod sockets;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ pub struct EbpfDataplane {
 }
 
 /// Node-wide settings of the data path.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct NodeSettings {
     /// The address SNATed flows leave with: the node's primary IPv4.
     pub snat_addr: Option<std::net::Ipv4Addr>,
@@ -34,6 +35,8 @@ pub struct NodeSettings {
     pub snat_ports: (u16, u16),
     /// kube-proxy's `masqueradeAll`.
     pub masquerade_all: bool,
+    /// The cgroup (v2) whose processes' sockets get Service translation (the node's own traffic).
+    pub socket_cgroup: Option<PathBuf>,
 }
 
 fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result<()> {
@@ -41,6 +44,8 @@ fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result
     let mut config: aya::maps::Array<_, proxy_common::config::Config> =
         aya::maps::Array::try_from(map).context("map CONFIG has an unexpected type")?;
     let value = proxy_common::config::Config {
+        netns_cookie: sockets::netns_cookie()?,
+        pad: 0,
         snat_addr: settings.snat_addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
         snat_port_min: settings.snat_ports.0,
         snat_port_max: settings.snat_ports.1,
@@ -60,6 +65,15 @@ impl EbpfDataplane {
             .with_context(|| format!("loading the eBPF object (maps pinned under {})", pin_dir.display()))?;
         attach::load_programs(&mut ebpf)?;
         write_config(&mut ebpf, settings)?;
+        match &settings.socket_cgroup {
+            Some(cgroup) => {
+                sockets::attach(&mut ebpf, cgroup)?;
+                tracing::info!(cgroup = %cgroup.display(), "node traffic to Services is translated at the socket");
+            }
+            None => tracing::warn!(
+                "no cgroup v2 for the socket programs: the node's own traffic to Services is not translated"
+            ),
+        }
         let writer = writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?;
         let mut dataplane =
             Self { ebpf, writer, attachments: attach::Attachments::default(), roles, pin_dir: pin_dir.to_owned() };

@@ -1,0 +1,122 @@
+//! Socket programs for the node's own traffic (cgroup `sock_addr` hooks).
+//!
+//! A process on the node talking to a ClusterIP or to a NodePort on the node's address never passes a TC
+//! hook on the way in, so translation happens where it is cheapest: at `connect()` and `sendmsg()`, the
+//! destination becomes a backend, once per connection instead of once per packet. `recvmsg()` and
+//! `getpeername()` show the frontend again, so applications see the address they asked for.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_ANY,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map},
+    maps::LruHashMap,
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    capacity,
+    service::flags,
+    sock::{SockFrontend, SockKey},
+};
+
+use crate::{lb, packet::Flow, snat};
+
+#[map(name = "SOCK_REVNAT")]
+static SOCK_REVNAT: LruHashMap<SockKey, SockFrontend> = LruHashMap::pinned(capacity::SOCK_REVNAT, 0);
+
+/// The verdicts of a `sock_addr` program.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+/// Whether the socket lives in the network namespace this agent serves.
+#[inline(always)]
+fn ours(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the helper only reads the context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let cfg = snat::config();
+    cfg.netns_cookie != 0 && cookie == cfg.netns_cookie
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper only reads the context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Points the socket at a backend if it is addressed to a frontend.
+#[inline(always)]
+fn translate(ctx: &SockAddrContext) -> i32 {
+    if !ours(ctx) {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: the context points at the kernel's bpf_sock_addr for the whole run; these fields are readable.
+    let (addr, user_port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    let Ok(proto) = u8::try_from(protocol) else { return ALLOW };
+    // user_port holds the port in network byte order in its low 16 bits.
+    let port = (user_port & 0xffff) as u16;
+    let flow = Flow { l3_off: 0, l4_off: 0, src_addr: 0, dst_addr: addr, src_port: 0, dst_port: port, proto };
+    // The node's own traffic is internal: it reaches every endpoint, whatever the external policy.
+    let Some(svc) = lb::lookup_service(&flow, true) else { return ALLOW };
+    let Some((_, backend)) = lb::select_backend(&flow, &svc) else {
+        // No usable endpoint: fail the call at once (EPERM) rather than leave the client to time out.
+        return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { DENY } else { ALLOW };
+    };
+    let key = SockKey { cookie: socket_cookie(ctx), addr: backend.addr, port: backend.port, pad: 0 };
+    let frontend = SockFrontend { addr, port, pad: 0 };
+    // Without the entry, replies would show the backend's address; better to refuse than to confuse.
+    if SOCK_REVNAT.insert(&key, &frontend, u64::from(BPF_ANY)).is_err() {
+        return DENY;
+    }
+    // SAFETY: as above; these fields are writable from connect4 and sendmsg4.
+    unsafe {
+        (*sa).user_ip4 = backend.addr;
+        (*sa).user_port = u32::from(backend.port);
+    }
+    ALLOW
+}
+
+/// Shows the frontend instead of the backend a socket was pointed at.
+#[inline(always)]
+fn restore(ctx: &SockAddrContext) -> i32 {
+    if !ours(ctx) {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: as in `translate`.
+    let (addr, user_port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let key = SockKey { cookie: socket_cookie(ctx), addr, port: (user_port & 0xffff) as u16, pad: 0 };
+    // SAFETY: the value is copied out at once.
+    if let Some(frontend) = unsafe { SOCK_REVNAT.get(&key).copied() } {
+        // SAFETY: these fields are writable from recvmsg4 and getpeername4.
+        unsafe {
+            (*sa).user_ip4 = frontend.addr;
+            (*sa).user_port = u32::from(frontend.port);
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+#[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+#[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+#[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+#[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx)
+}
