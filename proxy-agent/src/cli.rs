@@ -53,6 +53,10 @@ pub struct Args {
     #[arg(long, value_name = "PATH|none")]
     pub cgroup: Option<String>,
 
+    /// XDP on host interfaces for NodePort and external traffic; TC handles whatever XDP does not.
+    #[arg(long, value_enum, default_value = "native")]
+    pub xdp: crate::dataplane::ebpf::XdpSetting,
+
     /// SNAT all traffic to Services, not only what needs it (kube-proxy's `--masquerade-all`).
     #[arg(long)]
     pub masquerade_all: bool,

@@ -24,6 +24,20 @@ pub mod maps {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const CONFIG: &str = "CONFIG";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const STATS: &str = "STATS";
+}
+
+/// Per-CPU counters of the data path (the `STATS` array), by index.
+pub mod stats {
+    /// XDP translated a new or known flow and sent it back out (DNAT + SNAT to another node).
+    pub const XDP_TX_FORWARD: u32 = 0;
+    /// XDP translated a reply of such a flow and sent it back out to the client.
+    pub const XDP_TX_REPLY: u32 = 1;
+    /// XDP did the DNAT and handed the packet to the stack (source kept).
+    pub const XDP_DNAT_PASS: u32 = 2;
+    /// XDP left a Service packet to the TC path.
+    pub const XDP_FALLBACK: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Sizes of the maps. The agent refuses a desired table that would not fit, rather than half-write it.

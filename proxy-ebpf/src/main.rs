@@ -1,6 +1,6 @@
 //! The kernel half of the service proxy.
 //!
-//! One file per attach point (`tc_pod`, `tc_host`, `sock_lb`), one module per concern (`packet`, `lb`, `conntrack`,
+//! One file per attach point (`tc_pod`, `tc_host`, `xdp_host`, `sock_lb`), one module per concern (`packet`, `lb`, `conntrack`,
 //! `nat`, `snat`, `reject`; `service_path` ties them together), each
 //! map defined beside the logic that uses it, as Cilium's bpf/ is laid out.
 #![no_std]
@@ -21,6 +21,7 @@ mod snat;
 mod sock_lb;
 mod tc_host;
 mod tc_pod;
+mod xdp_host;
 
 #[cfg(not(test))]
 #[panic_handler]

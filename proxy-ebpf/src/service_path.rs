@@ -1,16 +1,17 @@
-//! The service path, shared by the pod-facing and host-facing hooks.
+//! The service path: the decisions shared by every hook, and the TC ingress and egress built on them.
 //!
-//! Ingress (before routing) only ever rewrites destinations: DNAT to a backend, and un-SNAT of replies.
-//! Egress (after routing) only ever rewrites sources: reverse DNAT of replies, and SNAT. So the kernel routes
-//! every packet by its final destination, and strict `rp_filter` never sees a spoofed-looking source.
+//! On TC, ingress (before routing) only ever rewrites destinations: DNAT to a backend, and un-SNAT of
+//! replies. Egress (after routing) only ever rewrites sources: reverse DNAT of replies, and SNAT. So the
+//! kernel routes every packet by its final destination, and strict `rp_filter` never sees a spoofed-looking
+//! source.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use proxy_common::{
-    backend::FLAG_LOCAL,
-    config::FLAG_MASQUERADE_ALL,
+    backend::{Backend, FLAG_LOCAL},
+    config::{Config, FLAG_MASQUERADE_ALL},
     conntrack::{CtValue, FLAG_SNAT},
     mark,
     service::flags,
@@ -19,7 +20,8 @@ use proxy_common::{
 use crate::{
     conntrack, lb,
     nat::{self, Side},
-    packet, reject, skb, snat,
+    packet::{self, Flow},
+    reject, skb, snat,
 };
 
 pub const PASS: i32 = TC_ACT_OK;
@@ -34,57 +36,82 @@ pub enum Origin {
     Host,
 }
 
+/// What to do with a packet addressed somewhere.
+pub enum Verdict {
+    /// Not addressed to a frontend: leave it alone.
+    NotService,
+    Drop,
+    /// No usable endpoint anywhere: refuse the client.
+    Reject,
+    /// Send it to this backend; `snat` if it must also leave with the node's address.
+    Forward {
+        backend: Backend,
+        snat: bool,
+    },
+}
+
+/// Finds the frontend a flow is addressed to and its backend: the flow's own if it has one that still
+/// exists, else the client's affinity, else a random pick. Records new flows in conntrack.
+#[inline(always)]
+pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict, i64> {
+    let Some(svc) = lb::lookup_service(flow, origin == Origin::Pod) else {
+        return Ok(Verdict::NotService);
+    };
+    if origin == Origin::Host && svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(flow, &svc) {
+        return Ok(Verdict::Drop);
+    }
+    if let Some(ct) = conntrack::lookup_forward(flow)
+        && let Some(backend) = lb::backend(ct.backend_id)
+    {
+        return Ok(Verdict::Forward { backend, snat: ct.flags & FLAG_SNAT != 0 });
+    }
+    let affinity = svc.value.flags & flags::AFFINITY != 0;
+    let chosen = if affinity { lb::affinity_backend(flow, &svc) } else { None };
+    let Some((backend_id, backend)) = chosen.or_else(|| lb::select_backend(flow, &svc)) else {
+        return Ok(if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { Verdict::Reject } else { Verdict::Drop });
+    };
+    if affinity {
+        lb::remember_affinity(flow, &svc, backend_id);
+    }
+    let snat = match origin {
+        // A pod reaching itself through its Service (hairpin) must not see its own address as source.
+        Origin::Pod => cfg.flags & FLAG_MASQUERADE_ALL != 0 || backend.addr == flow.src_addr,
+        // External traffic is SNATed when the policy says so, and always when the backend is elsewhere, or
+        // its replies would not come back through this node.
+        Origin::Host => svc.ext_flags & flags::MASQUERADE_EXTERNAL != 0 || backend.flags & FLAG_LOCAL == 0,
+    };
+    let value = CtValue { backend_id, rev_nat_id: svc.value.rev_nat_id, flags: if snat { FLAG_SNAT } else { 0 } };
+    conntrack::record(flow, &backend, &value).map_err(i64::from)?;
+    Ok(Verdict::Forward { backend, snat })
+}
+
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, i64> {
-    let Some(flow) = packet::parse(ctx) else {
+    let Some(mut flow) = packet::parse(ctx) else {
         return Ok(PASS);
     };
     let cfg = snat::config();
-    if snat::unsnat(ctx, &flow, &cfg)? {
+    if let Some(client) = snat::client_of(&flow, &cfg) {
+        nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, client.port)?;
         return Ok(PASS);
     }
-    let Some(svc) = lb::lookup_service(&flow, origin == Origin::Pod) else {
-        return Ok(PASS);
-    };
-    if origin == Origin::Host && svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(&flow, &svc) {
-        return Ok(DROP);
-    }
-
-    // An established flow keeps its backend while that backend exists; otherwise pick (again).
-    let known = conntrack::lookup_forward(&flow).and_then(|ct| lb::backend(ct.backend_id).map(|b| (b, ct.flags)));
-    let (backend, ct_flags) = if let Some(known) = known {
-        known
-    } else {
-        let affinity = svc.value.flags & flags::AFFINITY != 0;
-        let chosen = if affinity { lb::affinity_backend(&flow, &svc) } else { None };
-        let Some((backend_id, backend)) = chosen.or_else(|| lb::select_backend(&flow, &svc)) else {
-            return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { reject::reject(ctx, &flow) } else { Ok(DROP) };
-        };
-        if affinity {
-            lb::remember_affinity(&flow, &svc, backend_id);
+    match decide(&flow, origin, &cfg)? {
+        Verdict::NotService => Ok(PASS),
+        Verdict::Drop => Ok(DROP),
+        Verdict::Reject => reject::reject(ctx, &flow),
+        Verdict::Forward { backend, snat } => {
+            nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
+            if snat {
+                ctx.set_mark(skb::mark(ctx) | mark::SNAT);
+            }
+            Ok(PASS)
         }
-        let snat = match origin {
-            // A pod reaching itself through its Service (hairpin) must not see its own address as source.
-            Origin::Pod => cfg.flags & FLAG_MASQUERADE_ALL != 0 || backend.addr == flow.src_addr,
-            // External traffic is SNATed when the policy says so, and always when the backend is elsewhere,
-            // or its replies would not come back through this node.
-            Origin::Host => svc.ext_flags & flags::MASQUERADE_EXTERNAL != 0 || backend.flags & FLAG_LOCAL == 0,
-        };
-        let ct_flags = if snat { FLAG_SNAT } else { 0 };
-        let value = CtValue { backend_id, rev_nat_id: svc.value.rev_nat_id, flags: ct_flags };
-        conntrack::record(&flow, &backend, &value).map_err(i64::from)?;
-        (backend, ct_flags)
-    };
-    nat::rewrite(ctx, &flow, Side::Destination, backend.addr, backend.port)?;
-    if ct_flags & FLAG_SNAT != 0 {
-        ctx.set_mark(skb::mark(ctx) | mark::SNAT);
     }
-    Ok(PASS)
 }
 
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> Result<i32, i64> {
-    let Some(flow) = packet::parse(ctx) else {
+    let Some(mut flow) = packet::parse(ctx) else {
         return Ok(PASS);
     };
     if let Some(ct) = conntrack::lookup_reply(&flow) {
@@ -92,11 +119,13 @@ pub fn egress(ctx: &TcContext) -> Result<i32, i64> {
             // The Service is gone; the client's connection fails, as it would with kube-proxy.
             return Ok(PASS);
         };
-        nat::rewrite(ctx, &flow, Side::Source, frontend.addr, frontend.port)?;
+        nat::rewrite(ctx, &mut flow, Side::Source, frontend.addr, frontend.port)?;
         return Ok(PASS);
     }
     if skb::mark(ctx) & mark::SNAT != 0 {
-        snat::snat(ctx, &flow, &snat::config())?;
+        let cfg = snat::config();
+        let port = snat::port_for(&flow, &cfg)?;
+        nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
     }
     Ok(PASS)
 }

@@ -1,15 +1,15 @@
 //! Source NAT to the node's address, for flows that must come back through this node: external traffic with
 //! externalTrafficPolicy Cluster, flows to a backend on another node, hairpin, and `masqueradeAll`.
 //!
-//! SNAT happens at egress (after routing) and its reverse at ingress (before routing), so the stack never
-//! sees a packet whose source is one of its own addresses arriving from outside: strict `rp_filter` holds.
+//! On the TC path SNAT happens at egress (after routing) and its reverse at ingress (before routing), so the
+//! stack never sees a packet whose source is one of its own addresses arriving from outside. The XDP path
+//! does both at once and sends the packet straight back out.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_get_prandom_u32,
     macros::map,
     maps::{Array, LruHashMap},
-    programs::TcContext,
 };
 use proxy_common::{
     capacity,
@@ -17,11 +17,7 @@ use proxy_common::{
     conntrack::{CtKey, DIR_SNAT_IN, DIR_SNAT_OUT, SnatValue},
 };
 
-use crate::{
-    conntrack,
-    nat::{self, Side},
-    packet::Flow,
-};
+use crate::{conntrack, packet::Flow};
 
 #[map(name = "SNAT")]
 static SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::pinned(capacity::SNAT, 0);
@@ -38,23 +34,21 @@ pub fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or_default()
 }
 
-/// Rewrites the source of a new or known flow to the node's address and a port of its own.
+/// The node port a flow (client → backend, after DNAT) leaves with: the one it has, or a new one.
 #[inline(always)]
-pub fn snat(ctx: &TcContext, flow: &Flow, cfg: &Config) -> Result<(), i64> {
+pub fn port_for(flow: &Flow, cfg: &Config) -> Result<u16, i64> {
     if cfg.snat_addr == 0 {
         return Err(-1);
     }
     let out_key = conntrack::key(flow, DIR_SNAT_OUT);
     // SAFETY: the value is copied out at once.
-    let port = if let Some(known) = unsafe { SNAT.get(&out_key).copied() } {
-        known.port
-    } else {
-        let port = allocate_port(flow, cfg)?;
-        let out = SnatValue { addr: cfg.snat_addr, port, pad: 0 };
-        SNAT.insert(&out_key, &out, u64::from(BPF_ANY)).map_err(i64::from)?;
-        port
-    };
-    nat::rewrite(ctx, flow, Side::Source, cfg.snat_addr, port)
+    if let Some(known) = unsafe { SNAT.get(&out_key).copied() } {
+        return Ok(known.port);
+    }
+    let port = allocate_port(flow, cfg)?;
+    let out = SnatValue { addr: cfg.snat_addr, port, pad: 0 };
+    SNAT.insert(&out_key, &out, u64::from(BPF_ANY)).map_err(i64::from)?;
+    Ok(port)
 }
 
 /// Finds a free node port for a flow to `flow.dst` and records the way back to the client.
@@ -84,16 +78,12 @@ fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16, i64> {
     Err(-1)
 }
 
-/// A reply to a SNATed flow: its destination goes back to the client. Returns whether it was one.
+/// For a reply to a SNATed flow (backend → node address and SNAT port): the client it belongs to.
 #[inline(always)]
-pub fn unsnat(ctx: &TcContext, flow: &Flow, cfg: &Config) -> Result<bool, i64> {
+pub fn client_of(flow: &Flow, cfg: &Config) -> Option<SnatValue> {
     if cfg.snat_addr == 0 || flow.dst_addr != cfg.snat_addr {
-        return Ok(false);
+        return None;
     }
     // SAFETY: the value is copied out at once.
-    let Some(client) = (unsafe { SNAT.get(&conntrack::key(flow, DIR_SNAT_IN)).copied() }) else {
-        return Ok(false);
-    };
-    nat::rewrite(ctx, flow, Side::Destination, client.addr, client.port)?;
-    Ok(true)
+    unsafe { SNAT.get(&conntrack::key(flow, DIR_SNAT_IN)).copied() }
 }

@@ -321,7 +321,8 @@ fn established_flows_to_a_terminating_endpoint_continue_and_new_ones_avoid_it() 
 /// masqueradeAll: pod traffic to Services is SNATed too.
 #[test]
 fn masquerade_all_snats_pod_traffic() {
-    let spec = LabSpec { agent_args: vec!["--masquerade-all".into()], ..LabSpec::default() };
+    let mut spec = LabSpec::default();
+    spec.agent_args.push("--masquerade-all".into());
     let mut lab = lab(spec, &[(2, 2)]);
     lab.write_manifest("svc.yaml", &Svc::new("m", vip(85), http()).with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
     lab.start_agents().unwrap();
@@ -385,4 +386,48 @@ fn the_node_itself_reaches_cluster_ips_and_node_ports() {
         assert_eq!(r.backend, "pod-2-2", "node{node} → {target}");
         assert_eq!(*r.seen_source.ip(), node_ip(node), "node{node} → {target}");
     }
+}
+
+/// XDP NodePort acceleration: the XDP path and the TC path give identical results (same backends, same
+/// source seen), and with XDP on, the XDP counters show it did the work. (Generic mode: see `LabSpec`.)
+#[test]
+fn xdp_and_tc_paths_give_identical_results_for_external_traffic() {
+    use proxy_common::stats;
+    let run = |xdp: &str| {
+        let spec = LabSpec { agent_args: vec!["--xdp".into(), xdp.into()], ..LabSpec::default() };
+        // LabSpec's own --xdp is replaced, not added to.
+        let mut lab = lab(spec, &[(1, 2), (2, 2)]);
+        let mut cluster = Svc::new("np-cluster", vip(90), http());
+        cluster.type_ = "NodePort";
+        cluster.node_ports = vec![30100];
+        let mut local = Svc::new("np-local", vip(91), http());
+        local.type_ = "NodePort";
+        local.node_ports = vec![30101];
+        local.external_policy = "Local";
+        lab.write_manifest("cluster.yaml", &cluster.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+        lab.write_manifest("local.yaml", &local.with_endpoints(&eps(&lab, &[(1, 2)]))).unwrap();
+        lab.start_agents().unwrap();
+        let mut seen = Vec::new();
+        for port in [30100, 30101] {
+            for (i, r) in
+                requests(&ext(&lab), Proto::Tcp, at(node_ip(1), port), 5, TIMEOUT).unwrap().into_iter().enumerate()
+            {
+                let r = r.unwrap_or_else(|e| {
+                    panic!("xdp {xdp}, port {port}, request {i}: {e:#}; counters {:?}", lab.stats(1))
+                });
+                seen.push((port, r.backend, *r.seen_source.ip()));
+            }
+        }
+        (seen, lab.stats(1).unwrap())
+    };
+    let (with_xdp, counters) = run("generic");
+    let (with_tc, tc_counters) = run("off");
+    assert_eq!(with_xdp, with_tc, "the XDP and TC paths must answer alike");
+    assert!(with_xdp.iter().any(|(p, _, src)| *p == 30100 && *src == node_ip(1)), "{with_xdp:?}");
+    assert!(with_xdp.iter().any(|(p, _, src)| *p == 30101 && *src == proxy_lab::lab::EXTERNAL_IP), "{with_xdp:?}");
+    eprintln!("XDP counters on node1: {counters:?}");
+    assert!(counters[stats::XDP_TX_FORWARD as usize] > 0, "XDP never forwarded: {counters:?}");
+    assert!(counters[stats::XDP_TX_REPLY as usize] > 0, "XDP never answered: {counters:?}");
+    assert!(counters[stats::XDP_DNAT_PASS as usize] > 0, "XDP never did a DNAT: {counters:?}");
+    assert!(tc_counters.iter().all(|c| *c == 0), "XDP off, yet counted: {tc_counters:?}");
 }

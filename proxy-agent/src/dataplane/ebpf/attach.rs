@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
-use aya::programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId};
 
 /// Which interfaces face pods: names matching any of these patterns (`*` matches any run of characters).
 #[derive(Clone, Debug, Default)]
@@ -52,16 +52,30 @@ impl Role {
 /// Every TC program in the object.
 pub const PROGRAMS: [&str; 4] = ["tc_pod_ingress", "tc_pod_egress", "tc_host_ingress", "tc_host_egress"];
 
+pub const XDP_PROGRAM: &str = "xdp_host";
+
 struct Attached {
     name: String,
     role: Role,
     links: Vec<(&'static str, SchedClassifierLinkId)>,
+    xdp: Option<XdpLinkId>,
+}
+
+/// How the XDP program is attached to host interfaces; TC handles everything either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpSetting {
+    /// In the driver (veth and most NICs): the fast path.
+    Native,
+    /// In the stack, for drivers without native XDP: correct, not faster than TC.
+    Generic,
+    /// TC only.
+    Off,
 }
 
 /// The interfaces the programs are attached to, by ifindex.
-#[derive(Default)]
 pub struct Attachments {
     by_index: BTreeMap<u32, Attached>,
+    xdp: XdpSetting,
 }
 
 /// Which interfaces get which programs.
@@ -86,6 +100,33 @@ impl InterfaceRoles {
 }
 
 impl Attachments {
+    #[must_use]
+    pub fn new(xdp: XdpSetting) -> Self {
+        Self { by_index: BTreeMap::new(), xdp }
+    }
+
+    /// Attaches XDP to a host interface; on failure the interface keeps its TC programs and the failure is
+    /// logged, never fatal.
+    fn attach_xdp(&self, ebpf: &mut aya::Ebpf, idx: u32, name: &str) -> anyhow::Result<Option<XdpLinkId>> {
+        let mode = match self.xdp {
+            XdpSetting::Off => return Ok(None),
+            XdpSetting::Native => XdpMode::Driver,
+            XdpSetting::Generic => XdpMode::Skb,
+        };
+        let prog: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .with_context(|| format!("program {XDP_PROGRAM} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program {XDP_PROGRAM} is not an XDP program"))?;
+        match prog.attach(idx, mode) {
+            Ok(link) => Ok(Some(link)),
+            Err(e) => {
+                tracing::warn!(interface = name, ?mode, error = %e, "XDP attach failed; TC handles this interface");
+                Ok(None)
+            }
+        }
+    }
+
     /// Attaches to new matching interfaces and forgets those that are gone. Returns the names newly attached.
     pub fn refresh(&mut self, ebpf: &mut aya::Ebpf, roles: &InterfaceRoles) -> anyhow::Result<Vec<String>> {
         let present: BTreeMap<u32, (String, Role)> = nix::net::if_::if_nameindex()
@@ -111,6 +152,10 @@ impl Attachments {
             for (prog, link) in gone.links {
                 drop(program(ebpf, prog)?.take_link(link));
             }
+            if let Some(link) = gone.xdp {
+                let prog: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).context("xdp program")?.try_into()?;
+                drop(prog.take_link(link));
+            }
             tracing::debug!(interface = %gone.name, "interface gone");
         }
 
@@ -132,8 +177,9 @@ impl Attachments {
                     }
                 }
             }
-            self.by_index.insert(idx, Attached { name: name.clone(), role, links });
-            added.push(format!("{name} ({role:?})"));
+            let xdp = if role == Role::Host { self.attach_xdp(ebpf, idx, &name)? } else { None };
+            added.push(format!("{name} ({role:?}{})", if xdp.is_some() { " + XDP" } else { "" }));
+            self.by_index.insert(idx, Attached { name, role, links, xdp });
         }
         Ok(added)
     }
@@ -156,7 +202,12 @@ pub fn load_programs(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
     for name in PROGRAMS {
         program(ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
     }
-    Ok(())
+    let xdp: &mut Xdp = ebpf
+        .program_mut(XDP_PROGRAM)
+        .with_context(|| format!("program {XDP_PROGRAM} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {XDP_PROGRAM} is not an XDP program"))?;
+    xdp.load().with_context(|| format!("loading {XDP_PROGRAM}"))
 }
 
 #[cfg(test)]

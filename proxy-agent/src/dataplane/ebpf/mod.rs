@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-pub use attach::{InterfacePatterns, InterfaceRoles, Role};
+pub use attach::{InterfacePatterns, InterfaceRoles, Role, XdpSetting};
 
 use super::{ApplyStats, Dataplane};
 use crate::model::ServiceTable;
@@ -37,6 +37,7 @@ pub struct NodeSettings {
     pub masquerade_all: bool,
     /// The cgroup (v2) whose processes' sockets get Service translation (the node's own traffic).
     pub socket_cgroup: Option<PathBuf>,
+    pub xdp: XdpSetting,
 }
 
 fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result<()> {
@@ -75,8 +76,13 @@ impl EbpfDataplane {
             ),
         }
         let writer = writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?;
-        let mut dataplane =
-            Self { ebpf, writer, attachments: attach::Attachments::default(), roles, pin_dir: pin_dir.to_owned() };
+        let mut dataplane = Self {
+            ebpf,
+            writer,
+            attachments: attach::Attachments::new(settings.xdp),
+            roles,
+            pin_dir: pin_dir.to_owned(),
+        };
         dataplane.housekeeping()?;
         Ok(dataplane)
     }

@@ -1,0 +1,132 @@
+//! XDP on host interfaces: NodePort and external traffic translated before the kernel allocates an skb.
+//!
+//! The fast cases are done here, with results identical to the TC path:
+//! - a flow that keeps its source (externalTrafficPolicy Local, local backend): DNAT, then on to the stack;
+//! - a flow SNATed to a backend on another node: DNAT and SNAT, and straight back out (`XDP_TX`), both ways.
+//!
+//! Everything else (a local backend that must be SNATed, a reject, a next hop not yet in the neighbour table,
+//! another interface) passes untouched, and the TC programs on the same interface handle it, finding the
+//! conntrack and SNAT entries recorded here if this program already decided.
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
+    helpers::bpf_fib_lookup,
+    macros::{map, xdp},
+    maps::PerCpuArray,
+    programs::XdpContext,
+};
+use proxy_common::{backend::FLAG_LOCAL, stats};
+
+use crate::{
+    conntrack,
+    nat::{self, Side},
+    packet::{self, Flow, Packet as _},
+    service_path::{Origin, Verdict, decide},
+    snat,
+};
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+const AF_INET: u8 = 2;
+/// `sizeof(struct bpf_fib_lookup)`
+const FIB_PARAMS_LEN: i32 = 64;
+const _: () = assert!(size_of::<FibParams>() == FIB_PARAMS_LEN as usize);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, written only by this CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[xdp]
+#[expect(clippy::needless_pass_by_value, reason = "#[xdp] fixes the signature")]
+pub fn xdp_host(ctx: XdpContext) -> u32 {
+    // An error after the packet was changed cannot be undone; drop rather than send it on half-rewritten.
+    try_xdp_host(&ctx).unwrap_or(xdp_action::XDP_DROP)
+}
+
+/// The next hop's MACs towards `dst`, if it leaves through the interface the packet came in on.
+#[inline(always)]
+fn same_interface_next_hop(ctx: &XdpContext, flow: &Flow, src: u32, dst: u32) -> Option<([u8; 6], [u8; 6])> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid value of this plain C struct.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = flow.proto;
+    // SAFETY: the context points at the kernel's xdp_md for the whole run.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    params.ifindex = ifindex;
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: `params` is a valid bpf_fib_lookup on the stack and its size is passed.
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &raw mut params, FIB_PARAMS_LEN, 0) };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || params.ifindex != ifindex {
+        return None;
+    }
+    // SAFETY: on success the kernel filled in the MAC addresses.
+    let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
+    Some((macs.dmac, macs.smac))
+}
+
+#[inline(always)]
+fn set_macs(ctx: &XdpContext, (dmac, smac): ([u8; 6], [u8; 6])) -> Result<(), i64> {
+    ctx.store(0, &dmac)?;
+    ctx.store(6, &smac)
+}
+
+#[inline(always)]
+fn try_xdp_host(ctx: &XdpContext) -> Result<u32, i64> {
+    let Some(mut flow) = packet::parse(ctx) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let cfg = snat::config();
+
+    // A reply to a flow SNATed here: back to the client, from the frontend, in one go.
+    if let Some(client) = snat::client_of(&flow, &cfg) {
+        let reply = Flow { dst_addr: client.addr, dst_port: client.port, ..flow };
+        let Some(ct) = conntrack::lookup_reply(&reply) else { return Ok(xdp_action::XDP_PASS) };
+        let Some(frontend) = nat::revnat(ct.rev_nat_id) else { return Ok(xdp_action::XDP_PASS) };
+        let Some(macs) = same_interface_next_hop(ctx, &flow, frontend.addr, client.addr) else {
+            count(stats::XDP_FALLBACK);
+            return Ok(xdp_action::XDP_PASS);
+        };
+        nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, client.port)?;
+        nat::rewrite(ctx, &mut flow, Side::Source, frontend.addr, frontend.port)?;
+        set_macs(ctx, macs)?;
+        count(stats::XDP_TX_REPLY);
+        return Ok(xdp_action::XDP_TX);
+    }
+
+    let (backend, snat) = match decide(&flow, Origin::Host, &cfg)? {
+        Verdict::NotService => return Ok(xdp_action::XDP_PASS),
+        Verdict::Drop => return Ok(xdp_action::XDP_DROP),
+        // TC builds the ICMP answer; it reaches the same verdict.
+        Verdict::Reject => {
+            count(stats::XDP_FALLBACK);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        Verdict::Forward { backend, snat } => (backend, snat),
+    };
+    if !snat {
+        nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
+        count(stats::XDP_DNAT_PASS);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    if backend.flags & FLAG_LOCAL != 0 {
+        count(stats::XDP_FALLBACK);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let Some(macs) = same_interface_next_hop(ctx, &flow, cfg.snat_addr, backend.addr) else {
+        count(stats::XDP_FALLBACK);
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let after_dnat = Flow { dst_addr: backend.addr, dst_port: backend.port, ..flow };
+    let port = snat::port_for(&after_dnat, &cfg)?;
+    nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
+    nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
+    set_macs(ctx, macs)?;
+    count(stats::XDP_TX_FORWARD);
+    Ok(xdp_action::XDP_TX)
+}
