@@ -42,7 +42,7 @@ pub struct LabSpec {
 }
 
 impl Default for LabSpec {
-    /// Agents run XDP in generic mode: with native XDP on a node's veth, frames it sends back with XDP_TX
+    /// Agents run XDP in generic mode: with native XDP on a node's veth, frames it sends back with `XDP_TX`
     /// reached the peer late or not at all on this kernel (seen: a SYN-ACK 325 ms late, then nothing), while
     /// generic mode and DNAT-then-pass in native mode work. On a physical NIC native mode is the one to use.
     fn default() -> Self {
@@ -191,8 +191,8 @@ impl Lab {
     fn plug_into_underlay(underlay: &str, ns: &str, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
         ip_in(underlay, &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
         ip_in(underlay, &["link", "set", port, "master", "br0", "up"])?;
-        // A veth only takes frames sent back by XDP_TX on its peer (the node's eth0) when it runs NAPI, which
-        // GRO turns on; a physical NIC needs nothing of the kind. (Even so, native-mode XDP_TX frames stall
+        // A veth only takes frames sent back by `XDP_TX` on its peer (the node's eth0) when it runs NAPI, which
+        // GRO turns on; a physical NIC needs nothing of the kind. (Even so, native-mode `XDP_TX` frames stall
         // in this veth queue here; see `LabSpec::default`.)
         run("ip", &["netns", "exec", underlay, "ethtool", "-K", port, "gro", "on"])?;
         ip_in(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
