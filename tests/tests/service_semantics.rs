@@ -424,7 +424,7 @@ fn xdp_and_tc_paths_give_identical_results_for_external_traffic() {
     let (with_tc, tc_counters) = run("off");
     assert_eq!(with_xdp, with_tc, "the XDP and TC paths must answer alike");
     assert!(with_xdp.iter().any(|(p, _, src)| *p == 30100 && *src == node_ip(1)), "{with_xdp:?}");
-    assert!(with_xdp.iter().any(|(p, _, src)| *p == 30101 && *src == proxy_lab::lab::EXTERNAL_IP), "{with_xdp:?}");
+    assert!(with_xdp.iter().any(|(p, _, src)| *p == 30101 && *src == EXTERNAL_IP), "{with_xdp:?}");
     eprintln!("XDP counters on node1: {counters:?}");
     assert!(counters[stats::XDP_TX_FORWARD as usize] > 0, "XDP never forwarded: {counters:?}");
     assert!(counters[stats::XDP_TX_REPLY as usize] > 0, "XDP never answered: {counters:?}");
