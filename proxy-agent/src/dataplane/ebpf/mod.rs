@@ -66,14 +66,13 @@ impl EbpfDataplane {
             .with_context(|| format!("loading the eBPF object (maps pinned under {})", pin_dir.display()))?;
         attach::load_programs(&mut ebpf)?;
         write_config(&mut ebpf, settings)?;
-        match &settings.socket_cgroup {
-            Some(cgroup) => {
-                sockets::attach(&mut ebpf, cgroup)?;
-                tracing::info!(cgroup = %cgroup.display(), "node traffic to Services is translated at the socket");
-            }
-            None => tracing::warn!(
+        if let Some(cgroup) = &settings.socket_cgroup {
+            sockets::attach(&mut ebpf, cgroup)?;
+            tracing::info!(cgroup = %cgroup.display(), "node traffic to Services is translated at the socket");
+        } else {
+            tracing::warn!(
                 "no cgroup v2 for the socket programs: the node's own traffic to Services is not translated"
-            ),
+            );
         }
         let writer = writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?;
         let mut dataplane = Self {
