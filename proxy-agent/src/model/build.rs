@@ -57,6 +57,17 @@ pub fn desired(state: &ClusterState, node: &NodeIdentity) -> Desired {
         let mut local_endpoints = 0;
         for (i, port) in checked.ports.iter().enumerate() {
             let candidates = candidates(port, slices, &node.name);
+            if port.protocol == super::Protocol::Sctp && candidates.iter().any(|c| c.endpoint.port != port.port) {
+                // SCTP's CRC32c covers the ports but not the addresses: the data path translates addresses
+                // only, and would have to recompute the whole checksum to change a port.
+                out.rejected.push(Rejection {
+                    kind: "Service",
+                    object: format!("{}/{}", checked.namespace, checked.name),
+                    field: format!("spec.ports[{i}].targetPort"),
+                    reason: "SCTP with a targetPort different from port is not supported by the eBPF dataplane".into(),
+                });
+                continue;
+            }
             let sets = Sets::of(&candidates, zone.as_deref(), &node.name);
             local_endpoints = local_endpoints.max(sets.local.endpoints.len());
             for (frontend, kind) in frontends_of(&checked, port, &node_port_addrs) {

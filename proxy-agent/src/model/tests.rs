@@ -247,3 +247,93 @@ fn the_model_is_deterministic() {
     let node = NodeIdentity { name: "n".into(), ..NodeIdentity::default() };
     assert_eq!(desired(&input, &node), desired(&input.clone(), &node));
 }
+
+#[test]
+fn sctp_with_port_translation_is_rejected_and_without_it_is_programmed() {
+    let svc_yaml = "metadata: {name: sig}\nspec: {clusterIP: 10.32.0.30, ports: [{name: s, port: 2905, protocol: SCTP}]}";
+    let slice_yaml = |port: u16| {
+        format!(
+            "metadata: {{name: sig-1, labels: {{kubernetes.io/service-name: sig}}}}\naddressType: IPv4\nports: [{{name: s, port: {port}, protocol: SCTP}}]\nendpoints: [{{addresses: [10.200.1.9]}}]"
+        )
+    };
+    let d = run(vec![svc(svc_yaml)], vec![slice(&slice_yaml(2905))]);
+    assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+    assert_eq!(d.table.frontends[&fe([10, 32, 0, 30], 2905, Protocol::Sctp)].internal.endpoints, vec![ep([10, 200, 1, 9], 2905)]);
+    let d = run(vec![svc(svc_yaml)], vec![slice(&slice_yaml(3868))]);
+    assert!(d.table.frontends.is_empty());
+    assert_eq!(d.rejected[0].field, "spec.ports[0].targetPort");
+}
+
+#[test]
+fn node_ports_follow_node_port_addresses() {
+    let np = svc("metadata: {name: np}\nspec: {type: NodePort, clusterIP: 10.32.0.40, ports: [{port: 80, nodePort: 30080}]}");
+    let mut state = state(vec![np], vec![]);
+    let node = |addrs: NodePortAddresses| NodeIdentity {
+        name: "node1".into(),
+        addresses: vec![Ipv4Addr::new(10, 240, 0, 11), Ipv4Addr::new(192, 168, 9, 1)],
+        node_port_addresses: addrs,
+    };
+    let node_ports = |n: &NodeIdentity, s: &ClusterState| -> Vec<Ipv4Addr> {
+        desired(s, n).table.frontends.iter().filter(|(_, e)| e.kind == FrontendKind::NodePort).map(|(f, _)| f.addr).collect()
+    };
+    assert_eq!(node_ports(&node(NodePortAddresses::All), &state).len(), 2);
+    assert_eq!(
+        node_ports(&node(NodePortAddresses::Cidrs(vec![(Ipv4Addr::new(192, 168, 0, 0), 16)])), &state),
+        vec![Ipv4Addr::new(192, 168, 9, 1)]
+    );
+    let node_obj: k8s_openapi::api::core::v1::Node =
+        serde_yaml::from_str("metadata: {name: node1}\nstatus: {addresses: [{type: InternalIP, address: 192.168.9.1}]}").unwrap();
+    state.nodes.insert("node1".into(), Arc::new(node_obj));
+    assert_eq!(node_ports(&node(NodePortAddresses::Primary), &state), vec![Ipv4Addr::new(192, 168, 9, 1)]);
+}
+
+#[test]
+fn load_balancer_ingress_with_ip_mode_proxy_gets_no_frontend() {
+    let lb = svc(
+        "metadata: {name: lb}\nspec: {type: LoadBalancer, clusterIP: 10.32.0.41, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.5, ipMode: VIP}, {ip: 203.0.113.6, ipMode: Proxy}]}}",
+    );
+    let d = run(vec![lb], vec![]);
+    let lbs: Vec<Ipv4Addr> =
+        d.table.frontends.iter().filter(|(_, e)| e.kind == FrontendKind::LoadBalancer).map(|(f, _)| f.addr).collect();
+    assert_eq!(lbs, vec![Ipv4Addr::new(203, 0, 113, 5)]);
+}
+
+#[test]
+fn traffic_policies_shape_the_external_and_internal_sets() {
+    let y = "metadata: {name: p}\nspec: {type: NodePort, clusterIP: 10.32.0.42, externalTrafficPolicy: Local, internalTrafficPolicy: Local, ports: [{name: h, port: 80, nodePort: 30042}]}";
+    let sl = "metadata: {name: p-1, labels: {kubernetes.io/service-name: p}}\naddressType: IPv4\nports: [{name: h, port: 8080}]\nendpoints: [{addresses: [10.200.1.5], nodeName: node1}, {addresses: [10.200.2.5], nodeName: node2}]";
+    let n = NodeIdentity { name: "node1".into(), addresses: vec![Ipv4Addr::new(10, 240, 0, 11)], ..NodeIdentity::default() };
+    let d = desired(&state(vec![svc(y)], vec![slice(sl)]), &n);
+    let local = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 5), port: 8080, local: true };
+    let remote = Endpoint { addr: Ipv4Addr::new(10, 200, 2, 5), port: 8080, local: false };
+    let cluster_ip = &d.table.frontends[&fe([10, 32, 0, 42], 80, Protocol::Tcp)];
+    assert_eq!(cluster_ip.internal.endpoints, vec![local], "iTP Local: pods use local endpoints");
+    assert_eq!(cluster_ip.external.endpoints, vec![local, remote], "iTP does not apply to external traffic");
+    assert!(cluster_ip.masquerade_external);
+    let node_port = &d.table.frontends[&fe([10, 240, 0, 11], 30042, Protocol::Tcp)];
+    assert_eq!(node_port.external.endpoints, vec![local], "eTP Local: external traffic uses local endpoints");
+    assert_eq!(node_port.internal.endpoints, vec![local, remote], "pods reach every endpoint");
+    assert!(!node_port.masquerade_external, "eTP Local keeps the client's address");
+}
+
+#[test]
+fn reject_when_empty_only_when_no_endpoint_exists_anywhere() {
+    let y = "metadata: {name: q}\nspec: {clusterIP: 10.32.0.43, internalTrafficPolicy: Local, ports: [{name: h, port: 80}]}";
+    let remote_only = "metadata: {name: q-1, labels: {kubernetes.io/service-name: q}}\naddressType: IPv4\nports: [{name: h, port: 8080}]\nendpoints: [{addresses: [10.200.2.5], nodeName: node2}]";
+    let n = NodeIdentity { name: "node1".into(), ..NodeIdentity::default() };
+    let d = desired(&state(vec![svc(y)], vec![slice(remote_only)]), &n);
+    let e = &d.table.frontends[&fe([10, 32, 0, 43], 80, Protocol::Tcp)];
+    assert!(e.internal.endpoints.is_empty() && !e.internal.reject_when_empty, "filtered by policy: drop");
+    let d = desired(&state(vec![svc(y)], vec![]), &n);
+    let e = &d.table.frontends[&fe([10, 32, 0, 43], 80, Protocol::Tcp)];
+    assert!(e.internal.reject_when_empty && e.external.reject_when_empty, "no endpoints at all: reject");
+}
+
+#[test]
+fn health_checks_are_served_for_local_policy_services_with_their_local_count() {
+    let y = "metadata: {name: h, namespace: web}\nspec: {type: LoadBalancer, clusterIP: 10.32.0.44, externalTrafficPolicy: Local, healthCheckNodePort: 32100, ports: [{name: h, port: 80, nodePort: 30044}]}";
+    let sl = "metadata: {name: h-1, namespace: web, labels: {kubernetes.io/service-name: h}}\naddressType: IPv4\nports: [{name: h, port: 8080}]\nendpoints: [{addresses: [10.200.1.5], nodeName: node1}, {addresses: [10.200.2.5], nodeName: node2}]";
+    let n = NodeIdentity { name: "node1".into(), ..NodeIdentity::default() };
+    let d = desired(&state(vec![svc(y)], vec![slice(sl)]), &n);
+    assert_eq!(d.health_checks[&32100], HealthCheck { service: "web/h".into(), local_endpoints: 1 });
+}
