@@ -130,3 +130,11 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32, i64> {
     count(stats::XDP_TX_FORWARD);
     Ok(xdp_action::XDP_TX)
 }
+
+/// Passes every frame. A veth only wakes its receiving side for frames its peer sends with `XDP_TX` when that
+/// side has an XDP program of its own, so a node whose uplink is a veth (a lab, a container) needs this on
+/// the far end for native-mode `XDP_TX` to deliver. Physical NICs need nothing of the kind.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}

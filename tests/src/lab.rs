@@ -42,16 +42,8 @@ pub struct LabSpec {
 }
 
 impl Default for LabSpec {
-    /// Agents run XDP in generic mode: with native XDP on a node's veth, frames it sends back with `XDP_TX`
-    /// reached the peer late or not at all on this kernel (seen: a SYN-ACK 325 ms late, then nothing), while
-    /// generic mode and DNAT-then-pass in native mode work. On a physical NIC native mode is the one to use.
     fn default() -> Self {
-        Self {
-            nodes: 2,
-            pods_per_node: 3,
-            tx_checksum_offload: true,
-            agent_args: vec!["--xdp".into(), "generic".into()],
-        }
+        Self { nodes: 2, pods_per_node: 3, tx_checksum_offload: true, agent_args: Vec::new() }
     }
 }
 
@@ -84,6 +76,9 @@ pub struct Lab {
     spec: LabSpec,
     agents: Vec<Agent>,
     servers: Vec<EchoServer>,
+    /// `xdp_pass` on the underlay ends of the nodes' uplinks (see [`Lab::attach_underlay_xdp`]), and the
+    /// bpffs its object's maps are pinned in. Dropped before the namespaces go.
+    underlay_xdp: Option<(aya::Ebpf, crate::bpf::PrivateBpffs)>,
 }
 
 #[must_use]
@@ -121,6 +116,7 @@ impl Lab {
             spec,
             agents: Vec::new(),
             servers: Vec::new(),
+            underlay_xdp: None,
         };
         // On error, `lab` is dropped here and removes whatever was built so far.
         lab.build().context("building the lab")?;
@@ -179,6 +175,7 @@ impl Lab {
 
         let external = self.add_ns("ext")?;
         Self::plug_into_underlay(&underlay, &external, "ext", EXTERNAL_IP)?;
+        self.attach_underlay_xdp(&underlay)?;
 
         // The Node objects, as the API server would have them.
         let nodes: Vec<String> =
@@ -187,14 +184,33 @@ impl Lab {
         Ok(())
     }
 
+    /// Native-mode XDP_TX on a node's uplink (a veth) delivers only if the underlay end runs an XDP program
+    /// too: veth wakes the receiving side only then. A physical switch port needs nothing; the lab attaches
+    /// `xdp_pass` to every underlay port to stand in for one.
+    fn attach_underlay_xdp(&mut self, underlay: &str) -> anyhow::Result<()> {
+        let object = crate::bpf::object()?;
+        let pins = crate::bpf::PrivateBpffs::mount()?;
+        let pin_dir = pins.path().to_owned();
+        let ports: Vec<String> = (1..=self.spec.nodes).map(|n| format!("n{n}")).chain(["ext".to_owned()]).collect();
+        let ebpf = crate::netns::in_netns(underlay, move || -> anyhow::Result<aya::Ebpf> {
+            let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&pin_dir).load_file(&object)?;
+            let prog: &mut aya::programs::Xdp = ebpf.program_mut("xdp_pass").context("xdp_pass")?.try_into()?;
+            prog.load()?;
+            for port in &ports {
+                let name = std::ffi::CString::new(port.as_str())?;
+                prog.attach(name.as_c_str(), aya::programs::XdpMode::Driver)
+                    .with_context(|| format!("attaching xdp_pass to {port}"))?;
+            }
+            Ok(ebpf)
+        })??;
+        self.underlay_xdp = Some((ebpf, pins));
+        Ok(())
+    }
+
     /// Connects namespace `ns` to the underlay bridge with a veth whose `ns` end is `eth0` at `addr`/24.
     fn plug_into_underlay(underlay: &str, ns: &str, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
         ip_in(underlay, &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
         ip_in(underlay, &["link", "set", port, "master", "br0", "up"])?;
-        // A veth only takes frames sent back by `XDP_TX` on its peer (the node's eth0) when it runs NAPI, which
-        // GRO turns on; a physical NIC needs nothing of the kind. (Even so, native-mode `XDP_TX` frames stall
-        // in this veth queue here; see `LabSpec::default`.)
-        run("ip", &["netns", "exec", underlay, "ethtool", "-K", port, "gro", "on"])?;
         ip_in(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         ip_in(ns, &["link", "set", "eth0", "up"])?;
         // The underlay stands for a physical network: frames on it carry complete checksums, as they do on
@@ -377,6 +393,7 @@ impl Drop for Lab {
         }
         self.agents.clear();
         self.servers.clear();
+        self.underlay_xdp = None;
         for ns in self.namespaces.drain(..).rev() {
             if let Err(e) = ip(&["netns", "del", &ns]) {
                 eprintln!("lab teardown: {e:#}");

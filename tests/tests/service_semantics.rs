@@ -389,7 +389,7 @@ fn the_node_itself_reaches_cluster_ips_and_node_ports() {
 }
 
 /// XDP NodePort acceleration: the XDP path and the TC path give identical results (same backends, same
-/// source seen), and with XDP on, the XDP counters show it did the work. (Generic mode: see `LabSpec`.)
+/// source seen), in native and in generic mode, and with XDP on, the XDP counters show it did the work.
 #[test]
 fn xdp_and_tc_paths_give_identical_results_for_external_traffic() {
     use proxy_common::stats;
@@ -420,9 +420,12 @@ fn xdp_and_tc_paths_give_identical_results_for_external_traffic() {
         }
         (seen, lab.stats(1).unwrap())
     };
-    let (with_xdp, counters) = run("generic");
+    let (with_xdp, counters) = run("native");
+    let (with_generic, generic_counters) = run("generic");
     let (with_tc, tc_counters) = run("off");
     assert_eq!(with_xdp, with_tc, "the XDP and TC paths must answer alike");
+    assert_eq!(with_generic, with_tc, "generic XDP and TC must answer alike");
+    assert!(generic_counters[stats::XDP_TX_FORWARD as usize] > 0, "generic XDP never forwarded: {generic_counters:?}");
     assert!(with_xdp.iter().any(|(p, _, src)| *p == 30100 && *src == node_ip(1)), "{with_xdp:?}");
     assert!(with_xdp.iter().any(|(p, _, src)| *p == 30101 && *src == EXTERNAL_IP), "{with_xdp:?}");
     eprintln!("XDP counters on node1: {counters:?}");
