@@ -57,6 +57,11 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "native")]
     pub xdp: crate::dataplane::ebpf::XdpSetting,
 
+    /// The pods' CIDR (kube-proxy's `--cluster-cidr`): traffic from it arriving from another node counts as
+    /// pod traffic, not external traffic (local-traffic detection).
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    pub cluster_cidr: Option<(std::net::Ipv4Addr, u8)>,
+
     /// SNAT all traffic to Services, not only what needs it (kube-proxy's `--masquerade-all`).
     #[arg(long)]
     pub masquerade_all: bool,
@@ -88,6 +93,13 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
         return Err(format!("{s:?}: need 1 <= MIN <= MAX"));
     }
     Ok((a, b))
+}
+
+fn parse_cidr(v: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (addr, len) = v.split_once('/').ok_or_else(|| format!("{v:?} is not a CIDR"))?;
+    let addr = addr.parse().map_err(|_| format!("{v:?} is not an IPv4 CIDR"))?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{v:?} has a bad prefix length"))?;
+    Ok((addr, len))
 }
 
 /// Parses `--nodeport-addresses`.

@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
         snat_addr: args.node_ip.or_else(|| node.addresses.first().copied()),
         snat_ports: args.snat_ports,
         masquerade_all: args.masquerade_all,
+        cluster_cidr: args.cluster_cidr,
         xdp: args.xdp,
         socket_cgroup: match args.cgroup.as_deref() {
             Some("none") => None,

@@ -77,6 +77,10 @@ pub mod config {
         pub snat_port_min: u16,
         pub snat_port_max: u16,
         pub flags: u32,
+        /// kube-proxy's `clusterCIDR` for local-traffic detection (network byte order); mask zero: unset.
+        /// Traffic arriving from another node with a source in it counts as pod traffic.
+        pub cluster_addr: u32,
+        pub cluster_mask: u32,
         pub pad: u32,
     }
 }
@@ -128,6 +132,8 @@ pub mod service {
         pub const AFFINITY: u16 = 1 << 3;
         /// Only sources in the `SOURCE_RANGES` entries of this frontend's reverse-NAT id may use it.
         pub const SOURCE_RANGES: u16 = 1 << 4;
+        /// The frontend is a ClusterIP (kube-proxy masquerades only off-cluster traffic to those).
+        pub const CLUSTER_IP: u16 = 1 << 5;
     }
 
     #[repr(C)]
@@ -375,12 +381,14 @@ mod layout_tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
         assert_eq!(prefix_len(24), 56);
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<Config>(), 32);
         assert_eq!(offset_of!(Config, snat_addr), 8);
         assert_eq!(offset_of!(Config, snat_port_min), 12);
         assert_eq!(offset_of!(Config, snat_port_max), 14);
         assert_eq!(offset_of!(Config, flags), 16);
-        assert_eq!(offset_of!(Config, pad), 20);
+        assert_eq!(offset_of!(Config, cluster_addr), 20);
+        assert_eq!(offset_of!(Config, cluster_mask), 24);
+        assert_eq!(offset_of!(Config, pad), 28);
         assert_eq!(size_of::<super::sock::SockKey>(), 16);
         assert_eq!(offset_of!(super::sock::SockKey, addr), 8);
         assert_eq!(offset_of!(super::sock::SockKey, port), 12);

@@ -54,7 +54,11 @@ pub enum Verdict {
 /// exists, else the client's affinity, else a random pick. Records new flows in conntrack.
 #[inline(always)]
 pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict, i64> {
-    let Some(svc) = lb::lookup_service(flow, origin == Origin::Pod) else {
+    // kube-proxy's local-traffic detection by cluster CIDR: a pod of another node is pod traffic, not
+    // external traffic, even when it arrives on a host interface.
+    let from_pod =
+        origin == Origin::Pod || (cfg.cluster_mask != 0 && flow.src_addr & cfg.cluster_mask == cfg.cluster_addr);
+    let Some(svc) = lb::lookup_service(flow, from_pod) else {
         return Ok(Verdict::NotService);
     };
     if origin == Origin::Host && svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(flow, &svc) {
@@ -73,12 +77,21 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict, i64>
     if affinity {
         lb::remember_affinity(flow, &svc, backend_id);
     }
+    let remote = backend.flags & FLAG_LOCAL == 0;
     let snat = match origin {
         // A pod reaching itself through its Service (hairpin) must not see its own address as source.
         Origin::Pod => cfg.flags & FLAG_MASQUERADE_ALL != 0 || backend.addr == flow.src_addr,
-        // External traffic is SNATed when the policy says so, and always when the backend is elsewhere, or
-        // its replies would not come back through this node.
-        Origin::Host => svc.ext_flags & flags::MASQUERADE_EXTERNAL != 0 || backend.flags & FLAG_LOCAL == 0,
+        // Traffic arriving from elsewhere to a backend elsewhere is always SNATed, or its replies would not
+        // come back through this node.
+        Origin::Host if remote => true,
+        // A pod of another node: like kube-proxy, SNAT only where the policy masquerades pod traffic too
+        // (externalTrafficPolicy Cluster on a node port or external address), not for ClusterIPs.
+        Origin::Host if from_pod => {
+            cfg.flags & FLAG_MASQUERADE_ALL != 0
+                || svc.ext_flags & (flags::MASQUERADE_EXTERNAL | flags::CLUSTER_IP) == flags::MASQUERADE_EXTERNAL
+        }
+        // External traffic is SNATed when the policy says so.
+        Origin::Host => svc.ext_flags & flags::MASQUERADE_EXTERNAL != 0,
     };
     let value = CtValue { backend_id, rev_nat_id: svc.value.rev_nat_id, flags: if snat { FLAG_SNAT } else { 0 } };
     conntrack::record(flow, &backend, &value).map_err(i64::from)?;

@@ -68,7 +68,7 @@ pub fn inet_checksum(bytes: &[u8]) -> u16 {
     !u16::try_from(sum).unwrap_or(0)
 }
 
-/// CRC32c (Castagnoli), as SCTP uses it.
+/// `CRC32c` (Castagnoli), as SCTP uses it.
 #[must_use]
 pub fn crc32c(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;

@@ -184,7 +184,7 @@ impl Lab {
         Ok(())
     }
 
-    /// Native-mode XDP_TX on a node's uplink (a veth) delivers only if the underlay end runs an XDP program
+    /// Native-mode `XDP_TX` on a node's uplink (a veth) delivers only if the underlay end runs an XDP program
     /// too: veth wakes the receiving side only then. A physical switch port needs nothing; the lab attaches
     /// `xdp_pass` to every underlay port to stand in for one.
     fn attach_underlay_xdp(&mut self, underlay: &str) -> anyhow::Result<()> {

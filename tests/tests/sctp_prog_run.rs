@@ -1,6 +1,6 @@
 //! SCTP Services, proven with crafted packets through the real programs (`BPF_PROG_TEST_RUN`): this kernel
 //! has no SCTP sockets. A client's INIT to a ClusterIP is DNATed to the backend, the reply gets the
-//! ClusterIP back as its source, the IPv4 checksum stays right, and the SCTP CRC32c (which covers neither
+//! ClusterIP back as its source, the IPv4 checksum stays right, and the SCTP `CRC32c` (which covers neither
 //! address) stays valid.
 
 use std::net::Ipv4Addr;
@@ -107,7 +107,9 @@ fn sctp_to_a_cluster_ip_is_translated_both_ways_with_valid_checksums() {
         services.insert(&key(1), &slot1, 0).unwrap();
         services.insert(&key(0), &slot0, 0).unwrap();
         let mut backends: HashMap<_, u32, Backend> = HashMap::try_from(ebpf.map_mut("BACKENDS").unwrap()).unwrap();
-        backends.insert(&3, &Backend { addr: be(BACKEND), port: PORT.to_be(), proto: proto::SCTP, flags: 0 }, 0).unwrap();
+        backends
+            .insert(&3, &Backend { addr: be(BACKEND), port: PORT.to_be(), proto: proto::SCTP, flags: 0 }, 0)
+            .unwrap();
         let mut revnat: HashMap<_, u32, RevNat> = HashMap::try_from(ebpf.map_mut("REVNAT").unwrap()).unwrap();
         revnat.insert(&7, &RevNat { addr: be(VIP), port: PORT.to_be(), pad: 0 }, 0).unwrap();
     }

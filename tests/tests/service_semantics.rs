@@ -434,3 +434,40 @@ fn xdp_and_tc_paths_give_identical_results_for_external_traffic() {
     assert!(counters[stats::XDP_DNAT_PASS as usize] > 0, "XDP never did a DNAT: {counters:?}");
     assert!(tc_counters.iter().all(|c| *c == 0), "XDP off, yet counted: {tc_counters:?}");
 }
+
+/// Local-traffic detection by cluster CIDR: a pod on another node reaching a NodePort with
+/// externalTrafficPolicy Local counts as pod traffic and reaches every endpoint; without the CIDR it is
+/// external traffic and finds no local endpoint.
+#[test]
+fn cluster_cidr_detects_pod_traffic_arriving_from_other_nodes() {
+    let scenario = |extra: &[&str]| {
+        let mut spec = LabSpec::default();
+        spec.agent_args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let mut lab = lab(spec, &[(2, 2)]);
+        let mut svc = Svc::new("np-pods", vip(92), http());
+        svc.type_ = "NodePort";
+        svc.node_ports = vec![30102];
+        svc.external_policy = "Local";
+        lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+        lab.start_agents().unwrap();
+        attempt(&lab.pod(2, 1).ns.clone(), Proto::Tcp, at(node_ip(1), 30102), DROP_WAIT).unwrap()
+    };
+    let detected = scenario(&["--cluster-cidr", "10.200.0.0/16"]);
+    let r = answered(detected);
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", node_ip(1)));
+    let undetected = scenario(&[]);
+    assert!(matches!(undetected, Outcome::TimedOut), "without the CIDR it is external traffic: {undetected:?}");
+}
+
+/// No usable endpoint: external clients are refused at once too, from the host interface.
+#[test]
+fn external_clients_of_a_service_without_endpoints_are_refused_at_once() {
+    let mut lab = lab(LabSpec::default(), &[]);
+    let mut svc = Svc::new("np-empty", vip(93), http());
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30103];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&[])).unwrap();
+    lab.start_agents().unwrap();
+    let outcome = attempt(&ext(&lab), Proto::Tcp, at(node_ip(1), 30103), TIMEOUT).unwrap();
+    assert!(matches!(outcome, Outcome::Refused), "expected a refusal, got {outcome:?}");
+}

@@ -250,7 +250,8 @@ fn the_model_is_deterministic() {
 
 #[test]
 fn sctp_with_port_translation_is_rejected_and_without_it_is_programmed() {
-    let svc_yaml = "metadata: {name: sig}\nspec: {clusterIP: 10.32.0.30, ports: [{name: s, port: 2905, protocol: SCTP}]}";
+    let svc_yaml =
+        "metadata: {name: sig}\nspec: {clusterIP: 10.32.0.30, ports: [{name: s, port: 2905, protocol: SCTP}]}";
     let slice_yaml = |port: u16| {
         format!(
             "metadata: {{name: sig-1, labels: {{kubernetes.io/service-name: sig}}}}\naddressType: IPv4\nports: [{{name: s, port: {port}, protocol: SCTP}}]\nendpoints: [{{addresses: [10.200.1.9]}}]"
@@ -258,7 +259,10 @@ fn sctp_with_port_translation_is_rejected_and_without_it_is_programmed() {
     };
     let d = run(vec![svc(svc_yaml)], vec![slice(&slice_yaml(2905))]);
     assert!(d.rejected.is_empty(), "{:?}", d.rejected);
-    assert_eq!(d.table.frontends[&fe([10, 32, 0, 30], 2905, Protocol::Sctp)].internal.endpoints, vec![ep([10, 200, 1, 9], 2905)]);
+    assert_eq!(
+        d.table.frontends[&fe([10, 32, 0, 30], 2905, Protocol::Sctp)].internal.endpoints,
+        vec![ep([10, 200, 1, 9], 2905)]
+    );
     let d = run(vec![svc(svc_yaml)], vec![slice(&slice_yaml(3868))]);
     assert!(d.table.frontends.is_empty());
     assert_eq!(d.rejected[0].field, "spec.ports[0].targetPort");
@@ -266,7 +270,9 @@ fn sctp_with_port_translation_is_rejected_and_without_it_is_programmed() {
 
 #[test]
 fn node_ports_follow_node_port_addresses() {
-    let np = svc("metadata: {name: np}\nspec: {type: NodePort, clusterIP: 10.32.0.40, ports: [{port: 80, nodePort: 30080}]}");
+    let np = svc(
+        "metadata: {name: np}\nspec: {type: NodePort, clusterIP: 10.32.0.40, ports: [{port: 80, nodePort: 30080}]}",
+    );
     let mut state = state(vec![np], vec![]);
     let node = |addrs: NodePortAddresses| NodeIdentity {
         name: "node1".into(),
@@ -274,15 +280,23 @@ fn node_ports_follow_node_port_addresses() {
         node_port_addresses: addrs,
     };
     let node_ports = |n: &NodeIdentity, s: &ClusterState| -> Vec<Ipv4Addr> {
-        desired(s, n).table.frontends.iter().filter(|(_, e)| e.kind == FrontendKind::NodePort).map(|(f, _)| f.addr).collect()
+        desired(s, n)
+            .table
+            .frontends
+            .iter()
+            .filter(|(_, e)| e.kind == FrontendKind::NodePort)
+            .map(|(f, _)| f.addr)
+            .collect()
     };
     assert_eq!(node_ports(&node(NodePortAddresses::All), &state).len(), 2);
     assert_eq!(
         node_ports(&node(NodePortAddresses::Cidrs(vec![(Ipv4Addr::new(192, 168, 0, 0), 16)])), &state),
         vec![Ipv4Addr::new(192, 168, 9, 1)]
     );
-    let node_obj: k8s_openapi::api::core::v1::Node =
-        serde_yaml::from_str("metadata: {name: node1}\nstatus: {addresses: [{type: InternalIP, address: 192.168.9.1}]}").unwrap();
+    let node_obj: k8s_openapi::api::core::v1::Node = serde_yaml::from_str(
+        "metadata: {name: node1}\nstatus: {addresses: [{type: InternalIP, address: 192.168.9.1}]}",
+    )
+    .unwrap();
     state.nodes.insert("node1".into(), Arc::new(node_obj));
     assert_eq!(node_ports(&node(NodePortAddresses::Primary), &state), vec![Ipv4Addr::new(192, 168, 9, 1)]);
 }
@@ -302,7 +316,11 @@ fn load_balancer_ingress_with_ip_mode_proxy_gets_no_frontend() {
 fn traffic_policies_shape_the_external_and_internal_sets() {
     let y = "metadata: {name: p}\nspec: {type: NodePort, clusterIP: 10.32.0.42, externalTrafficPolicy: Local, internalTrafficPolicy: Local, ports: [{name: h, port: 80, nodePort: 30042}]}";
     let sl = "metadata: {name: p-1, labels: {kubernetes.io/service-name: p}}\naddressType: IPv4\nports: [{name: h, port: 8080}]\nendpoints: [{addresses: [10.200.1.5], nodeName: node1}, {addresses: [10.200.2.5], nodeName: node2}]";
-    let n = NodeIdentity { name: "node1".into(), addresses: vec![Ipv4Addr::new(10, 240, 0, 11)], ..NodeIdentity::default() };
+    let n = NodeIdentity {
+        name: "node1".into(),
+        addresses: vec![Ipv4Addr::new(10, 240, 0, 11)],
+        ..NodeIdentity::default()
+    };
     let d = desired(&state(vec![svc(y)], vec![slice(sl)]), &n);
     let local = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 5), port: 8080, local: true };
     let remote = Endpoint { addr: Ipv4Addr::new(10, 200, 2, 5), port: 8080, local: false };

@@ -35,9 +35,17 @@ pub struct NodeSettings {
     pub snat_ports: (u16, u16),
     /// kube-proxy's `masqueradeAll`.
     pub masquerade_all: bool,
+    /// kube-proxy's `clusterCIDR`, for local-traffic detection.
+    pub cluster_cidr: Option<(std::net::Ipv4Addr, u8)>,
     /// The cgroup (v2) whose processes' sockets get Service translation (the node's own traffic).
     pub socket_cgroup: Option<PathBuf>,
     pub xdp: XdpSetting,
+}
+
+/// A prefix length as a mask in network byte order.
+fn prefix_mask(len: u8) -> u32 {
+    let host_order = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+    host_order.to_be()
 }
 
 fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result<()> {
@@ -46,6 +54,8 @@ fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result
         aya::maps::Array::try_from(map).context("map CONFIG has an unexpected type")?;
     let value = proxy_common::config::Config {
         netns_cookie: sockets::netns_cookie()?,
+        cluster_addr: settings.cluster_cidr.map_or(0, |(a, len)| u32::from_ne_bytes(a.octets()) & prefix_mask(len)),
+        cluster_mask: settings.cluster_cidr.map_or(0, |(_, len)| prefix_mask(len)),
         pad: 0,
         snat_addr: settings.snat_addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
         snat_port_min: settings.snat_ports.0,

@@ -23,7 +23,7 @@ use proxy_common::{
     service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, flags},
 };
 
-use crate::model::{BackendSet, Endpoint, Frontend, FrontendEntry, Protocol, ServiceTable};
+use crate::model::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServiceTable};
 
 use super::ApplyStats;
 
@@ -215,6 +215,9 @@ impl<M: ServiceMaps> TableWriter<M> {
             let mut ext_flags = common_flags(entry, &entry.external);
             if entry.masquerade_external {
                 ext_flags |= flags::MASQUERADE_EXTERNAL;
+            }
+            if entry.kind == FrontendKind::ClusterIp {
+                ext_flags |= flags::CLUSTER_IP;
             }
             if !ranges.is_empty() {
                 ext_flags |= flags::SOURCE_RANGES;

@@ -202,6 +202,9 @@ fn expected(table: &ServiceTable) -> BTreeMap<Frontend, (Vec<Endpoint>, Vec<Endp
             if !e.source_ranges.is_empty() {
                 flags |= flags::SOURCE_RANGES;
             }
+            if e.kind == FrontendKind::ClusterIp {
+                flags |= flags::CLUSTER_IP;
+            }
             (*f, (e.external.endpoints.clone(), e.internal.endpoints.clone(), flags))
         })
         .collect()
