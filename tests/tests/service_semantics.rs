@@ -471,3 +471,21 @@ fn external_clients_of_a_service_without_endpoints_are_refused_at_once() {
     let outcome = attempt(&ext(&lab), Proto::Tcp, at(node_ip(1), 30103), TIMEOUT).unwrap();
     assert!(matches!(outcome, Outcome::Refused), "expected a refusal, got {outcome:?}");
 }
+
+/// nodePortAddresses: NodePorts are served only on the node addresses inside the given CIDRs.
+#[test]
+fn node_port_addresses_limit_where_node_ports_are_served() {
+    let mut spec = LabSpec::default();
+    spec.agent_args.extend(["--nodeport-addresses".to_owned(), "10.240.0.12/32".to_owned()]);
+    let mut lab = lab(spec, &[(1, 2)]);
+    let mut svc = Svc::new("np-limited", vip(94), http());
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30104];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(1, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+    let served = attempt(&ext(&lab), Proto::Tcp, at(node_ip(2), 30104), TIMEOUT).unwrap();
+    assert_eq!(answered(served).backend, "pod-1-2");
+    // node1's address is outside the CIDR: no NodePort there, so the node's own stack refuses it.
+    let outside = attempt(&ext(&lab), Proto::Tcp, at(node_ip(1), 30104), TIMEOUT).unwrap();
+    assert!(!matches!(outside, Outcome::Answered(_)), "node1 must not serve the NodePort: {outside:?}");
+}
