@@ -21,7 +21,7 @@ pub struct Args {
 
     /// This node's name, as in its Node object.
     #[arg(long = "hostname-override", env = "NODE_NAME", value_name = "NAME")]
-    pub node_name: String,
+    pub node_name: Option<String>,
 
     /// bpffs directory where the maps are pinned; a restarted agent adopts what it finds there.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/proxy-agent")]
@@ -73,6 +73,11 @@ pub struct Args {
     /// A full reconcile at least this often.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub sync_period: Duration,
+
+    /// Remove everything this agent left in the kernel (pinned maps and links, which detaches its programs)
+    /// and exit, like kube-proxy's `--cleanup`.
+    #[arg(long)]
+    pub cleanup: bool,
 
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]

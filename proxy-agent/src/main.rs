@@ -36,6 +36,12 @@ fn init_logging(format: cli::LogFormat) {
 async fn main() -> anyhow::Result<()> {
     let args = cli::Args::parse();
     init_logging(args.log_format);
+    if args.cleanup {
+        dataplane::ebpf::cleanup(&args.bpffs)?;
+        tracing::info!(pins = %args.bpffs.display(), "cleaned up: maps and links unpinned, programs detached");
+        return Ok(());
+    }
+    let node_name = args.node_name.clone().context("this node's name is needed: --hostname-override or NODE_NAME")?;
     let roles = InterfaceRoles {
         pods: InterfacePatterns::new(args.pod_interfaces.clone()),
         hosts: InterfacePatterns::new(args.host_interfaces.clone()),
@@ -43,7 +49,7 @@ async fn main() -> anyhow::Result<()> {
     let node_port_addresses = cli::parse_nodeport_addresses(&args.nodeport_addresses)
         .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
     let addresses = node::host_addresses(&roles).context("reading this node's addresses")?;
-    let node = NodeIdentity { name: args.node_name.clone(), addresses, node_port_addresses };
+    let node = NodeIdentity { name: node_name, addresses, node_port_addresses };
     let settings = NodeSettings {
         snat_addr: args.node_ip.or_else(|| node.addresses.first().copied()),
         snat_ports: args.snat_ports,

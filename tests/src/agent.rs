@@ -122,6 +122,14 @@ impl Agent {
         &self.config
     }
 
+    /// Kills the agent at once (SIGKILL), as an OOM kill or a node problem would; nothing is cleaned up.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the agent: SIGTERM, and SIGKILL if it has not exited within two seconds.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else { return };

@@ -352,6 +352,16 @@ impl Lab {
         Ok(())
     }
 
+    /// Kills node `node`'s agent with SIGKILL and starts a new one with the same configuration (its log file
+    /// is started afresh); waits until the new one has applied its first table.
+    pub fn restart_agent_hard(&mut self, node: usize) -> anyhow::Result<()> {
+        let agent = &mut self.agents[node - 1];
+        agent.kill_hard();
+        let config = agent.config().clone();
+        *agent = Agent::spawn(config)?;
+        agent.wait_for_log("service table applied", 0, Duration::from_secs(20))
+    }
+
     /// The agent of node `node` (1-based).
     pub fn agent(&mut self, node: usize) -> &mut Agent {
         &mut self.agents[node - 1]

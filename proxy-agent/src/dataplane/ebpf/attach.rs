@@ -1,9 +1,17 @@
 //! Keeps the TC programs attached to every pod-facing interface, including pods created after start-up.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
-use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId};
+use aya::programs::{
+    SchedClassifier, TcAttachType, Xdp, XdpMode,
+    links::{FdLink, PinnedLink},
+    tc::{SchedClassifierLink, SchedClassifierLinkId},
+    xdp::{XdpLink, XdpLinkId},
+};
 
 /// Which interfaces face pods: names matching any of these patterns (`*` matches any run of characters).
 #[derive(Clone, Debug, Default)]
@@ -72,10 +80,65 @@ pub enum XdpSetting {
     Off,
 }
 
-/// The interfaces the programs are attached to, by ifindex.
+/// The interfaces the programs are attached to, by ifindex. Every link is pinned under `links_dir`, so the
+/// data path keeps running while no agent runs, and the next agent swaps its programs into the same links
+/// atomically instead of detaching and attaching (no gap, no double attachment).
 pub struct Attachments {
     by_index: BTreeMap<u32, Attached>,
     xdp: XdpSetting,
+    links_dir: PathBuf,
+}
+
+/// Where the link of `prog` on interface `idx`/`name` is pinned.
+fn link_pin(dir: &Path, idx: u32, name: &str, prog: &str) -> PathBuf {
+    dir.join(format!("if-{idx}-{name}-{prog}"))
+}
+
+/// Attaches `prog` through the link pinned at `pin` when there is one (replacing the previous program in
+/// it atomically), otherwise attaches anew and pins the link.
+fn attach_tc(
+    prog: &mut SchedClassifier,
+    idx: u32,
+    ty: TcAttachType,
+    pin: &Path,
+) -> anyhow::Result<SchedClassifierLinkId> {
+    if let Ok(old) = PinnedLink::from_pin(pin) {
+        match SchedClassifierLink::try_from(FdLink::from(old))
+            .map_err(anyhow::Error::from)
+            .and_then(|l| Ok(prog.attach_to_link(l)?))
+        {
+            Ok(id) => return Ok(id),
+            // A link whose interface went away cannot take a program: start over.
+            Err(e) => {
+                tracing::debug!(pin = %pin.display(), error = %e, "pinned TC link unusable; attaching anew");
+                let _ = std::fs::remove_file(pin);
+            }
+        }
+    }
+    let id = prog.attach(idx, ty)?;
+    let fd: FdLink = prog.take_link(id)?.try_into().context("TC link is not a bpf_link (kernel without TCX?)")?;
+    let pinned = fd.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(prog.attach_to_link(SchedClassifierLink::try_from(FdLink::from(pinned))?)?)
+}
+
+/// As [`attach_tc`], for XDP.
+fn attach_xdp(prog: &mut Xdp, idx: u32, mode: XdpMode, pin: &Path) -> anyhow::Result<XdpLinkId> {
+    if let Ok(old) = PinnedLink::from_pin(pin) {
+        match XdpLink::try_from(FdLink::from(old))
+            .map_err(anyhow::Error::from)
+            .and_then(|l| Ok(prog.attach_to_link(l)?))
+        {
+            Ok(id) => return Ok(id),
+            Err(e) => {
+                tracing::debug!(pin = %pin.display(), error = %e, "pinned XDP link unusable; attaching anew");
+                let _ = std::fs::remove_file(pin);
+            }
+        }
+    }
+    let id = prog.attach(idx, mode)?;
+    let fd: FdLink = prog.take_link(id)?.try_into().context("XDP link is not a bpf_link")?;
+    let pinned = fd.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(prog.attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)?)
 }
 
 /// Which interfaces get which programs.
@@ -100,16 +163,39 @@ impl InterfaceRoles {
 }
 
 impl Attachments {
-    #[must_use]
-    pub fn new(xdp: XdpSetting) -> Self {
-        Self { by_index: BTreeMap::new(), xdp }
+    pub fn new(xdp: XdpSetting, links_dir: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&links_dir).with_context(|| format!("creating {}", links_dir.display()))?;
+        Ok(Self { by_index: BTreeMap::new(), xdp, links_dir })
+    }
+
+    /// Unpins links of interfaces that no longer exist (their links went with them).
+    fn forget_stale_pins(&self, present: &BTreeMap<u32, (String, Role)>) {
+        let Ok(entries) = std::fs::read_dir(&self.links_dir) else { return };
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            let Some(rest) = file.to_str().and_then(|f| f.strip_prefix("if-")) else { continue };
+            let Some((idx, rest)) = rest.split_once('-') else { continue };
+            let alive = idx
+                .parse::<u32>()
+                .ok()
+                .and_then(|i| present.get(&i))
+                .is_some_and(|(name, _)| rest.strip_prefix(name.as_str()).is_some_and(|p| p.starts_with('-')));
+            if !alive {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Attaches XDP to a host interface; on failure the interface keeps its TC programs and the failure is
     /// logged, never fatal.
     fn attach_xdp(&self, ebpf: &mut aya::Ebpf, idx: u32, name: &str) -> anyhow::Result<Option<XdpLinkId>> {
+        let pin = link_pin(&self.links_dir, idx, name, XDP_PROGRAM);
         let mode = match self.xdp {
-            XdpSetting::Off => return Ok(None),
+            XdpSetting::Off => {
+                // A previous agent's XDP link would otherwise keep running.
+                let _ = std::fs::remove_file(&pin);
+                return Ok(None);
+            }
             XdpSetting::Native => XdpMode::Driver,
             XdpSetting::Generic => XdpMode::Skb,
         };
@@ -118,7 +204,7 @@ impl Attachments {
             .with_context(|| format!("program {XDP_PROGRAM} missing from the eBPF object"))?
             .try_into()
             .with_context(|| format!("program {XDP_PROGRAM} is not an XDP program"))?;
-        match prog.attach(idx, mode) {
+        match attach_xdp(prog, idx, mode, &pin) {
             Ok(link) => Ok(Some(link)),
             Err(e) => {
                 tracing::warn!(interface = name, ?mode, error = %e, "XDP attach failed; TC handles this interface");
@@ -138,6 +224,7 @@ impl Attachments {
                 Some((i.index(), (name, role)))
             })
             .collect();
+        self.forget_stale_pins(&present);
 
         // A deleted interface took its TCX links with it; drop our handles. An index reused by a new
         // interface with another name is a new attachment.
@@ -166,12 +253,14 @@ impl Attachments {
             }
             let mut links = Vec::new();
             for (prog, attach_type) in role.programs() {
-                match program(ebpf, prog)?.attach(idx, attach_type) {
+                let pin = link_pin(&self.links_dir, idx, &name, prog);
+                match attach_tc(program(ebpf, prog)?, idx, attach_type, &pin) {
                     Ok(link) => links.push((prog, link)),
                     Err(e) => {
                         // Never leave an interface half-attached: DNAT without reverse NAT breaks every flow.
                         for (prog, link) in links {
                             let _ = program(ebpf, prog)?.detach(link);
+                            let _ = std::fs::remove_file(link_pin(&self.links_dir, idx, &name, prog));
                         }
                         return Err(e).with_context(|| format!("attaching {prog} to {name}"));
                     }

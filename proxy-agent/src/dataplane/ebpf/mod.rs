@@ -77,7 +77,7 @@ impl EbpfDataplane {
         attach::load_programs(&mut ebpf)?;
         write_config(&mut ebpf, settings)?;
         if let Some(cgroup) = &settings.socket_cgroup {
-            sockets::attach(&mut ebpf, cgroup)?;
+            sockets::attach(&mut ebpf, cgroup, &pin_dir.join("links"))?;
             tracing::info!(cgroup = %cgroup.display(), "node traffic to Services is translated at the socket");
         } else {
             tracing::warn!(
@@ -88,13 +88,22 @@ impl EbpfDataplane {
         let mut dataplane = Self {
             ebpf,
             writer,
-            attachments: attach::Attachments::new(settings.xdp),
+            attachments: attach::Attachments::new(settings.xdp, pin_dir.join("links"))?,
             roles,
             pin_dir: pin_dir.to_owned(),
         };
         dataplane.housekeeping()?;
         Ok(dataplane)
     }
+}
+
+/// kube-proxy's `--cleanup` for this dataplane: unpins every map and link under `pin_dir`, which detaches
+/// the programs and frees the maps once nothing else holds them.
+pub fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    std::fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))
 }
 
 impl Dataplane for EbpfDataplane {

@@ -3,12 +3,16 @@
 
 use std::{
     fs::File,
-    os::fd::AsRawFd as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr,
+    cgroup_sock_addr::CgroupSockAddrLink,
+    links::{FdLink, PinnedLink},
+};
 
 pub const PROGRAMS: [&str; 4] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];
 
@@ -45,9 +49,19 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
-/// Loads the socket programs and attaches them to `cgroup`; they stay attached while the agent runs.
-pub fn attach(ebpf: &mut aya::Ebpf, cgroup: &Path) -> anyhow::Result<()> {
+/// Loads the socket programs and attaches them to `cgroup` through links pinned under `links_dir`: a
+/// restarted agent swaps its programs into the same links, and links to a cgroup no longer used are dropped.
+pub fn attach(ebpf: &mut aya::Ebpf, cgroup: &Path, links_dir: &Path) -> anyhow::Result<()> {
     let dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    // The cgroup's inode names its pins, so a change of --cgroup leaves no program behind on the old one.
+    let ino = dir.metadata()?.ino();
+    std::fs::create_dir_all(links_dir)?;
+    for entry in std::fs::read_dir(links_dir)?.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with("cgroup-") && !file.starts_with(&format!("cgroup-{ino}-")) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     for name in PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -55,10 +69,22 @@ pub fn attach(ebpf: &mut aya::Ebpf, cgroup: &Path) -> anyhow::Result<()> {
             .try_into()
             .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
         prog.load().with_context(|| format!("loading {name}"))?;
+        let pin = links_dir.join(format!("cgroup-{ino}-{name}"));
+        if let Ok(old) = PinnedLink::from_pin(&pin)
+            && let Ok(link) = CgroupSockAddrLink::try_from(FdLink::from(old))
+            && prog.attach_to_link(link).is_ok()
+        {
+            continue;
+        }
+        let _ = std::fs::remove_file(&pin);
         // A bpf_link attachment (kernel >= 5.7) coexists with other links on the cgroup by nature; the kernel
         // refuses the ALLOW_MULTI flag on links, so the default mode is the right one here.
-        prog.attach(&dir, CgroupAttachMode::Single)
+        let id = prog
+            .attach(&dir, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        let fd: FdLink = prog.take_link(id)?.try_into().context("cgroup link is not a bpf_link")?;
+        let pinned = fd.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+        prog.attach_to_link(CgroupSockAddrLink::try_from(FdLink::from(pinned))?)?;
     }
     Ok(())
 }
