@@ -1,6 +1,6 @@
-//! Restart without disruption: the agent is killed (SIGKILL) and started again under sustained traffic. Pinned maps
-//! and links keep the data path running while no agent runs; the new agent adopts them and swaps its
-//! programs into the same links, so established connections survive and new ones keep working.
+//! Restart without disruption: the agent is killed (SIGKILL) and started again under sustained traffic.
+//! Pinned maps and links keep the data path running while no agent runs; the new agent adopts them and swaps
+//! its programs into the same links, so established connections survive and new ones keep working.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
