@@ -79,6 +79,14 @@ pub struct Args {
     #[arg(long)]
     pub cleanup: bool,
 
+    /// Where `/healthz` and `/livez` are served (kube-proxy's `healthzBindAddress`).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: std::net::SocketAddr,
+
+    /// Where Prometheus metrics are served at `/metrics` (kube-proxy's `metricsBindAddress`).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: std::net::SocketAddr,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -3,6 +3,7 @@
 mod cli;
 mod dataplane;
 mod health;
+mod metrics;
 mod model;
 mod node;
 mod source;
@@ -88,7 +89,13 @@ async fn main() -> anyhow::Result<()> {
         sync_period: args.sync_period,
         housekeeping_period: Duration::from_secs(1).min(args.sync_period),
     };
-    let sync = sync::run(snapshots, node, Box::new(dataplane), sync_config);
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    // kube-proxy: unhealthy when a change has waited more than twice the sync period.
+    let health = std::sync::Arc::new(health::proxy::ProxyHealth::new(2 * args.sync_period));
+    let _health_server = health::proxy::serve_health(args.healthz_bind_address, health.clone()).await?;
+    let _metrics_server = health::proxy::serve_metrics(args.metrics_bind_address, metrics.clone()).await?;
+    let observers = sync::Observers { metrics, health };
+    let sync = sync::run(snapshots, node, Box::new(dataplane), sync_config, observers);
 
     tokio::select! {
         result = sync => result.context("sync loop"),

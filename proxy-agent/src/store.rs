@@ -40,6 +40,9 @@ pub struct ClusterState {
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
     pub nodes: BTreeMap<String, Arc<Node>>,
+    /// Objects the source itself refused (a manifest that does not parse or check), as `(kind, name)`:
+    /// counted in the metrics with the model's rejections.
+    pub refused: Vec<(&'static str, String)>,
 }
 
 /// What the sync loop is told: the state, and whether it is complete enough to program.

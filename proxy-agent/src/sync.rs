@@ -1,12 +1,17 @@
 //! The sync loop: waits for the store to change, coalesces bursts, runs the model, applies the result.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
     dataplane::Dataplane,
-    health::service_checks::ServiceHealthServers,
+    health::{proxy::ProxyHealth, service_checks::ServiceHealthServers},
+    metrics::Metrics,
     model::{self, NodeIdentity, Rejection},
     store::Snapshot,
 };
@@ -22,13 +27,33 @@ pub struct SyncConfig {
     pub housekeeping_period: Duration,
 }
 
+/// Who watches the sync loop: metrics and the health endpoints.
+pub struct Observers {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<ProxyHealth>,
+}
+
+/// Whether this node can take load-balancer traffic: not being deleted, not marked for scale-down.
+fn node_eligible(snapshot: &Snapshot, node: &NodeIdentity) -> bool {
+    let Some(n) = snapshot.state.nodes.get(&node.name) else { return true };
+    let deleting = n.metadata.deletion_timestamp.is_some();
+    let tainted = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
+    !deleting && !tainted
+}
+
 /// Runs until the source goes away. Returns only on error.
 pub async fn run(
     mut snapshots: watch::Receiver<Snapshot>,
     node: NodeIdentity,
     mut dataplane: Box<dyn Dataplane>,
     config: SyncConfig,
+    observers: Observers,
 ) -> anyhow::Result<()> {
+    let Observers { metrics, health } = observers;
     tracing::info!(dataplane = dataplane.name(), "waiting for the initial view of the cluster");
     snapshots
         .wait_for(|s| s.complete)
@@ -45,6 +70,7 @@ pub async fn run(
         let forced = tokio::select! {
             changed = snapshots.changed() => {
                 changed.map_err(|_| anyhow::anyhow!("the source stopped"))?;
+                health.queued(SystemTime::now());
                 false
             }
             _ = resync.tick() => true,
@@ -69,6 +95,12 @@ pub async fn run(
         let started = std::time::Instant::now();
         let desired = model::desired(&snapshot.state, &node);
         report_rejections(&desired.rejected, &mut reported);
+        metrics.rejected.clear();
+        let refused_by_source = snapshot.state.refused.iter().map(|(kind, _)| *kind);
+        for kind in desired.rejected.iter().map(|r| r.kind).chain(refused_by_source) {
+            metrics.rejected.get_or_create(&crate::metrics::KindLabel { kind: kind.to_owned() }).inc();
+        }
+        health.set_node_eligible(node_eligible(&snapshot, &node));
         health_checks.update(&desired.health_checks).await;
         let table = desired.table;
         let frontends = table.frontends.len();
@@ -78,6 +110,15 @@ pub async fn run(
         match result {
             Ok(stats) => {
                 applied_generation = Some(snapshot.generation);
+                let now = SystemTime::now();
+                health.updated(now);
+                metrics.sync_duration.observe(started.elapsed().as_secs_f64());
+                metrics.sync_last_timestamp.set(crate::metrics::unix_seconds(now));
+                metrics.observe_programming(&snapshot.state, now);
+                metrics.frontends.set(i64::try_from(frontends).unwrap_or(i64::MAX));
+                metrics.backends.set(i64::try_from(backends).unwrap_or(i64::MAX));
+                metrics.map_writes.inc_by(stats.writes as u64);
+                metrics.map_deletes.inc_by(stats.deletes as u64);
                 tracing::info!(
                     generation = snapshot.generation,
                     frontends,
@@ -90,11 +131,14 @@ pub async fn run(
                 );
             }
             // The live state stays consistent; the next change or resync retries from where this stopped.
-            Err(e) => tracing::error!(
-                generation = snapshot.generation,
-                error = format!("{e:#}"),
-                "applying the service table failed"
-            ),
+            Err(e) => {
+                metrics.sync_errors.inc();
+                tracing::error!(
+                    generation = snapshot.generation,
+                    error = format!("{e:#}"),
+                    "applying the service table failed"
+                );
+            }
         }
     }
 }

@@ -61,8 +61,11 @@ impl Endpoint {
 /// The EndpointSlice of Service `service`, with every port's target port.
 #[must_use]
 pub fn endpoint_slice(namespace: &str, name: &str, service: &str, ports: &[Port], endpoints: &[Endpoint]) -> String {
+    // As the EndpointSlice controller does: when the change that produced this slice happened.
+    let now = crate::cmd::run("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default();
     let mut y = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    kubernetes.io/service-name: {service}\n  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{}\"\naddressType: IPv4\nports:\n",
+        now.trim()
     );
     for p in ports {
         let _ = writeln!(y, "- name: {}\n  port: {}\n  protocol: {}", p.name, p.target_port, p.protocol);

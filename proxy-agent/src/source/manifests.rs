@@ -160,6 +160,7 @@ fn load(dir: &Path, last_good: &mut LastGood) -> anyhow::Result<ClusterState> {
                             "rejected manifest object; {}",
                             if keeping { "keeping its previous version" } else { "it is not programmed" }
                         );
+                        state.refused.push(id.clone().unwrap_or(("Unknown", format!("{}#{index}", file.display()))));
                         if let Some(id) = id.filter(|_| keeping) {
                             kept.push(id);
                         }

@@ -1,0 +1,60 @@
+//! What an operator watches: `/healthz` and `/livez` with kube-proxy's semantics, and Prometheus metrics
+//! under kube-proxy's names.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use proxy_lab::{
+    Lab, LabSpec,
+    echo::{Proto, http_get_path, request},
+    lab::{node_ip, node_name},
+    manifests::{Endpoint, Port, Svc},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn healthz_livez_and_metrics_report_what_kube_proxy_reports() {
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    let pod = lab.pod(2, 2).clone();
+    lab.serve(&pod, &[8080], &[]).unwrap();
+    let http = vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }];
+    let svc = Svc::new("web", Ipv4Addr::new(10, 32, 0, 96), http.clone());
+    lab.write_manifest("web.yaml", &svc.with_endpoints(&[Endpoint::ready(pod.ip, node_name(2))])).unwrap();
+    // One object the dataplane cannot honour: counted, not programmed.
+    let bad = Svc::new("bad", Ipv4Addr::new(10, 32, 0, 97), http).yaml().replace("port: 80", "port: 0");
+    lab.write_manifest("bad.yaml", &bad).unwrap();
+    lab.start_agents().unwrap();
+    assert_eq!(
+        request(&lab.pod(1, 1).ns.clone(), Proto::Tcp, SocketAddrV4::new(Ipv4Addr::new(10, 32, 0, 96), 80), TIMEOUT)
+            .unwrap()
+            .backend,
+        "pod-2-2"
+    );
+
+    for path in ["/healthz", "/livez"] {
+        let (status, body) =
+            http_get_path(&lab.external_ns(), SocketAddrV4::new(node_ip(1), 10256), path, TIMEOUT).unwrap();
+        assert_eq!(status, 200, "{path}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(json["lastUpdated"].as_str().is_some_and(|s| s.ends_with('Z')), "{path}: {body}");
+        assert!(json["currentTime"].as_str().is_some(), "{path}: {body}");
+        assert_eq!(json.get("nodeEligible").is_some(), path == "/healthz", "{path}: {body}");
+    }
+
+    // Metrics listen on the node's loopback only, as kube-proxy's do.
+    let (status, text) =
+        http_get_path(&lab.node_ns(1), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249), "/metrics", TIMEOUT).unwrap();
+    assert_eq!(status, 200);
+    assert!(metric(&text, "kubeproxy_sync_proxy_rules_duration_seconds_count").unwrap_or(0.0) >= 1.0, "{text}");
+    assert!(metric(&text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap_or(0.0) > 1.7e9, "{text}");
+    assert!(metric(&text, "kubeproxy_network_programming_duration_seconds_count").unwrap_or(0.0) >= 1.0, "{text}");
+    assert_eq!(metric(&text, "proxy_agent_rejected_objects{kind=\"Service\"}"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "proxy_agent_frontends"), Some(1.0), "{text}");
+}
