@@ -207,3 +207,7 @@ mod tests {
         assert_eq!(rx.borrow().generation, generation);
     }
 }
+
+#[cfg(test)]
+#[path = "kubernetes_api_tests.rs"]
+mod api_tests;
