@@ -7,6 +7,10 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "proxy-agent", version, about = "A kube-proxy replacement whose service dataplane runs in eBPF")]
 pub struct Args {
+    /// A `KubeProxyConfiguration` file; flags given on the command line win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Read Services, EndpointSlices and Nodes from this directory of manifests instead of the API server.
     #[arg(long, value_name = "DIR")]
     pub manifests: Option<PathBuf>,
@@ -139,4 +143,68 @@ pub fn parse_nodeport_addresses(values: &[String]) -> Result<crate::model::NodeP
         })
         .collect::<Result<Vec<_>, String>>()
         .map(NodePortAddresses::Cidrs)
+}
+
+/// Fills in, from the config file, every setting the command line did not give.
+pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &clap::ArgMatches) {
+    use clap::parser::ValueSource;
+    let from_flags =
+        |id: &str| matches!(matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
+    if let Some(v) = file.cluster_cidr.filter(|_| !from_flags("cluster_cidr")) {
+        args.cluster_cidr = Some(v);
+    }
+    if let Some(v) = file.node_port_addresses.filter(|_| !from_flags("nodeport_addresses")) {
+        args.nodeport_addresses = match v {
+            crate::model::NodePortAddresses::All => Vec::new(),
+            crate::model::NodePortAddresses::Primary => vec!["primary".into()],
+            crate::model::NodePortAddresses::Cidrs(c) => c.iter().map(|(a, l)| format!("{a}/{l}")).collect(),
+        };
+    }
+    if let Some(v) = file.masquerade_all.filter(|_| !from_flags("masquerade_all")) {
+        args.masquerade_all = v;
+    }
+    if let Some(v) = file.healthz_bind_address.filter(|_| !from_flags("healthz_bind_address")) {
+        args.healthz_bind_address = v;
+    }
+    if let Some(v) = file.metrics_bind_address.filter(|_| !from_flags("metrics_bind_address")) {
+        args.metrics_bind_address = v;
+    }
+    if let Some(v) = file.hostname_override.filter(|_| !from_flags("node_name")) {
+        args.node_name = Some(v);
+    }
+    if let Some(v) = file.sync_period.filter(|_| !from_flags("sync_period")) {
+        args.sync_period = v;
+    }
+    if let Some(v) = file.min_sync_period.filter(|_| !from_flags("min_sync_period")) {
+        args.min_sync_period = v;
+    }
+    for field in &file.unknown {
+        tracing::warn!(field, "config file: unknown field, ignored");
+    }
+    for field in &file.ignored {
+        tracing::info!(field, "config file: no effect on the eBPF dataplane (it keeps its own connection table)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+
+    use super::*;
+
+    #[test]
+    fn flags_on_the_command_line_win_over_the_config_file() {
+        let matches = Args::command()
+            .try_get_matches_from(["proxy-agent", "--min-sync-period", "5s", "--hostname-override", "n1"])
+            .unwrap();
+        let mut args = Args::from_arg_matches(&matches).unwrap();
+        let file =
+            crate::config::parse("minSyncPeriod: 1m\nsyncPeriod: 10s\nhostnameOverride: other\nmasqueradeAll: true")
+                .unwrap();
+        apply_file(&mut args, file, &matches);
+        assert_eq!(args.min_sync_period, Duration::from_secs(5), "the flag wins");
+        assert_eq!(args.sync_period, Duration::from_secs(10), "the file fills in");
+        assert_eq!(args.node_name.as_deref(), Some("n1"));
+        assert!(args.masquerade_all);
+    }
 }

@@ -1,6 +1,7 @@
 //! proxy-agent: the node daemon. Wires source → store → model → dataplane.
 
 mod cli;
+mod config;
 mod dataplane;
 mod health;
 mod metrics;
@@ -13,7 +14,7 @@ mod sync;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 use crate::{
     dataplane::ebpf::{EbpfDataplane, InterfacePatterns, InterfaceRoles, NodeSettings},
@@ -35,8 +36,14 @@ fn init_logging(format: cli::LogFormat) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = cli::Args::parse();
+    let matches = cli::Args::command().get_matches();
+    let mut args = cli::Args::from_arg_matches(&matches)?;
     init_logging(args.log_format);
+    if let Some(path) = args.config.clone() {
+        let file = config::load(&path)?;
+        cli::apply_file(&mut args, file, &matches);
+        tracing::info!(config = %path.display(), "config file loaded");
+    }
     if args.cleanup {
         dataplane::ebpf::cleanup(&args.bpffs)?;
         tracing::info!(pins = %args.bpffs.display(), "cleaned up: maps and links unpinned, programs detached");

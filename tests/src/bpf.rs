@@ -11,13 +11,17 @@ use anyhow::{Context as _, bail};
 
 use crate::cmd::run;
 
-/// The eBPF object, built now by `cargo xtask build-ebpf` (a no-op when it is up to date).
+/// The eBPF object: `PROXY_EBPF_OBJECT` if set (`cargo xtask test` sets it), otherwise built now by
+/// `cargo xtask build-ebpf` (a no-op when it is up to date).
 pub fn object() -> anyhow::Result<PathBuf> {
     static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     PATH.get_or_init(|| build_object().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow::anyhow!(e))
 }
 
 fn build_object() -> anyhow::Result<PathBuf> {
+    if let Some(object) = std::env::var_os("PROXY_EBPF_OBJECT") {
+        return Ok(PathBuf::from(object));
+    }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)

@@ -58,3 +58,25 @@ fn healthz_livez_and_metrics_report_what_kube_proxy_reports() {
     assert_eq!(metric(&text, "proxy_agent_rejected_objects{kind=\"Service\"}"), Some(1.0), "{text}");
     assert_eq!(metric(&text, "proxy_agent_frontends"), Some(1.0), "{text}");
 }
+
+/// An invalid value in the config file stops start-up with a message naming the field and the value.
+#[test]
+fn an_invalid_config_file_stops_start_up_naming_field_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kube-proxy.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nsyncPeriod: often\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(proxy_lab::agent::binary().unwrap())
+        .arg("--config")
+        .arg(&config)
+        .args(["--hostname-override", "n1", "--manifests", "/nonexistent"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must not start: {stderr}");
+    assert!(stderr.contains("syncPeriod") && stderr.contains("often"), "{stderr}");
+}

@@ -15,7 +15,6 @@ use axum::{
     extract::{Query, State},
     response::Response,
 };
-use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 use super::*;
@@ -59,12 +58,15 @@ fn node(rv: u32) -> Value {
     json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1", "resourceVersion": rv.to_string()}})
 }
 
-fn event(kind: &str, object: Value) -> Value {
+fn event(kind: &str, object: &Value) -> Value {
     json!({"type": kind, "object": object})
 }
 
 fn bookmark(api_version: &str, kind: &str, rv: u32) -> Value {
-    event("BOOKMARK", json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": rv.to_string()}}))
+    event(
+        "BOOKMARK",
+        &json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": rv.to_string()}}),
+    )
 }
 
 async fn handle(
@@ -83,12 +85,12 @@ async fn handle(
     if query.get("watch").map(String::as_str) == Some("true") {
         let action = server.lock().unwrap().get_mut(kind).and_then(|k| k.watches.pop_front()).unwrap_or(Watch::Hang);
         let body = match action {
-            Watch::Events(events) => Body::from(events.iter().map(|e| format!("{e}\n")).collect::<String>()),
+            Watch::Events(events) => Body::from(events.iter().map(|e| e.to_string() + "\n").collect::<String>()),
             Watch::Gone => Body::from(format!(
                 "{}\n",
                 event(
                     "ERROR",
-                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                       "message": "too old resource version", "reason": "Expired", "code": 410})
                 )
             )),
@@ -149,7 +151,7 @@ async fn list_watch_bookmarks_drops_and_410_gone_end_in_the_servers_state() {
                 // First list, then the relist after 410 Gone (b was deleted and c created meanwhile).
                 lists: VecDeque::from([vec![service("a", 10)], vec![service("a", 10), service("c", 14)]]),
                 watches: VecDeque::from([
-                    Watch::Events(vec![event("ADDED", service("b", 11)), bookmark("v1", "Service", 12)]),
+                    Watch::Events(vec![event("ADDED", &service("b", 11)), bookmark("v1", "Service", 12)]),
                     Watch::Gone,
                     Watch::Hang,
                 ]),
@@ -160,7 +162,7 @@ async fn list_watch_bookmarks_drops_and_410_gone_end_in_the_servers_state() {
             "endpointslices",
             Kind {
                 lists: VecDeque::from([vec![slice("a-1", "a", 20)]]),
-                watches: VecDeque::from([Watch::Events(vec![event("MODIFIED", slice("a-1", "a", 21))]), Watch::Hang]),
+                watches: VecDeque::from([Watch::Events(vec![event("MODIFIED", &slice("a-1", "a", 21))]), Watch::Hang]),
                 ..Kind::default()
             },
         );
