@@ -6,6 +6,8 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 #[command(name = "proxy-agent", version, about = "A kube-proxy replacement whose service dataplane runs in eBPF")]
+// A flag given twice takes its last value, as wrappers that append flags expect.
+#[command(args_override_self = true)]
 pub struct Args {
     /// A `KubeProxyConfiguration` file; flags given on the command line win over it.
     #[arg(long, value_name = "FILE")]

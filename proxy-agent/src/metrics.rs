@@ -26,6 +26,11 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     /// kube-proxy: time to compute and program the rules.
@@ -41,6 +46,8 @@ pub struct Metrics {
     pub map_deletes: Counter,
     /// Objects left out, by kind.
     pub rejected: Family<KindLabel, Gauge>,
+    /// Entries in use, by map.
+    pub map_entries: Family<MapLabel, Gauge>,
     /// The trigger time already observed for each EndpointSlice, so each change is counted once.
     seen_triggers: std::sync::Mutex<HashMap<ObjectKey, Timestamp>>,
 }
@@ -60,6 +67,7 @@ impl Metrics {
         let (frontends, backends) = (Gauge::default(), Gauge::default());
         let (map_writes, map_deletes) = (Counter::default(), Counter::default());
         let rejected = Family::<KindLabel, Gauge>::default();
+        let map_entries = Family::<MapLabel, Gauge>::default();
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
@@ -96,6 +104,7 @@ impl Metrics {
             map_writes,
             map_deletes,
             rejected,
+            map_entries,
             seen_triggers: std::sync::Mutex::default(),
         }
     }

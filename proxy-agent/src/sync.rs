@@ -105,8 +105,19 @@ pub async fn run(
         let table = desired.table;
         let frontends = table.frontends.len();
         let backends = table.distinct_backends();
-        let (returned, result) = blocking(dataplane, move |d| d.apply(&table)).await?;
+        // The periodic resync re-reads the kernel's state, repairing anything changed behind our back.
+        let (returned, (result, occupancy)) = blocking(dataplane, move |d| {
+            let result = if forced { d.apply_full(&table) } else { d.apply(&table) };
+            (result, d.occupancy())
+        })
+        .await?;
         dataplane = returned;
+        for (map, entries) in occupancy {
+            metrics
+                .map_entries
+                .get_or_create(&crate::metrics::MapLabel { map: map.to_owned() })
+                .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        }
         match result {
             Ok(stats) => {
                 applied_generation = Some(snapshot.generation);

@@ -375,12 +375,17 @@ impl Lab {
         Ok(())
     }
 
+    /// The pinned map `name` of node `node`'s agent, opened from the test process.
+    pub fn pinned_map(&self, node: usize, name: &str) -> anyhow::Result<aya::maps::Map> {
+        let pin = self.bpffs.join(node_name(node)).join(name);
+        let data = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        Ok(aya::maps::Map::from_map_data(data)?)
+    }
+
     /// The data-path counters of node `node` (`proxy_common::stats`), summed over CPUs, read from its
     /// pinned `STATS` map.
     pub fn stats(&self, node: usize) -> anyhow::Result<Vec<u64>> {
-        let pin = self.bpffs.join(node_name(node)).join(proxy_common::maps::STATS);
-        let data = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-        let map = aya::maps::Map::from_map_data(data)?;
+        let map = self.pinned_map(node, proxy_common::maps::STATS)?;
         let counters: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map)?;
         (0..proxy_common::stats::COUNT).map(|i| Ok(counters.get(&i, 0)?.iter().sum())).collect()
     }

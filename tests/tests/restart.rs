@@ -105,3 +105,50 @@ fn sigkill_and_restart_under_load_drops_no_connection() {
         "the new agent must adopt, not rewrite: {first_sync}"
     );
 }
+
+/// The periodic full reconcile re-reads the maps: a Service's entries deleted behind the agent's back are
+/// written again within a sync period, without any change in the cluster.
+#[test]
+fn the_periodic_resync_repairs_maps_changed_behind_the_agents_back() {
+    use aya::maps::HashMap;
+    use proxy_common::service::{ServiceKey, ServiceValue};
+
+    let mut spec = LabSpec::default();
+    spec.agent_args.extend(["--sync-period".to_owned(), "1s".to_owned()]);
+    let mut lab = Lab::start(spec).expect("lab");
+    let pod = lab.pod(2, 2).clone();
+    lab.serve(&pod, &[8080], &[]).unwrap();
+    let vip = Ipv4Addr::new(10, 32, 0, 98);
+    let svc = Svc::new("repaired", vip, vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }]);
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&[Endpoint::ready(pod.ip, node_name(2))])).unwrap();
+    lab.start_agents().unwrap();
+    let client = lab.pod(1, 1).ns.clone();
+    let target = SocketAddrV4::new(vip, 80);
+    assert!(proxy_lab::echo::request(&client, proxy_lab::echo::Proto::Tcp, target, TIMEOUT).is_ok());
+
+    let mut services: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(lab.pinned_map(1, proxy_common::maps::SERVICES).unwrap()).unwrap();
+    let ours: Vec<ServiceKey> =
+        services.keys().filter_map(Result::ok).filter(|k| k.addr == u32::from_ne_bytes(vip.octets())).collect();
+    assert!(!ours.is_empty());
+    for key in &ours {
+        services.remove(key).unwrap();
+    }
+    let broken =
+        proxy_lab::echo::attempt(&client, proxy_lab::echo::Proto::Tcp, target, Duration::from_millis(300)).unwrap();
+    assert!(!matches!(broken, proxy_lab::echo::Outcome::Answered(_)), "the entries really were gone: {broken:?}");
+
+    // Bounded: a few sync periods.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if proxy_lab::echo::request(&client, proxy_lab::echo::Proto::Tcp, target, Duration::from_millis(500)).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the resync never repaired the maps");
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        services.keys().filter_map(Result::ok).filter(|k| k.addr == u32::from_ne_bytes(vip.octets())).count(),
+        ours.len()
+    );
+}

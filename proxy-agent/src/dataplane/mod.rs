@@ -22,6 +22,18 @@ pub trait Dataplane: Send {
     /// call picks up from wherever this one stopped.
     fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats>;
 
+    /// Like [`Dataplane::apply`], but first re-reads what the kernel holds instead of trusting the agent's
+    /// memory of it, so entries changed or removed behind the agent's back are repaired (the periodic full
+    /// reconcile).
+    fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
+        self.apply(table)
+    }
+
+    /// Entries in use per map (or rules per chain), for the occupancy metrics.
+    fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        Vec::new()
+    }
+
     /// Periodic work that does not depend on the table, such as attaching to pod interfaces that appeared
     /// since the last call.
     fn housekeeping(&mut self) -> anyhow::Result<()> {

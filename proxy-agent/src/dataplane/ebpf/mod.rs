@@ -115,6 +115,15 @@ impl Dataplane for EbpfDataplane {
         self.writer.apply(table)
     }
 
+    fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
+        self.writer.reread()?;
+        self.writer.apply(table)
+    }
+
+    fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        self.writer.occupancy()
+    }
+
     fn housekeeping(&mut self) -> anyhow::Result<()> {
         let added = self.attachments.refresh(&mut self.ebpf, &self.roles)?;
         if !added.is_empty() {

@@ -130,43 +130,42 @@ impl<M: ServiceMaps> TableWriter<M> {
     /// Takes over whatever the maps hold (a previous agent's work), so the first apply only writes the
     /// difference and live flows are never flushed.
     pub fn adopt(maps: M) -> anyhow::Result<Self> {
-        let contents = maps.dump()?;
-        let mut scopes: BTreeMap<ScopedFrontend, Programmed> = BTreeMap::new();
-        let mut rev_nat_ids = BTreeMap::new();
-        for (key, value) in &contents.services {
-            let Some(protocol) = Protocol::from_number(key.proto) else { continue };
-            let frontend = Frontend { addr: from_be_addr(key.addr), port: u16::from_be(key.port), protocol };
-            let p = scopes.entry((frontend, key.scope)).or_default();
-            if key.slot == 0 {
-                p.slot0 = Some(*value);
-                rev_nat_ids.insert(frontend, value.rev_nat_id);
-            } else {
-                p.slots.insert(key.slot, value.backend_id);
-            }
-        }
-        let mut backends = HashMap::new();
-        for (id, b) in &contents.backends {
-            let Some(protocol) = Protocol::from_number(b.proto) else { continue };
-            backends.insert((from_be_addr(b.addr), u16::from_be(b.port), protocol), (*id, *b));
-        }
-        let mut source_ranges: BTreeMap<u32, BTreeSet<Cidr>> = BTreeMap::new();
-        for (id, range) in &contents.source_ranges {
-            source_ranges.entry(*id).or_default().insert(*range);
-        }
-        let used_rev: BTreeSet<u32> = rev_nat_ids.values().copied().collect();
-        let orphan_rev_nat = contents.revnat.iter().map(|(id, _)| *id).filter(|id| !used_rev.contains(id)).collect();
-        let max_backend = contents.backends.iter().map(|(id, _)| *id).max().unwrap_or(0);
-        let max_rev = contents.revnat.iter().map(|(id, _)| *id).chain(used_rev).max().unwrap_or(0);
+        let known = Known::read(&maps.dump()?);
         Ok(Self {
             maps,
-            scopes,
-            rev_nat_ids,
-            source_ranges,
-            backends,
-            next_backend_id: max_backend + 1,
-            next_rev_nat_id: max_rev + 1,
-            orphan_rev_nat,
+            scopes: known.scopes,
+            rev_nat_ids: known.rev_nat_ids,
+            source_ranges: known.source_ranges,
+            backends: known.backends,
+            next_backend_id: known.max_backend + 1,
+            next_rev_nat_id: known.max_rev_nat + 1,
+            orphan_rev_nat: known.orphan_rev_nat,
         })
+    }
+
+    /// Forgets what the writer believes is programmed and reads it back from the maps, keeping its id
+    /// counters (ids are never reused while the agent runs).
+    pub fn reread(&mut self) -> anyhow::Result<()> {
+        let known = Known::read(&self.maps.dump()?);
+        self.next_backend_id = self.next_backend_id.max(known.max_backend + 1);
+        self.next_rev_nat_id = self.next_rev_nat_id.max(known.max_rev_nat + 1);
+        self.scopes = known.scopes;
+        self.rev_nat_ids = known.rev_nat_ids;
+        self.source_ranges = known.source_ranges;
+        self.backends = known.backends;
+        self.orphan_rev_nat = known.orphan_rev_nat;
+        Ok(())
+    }
+
+    /// Entries in use per map.
+    pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        let services = self.scopes.values().map(|p| usize::from(p.slot0.is_some()) + p.slots.len()).sum();
+        vec![
+            (proxy_common::maps::SERVICES, services),
+            (proxy_common::maps::BACKENDS, self.backends.len()),
+            (proxy_common::maps::REVNAT, self.rev_nat_ids.len()),
+            (proxy_common::maps::SOURCE_RANGES, self.source_ranges.values().map(BTreeSet::len).sum()),
+        ]
     }
 
     /// Programs `table`, writing only what differs from what is programmed.
@@ -381,6 +380,49 @@ impl<M: ServiceMaps> TableWriter<M> {
         }
         self.scopes.remove(&scoped);
         Ok(())
+    }
+}
+
+/// What the maps hold, in the writer's terms.
+struct Known {
+    scopes: BTreeMap<ScopedFrontend, Programmed>,
+    rev_nat_ids: BTreeMap<Frontend, u32>,
+    source_ranges: BTreeMap<u32, BTreeSet<Cidr>>,
+    backends: HashMap<BackendKey, (u32, Backend)>,
+    orphan_rev_nat: BTreeSet<u32>,
+    max_backend: u32,
+    max_rev_nat: u32,
+}
+
+impl Known {
+    fn read(contents: &Contents) -> Self {
+        let mut scopes: BTreeMap<ScopedFrontend, Programmed> = BTreeMap::new();
+        let mut rev_nat_ids = BTreeMap::new();
+        for (key, value) in &contents.services {
+            let Some(protocol) = Protocol::from_number(key.proto) else { continue };
+            let frontend = Frontend { addr: from_be_addr(key.addr), port: u16::from_be(key.port), protocol };
+            let p = scopes.entry((frontend, key.scope)).or_default();
+            if key.slot == 0 {
+                p.slot0 = Some(*value);
+                rev_nat_ids.insert(frontend, value.rev_nat_id);
+            } else {
+                p.slots.insert(key.slot, value.backend_id);
+            }
+        }
+        let mut backends = HashMap::new();
+        for (id, b) in &contents.backends {
+            let Some(protocol) = Protocol::from_number(b.proto) else { continue };
+            backends.insert((from_be_addr(b.addr), u16::from_be(b.port), protocol), (*id, *b));
+        }
+        let mut source_ranges: BTreeMap<u32, BTreeSet<Cidr>> = BTreeMap::new();
+        for (id, range) in &contents.source_ranges {
+            source_ranges.entry(*id).or_default().insert(*range);
+        }
+        let used_rev: BTreeSet<u32> = rev_nat_ids.values().copied().collect();
+        let orphan_rev_nat = contents.revnat.iter().map(|(id, _)| *id).filter(|id| !used_rev.contains(id)).collect();
+        let max_backend = contents.backends.iter().map(|(id, _)| *id).max().unwrap_or(0);
+        let max_rev_nat = contents.revnat.iter().map(|(id, _)| *id).chain(used_rev).max().unwrap_or(0);
+        Self { scopes, rev_nat_ids, source_ranges, backends, orphan_rev_nat, max_backend, max_rev_nat }
     }
 }
 

@@ -347,3 +347,27 @@ fn a_table_larger_than_the_maps_is_refused_before_any_write() {
     assert!(err.to_string().contains("reverse-NAT"), "{err}");
     assert_eq!(maps.ops, 0, "nothing may be written");
 }
+
+#[test]
+fn a_full_reconcile_repairs_entries_removed_behind_the_writers_back() {
+    let t = table(&[([10, 32, 0, 1], 80, &[[10, 200, 1, 1], [10, 200, 1, 2]])]);
+    let mut maps = CheckedMaps::default();
+    let mut writer = TableWriter::adopt(&mut maps).unwrap();
+    writer.apply(&t).unwrap();
+    // Someone deletes slot 2 and adds a stray backend (the writer's memory still says all is well).
+    writer.maps.services.retain(|k, _| k.slot != 2);
+    writer
+        .maps
+        .services
+        .get_mut(&ServiceKey::new(u32::from_ne_bytes([10, 32, 0, 1]), 80u16.to_be(), 6, SCOPE_EXTERNAL, 0))
+        .unwrap()
+        .count = 1;
+    writer.maps.backends.insert(999, Backend { addr: 1, port: 1, proto: 6, flags: 0 });
+    assert_eq!(writer.apply(&t).unwrap(), ApplyStats::default(), "a plain apply trusts its memory");
+    writer.reread().unwrap();
+    let stats = writer.apply(&t).unwrap();
+    assert_eq!(stats, ApplyStats { writes: 2, deletes: 1 }, "slot 2 and the count back; the stray backend gone");
+    drop(writer);
+    assert_eq!(maps.decode(), expected(&t));
+    maps.assert_no_garbage(&t);
+}
