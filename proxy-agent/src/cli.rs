@@ -21,9 +21,15 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub manifest_poll_interval: Duration,
 
-    /// The API server's URL; by default the in-cluster config, then the kubeconfig, are used.
+    /// The API server's URL. Set it (or `KUBERNETES_SERVICE_HOST`/`_PORT`) to the server's real address: the
+    /// `kubernetes` Service's ClusterIP only works once a service proxy runs. Credentials come from the
+    /// pod's service account, or from `--kubeconfig`.
     #[arg(long, value_name = "URL")]
     pub master: Option<String>,
+
+    /// A kubeconfig file with the server and credentials; `--master` still overrides its server.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
 
     /// This node's name, as in its Node object.
     #[arg(long = "hostname-override", env = "NODE_NAME", value_name = "NAME")]

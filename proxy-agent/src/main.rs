@@ -80,11 +80,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(source::manifests::ManifestSource::new(dir.clone(), args.manifest_poll_interval).run(store))
     } else {
         {
-            let mut config =
-                kube::Config::infer().await.context("finding the API server (in-cluster config or kubeconfig)")?;
-            if let Some(master) = &args.master {
-                config.cluster_url = master.parse().with_context(|| format!("--master {master:?} is not a URL"))?;
-            }
+            let config = source::kubernetes::client_config(args.master.as_deref(), args.kubeconfig.as_deref()).await?;
             tracing::info!(server = %config.cluster_url, "source: Kubernetes API");
             let client = kube::Client::try_from(config).context("building the API client")?;
             tokio::spawn(source::kubernetes::run(client, node.name.clone(), store))

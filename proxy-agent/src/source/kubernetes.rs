@@ -125,6 +125,33 @@ where
     }
 }
 
+/// How the agent reaches the API server. It must not depend on the `kubernetes` Service's ClusterIP, which
+/// only works once a service proxy (this agent) is running: `--master` (or `KUBERNETES_SERVICE_HOST`, which a
+/// DaemonSet can set to the API server's real address) gives the address, in-cluster service-account
+/// credentials the identity; `--kubeconfig` gives both.
+pub async fn client_config(master: Option<&str>, kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Config> {
+    use anyhow::Context as _;
+    let mut config = if let Some(path) = kubeconfig {
+        let file = kube::config::Kubeconfig::read_from(path)
+            .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+        kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("using kubeconfig {}", path.display()))?
+    } else if master.is_some() {
+        // Service-account credentials; the address comes from --master below, not from cluster DNS.
+        match kube::Config::incluster_dns() {
+            Ok(config) => config,
+            Err(_) => kube::Config::infer().await.context("no in-cluster credentials and no usable kubeconfig")?,
+        }
+    } else {
+        kube::Config::infer().await.context("finding the API server (in-cluster environment or kubeconfig)")?
+    };
+    if let Some(master) = master {
+        config.cluster_url = master.parse().with_context(|| format!("--master {master:?} is not a URL"))?;
+    }
+    Ok(config)
+}
+
 /// Runs the three watchers until one of them fails for good.
 pub async fn run(client: Client, node_name: String, store: Store) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness { pending: Mutex::new(vec![Service::NAME, EndpointSlice::NAME, Node::NAME]) });
@@ -143,6 +170,22 @@ pub async fn run(client: Client, node_name: String, store: Store) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[tokio::test]
+    async fn master_overrides_the_kubeconfig_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters: [{name: k, cluster: {server: 'https://10.32.0.1:443'}}]\nusers: [{name: u, user: {token: t}}]\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n",
+        )
+        .unwrap();
+        let plain = client_config(None, Some(&path)).await.unwrap();
+        assert_eq!(plain.cluster_url.to_string(), "https://10.32.0.1:443/");
+        let direct = client_config(Some("https://192.0.2.10:6443"), Some(&path)).await.unwrap();
+        assert_eq!(direct.cluster_url.to_string(), "https://192.0.2.10:6443/");
+        assert!(client_config(Some("not a url"), Some(&path)).await.is_err());
+    }
 
     use super::*;
 
