@@ -228,6 +228,13 @@ mod tests {
             on_event(e, &mut relist, &store);
         }
         assert_eq!(names(&rx), ["c"]);
+
+        // A relist that finds nothing new changes nothing: no sync is even woken.
+        let generation = rx.borrow().generation;
+        for e in [watcher::Event::Init, watcher::Event::InitApply(service("c")), watcher::Event::InitDone] {
+            on_event(e, &mut relist, &store);
+        }
+        assert_eq!(rx.borrow().generation, generation);
     }
 
     #[test]

@@ -186,6 +186,7 @@ impl<M: ServiceMaps> TableWriter<M> {
             for scope in [SCOPE_EXTERNAL, SCOPE_INTERNAL] {
                 self.remove_scope((frontend, scope), &mut stats)?;
             }
+            tracing::debug!(%frontend, "frontend removed");
             if let Some(id) = self.rev_nat_ids.get(&frontend).copied() {
                 self.set_source_ranges(id, &BTreeSet::new(), &mut stats)?;
                 self.maps.delete_revnat(id)?;
@@ -235,7 +236,16 @@ impl<M: ServiceMaps> TableWriter<M> {
                 self.program_scope((*frontend, SCOPE_INTERNAL), &wanted, &mut stats)?;
             }
             let wanted = self.wanted(entry, &entry.external, frontend.protocol, rev_nat_id, ext_flags);
+            let before = stats;
             self.program_scope((*frontend, SCOPE_EXTERNAL), &wanted, &mut stats)?;
+            if stats != before {
+                tracing::debug!(
+                    service = %entry.service,
+                    %frontend,
+                    backends = entry.external.endpoints.len(),
+                    "frontend programmed"
+                );
+            }
             if !internal_differs {
                 self.remove_scope((*frontend, SCOPE_INTERNAL), &mut stats)?;
             }
