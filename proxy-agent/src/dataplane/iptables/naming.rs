@@ -46,7 +46,7 @@ pub fn firewall_chain(name: &ServicePortName, protocol: Protocol) -> String {
 
 /// One endpoint's chain (its DNAT rule).
 #[must_use]
-pub fn endpoint_chain(name: &ServicePortName, protocol: Protocol, endpoint: &Endpoint) -> String {
+pub fn endpoint_chain(name: &ServicePortName, protocol: Protocol, endpoint: Endpoint) -> String {
     format!("KUBE-SEP-{}", hash16(&format!("{name}{}{endpoint}", proto(protocol))))
 }
 
@@ -82,8 +82,8 @@ mod tests {
         assert_eq!(&firewall_chain(&n, Protocol::Tcp)[8..], &svc[9..]);
         let a = Endpoint { addr: "10.200.1.2".parse().unwrap(), port: 8080, local: true };
         let b = Endpoint { addr: "10.200.1.3".parse().unwrap(), port: 8080, local: true };
-        assert_ne!(endpoint_chain(&n, Protocol::Tcp, &a), endpoint_chain(&n, Protocol::Tcp, &b));
+        assert_ne!(endpoint_chain(&n, Protocol::Tcp, a), endpoint_chain(&n, Protocol::Tcp, b));
         // Chain names must fit iptables' 28-character limit.
-        assert!(svc.len() <= 28 && endpoint_chain(&n, Protocol::Tcp, &a).len() <= 28);
+        assert!(svc.len() <= 28 && endpoint_chain(&n, Protocol::Tcp, a).len() <= 28);
     }
 }
