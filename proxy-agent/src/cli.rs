@@ -65,6 +65,10 @@ pub struct Args {
     #[arg(long, value_name = "PATH|none")]
     pub cgroup: Option<String>,
 
+    /// The dataplane: eBPF, or the iptables fallback (kube-proxy's own rules).
+    #[arg(long, value_enum, default_value = "ebpf")]
+    pub mode: Mode,
+
     /// XDP on host interfaces for NodePort and external traffic; TC handles whatever XDP does not.
     #[arg(long, value_enum, default_value = "native")]
     pub xdp: crate::dataplane::ebpf::XdpSetting,
@@ -102,6 +106,12 @@ pub struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Ebpf,
+    Iptables,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -158,6 +168,9 @@ pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &cl
     use clap::parser::ValueSource;
     let from_flags =
         |id: &str| matches!(matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
+    if let Some(v) = file.mode.as_deref().filter(|_| !from_flags("mode")) {
+        args.mode = if v == "iptables" { Mode::Iptables } else { Mode::Ebpf };
+    }
     if let Some(v) = file.cluster_cidr.filter(|_| !from_flags("cluster_cidr")) {
         args.cluster_cidr = Some(v);
     }

@@ -72,7 +72,19 @@ async fn main() -> anyhow::Result<()> {
     };
     tracing::info!(node = %node.name, addresses = ?node.addresses, snat = ?settings.snat_addr, version = env!("CARGO_PKG_VERSION"), "starting");
 
-    let dataplane = EbpfDataplane::start(&args.bpffs, roles, &settings).context("starting the eBPF dataplane")?;
+    let dataplane: Box<dyn dataplane::Dataplane> = match args.mode {
+        cli::Mode::Ebpf => {
+            Box::new(EbpfDataplane::start(&args.bpffs, roles, &settings).context("starting the eBPF dataplane")?)
+        }
+        cli::Mode::Iptables => {
+            let config = dataplane::iptables::rules::RuleConfig {
+                masquerade_all: args.masquerade_all,
+                cluster_cidr: args.cluster_cidr,
+            };
+            Box::new(dataplane::iptables::IptablesDataplane::start(config))
+        }
+    };
+    tracing::info!(mode = dataplane.name(), "dataplane started");
     let (store, snapshots) = Store::new();
 
     let source = if let Some(dir) = &args.manifests {
@@ -98,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
     let _health_server = health::proxy::serve_health(args.healthz_bind_address, health.clone()).await?;
     let _metrics_server = health::proxy::serve_metrics(args.metrics_bind_address, metrics.clone()).await?;
     let observers = sync::Observers { metrics, health };
-    let sync = sync::run(snapshots, node, Box::new(dataplane), sync_config, observers);
+    let sync = sync::run(snapshots, node, dataplane, sync_config, observers);
 
     tokio::select! {
         result = sync => result.context("sync loop"),

@@ -164,7 +164,13 @@ impl Lab {
             ] {
                 sysctl_in(&ns, key, value)?;
             }
-            ip_in(&ns, &["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo"])?;
+            // Link scope: the node never picks the pods' gateway address as a source (masquerade, its own
+            // connections); it only answers ARP for it.
+            ip_in(&ns, &["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo", "scope", "link"])?;
+            // Like a real node, a default route (to the lab's "outside"): traffic for addresses nobody
+            // translated goes through the forward path (where a REJECT rule can see it), not straight to
+            // "network unreachable".
+            ip_in(&ns, &["route", "add", "default", "via", &EXTERNAL_IP.to_string()])?;
             for other in (1..=self.spec.nodes).filter(|o| *o != n) {
                 ip_in(&ns, &["route", "add", &format!("10.200.{other}.0/24"), "via", &node_ip(other).to_string()])?;
             }

@@ -1,5 +1,227 @@
-//! The iptables fallback dataplane (issue 6, in progress): kube-proxy's own chain layout and names, so
-//! `iptables-save | grep KUBE` reads as users know it. So far: the chain naming, verified against names
-//! kube-proxy produces.
+//! The iptables fallback dataplane: kube-proxy's own chain layout and names, so `iptables-save | grep KUBE`
+//! reads as users know it. Applied with `iptables-restore --noflush`, atomically per table, rewriting only
+//! the chains that changed.
 
 pub mod naming;
+pub mod rules;
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{ApplyStats, Dataplane};
+use crate::model::ServiceTable;
+use rules::{Chains, RuleConfig, Ruleset};
+
+/// Jumps from the built-in chains into kube-proxy's, as kube-proxy installs them.
+const HOOKS: &[(&str, &str, &str)] = &[
+    ("nat", "PREROUTING", "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
+    ("nat", "OUTPUT", "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
+    ("nat", "POSTROUTING", "-m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"),
+    ("filter", "INPUT", "-m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL"),
+    (
+        "filter",
+        "INPUT",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+    ),
+    ("filter", "FORWARD", "-m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL"),
+    ("filter", "FORWARD", "-m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD"),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+    ),
+    ("filter", "OUTPUT", "-m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL"),
+    (
+        "filter",
+        "OUTPUT",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+    ),
+];
+
+pub struct IptablesDataplane {
+    config: RuleConfig,
+    /// What the last successful restore installed; `None` until the first one (which rewrites everything).
+    applied: Option<Ruleset>,
+}
+
+fn iptables(args: &[&str]) -> anyhow::Result<bool> {
+    let out = Command::new("iptables").arg("-w").args(args).output().context("running iptables (is it installed?)")?;
+    Ok(out.status.success())
+}
+
+/// kube-proxy's chains as installed now, from `iptables-save`.
+fn installed(table: &str) -> anyhow::Result<Chains> {
+    let out = Command::new("iptables-save").args(["-t", table]).output().context("running iptables-save")?;
+    if !out.status.success() {
+        bail!("iptables-save -t {table} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(parse_save(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The `KUBE-` chains of an `iptables-save` dump and their rules.
+fn parse_save(dump: &str) -> Chains {
+    let mut chains = Chains::new();
+    for line in dump.lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or_default();
+            if name.starts_with("KUBE-") {
+                chains.entry(name.to_owned()).or_default();
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let name = rule.split_whitespace().next().unwrap_or_default();
+            if let Some(rules) = chains.get_mut(name) {
+                rules.push(line.to_owned());
+            }
+        }
+    }
+    chains
+}
+
+impl IptablesDataplane {
+    #[must_use]
+    pub fn start(config: RuleConfig) -> Self {
+        Self { config, applied: None }
+    }
+
+    /// Creates kube-proxy's fixed chains if needed and makes sure the built-in chains jump to them.
+    fn ensure_hooks() -> anyhow::Result<()> {
+        for (table, chains) in [("nat", &rules::NAT_FIXED[..]), ("filter", &rules::FILTER_FIXED[..])] {
+            for chain in chains {
+                if !iptables(&["-t", table, "-S", chain])? {
+                    iptables(&["-t", table, "-N", chain])?;
+                }
+            }
+        }
+        for (table, chain, rule) in HOOKS {
+            let words = shell_words(rule);
+            let mut check = vec!["-t", table, "-C", chain];
+            check.extend(words.iter().map(String::as_str));
+            if !iptables(&check)? {
+                let mut insert = vec!["-t", table, "-I", chain];
+                insert.extend(words.iter().map(String::as_str));
+                if !iptables(&insert)? {
+                    bail!("could not hook {table}/{chain}: iptables -t {table} -I {chain} {rule}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits a rule into arguments, keeping double-quoted comments whole.
+fn shell_words(rule: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in rule.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !current.is_empty() {
+                    out.push(std::mem::take(&mut current));
+                }
+            }
+            _ => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// The `iptables-restore --noflush` input for one table: changed and new chains are declared (which
+/// flushes them) and refilled; chains no longer wanted are flushed and deleted. Unchanged chains are left
+/// alone. Counts (written, deleted) rules.
+fn restore_input(table: &str, old: Option<&Chains>, new: &Chains, out: &mut String) -> (usize, usize) {
+    use std::fmt::Write as _;
+    let (mut written, mut deleted) = (0, 0);
+    let changed: Vec<(&String, &Vec<String>)> =
+        new.iter().filter(|(name, rules)| old.and_then(|o| o.get(*name)) != Some(rules)).collect();
+    let gone: Vec<(&String, &Vec<String>)> =
+        old.into_iter().flatten().filter(|(name, _)| !new.contains_key(*name)).collect();
+    if changed.is_empty() && gone.is_empty() {
+        return (0, 0);
+    }
+    let _ = writeln!(out, "*{table}");
+    for (name, _) in changed.iter().chain(&gone) {
+        let _ = writeln!(out, ":{name} - [0:0]");
+    }
+    // Rules first (they may jump to new chains), deletions last (nothing refers to them any more).
+    for (name, rules) in &changed {
+        for rule in *rules {
+            let _ = writeln!(out, "{rule}");
+        }
+        written += rules.len();
+        deleted += old.and_then(|o| o.get(*name)).map_or(0, Vec::len);
+    }
+    for (name, rules) in &gone {
+        let _ = writeln!(out, "-X {name}");
+        deleted += rules.len();
+    }
+    let _ = writeln!(out, "COMMIT");
+    (written, deleted)
+}
+
+impl Dataplane for IptablesDataplane {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
+        if self.applied.is_none() {
+            Self::ensure_hooks()?;
+            // Start from what the kernel holds (a previous agent's chains, or drift), not from nothing, so
+            // chains nobody wants any more are deleted.
+            self.applied = Some(Ruleset { nat: installed("nat")?, filter: installed("filter")? });
+        }
+        let wanted = rules::render(table, &self.config);
+        let mut input = String::new();
+        let old = self.applied.as_ref();
+        let (w1, d1) = restore_input("nat", old.map(|o| &o.nat), &wanted.nat, &mut input);
+        let (w2, d2) = restore_input("filter", old.map(|o| &o.filter), &wanted.filter, &mut input);
+        if !input.is_empty() {
+            let mut child = Command::new("iptables-restore")
+                .args(["-w", "--noflush"])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("running iptables-restore (is it installed?)")?;
+            child.stdin.take().expect("piped").write_all(input.as_bytes())?;
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                // Nothing changed: iptables-restore commits each table whole or not at all.
+                bail!("iptables-restore failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+        self.applied = Some(wanted);
+        Ok(ApplyStats { writes: w1 + w2, deletes: d1 + d2 })
+    }
+
+    fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
+        // Forget what we believe is installed: everything is rewritten, repairing any drift.
+        self.applied = None;
+        self.apply(table)
+    }
+
+    fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        self.applied.as_ref().map_or_else(Vec::new, |r| {
+            vec![
+                ("iptables-nat-rules", r.nat.values().map(Vec::len).sum()),
+                ("iptables-filter-rules", r.filter.values().map(Vec::len).sum()),
+            ]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,109 @@
+use std::net::Ipv4Addr;
+
+use super::{restore_input, rules::*};
+use crate::model::{
+    BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable,
+};
+
+fn ep(last: u8, local: bool) -> Endpoint {
+    Endpoint { addr: Ipv4Addr::new(10, 200, 1, last), port: 8080, local }
+}
+
+fn entry(kind: FrontendKind, external: Vec<Endpoint>, internal: Vec<Endpoint>) -> FrontendEntry {
+    FrontendEntry {
+        service: ServicePortName { namespace: "default".into(), name: "web".into(), port: "http".into() },
+        kind,
+        external: BackendSet { reject_when_empty: external.is_empty(), endpoints: external },
+        internal: BackendSet { reject_when_empty: internal.is_empty(), endpoints: internal },
+        terminating: Vec::new(),
+        masquerade_external: kind == FrontendKind::ClusterIp,
+        affinity_timeout: None,
+        source_ranges: Vec::new(),
+    }
+}
+
+fn all_rules(r: &Ruleset) -> String {
+    r.nat.values().chain(r.filter.values()).flatten().cloned().collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn a_cluster_ip_with_two_endpoints_renders_kube_proxys_chains() {
+    let mut t = ServiceTable::default();
+    let f = Frontend { addr: Ipv4Addr::new(10, 32, 0, 20), port: 80, protocol: Protocol::Tcp };
+    t.frontends
+        .insert(f, entry(FrontendKind::ClusterIp, vec![ep(2, true), ep(3, false)], vec![ep(2, true), ep(3, false)]));
+    let r = render(&t, &RuleConfig::default());
+    let svc = "KUBE-SVC-".to_owned() + &super::naming::service_chain(&t.frontends[&f].service, Protocol::Tcp)[9..];
+    let services = &r.nat["KUBE-SERVICES"];
+    assert_eq!(
+        services,
+        &vec![format!(
+            "-A KUBE-SERVICES -m comment --comment \"default/web:http cluster IP\" -m tcp -p tcp -d 10.32.0.20/32 --dport 80 -j {svc}"
+        )]
+    );
+    let chain = &r.nat[&svc];
+    assert_eq!(chain.len(), 2);
+    assert!(chain[0].contains("--probability 0.5000000000"), "{chain:?}");
+    assert!(!chain[1].contains("statistic"), "the last endpoint takes the rest: {chain:?}");
+    let seps: Vec<&String> = r.nat.keys().filter(|k| k.starts_with("KUBE-SEP-")).collect();
+    assert_eq!(seps.len(), 2);
+    assert!(all_rules(&r).contains("-j DNAT --to-destination 10.200.1.2:8080"));
+    assert!(all_rules(&r).contains("-s 10.200.1.2/32 -j KUBE-MARK-MASQ"), "hairpin masquerade");
+}
+
+#[test]
+fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
+    let mut t = ServiceTable::default();
+    let vip = Frontend { addr: Ipv4Addr::new(10, 32, 0, 21), port: 80, protocol: Protocol::Tcp };
+    t.frontends.insert(vip, entry(FrontendKind::ClusterIp, vec![], vec![]));
+    let r = render(&t, &RuleConfig::default());
+    assert!(
+        all_rules(&r)
+            .contains("\"default/web:http has no endpoints\" -m tcp -p tcp -d 10.32.0.21/32 --dport 80 -j REJECT")
+    );
+
+    let mut t = ServiceTable::default();
+    let np = Frontend { addr: Ipv4Addr::new(10, 240, 0, 11), port: 30080, protocol: Protocol::Tcp };
+    let mut e = entry(FrontendKind::NodePort, vec![], vec![ep(3, false)]);
+    e.external.reject_when_empty = false;
+    e.masquerade_external = false;
+    t.frontends.insert(np, e);
+    let r = render(&t, &RuleConfig::default());
+    let text = all_rules(&r);
+    assert!(text.contains("has no local endpoints\" -m tcp -p tcp -d 10.240.0.11/32 --dport 30080 -j DROP"), "{text}");
+    assert!(text.contains("-d 10.240.0.11/32 -j KUBE-NODEPORTS"), "{text}");
+    assert!(r.nat.keys().any(|k| k.starts_with("KUBE-SVL-")), "a Local policy uses the local chain");
+}
+
+#[test]
+fn restore_input_rewrites_only_changed_chains_and_deletes_gone_ones() {
+    let old: Chains = [
+        ("A".to_owned(), vec!["-A A -j X".to_owned()]),
+        ("B".to_owned(), vec!["-A B -j Y".to_owned()]),
+        ("C".to_owned(), vec![]),
+    ]
+    .into_iter()
+    .collect();
+    let new: Chains = [
+        ("A".to_owned(), vec!["-A A -j X".to_owned()]),
+        ("B".to_owned(), vec!["-A B -j Z".to_owned()]),
+        ("D".to_owned(), vec!["-A D -j W".to_owned()]),
+    ]
+    .into_iter()
+    .collect();
+    let mut out = String::new();
+    let (written, deleted) = restore_input("nat", Some(&old), &new, &mut out);
+    assert_eq!(out, "*nat\n:B - [0:0]\n:D - [0:0]\n:C - [0:0]\n-A B -j Z\n-A D -j W\n-X C\nCOMMIT\n");
+    assert_eq!((written, deleted), (2, 1));
+    let mut none = String::new();
+    assert_eq!(restore_input("nat", Some(&new), &new, &mut none), (0, 0));
+    assert!(none.is_empty(), "nothing changed, nothing to restore");
+}
+
+#[test]
+fn iptables_save_dumps_are_read_back() {
+    let dump = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-X - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -d 10.32.0.1/32 -j KUBE-SVC-X\nCOMMIT\n";
+    let chains = super::parse_save(dump);
+    assert_eq!(chains.keys().collect::<Vec<_>>(), ["KUBE-SERVICES", "KUBE-SVC-X"]);
+    assert_eq!(chains["KUBE-SERVICES"], vec!["-A KUBE-SERVICES -d 10.32.0.1/32 -j KUBE-SVC-X".to_owned()]);
+}
