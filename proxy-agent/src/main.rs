@@ -80,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
             let config = dataplane::iptables::rules::RuleConfig {
                 masquerade_all: args.masquerade_all,
                 cluster_cidr: args.cluster_cidr,
+                pod_interfaces: args.pod_interfaces.clone(),
             };
             Box::new(dataplane::iptables::IptablesDataplane::start(config))
         }

@@ -79,8 +79,14 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict, i64>
     }
     let remote = backend.flags & FLAG_LOCAL == 0;
     let snat = match origin {
-        // A pod reaching itself through its Service (hairpin) must not see its own address as source.
-        Origin::Pod => cfg.flags & FLAG_MASQUERADE_ALL != 0 || backend.addr == flow.src_addr,
+        // A pod reaching itself through its Service (hairpin) must not see its own address as source; and
+        // like kube-proxy, pod traffic to a node port, external or load-balancer address of a Service with
+        // externalTrafficPolicy Cluster is masqueraded too.
+        Origin::Pod => {
+            cfg.flags & FLAG_MASQUERADE_ALL != 0
+                || backend.addr == flow.src_addr
+                || svc.ext_flags & (flags::MASQUERADE_EXTERNAL | flags::CLUSTER_IP) == flags::MASQUERADE_EXTERNAL
+        }
         // Traffic arriving from elsewhere to a backend elsewhere is always SNATed, or its replies would not
         // come back through this node.
         Origin::Host if remote => true,

@@ -42,8 +42,10 @@ pub struct LabSpec {
 }
 
 impl Default for LabSpec {
+    /// `PROXY_LAB_MODE=iptables` runs every lab test against that dataplane (`--mode`).
     fn default() -> Self {
-        Self { nodes: 2, pods_per_node: 3, tx_checksum_offload: true, agent_args: Vec::new() }
+        let agent_args = std::env::var("PROXY_LAB_MODE").map(|m| vec!["--mode".to_owned(), m]).unwrap_or_default();
+        Self { nodes: 2, pods_per_node: 3, tx_checksum_offload: true, agent_args }
     }
 }
 

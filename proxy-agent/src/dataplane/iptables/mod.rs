@@ -51,6 +51,36 @@ pub struct IptablesDataplane {
     config: RuleConfig,
     /// What the last successful restore installed; `None` until the first one (which rewrites everything).
     applied: Option<Ruleset>,
+    /// The table of the last successful apply, to find UDP endpoints that went away.
+    last_table: ServiceTable,
+}
+
+/// UDP flows have no end the kernel can see: conntrack would keep sending a client's packets to an
+/// endpoint that is gone (the stale-DNS failure kube-proxy users know). As kube-proxy does, delete the
+/// conntrack entries of UDP frontends whose endpoints went away.
+fn clear_stale_udp(old: &ServiceTable, new: &ServiceTable) {
+    use crate::model::Protocol;
+    for (frontend, entry) in old.frontends.iter().filter(|(f, _)| f.protocol == Protocol::Udp) {
+        let keep: std::collections::BTreeSet<_> =
+            new.frontends.get(frontend).map(|e| e.all_endpoints().map(|ep| ep.addr).collect()).unwrap_or_default();
+        let gone: std::collections::BTreeSet<_> =
+            entry.all_endpoints().map(|ep| ep.addr).filter(|a| !keep.contains(a)).collect();
+        for addr in gone {
+            // Exit status 1 means "no such entries": nothing to do.
+            let _ = Command::new("conntrack")
+                .args([
+                    "-D",
+                    "-p",
+                    "udp",
+                    "--orig-dst",
+                    &frontend.addr.to_string(),
+                    "--orig-port-dst",
+                    &frontend.port.to_string(),
+                ])
+                .args(["--reply-src", &addr.to_string()])
+                .output();
+        }
+    }
 }
 
 fn iptables(args: &[&str]) -> anyhow::Result<bool> {
@@ -89,7 +119,7 @@ fn parse_save(dump: &str) -> Chains {
 impl IptablesDataplane {
     #[must_use]
     pub fn start(config: RuleConfig) -> Self {
-        Self { config, applied: None }
+        Self { config, applied: None, last_table: ServiceTable::default() }
     }
 
     /// Creates kube-proxy's fixed chains if needed and makes sure the built-in chains jump to them.
@@ -204,6 +234,8 @@ impl Dataplane for IptablesDataplane {
             }
         }
         self.applied = Some(wanted);
+        clear_stale_udp(&self.last_table, table);
+        self.last_table = table.clone();
         Ok(ApplyStats { writes: w1 + w2, deletes: d1 + d2 })
     }
 

@@ -24,6 +24,9 @@ pub const MASQ_MARK: &str = "0x4000";
 pub struct RuleConfig {
     pub masquerade_all: bool,
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+    /// Pod-facing interface patterns (`veth*`): kube-proxy's `InterfaceNamePrefix` local-traffic detection,
+    /// so pod traffic to a Local-policy Service's external addresses reaches every endpoint.
+    pub pod_interfaces: Vec<String>,
 }
 
 /// One table's chains and their rules, in order.
@@ -258,6 +261,12 @@ pub fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
             } else {
                 if let Some((net, len)) = config.cluster_cidr {
                     rules.push(format!("-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -s {net}/{len} -j {svc}"));
+                }
+                // iptables spells "any suffix" as `+`; only prefix patterns translate.
+                for prefix in
+                    config.pod_interfaces.iter().filter_map(|p| p.strip_suffix('*')).filter(|p| !p.contains('*'))
+                {
+                    rules.push(format!("-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -i {prefix}+ -j {svc}"));
                 }
                 rules.push(format!("-A {ext} -m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"));
                 rules.push(format!("-A {ext} -m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {svc}"));
