@@ -65,7 +65,8 @@ pub struct Args {
     #[arg(long, value_name = "PATH|none")]
     pub cgroup: Option<String>,
 
-    /// The dataplane: eBPF, or the iptables fallback (kube-proxy's own rules).
+    /// The dataplane: eBPF, the iptables fallback (kube-proxy's own rules), or `auto`: eBPF where the kernel
+    /// can run it, else iptables.
     #[arg(long, value_enum, default_value = "ebpf")]
     pub mode: Mode,
 
@@ -112,6 +113,7 @@ pub struct Args {
 pub enum Mode {
     Ebpf,
     Iptables,
+    Auto,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -169,7 +171,11 @@ pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &cl
     let from_flags =
         |id: &str| matches!(matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
     if let Some(v) = file.mode.as_deref().filter(|_| !from_flags("mode")) {
-        args.mode = if v == "iptables" { Mode::Iptables } else { Mode::Ebpf };
+        args.mode = match v {
+            "iptables" => Mode::Iptables,
+            "auto" => Mode::Auto,
+            _ => Mode::Ebpf,
+        };
     }
     if let Some(v) = file.cluster_cidr.filter(|_| !from_flags("cluster_cidr")) {
         args.cluster_cidr = Some(v);

@@ -5,6 +5,7 @@ mod config;
 mod dataplane;
 mod health;
 mod metrics;
+mod mode;
 mod model;
 mod node;
 mod source;
@@ -72,11 +73,11 @@ async fn main() -> anyhow::Result<()> {
     };
     tracing::info!(node = %node.name, addresses = ?node.addresses, snat = ?settings.snat_addr, version = env!("CARGO_PKG_VERSION"), "starting");
 
-    let dataplane: Box<dyn dataplane::Dataplane> = match args.mode {
-        cli::Mode::Ebpf => {
-            Box::new(EbpfDataplane::start(&args.bpffs, roles, &settings).context("starting the eBPF dataplane")?)
-        }
+    let (mode, reason) = mode::choose(args.mode);
+    let dataplane: Box<dyn dataplane::Dataplane> = match mode {
         cli::Mode::Iptables => {
+            // Never two dataplanes on the same packets: unpin what an eBPF agent left (detaches it).
+            dataplane::ebpf::cleanup(&args.bpffs)?;
             let config = dataplane::iptables::rules::RuleConfig {
                 masquerade_all: args.masquerade_all,
                 cluster_cidr: args.cluster_cidr,
@@ -84,8 +85,15 @@ async fn main() -> anyhow::Result<()> {
             };
             Box::new(dataplane::iptables::IptablesDataplane::start(config))
         }
+        cli::Mode::Ebpf | cli::Mode::Auto => {
+            let removed = dataplane::iptables::cleanup().context("removing kube-proxy/iptables-mode chains")?;
+            if removed > 0 {
+                tracing::info!(chains = removed, "removed the KUBE- iptables chains another proxy left");
+            }
+            Box::new(EbpfDataplane::start(&args.bpffs, roles, &settings).context("starting the eBPF dataplane")?)
+        }
     };
-    tracing::info!(mode = dataplane.name(), "dataplane started");
+    tracing::info!(mode = dataplane.name(), reason, "dataplane started");
     let (store, snapshots) = Store::new();
 
     let source = if let Some(dir) = &args.manifests {
@@ -110,6 +118,10 @@ async fn main() -> anyhow::Result<()> {
     let health = std::sync::Arc::new(health::proxy::ProxyHealth::new(2 * args.sync_period));
     let _health_server = health::proxy::serve_health(args.healthz_bind_address, health.clone()).await?;
     let _metrics_server = health::proxy::serve_metrics(args.metrics_bind_address, metrics.clone()).await?;
+    metrics
+        .dataplane_mode
+        .get_or_create(&metrics::ModeLabel { mode: dataplane.name().to_owned(), reason: reason.to_owned() })
+        .set(1);
     let observers = sync::Observers { metrics, health };
     let sync = sync::run(snapshots, node, dataplane, sync_config, observers);
 

@@ -27,6 +27,12 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
     pub map: String,
 }
@@ -48,6 +54,8 @@ pub struct Metrics {
     pub rejected: Family<KindLabel, Gauge>,
     /// Entries in use, by map.
     pub map_entries: Family<MapLabel, Gauge>,
+    /// 1 for the dataplane in use, with why it was chosen.
+    pub dataplane_mode: Family<ModeLabel, Gauge>,
     /// The trigger time already observed for each EndpointSlice, so each change is counted once.
     seen_triggers: std::sync::Mutex<HashMap<ObjectKey, Timestamp>>,
 }
@@ -68,6 +76,7 @@ impl Metrics {
         let (map_writes, map_deletes) = (Counter::default(), Counter::default());
         let rejected = Family::<KindLabel, Gauge>::default();
         let map_entries = Family::<MapLabel, Gauge>::default();
+        let dataplane_mode = Family::<ModeLabel, Gauge>::default();
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
@@ -93,6 +102,12 @@ impl Metrics {
             "Objects the dataplane cannot honour, skipped",
             rejected.clone(),
         );
+        registry.register("proxy_agent_map_entries", "Entries in use in each map", map_entries.clone());
+        registry.register(
+            "proxy_agent_dataplane_mode",
+            "The dataplane in use and why it was chosen",
+            dataplane_mode.clone(),
+        );
         Self {
             registry,
             sync_duration,
@@ -105,6 +120,7 @@ impl Metrics {
             map_deletes,
             rejected,
             map_entries,
+            dataplane_mode,
             seen_triggers: std::sync::Mutex::default(),
         }
     }

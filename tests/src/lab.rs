@@ -370,6 +370,18 @@ impl Lab {
         agent.wait_for_log("service table applied", 0, Duration::from_secs(20))
     }
 
+    /// Stops node `node`'s agent (SIGTERM) and starts one with `extra_args` instead of the lab's own (the
+    /// `--cgroup` flag is kept); waits until it has applied its first table.
+    pub fn restart_agent_with(&mut self, node: usize, extra_args: &[&str]) -> anyhow::Result<()> {
+        let cgroup = self.node_cgroup(node).to_string_lossy().into_owned();
+        let agent = &mut self.agents[node - 1];
+        agent.stop();
+        let mut config = agent.config().clone();
+        config.extra_args = ["--cgroup", cgroup.as_str()].iter().chain(extra_args).map(|s| (*s).to_owned()).collect();
+        *agent = Agent::spawn(config)?;
+        agent.wait_for_log("service table applied", 0, Duration::from_secs(20))
+    }
+
     /// The agent of node `node` (1-based).
     pub fn agent(&mut self, node: usize) -> &mut Agent {
         &mut self.agents[node - 1]

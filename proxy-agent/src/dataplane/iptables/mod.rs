@@ -116,6 +116,47 @@ fn parse_save(dump: &str) -> Chains {
     chains
 }
 
+/// kube-proxy's cleanup for iptables: removes the jumps from the built-in chains and every `KUBE-` chain.
+/// Used when another mode starts, so two dataplanes never translate the same packets. Missing iptables or
+/// missing chains are not errors.
+pub fn cleanup() -> anyhow::Result<usize> {
+    use std::fmt::Write as _;
+    if Command::new("iptables").arg("--version").output().is_err() {
+        return Ok(0);
+    }
+    for (table, chain, rule) in HOOKS {
+        let words = shell_words(rule);
+        let mut delete = vec!["-t", table, "-D", chain];
+        delete.extend(words.iter().map(String::as_str));
+        while iptables(&delete)? {}
+    }
+    let mut input = String::new();
+    let mut removed = 0;
+    for table in ["nat", "filter"] {
+        let chains = installed(table)?;
+        if chains.is_empty() {
+            continue;
+        }
+        let _ = writeln!(input, "*{table}");
+        for name in chains.keys() {
+            let _ = writeln!(input, ":{name} - [0:0]");
+        }
+        for name in chains.keys() {
+            let _ = writeln!(input, "-X {name}");
+        }
+        let _ = writeln!(input, "COMMIT");
+        removed += chains.len();
+    }
+    if removed > 0 {
+        let mut child = Command::new("iptables-restore").args(["-w", "--noflush"]).stdin(Stdio::piped()).spawn()?;
+        child.stdin.take().expect("piped").write_all(input.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("iptables-restore could not remove the KUBE- chains");
+        }
+    }
+    Ok(removed)
+}
+
 impl IptablesDataplane {
     #[must_use]
     pub fn start(config: RuleConfig) -> Self {

@@ -1,0 +1,37 @@
+//! Choosing the dataplane for `--mode auto`: eBPF where the kernel can run it, otherwise iptables.
+
+use crate::cli::Mode;
+
+/// Whether this kernel runs the eBPF dataplane: TCX (Linux 6.6) for the TC programs, and a `bpf()` syscall
+/// that loads a TC program (probed; fails without the privileges or with BPF disabled).
+fn ebpf_usable() -> Result<(), String> {
+    let release = nix::sys::utsname::uname().map_err(|e| format!("uname: {e}"))?;
+    let release = release.release().to_string_lossy().into_owned();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if (major, minor) < (6, 6) {
+        return Err(format!("kernel {release} is older than 6.6 (no TCX)"));
+    }
+    match aya::sys::is_program_supported(aya::programs::ProgramType::SchedClassifier) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the kernel cannot load TC programs".into()),
+        Err(e) => Err(format!("probing for BPF support failed: {e}")),
+    }
+}
+
+/// The mode to run, and why.
+#[must_use]
+pub fn choose(requested: Mode) -> (Mode, &'static str) {
+    match requested {
+        Mode::Ebpf => (Mode::Ebpf, "requested"),
+        Mode::Iptables => (Mode::Iptables, "requested"),
+        Mode::Auto => match ebpf_usable() {
+            Ok(()) => (Mode::Ebpf, "auto: the kernel runs eBPF"),
+            Err(why) => {
+                tracing::warn!(reason = %why, "auto: eBPF unavailable, using iptables");
+                (Mode::Iptables, "auto: eBPF unavailable")
+            }
+        },
+    }
+}
