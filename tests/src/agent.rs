@@ -2,7 +2,7 @@
 
 use std::{
     fs::File,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::OnceLock,
     thread,
@@ -15,29 +15,15 @@ use nix::{
     unistd::Pid,
 };
 
-/// The agent binary: `PROXY_AGENT_BIN` if set, otherwise built now (a no-op when it is up to date), so a
-/// test can never run against a stale agent.
+/// The agent binary: `PROXY_AGENT_BIN` if set, otherwise built now.
 pub fn binary() -> anyhow::Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_binary().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow::anyhow!(e))
-}
-
-fn build_binary() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("PROXY_AGENT_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "--package", "proxy-agent"])
-        .current_dir(workspace)
-        .status()
-        .context("running cargo build for proxy-agent")?;
-    if !status.success() {
-        bail!("cargo build -p proxy-agent failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
-    Ok(target.join("debug/proxy-agent"))
+    crate::build::artifact(
+        &BIN,
+        "PROXY_AGENT_BIN",
+        &["build", "--quiet", "--package", "proxy-agent"],
+        "debug/proxy-agent",
+    )
 }
 
 /// What an agent is started with.

@@ -3,37 +3,21 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     sync::OnceLock,
 };
-
-use anyhow::{Context as _, bail};
 
 use crate::cmd::run;
 
 /// The eBPF object: `PROXY_EBPF_OBJECT` if set (`cargo xtask test` sets it), otherwise built now by
-/// `cargo xtask build-ebpf` (a no-op when it is up to date).
+/// `cargo xtask build-ebpf`.
 pub fn object() -> anyhow::Result<PathBuf> {
     static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PATH.get_or_init(|| build_object().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow::anyhow!(e))
-}
-
-fn build_object() -> anyhow::Result<PathBuf> {
-    if let Some(object) = std::env::var_os("PROXY_EBPF_OBJECT") {
-        return Ok(PathBuf::from(object));
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["xtask", "build-ebpf"])
-        .current_dir(workspace)
-        .output()
-        .context("running cargo xtask build-ebpf")?;
-    if !out.status.success() {
-        bail!("cargo xtask build-ebpf failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
-    Ok(target.join("bpfel-unknown-none/release/proxy-ebpf"))
+    crate::build::artifact(
+        &PATH,
+        "PROXY_EBPF_OBJECT",
+        &["xtask", "build-ebpf"],
+        "bpfel-unknown-none/release/proxy-ebpf",
+    )
 }
 
 /// A bpffs of the test's own for the object's pinned maps; unmounted and removed on drop.

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod build;
 pub mod cmd;
 pub mod echo;
 pub mod lab;
