@@ -25,6 +25,18 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const STATS: &str = "STATS";
+    pub const IDS: &str = "IDS";
+}
+
+/// The agent's id counters, kept in the single entry of the `IDS` array so a restarted agent never hands
+/// out an id a live conntrack entry may still name (the data path does not read it).
+pub mod ids {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct NextIds {
+        pub backend: u32,
+        pub rev_nat: u32,
+    }
 }
 
 /// Per-CPU counters of the data path (the `STATS` array), by index.
@@ -307,6 +319,7 @@ mod pod {
     unsafe impl aya::Pod for affinity::AffinityValue {}
     unsafe impl aya::Pod for source_range::SourceRangeKey {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for super::ids::NextIds {}
     unsafe impl aya::Pod for super::sock::SockKey {}
     unsafe impl aya::Pod for super::sock::SockFrontend {}
 }
@@ -393,5 +406,7 @@ mod layout_tests {
         assert_eq!(offset_of!(super::sock::SockKey, addr), 8);
         assert_eq!(offset_of!(super::sock::SockKey, port), 12);
         assert_eq!(size_of::<super::sock::SockFrontend>(), 8);
+        assert_eq!(size_of::<super::ids::NextIds>(), 8);
+        assert_eq!(offset_of!(super::ids::NextIds, rev_nat), 4);
     }
 }

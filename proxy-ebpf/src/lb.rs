@@ -4,12 +4,13 @@ use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
 };
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::Backend,
     capacity,
+    ids::NextIds,
     service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, flags},
     source_range::{SourceRangeKey, prefix_len},
 };
@@ -21,6 +22,10 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::S
 
 #[map(name = "BACKENDS")]
 static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
+
+/// Written and read by the agent only: its id counters survive its restarts here.
+#[map(name = "IDS")]
+static IDS: Array<NextIds> = Array::pinned(1, 0);
 
 #[map(name = "AFFINITY")]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);

@@ -7,6 +7,7 @@ use aya::maps::{
 };
 use proxy_common::{
     backend::Backend,
+    ids::NextIds,
     maps as names,
     revnat::RevNat,
     service::{ServiceKey, ServiceValue},
@@ -16,6 +17,7 @@ use proxy_common::{
 use super::writer::{Cidr, Contents, ServiceMaps};
 
 pub struct AyaServiceMaps {
+    ids: aya::maps::Array<MapData, NextIds>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u32, RevNat>,
@@ -46,6 +48,10 @@ fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
 impl AyaServiceMaps {
     pub fn take_from(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
         Ok(Self {
+            ids: {
+                let map = ebpf.take_map(names::IDS).context("map IDS missing from the eBPF object")?;
+                aya::maps::Array::try_from(map).context("map IDS has an unexpected type")?
+            },
             services: take(ebpf, names::SERVICES)?,
             backends: take(ebpf, names::BACKENDS)?,
             revnat: take(ebpf, names::REVNAT)?,
@@ -94,6 +100,10 @@ impl ServiceMaps for AyaServiceMaps {
             .with_context(|| format!("deleting source range {}/{} of {rev_nat_id}", range.0, range.1))
     }
 
+    fn put_next_ids(&mut self, ids: NextIds) -> anyhow::Result<()> {
+        self.ids.set(0, &ids, 0).context("writing IDS")
+    }
+
     fn dump(&self) -> anyhow::Result<Contents> {
         let mut source_ranges = Vec::new();
         for key in self.source_ranges.keys() {
@@ -108,6 +118,7 @@ impl ServiceMaps for AyaServiceMaps {
             backends: self.backends.iter().collect::<Result<_, _>>().context("reading BACKENDS")?,
             revnat: self.revnat.iter().collect::<Result<_, _>>().context("reading REVNAT")?,
             source_ranges,
+            next_ids: self.ids.get(&0, 0).context("reading IDS")?,
         })
     }
 }

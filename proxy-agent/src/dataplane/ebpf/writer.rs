@@ -19,6 +19,7 @@ use std::{
 use proxy_common::{
     backend::{Backend, FLAG_LOCAL},
     capacity,
+    ids::NextIds,
     revnat::RevNat,
     service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, flags},
 };
@@ -37,6 +38,8 @@ pub struct Contents {
     pub backends: Vec<(u32, Backend)>,
     pub revnat: Vec<(u32, RevNat)>,
     pub source_ranges: Vec<(u32, Cidr)>,
+    /// The id counters a previous agent left.
+    pub next_ids: NextIds,
 }
 
 /// The maps the writer drives. Implemented over aya's maps, and in memory for tests.
@@ -49,6 +52,7 @@ pub trait ServiceMaps {
     fn delete_revnat(&mut self, id: u32) -> anyhow::Result<()>;
     fn put_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()>;
     fn delete_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()>;
+    fn put_next_ids(&mut self, ids: NextIds) -> anyhow::Result<()>;
     fn dump(&self) -> anyhow::Result<Contents>;
 }
 
@@ -91,6 +95,8 @@ pub struct TableWriter<M> {
     next_rev_nat_id: u32,
     /// Reverse-NAT ids found in the maps that no frontend uses (left by a crash); removed on the next apply.
     orphan_rev_nat: BTreeSet<u32>,
+    /// The counters as last persisted.
+    persisted_ids: NextIds,
 }
 
 fn be_addr(addr: Ipv4Addr) -> u32 {
@@ -137,9 +143,10 @@ impl<M: ServiceMaps> TableWriter<M> {
             rev_nat_ids: known.rev_nat_ids,
             source_ranges: known.source_ranges,
             backends: known.backends,
-            next_backend_id: known.max_backend + 1,
-            next_rev_nat_id: known.max_rev_nat + 1,
+            next_backend_id: (known.max_backend + 1).max(known.next_ids.backend),
+            next_rev_nat_id: (known.max_rev_nat + 1).max(known.next_ids.rev_nat),
             orphan_rev_nat: known.orphan_rev_nat,
+            persisted_ids: known.next_ids,
         })
     }
 
@@ -252,6 +259,14 @@ impl<M: ServiceMaps> TableWriter<M> {
             if ranges.is_empty() {
                 self.set_source_ranges(rev_nat_id, &ranges, &mut stats)?;
             }
+        }
+
+        // Persist the id counters before anything is deleted: an id must never come back after a restart
+        // while a conntrack entry may still name it.
+        let ids = NextIds { backend: self.next_backend_id, rev_nat: self.next_rev_nat_id };
+        if ids != self.persisted_ids {
+            self.maps.put_next_ids(ids)?;
+            self.persisted_ids = ids;
         }
 
         // 4. Backends nothing refers to any more.
@@ -402,6 +417,7 @@ struct Known {
     orphan_rev_nat: BTreeSet<u32>,
     max_backend: u32,
     max_rev_nat: u32,
+    next_ids: NextIds,
 }
 
 impl Known {
@@ -432,7 +448,16 @@ impl Known {
         let orphan_rev_nat = contents.revnat.iter().map(|(id, _)| *id).filter(|id| !used_rev.contains(id)).collect();
         let max_backend = contents.backends.iter().map(|(id, _)| *id).max().unwrap_or(0);
         let max_rev_nat = contents.revnat.iter().map(|(id, _)| *id).chain(used_rev).max().unwrap_or(0);
-        Self { scopes, rev_nat_ids, source_ranges, backends, orphan_rev_nat, max_backend, max_rev_nat }
+        Self {
+            scopes,
+            rev_nat_ids,
+            source_ranges,
+            backends,
+            orphan_rev_nat,
+            max_backend,
+            max_rev_nat,
+            next_ids: contents.next_ids,
+        }
     }
 }
 

@@ -18,6 +18,7 @@ struct CheckedMaps {
     backends: BTreeMap<u32, Backend>,
     revnat: BTreeMap<u32, RevNat>,
     source_ranges: BTreeSet<(u32, Cidr)>,
+    next_ids: NextIds,
     ops: usize,
     /// Fail the operation with this number (counting from 0), to test recovery.
     fail_at: Option<usize>,
@@ -171,8 +172,14 @@ impl ServiceMaps for &mut CheckedMaps {
         self.check();
         Ok(())
     }
+    fn put_next_ids(&mut self, ids: NextIds) -> anyhow::Result<()> {
+        self.op()?;
+        self.next_ids = ids;
+        Ok(())
+    }
     fn dump(&self) -> anyhow::Result<Contents> {
         Ok(Contents {
+            next_ids: self.next_ids,
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             revnat: self.revnat.iter().map(|(k, v)| (*k, *v)).collect(),
@@ -321,6 +328,19 @@ fn one_endpoint_change_is_one_slot_write_and_one_backend_write() {
     writer.apply(&before).unwrap();
     // New backend, its slot, and the old backend's removal.
     assert_eq!(writer.apply(&after).unwrap(), ApplyStats { writes: 2, deletes: 1 });
+}
+
+#[test]
+fn backend_ids_are_not_reused_even_across_a_restart() {
+    let mut maps = CheckedMaps::default();
+    TableWriter::adopt(&mut maps)
+        .unwrap()
+        .apply(&table(&[([10, 32, 0, 1], 80, &[[10, 200, 1, 1], [10, 200, 1, 2]])]))
+        .unwrap();
+    TableWriter::adopt(&mut maps).unwrap().apply(&table(&[([10, 32, 0, 1], 80, &[])])).unwrap();
+    // A new agent: no backend left in the map, yet the next one must not get id 1 or 2 back.
+    TableWriter::adopt(&mut maps).unwrap().apply(&table(&[([10, 32, 0, 1], 80, &[[10, 200, 1, 9]])])).unwrap();
+    assert_eq!(maps.backends.keys().copied().collect::<Vec<_>>(), vec![3]);
 }
 
 #[test]
