@@ -108,51 +108,57 @@ fn endpoint_rules(
     }
 }
 
-/// Renders the ruleset for `table`.
-#[must_use]
-#[expect(
-    clippy::too_many_lines,
-    reason = "kube-proxy's per-port chain layout in one pass; to be split per chain kind as the iptables mode grows"
-)]
-pub fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
-    let mut nat: Chains = NAT_FIXED.iter().map(|c| ((*c).to_owned(), Vec::new())).collect();
-    let mut filter: Chains = FILTER_FIXED.iter().map(|c| ((*c).to_owned(), Vec::new())).collect();
-    nat.get_mut("KUBE-MARK-MASQ").unwrap().push(format!("-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"));
-    nat.get_mut("KUBE-POSTROUTING").unwrap().extend([
-        format!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
-        format!("-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}"),
-        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_owned(),
-    ]);
-    filter.get_mut("KUBE-FORWARD").unwrap().extend([
-        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_owned(),
-        format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT"),
-        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
-    ]);
+/// The chain names of one Service port.
+struct PortChains {
+    svc: String,
+    svl: String,
+    ext: String,
+    fw: String,
+}
 
-    let mut ports: BTreeMap<(ServicePortName, Protocol), ServicePort<'_>> = BTreeMap::new();
-    for (f, e) in &table.frontends {
-        ports.entry((e.service.clone(), f.protocol)).or_default().entries.push((*f, e));
+/// Accumulates the ruleset, one Service port at a time.
+struct Renderer<'a> {
+    config: &'a RuleConfig,
+    nat: Chains,
+    filter: Chains,
+    /// KUBE-SERVICES rules, appended before the node-port catch-all rules that must come last.
+    services: Vec<String>,
+    node_port_addrs: BTreeSet<Ipv4Addr>,
+}
+
+/// The rule that refuses or drops traffic a frontend has no endpoint for.
+fn no_endpoint_rule(chain: &str, spn: &ServicePortName, m: &str, set: &BackendSet) -> String {
+    let (why, verdict) =
+        if set.reject_when_empty { ("has no endpoints", "REJECT") } else { ("has no local endpoints", "DROP") };
+    format!("-A {chain} -m comment --comment \"{spn} {why}\" {m} -j {verdict}")
+}
+
+impl<'a> Renderer<'a> {
+    /// kube-proxy's fixed chains and their rules.
+    fn new(config: &'a RuleConfig) -> Self {
+        let mut nat: Chains = NAT_FIXED.iter().map(|c| ((*c).to_owned(), Vec::new())).collect();
+        let mut filter: Chains = FILTER_FIXED.iter().map(|c| ((*c).to_owned(), Vec::new())).collect();
+        nat.get_mut("KUBE-MARK-MASQ").unwrap().push(format!("-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"));
+        nat.get_mut("KUBE-POSTROUTING").unwrap().extend([
+            format!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
+            format!("-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}"),
+            "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_owned(),
+        ]);
+        filter.get_mut("KUBE-FORWARD").unwrap().extend([
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_owned(),
+            format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT"),
+            "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
+        ]);
+        Self { config, nat, filter, services: Vec::new(), node_port_addrs: BTreeSet::new() }
     }
-    let mut node_port_addrs: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    let mut services_rules = Vec::new();
-    for ((spn, protocol), sp) in &ports {
-        let p = proto(*protocol);
-        let svc = naming::service_chain(spn, *protocol);
-        let svl = naming::local_chain(spn, *protocol);
-        let ext = naming::external_chain(spn, *protocol);
-        let fw = naming::firewall_chain(spn, *protocol);
+
+    /// The service, local and endpoint chains of a port.
+    fn backend_chains(&mut self, spn: &ServicePortName, protocol: Protocol, sp: &ServicePort<'_>, chains: &PortChains) {
+        let p = proto(protocol);
         let cluster = sp.cluster_set();
         let local = sp.local_endpoints();
         let affinity = sp.entries[0].1.affinity_timeout;
-        // The external policy is read from a frontend external traffic uses (a ClusterIP's says Cluster).
-        let masquerade_external = sp
-            .entries
-            .iter()
-            .find(|(_, e)| e.kind != FrontendKind::ClusterIp)
-            .is_some_and(|(_, e)| e.masquerade_external);
-
-        // The service chain, the local chain, and the endpoint chains.
-        endpoint_rules(&mut nat, &svc, spn, *protocol, &cluster.endpoints, affinity);
+        endpoint_rules(&mut self.nat, &chains.svc, spn, protocol, &cluster.endpoints, affinity);
         // The local chain, for internalTrafficPolicy Local on the ClusterIP or externalTrafficPolicy Local.
         let uses_local = sp.entries.iter().any(|(_, e)| {
             if e.kind == FrontendKind::ClusterIp {
@@ -162,133 +168,163 @@ pub fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
             }
         });
         if uses_local {
-            endpoint_rules(&mut nat, &svl, spn, *protocol, &local, affinity);
+            endpoint_rules(&mut self.nat, &chains.svl, spn, protocol, &local, affinity);
         }
         let mut seps: BTreeSet<Endpoint> = cluster.endpoints.iter().copied().collect();
         seps.extend(local.iter().copied());
         for ep in &seps {
-            let sep = naming::endpoint_chain(spn, *protocol, *ep);
-            let mut rules = vec![format!("-A {sep} -m comment --comment {spn} -s {}/32 -j KUBE-MARK-MASQ", ep.addr)];
+            let sep = naming::endpoint_chain(spn, protocol, *ep);
             let recent = if affinity.is_some() { format!(" -m recent --name {sep} --set") } else { String::new() };
-            rules.push(format!(
-                "-A {sep} -m comment --comment {spn} -m {p} -p {p}{recent} -j DNAT --to-destination {ep}"
-            ));
-            nat.insert(sep, rules);
+            let rules = vec![
+                format!("-A {sep} -m comment --comment {spn} -s {}/32 -j KUBE-MARK-MASQ", ep.addr),
+                format!("-A {sep} -m comment --comment {spn} -m {p} -p {p}{recent} -j DNAT --to-destination {ep}"),
+            ];
+            self.nat.insert(sep, rules);
         }
+    }
 
-        let mut has_external = false;
+    fn cluster_ip(
+        &mut self,
+        spn: &ServicePortName,
+        f: Frontend,
+        e: &FrontendEntry,
+        cluster: &BackendSet,
+        chains: &PortChains,
+    ) {
+        let m = matches(f);
+        if e.internal.endpoints.is_empty() {
+            let rule = no_endpoint_rule("KUBE-SERVICES", spn, &m, &e.internal);
+            self.filter.get_mut("KUBE-SERVICES").unwrap().push(rule);
+            return;
+        }
+        // The internal set is the cluster set unless internalTrafficPolicy is Local.
+        let target = if e.internal.endpoints == cluster.endpoints { &chains.svc } else { &chains.svl };
+        self.services.push(format!("-A KUBE-SERVICES -m comment --comment \"{spn} cluster IP\" {m} -j {target}"));
+        let svc = &chains.svc;
+        let masq = if self.config.masquerade_all {
+            Some(format!("-A {svc} -m comment --comment \"{spn} cluster IP\" {m} -j KUBE-MARK-MASQ"))
+        } else {
+            self.config.cluster_cidr.map(|(net, len)| {
+                format!("-A {svc} -m comment --comment \"{spn} cluster IP\" {m} ! -s {net}/{len} -j KUBE-MARK-MASQ")
+            })
+        };
+        if let Some(rule) = masq {
+            self.nat.get_mut(svc).unwrap().insert(0, rule);
+        }
+    }
+
+    fn external(&mut self, spn: &ServicePortName, f: Frontend, e: &FrontendEntry, chains: &PortChains) {
+        let m = matches(f);
+        let label = match e.kind {
+            FrontendKind::NodePort => "nodePort",
+            FrontendKind::ExternalIp => "external IP",
+            _ => "loadbalancer IP",
+        };
+        if e.external.endpoints.is_empty() {
+            let rule = no_endpoint_rule("KUBE-EXTERNAL-SERVICES", spn, &m, &e.external);
+            self.filter.get_mut("KUBE-EXTERNAL-SERVICES").unwrap().push(rule);
+        }
+        let (ext, fw) = (&chains.ext, &chains.fw);
+        let jump = if e.source_ranges.is_empty() {
+            ext
+        } else {
+            let fw_rules = self.nat.entry(fw.clone()).or_default();
+            for (net, len) in &e.source_ranges {
+                fw_rules.push(format!("-A {fw} -m comment --comment \"{spn} {label}\" -s {net}/{len} -j {ext}"));
+            }
+            fw_rules.push(format!("-A {fw} -m comment --comment \"{spn} {label}\" -j KUBE-MARK-DROP"));
+            fw
+        };
+        if e.kind == FrontendKind::NodePort {
+            self.node_port_addrs.insert(f.addr);
+            let p = proto(f.protocol);
+            self.nat.get_mut("KUBE-NODEPORTS").unwrap().push(format!(
+                "-A KUBE-NODEPORTS -m comment --comment {spn} -m {p} -p {p} -d {}/32 --dport {} -j {jump}",
+                f.addr, f.port
+            ));
+        } else {
+            self.services.push(format!("-A KUBE-SERVICES -m comment --comment \"{spn} {label}\" {m} -j {jump}"));
+        }
+    }
+
+    /// Where external traffic enters: masquerade under policy Cluster; under Local, pod and node traffic
+    /// still reach every endpoint and the rest only local ones.
+    fn external_chain(&mut self, spn: &ServicePortName, masquerade_external: bool, chains: &PortChains) {
+        let PortChains { svc, svl, ext, .. } = chains;
+        let mut rules = Vec::new();
+        if masquerade_external {
+            rules.push(format!(
+                "-A {ext} -m comment --comment \"masquerade traffic for {spn} external destinations\" -j KUBE-MARK-MASQ"
+            ));
+            rules.push(format!("-A {ext} -j {svc}"));
+        } else {
+            if let Some((net, len)) = self.config.cluster_cidr {
+                rules.push(format!("-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -s {net}/{len} -j {svc}"));
+            }
+            // iptables spells "any suffix" as `+`; only prefix patterns translate.
+            for prefix in
+                self.config.pod_interfaces.iter().filter_map(|p| p.strip_suffix('*')).filter(|p| !p.contains('*'))
+            {
+                rules.push(format!("-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -i {prefix}+ -j {svc}"));
+            }
+            rules.push(format!("-A {ext} -m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"));
+            rules.push(format!("-A {ext} -m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {svc}"));
+            rules.push(format!("-A {ext} -j {svl}"));
+        }
+        self.nat.insert(ext.clone(), rules);
+    }
+
+    fn service_port(&mut self, spn: &ServicePortName, protocol: Protocol, sp: &ServicePort<'_>) {
+        let chains = PortChains {
+            svc: naming::service_chain(spn, protocol),
+            svl: naming::local_chain(spn, protocol),
+            ext: naming::external_chain(spn, protocol),
+            fw: naming::firewall_chain(spn, protocol),
+        };
+        self.backend_chains(spn, protocol, sp, &chains);
+        let cluster = sp.cluster_set().clone();
         for (f, e) in &sp.entries {
-            let m = matches(*f);
-            match e.kind {
-                FrontendKind::ClusterIp => {
-                    // The internal set is the cluster set unless internalTrafficPolicy is Local.
-                    let target = if e.internal.endpoints == cluster.endpoints { &svc } else { &svl };
-                    if e.internal.endpoints.is_empty() {
-                        let why = if e.internal.reject_when_empty {
-                            ("has no endpoints", "REJECT")
-                        } else {
-                            ("has no local endpoints", "DROP")
-                        };
-                        filter.get_mut("KUBE-SERVICES").unwrap().push(format!(
-                            "-A KUBE-SERVICES -m comment --comment \"{spn} {}\" {m} -j {}",
-                            why.0, why.1
-                        ));
-                    } else {
-                        services_rules.push(format!(
-                            "-A KUBE-SERVICES -m comment --comment \"{spn} cluster IP\" {m} -j {target}"
-                        ));
-                        let svc_rules = nat.get_mut(&svc).unwrap();
-                        if config.masquerade_all {
-                            svc_rules.insert(
-                                0,
-                                format!("-A {svc} -m comment --comment \"{spn} cluster IP\" {m} -j KUBE-MARK-MASQ"),
-                            );
-                        } else if let Some((net, len)) = config.cluster_cidr {
-                            svc_rules.insert(0, format!("-A {svc} -m comment --comment \"{spn} cluster IP\" {m} ! -s {net}/{len} -j KUBE-MARK-MASQ"));
-                        }
-                    }
-                }
-                FrontendKind::NodePort | FrontendKind::ExternalIp | FrontendKind::LoadBalancer => {
-                    has_external = true;
-                    let label = match e.kind {
-                        FrontendKind::NodePort => "nodePort",
-                        FrontendKind::ExternalIp => "external IP",
-                        _ => "loadbalancer IP",
-                    };
-                    if e.kind == FrontendKind::NodePort {
-                        node_port_addrs.insert(f.addr);
-                    }
-                    if e.external.endpoints.is_empty() {
-                        let why = if e.external.reject_when_empty {
-                            ("has no endpoints", "REJECT")
-                        } else {
-                            ("has no local endpoints", "DROP")
-                        };
-                        filter.get_mut("KUBE-EXTERNAL-SERVICES").unwrap().push(format!(
-                            "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{spn} {}\" {m} -j {}",
-                            why.0, why.1
-                        ));
-                    }
-                    let jump = if e.source_ranges.is_empty() {
-                        &ext
-                    } else {
-                        let fw_rules = nat.entry(fw.clone()).or_default();
-                        for (net, len) in &e.source_ranges {
-                            fw_rules.push(format!(
-                                "-A {fw} -m comment --comment \"{spn} {label}\" -s {net}/{len} -j {ext}"
-                            ));
-                        }
-                        fw_rules.push(format!("-A {fw} -m comment --comment \"{spn} {label}\" -j KUBE-MARK-DROP"));
-                        &fw
-                    };
-                    if e.kind == FrontendKind::NodePort {
-                        nat.get_mut("KUBE-NODEPORTS").unwrap().push(format!(
-                            "-A KUBE-NODEPORTS -m comment --comment {spn} -m {p} -p {p} -d {}/32 --dport {} -j {jump}",
-                            f.addr, f.port
-                        ));
-                    } else {
-                        services_rules
-                            .push(format!("-A KUBE-SERVICES -m comment --comment \"{spn} {label}\" {m} -j {jump}"));
-                    }
-                }
-            }
-        }
-        if has_external {
-            let mut rules = Vec::new();
-            if masquerade_external {
-                rules.push(format!("-A {ext} -m comment --comment \"masquerade traffic for {spn} external destinations\" -j KUBE-MARK-MASQ"));
-                rules.push(format!("-A {ext} -j {svc}"));
+            if e.kind == FrontendKind::ClusterIp {
+                self.cluster_ip(spn, *f, e, &cluster, &chains);
             } else {
-                if let Some((net, len)) = config.cluster_cidr {
-                    rules.push(format!("-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -s {net}/{len} -j {svc}"));
-                }
-                // iptables spells "any suffix" as `+`; only prefix patterns translate.
-                for prefix in
-                    config.pod_interfaces.iter().filter_map(|p| p.strip_suffix('*')).filter(|p| !p.contains('*'))
-                {
-                    rules.push(format!("-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -i {prefix}+ -j {svc}"));
-                }
-                rules.push(format!("-A {ext} -m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"));
-                rules.push(format!("-A {ext} -m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {svc}"));
-                rules.push(format!("-A {ext} -j {svl}"));
+                self.external(spn, *f, e, &chains);
             }
-            nat.insert(ext.clone(), rules);
+        }
+        // The external policy is read from a frontend external traffic uses (a ClusterIP's says Cluster).
+        if let Some((_, e)) = sp.entries.iter().find(|(_, e)| e.kind != FrontendKind::ClusterIp) {
+            self.external_chain(spn, e.masquerade_external, &chains);
         }
     }
-    // Load-balancer traffic from outside the source ranges is marked in nat and dropped in filter.
-    if nat.keys().any(|k| k.starts_with("KUBE-FW-")) {
-        nat.insert("KUBE-MARK-DROP".into(), vec!["-A KUBE-MARK-DROP -j MARK --or-mark 0x8000".into()]);
-        filter
-            .get_mut("KUBE-PROXY-FIREWALL")
-            .unwrap()
-            .push("-A KUBE-PROXY-FIREWALL -m comment --comment \"load balancer source ranges\" -m mark --mark 0x8000/0x8000 -j DROP".into());
+
+    fn finish(mut self) -> Ruleset {
+        // Load-balancer traffic from outside the source ranges is marked in nat and dropped in filter.
+        if self.nat.keys().any(|k| k.starts_with("KUBE-FW-")) {
+            self.nat.insert("KUBE-MARK-DROP".into(), vec!["-A KUBE-MARK-DROP -j MARK --or-mark 0x8000".into()]);
+            self.filter.get_mut("KUBE-PROXY-FIREWALL").unwrap().push(
+                "-A KUBE-PROXY-FIREWALL -m comment --comment \"load balancer source ranges\" -m mark --mark 0x8000/0x8000 -j DROP".into(),
+            );
+        }
+        let services = self.nat.get_mut("KUBE-SERVICES").unwrap();
+        services.append(&mut self.services);
+        for addr in &self.node_port_addrs {
+            services.push(format!(
+                "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d {addr}/32 -j KUBE-NODEPORTS"
+            ));
+        }
+        Ruleset { nat: self.nat, filter: self.filter }
     }
-    let services = nat.get_mut("KUBE-SERVICES").unwrap();
-    services.extend(services_rules);
-    for addr in &node_port_addrs {
-        services.push(format!(
-            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d {addr}/32 -j KUBE-NODEPORTS"
-        ));
+}
+
+/// Renders the ruleset for `table`.
+#[must_use]
+pub fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
+    let mut ports: BTreeMap<(ServicePortName, Protocol), ServicePort<'_>> = BTreeMap::new();
+    for (f, e) in &table.frontends {
+        ports.entry((e.service.clone(), f.protocol)).or_default().entries.push((*f, e));
     }
-    Ruleset { nat, filter }
+    let mut renderer = Renderer::new(config);
+    for ((spn, protocol), sp) in &ports {
+        renderer.service_port(spn, *protocol, sp);
+    }
+    renderer.finish()
 }
