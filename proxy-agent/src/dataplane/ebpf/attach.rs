@@ -94,51 +94,43 @@ fn link_pin(dir: &Path, idx: u32, name: &str, prog: &str) -> PathBuf {
     dir.join(format!("if-{idx}-{name}-{prog}"))
 }
 
-/// Attaches `prog` through the link pinned at `pin` when there is one (replacing the previous program in
-/// it atomically), otherwise attaches anew and pins the link.
+/// Attaches `$prog` through the link pinned at `$pin` when there is one (replacing the previous program in
+/// it atomically), otherwise attaches anew with `$attach` and pins the link. TC and XDP programs share the
+/// steps but not a trait, hence a macro.
+macro_rules! attach_pinned {
+    ($prog:ident, $link:ty, $pin:expr, $attach:expr) => {{
+        let pin: &Path = $pin;
+        let adopted = PinnedLink::from_pin(pin).ok().map(|old| {
+            <$link>::try_from(FdLink::from(old)).map_err(anyhow::Error::from).and_then(|l| Ok($prog.attach_to_link(l)?))
+        });
+        match adopted {
+            Some(Ok(id)) => Ok(id),
+            other => {
+                if let Some(Err(e)) = other {
+                    // A link whose interface went away cannot take a program: start over.
+                    tracing::debug!(pin = %pin.display(), error = %e, "pinned link unusable; attaching anew");
+                    let _ = std::fs::remove_file(pin);
+                }
+                let id = $attach?;
+                let fd: FdLink = $prog.take_link(id)?.try_into().context("the link is not a bpf_link")?;
+                let pinned = fd.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
+                Ok($prog.attach_to_link(<$link>::try_from(FdLink::from(pinned))?)?)
+            }
+        }
+    }};
+}
+
 fn attach_tc(
     prog: &mut SchedClassifier,
     idx: u32,
     ty: TcAttachType,
     pin: &Path,
 ) -> anyhow::Result<SchedClassifierLinkId> {
-    if let Ok(old) = PinnedLink::from_pin(pin) {
-        match SchedClassifierLink::try_from(FdLink::from(old))
-            .map_err(anyhow::Error::from)
-            .and_then(|l| Ok(prog.attach_to_link(l)?))
-        {
-            Ok(id) => return Ok(id),
-            // A link whose interface went away cannot take a program: start over.
-            Err(e) => {
-                tracing::debug!(pin = %pin.display(), error = %e, "pinned TC link unusable; attaching anew");
-                let _ = std::fs::remove_file(pin);
-            }
-        }
-    }
-    let id = prog.attach(idx, ty)?;
-    let fd: FdLink = prog.take_link(id)?.try_into().context("TC link is not a bpf_link (kernel without TCX?)")?;
-    let pinned = fd.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
-    Ok(prog.attach_to_link(SchedClassifierLink::try_from(FdLink::from(pinned))?)?)
+    attach_pinned!(prog, SchedClassifierLink, pin, prog.attach(idx, ty))
 }
 
-/// As [`attach_tc`], for XDP.
 fn attach_xdp(prog: &mut Xdp, idx: u32, mode: XdpMode, pin: &Path) -> anyhow::Result<XdpLinkId> {
-    if let Ok(old) = PinnedLink::from_pin(pin) {
-        match XdpLink::try_from(FdLink::from(old))
-            .map_err(anyhow::Error::from)
-            .and_then(|l| Ok(prog.attach_to_link(l)?))
-        {
-            Ok(id) => return Ok(id),
-            Err(e) => {
-                tracing::debug!(pin = %pin.display(), error = %e, "pinned XDP link unusable; attaching anew");
-                let _ = std::fs::remove_file(pin);
-            }
-        }
-    }
-    let id = prog.attach(idx, mode)?;
-    let fd: FdLink = prog.take_link(id)?.try_into().context("XDP link is not a bpf_link")?;
-    let pinned = fd.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
-    Ok(prog.attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)?)
+    attach_pinned!(prog, XdpLink, pin, prog.attach(idx, mode))
 }
 
 /// Which interfaces get which programs.
