@@ -55,8 +55,3 @@ if ! "$cargo_bin/bpf-linker" --version 2>/dev/null | grep -q "^bpf-linker $BPF_L
     LLVM_PREFIX="/usr/lib/llvm-$LLVM_MAJOR" cargo "+$RUST_STABLE" install --locked --force \
         bpf-linker --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-$LLVM_MAJOR"
 fi
-
-# --- bpffs, for pinned maps and links (the host's own /sys/fs/bpf) ----------------------------------
-if ! mountpoint -q /sys/fs/bpf 2>/dev/null; then
-    mount -t bpf bpffs /sys/fs/bpf 2>/dev/null || log "note: could not mount bpffs at /sys/fs/bpf (the lab mounts its own)"
-fi
