@@ -65,8 +65,8 @@ pub struct Args {
     #[arg(long, value_name = "PATH|none")]
     pub cgroup: Option<String>,
 
-    /// The dataplane: eBPF, the iptables fallback (kube-proxy's own rules), or `auto`: eBPF where the kernel
-    /// can run it, else iptables.
+    /// The dataplane: eBPF, the iptables or nftables fallback, or `auto`: eBPF where the kernel can run it,
+    /// else nftables where it works, else iptables.
     #[arg(long, value_enum, default_value = "ebpf")]
     pub mode: Mode,
 
@@ -113,6 +113,7 @@ pub struct Args {
 pub enum Mode {
     Ebpf,
     Iptables,
+    Nftables,
     Auto,
 }
 
@@ -173,6 +174,7 @@ pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &cl
     if let Some(v) = file.mode.as_deref().filter(|_| !from_flags("mode")) {
         args.mode = match v {
             "iptables" => Mode::Iptables,
+            "nftables" => Mode::Nftables,
             "auto" => Mode::Auto,
             _ => Mode::Ebpf,
         };

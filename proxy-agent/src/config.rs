@@ -112,8 +112,8 @@ pub fn parse(text: &str) -> Result<FileConfig, BadValue> {
             "apiVersion" | "kind" => {}
             "mode" => {
                 let mode = string(key, v)?;
-                if !matches!(mode.as_str(), "" | "ebpf" | "iptables" | "auto") {
-                    return Err(bad(key, v, "is not available in this build (ebpf, iptables, auto)"));
+                if !matches!(mode.as_str(), "" | "ebpf" | "iptables" | "nftables" | "auto") {
+                    return Err(bad(key, v, "is not available in this build (ebpf, iptables, nftables, auto)"));
                 }
                 out.mode = Some(mode);
             }

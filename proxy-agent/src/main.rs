@@ -46,8 +46,8 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(config = %path.display(), "config file loaded");
     }
     if args.cleanup {
-        dataplane::ebpf::cleanup(&args.bpffs)?;
-        tracing::info!(pins = %args.bpffs.display(), "cleaned up: maps and links unpinned, programs detached");
+        remove_dataplanes_except(None, &args.bpffs)?;
+        tracing::info!(pins = %args.bpffs.display(), "cleaned up: eBPF programs detached, iptables chains and nftables tables removed");
         return Ok(());
     }
     let node_name = args.node_name.clone().context("this node's name is needed: --hostname-override or NODE_NAME")?;
@@ -74,22 +74,17 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(node = %node.name, addresses = ?node.addresses, snat = ?settings.snat_addr, version = env!("CARGO_PKG_VERSION"), "starting");
 
     let (mode, reason) = mode::choose(args.mode);
+    // Never two dataplanes on the same packets: remove what the other modes (or kube-proxy) left.
+    remove_dataplanes_except(Some(mode), &args.bpffs)?;
+    let rule_config = dataplane::netfilter::RuleConfig {
+        masquerade_all: args.masquerade_all,
+        cluster_cidr: args.cluster_cidr,
+        pod_interfaces: args.pod_interfaces.clone(),
+    };
     let dataplane: Box<dyn dataplane::Dataplane> = match mode {
-        cli::Mode::Iptables => {
-            // Never two dataplanes on the same packets: unpin what an eBPF agent left (detaches it).
-            dataplane::ebpf::cleanup(&args.bpffs)?;
-            let config = dataplane::iptables::rules::RuleConfig {
-                masquerade_all: args.masquerade_all,
-                cluster_cidr: args.cluster_cidr,
-                pod_interfaces: args.pod_interfaces.clone(),
-            };
-            Box::new(dataplane::iptables::IptablesDataplane::start(config))
-        }
+        cli::Mode::Iptables => Box::new(dataplane::iptables::IptablesDataplane::start(rule_config)),
+        cli::Mode::Nftables => Box::new(dataplane::nftables::NftablesDataplane::start(rule_config)),
         cli::Mode::Ebpf | cli::Mode::Auto => {
-            let removed = dataplane::iptables::cleanup().context("removing kube-proxy/iptables-mode chains")?;
-            if removed > 0 {
-                tracing::info!(chains = removed, "removed the KUBE- iptables chains another proxy left");
-            }
             Box::new(EbpfDataplane::start(&args.bpffs, roles, &settings).context("starting the eBPF dataplane")?)
         }
     };
@@ -134,6 +129,27 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// kube-proxy's cleanup: removes what each dataplane other than `keep` left in the kernel (all of them for
+/// `None`): the eBPF pins (which detaches the programs), the `KUBE-` iptables chains, the nftables tables.
+fn remove_dataplanes_except(keep: Option<cli::Mode>, bpffs: &std::path::Path) -> anyhow::Result<()> {
+    if keep != Some(cli::Mode::Ebpf) {
+        dataplane::ebpf::cleanup(bpffs)?;
+    }
+    if keep != Some(cli::Mode::Iptables) {
+        let removed = dataplane::iptables::cleanup().context("removing the KUBE- iptables chains")?;
+        if removed > 0 {
+            tracing::info!(chains = removed, "removed the KUBE- iptables chains another proxy left");
+        }
+    }
+    if keep != Some(cli::Mode::Nftables) {
+        let removed = dataplane::nftables::cleanup().context("removing the nftables tables")?;
+        if removed > 0 {
+            tracing::info!(tables = removed, "removed the nftables tables another proxy left");
+        }
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

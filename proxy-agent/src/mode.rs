@@ -1,4 +1,5 @@
-//! Choosing the dataplane for `--mode auto`: eBPF where the kernel can run it, otherwise iptables.
+//! Choosing the dataplane for `--mode auto`: eBPF where the kernel can run it, otherwise nftables where it
+//! works, otherwise iptables.
 
 use crate::cli::Mode;
 
@@ -20,18 +21,28 @@ fn ebpf_usable() -> Result<(), String> {
     }
 }
 
-/// The mode to run, and why.
+/// The mode to run, and why (exported as the mode metric's `reason`).
 #[must_use]
 pub fn choose(requested: Mode) -> (Mode, &'static str) {
     match requested {
         Mode::Ebpf => (Mode::Ebpf, "requested"),
         Mode::Iptables => (Mode::Iptables, "requested"),
-        Mode::Auto => match ebpf_usable() {
-            Ok(()) => (Mode::Ebpf, "auto: the kernel runs eBPF"),
-            Err(why) => {
-                tracing::warn!(reason = %why, "auto: eBPF unavailable, using iptables");
-                (Mode::Iptables, "auto: eBPF unavailable")
+        Mode::Nftables => (Mode::Nftables, "requested"),
+        Mode::Auto => {
+            let ebpf = match ebpf_usable() {
+                Ok(()) => return (Mode::Ebpf, "auto: the kernel runs eBPF"),
+                Err(why) => why,
+            };
+            match crate::dataplane::nftables::usable() {
+                Ok(()) => {
+                    tracing::warn!(reason = %ebpf, "auto: eBPF unavailable, using nftables");
+                    (Mode::Nftables, "auto: eBPF unavailable")
+                }
+                Err(nft) => {
+                    tracing::warn!(ebpf = %ebpf, nftables = %nft, "auto: eBPF and nftables unavailable, using iptables");
+                    (Mode::Iptables, "auto: eBPF and nftables unavailable")
+                }
             }
-        },
+        }
     }
 }

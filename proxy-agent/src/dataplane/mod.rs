@@ -1,11 +1,9 @@
 //! The dataplane: one trait between the model and the kernel. Nothing above it knows which one is in use.
 
 pub mod ebpf;
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the iptables dataplane is being built (issue 6); only its naming exists yet")
-)]
 pub mod iptables;
+pub mod netfilter;
+pub mod nftables;
 
 use crate::model::ServiceTable;
 

@@ -5,16 +5,14 @@
 pub mod naming;
 pub mod rules;
 
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-};
+use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
+use super::netfilter::{self, RuleConfig};
 use super::{ApplyStats, Dataplane};
 use crate::model::ServiceTable;
-use rules::{Chains, RuleConfig, Ruleset};
+use rules::{Chains, Ruleset};
 
 /// Jumps from the built-in chains into kube-proxy's, as kube-proxy installs them.
 const HOOKS: &[(&str, &str, &str)] = &[
@@ -53,34 +51,6 @@ pub struct IptablesDataplane {
     applied: Option<Ruleset>,
     /// The table of the last successful apply, to find UDP endpoints that went away.
     last_table: ServiceTable,
-}
-
-/// UDP flows have no end the kernel can see: conntrack would keep sending a client's packets to an
-/// endpoint that is gone (the stale-DNS failure kube-proxy users know). As kube-proxy does, delete the
-/// conntrack entries of UDP frontends whose endpoints went away.
-fn clear_stale_udp(old: &ServiceTable, new: &ServiceTable) {
-    use crate::model::Protocol;
-    for (frontend, entry) in old.frontends.iter().filter(|(f, _)| f.protocol == Protocol::Udp) {
-        let keep: std::collections::BTreeSet<_> =
-            new.frontends.get(frontend).map(|e| e.all_endpoints().map(|ep| ep.addr).collect()).unwrap_or_default();
-        let gone: std::collections::BTreeSet<_> =
-            entry.all_endpoints().map(|ep| ep.addr).filter(|a| !keep.contains(a)).collect();
-        for addr in gone {
-            // Exit status 1 means "no such entries": nothing to do.
-            let _ = Command::new("conntrack")
-                .args([
-                    "-D",
-                    "-p",
-                    "udp",
-                    "--orig-dst",
-                    &frontend.addr.to_string(),
-                    "--orig-port-dst",
-                    &frontend.port.to_string(),
-                ])
-                .args(["--reply-src", &addr.to_string()])
-                .output();
-        }
-    }
 }
 
 fn iptables(args: &[&str]) -> anyhow::Result<bool> {
@@ -148,11 +118,7 @@ pub fn cleanup() -> anyhow::Result<usize> {
         removed += chains.len();
     }
     if removed > 0 {
-        let mut child = Command::new("iptables-restore").args(["-w", "--noflush"]).stdin(Stdio::piped()).spawn()?;
-        child.stdin.take().expect("piped").write_all(input.as_bytes())?;
-        if !child.wait()?.success() {
-            bail!("iptables-restore could not remove the KUBE- chains");
-        }
+        netfilter::run_with_input("iptables-restore", &["-w", "--noflush"], &input)?;
     }
     Ok(removed)
 }
@@ -261,21 +227,11 @@ impl Dataplane for IptablesDataplane {
         let (w1, d1) = restore_input("nat", old.map(|o| &o.nat), &wanted.nat, &mut input);
         let (w2, d2) = restore_input("filter", old.map(|o| &o.filter), &wanted.filter, &mut input);
         if !input.is_empty() {
-            let mut child = Command::new("iptables-restore")
-                .args(["-w", "--noflush"])
-                .stdin(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("running iptables-restore (is it installed?)")?;
-            child.stdin.take().expect("piped").write_all(input.as_bytes())?;
-            let out = child.wait_with_output()?;
-            if !out.status.success() {
-                // Nothing changed: iptables-restore commits each table whole or not at all.
-                bail!("iptables-restore failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-            }
+            // On failure nothing changed: iptables-restore commits each table whole or not at all.
+            netfilter::run_with_input("iptables-restore", &["-w", "--noflush"], &input)?;
         }
         self.applied = Some(wanted);
-        clear_stale_udp(&self.last_table, table);
+        netfilter::clear_stale_udp(&self.last_table, table);
         self.last_table = table.clone();
         Ok(ApplyStats { writes: w1 + w2, deletes: d1 + d2 })
     }

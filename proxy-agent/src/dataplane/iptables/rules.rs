@@ -12,22 +12,10 @@ use std::{
 };
 
 use super::naming;
-use crate::model::{
-    BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable,
+use crate::{
+    dataplane::netfilter::{self, MASQ_MARK, RuleConfig, ServicePort},
+    model::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable},
 };
-
-/// kube-proxy's masquerade mark.
-pub const MASQ_MARK: &str = "0x4000";
-
-/// Node-wide settings that shape the rules.
-#[derive(Clone, Debug, Default)]
-pub struct RuleConfig {
-    pub masquerade_all: bool,
-    pub cluster_cidr: Option<(Ipv4Addr, u8)>,
-    /// Pod-facing interface patterns (`veth*`): kube-proxy's `InterfaceNamePrefix` local-traffic detection,
-    /// so pod traffic to a Local-policy Service's external addresses reaches every endpoint.
-    pub pod_interfaces: Vec<String>,
-}
 
 /// One table's chains and their rules, in order.
 pub type Chains = BTreeMap<String, Vec<String>>;
@@ -53,27 +41,6 @@ fn proto(p: Protocol) -> &'static str {
 fn matches(f: Frontend) -> String {
     let p = proto(f.protocol);
     format!("-m {p} -p {p} -d {}/32 --dport {}", f.addr, f.port)
-}
-
-/// All frontends of one Service port, gathered: kube-proxy's unit of rules.
-#[derive(Default)]
-struct ServicePort<'a> {
-    entries: Vec<(Frontend, &'a FrontendEntry)>,
-}
-
-impl ServicePort<'_> {
-    /// Every endpoint usable cluster-wide: the largest set any frontend of the port uses.
-    fn cluster_set(&self) -> &BackendSet {
-        let internal_of_external_kinds =
-            self.entries.iter().find(|(_, e)| e.kind != FrontendKind::ClusterIp).map(|(_, e)| &e.internal);
-        let external_of_cluster_ip =
-            self.entries.iter().find(|(_, e)| e.kind == FrontendKind::ClusterIp).map(|(_, e)| &e.external);
-        external_of_cluster_ip.or(internal_of_external_kinds).expect("a service port has a frontend")
-    }
-
-    fn local_endpoints(&self) -> Vec<Endpoint> {
-        self.cluster_set().endpoints.iter().filter(|e| e.local).copied().collect()
-    }
 }
 
 fn endpoint_rules(
@@ -138,15 +105,15 @@ impl<'a> Renderer<'a> {
     fn new(config: &'a RuleConfig) -> Self {
         let mut nat: Chains = NAT_FIXED.iter().map(|c| ((*c).to_owned(), Vec::new())).collect();
         let mut filter: Chains = FILTER_FIXED.iter().map(|c| ((*c).to_owned(), Vec::new())).collect();
-        nat.get_mut("KUBE-MARK-MASQ").unwrap().push(format!("-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"));
+        nat.get_mut("KUBE-MARK-MASQ").unwrap().push(format!("-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK:#x}"));
         nat.get_mut("KUBE-POSTROUTING").unwrap().extend([
-            format!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
-            format!("-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}"),
+            format!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j RETURN"),
+            format!("-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK:#x}"),
             "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_owned(),
         ]);
         filter.get_mut("KUBE-FORWARD").unwrap().extend([
             "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_owned(),
-            format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT"),
+            format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j ACCEPT"),
             "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
         ]);
         Self { config, nat, filter, services: Vec::new(), node_port_addrs: BTreeSet::new() }
@@ -157,22 +124,13 @@ impl<'a> Renderer<'a> {
         let p = proto(protocol);
         let cluster = sp.cluster_set();
         let local = sp.local_endpoints();
-        let affinity = sp.entries[0].1.affinity_timeout;
+        let affinity = sp.affinity();
         endpoint_rules(&mut self.nat, &chains.svc, spn, protocol, &cluster.endpoints, affinity);
         // The local chain, for internalTrafficPolicy Local on the ClusterIP or externalTrafficPolicy Local.
-        let uses_local = sp.entries.iter().any(|(_, e)| {
-            if e.kind == FrontendKind::ClusterIp {
-                e.internal.endpoints != cluster.endpoints
-            } else {
-                !e.masquerade_external
-            }
-        });
-        if uses_local {
+        if sp.uses_local() {
             endpoint_rules(&mut self.nat, &chains.svl, spn, protocol, &local, affinity);
         }
-        let mut seps: BTreeSet<Endpoint> = cluster.endpoints.iter().copied().collect();
-        seps.extend(local.iter().copied());
-        for ep in &seps {
+        for ep in &sp.all_endpoints() {
             let sep = naming::endpoint_chain(spn, protocol, *ep);
             let recent = if affinity.is_some() { format!(" -m recent --name {sep} --set") } else { String::new() };
             let rules = vec![
@@ -215,11 +173,7 @@ impl<'a> Renderer<'a> {
 
     fn external(&mut self, spn: &ServicePortName, f: Frontend, e: &FrontendEntry, chains: &PortChains) {
         let m = matches(f);
-        let label = match e.kind {
-            FrontendKind::NodePort => "nodePort",
-            FrontendKind::ExternalIp => "external IP",
-            _ => "loadbalancer IP",
-        };
+        let label = netfilter::kind_label(e.kind);
         if e.external.endpoints.is_empty() {
             let rule = no_endpoint_rule("KUBE-EXTERNAL-SERVICES", spn, &m, &e.external);
             self.filter.get_mut("KUBE-EXTERNAL-SERVICES").unwrap().push(rule);
@@ -261,11 +215,12 @@ impl<'a> Renderer<'a> {
             if let Some((net, len)) = self.config.cluster_cidr {
                 rules.push(format!("-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -s {net}/{len} -j {svc}"));
             }
-            // iptables spells "any suffix" as `+`; only prefix patterns translate.
-            for prefix in
-                self.config.pod_interfaces.iter().filter_map(|p| p.strip_suffix('*')).filter(|p| !p.contains('*'))
-            {
-                rules.push(format!("-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -i {prefix}+ -j {svc}"));
+            // iptables spells "any suffix" as `+`.
+            for pattern in self.config.pod_interface_patterns() {
+                let iface = pattern.strip_suffix('*').map_or_else(|| pattern.to_owned(), |prefix| format!("{prefix}+"));
+                rules.push(format!(
+                    "-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -i {iface} -j {svc}"
+                ));
             }
             rules.push(format!("-A {ext} -m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"));
             rules.push(format!("-A {ext} -m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {svc}"));
@@ -274,7 +229,8 @@ impl<'a> Renderer<'a> {
         self.nat.insert(ext.clone(), rules);
     }
 
-    fn service_port(&mut self, spn: &ServicePortName, protocol: Protocol, sp: &ServicePort<'_>) {
+    fn service_port(&mut self, sp: &ServicePort<'_>) {
+        let (spn, protocol) = (sp.name, sp.protocol);
         let chains = PortChains {
             svc: naming::service_chain(spn, protocol),
             svl: naming::local_chain(spn, protocol),
@@ -290,8 +246,7 @@ impl<'a> Renderer<'a> {
                 self.external(spn, *f, e, &chains);
             }
         }
-        // The external policy is read from a frontend external traffic uses (a ClusterIP's says Cluster).
-        if let Some((_, e)) = sp.entries.iter().find(|(_, e)| e.kind != FrontendKind::ClusterIp) {
+        if let Some(e) = sp.external_entry() {
             self.external_chain(spn, e.masquerade_external, &chains);
         }
     }
@@ -318,13 +273,9 @@ impl<'a> Renderer<'a> {
 /// Renders the ruleset for `table`.
 #[must_use]
 pub fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
-    let mut ports: BTreeMap<(ServicePortName, Protocol), ServicePort<'_>> = BTreeMap::new();
-    for (f, e) in &table.frontends {
-        ports.entry((e.service.clone(), f.protocol)).or_default().entries.push((*f, e));
-    }
     let mut renderer = Renderer::new(config);
-    for ((spn, protocol), sp) in &ports {
-        renderer.service_port(spn, *protocol, sp);
+    for sp in &netfilter::service_ports(table) {
+        renderer.service_port(sp);
     }
     renderer.finish()
 }

@@ -1,6 +1,7 @@
 use std::net::Ipv4Addr;
 
 use super::{restore_input, rules::*};
+use crate::dataplane::netfilter::RuleConfig;
 use crate::model::{
     BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable,
 };

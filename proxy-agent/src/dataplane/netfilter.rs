@@ -1,0 +1,149 @@
+//! What the two netfilter dataplanes (iptables and nftables) share: the node settings that shape their rules,
+//! the grouping of frontends into kube-proxy's unit of rules (one Service port), the stale-UDP conntrack
+//! cleanup, and feeding a ruleset to a restore tool.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
+
+use crate::model::{
+    BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable,
+};
+
+/// kube-proxy's masquerade mark.
+pub const MASQ_MARK: u32 = 0x4000;
+
+/// Node-wide settings that shape the rules.
+#[derive(Clone, Debug, Default)]
+pub struct RuleConfig {
+    pub masquerade_all: bool,
+    pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+    /// Pod-facing interface patterns (`veth*`): kube-proxy's `InterfaceNamePrefix` local-traffic detection,
+    /// so pod traffic to a Local-policy Service's external addresses reaches every endpoint.
+    pub pod_interfaces: Vec<String>,
+}
+
+impl RuleConfig {
+    /// The pod interface patterns netfilter can match: exact names and prefixes (a single trailing `*`).
+    pub fn pod_interface_patterns(&self) -> impl Iterator<Item = &str> {
+        self.pod_interfaces.iter().map(String::as_str).filter(|p| !p.trim_end_matches('*').contains('*'))
+    }
+}
+
+/// All frontends of one Service port and protocol, gathered: kube-proxy's unit of rules.
+pub struct ServicePort<'a> {
+    pub name: &'a ServicePortName,
+    pub protocol: Protocol,
+    pub entries: Vec<(Frontend, &'a FrontendEntry)>,
+}
+
+impl ServicePort<'_> {
+    /// Every endpoint usable cluster-wide: the largest set any frontend of the port uses.
+    #[must_use]
+    pub fn cluster_set(&self) -> &BackendSet {
+        let internal_of_external_kinds =
+            self.entries.iter().find(|(_, e)| e.kind != FrontendKind::ClusterIp).map(|(_, e)| &e.internal);
+        let external_of_cluster_ip =
+            self.entries.iter().find(|(_, e)| e.kind == FrontendKind::ClusterIp).map(|(_, e)| &e.external);
+        external_of_cluster_ip.or(internal_of_external_kinds).expect("a service port has a frontend")
+    }
+
+    #[must_use]
+    pub fn local_endpoints(&self) -> Vec<Endpoint> {
+        self.cluster_set().endpoints.iter().filter(|e| e.local).copied().collect()
+    }
+
+    /// Whether some frontend sends traffic to the local endpoints only: internalTrafficPolicy Local on the
+    /// ClusterIP, or externalTrafficPolicy Local.
+    #[must_use]
+    pub fn uses_local(&self) -> bool {
+        let cluster = &self.cluster_set().endpoints;
+        self.entries.iter().any(|(_, e)| {
+            if e.kind == FrontendKind::ClusterIp { &e.internal.endpoints != cluster } else { !e.masquerade_external }
+        })
+    }
+
+    /// Every endpoint some chain of the port DNATs to.
+    #[must_use]
+    pub fn all_endpoints(&self) -> BTreeSet<Endpoint> {
+        let mut all: BTreeSet<Endpoint> = self.cluster_set().endpoints.iter().copied().collect();
+        all.extend(self.local_endpoints());
+        all
+    }
+
+    /// The session-affinity timeout (the same on every frontend of a port).
+    #[must_use]
+    pub fn affinity(&self) -> Option<u32> {
+        self.entries[0].1.affinity_timeout
+    }
+
+    /// The frontend external traffic uses, whose policy decides the external chain (a ClusterIP's says
+    /// Cluster); `None` for a ClusterIP-only port.
+    #[must_use]
+    pub fn external_entry(&self) -> Option<&FrontendEntry> {
+        self.entries.iter().find(|(_, e)| e.kind != FrontendKind::ClusterIp).map(|(_, e)| *e)
+    }
+}
+
+/// The table's frontends grouped by Service port and protocol, in a stable order.
+#[must_use]
+pub fn service_ports(table: &ServiceTable) -> Vec<ServicePort<'_>> {
+    let mut ports: BTreeMap<(&ServicePortName, Protocol), Vec<(Frontend, &FrontendEntry)>> = BTreeMap::new();
+    for (f, e) in &table.frontends {
+        ports.entry((&e.service, f.protocol)).or_default().push((*f, e));
+    }
+    ports.into_iter().map(|((name, protocol), entries)| ServicePort { name, protocol, entries }).collect()
+}
+
+/// A frontend's label in kube-proxy's rule comments.
+#[must_use]
+pub fn kind_label(kind: FrontendKind) -> &'static str {
+    match kind {
+        FrontendKind::ClusterIp => "cluster IP",
+        FrontendKind::NodePort => "nodePort",
+        FrontendKind::ExternalIp => "external IP",
+        FrontendKind::LoadBalancer => "loadbalancer IP",
+    }
+}
+
+/// UDP flows have no end the kernel can see: conntrack would keep sending a client's packets to an
+/// endpoint that is gone (the stale-DNS failure kube-proxy users know). As kube-proxy does, delete the
+/// conntrack entries of UDP frontends whose endpoints went away.
+pub fn clear_stale_udp(old: &ServiceTable, new: &ServiceTable) {
+    for (frontend, entry) in old.frontends.iter().filter(|(f, _)| f.protocol == Protocol::Udp) {
+        let keep: BTreeSet<_> =
+            new.frontends.get(frontend).map(|e| e.all_endpoints().map(|ep| ep.addr).collect()).unwrap_or_default();
+        let gone: BTreeSet<_> = entry.all_endpoints().map(|ep| ep.addr).filter(|a| !keep.contains(a)).collect();
+        for addr in gone {
+            // Exit status 1 means "no such entries": nothing to do.
+            let _ = Command::new("conntrack")
+                .args(["-D", "-p", "udp", "--orig-dst", &frontend.addr.to_string()])
+                .args(["--orig-port-dst", &frontend.port.to_string(), "--reply-src", &addr.to_string()])
+                .output();
+        }
+    }
+}
+
+/// Runs `program args` with `input` on its standard input; an error carries the tool's own message.
+///
+/// # Errors
+/// When the program cannot run or exits unsuccessfully.
+pub fn run_with_input(program: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program} (is it installed?)"))?;
+    child.stdin.take().expect("piped").write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!("{program} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! The nftables fallback dataplane: one table of its own (`ip proxy-agent`) whose verdict maps find a
+//! Service in one lookup. Every change is one `nft -f` transaction, so traffic sees the old ruleset or the
+//! new one and never a mix, and only what changed is written: map elements added or removed, changed chains
+//! flushed and refilled, chains no longer wanted deleted.
+
+pub mod naming;
+pub mod rules;
+
+use std::{collections::BTreeSet, fmt::Write as _, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    ApplyStats, Dataplane,
+    netfilter::{self, RuleConfig},
+};
+use crate::model::ServiceTable;
+use rules::{AFFINITY_SET_TYPE, MAP_TYPE, Ruleset, TABLE, TABLE_FAMILY, TABLE_NAME};
+
+/// Tables removed when another mode starts, and on cleanup: this mode's own, and kube-proxy's nftables-mode
+/// tables.
+const LEFTOVER_TABLES: [(&str, &str); 3] = [(TABLE_FAMILY, TABLE_NAME), ("ip", "kube-proxy"), ("ip6", "kube-proxy")];
+
+pub struct NftablesDataplane {
+    config: RuleConfig,
+    /// What the last successful transaction installed; `None` until the first one, and after a full
+    /// resync is asked for: then what the kernel holds is read and everything is rewritten.
+    applied: Option<Ruleset>,
+    /// The table of the last successful apply, to find UDP endpoints that went away.
+    last_table: ServiceTable,
+}
+
+/// The names of what the table holds now, read from the kernel.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Installed {
+    pub chains: BTreeSet<String>,
+    pub maps: BTreeSet<String>,
+    pub sets: BTreeSet<String>,
+}
+
+/// What a transaction starts from.
+pub enum Previous<'a> {
+    /// Exactly this ruleset (the agent's own last transaction).
+    Exact(&'a Ruleset),
+    /// Objects with these names, contents unknown: everything wanted is rewritten, the rest deleted.
+    Unknown(&'a Installed),
+}
+
+fn nft(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Command::new("nft").args(args).output().context("running nft (is it installed?)")
+}
+
+/// The names of `kind` (`chain`, `map`, `set`) declared in our table, from a `nft list` dump of a family.
+fn names_in_table(dump: &str, kind: &str) -> BTreeSet<String> {
+    let header = format!("table {TABLE} {{");
+    let mut inside = false;
+    let mut names = BTreeSet::new();
+    for line in dump.lines() {
+        let trimmed = line.trim();
+        if let Some(rest) = trimmed.strip_prefix("table ") {
+            inside = format!("table {rest}") == header;
+        } else if inside && let Some(decl) = trimmed.strip_prefix(kind).and_then(|r| r.strip_prefix(' ')) {
+            names.extend(decl.strip_suffix('{').map(|n| n.trim().to_owned()));
+        }
+    }
+    names
+}
+
+/// What our table holds now (names only; listing rules and elements would cost as much as the table).
+fn installed() -> anyhow::Result<Installed> {
+    let family = TABLE_FAMILY;
+    let mut dumps = Vec::new();
+    for what in ["chains", "sets", "maps"] {
+        let out = nft(&["--terse", "list", what, family])?;
+        if !out.status.success() {
+            bail!("nft list {what} {family} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        dumps.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    Ok(Installed {
+        chains: names_in_table(&dumps[0], "chain"),
+        sets: names_in_table(&dumps[1], "set"),
+        maps: names_in_table(&dumps[2], "map"),
+    })
+}
+
+/// One `nft -f` transaction that turns `old` into `new`, and what it writes and deletes. Ordered so every
+/// reference is valid at each step: objects are declared before anything refers to them, and deleted
+/// only after the rules and elements that referred to them are gone.
+#[must_use]
+pub fn transaction(old: &Previous<'_>, new: &Ruleset) -> (String, ApplyStats) {
+    let mut out = String::new();
+    let mut stats = ApplyStats::default();
+    let known = match old {
+        Previous::Exact(r) => Some(*r),
+        Previous::Unknown(_) => None,
+    };
+    let empty = Ruleset::default();
+    let before = known.unwrap_or(&empty);
+    let _ = writeln!(out, "add table {TABLE}");
+    for (name, chain) in &new.chains {
+        if known.is_none() || !before.chains.contains_key(name) {
+            let hook = chain.hook.map(|h| format!(" {{ {h} }}")).unwrap_or_default();
+            let _ = writeln!(out, "add chain {TABLE} {name}{hook}");
+        }
+    }
+    for name in new.maps.keys() {
+        if known.is_none() || !before.maps.contains_key(name) {
+            let _ = writeln!(out, "add map {TABLE} {name} {{ {MAP_TYPE} }}");
+        }
+    }
+    for name in &new.sets {
+        if known.is_none() || !before.sets.contains(name) {
+            let _ = writeln!(out, "add set {TABLE} {name} {{ {AFFINITY_SET_TYPE} }}");
+        }
+    }
+    // Elements out first: they may point at chains deleted below.
+    for (map, elements) in &new.maps {
+        if known.is_none() {
+            let _ = writeln!(out, "flush map {TABLE} {map}");
+            continue;
+        }
+        for (key, value) in before.maps.get(map).into_iter().flatten() {
+            if elements.get(key) != Some(value) {
+                let _ = writeln!(out, "delete element {TABLE} {map} {{ {key} }}");
+                stats.deletes += 1;
+            }
+        }
+    }
+    for (name, chain) in &new.chains {
+        let previous = before.chains.get(name);
+        if known.is_some() && previous == Some(chain) {
+            continue;
+        }
+        let _ = writeln!(out, "flush chain {TABLE} {name}");
+        stats.deletes += previous.map_or(0, |c| c.rules.len());
+        for rule in &chain.rules {
+            let _ = writeln!(out, "add rule {TABLE} {name} {rule}");
+        }
+        stats.writes += chain.rules.len();
+    }
+    let (gone_chains, gone_maps, gone_sets): (Vec<&String>, Vec<&str>, Vec<&String>) = match old {
+        Previous::Exact(r) => (
+            r.chains.keys().filter(|c| !new.chains.contains_key(*c)).collect(),
+            r.maps.keys().copied().filter(|m| !new.maps.contains_key(m)).collect(),
+            r.sets.iter().filter(|s| !new.sets.contains(*s)).collect(),
+        ),
+        Previous::Unknown(installed) => (
+            installed.chains.iter().filter(|c| !new.chains.contains_key(*c)).collect(),
+            installed.maps.iter().map(String::as_str).filter(|m| !new.maps.contains_key(m)).collect(),
+            installed.sets.iter().filter(|s| !new.sets.contains(*s)).collect(),
+        ),
+    };
+    // Emptied before any is deleted: a chain can only go once nothing jumps to it.
+    for name in &gone_chains {
+        let _ = writeln!(out, "flush chain {TABLE} {name}");
+        stats.deletes += before.chains.get(*name).map_or(0, |c| c.rules.len());
+    }
+    for (map, elements) in &new.maps {
+        let previous = before.maps.get(map);
+        for (key, value) in elements {
+            if known.is_none() || previous.and_then(|p| p.get(key)) != Some(value) {
+                let _ = writeln!(out, "add element {TABLE} {map} {{ {key} {value} }}");
+                stats.writes += 1;
+            }
+        }
+    }
+    for name in gone_chains {
+        let _ = writeln!(out, "delete chain {TABLE} {name}");
+    }
+    for name in gone_maps {
+        let _ = writeln!(out, "delete map {TABLE} {name}");
+    }
+    for name in gone_sets {
+        let _ = writeln!(out, "delete set {TABLE} {name}");
+    }
+    (out, stats)
+}
+
+/// Removes this mode's table and kube-proxy's nftables-mode tables, so two dataplanes never translate the
+/// same packets. Missing nft or missing tables are not errors. Returns how many tables went.
+pub fn cleanup() -> anyhow::Result<usize> {
+    if Command::new("nft").arg("--version").output().is_err() {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    for (family, name) in LEFTOVER_TABLES {
+        // `list` first: deleting a table that does not exist is an error we would have to tell apart.
+        if nft(&["--terse", "list", "table", family, name])?.status.success() {
+            let out = nft(&["delete", "table", family, name])?;
+            if !out.status.success() {
+                bail!("nft delete table {family} {name} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether nftables works here: the `nft` tool runs and the kernel answers it.
+pub fn usable() -> Result<(), String> {
+    match nft(&["list", "tables"]) {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!("nft list tables failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+impl NftablesDataplane {
+    #[must_use]
+    pub fn start(config: RuleConfig) -> Self {
+        Self { config, applied: None, last_table: ServiceTable::default() }
+    }
+}
+
+impl Dataplane for NftablesDataplane {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
+        let wanted = rules::render(table, &self.config);
+        let (script, stats) = match &self.applied {
+            Some(applied) if *applied == wanted => (String::new(), ApplyStats::default()),
+            Some(applied) => transaction(&Previous::Exact(applied), &wanted),
+            None => transaction(&Previous::Unknown(&installed()?), &wanted),
+        };
+        if !script.is_empty() {
+            // On failure nothing changed: the kernel commits an nft transaction whole or not at all.
+            netfilter::run_with_input("nft", &["-f", "-"], &script)?;
+        }
+        self.applied = Some(wanted);
+        netfilter::clear_stale_udp(&self.last_table, table);
+        self.last_table = table.clone();
+        Ok(stats)
+    }
+
+    fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
+        // Forget what we believe is installed: everything is rewritten, repairing any drift.
+        self.applied = None;
+        self.apply(table)
+    }
+
+    fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        self.applied.as_ref().map_or_else(Vec::new, |r| {
+            vec![("nftables-rules", r.rule_count()), ("nftables-map-elements", r.element_count())]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
