@@ -8,7 +8,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_ANY,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock_addr, map},
     maps::LruHashMap,
     programs::SockAddrContext,
@@ -27,6 +27,20 @@ static SOCK_REVNAT: LruHashMap<SockKey, SockFrontend> = LruHashMap::pinned(capac
 /// The verdicts of a `sock_addr` program.
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
+/// The errno a refused Service gives, as kube-proxy's ICMP port unreachable does (`-ECONNREFUSED`).
+const ECONNREFUSED: i32 = 111;
+
+/// Fails the call the way kube-proxy's REJECT rule in the OUTPUT chain fails the node's own traffic to a
+/// Service without endpoints: a TCP `connect()` is refused (the ICMP error reaches the socket), a UDP send
+/// fails with EPERM (the rule drops the datagram as it leaves). A bare [`DENY`] is EPERM.
+#[inline(always)]
+fn refuse(proto: u8) -> i32 {
+    if proto == proxy_common::proto::TCP {
+        // SAFETY: the helper only sets the syscall's return value (cgroup programs, Linux 5.18+).
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
+    DENY
+}
 
 /// Whether the socket lives in the network namespace this agent serves.
 #[inline(always)]
@@ -59,8 +73,8 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     // The node's own traffic is internal: it reaches every endpoint, whatever the external policy.
     let Some(svc) = lb::lookup_service(&flow, true) else { return ALLOW };
     let Some((_, backend)) = lb::select_backend(&flow, &svc) else {
-        // No usable endpoint: fail the call at once (EPERM) rather than leave the client to time out.
-        return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { DENY } else { ALLOW };
+        // No usable endpoint: refuse at once rather than leave the client to time out.
+        return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { refuse(proto) } else { ALLOW };
     };
     let key = SockKey { cookie: socket_cookie(ctx), addr: backend.addr, port: backend.port, pad: 0 };
     let frontend = SockFrontend { addr, port, pad: 0 };

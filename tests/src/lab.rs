@@ -42,11 +42,17 @@ pub struct LabSpec {
 }
 
 impl Default for LabSpec {
-    /// `PROXY_LAB_MODE=iptables` runs every lab test against that dataplane (`--mode`).
+    /// The agents run in [`mode`].
     fn default() -> Self {
-        let agent_args = std::env::var("PROXY_LAB_MODE").map(|m| vec!["--mode".to_owned(), m]).unwrap_or_default();
-        Self { nodes: 2, pods_per_node: 3, tx_checksum_offload: true, agent_args }
+        Self { nodes: 2, pods_per_node: 3, tx_checksum_offload: true, agent_args: vec!["--mode".to_owned(), mode()] }
     }
+}
+
+/// The dataplane the lab's agents run: `PROXY_LAB_MODE` (`ebpf`, `iptables`, `nftables`), `ebpf` when unset.
+/// `cargo xtask test` runs the behaviour tests once per mode this way.
+#[must_use]
+pub fn mode() -> String {
+    std::env::var("PROXY_LAB_MODE").unwrap_or_else(|_| "ebpf".to_owned())
 }
 
 /// The zone of node `n` in the lab's Node objects: odd nodes in zone-a, even ones in zone-b.

@@ -57,9 +57,18 @@ fn healthz_livez_and_metrics_report_what_kube_proxy_reports() {
     assert!(metric(&text, "kubeproxy_network_programming_duration_seconds_count").unwrap_or(0.0) >= 1.0, "{text}");
     assert_eq!(metric(&text, "proxy_agent_rejected_objects{kind=\"Service\"}"), Some(1.0), "{text}");
     assert_eq!(metric(&text, "proxy_agent_frontends"), Some(1.0), "{text}");
-    // One ClusterIP with one endpoint: slot 0 and slot 1, one backend, one reverse-NAT entry.
-    assert_eq!(metric(&text, "proxy_agent_map_entries{map=\"SERVICES\"}"), Some(2.0), "{text}");
-    assert_eq!(metric(&text, "proxy_agent_map_entries{map=\"BACKENDS\"}"), Some(1.0), "{text}");
+    let entries = |map: &str| metric(&text, &format!("proxy_agent_map_entries{{map=\"{map}\"}}"));
+    match proxy_lab::lab::mode().as_str() {
+        // kube-proxy's fixed rules plus one Service port's: its KUBE-SERVICES jump, KUBE-SVC- and KUBE-SEP-.
+        "iptables" => assert!(entries("iptables-nat-rules").unwrap_or(0.0) >= 8.0, "{text}"),
+        // One ClusterIP: one verdict-map element.
+        "nftables" => assert_eq!(entries("nftables-map-elements"), Some(1.0), "{text}"),
+        // One ClusterIP with one endpoint: slot 0 and slot 1, one backend, one reverse-NAT entry.
+        _ => {
+            assert_eq!(entries("SERVICES"), Some(2.0), "{text}");
+            assert_eq!(entries("BACKENDS"), Some(1.0), "{text}");
+        }
+    }
 }
 
 /// An invalid value in the config file stops start-up with a message naming the field and the value.
@@ -84,8 +93,8 @@ fn an_invalid_config_file_stops_start_up_naming_field_and_value() {
     assert!(stderr.contains("syncPeriod") && stderr.contains("often"), "{stderr}");
 }
 
-/// Switching modes: the chosen mode is logged and exported; starting in one mode removes what the other left
-/// (kube-proxy's KUBE- chains, or the eBPF programs), and traffic flows in each.
+/// Switching modes: the chosen mode is logged and exported; starting in one mode removes what the others
+/// left (kube-proxy's KUBE- chains and nftables table, the eBPF programs), and traffic flows in each.
 #[test]
 fn each_mode_removes_the_others_leftovers_and_reports_itself() {
     let spec = LabSpec { agent_args: vec!["--mode".into(), "iptables".into()], ..LabSpec::default() };
@@ -99,30 +108,46 @@ fn each_mode_removes_the_others_leftovers_and_reports_itself() {
         &Svc::new("web", vip, http).with_endpoints(&[Endpoint::ready(pod.ip, node_name(2))]),
     )
     .unwrap();
-    lab.start_agents().unwrap();
     let node1 = lab.node_ns(1);
-    let client = lab.pod(1, 1).ns.clone();
     let sh = |args: &[&str]| proxy_lab::cmd::run("ip", &[&["netns", "exec", node1.as_str()], args].concat()).unwrap();
+    // What kube-proxy's nftables mode would have left on the node.
+    sh(&["nft", "add table ip kube-proxy; add chain ip kube-proxy services"]);
+    lab.start_agents().unwrap();
+    let client = lab.pod(1, 1).ns.clone();
     let works = || request(&client, Proto::Tcp, SocketAddrV4::new(vip, 80), TIMEOUT).map(|r| r.backend).unwrap();
     let mode_metric =
         || http_get_path(&node1, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249), "/metrics", TIMEOUT).unwrap().1;
+    let iptables_rules = || sh(&["iptables-save"]);
+    let nft_tables = || sh(&["nft", "list", "tables"]);
+    let xdp_attached = || sh(&["ip", "link", "show", "eth0"]).contains("xdp");
 
     assert_eq!(works(), "pod-2-2");
-    assert!(sh(&["iptables-save", "-t", "nat"]).contains("KUBE-SVC-"));
+    assert!(iptables_rules().contains("KUBE-SVC-"));
+    assert!(!nft_tables().contains("kube-proxy"), "kube-proxy's nftables table must go: {}", nft_tables());
     assert!(
         mode_metric().contains("proxy_agent_dataplane_mode{mode=\"iptables\",reason=\"requested\"} 1"),
         "{}",
         mode_metric()
     );
 
+    lab.restart_agent_with(1, &["--mode", "nftables"]).unwrap();
+    assert!(!iptables_rules().contains("KUBE-"), "iptables leftovers must go: {}", iptables_rules());
+    assert!(nft_tables().contains("table ip proxy-agent"), "{}", nft_tables());
+    assert_eq!(works(), "pod-2-2");
+    assert!(mode_metric().contains("mode=\"nftables\""));
+
     lab.restart_agent_with(1, &["--mode", "ebpf"]).unwrap();
-    assert!(!sh(&["iptables-save"]).contains("KUBE-"), "iptables leftovers must go: {}", sh(&["iptables-save"]));
-    assert!(sh(&["ip", "link", "show", "eth0"]).contains("xdp"), "the eBPF dataplane is attached");
+    assert!(!nft_tables().contains("proxy-agent"), "nftables leftovers must go: {}", nft_tables());
+    assert!(xdp_attached(), "the eBPF dataplane is attached");
     assert_eq!(works(), "pod-2-2");
     assert!(mode_metric().contains("mode=\"ebpf\""));
 
+    lab.restart_agent_with(1, &["--mode", "nftables"]).unwrap();
+    assert!(!xdp_attached(), "eBPF leftovers must go");
+    assert_eq!(works(), "pod-2-2");
+
     lab.restart_agent_with(1, &["--mode", "iptables"]).unwrap();
-    assert!(!sh(&["ip", "link", "show", "eth0"]).contains("xdp"), "eBPF leftovers must go");
-    assert!(sh(&["iptables-save", "-t", "nat"]).contains("KUBE-SVC-"));
+    assert!(!nft_tables().contains("proxy-agent"), "nftables leftovers must go: {}", nft_tables());
+    assert!(iptables_rules().contains("KUBE-SVC-"));
     assert_eq!(works(), "pod-2-2");
 }

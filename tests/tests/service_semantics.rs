@@ -394,8 +394,9 @@ fn the_node_itself_reaches_cluster_ips_and_node_ports() {
 fn xdp_and_tc_paths_give_identical_results_for_external_traffic() {
     use proxy_common::stats;
     let run = |xdp: &str| {
-        let spec = LabSpec { agent_args: vec!["--xdp".into(), xdp.into()], ..LabSpec::default() };
-        // LabSpec's own --xdp is replaced, not added to.
+        // eBPF only: the other modes have no XDP path.
+        let spec =
+            LabSpec { agent_args: ["--mode", "ebpf", "--xdp", xdp].map(String::from).into(), ..LabSpec::default() };
         let mut lab = lab(spec, &[(1, 2), (2, 2)]);
         let mut cluster = Svc::new("np-cluster", vip(90), http());
         cluster.type_ = "NodePort";
