@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     pub log: PathBuf,
     pub pod_interfaces: String,
+    /// Only these capabilities (`setpriv` names), when set.
+    pub capabilities: Option<Vec<String>>,
     pub extra_args: Vec<String>,
 }
 
@@ -48,8 +50,14 @@ impl Agent {
     pub fn spawn(config: AgentConfig) -> anyhow::Result<Self> {
         let bin = binary()?;
         let log = File::create(&config.log).with_context(|| format!("creating {}", config.log.display()))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &config.netns])
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &config.netns]);
+        if let Some(caps) = &config.capabilities {
+            // Root keeps its uid but its bounding set shrinks to `caps`, so the agent gets exactly those.
+            let set: String = caps.iter().map(|c| format!(",+{c}")).collect();
+            command.args(["setpriv", &format!("--bounding-set=-all{set}"), "--inh-caps=-all", "--"]);
+        }
+        let child = command
             .arg(&bin)
             .arg("--manifests")
             .arg(&config.manifests)
@@ -66,6 +74,12 @@ impl Agent {
             .spawn()
             .with_context(|| format!("starting {} in {}", bin.display(), config.netns))?;
         Ok(Self { child: Some(child), config })
+    }
+
+    /// The agent's process id (`ip netns exec` and `setpriv` exec into it, so it is the child's).
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     #[must_use]

@@ -39,12 +39,21 @@ pub struct LabSpec {
     pub tx_checksum_offload: bool,
     /// Extra flags for every agent.
     pub agent_args: Vec<String>,
+    /// Run the agents with only these capabilities (`setpriv` names: `net_admin`, `bpf`, …) instead of all
+    /// of root's.
+    pub agent_capabilities: Option<Vec<String>>,
 }
 
 impl Default for LabSpec {
     /// The agents run in [`mode`].
     fn default() -> Self {
-        Self { nodes: 2, pods_per_node: 3, tx_checksum_offload: true, agent_args: vec!["--mode".to_owned(), mode()] }
+        Self {
+            nodes: 2,
+            pods_per_node: 3,
+            tx_checksum_offload: true,
+            agent_args: vec!["--mode".to_owned(), mode()],
+            agent_capabilities: None,
+        }
     }
 }
 
@@ -352,6 +361,7 @@ impl Lab {
                 pin_dir: self.bpffs.join(node_name(n)),
                 log: self.dir.join(format!("agent-{}.log", node_name(n))),
                 pod_interfaces: format!("{POD_IFACE_PREFIX}*"),
+                capabilities: self.spec.agent_capabilities.clone(),
                 extra_args: [
                     vec!["--cgroup".to_owned(), self.node_cgroup(n).to_string_lossy().into_owned()],
                     self.spec.agent_args.clone(),

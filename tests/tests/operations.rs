@@ -151,3 +151,63 @@ fn each_mode_removes_the_others_leftovers_and_reports_itself() {
     assert!(iptables_rules().contains("KUBE-SVC-"));
     assert_eq!(works(), "pod-2-2");
 }
+
+/// The capabilities `deploy/base/daemonset.yaml` gives the agent's container, read from the manifest.
+fn daemonset_capabilities() -> Vec<String> {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/daemonset.yaml");
+    let ds: DaemonSet = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let container = ds.spec.unwrap().template.spec.unwrap().containers.into_iter().find(|c| c.name == "proxy-agent");
+    let caps =
+        container.and_then(|c| c.security_context?.capabilities?.add).expect("the agent container adds capabilities");
+    caps.iter().map(|c| c.to_lowercase()).collect()
+}
+
+/// A capability's bit in `/proc/PID/status` (linux/capability.h), for the ones a DaemonSet might list.
+fn capability_bit(name: &str) -> u32 {
+    match name {
+        "net_bind_service" => 10,
+        "net_admin" => 12,
+        "net_raw" => 13,
+        "ipc_lock" => 14,
+        "sys_module" => 16,
+        "sys_admin" => 21,
+        "sys_resource" => 24,
+        "perfmon" => 38,
+        "bpf" => 39,
+        other => panic!("capability {other} is not in this test's table"),
+    }
+}
+
+/// The DaemonSet runs the agent without `privileged`, with a short capability list: the agent must work
+/// with exactly that list (read from the manifest), in the lab's mode. Pod, external and node traffic.
+#[test]
+fn the_agent_works_with_only_the_daemonsets_capabilities() {
+    let caps = daemonset_capabilities();
+    assert!(!caps.iter().any(|c| c == "sys_admin"), "the point is to need less than CAP_SYS_ADMIN: {caps:?}");
+    let spec = LabSpec { agent_capabilities: Some(caps.clone()), ..LabSpec::default() };
+    let mut lab = Lab::start(spec).expect("lab");
+    let pod = lab.pod(2, 2).clone();
+    lab.serve(&pod, &[8080], &[]).unwrap();
+    let vip = Ipv4Addr::new(10, 32, 0, 94);
+    let mut svc = Svc::new("capped", vip, vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }]);
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30106];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&[Endpoint::ready(pod.ip, node_name(2))])).unwrap();
+    lab.start_agents().unwrap();
+    let pid = lab.agent(1).pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let effective = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    let bits = u64::from_str_radix(effective.trim_start_matches("CapEff:").trim(), 16).unwrap();
+    eprintln!("agent with {caps:?}: {effective}");
+    let wanted = caps.iter().fold(0u64, |mask, cap| mask | 1 << capability_bit(cap));
+    assert_eq!(bits, wanted, "the agent must hold the manifest's capabilities and nothing else: {effective}");
+
+    let from_pod = request(&lab.pod(1, 1).ns.clone(), Proto::Tcp, SocketAddrV4::new(vip, 80), TIMEOUT).unwrap();
+    assert_eq!(from_pod.backend, "pod-2-2");
+    let from_outside = request(&lab.external_ns(), Proto::Tcp, SocketAddrV4::new(node_ip(1), 30106), TIMEOUT).unwrap();
+    assert_eq!(from_outside.backend, "pod-2-2");
+    let client = std::path::Path::new(env!("CARGO_BIN_EXE_lab-client"));
+    let from_node = lab.request_from_node(1, client, Proto::Tcp, SocketAddrV4::new(vip, 80)).unwrap();
+    assert!(matches!(from_node, proxy_lab::echo::Outcome::Answered(ref r) if r.backend == "pod-2-2"), "{from_node:?}");
+}
