@@ -229,4 +229,20 @@ featureGates: {}
             assert!(e.to_string().starts_with(&format!("config file: {field}: ")), "{e}");
         }
     }
+
+    /// The configuration the DaemonSet ships (deploy/base/configmap.yaml) loads without unknown fields.
+    #[test]
+    fn the_deployed_config_map_loads_cleanly() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/configmap.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let map = serde_yaml::Deserializer::from_str(&text)
+            .map(|doc| <ConfigMap as serde::Deserialize>::deserialize(doc).unwrap())
+            .find(|m| m.metadata.name.as_deref() == Some("proxy-agent"))
+            .expect("the proxy-agent ConfigMap");
+        let c = parse(&map.data.unwrap()["config.conf"]).unwrap();
+        assert_eq!(c.mode.as_deref(), Some("ebpf"));
+        assert_eq!(c.healthz_bind_address, Some("0.0.0.0:10256".parse().unwrap()));
+        assert!(c.unknown.is_empty() && c.ignored.is_empty(), "{:?} {:?}", c.unknown, c.ignored);
+    }
 }

@@ -38,7 +38,14 @@ struct Kind {
     list_delay: Duration,
 }
 
-type Server = Arc<Mutex<HashMap<&'static str, Kind>>>;
+/// The server's script per kind, and every request it was sent (method, path, whether a watch).
+#[derive(Default)]
+struct ServerState {
+    kinds: HashMap<&'static str, Kind>,
+    requests: Vec<(axum::http::Method, String, bool)>,
+}
+
+type Server = Arc<Mutex<ServerState>>;
 
 fn service(name: &str, rv: u32) -> Value {
     json!({"apiVersion": "v1", "kind": "Service",
@@ -72,9 +79,12 @@ fn bookmark(api_version: &str, kind: &str, rv: u32) -> Value {
 async fn handle(
     State(server): State<Server>,
     Query(query): Query<HashMap<String, String>>,
+    method: axum::http::Method,
     uri: axum::http::Uri,
 ) -> Response {
     let path = uri.path();
+    let watch = query.get("watch").map(String::as_str) == Some("true");
+    server.lock().unwrap().requests.push((method, path.to_owned(), watch));
     let kind = if path.ends_with("/services") {
         "services"
     } else if path.ends_with("/endpointslices") {
@@ -82,8 +92,9 @@ async fn handle(
     } else {
         "nodes"
     };
-    if query.get("watch").map(String::as_str) == Some("true") {
-        let action = server.lock().unwrap().get_mut(kind).and_then(|k| k.watches.pop_front()).unwrap_or(Watch::Hang);
+    if watch {
+        let action =
+            server.lock().unwrap().kinds.get_mut(kind).and_then(|k| k.watches.pop_front()).unwrap_or(Watch::Hang);
         let body = match action {
             Watch::Events(events) => Body::from(events.iter().map(|e| e.to_string() + "\n").collect::<String>()),
             Watch::Gone => Body::from(format!(
@@ -100,7 +111,7 @@ async fn handle(
     }
     let (items, delay) = {
         let mut guard = server.lock().unwrap();
-        let k = guard.get_mut(kind).unwrap();
+        let k = guard.kinds.get_mut(kind).unwrap();
         let items = if k.lists.len() > 1 { k.lists.pop_front().unwrap() } else { k.lists[0].clone() };
         (items, k.list_delay)
     };
@@ -145,7 +156,7 @@ async fn list_watch_bookmarks_drops_and_410_gone_end_in_the_servers_state() {
     let server: Server = Arc::default();
     {
         let mut s = server.lock().unwrap();
-        s.insert(
+        s.kinds.insert(
             "services",
             Kind {
                 // First list, then the relist after 410 Gone (b was deleted and c created meanwhile).
@@ -158,7 +169,7 @@ async fn list_watch_bookmarks_drops_and_410_gone_end_in_the_servers_state() {
                 ..Kind::default()
             },
         );
-        s.insert(
+        s.kinds.insert(
             "endpointslices",
             Kind {
                 lists: VecDeque::from([vec![slice("a-1", "a", 20)]]),
@@ -166,7 +177,7 @@ async fn list_watch_bookmarks_drops_and_410_gone_end_in_the_servers_state() {
                 ..Kind::default()
             },
         );
-        s.insert(
+        s.kinds.insert(
             "nodes",
             Kind {
                 lists: VecDeque::from([vec![node(30)]]),
@@ -206,15 +217,15 @@ async fn the_api_and_the_manifest_source_give_identical_tables() {
     let server: Server = Arc::default();
     {
         let mut s = server.lock().unwrap();
-        s.insert(
+        s.kinds.insert(
             "services",
             Kind { lists: VecDeque::from([vec![objects[0].clone(), objects[1].clone()]]), ..Kind::default() },
         );
-        s.insert(
+        s.kinds.insert(
             "endpointslices",
             Kind { lists: VecDeque::from([vec![objects[2].clone(), objects[3].clone()]]), ..Kind::default() },
         );
-        s.insert("nodes", Kind { lists: VecDeque::from([vec![objects[4].clone()]]), ..Kind::default() });
+        s.kinds.insert("nodes", Kind { lists: VecDeque::from([vec![objects[4].clone()]]), ..Kind::default() });
     }
     let addr = start(server).await;
     let (store, mut rx) = Store::new();
@@ -238,4 +249,71 @@ async fn the_api_and_the_manifest_source_give_identical_tables() {
     let (api_table, file_table) = (crate::model::desired(&from_api, &node), crate::model::desired(&from_files, &node));
     assert_eq!(api_table.table.frontends.len(), 2);
     assert_eq!(api_table, file_table);
+}
+
+/// The ClusterRole in deploy/ grants exactly the API calls the real watchers make: every request the agent
+/// sent to the server is mapped to (API group, resource, verb) and compared with the role's rules, both
+/// ways, so a watcher added without its permission, or a permission nothing uses, fails here.
+#[tokio::test]
+async fn the_deployed_cluster_role_grants_exactly_what_the_watchers_call() {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+
+    let server: Server = Arc::default();
+    {
+        let mut s = server.lock().unwrap();
+        s.kinds.insert("services", Kind { lists: VecDeque::from([vec![service("a", 10)]]), ..Kind::default() });
+        s.kinds
+            .insert("endpointslices", Kind { lists: VecDeque::from([vec![slice("a-1", "a", 20)]]), ..Kind::default() });
+        s.kinds.insert("nodes", Kind { lists: VecDeque::from([vec![node(30)]]), ..Kind::default() });
+    }
+    let addr = start(server.clone()).await;
+    let (store, mut rx) = Store::new();
+    let source = tokio::spawn(run(client(addr), "node1".into(), store));
+    wait_for(&mut rx, "the first complete view", |s| s.complete).await;
+    // Bounded: each watcher starts its watch right after its list.
+    for _ in 0..100 {
+        if server.lock().unwrap().requests.iter().filter(|r| r.2).count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    source.abort();
+
+    let mut called = BTreeSet::new();
+    for (method, path, watch) in &server.lock().unwrap().requests {
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, rest) = match parts.as_slice() {
+            ["api", "v1", rest @ ..] => (String::new(), rest),
+            ["apis", group, _version, rest @ ..] => ((*group).to_owned(), rest),
+            _ => panic!("unexpected request {method} {path}"),
+        };
+        // `namespaces/NS/RESOURCE[/NAME]` or `RESOURCE[/NAME]`.
+        let rest = if rest.first() == Some(&"namespaces") && rest.len() > 2 { &rest[2..] } else { rest };
+        let verb = match (method.as_str(), rest.len(), *watch) {
+            ("GET", _, true) => "watch",
+            ("GET", 1, false) => "list",
+            ("GET", _, false) => "get",
+            ("POST", _, _) => "create",
+            ("PUT", _, _) => "update",
+            ("PATCH", _, _) => "patch",
+            ("DELETE", _, _) => "delete",
+            _ => panic!("unexpected request {method} {path}"),
+        };
+        called.insert((group, rest[0].to_owned(), verb.to_owned()));
+    }
+
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/clusterrole.yaml");
+    let role: ClusterRole = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.unwrap_or_default() {
+        for group in rule.api_groups.unwrap_or_default() {
+            for resource in rule.resources.clone().unwrap_or_default() {
+                for verb in &rule.verbs {
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    assert_eq!(called.len(), 6, "list and watch on three kinds: {called:?}");
+    assert_eq!(granted, called, "deploy/base/clusterrole.yaml must grant exactly the calls made");
 }
