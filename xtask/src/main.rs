@@ -23,6 +23,9 @@ enum Task {
     Test,
     /// Bring up a small cluster in network namespaces and send real requests to its Services.
     Demo,
+    /// A kind cluster without kube-proxy, the agent installed from deploy/, real traffic (tests/e2e/run.sh).
+    /// Needs kind, kubectl and docker or podman; `E2E_MODE`, `E2E_ENGINE` and `E2E_KEEP` tune it.
+    E2e,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(&root).map(drop),
         Task::Test => test(&root),
         Task::Demo => demo(&root),
+        Task::E2e => run(Command::new("bash").arg(root.join("tests/e2e/run.sh")).current_dir(&root)),
     }
 }
 
