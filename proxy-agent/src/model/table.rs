@@ -32,6 +32,16 @@ impl Protocol {
         }
     }
 
+    /// The lower-case name netfilter tools and kube-proxy's chain hashes use.
+    #[must_use]
+    pub fn lower(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+        }
+    }
+
     #[must_use]
     pub fn from_number(number: u8) -> Option<Self> {
         [Self::Tcp, Self::Udp, Self::Sctp].into_iter().find(|p| p.number() == number)

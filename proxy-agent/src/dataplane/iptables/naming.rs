@@ -11,43 +11,34 @@ fn hash16(input: &str) -> String {
     data_encoding::BASE32.encode(&digest)[..16].to_owned()
 }
 
-/// kube-proxy spells protocols in lower case inside the hashed string.
-fn proto(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
-}
-
 /// The service port's chain: every usable endpoint.
 #[must_use]
 pub fn service_chain(name: &ServicePortName, protocol: Protocol) -> String {
-    format!("KUBE-SVC-{}", hash16(&format!("{name}{}", proto(protocol))))
+    format!("KUBE-SVC-{}", hash16(&format!("{name}{}", protocol.lower())))
 }
 
 /// The service port's chain of local endpoints only (a Local traffic policy).
 #[must_use]
 pub fn local_chain(name: &ServicePortName, protocol: Protocol) -> String {
-    format!("KUBE-SVL-{}", hash16(&format!("{name}{}", proto(protocol))))
+    format!("KUBE-SVL-{}", hash16(&format!("{name}{}", protocol.lower())))
 }
 
 /// The chain external traffic enters (NodePorts, external and load-balancer IPs).
 #[must_use]
 pub fn external_chain(name: &ServicePortName, protocol: Protocol) -> String {
-    format!("KUBE-EXT-{}", hash16(&format!("{name}{}", proto(protocol))))
+    format!("KUBE-EXT-{}", hash16(&format!("{name}{}", protocol.lower())))
 }
 
 /// The firewall chain of a load-balancer IP with source ranges.
 #[must_use]
 pub fn firewall_chain(name: &ServicePortName, protocol: Protocol) -> String {
-    format!("KUBE-FW-{}", hash16(&format!("{name}{}", proto(protocol))))
+    format!("KUBE-FW-{}", hash16(&format!("{name}{}", protocol.lower())))
 }
 
 /// One endpoint's chain (its DNAT rule).
 #[must_use]
 pub fn endpoint_chain(name: &ServicePortName, protocol: Protocol, endpoint: Endpoint) -> String {
-    format!("KUBE-SEP-{}", hash16(&format!("{name}{}{endpoint}", proto(protocol))))
+    format!("KUBE-SEP-{}", hash16(&format!("{name}{}{endpoint}", protocol.lower())))
 }
 
 #[cfg(test)]

@@ -30,16 +30,8 @@ pub struct Ruleset {
 pub const NAT_FIXED: [&str; 4] = ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"];
 pub const FILTER_FIXED: [&str; 4] = ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-PROXY-FIREWALL"];
 
-fn proto(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
-}
-
 fn matches(f: Frontend) -> String {
-    let p = proto(f.protocol);
+    let p = f.protocol.lower();
     format!("-m {p} -p {p} -d {}/32 --dport {}", f.addr, f.port)
 }
 
@@ -121,7 +113,7 @@ impl<'a> Renderer<'a> {
 
     /// The service, local and endpoint chains of a port.
     fn backend_chains(&mut self, spn: &ServicePortName, protocol: Protocol, sp: &ServicePort<'_>, chains: &PortChains) {
-        let p = proto(protocol);
+        let p = protocol.lower();
         let cluster = sp.cluster_set();
         let local = sp.local_endpoints();
         let affinity = sp.affinity();
@@ -191,7 +183,7 @@ impl<'a> Renderer<'a> {
         };
         if e.kind == FrontendKind::NodePort {
             self.node_port_addrs.insert(f.addr);
-            let p = proto(f.protocol);
+            let p = f.protocol.lower();
             self.nat.get_mut("KUBE-NODEPORTS").unwrap().push(format!(
                 "-A KUBE-NODEPORTS -m comment --comment {spn} -m {p} -p {p} -d {}/32 --dport {} -j {jump}",
                 f.addr, f.port

@@ -20,7 +20,7 @@ fn named(kind: &str, base: &str) -> String {
 
 /// `namespace/name/protocol/port`, the readable part of a Service port's names.
 fn base(name: &ServicePortName, protocol: Protocol) -> String {
-    format!("{}/{}/{}/{}", name.namespace, name.name, protocol.to_string().to_lowercase(), name.port)
+    format!("{}/{}/{}/{}", name.namespace, name.name, protocol.lower(), name.port)
 }
 
 fn endpoint_base(name: &ServicePortName, protocol: Protocol, endpoint: Endpoint) -> String {

@@ -15,7 +15,7 @@ use std::{
 use super::naming;
 use crate::{
     dataplane::netfilter::{self, MASQ_MARK, RuleConfig, ServicePort},
-    model::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol},
+    model::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind},
 };
 
 /// The table's family and name, as nft commands take them.
@@ -74,22 +74,14 @@ const BASE_CHAINS: [(&str, &str, &str); 6] = [
     ("filter-output", "type filter hook output priority filter; policy accept;", "ct state new jump endpoints-check"),
 ];
 
-fn proto(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
-}
-
 /// A frontend as a map key.
 fn key(f: Frontend) -> String {
-    format!("{} . {} . {}", f.addr, proto(f.protocol), f.port)
+    format!("{} . {} . {}", f.addr, f.protocol.lower(), f.port)
 }
 
 /// Matches packets for one frontend, inside a rule.
 fn matches(f: Frontend) -> String {
-    format!("ip daddr {} meta l4proto {} th dport {}", f.addr, proto(f.protocol), f.port)
+    format!("ip daddr {} meta l4proto {} th dport {}", f.addr, f.protocol.lower(), f.port)
 }
 
 /// The chains of one Service port.
@@ -177,7 +169,7 @@ impl<'a> Renderer<'a> {
                 rules.push(format!("update @{set} {{ ip saddr timeout {seconds}s }}"));
                 self.out.sets.insert(set);
             }
-            rules.push(format!("meta l4proto {} dnat to {}:{}", proto(sp.protocol), ep.addr, ep.port));
+            rules.push(format!("meta l4proto {} dnat to {}:{}", sp.protocol.lower(), ep.addr, ep.port));
             self.out.chains.insert(chain, Chain { hook: None, rules });
         }
     }
