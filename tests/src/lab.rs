@@ -353,6 +353,11 @@ impl Lab {
 
     /// Starts one agent per node and waits until each has programmed its first table.
     pub fn start_agents(&mut self) -> anyhow::Result<()> {
+        self.start_agents_within(Duration::from_secs(20))
+    }
+
+    /// [`Lab::start_agents`], waiting up to `timeout` for each agent's first sync (large tables take longer).
+    pub fn start_agents_within(&mut self, timeout: Duration) -> anyhow::Result<()> {
         for n in 1..=self.spec.nodes {
             let config = AgentConfig {
                 node_name: node_name(n),
@@ -371,7 +376,7 @@ impl Lab {
             self.agents.push(Agent::spawn(config)?);
         }
         for agent in &mut self.agents {
-            agent.wait_for_log("service table applied", 0, Duration::from_secs(20))?;
+            agent.wait_for_log("service table applied", 0, timeout)?;
         }
         Ok(())
     }

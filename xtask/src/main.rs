@@ -26,6 +26,13 @@ enum Task {
     /// A kind cluster without kube-proxy, the agent installed from deploy/, real traffic (tests/e2e/run.sh).
     /// Needs kind, kubectl and docker or podman; `E2E_MODE`, `E2E_ENGINE` and `E2E_KEEP` tune it.
     E2e,
+    /// The benchmark on the lab (release builds): every mode at 1 to 100k Services, NodePort paths, the
+    /// control plane; writes bench-results/ (report.md, SVG plots). Needs root. Arguments after `--` go to
+    /// the benchmark (`--scales 1,1000`, `--modes ebpf,nftables`, `--repeats 3`, `--seconds 2`, `--tiny`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test(&root),
         Task::Demo => demo(&root),
         Task::E2e => run(Command::new("bash").arg(root.join("tests/e2e/run.sh")).current_dir(&root)),
+        Task::Bench { args } => bench(&root, &args),
     }
 }
 
@@ -243,6 +251,18 @@ fn count_before(line: &str, label: &str) -> u64 {
         .and_then(|(before, _)| before.rsplit(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    require_root("bench")?;
+    let object = build_ebpf(root)?;
+    run(Command::new("cargo").args(["build", "--release", "--package", "proxy-agent"]).current_dir(root))?;
+    run(Command::new("cargo")
+        .args(["run", "--release", "--package", "proxy-lab", "--bin", "bench", "--"])
+        .args(args)
+        .current_dir(root)
+        .env("PROXY_AGENT_BIN", root.join("target/release/proxy-agent"))
+        .env("PROXY_EBPF_OBJECT", object))
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {

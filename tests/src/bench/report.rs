@@ -1,0 +1,390 @@
+//! The results folder: `report.md` (tables, the issue's targets, what was skipped) and SVG plots.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Context as _;
+use plotters::prelude::*;
+
+use super::{BenchConfig, DataRow, Pair, Results};
+
+/// Median and range of a set of figures.
+#[derive(Clone, Copy, Debug)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+#[must_use]
+pub fn spread(values: &[f64]) -> Option<Spread> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { f64::midpoint(v[v.len() / 2 - 1], v[v.len() / 2]) };
+    Some(Spread { median, min: v[0], max: v[v.len() - 1] })
+}
+
+/// The `p`th percentile (nearest rank).
+#[must_use]
+pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "a rank within the slice"
+    )]
+    let rank = ((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
+    v.get(rank - 1).copied()
+}
+
+fn ratios(pairs: &[Pair]) -> Vec<f64> {
+    pairs.iter().map(|p| p.ratio()).collect()
+}
+
+fn fmt_spread(s: Option<Spread>, digits: usize) -> String {
+    s.map_or_else(|| "–".into(), |s| format!("{:.digits$} ({:.digits$}–{:.digits$})", s.median, s.min, s.max))
+}
+
+fn row_for<'a>(rows: &'a [DataRow], mode: &str, services: usize) -> Option<&'a DataRow> {
+    rows.iter().find(|r| r.mode == mode && r.services == services)
+}
+
+/// Writes `report.md` and the plots into `dir`; returns the report's text.
+///
+/// # Errors
+/// When a file cannot be written or a plot cannot be drawn.
+pub fn write(dir: &Path, config: &BenchConfig, results: &Results) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let text = markdown(config, results);
+    std::fs::write(dir.join("report.md"), &text)?;
+    plot_ratios(&dir.join("clusterip-ratio.svg"), results)?;
+    plot_sync(&dir.join("full-sync.svg"), results)?;
+    plot_node_port(&dir.join("nodeport.svg"), results)?;
+    Ok(text)
+}
+
+fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    format!("Linux {}, {cores} cores", kernel.trim())
+}
+
+#[must_use]
+pub fn markdown(config: &BenchConfig, results: &Results) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmark results\n");
+    let _ = writeln!(
+        md,
+        "{}; {} repeats of {:?} per figure; {} endpoints per Service. Ratios are medians (range) of figures \
+         measured back to back in one run; absolute rates from this shared machine are context only.\n",
+        machine(),
+        config.repeats,
+        config.duration,
+        config.endpoints_per_service
+    );
+
+    data_section(&mut md, results);
+    node_port_section(&mut md, results);
+    control_section(&mut md, config, results);
+    let _ = writeln!(md, "\n## Against the targets\n");
+    for line in targets(results) {
+        let _ = writeln!(md, "- {line}");
+    }
+    if !results.skipped.is_empty() {
+        let _ = writeln!(md, "\n## Not measured\n");
+        for s in &results.skipped {
+            let _ = writeln!(md, "- {s}");
+        }
+    }
+    let _ = writeln!(md, "\nPlots: `clusterip-ratio.svg`, `full-sync.svg`, `nodeport.svg`.");
+    md
+}
+
+fn data_section(md: &mut String, results: &Results) {
+    let _ = writeln!(md, "## ClusterIP data path: Service ÷ direct to the pod\n");
+    let _ = writeln!(
+        md,
+        "A pod on node 1 to a ClusterIP whose one endpoint is a pod on node 2, against the same pod addressed by \
+         its IP (the physical limit). Connections: connect, one request, close. Requests: one held connection.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| mode | Services | connections ratio | requests ratio | direct conn/s | direct req/s | conn/s ÷ eBPF |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+    for row in &results.data {
+        let direct_c = spread(&row.connections.iter().map(|p| p.direct).collect::<Vec<_>>());
+        let direct_q = spread(&row.requests.iter().map(|p| p.direct).collect::<Vec<_>>());
+        let vs_ebpf = row_for(&results.data, "ebpf", row.services).and_then(|e| {
+            let ours = spread(&row.connections.iter().map(|p| p.service).collect::<Vec<_>>())?.median;
+            let theirs = spread(&e.connections.iter().map(|p| p.service).collect::<Vec<_>>())?.median;
+            Some(ours / theirs)
+        });
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {} |",
+            row.mode,
+            row.services,
+            fmt_spread(spread(&ratios(&row.connections)), 3),
+            fmt_spread(spread(&ratios(&row.requests)), 3),
+            direct_c.map_or(0.0, |s| s.median),
+            direct_q.map_or(0.0, |s| s.median),
+            vs_ebpf.map_or_else(|| "–".into(), |r| format!("{r:.3}")),
+        );
+    }
+}
+
+fn node_port_section(md: &mut String, results: &Results) {
+    let _ = writeln!(md, "\n## NodePort from the external client\n");
+    let _ = writeln!(md, "To a backend on the other node. UDP: request/answer pairs from one socket.\n");
+    let _ = writeln!(md, "| path | TCP conn/s | ÷ iptables | UDP exchanges/s | ÷ iptables |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+    let baseline = results.node_port.iter().find(|r| r.path == "iptables");
+    for row in &results.node_port {
+        let c = spread(&row.connections);
+        let u = spread(&row.udp_exchanges);
+        let over = |mine: Option<Spread>, base: Option<Spread>| match (mine, base) {
+            (Some(m), Some(b)) => format!("{:.2}", m.median / b.median),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            row.path,
+            fmt_spread(c, 0),
+            over(c, baseline.and_then(|b| spread(&b.connections))),
+            fmt_spread(u, 0),
+            over(u, baseline.and_then(|b| spread(&b.udp_exchanges))),
+        );
+    }
+}
+
+fn control_section(md: &mut String, config: &BenchConfig, results: &Results) {
+    let _ = writeln!(md, "\n## Control plane\n");
+    let _ = writeln!(
+        md,
+        "Full sync: the agent's first sync from cold (model and dataplane writes; reading the manifests is not \
+         counted). One-endpoint change: a sync after one endpoint of one Service changed, {} times.\n",
+        config.endpoint_changes
+    );
+    let _ = writeln!(
+        md,
+        "| mode | Services × endpoints | full sync ms | change p50 ms | change p99 ms | peak RSS MiB | BPF maps MiB |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    for row in &results.control {
+        let _ = writeln!(
+            md,
+            "| {} | {} × {} | {:.1} | {:.2} | {:.2} | {:.1} | {} |",
+            row.mode,
+            row.services,
+            row.endpoints_per_service,
+            row.full_sync_ms,
+            percentile(&row.change_ms, 50.0).unwrap_or(f64::NAN),
+            percentile(&row.change_ms, 99.0).unwrap_or(f64::NAN),
+            kib_to_mib(row.peak_rss_kib),
+            row.bpf_map_kib.map_or_else(|| "–".into(), |k| format!("{:.1}", kib_to_mib(k))),
+        );
+    }
+}
+
+#[expect(clippy::cast_precision_loss, reason = "memory sizes far below 2^52")]
+fn kib_to_mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The issue's goals, each with what was measured and whether it was met.
+fn targets(results: &Results) -> Vec<String> {
+    let mut out = Vec::new();
+    let verdict = |met: bool| if met { "met" } else { "missed" };
+    for row in results.data.iter().filter(|r| r.mode == "ebpf") {
+        if let Some(s) = spread(&ratios(&row.connections)) {
+            out.push(format!(
+                "eBPF ClusterIP ≥ 0.97 × direct at {} Services: connections {:.3} ({}{})",
+                row.services,
+                s.median,
+                verdict(s.median >= 0.97),
+                if s.median >= 0.97 { String::new() } else { format!(", by {:.1} %", (0.97 - s.median) * 100.0) }
+            ));
+        }
+    }
+    if let Some(row) = results.control.iter().filter(|r| r.mode == "ebpf").max_by_key(|r| r.services) {
+        out.push(format!(
+            "full sync of 100k × 10 in ≤ 2 s: {:.0} ms at {} × {} ({})",
+            row.full_sync_ms,
+            row.services,
+            row.endpoints_per_service,
+            if row.services >= 100_000 { verdict(row.full_sync_ms <= 2000.0) } else { "not at that scale in this run" }
+        ));
+        let p99 = percentile(&row.change_ms, 99.0).unwrap_or(f64::NAN);
+        out.push(format!(
+            "one-endpoint change p99 ≤ 5 ms: {p99:.2} ms at {} Services ({})",
+            row.services,
+            if row.services >= 100_000 { verdict(p99 <= 5.0) } else { "not at that scale in this run" }
+        ));
+        let rss = kib_to_mib(row.peak_rss_kib);
+        out.push(format!(
+            "agent RSS ≤ 300 MB: {rss:.0} MiB at {} Services ({})",
+            row.services,
+            if row.services >= 100_000 { verdict(rss <= 300.0) } else { "not at that scale in this run" }
+        ));
+    }
+    let xdp = results.node_port.iter().find(|r| r.path.contains("XDP")).and_then(|r| spread(&r.udp_exchanges));
+    let ipt = results.node_port.iter().find(|r| r.path == "iptables").and_then(|r| spread(&r.udp_exchanges));
+    if let (Some(x), Some(i)) = (xdp, ipt) {
+        let ratio = x.median / i.median;
+        out.push(format!(
+            "XDP NodePort ≥ 4 × iptables (UDP): {ratio:.2} × ({}); measured as request/answer pairs from one \
+             socket, which a single client paces: this measures latency more than the path's packet rate",
+            verdict(ratio >= 4.0)
+        ));
+    }
+    out
+}
+
+const COLORS: [RGBColor; 4] =
+    [RGBColor(0x1f, 0x77, 0xb4), RGBColor(0xd6, 0x27, 0x28), RGBColor(0x2c, 0xa0, 0x2c), RGBColor(0x94, 0x67, 0xbd)];
+
+/// Registers `DejaVuSans.ttf` (Debian's `fonts-dejavu-core`) as the plots' sans-serif font, once.
+fn font() -> anyhow::Result<()> {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let path = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("{path}: {e} (scripts/setup.sh installs fonts-dejavu-core)"))?;
+        plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
+            .map_err(|_| format!("{path} is not a font plotters can read"))
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn modes_in(results: &Results) -> Vec<String> {
+    let mut modes: Vec<String> = results.data.iter().map(|r| r.mode.clone()).collect();
+    modes.dedup();
+    modes
+}
+
+/// Service ÷ direct connection rate against the number of Services, one line per mode.
+fn plot_ratios(path: &Path, results: &Results) -> anyhow::Result<()> {
+    font()?;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_n = results.data.iter().map(|r| r.services).max().unwrap_or(1).max(10);
+    #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
+    let x_range = (1f64..max_n as f64 * 2.0).log_scale();
+    let mut chart = ChartBuilder::on(&root)
+        .caption("ClusterIP new connections: Service ÷ direct", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(x_range, 0f64..1.2f64)?;
+    chart.configure_mesh().x_desc("Services in the table").y_desc("ratio").draw()?;
+    for (i, mode) in modes_in(results).iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
+        let points: Vec<(f64, f64)> = results
+            .data
+            .iter()
+            .filter(|r| &r.mode == mode)
+            .filter_map(|r| Some((r.services as f64, spread(&ratios(&r.connections))?.median)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(mode.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Full-sync time against the number of Services, one line per mode, both axes logarithmic.
+fn plot_sync(path: &Path, results: &Results) -> anyhow::Result<()> {
+    font()?;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_n = results.control.iter().map(|r| r.services).max().unwrap_or(1).max(10);
+    let max_ms = results.control.iter().map(|r| r.full_sync_ms).fold(1.0, f64::max);
+    #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
+    let x_range = (1f64..max_n as f64 * 2.0).log_scale();
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Full sync from cold", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(65)
+        .build_cartesian_2d(x_range, (0.01f64..max_ms * 2.0).log_scale())?;
+    chart.configure_mesh().x_desc("Services in the table").y_desc("ms").draw()?;
+    let mut modes: Vec<String> = results.control.iter().map(|r| r.mode.clone()).collect();
+    modes.dedup();
+    for (i, mode) in modes.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
+        let points: Vec<(f64, f64)> = results
+            .control
+            .iter()
+            .filter(|r| &r.mode == mode)
+            .map(|r| (r.services as f64, r.full_sync_ms.max(0.01)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(mode.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// NodePort rates per path, as bars relative to the fastest path.
+fn plot_node_port(path: &Path, results: &Results) -> anyhow::Result<()> {
+    font()?;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let rows: Vec<(String, f64, f64)> = results
+        .node_port
+        .iter()
+        .map(|r| {
+            let c = spread(&r.connections).map_or(0.0, |s| s.median);
+            let u = spread(&r.udp_exchanges).map_or(0.0, |s| s.median);
+            (r.path.clone(), c, u)
+        })
+        .collect();
+    let top = rows.iter().map(|r| r.1.max(r.2)).fold(1.0, f64::max);
+    let n = i32::try_from(rows.len()).unwrap_or(0).max(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("NodePort from outside: TCP conn/s (left bar), UDP exchanges/s (right bar)", ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0..n * 3, 0f64..top * 1.15)?;
+    let labels: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(rows.len() * 3)
+        .x_label_formatter(&|x| {
+            if x % 3 == 0 {
+                labels.get(usize::try_from(x / 3).unwrap_or(0)).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("per second")
+        .draw()?;
+    for (i, (_, c, u)) in rows.iter().enumerate() {
+        let x = i32::try_from(i).unwrap_or(0) * 3;
+        chart.draw_series([
+            Rectangle::new([(x, 0.0), (x + 1, *c)], COLORS[0].filled()),
+            Rectangle::new([(x + 1, 0.0), (x + 2, *u)], COLORS[1].filled()),
+        ])?;
+    }
+    root.present()?;
+    Ok(())
+}
