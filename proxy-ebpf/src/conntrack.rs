@@ -49,6 +49,24 @@ pub fn record(flow: &Flow, backend: &Backend, value: &CtValue) -> Result<(), i32
     CONNTRACK.insert(&reply, value, u64::from(BPF_ANY))
 }
 
+/// Forgets that replies on `flow`'s reversed tuple belong to a translated flow. For a packet that opens a
+/// flow straight to an address that was once a backend: a client may reuse a source port it used through
+/// a Service, and the old flow's reverse translation would otherwise hijack the new flow's replies.
+#[inline(always)]
+pub fn forget_reply(flow: &Flow) {
+    let reply = CtKey {
+        src_addr: flow.dst_addr,
+        dst_addr: flow.src_addr,
+        src_port: flow.dst_port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        dir: DIR_REPLY,
+        pad: 0,
+    };
+    // Nothing to forget is the common case.
+    let _ = CONNTRACK.remove(&reply);
+}
+
 /// The entry of a packet that answers a translated flow (backend → client), if any.
 #[inline(always)]
 pub fn lookup_reply(flow: &Flow) -> Option<CtValue> {

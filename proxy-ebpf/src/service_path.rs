@@ -104,6 +104,20 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict, i64>
     Ok(Verdict::Forward { backend, snat })
 }
 
+/// Whether a packet not addressed to a Service may start a new flow on a reused tuple: a TCP SYN (without
+/// ACK), or any UDP datagram (UDP has no start). Only these pay for a conntrack delete.
+#[inline(always)]
+fn opens_flow(ctx: &TcContext, flow: &Flow) -> bool {
+    const TCP_FLAGS_OFF: usize = 13;
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    match flow.proto {
+        proxy_common::proto::TCP => ctx.load::<u8>(flow.l4_off + TCP_FLAGS_OFF).is_ok_and(|f| f & (SYN | ACK) == SYN),
+        proxy_common::proto::UDP => true,
+        _ => false,
+    }
+}
+
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, i64> {
     let Some(mut flow) = packet::parse(ctx) else {
@@ -115,7 +129,12 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, i64> {
         return Ok(PASS);
     }
     match decide(&flow, origin, &cfg)? {
-        Verdict::NotService => Ok(PASS),
+        Verdict::NotService => {
+            if opens_flow(ctx, &flow) {
+                conntrack::forget_reply(&flow);
+            }
+            Ok(PASS)
+        }
         Verdict::Drop => Ok(DROP),
         Verdict::Reject => reject::reject(ctx, &flow),
         Verdict::Forward { backend, snat } => {
