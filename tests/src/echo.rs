@@ -80,6 +80,13 @@ impl Drop for EchoServer {
     }
 }
 
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    use std::os::fd::AsFd as _;
+    let mut fds = [nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN)];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
+}
+
 fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -89,7 +96,9 @@ fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
                 thread::spawn(move || answer_tcp(&stream, &name, peer));
             }
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(POLL),
+            // Wait for the next connection, but wake at least every POLL to see `stop`: a sleep here would
+            // cap the accept rate at 1/POLL, which the benchmark's connection rate would then measure.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(listener, POLL),
             Err(_) => thread::sleep(POLL),
         }
     }
