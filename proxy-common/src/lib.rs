@@ -261,8 +261,15 @@ pub mod conntrack {
         pub addr: u32,
         /// Network byte order.
         pub port: u16,
-        pub pad: u16,
+        /// `SNAT_CLOSING` once a FIN or RST was seen (kept up to date on `DIR_SNAT_IN` entries).
+        pub flags: u16,
+        /// When the flow last carried a packet, in seconds of the kernel's monotonic clock (`DIR_SNAT_IN`).
+        pub last_seen: u32,
+        pub pad: u32,
     }
+
+    /// The SNATed TCP flow has seen a FIN or RST: its port may serve a new flow soon.
+    pub const SNAT_CLOSING: u16 = 1;
 }
 
 /// sessionAffinity ClientIP: which backend a client was last given for a frontend, and when.
@@ -380,9 +387,11 @@ mod layout_tests {
         assert_eq!(size_of::<CtValue>(), 12);
         assert_eq!(offset_of!(CtValue, rev_nat_id), 4);
         assert_eq!(offset_of!(CtValue, flags), 8);
-        assert_eq!(size_of::<SnatValue>(), 8);
+        assert_eq!(size_of::<SnatValue>(), 16);
         assert_eq!(offset_of!(SnatValue, port), 4);
-        assert_eq!(offset_of!(SnatValue, pad), 6);
+        assert_eq!(offset_of!(SnatValue, flags), 6);
+        assert_eq!(offset_of!(SnatValue, last_seen), 8);
+        assert_eq!(offset_of!(SnatValue, pad), 12);
     }
 
     #[test]

@@ -205,3 +205,13 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Flow> {
         proto: ip.proto,
     })
 }
+
+/// The TCP flags byte of a packet (0 for other protocols or if unreadable).
+#[inline(always)]
+pub fn tcp_flags<P: Packet>(pkt: &P, flow: &Flow) -> u8 {
+    const TCP_FLAGS_OFF: usize = 13;
+    if flow.proto != proto::TCP {
+        return 0;
+    }
+    pkt.load::<u8>(flow.l4_off + TCP_FLAGS_OFF).unwrap_or(0)
+}

@@ -108,11 +108,10 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict, i64>
 /// ACK), or any UDP datagram (UDP has no start). Only these pay for a conntrack delete.
 #[inline(always)]
 fn opens_flow(ctx: &TcContext, flow: &Flow) -> bool {
-    const TCP_FLAGS_OFF: usize = 13;
     const SYN: u8 = 0x02;
     const ACK: u8 = 0x10;
     match flow.proto {
-        proxy_common::proto::TCP => ctx.load::<u8>(flow.l4_off + TCP_FLAGS_OFF).is_ok_and(|f| f & (SYN | ACK) == SYN),
+        proxy_common::proto::TCP => packet::tcp_flags(ctx, flow) & (SYN | ACK) == SYN,
         proxy_common::proto::UDP => true,
         _ => false,
     }
@@ -124,7 +123,7 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, i64> {
         return Ok(PASS);
     };
     let cfg = snat::config();
-    if let Some(client) = snat::client_of(&flow, &cfg) {
+    if let Some(client) = snat::client_of(&flow, &cfg, packet::tcp_flags(ctx, &flow)) {
         nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, client.port)?;
         return Ok(PASS);
     }
@@ -162,7 +161,7 @@ pub fn egress(ctx: &TcContext) -> Result<i32, i64> {
     }
     if skb::mark(ctx) & mark::SNAT != 0 {
         let cfg = snat::config();
-        let port = snat::port_for(&flow, &cfg)?;
+        let port = snat::port_for(&flow, &cfg, packet::tcp_flags(ctx, &flow))?;
         nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
     }
     Ok(PASS)

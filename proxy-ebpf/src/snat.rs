@@ -7,14 +7,15 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_get_prandom_u32,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::map,
     maps::{Array, LruHashMap},
 };
 use proxy_common::{
     capacity,
     config::Config,
-    conntrack::{CtKey, DIR_SNAT_IN, DIR_SNAT_OUT, SnatValue},
+    conntrack::{CtKey, DIR_SNAT_IN, DIR_SNAT_OUT, SNAT_CLOSING, SnatValue},
+    proto,
 };
 
 use crate::{conntrack, packet::Flow};
@@ -27,6 +28,61 @@ static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 /// How many random ports to try before giving up on a new SNATed flow.
 const PORT_TRIES: u32 = 8;
+/// A port whose TCP flow closed (FIN or RST) serves a new flow to the same backend after this many seconds
+/// without packets, as Linux reuses a TIME_WAIT tuple for a new connection (`tcp_tw_reuse`).
+const CLOSED_REUSE_SECS: u32 = 2;
+/// A port whose flow went quiet serves a new flow after this long: UDP (no end to see) like netfilter's
+/// UDP timeout, TCP that ended unseen after a day.
+const UDP_IDLE_SECS: u32 = 60;
+const TCP_IDLE_SECS: u32 = 86_400;
+
+/// TCP flags that end a flow.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+#[inline(always)]
+fn now_secs() -> u32 {
+    // SAFETY: the helper has no preconditions.
+    let ns = unsafe { bpf_ktime_get_coarse_ns() };
+    u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
+}
+
+/// Whether the flow holding a port (its `DIR_SNAT_IN` entry) has ended or gone quiet long enough for the
+/// port to serve a new flow.
+#[inline(always)]
+fn reusable(held: &SnatValue, proto_number: u8, now: u32) -> bool {
+    let idle = now.saturating_sub(held.last_seen);
+    if held.flags & SNAT_CLOSING != 0 {
+        return idle >= CLOSED_REUSE_SECS;
+    }
+    idle >= if proto_number == proto::TCP { TCP_IDLE_SECS } else { UDP_IDLE_SECS }
+}
+
+/// The `DIR_SNAT_IN` key of replies from `flow`'s backend to the node's `port`.
+#[inline(always)]
+fn in_key(flow: &Flow, cfg: &Config, port: u16) -> CtKey {
+    CtKey {
+        src_addr: flow.dst_addr,
+        dst_addr: cfg.snat_addr,
+        src_port: flow.dst_port,
+        dst_port: port,
+        proto: flow.proto,
+        dir: DIR_SNAT_IN,
+        pad: 0,
+    }
+}
+
+/// Notes a packet of the flow behind a `DIR_SNAT_IN` entry: when, and whether it ends the flow.
+#[inline(always)]
+fn touch(entry: *mut SnatValue, tcp_flags: u8) {
+    // SAFETY: `entry` points into the map's value, valid for this program run; plain field writes.
+    unsafe {
+        (*entry).last_seen = now_secs();
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            (*entry).flags |= SNAT_CLOSING;
+        }
+    }
+}
 
 /// The node-wide settings the agent wrote.
 #[inline(always)]
@@ -35,55 +91,77 @@ pub fn config() -> Config {
 }
 
 /// The node port a flow (client → backend, after DNAT) leaves with: the one it has, or a new one.
+/// `tcp_flags` are the packet's (0 for other protocols): a FIN or RST marks the flow as ending.
 #[inline(always)]
-pub fn port_for(flow: &Flow, cfg: &Config) -> Result<u16, i64> {
+pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Result<u16, i64> {
     if cfg.snat_addr == 0 {
         return Err(-1);
     }
     let out_key = conntrack::key(flow, DIR_SNAT_OUT);
     // SAFETY: the value is copied out at once.
     if let Some(known) = unsafe { SNAT.get(&out_key).copied() } {
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0
+            && let Some(entry) = SNAT.get_ptr_mut(&in_key(flow, cfg, known.port))
+        {
+            touch(entry, tcp_flags);
+        }
         return Ok(known.port);
     }
     let port = allocate_port(flow, cfg)?;
-    let out = SnatValue { addr: cfg.snat_addr, port, pad: 0 };
+    let out = SnatValue { addr: cfg.snat_addr, port, flags: 0, last_seen: 0, pad: 0 };
     SNAT.insert(&out_key, &out, u64::from(BPF_ANY)).map_err(i64::from)?;
     Ok(port)
 }
 
-/// Finds a free node port for a flow to `flow.dst` and records the way back to the client.
+/// Finds a free node port for a flow to `flow.dst` and records the way back to the client. A port held by
+/// a live flow to the same backend is never taken over; one whose flow ended or went quiet is.
 #[inline(always)]
 fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16, i64> {
     let span = u32::from(cfg.snat_port_max.saturating_sub(cfg.snat_port_min)) + 1;
-    let back = SnatValue { addr: flow.src_addr, port: flow.src_port, pad: 0 };
+    let now = now_secs();
+    let back = SnatValue { addr: flow.src_addr, port: flow.src_port, flags: 0, last_seen: now, pad: 0 };
     for _ in 0..PORT_TRIES {
         // SAFETY: the helper has no preconditions.
         let offset = unsafe { bpf_get_prandom_u32() } % span;
         // min + offset <= max, so this always fits.
-        let port = u16::try_from(u32::from(cfg.snat_port_min) + offset).unwrap_or(cfg.snat_port_min);
-        let in_key = CtKey {
-            src_addr: flow.dst_addr,
-            dst_addr: cfg.snat_addr,
-            src_port: flow.dst_port,
-            dst_port: port.to_be(),
+        let port = u16::try_from(u32::from(cfg.snat_port_min) + offset).unwrap_or(cfg.snat_port_min).to_be();
+        let key = in_key(flow, cfg, port);
+        if SNAT.insert(&key, &back, u64::from(BPF_NOEXIST)).is_ok() {
+            return Ok(port);
+        }
+        // SAFETY: the value is copied out at once.
+        let Some(held) = (unsafe { SNAT.get(&key).copied() }) else { continue };
+        if !reusable(&held, flow.proto, now) {
+            continue;
+        }
+        // The old flow's client must not keep leaving with this port: forget its mapping, so a late packet
+        // of it gets a port of its own.
+        let old_out = CtKey {
+            src_addr: held.addr,
+            dst_addr: flow.dst_addr,
+            src_port: held.port,
+            dst_port: flow.dst_port,
             proto: flow.proto,
-            dir: DIR_SNAT_IN,
+            dir: DIR_SNAT_OUT,
             pad: 0,
         };
-        // NOEXIST: a port another flow to the same backend holds is never taken over.
-        if SNAT.insert(&in_key, &back, u64::from(BPF_NOEXIST)).is_ok() {
-            return Ok(port.to_be());
+        let _ = SNAT.remove(&old_out);
+        if SNAT.insert(&key, &back, u64::from(BPF_ANY)).is_ok() {
+            return Ok(port);
         }
     }
     Err(-1)
 }
 
-/// For a reply to a SNATed flow (backend → node address and SNAT port): the client it belongs to.
+/// For a reply to a SNATed flow (backend → node address and SNAT port): the client it belongs to. Notes
+/// the packet on the entry (`tcp_flags` as in [`port_for`]).
 #[inline(always)]
-pub fn client_of(flow: &Flow, cfg: &Config) -> Option<SnatValue> {
+pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Option<SnatValue> {
     if cfg.snat_addr == 0 || flow.dst_addr != cfg.snat_addr {
         return None;
     }
-    // SAFETY: the value is copied out at once.
-    unsafe { SNAT.get(&conntrack::key(flow, DIR_SNAT_IN)).copied() }
+    let entry = SNAT.get_ptr_mut(&conntrack::key(flow, DIR_SNAT_IN))?;
+    touch(entry, tcp_flags);
+    // SAFETY: as in `touch`; the value is copied out.
+    Some(unsafe { *entry })
 }
