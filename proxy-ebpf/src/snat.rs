@@ -29,7 +29,7 @@ static CONFIG: Array<Config> = Array::pinned(1, 0);
 /// How many random ports to try before giving up on a new SNATed flow.
 const PORT_TRIES: u32 = 8;
 /// A port whose TCP flow closed (FIN or RST) serves a new flow to the same backend after this many seconds
-/// without packets, as Linux reuses a TIME_WAIT tuple for a new connection (`tcp_tw_reuse`).
+/// without packets, as Linux reuses a `TIME_WAIT` tuple for a new connection (`tcp_tw_reuse`).
 const CLOSED_REUSE_SECS: u32 = 2;
 /// A port whose flow went quiet serves a new flow after this long: UDP (no end to see) like netfilter's
 /// UDP timeout, TCP that ended unseen after a day.
