@@ -129,7 +129,9 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, i64> {
     }
     match decide(&flow, origin, &cfg)? {
         Verdict::NotService => {
-            if opens_flow(ctx, &flow) {
+            // Pods only: on a host interface, a packet XDP has just translated arrives here addressed to its
+            // backend, and its fresh reply entry must stay.
+            if origin == Origin::Pod && opens_flow(ctx, &flow) {
                 conntrack::forget_reply(&flow);
             }
             Ok(PASS)
