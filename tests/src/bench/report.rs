@@ -263,10 +263,44 @@ fn font() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!(e))
 }
 
-fn modes_in(results: &Results) -> Vec<String> {
-    let mut modes: Vec<String> = results.data.iter().map(|r| r.mode.clone()).collect();
+/// One line with points per mode, and the legend.
+fn draw_lines<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    series: Vec<(String, Vec<(f64, f64)>)>,
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, (mode, points)) in series.into_iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(mode)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    Ok(())
+}
+
+/// `(mode, points)` per mode, in the order the modes were measured.
+fn per_mode<R>(
+    rows: &[R],
+    mode_of: impl Fn(&R) -> &str,
+    point: impl Fn(&R) -> Option<(f64, f64)>,
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut modes: Vec<&str> = rows.iter().map(&mode_of).collect();
     modes.dedup();
     modes
+        .into_iter()
+        .map(|m| (m.to_owned(), rows.iter().filter(|r| mode_of(r) == m).filter_map(&point).collect()))
+        .collect()
+}
+
+#[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
+fn services_axis(max: usize) -> LogCoord<f64> {
+    (1f64..max.max(10) as f64 * 2.0).log_scale().into()
 }
 
 /// Service ÷ direct connection rate against the number of Services, one line per mode.
@@ -274,32 +308,18 @@ fn plot_ratios(path: &Path, results: &Results) -> anyhow::Result<()> {
     font()?;
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE)?;
-    let max_n = results.data.iter().map(|r| r.services).max().unwrap_or(1).max(10);
-    #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
-    let x_range = (1f64..max_n as f64 * 2.0).log_scale();
+    let max_n = results.data.iter().map(|r| r.services).max().unwrap_or(1);
     let mut chart = ChartBuilder::on(&root)
         .caption("ClusterIP new connections: Service ÷ direct", ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(55)
-        .build_cartesian_2d(x_range, 0f64..1.2f64)?;
+        .build_cartesian_2d(services_axis(max_n), 0f64..1.2f64)?;
     chart.configure_mesh().x_desc("Services in the table").y_desc("ratio").draw()?;
-    for (i, mode) in modes_in(results).iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
-        let points: Vec<(f64, f64)> = results
-            .data
-            .iter()
-            .filter(|r| &r.mode == mode)
-            .filter_map(|r| Some((r.services as f64, spread(&ratios(&r.connections))?.median)))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(mode.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
-    }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
+    let series =
+        per_mode(&results.data, |r| &r.mode, |r| Some((r.services as f64, spread(&ratios(&r.connections))?.median)));
+    draw_lines(&mut chart, series)?;
     root.present()?;
     Ok(())
 }
@@ -309,35 +329,18 @@ fn plot_sync(path: &Path, results: &Results) -> anyhow::Result<()> {
     font()?;
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE)?;
-    let max_n = results.control.iter().map(|r| r.services).max().unwrap_or(1).max(10);
+    let max_n = results.control.iter().map(|r| r.services).max().unwrap_or(1);
     let max_ms = results.control.iter().map(|r| r.full_sync_ms).fold(1.0, f64::max);
-    #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
-    let x_range = (1f64..max_n as f64 * 2.0).log_scale();
     let mut chart = ChartBuilder::on(&root)
         .caption("Full sync from cold", ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(65)
-        .build_cartesian_2d(x_range, (0.01f64..max_ms * 2.0).log_scale())?;
+        .build_cartesian_2d(services_axis(max_n), (0.01f64..max_ms * 2.0).log_scale())?;
     chart.configure_mesh().x_desc("Services in the table").y_desc("ms").draw()?;
-    let mut modes: Vec<String> = results.control.iter().map(|r| r.mode.clone()).collect();
-    modes.dedup();
-    for (i, mode) in modes.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
-        let points: Vec<(f64, f64)> = results
-            .control
-            .iter()
-            .filter(|r| &r.mode == mode)
-            .map(|r| (r.services as f64, r.full_sync_ms.max(0.01)))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(mode.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
-    }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
+    let series = per_mode(&results.control, |r| &r.mode, |r| Some((r.services as f64, r.full_sync_ms.max(0.01))));
+    draw_lines(&mut chart, series)?;
     root.present()?;
     Ok(())
 }
