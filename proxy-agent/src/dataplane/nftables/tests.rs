@@ -32,7 +32,7 @@ fn vip(last: u8) -> Frontend {
 }
 
 #[test]
-fn a_cluster_ip_is_one_map_element_and_its_endpoints_are_chosen_by_numgen() {
+fn a_cluster_ip_is_one_map_element_and_its_endpoints_are_chosen_by_a_numgen_cascade() {
     let mut t = ServiceTable::default();
     let both = vec![ep(2, true), ep(3, false)];
     t.frontends.insert(vip(20), entry("web", FrontendKind::ClusterIp, both.clone(), both));
@@ -43,8 +43,9 @@ fn a_cluster_ip_is_one_map_element_and_its_endpoints_are_chosen_by_numgen() {
         Some(&format!("comment \"default/web:http cluster IP\" : goto {svc}"))
     );
     let rules = &r.chains[&svc].rules;
-    assert_eq!(rules.len(), 1, "{rules:?}");
-    assert!(rules[0].starts_with("numgen random mod 2 vmap { 0 : goto endpoint-"), "{rules:?}");
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert!(rules[0].starts_with("numgen random mod 2 0 goto endpoint-"), "{rules:?}");
+    assert!(rules[1].starts_with("goto endpoint-"), "the last endpoint takes the rest: {rules:?}");
     assert_eq!(r.chains.keys().filter(|c| c.starts_with("endpoint-")).count(), 2);
     let ep_rules = &r.chains.iter().find(|(c, _)| c.ends_with("__10.200.1.2/8080")).unwrap().1.rules;
     assert_eq!(ep_rules[0], "ip saddr 10.200.1.2 jump mark-for-masquerade", "hairpin");
