@@ -63,8 +63,12 @@ pub fn forget_reply(flow: &Flow) {
         dir: DIR_REPLY,
         pad: 0,
     };
-    // Nothing to forget is the common case.
-    let _ = CONNTRACK.remove(&reply);
+    // Nothing to forget is the common case: a lock-free lookup first, the bucket-locking delete only when
+    // there is something to delete.
+    // SAFETY: only whether the entry exists is read.
+    if unsafe { CONNTRACK.get(&reply) }.is_some() {
+        let _ = CONNTRACK.remove(&reply);
+    }
 }
 
 /// The entry of a packet that answers a translated flow (backend → client), if any.

@@ -123,7 +123,7 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, i64> {
         return Ok(PASS);
     };
     let cfg = snat::config();
-    if let Some(client) = snat::client_of(&flow, &cfg, packet::tcp_flags(ctx, &flow)) {
+    if let Some(client) = snat::client_of(&flow, &cfg, || packet::tcp_flags(ctx, &flow)) {
         nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, client.port)?;
         return Ok(PASS);
     }
@@ -163,7 +163,7 @@ pub fn egress(ctx: &TcContext) -> Result<i32, i64> {
     }
     if skb::mark(ctx) & mark::SNAT != 0 {
         let cfg = snat::config();
-        let port = snat::port_for(&flow, &cfg, packet::tcp_flags(ctx, &flow))?;
+        let port = snat::port_for(&flow, &cfg, || packet::tcp_flags(ctx, &flow))?;
         nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
     }
     Ok(PASS)

@@ -84,7 +84,7 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32, i64> {
     let cfg = snat::config();
 
     // A reply to a flow SNATed here: back to the client, from the frontend, in one go.
-    if let Some(client) = snat::client_of(&flow, &cfg, packet::tcp_flags(ctx, &flow)) {
+    if let Some(client) = snat::client_of(&flow, &cfg, || packet::tcp_flags(ctx, &flow)) {
         let reply = Flow { dst_addr: client.addr, dst_port: client.port, ..flow };
         let Some(ct) = conntrack::lookup_reply(&reply) else { return Ok(xdp_action::XDP_PASS) };
         let Some(frontend) = nat::revnat(ct.rev_nat_id) else { return Ok(xdp_action::XDP_PASS) };
@@ -123,7 +123,7 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32, i64> {
         return Ok(xdp_action::XDP_PASS);
     };
     let after_dnat = Flow { dst_addr: backend.addr, dst_port: backend.port, ..flow };
-    let port = snat::port_for(&after_dnat, &cfg, packet::tcp_flags(ctx, &flow))?;
+    let port = snat::port_for(&after_dnat, &cfg, || packet::tcp_flags(ctx, &flow))?;
     nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
     nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
     set_macs(ctx, macs)?;
