@@ -129,6 +129,17 @@ fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
     }
 }
 
+/// `recv_from` that carries on when a signal interrupts it (EINTR), as std's buffered reads do: a signal
+/// to the test process is not an answer from the dataplane. The socket's read timeout still bounds it.
+pub fn recv_from_retrying(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    loop {
+        match socket.recv_from(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
 /// One TCP request from inside the current thread's namespace.
 pub fn tcp_request_here(target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
     let stream =
@@ -149,7 +160,7 @@ pub fn udp_request_here(target: SocketAddrV4, timeout: Duration) -> anyhow::Resu
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"hello\n", target)?;
     let mut buf = [0u8; 1500];
-    let (n, from) = socket.recv_from(&mut buf).with_context(|| format!("UDP reply from {target}"))?;
+    let (n, from) = recv_from_retrying(&socket, &mut buf).with_context(|| format!("UDP reply from {target}"))?;
     if from != SocketAddr::V4(target) {
         bail!("UDP reply came from {from}, not {target}: reverse NAT did not happen");
     }
@@ -227,7 +238,7 @@ pub fn attempt_here(proto: Proto, target: SocketAddrV4, timeout: Duration) -> Ou
             socket.set_read_timeout(Some(timeout))?;
             socket.send(b"hello\n")?;
             let mut buf = [0u8; 1500];
-            let n = socket.recv(&mut buf)?;
+            let (n, _) = recv_from_retrying(&socket, &mut buf)?;
             // A connected socket only receives from its peer, as the kernel sees it after recvmsg hooks.
             Reply::parse(&String::from_utf8_lossy(&buf[..n]))
         })(),
@@ -300,7 +311,8 @@ impl UdpSession {
     pub fn ask(&self) -> anyhow::Result<Reply> {
         self.socket.send_to(b"hello\n", self.target)?;
         let mut buf = [0u8; 1500];
-        let (n, from) = self.socket.recv_from(&mut buf).with_context(|| format!("UDP reply from {}", self.target))?;
+        let (n, from) =
+            recv_from_retrying(&self.socket, &mut buf).with_context(|| format!("UDP reply from {}", self.target))?;
         if from != SocketAddr::V4(self.target) {
             bail!("UDP reply came from {from}, not {}", self.target);
         }

@@ -71,7 +71,8 @@ pub fn udp_exchanges_per_second(ns: &str, target: SocketAddrV4, duration: Durati
         let mut done = 0u64;
         while started.elapsed() < duration {
             socket.send(b"x")?;
-            socket.recv(&mut buf).with_context(|| format!("UDP exchange {done} with {target}"))?;
+            crate::echo::recv_from_retrying(&socket, &mut buf)
+                .with_context(|| format!("UDP exchange {done} with {target}"))?;
             done += 1;
         }
         Ok(rate(done, started.elapsed()))
