@@ -2,19 +2,19 @@
 //! alerts keep working; ours carry the `proxy_agent_` prefix.
 
 use std::{
-    collections::HashMap,
     sync::atomic::AtomicU64,
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::jiff::Timestamp;
+use imbl::ordmap::DiffItem;
+use k8s_openapi::{api::discovery::v1::EndpointSlice, jiff::Timestamp};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-use crate::store::{ClusterState, ObjectKey};
+use crate::store::ClusterState;
 
 /// kube-proxy's buckets for sync durations: 1 ms doubling to about 16 s.
 fn sync_buckets() -> impl Iterator<Item = f64> {
@@ -56,8 +56,6 @@ pub struct Metrics {
     pub map_entries: Family<MapLabel, Gauge>,
     /// 1 for the dataplane in use, with why it was chosen.
     pub dataplane_mode: Family<ModeLabel, Gauge>,
-    /// The trigger time already observed for each EndpointSlice, so each change is counted once.
-    seen_triggers: std::sync::Mutex<HashMap<ObjectKey, Timestamp>>,
 }
 
 /// The annotation the EndpointSlice controller sets to when the change that produced the slice happened.
@@ -121,24 +119,23 @@ impl Metrics {
             rejected,
             map_entries,
             dataplane_mode,
-            seen_triggers: std::sync::Mutex::default(),
         }
     }
 
-    /// After a successful sync of `state`: observes how long each not-yet-seen endpoint change took to reach
-    /// the dataplane.
-    pub fn observe_programming(&self, state: &ClusterState, now: SystemTime) {
+    /// After a successful sync from `before` to `after`: observes how long each endpoint change that
+    /// reached the dataplane with it took, from the trigger time its EndpointSlice carries.
+    pub fn observe_programming(&self, before: &ClusterState, after: &ClusterState, now: SystemTime) {
         let now = Timestamp::try_from(now).unwrap_or(Timestamp::UNIX_EPOCH);
-        let mut seen = self.seen_triggers.lock().expect("metrics lock");
-        seen.retain(|key, _| state.endpoint_slices.contains_key(key));
-        for (key, slice) in &state.endpoint_slices {
-            let Some(trigger) = slice.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME)) else { continue };
-            let Ok(trigger) = trigger.parse::<Timestamp>() else { continue };
-            if seen.get(key) == Some(&trigger) {
-                continue;
-            }
-            seen.insert(key.clone(), trigger);
-            let latency = now.duration_since(trigger);
+        let trigger =
+            |slice: &EndpointSlice| slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME)?.parse::<Timestamp>().ok();
+        for item in before.endpoint_slices.diff(&after.endpoint_slices) {
+            let (old, new) = match item {
+                DiffItem::Add(_, new) => (None, new),
+                DiffItem::Update { old: (_, old), new: (_, new) } => (trigger(old), new),
+                DiffItem::Remove(..) => continue,
+            };
+            let Some(triggered) = trigger(new).filter(|t| Some(*t) != old) else { continue };
+            let latency = now.duration_since(triggered);
             let secs = Duration::try_from(latency).map_or(0.0, |d| d.as_secs_f64());
             self.network_programming.observe(secs);
         }
@@ -172,6 +169,7 @@ mod tests {
     use k8s_openapi::api::discovery::v1::EndpointSlice;
 
     use super::*;
+    use crate::store::ObjectKey;
 
     #[test]
     fn each_endpoint_change_is_observed_once() {
@@ -183,8 +181,8 @@ mod tests {
         state.endpoint_slices.insert(ObjectKey::of(&slice.metadata), Arc::new(slice));
         let m = Metrics::new();
         let later = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_602);
-        m.observe_programming(&state, later);
-        m.observe_programming(&state, later);
+        m.observe_programming(&ClusterState::default(), &state, later);
+        m.observe_programming(&state, &state, later);
         let text = m.encode();
         assert!(text.contains("kubeproxy_network_programming_duration_seconds_count 1"), "{text}");
         assert!(text.contains("kubeproxy_network_programming_duration_seconds_sum 2.0"), "{text}");

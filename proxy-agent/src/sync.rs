@@ -9,11 +9,11 @@ use std::{
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    dataplane::Dataplane,
+    dataplane::{ApplyStats, Dataplane},
     health::{proxy::ProxyHealth, service_checks::ServiceHealthServers},
     metrics::Metrics,
-    model::{self, NodeIdentity, Rejection},
-    store::Snapshot,
+    model::{IncrementalModel, NodeIdentity, Rejection},
+    store::{ClusterState, Snapshot},
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -45,11 +45,53 @@ fn node_eligible(snapshot: &Snapshot, node: &NodeIdentity) -> bool {
     !deleting && !tainted
 }
 
+/// How much of the table a sync writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// Only the frontends the model says changed.
+    Changes,
+    /// The whole table, diffed against what the dataplane remembers (the first sync, and after a failure).
+    Whole,
+    /// The whole table, diffed against what the kernel holds (the periodic resync).
+    Reread,
+}
+
+/// The model and the dataplane: moved together onto a blocking thread for each sync, since both do work
+/// that grows with the change (and on a full sync, with the table).
+struct Engine {
+    model: IncrementalModel,
+    dataplane: Box<dyn Dataplane>,
+}
+
+/// What one sync did.
+struct Outcome {
+    result: anyhow::Result<ApplyStats>,
+    occupancy: Vec<(&'static str, usize)>,
+    changed: usize,
+    model_ms: f64,
+}
+
+impl Engine {
+    fn sync(&mut self, state: &Arc<ClusterState>, scope: Scope) -> Outcome {
+        let started = std::time::Instant::now();
+        let changed = self.model.update(state);
+        let model_ms = started.elapsed().as_secs_f64() * 1e3;
+        let table = self.model.table();
+        let result = match scope {
+            Scope::Changes if changed.is_empty() => Ok(ApplyStats::default()),
+            Scope::Changes => self.dataplane.apply_changes(table, &changed),
+            Scope::Whole => self.dataplane.apply(table),
+            Scope::Reread => self.dataplane.apply_full(table),
+        };
+        Outcome { result, occupancy: self.dataplane.occupancy(), changed: changed.len(), model_ms }
+    }
+}
+
 /// Runs until the source goes away. Returns only on error.
 pub async fn run(
     mut snapshots: watch::Receiver<Snapshot>,
     node: NodeIdentity,
-    mut dataplane: Box<dyn Dataplane>,
+    dataplane: Box<dyn Dataplane>,
     config: SyncConfig,
     observers: Observers,
 ) -> anyhow::Result<()> {
@@ -60,10 +102,13 @@ pub async fn run(
         .await
         .map_err(|_| anyhow::anyhow!("the source stopped before its first complete view"))?;
 
+    let mut engine = Engine { model: IncrementalModel::new(node.clone()), dataplane };
     let mut reported: BTreeSet<Rejection> = BTreeSet::new();
     let mut health_checks = ServiceHealthServers::new(None);
     let mut last_sync: Option<Instant> = None;
-    let mut applied_generation = None;
+    // The state last applied successfully, and whether the next sync must write the whole table.
+    let mut applied: Option<(u64, Arc<ClusterState>)> = None;
+    let mut whole_table_next = true;
     let mut housekeeping = tokio::time::interval(config.housekeeping_period);
     let mut resync = tokio::time::interval(config.sync_period);
     loop {
@@ -75,8 +120,8 @@ pub async fn run(
             }
             _ = resync.tick() => true,
             _ = housekeeping.tick() => {
-                let (returned, result) = blocking(dataplane, |d| d.housekeeping()).await?;
-                dataplane = returned;
+                let (returned, result) = blocking(engine, |e| e.dataplane.housekeeping()).await?;
+                engine = returned;
                 if let Err(e) = result {
                     tracing::warn!(error = format!("{e:#}"), "dataplane housekeeping failed; retrying next period");
                 }
@@ -87,62 +132,63 @@ pub async fn run(
             tokio::time::sleep_until(last + config.min_sync_period).await;
         }
         let snapshot = snapshots.borrow_and_update().clone();
-        if !forced && applied_generation == Some(snapshot.generation) {
+        if !forced && applied.as_ref().is_some_and(|(generation, _)| *generation == snapshot.generation) {
             continue;
         }
         last_sync = Some(Instant::now());
 
         let started = std::time::Instant::now();
-        let desired = model::desired(&snapshot.state, &node);
-        report_rejections(&desired.rejected, &mut reported);
-        metrics.rejected.clear();
-        let refused_by_source = snapshot.state.refused.iter().map(|(kind, _)| *kind);
-        for kind in desired.rejected.iter().map(|r| r.kind).chain(refused_by_source) {
-            metrics.rejected.get_or_create(&crate::metrics::KindLabel { kind: kind.to_owned() }).inc();
-        }
+        let scope = match (forced, whole_table_next) {
+            (true, _) => Scope::Reread,
+            (false, true) => Scope::Whole,
+            (false, false) => Scope::Changes,
+        };
+        let target = Arc::clone(&snapshot.state);
+        let (returned, outcome) = blocking(engine, move |e| e.sync(&target, scope)).await?;
+        engine = returned;
+
+        let rejected = record_rejections(&engine.model, &snapshot.state, &metrics, &mut reported);
         health.set_node_eligible(node_eligible(&snapshot, &node));
-        health_checks.update(&desired.health_checks).await;
-        let table = desired.table;
-        let frontends = table.frontends.len();
-        let backends = table.distinct_backends();
-        // The periodic resync re-reads the kernel's state, repairing anything changed behind our back.
-        let (returned, (result, occupancy)) = blocking(dataplane, move |d| {
-            let result = if forced { d.apply_full(&table) } else { d.apply(&table) };
-            (result, d.occupancy())
-        })
-        .await?;
-        dataplane = returned;
-        for (map, entries) in occupancy {
+        health_checks.update(engine.model.health_checks()).await;
+        for (map, entries) in outcome.occupancy {
             metrics
                 .map_entries
                 .get_or_create(&crate::metrics::MapLabel { map: map.to_owned() })
                 .set(i64::try_from(entries).unwrap_or(i64::MAX));
         }
-        match result {
+        let frontends = engine.model.table().frontends.len();
+        let backends = engine.model.distinct_backends();
+        match outcome.result {
             Ok(stats) => {
-                applied_generation = Some(snapshot.generation);
                 let now = SystemTime::now();
                 health.updated(now);
                 metrics.sync_duration.observe(started.elapsed().as_secs_f64());
                 metrics.sync_last_timestamp.set(crate::metrics::unix_seconds(now));
-                metrics.observe_programming(&snapshot.state, now);
+                let before = applied.map(|(_, state)| state).unwrap_or_default();
+                metrics.observe_programming(&before, &snapshot.state, now);
                 metrics.frontends.set(i64::try_from(frontends).unwrap_or(i64::MAX));
                 metrics.backends.set(i64::try_from(backends).unwrap_or(i64::MAX));
                 metrics.map_writes.inc_by(stats.writes as u64);
                 metrics.map_deletes.inc_by(stats.deletes as u64);
+                applied = Some((snapshot.generation, Arc::clone(&snapshot.state)));
+                whole_table_next = false;
                 tracing::info!(
                     generation = snapshot.generation,
+                    scope = ?scope,
                     frontends,
                     backends,
+                    changed = outcome.changed,
                     writes = stats.writes,
                     deletes = stats.deletes,
-                    rejected = desired.rejected.len(),
+                    rejected,
+                    model_ms = outcome.model_ms,
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                     "service table applied"
                 );
             }
-            // The live state stays consistent; the next change or resync retries from where this stopped.
+            // The live state stays consistent; the next change or resync writes the whole table again.
             Err(e) => {
+                whole_table_next = true;
                 metrics.sync_errors.inc();
                 tracing::error!(
                     generation = snapshot.generation,
@@ -154,6 +200,23 @@ pub async fn run(
     }
 }
 
+/// Logs new rejections and counts every object left out, by kind. Returns how many the model rejected.
+fn record_rejections(
+    model: &IncrementalModel,
+    state: &ClusterState,
+    metrics: &Metrics,
+    reported: &mut BTreeSet<Rejection>,
+) -> usize {
+    let rejected = model.rejected();
+    report_rejections(&rejected, reported);
+    metrics.rejected.clear();
+    let refused_by_source = state.refused.iter().map(|(kind, _)| *kind);
+    for kind in rejected.iter().map(|r| r.kind).chain(refused_by_source) {
+        metrics.rejected.get_or_create(&crate::metrics::KindLabel { kind: kind.to_owned() }).inc();
+    }
+    rejected.len()
+}
+
 /// Logs each rejected object once, when it is first rejected, and again if it recovers and breaks again.
 fn report_rejections(rejected: &[Rejection], reported: &mut BTreeSet<Rejection>) {
     let now: BTreeSet<Rejection> = rejected.iter().cloned().collect();
@@ -163,14 +226,15 @@ fn report_rejections(rejected: &[Rejection], reported: &mut BTreeSet<Rejection>)
     *reported = now;
 }
 
-/// Runs dataplane work on a blocking thread: map writes and netlink calls are syscalls.
+/// Runs model and dataplane work on a blocking thread: map writes and netlink calls are syscalls, and a
+/// full sync of a large table is seconds of CPU.
 async fn blocking<T: Send + 'static>(
-    mut dataplane: Box<dyn Dataplane>,
-    work: impl FnOnce(&mut dyn Dataplane) -> T + Send + 'static,
-) -> anyhow::Result<(Box<dyn Dataplane>, T)> {
+    mut engine: Engine,
+    work: impl FnOnce(&mut Engine) -> T + Send + 'static,
+) -> anyhow::Result<(Engine, T)> {
     let result = tokio::task::spawn_blocking(move || {
-        let out = work(dataplane.as_mut());
-        (dataplane, out)
+        let out = work(&mut engine);
+        (engine, out)
     })
     .await?;
     Ok(result)

@@ -5,7 +5,9 @@ pub mod iptables;
 pub mod netfilter;
 pub mod nftables;
 
-use crate::model::ServiceTable;
+use std::collections::BTreeSet;
+
+use crate::model::{Frontend, ServiceTable};
 
 /// What one `apply` changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,6 +26,14 @@ pub trait Dataplane: Send {
     /// shows a half-written service to traffic. On error the live state is still consistent, and the next
     /// call picks up from wherever this one stopped.
     fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats>;
+
+    /// Like [`Dataplane::apply`], knowing that only the `changed` frontends differ from the table last
+    /// applied successfully: a dataplane that can write per frontend does only that. The default renders the
+    /// whole table.
+    fn apply_changes(&mut self, table: &ServiceTable, changed: &BTreeSet<Frontend>) -> anyhow::Result<ApplyStats> {
+        let _ = changed;
+        self.apply(table)
+    }
 
     /// Like [`Dataplane::apply`], but first re-reads what the kernel holds instead of trusting the agent's
     /// memory of it, so entries changed or removed behind the agent's back are repaired (the periodic full

@@ -1,21 +1,12 @@
 //! Builds the desired service table from checked objects, following kube-proxy's rules.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use super::{
-    BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, NodeIdentity, ServicePortName, ServiceTable,
-    validate::{self, CheckedService, CheckedServicePort, CheckedSlice, Rejection, ServiceType, TrafficPolicy},
+    BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, NodeIdentity, ServicePortName,
+    validate::{CheckedService, CheckedServicePort, CheckedSlice, Rejection, ServiceType, TrafficPolicy},
 };
-use crate::store::ClusterState;
-
-/// The model's answer: the table to program, the health checks to serve, and what was left out and why.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Desired {
-    pub table: ServiceTable,
-    /// healthCheckNodePort → what it reports (Services with externalTrafficPolicy Local).
-    pub health_checks: BTreeMap<u16, HealthCheck>,
-    pub rejected: Vec<Rejection>,
-}
+use crate::store::{ClusterState, ObjectKey};
 
 /// What a healthCheckNodePort answers: kube-proxy's `{"service": …, "localEndpoints": N}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,72 +16,86 @@ pub struct HealthCheck {
     pub local_endpoints: usize,
 }
 
-/// Computes this node's desired service table. Pure: same input, same output.
-#[must_use]
-pub fn desired(state: &ClusterState, node: &NodeIdentity) -> Desired {
-    let mut out = Desired::default();
-    let zone = node_zone(state, &node.name);
-    let node_port_addrs = node.node_port_addresses(state);
+/// What a node contributes to every Service's entries: its name (for Local policies and hints), its zone
+/// and the addresses its NodePorts are served on. When these change, every Service is recomputed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct NodeContext {
+    pub name: String,
+    pub zone: Option<String>,
+    pub node_port_addrs: Vec<Ipv4Addr>,
+}
 
-    let mut slices_by_service: BTreeMap<(String, String), Vec<CheckedSlice>> = BTreeMap::new();
-    for slice in state.endpoint_slices.values() {
-        match validate::endpoint_slice(slice) {
-            Ok(Some(checked)) => slices_by_service
-                .entry((checked.namespace.clone(), checked.service_name.clone()))
-                .or_default()
-                .push(checked),
-            Ok(None) => {}
-            Err(rejection) => out.rejected.push(rejection),
+impl NodeContext {
+    pub fn of(state: &ClusterState, node: &NodeIdentity) -> Self {
+        Self {
+            name: node.name.clone(),
+            zone: node_zone(state, &node.name),
+            node_port_addrs: node.node_port_addresses(state),
         }
     }
+}
 
-    for svc in state.services.values() {
-        let checked = match validate::service(svc) {
-            Ok(checked) => checked,
-            Err(rejection) => {
-                out.rejected.push(rejection);
-                continue;
-            }
-        };
-        let slices =
-            slices_by_service.get(&(checked.namespace.clone(), checked.name.clone())).map_or(&[][..], Vec::as_slice);
-        let mut local_endpoints = 0;
-        for (i, port) in checked.ports.iter().enumerate() {
-            let candidates = candidates(port, slices, &node.name);
-            if port.protocol == super::Protocol::Sctp && candidates.iter().any(|c| c.endpoint.port != port.port) {
-                // SCTP's CRC32c covers the ports but not the addresses: the data path translates addresses
-                // only, and would have to recompute the whole checksum to change a port.
-                out.rejected.push(Rejection {
-                    kind: "Service",
-                    object: format!("{}/{}", checked.namespace, checked.name),
-                    field: format!("spec.ports[{i}].targetPort"),
-                    reason: "SCTP with a targetPort different from port is not supported by the eBPF dataplane".into(),
-                });
-                continue;
-            }
-            let sets = Sets::of(&candidates, zone.as_deref(), &node.name);
-            local_endpoints = local_endpoints.max(sets.local.endpoints.len());
-            for (frontend, kind) in frontends_of(&checked, port, &node_port_addrs) {
-                let entry = entry_for(&checked, port, kind, &sets);
-                if let Some(owner) = out.table.frontends.get(&frontend) {
-                    out.rejected.push(Rejection {
-                        kind: "Service",
-                        object: format!("{}/{}", checked.namespace, checked.name),
-                        field: format!("spec.ports[{i}]"),
-                        reason: format!("{frontend} is already used by {}", owner.service),
-                    });
-                    continue;
-                }
-                out.table.frontends.insert(frontend, entry);
-            }
+/// A Service port's claim on one frontend. Two Services can claim the same address; the first claim in
+/// (Service, port, position) order wins, and the others are rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Claim {
+    pub frontend: Frontend,
+    /// Index into `spec.ports`, for the rejection's field.
+    pub port_index: usize,
+    pub entry: FrontendEntry,
+}
+
+/// Everything one checked Service contributes, computed from it, its slices and the node alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct ServiceOutput {
+    /// In claim order.
+    pub claims: Vec<Claim>,
+    /// Ports that cannot be programmed.
+    pub rejected: Vec<Rejection>,
+    /// The healthCheckNodePort this Service serves, if any.
+    pub health_check: Option<(u16, HealthCheck)>,
+}
+
+/// The rejection of a claim that lost to an earlier Service's claim on the same frontend.
+pub(super) fn conflict(service: &ObjectKey, claim: &Claim, owner: &ServicePortName) -> Rejection {
+    Rejection {
+        kind: "Service",
+        object: service.to_string(),
+        field: format!("spec.ports[{}]", claim.port_index),
+        reason: format!("{} is already used by {owner}", claim.frontend),
+    }
+}
+
+/// One Service's frontends, rejected ports and health check.
+pub(super) fn service_output(checked: &CheckedService, slices: &[&CheckedSlice], node: &NodeContext) -> ServiceOutput {
+    let mut out = ServiceOutput::default();
+    let mut local_endpoints = 0;
+    for (i, port) in checked.ports.iter().enumerate() {
+        let candidates = candidates(port, slices, &node.name);
+        if port.protocol == super::Protocol::Sctp && candidates.iter().any(|c| c.endpoint.port != port.port) {
+            // SCTP's CRC32c covers the ports but not the addresses: the data path translates addresses
+            // only, and would have to recompute the whole checksum to change a port.
+            out.rejected.push(Rejection {
+                kind: "Service",
+                object: format!("{}/{}", checked.namespace, checked.name),
+                field: format!("spec.ports[{i}].targetPort"),
+                reason: "SCTP with a targetPort different from port is not supported by the eBPF dataplane".into(),
+            });
+            continue;
         }
-        if let Some(port) = checked.health_check_node_port
-            && checked.external_policy == TrafficPolicy::Local
-            && matches!(checked.type_, ServiceType::LoadBalancer | ServiceType::NodePort)
-        {
-            let service = format!("{}/{}", checked.namespace, checked.name);
-            out.health_checks.insert(port, HealthCheck { service, local_endpoints });
+        let sets = Sets::of(&candidates, node.zone.as_deref(), &node.name);
+        local_endpoints = local_endpoints.max(sets.local.endpoints.len());
+        for (frontend, kind) in frontends_of(checked, port, &node.node_port_addrs) {
+            let entry = entry_for(checked, port, kind, &sets);
+            out.claims.push(Claim { frontend, port_index: i, entry });
         }
+    }
+    if let Some(port) = checked.health_check_node_port
+        && checked.external_policy == TrafficPolicy::Local
+        && matches!(checked.type_, ServiceType::LoadBalancer | ServiceType::NodePort)
+    {
+        let service = format!("{}/{}", checked.namespace, checked.name);
+        out.health_check = Some((port, HealthCheck { service, local_endpoints }));
     }
     out
 }
@@ -164,7 +169,7 @@ struct Candidate {
 
 /// The EndpointSlice port whose name and protocol match the Service port carries the resolved target
 /// port; this is how kube-proxy resolves named and numbered targetPorts alike.
-fn candidates(port: &CheckedServicePort, slices: &[CheckedSlice], node: &str) -> Vec<Candidate> {
+fn candidates(port: &CheckedServicePort, slices: &[&CheckedSlice], node: &str) -> Vec<Candidate> {
     let mut out = Vec::new();
     for slice in slices {
         let Some(slice_port) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {

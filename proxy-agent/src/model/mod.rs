@@ -1,16 +1,21 @@
-//! The model: a pure function from the cluster state and this node's identity to the desired service table.
+//! The model: from the cluster state and this node's identity to the desired service table, kept up to date
+//! change by change (`incremental`) and held to the from-scratch specification (`reference`).
 //!
 //! No I/O happens here, so everything in this module is tested without a cluster or a kernel.
 
 mod build;
+mod incremental;
+#[cfg(test)]
+mod reference;
 mod table;
 pub mod validate;
 
 use std::net::Ipv4Addr;
 
+pub use build::HealthCheck;
+pub use incremental::IncrementalModel;
 #[cfg(test)]
-pub use build::Desired;
-pub use build::{HealthCheck, desired};
+pub use reference::{Desired, desired};
 pub use table::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable};
 pub use validate::Rejection;
 

@@ -159,6 +159,7 @@ pub struct ServiceTable {
 
 impl ServiceTable {
     /// How many distinct backends (address, port, protocol) the table uses.
+    #[cfg(test)]
     #[must_use]
     pub fn distinct_backends(&self) -> usize {
         let mut all: Vec<_> = self

@@ -121,6 +121,14 @@ pub struct CheckedSlice {
     pub endpoints: Vec<CheckedEndpoint>,
 }
 
+impl CheckedSlice {
+    /// The Service this slice belongs to (its `kubernetes.io/service-name` label, in its namespace).
+    #[must_use]
+    pub fn service_key(&self) -> crate::store::ObjectKey {
+        crate::store::ObjectKey { namespace: self.namespace.clone(), name: self.service_name.clone() }
+    }
+}
+
 struct Checker {
     kind: &'static str,
     object: String,

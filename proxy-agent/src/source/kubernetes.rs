@@ -10,6 +10,7 @@ use std::{
 };
 
 use futures::{StreamExt as _, TryStreamExt as _};
+use imbl::OrdMap;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -19,14 +20,16 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 
-use crate::store::{ClusterState, ObjectKey, Store};
+use crate::store::{ClusterState, ObjectKey, Store, replace_all};
 
 /// A kind the store holds: how to key it and where it lives in [`ClusterState`].
-trait StoredKind: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static {
+trait StoredKind:
+    kube::Resource + Clone + PartialEq + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
     type Key: Ord + Clone + Send;
     const NAME: &'static str;
     fn key(&self) -> Self::Key;
-    fn slot(state: &mut ClusterState) -> &mut BTreeMap<Self::Key, Arc<Self>>;
+    fn slot(state: &mut ClusterState) -> &mut OrdMap<Self::Key, Arc<Self>>;
 }
 
 impl StoredKind for Service {
@@ -35,7 +38,7 @@ impl StoredKind for Service {
     fn key(&self) -> ObjectKey {
         ObjectKey::of(&self.metadata)
     }
-    fn slot(state: &mut ClusterState) -> &mut BTreeMap<ObjectKey, Arc<Self>> {
+    fn slot(state: &mut ClusterState) -> &mut OrdMap<ObjectKey, Arc<Self>> {
         &mut state.services
     }
 }
@@ -46,7 +49,7 @@ impl StoredKind for EndpointSlice {
     fn key(&self) -> ObjectKey {
         ObjectKey::of(&self.metadata)
     }
-    fn slot(state: &mut ClusterState) -> &mut BTreeMap<ObjectKey, Arc<Self>> {
+    fn slot(state: &mut ClusterState) -> &mut OrdMap<ObjectKey, Arc<Self>> {
         &mut state.endpoint_slices
     }
 }
@@ -57,7 +60,7 @@ impl StoredKind for Node {
     fn key(&self) -> String {
         self.metadata.name.clone().unwrap_or_default()
     }
-    fn slot(state: &mut ClusterState) -> &mut BTreeMap<String, Arc<Self>> {
+    fn slot(state: &mut ClusterState) -> &mut OrdMap<String, Arc<Self>> {
         &mut state.nodes
     }
 }
@@ -90,7 +93,7 @@ fn on_event<K: StoredKind>(
         }
         watcher::Event::InitDone => {
             let fresh = relist.take().unwrap_or_default();
-            store.update(|s| *K::slot(s) = fresh);
+            store.update(|s| replace_all(K::slot(s), fresh));
             return true;
         }
         watcher::Event::Apply(obj) => store.update(|s| drop(K::slot(s).insert(obj.key(), Arc::new(obj)))),

@@ -1,6 +1,6 @@
 //! Cluster state from a directory of manifests: the same YAML a user would `kubectl apply`.
 //!
-//! The directory is polled; when any file changes, all files are read again. A document that does not parse,
+//! The directory is polled; when a file changes, that file is read again. A document that does not parse,
 //! or an object that does not check, is logged with its file, kind and name, and the object's last good
 //! version stays in place, as a rejected `kubectl apply` would leave it. Other objects are unaffected.
 
@@ -19,7 +19,7 @@ use serde::Deserialize as _;
 
 use crate::{
     model::validate,
-    store::{ClusterState, ObjectKey, Store},
+    store::{ClusterState, ObjectKey, Store, replace_all},
 };
 
 /// One object read from a file, or the reason it could not be used.
@@ -55,6 +55,49 @@ impl Parsed {
 #[derive(Default)]
 struct LastGood {
     objects: BTreeMap<Identity, (PathBuf, Parsed)>,
+    /// Each file's parse, kept while its size and modification time stay the same: a change to one file
+    /// re-parses that file only, and the objects of the others keep their identity (so the sync loop sees
+    /// only what changed).
+    parsed_files: BTreeMap<PathBuf, ParsedFile>,
+}
+
+/// A file's size and modification time: cheap to read, and changes with any edit.
+type FileStamp = (u64, Option<SystemTime>);
+
+/// What one file held, document by document.
+#[derive(Clone)]
+struct ParsedFile {
+    stamp: FileStamp,
+    documents: Vec<Document>,
+}
+
+/// One YAML document: its objects (each parsed, or refused), or the syntax error that stopped the file.
+#[derive(Clone)]
+enum Document {
+    Objects(Vec<Result<Option<Parsed>, ParseError>>),
+    Invalid(String),
+}
+
+impl ParsedFile {
+    fn parse(text: &str, stamp: FileStamp) -> Self {
+        let mut documents = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            match serde_yaml::Value::deserialize(doc) {
+                Ok(value) => documents.push(Document::Objects(items(value).into_iter().map(parse_object).collect())),
+                Err(e) => {
+                    // The rest of the file cannot be read reliably after a syntax error.
+                    documents.push(Document::Invalid(e.to_string()));
+                    break;
+                }
+            }
+        }
+        Self { stamp, documents }
+    }
+}
+
+fn stamp_of(file: &Path) -> std::io::Result<FileStamp> {
+    let meta = std::fs::metadata(file)?;
+    Ok((meta.len(), meta.modified().ok()))
 }
 
 pub struct ManifestSource {
@@ -83,7 +126,12 @@ impl ManifestSource {
                     nodes = state.nodes.len(),
                     "manifests loaded"
                 );
-                store.update(|s| *s = state);
+                store.update(|s| {
+                    replace_all(&mut s.services, state.services);
+                    replace_all(&mut s.endpoint_slices, state.endpoint_slices);
+                    replace_all(&mut s.nodes, state.nodes);
+                    s.refused = state.refused;
+                });
                 store.mark_complete();
                 last_fingerprint = Some(fingerprint);
             }
@@ -104,17 +152,26 @@ fn manifest_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Name, size and modification time of every manifest file: cheap to compute, and changes with any edit.
-fn fingerprint(dir: &Path) -> anyhow::Result<Vec<(PathBuf, u64, Option<SystemTime>)>> {
+/// Name, size and modification time of every manifest file.
+fn fingerprint(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Option<FileStamp>)>> {
     Ok(manifest_files(dir)?
         .into_iter()
         .map(|p| {
-            let meta = std::fs::metadata(&p).ok();
-            let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
-            let modified = meta.and_then(|m| m.modified().ok());
-            (p, len, modified)
+            let stamp = stamp_of(&p).ok();
+            (p, stamp)
         })
         .collect())
+}
+
+/// The file's parse: the cached one while the file is unchanged, else a fresh one.
+fn read_file(file: &Path, cache: &mut BTreeMap<PathBuf, ParsedFile>) -> std::io::Result<ParsedFile> {
+    let stamp = stamp_of(file)?;
+    if let Some(cached) = cache.get(file).filter(|c| c.stamp == stamp) {
+        return Ok(cached.clone());
+    }
+    let parsed = ParsedFile::parse(&std::fs::read_to_string(file)?, stamp);
+    cache.insert(file.to_owned(), parsed.clone());
+    Ok(parsed)
 }
 
 /// Reads every file, keeping the last good version of anything that does not parse or check.
@@ -122,28 +179,29 @@ fn load(dir: &Path, last_good: &mut LastGood) -> anyhow::Result<ClusterState> {
     let mut state = ClusterState::default();
     let mut good: BTreeMap<Identity, (PathBuf, Parsed)> = BTreeMap::new();
     let mut kept: Vec<Identity> = Vec::new();
-    for file in manifest_files(dir)? {
-        let text = match std::fs::read_to_string(&file) {
-            Ok(text) => text,
+    let files = manifest_files(dir)?;
+    last_good.parsed_files.retain(|f, _| files.contains(f));
+    for file in files {
+        let parsed_file = match read_file(&file, &mut last_good.parsed_files) {
+            Ok(parsed) => parsed,
             Err(e) => {
                 tracing::error!(file = %file.display(), error = %e, "cannot read manifest; keeping its objects as they were");
                 kept.extend(last_good.objects.iter().filter(|(_, (f, _))| *f == file).map(|(id, _)| id.clone()));
                 continue;
             }
         };
-        for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value = match serde_yaml::Value::deserialize(doc) {
-                Ok(value) => value,
-                Err(e) => {
-                    // The rest of the file cannot be read reliably after a syntax error.
+        for (index, document) in parsed_file.documents.into_iter().enumerate() {
+            let objects = match document {
+                Document::Objects(objects) => objects,
+                Document::Invalid(e) => {
                     tracing::error!(file = %file.display(), document = index, error = %e,
                         "manifest is not valid YAML; keeping the objects it had as they were");
                     kept.extend(last_good.objects.iter().filter(|(_, (f, _))| *f == file).map(|(id, _)| id.clone()));
                     break;
                 }
             };
-            for item in items(value) {
-                match parse_object(item) {
+            for object in objects {
+                match object {
                     Ok(None) => {}
                     Ok(Some(parsed)) => {
                         let id = parsed.identity();

@@ -79,6 +79,72 @@ pub fn udp_exchanges_per_second(ns: &str, target: SocketAddrV4, duration: Durati
     })?
 }
 
+/// What a UDP flood achieved: datagrams per second sent by the client and delivered to the backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Flood {
+    pub sent: f64,
+    pub delivered: f64,
+}
+
+/// One client blasts small datagrams at `target` for `duration` as fast as it can, while a sink bound to
+/// `sink_port` in `sink_ns` (the backend) counts what arrives: the path's packet rate, not its latency.
+/// Both ends stop by themselves: the sender after `duration`, the sink once nothing arrives for a moment.
+///
+/// # Errors
+/// When nothing arrives at all: the path is broken, and a rate of zero would be a false measurement.
+pub fn udp_flood(
+    ns: &str,
+    target: SocketAddrV4,
+    (sink_ns, sink_port): (&str, u16),
+    duration: Duration,
+) -> anyhow::Result<Flood> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sink = crate::netns::spawn_in_netns(sink_ns, move || -> anyhow::Result<u64> {
+        let socket = UdpSocket::bind(("0.0.0.0", sink_port))?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+        ready_tx.send(()).ok();
+        let mut buf = [0u8; 64];
+        let mut count = 0u64;
+        // Stops after the flood (bounded by the sender's duration) plus one quiet read timeout.
+        let deadline = Instant::now() + duration + REQUEST_TIMEOUT;
+        while Instant::now() < deadline {
+            match socket.recv(&mut buf) {
+                Ok(_) => count += 1,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    if count > 0 {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(count)
+    })?;
+    ready_rx.recv_timeout(REQUEST_TIMEOUT).context("the UDP sink did not start")?;
+    let (sent, elapsed) = in_netns(ns, move || -> anyhow::Result<(u64, Duration)> {
+        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+        socket.connect(target)?;
+        let payload = [0u8; 16];
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < duration {
+            // A full queue or an ICMP error bounced back is part of what is measured: keep sending.
+            for _ in 0..64 {
+                if socket.send(&payload).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        Ok((sent, started.elapsed()))
+    })??;
+    let delivered = sink.join().map_err(|_| anyhow::anyhow!("the UDP sink panicked"))??;
+    if delivered == 0 {
+        anyhow::bail!("none of {sent} datagrams to {target} reached the backend");
+    }
+    Ok(Flood { sent: rate(sent, elapsed), delivered: rate(delivered, elapsed) })
+}
+
 #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
 fn rate(count: u64, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64()

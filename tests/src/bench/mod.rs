@@ -110,11 +110,15 @@ pub struct ControlRow {
 }
 
 /// NodePort traffic from the external client through one path.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct NodePortRow {
     pub path: String,
     pub connections: Vec<f64>,
     pub udp_exchanges: Vec<f64>,
+    /// Datagrams per second a flood delivered to the backend.
+    pub udp_delivered: Vec<f64>,
+    /// Datagrams per second the flooding client managed to send.
+    pub udp_sent: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -131,6 +135,8 @@ const TARGET_PORT: u16 = 80;
 const NODE_PORT: u16 = 30200;
 const SERVER_PORT: u16 = 8080;
 const UDP_SERVER_PORT: u16 = 5353;
+/// Where flooded datagrams are counted; nothing answers them.
+const SINK_PORT: u16 = 7000;
 
 /// The `i`th filler Service's ClusterIP: 10.96.0.0/12, as a cluster's service range would be.
 fn filler_ip(i: usize) -> Ipv4Addr {
@@ -166,10 +172,11 @@ fn target_manifest(lab: &Lab, backend: (usize, usize)) -> String {
     let ports = vec![
         Port { name: "http", port: TARGET_PORT, protocol: "TCP", target_port: SERVER_PORT },
         Port { name: "dns", port: 53, protocol: "UDP", target_port: UDP_SERVER_PORT },
+        Port { name: "flood", port: SINK_PORT, protocol: "UDP", target_port: SINK_PORT },
     ];
     let mut svc = Svc::new("zz-target", TARGET_VIP, ports);
     svc.type_ = "NodePort";
-    svc.node_ports = vec![NODE_PORT, NODE_PORT + 1];
+    svc.node_ports = vec![NODE_PORT, NODE_PORT + 1, NODE_PORT + 2];
     let pod = lab.pod(backend.0, backend.1);
     svc.with_endpoints(&[Endpoint::ready(pod.ip, crate::lab::node_name(backend.0))])
 }
@@ -294,10 +301,15 @@ fn measure_node_port(config: &BenchConfig) -> anyhow::Result<Vec<NodePortRow>> {
         let ext = lab.external_ns();
         let tcp = SocketAddrV4::new(node_ip(1), NODE_PORT);
         let udp = SocketAddrV4::new(node_ip(1), NODE_PORT + 1);
-        let mut row = NodePortRow { path: path.to_owned(), connections: Vec::new(), udp_exchanges: Vec::new() };
+        let flood = SocketAddrV4::new(node_ip(1), NODE_PORT + 2);
+        let sink_ns = lab.pod(2, 2).ns.clone();
+        let mut row = NodePortRow { path: path.to_owned(), ..NodePortRow::default() };
         for _ in 0..config.repeats {
             row.connections.push(load::connections_per_second(&ext, tcp, config.duration)?);
             row.udp_exchanges.push(load::udp_exchanges_per_second(&ext, udp, config.duration)?);
+            let rates = load::udp_flood(&ext, flood, (&sink_ns, SINK_PORT), config.duration)?;
+            row.udp_delivered.push(rates.delivered);
+            row.udp_sent.push(rates.sent);
         }
         eprintln!("bench: NodePort via {path} measured");
         rows.push(row);

@@ -115,6 +115,14 @@ impl Dataplane for EbpfDataplane {
         self.writer.apply(table)
     }
 
+    fn apply_changes(
+        &mut self,
+        table: &ServiceTable,
+        changed: &std::collections::BTreeSet<crate::model::Frontend>,
+    ) -> anyhow::Result<ApplyStats> {
+        self.writer.apply_changes(table, changed)
+    }
+
     fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
         self.writer.reread()?;
         self.writer.apply(table)

@@ -97,6 +97,72 @@ pub struct TableWriter<M> {
     orphan_rev_nat: BTreeSet<u32>,
     /// The counters as last persisted.
     persisted_ids: NextIds,
+    /// What each applied frontend uses, so a change to a few frontends is checked and cleaned up without
+    /// walking the whole table. `None` until a whole table has been applied (after a start or re-read).
+    usage: Option<Usage>,
+}
+
+/// Map space and backends used by the applied table, per frontend and in total.
+#[derive(Default)]
+struct Usage {
+    frontends: HashMap<Frontend, FrontendUsage>,
+    backend_refs: HashMap<BackendKey, usize>,
+    slots: usize,
+    ranges: usize,
+}
+
+#[derive(Clone, Default)]
+struct FrontendUsage {
+    backends: BTreeSet<BackendKey>,
+    slots: usize,
+    ranges: usize,
+}
+
+impl FrontendUsage {
+    fn of(frontend: Frontend, entry: &FrontendEntry) -> Self {
+        Self {
+            backends: entry.all_endpoints().map(|ep| (ep.addr, ep.port, frontend.protocol)).collect(),
+            slots: slots_needed(entry),
+            ranges: entry.source_ranges.len(),
+        }
+    }
+}
+
+impl Usage {
+    fn of(table: &ServiceTable) -> Self {
+        let mut usage = Self::default();
+        for (frontend, entry) in &table.frontends {
+            usage.set(*frontend, Some(FrontendUsage::of(*frontend, entry)));
+        }
+        usage
+    }
+
+    /// Replaces what one frontend uses; returns the backends it let go of that nothing else used then.
+    fn set(&mut self, frontend: Frontend, new: Option<FrontendUsage>) -> Vec<BackendKey> {
+        let mut released = Vec::new();
+        if let Some(old) = self.frontends.remove(&frontend) {
+            self.slots -= old.slots;
+            self.ranges -= old.ranges;
+            for key in old.backends {
+                if let Some(count) = self.backend_refs.get_mut(&key) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.backend_refs.remove(&key);
+                        released.push(key);
+                    }
+                }
+            }
+        }
+        if let Some(new) = new {
+            self.slots += new.slots;
+            self.ranges += new.ranges;
+            for key in &new.backends {
+                *self.backend_refs.entry(*key).or_default() += 1;
+            }
+            self.frontends.insert(frontend, new);
+        }
+        released
+    }
 }
 
 fn be_addr(addr: Ipv4Addr) -> u32 {
@@ -147,6 +213,7 @@ impl<M: ServiceMaps> TableWriter<M> {
             next_rev_nat_id: (known.max_rev_nat + 1).max(known.next_ids.rev_nat),
             orphan_rev_nat: known.orphan_rev_nat,
             persisted_ids: known.next_ids,
+            usage: None,
         })
     }
 
@@ -161,6 +228,7 @@ impl<M: ServiceMaps> TableWriter<M> {
         self.source_ranges = known.source_ranges;
         self.backends = known.backends;
         self.orphan_rev_nat = known.orphan_rev_nat;
+        self.usage = None;
         Ok(())
     }
 
@@ -177,7 +245,8 @@ impl<M: ServiceMaps> TableWriter<M> {
 
     /// Programs `table`, writing only what differs from what is programmed.
     pub fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        check_capacity(table)?;
+        let usage = Usage::of(table);
+        fits(usage.slots, usage.backend_refs.len(), table.frontends.len(), usage.ranges)?;
         let mut stats = ApplyStats::default();
 
         // 1. Frontends no longer wanted at all, first, so their entries make room for new ones.
@@ -189,17 +258,7 @@ impl<M: ServiceMaps> TableWriter<M> {
             .copied()
             .collect();
         for frontend in gone {
-            // External scope first: its slot 0 is what new flows find.
-            for scope in [SCOPE_EXTERNAL, SCOPE_INTERNAL] {
-                self.remove_scope((frontend, scope), &mut stats)?;
-            }
-            tracing::debug!(%frontend, "frontend removed");
-            if let Some(id) = self.rev_nat_ids.get(&frontend).copied() {
-                self.set_source_ranges(id, &BTreeSet::new(), &mut stats)?;
-                self.maps.delete_revnat(id)?;
-                self.rev_nat_ids.remove(&frontend);
-                stats.deletes += 1;
-            }
+            self.remove_frontend(frontend, &mut stats)?;
         }
         for id in std::mem::take(&mut self.orphan_rev_nat) {
             self.set_source_ranges(id, &BTreeSet::new(), &mut stats)?;
@@ -214,75 +273,158 @@ impl<M: ServiceMaps> TableWriter<M> {
             }
         }
 
-        // 3. New and changed frontends. The internal scope is written before the external slot 0 that
-        //    points at it, and removed only after that slot 0 stopped pointing at it.
+        // 3. New and changed frontends.
         for (frontend, entry) in &table.frontends {
-            let rev_nat_id = self.ensure_rev_nat(*frontend, &mut stats)?;
-            let ranges: BTreeSet<Cidr> = entry.source_ranges.iter().copied().collect();
-            let mut ext_flags = common_flags(entry, &entry.external);
-            if entry.masquerade_external {
-                ext_flags |= flags::MASQUERADE_EXTERNAL;
-            }
-            if entry.kind == FrontendKind::ClusterIp {
-                ext_flags |= flags::CLUSTER_IP;
-            }
-            if !ranges.is_empty() {
-                ext_flags |= flags::SOURCE_RANGES;
-                self.set_source_ranges(rev_nat_id, &ranges, &mut stats)?;
-            }
-            let internal_differs = entry.internal != entry.external;
-            if internal_differs {
-                ext_flags |= flags::HAS_INTERNAL_SCOPE;
-                let wanted = self.wanted(
-                    entry,
-                    &entry.internal,
-                    frontend.protocol,
-                    rev_nat_id,
-                    common_flags(entry, &entry.internal),
-                );
-                self.program_scope((*frontend, SCOPE_INTERNAL), &wanted, &mut stats)?;
-            }
-            let wanted = self.wanted(entry, &entry.external, frontend.protocol, rev_nat_id, ext_flags);
-            let before = stats;
-            self.program_scope((*frontend, SCOPE_EXTERNAL), &wanted, &mut stats)?;
-            if stats != before {
-                tracing::debug!(
-                    service = %entry.service,
-                    %frontend,
-                    backends = entry.external.endpoints.len(),
-                    "frontend programmed"
-                );
-            }
-            if !internal_differs {
-                self.remove_scope((*frontend, SCOPE_INTERNAL), &mut stats)?;
-            }
-            if ranges.is_empty() {
-                self.set_source_ranges(rev_nat_id, &ranges, &mut stats)?;
-            }
+            self.program_frontend(*frontend, entry, &mut stats)?;
         }
-
-        // Persist the id counters before anything is deleted: an id must never come back after a restart
-        // while a conntrack entry may still name it.
-        let ids = NextIds { backend: self.next_backend_id, rev_nat: self.next_rev_nat_id };
-        if ids != self.persisted_ids {
-            self.maps.put_next_ids(ids)?;
-            self.persisted_ids = ids;
-        }
+        self.persist_ids()?;
 
         // 4. Backends nothing refers to any more.
-        let wanted_backends: BTreeSet<BackendKey> = table
-            .frontends
+        let unused: Vec<(BackendKey, u32)> = self
+            .backends
             .iter()
-            .flat_map(|(f, e)| e.all_endpoints().map(move |ep| (ep.addr, ep.port, f.protocol)))
+            .filter(|(k, _)| !usage.backend_refs.contains_key(k))
+            .map(|(k, (id, _))| (*k, *id))
             .collect();
-        let unused: Vec<(BackendKey, u32)> =
-            self.backends.iter().filter(|(k, _)| !wanted_backends.contains(k)).map(|(k, (id, _))| (*k, *id)).collect();
         for (key, id) in unused {
             self.maps.delete_backend(id)?;
             self.backends.remove(&key);
             stats.deletes += 1;
         }
+        self.usage = Some(usage);
         Ok(stats)
+    }
+
+    /// Programs the frontends in `changed` as `table` has them (removing those it no longer has), trusting
+    /// that every other frontend is already programmed as `table` says. Costs time in proportion to the
+    /// change, not the table. Falls back to [`TableWriter::apply`] until a whole table has been applied.
+    pub fn apply_changes(&mut self, table: &ServiceTable, changed: &BTreeSet<Frontend>) -> anyhow::Result<ApplyStats> {
+        let Some(usage) = self.usage.as_ref() else { return self.apply(table) };
+        check_capacity_after(usage, table, changed)?;
+        let mut usage = self.usage.take().expect("checked above");
+        let result = self.apply_changes_with(&mut usage, table, changed);
+        // On error the usage no longer matches the maps; the next call applies the whole table.
+        if result.is_ok() {
+            self.usage = Some(usage);
+        }
+        result
+    }
+
+    fn apply_changes_with(
+        &mut self,
+        usage: &mut Usage,
+        table: &ServiceTable,
+        changed: &BTreeSet<Frontend>,
+    ) -> anyhow::Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        for frontend in changed.iter().filter(|f| !table.frontends.contains_key(f)) {
+            self.remove_frontend(*frontend, &mut stats)?;
+        }
+        let present: Vec<(Frontend, &FrontendEntry)> =
+            changed.iter().filter_map(|f| table.frontends.get(f).map(|e| (*f, e))).collect();
+        for (frontend, entry) in &present {
+            for ep in entry.all_endpoints() {
+                self.ensure_backend(*ep, frontend.protocol, &mut stats)?;
+            }
+        }
+        for (frontend, entry) in &present {
+            self.program_frontend(*frontend, entry, &mut stats)?;
+        }
+        self.persist_ids()?;
+        let mut released = Vec::new();
+        for frontend in changed {
+            let new = table.frontends.get(frontend).map(|entry| FrontendUsage::of(*frontend, entry));
+            released.extend(usage.set(*frontend, new));
+        }
+        // A backend one changed frontend let go of may have been taken up by another.
+        released.retain(|key| !usage.backend_refs.contains_key(key));
+        for key in released {
+            if let Some((id, _)) = self.backends.get(&key).copied() {
+                self.maps.delete_backend(id)?;
+                self.backends.remove(&key);
+                stats.deletes += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Removes every entry of a frontend: external scope first (its slot 0 is what new flows find).
+    fn remove_frontend(&mut self, frontend: Frontend, stats: &mut ApplyStats) -> anyhow::Result<()> {
+        for scope in [SCOPE_EXTERNAL, SCOPE_INTERNAL] {
+            self.remove_scope((frontend, scope), stats)?;
+        }
+        tracing::debug!(%frontend, "frontend removed");
+        if let Some(id) = self.rev_nat_ids.get(&frontend).copied() {
+            self.set_source_ranges(id, &BTreeSet::new(), stats)?;
+            self.maps.delete_revnat(id)?;
+            self.rev_nat_ids.remove(&frontend);
+            stats.deletes += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes what differs for one frontend whose backends exist. The internal scope is written before the
+    /// external slot 0 that points at it, and removed only after that slot 0 stopped pointing at it.
+    fn program_frontend(
+        &mut self,
+        frontend: Frontend,
+        entry: &FrontendEntry,
+        stats: &mut ApplyStats,
+    ) -> anyhow::Result<()> {
+        let rev_nat_id = self.ensure_rev_nat(frontend, stats)?;
+        let ranges: BTreeSet<Cidr> = entry.source_ranges.iter().copied().collect();
+        let mut ext_flags = common_flags(entry, &entry.external);
+        if entry.masquerade_external {
+            ext_flags |= flags::MASQUERADE_EXTERNAL;
+        }
+        if entry.kind == FrontendKind::ClusterIp {
+            ext_flags |= flags::CLUSTER_IP;
+        }
+        if !ranges.is_empty() {
+            ext_flags |= flags::SOURCE_RANGES;
+            self.set_source_ranges(rev_nat_id, &ranges, stats)?;
+        }
+        let internal_differs = entry.internal != entry.external;
+        if internal_differs {
+            ext_flags |= flags::HAS_INTERNAL_SCOPE;
+            let wanted = self.wanted(
+                entry,
+                &entry.internal,
+                frontend.protocol,
+                rev_nat_id,
+                common_flags(entry, &entry.internal),
+            );
+            self.program_scope((frontend, SCOPE_INTERNAL), &wanted, stats)?;
+        }
+        let wanted = self.wanted(entry, &entry.external, frontend.protocol, rev_nat_id, ext_flags);
+        let before = *stats;
+        self.program_scope((frontend, SCOPE_EXTERNAL), &wanted, stats)?;
+        if *stats != before {
+            tracing::debug!(
+                service = %entry.service,
+                %frontend,
+                backends = entry.external.endpoints.len(),
+                "frontend programmed"
+            );
+        }
+        if !internal_differs {
+            self.remove_scope((frontend, SCOPE_INTERNAL), stats)?;
+        }
+        if ranges.is_empty() {
+            self.set_source_ranges(rev_nat_id, &ranges, stats)?;
+        }
+        Ok(())
+    }
+
+    /// Persists the id counters before anything is deleted: an id must never come back after a restart
+    /// while a conntrack entry may still name it.
+    fn persist_ids(&mut self) -> anyhow::Result<()> {
+        let ids = NextIds { backend: self.next_backend_id, rev_nat: self.next_rev_nat_id };
+        if ids != self.persisted_ids {
+            self.maps.put_next_ids(ids)?;
+            self.persisted_ids = ids;
+        }
+        Ok(())
     }
 
     fn wanted(
@@ -461,19 +603,36 @@ impl Known {
     }
 }
 
-fn check_capacity(table: &ServiceTable) -> Result<(), TooLarge> {
-    let slots: usize = table
-        .frontends
-        .values()
-        .map(|e| {
-            1 + e.external.endpoints.len() + if e.internal == e.external { 0 } else { 1 + e.internal.endpoints.len() }
-        })
-        .sum();
-    let ranges: usize = table.frontends.values().map(|e| e.source_ranges.len()).sum();
+/// Service-map entries one frontend needs: slot 0 and a slot per backend, for each scope it has.
+fn slots_needed(e: &FrontendEntry) -> usize {
+    1 + e.external.endpoints.len() + if e.internal == e.external { 0 } else { 1 + e.internal.endpoints.len() }
+}
+
+/// The capacity check for `table`, knowing that only the `changed` frontends differ from `usage`.
+fn check_capacity_after(usage: &Usage, table: &ServiceTable, changed: &BTreeSet<Frontend>) -> Result<(), TooLarge> {
+    let (mut slots, mut ranges) = (usage.slots, usage.ranges);
+    let mut new_backends = BTreeSet::new();
+    for frontend in changed {
+        if let Some(old) = usage.frontends.get(frontend) {
+            slots -= old.slots;
+            ranges -= old.ranges;
+        }
+        if let Some(entry) = table.frontends.get(frontend) {
+            let new = FrontendUsage::of(*frontend, entry);
+            slots += new.slots;
+            ranges += new.ranges;
+            new_backends.extend(new.backends.into_iter().filter(|k| !usage.backend_refs.contains_key(k)));
+        }
+    }
+    // An upper bound for backends: those released by the change are still counted.
+    fits(slots, usage.backend_refs.len() + new_backends.len(), table.frontends.len(), ranges)
+}
+
+fn fits(slots: usize, backends: usize, frontends: usize, ranges: usize) -> Result<(), TooLarge> {
     let checks = [
         ("service", slots, capacity::SERVICES),
-        ("backend", table.distinct_backends(), capacity::BACKENDS),
-        ("reverse-NAT", table.frontends.len(), capacity::REVNAT),
+        ("backend", backends, capacity::BACKENDS),
+        ("reverse-NAT", frontends, capacity::REVNAT),
         ("source-range", ranges, capacity::SOURCE_RANGES),
     ];
     for (what, needed, capacity) in checks {

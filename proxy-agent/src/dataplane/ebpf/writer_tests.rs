@@ -294,6 +294,43 @@ proptest! {
     }
 }
 
+/// The frontends whose entries differ between two tables: what the incremental model reports.
+fn differing(before: &ServiceTable, after: &ServiceTable) -> BTreeSet<Frontend> {
+    before
+        .frontends
+        .keys()
+        .chain(after.frontends.keys())
+        .filter(|f| before.frontends.get(f) != after.frontends.get(f))
+        .copied()
+        .collect()
+}
+
+proptest! {
+    /// Writing only the frontends that changed ends at the same maps as writing the whole table, with every
+    /// intermediate state safe; a failure part-way makes the next call apply the whole table.
+    #[test]
+    fn applying_only_the_changes_reaches_each_table(
+        tables in prop::collection::vec(table_strategy(), 1..8),
+        fail_at in prop::option::of(0usize..40),
+    ) {
+        let mut maps = CheckedMaps::default();
+        let mut writer = TableWriter::adopt(&mut maps).unwrap();
+        let mut before = ServiceTable::default();
+        for (i, table) in tables.iter().enumerate() {
+            let changed = differing(&before, table);
+            if i == tables.len() / 2 && let Some(fail_at) = fail_at {
+                writer.maps.fail_at = Some(writer.maps.ops + fail_at);
+                let _ = writer.apply_changes(table, &changed);
+                writer.maps.fail_at = None;
+            }
+            writer.apply_changes(table, &changed).unwrap();
+            prop_assert_eq!(writer.maps.decode(), expected(table));
+            writer.maps.assert_no_garbage(table);
+            before = table.clone();
+        }
+    }
+}
+
 /// (service IP, port, backend IPs)
 type TableSpec<'a> = &'a [([u8; 4], u16, &'a [[u8; 4]])];
 
