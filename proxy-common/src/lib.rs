@@ -53,8 +53,13 @@ pub mod stats {
 }
 
 /// Sizes of the maps. The agent refuses a desired table that would not fit, rather than half-write it.
+///
+/// The service-side maps (services, backends, reverse NAT) are hash maps allocated as entries are written
+/// (`BPF_F_NO_PREALLOC`), so their size is a ceiling, not a cost: 100k Services with 10 endpoints each need
+/// 1.1M service entries and 1M backends. Conntrack, SNAT and affinity are LRU maps, which the kernel always
+/// preallocates.
 pub mod capacity {
-    pub const SERVICES: u32 = 1 << 20;
+    pub const SERVICES: u32 = 1 << 21;
     pub const BACKENDS: u32 = 1 << 20;
     pub const CONNTRACK: u32 = 1 << 18;
     pub const REVNAT: u32 = 1 << 18;
@@ -62,6 +67,8 @@ pub mod capacity {
     pub const AFFINITY: u32 = 1 << 16;
     pub const SOURCE_RANGES: u32 = 1 << 14;
     pub const SOCK_REVNAT: u32 = 1 << 16;
+    /// `BPF_F_NO_PREALLOC`: the kernel allocates entries on update instead of all at map creation.
+    pub const NO_PREALLOC: u32 = 1;
 }
 
 /// Bits of `skb->mark` the programs use to hand a decision from ingress to egress. kube-proxy uses 0x4000

@@ -18,10 +18,10 @@ use proxy_common::{
 use crate::packet::Flow;
 
 #[map(name = "SERVICES")]
-static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, capacity::NO_PREALLOC);
 
 #[map(name = "BACKENDS")]
-static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
+static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, capacity::NO_PREALLOC);
 
 /// Written and read by the agent only: its id counters survive its restarts here.
 #[map(name = "IDS")]

@@ -6,7 +6,7 @@ use proxy_common::{capacity, proto, revnat::RevNat};
 use crate::packet::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_OFF, L4_SRC_OFF, Packet};
 
 #[map(name = "REVNAT")]
-static REVNAT: HashMap<u32, RevNat> = HashMap::pinned(capacity::REVNAT, 0);
+static REVNAT: HashMap<u32, RevNat> = HashMap::pinned(capacity::REVNAT, capacity::NO_PREALLOC);
 
 /// The frontend address that replies of a translated flow must carry.
 #[inline(always)]

@@ -363,7 +363,7 @@ impl Lab {
                 node_name: node_name(n),
                 netns: self.node_ns(n),
                 manifests: self.manifest_dir(),
-                pin_dir: self.bpffs.join(node_name(n)),
+                pin_dir: self.pin_dir(n),
                 log: self.dir.join(format!("agent-{}.log", node_name(n))),
                 pod_interfaces: format!("{POD_IFACE_PREFIX}*"),
                 capabilities: self.spec.agent_capabilities.clone(),
@@ -416,9 +416,15 @@ impl Lab {
         Ok(())
     }
 
+    /// Where node `node`'s agent pins its maps and links.
+    #[must_use]
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        self.bpffs.join(node_name(node))
+    }
+
     /// The pinned map `name` of node `node`'s agent, opened from the test process.
     pub fn pinned_map(&self, node: usize, name: &str) -> anyhow::Result<aya::maps::Map> {
-        let pin = self.bpffs.join(node_name(node)).join(name);
+        let pin = self.pin_dir(node).join(name);
         let data = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
         Ok(aya::maps::Map::from_map_data(data)?)
     }
@@ -498,22 +504,57 @@ fn remove_cgroup(cgroup: &Path) {
 
 /// Removes namespaces and mounts left by lab processes that died without tearing down (SIGKILL, OOM).
 fn sweep_stale_labs() {
+    let own = std::process::id();
+    sweep_labs(|pid| pid != own && !Path::new(&format!("/proc/{pid}")).exists());
+}
+
+/// Tears down every lab of this process: for a signal handler, since a process ended by a signal drops
+/// nothing. Agents are killed, then namespaces, mounts, cgroups and files removed.
+pub fn sweep_own_labs() {
+    let own = std::process::id();
+    sweep_labs(|pid| pid == own);
+}
+
+/// Tears down the labs whose owning process `pid` matches.
+fn sweep_labs(owned_by: impl Fn(u32) -> bool) {
     let Ok(list) = ip(&["netns", "list"]) else { return };
+    let mut labs: Vec<&str> = Vec::new();
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
         let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
         let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        if owned_by(pid) {
+            let lab = name.split('-').next().unwrap_or(name);
+            kill_agents_of(lab);
             let _ = ip(&["netns", "del", name]);
-            let stale_dir = std::env::temp_dir().join(name.split('-').next().unwrap_or(name));
-            let _ = run("umount", &[&stale_dir.join("bpffs").to_string_lossy()]);
-            let _ = run("umount", &[&stale_dir.join("cgroup2").to_string_lossy()]);
-            let _ = std::fs::remove_dir_all(stale_dir);
-            if let Some(cg) = cgroup2_mount() {
-                let stale_cgroup = cg.join(name.split('-').next().unwrap_or(name));
-                if stale_cgroup.is_dir() {
-                    remove_cgroup(&stale_cgroup);
-                }
+            if !labs.contains(&lab) {
+                labs.push(lab);
             }
+        }
+    }
+    for lab in labs {
+        let dir = std::env::temp_dir().join(lab);
+        let _ = run("umount", &[&dir.join("bpffs").to_string_lossy()]);
+        if let Some(cg) = cgroup2_mount() {
+            let cgroup = cg.join(lab);
+            if cgroup.is_dir() {
+                remove_cgroup(&cgroup);
+            }
+        }
+        let _ = run("umount", &[&dir.join("cgroup2").to_string_lossy()]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// SIGKILLs the agents a lab started: the processes whose command line names the lab's directory.
+fn kill_agents_of(lab: &str) {
+    let marker = format!("/{lab}/");
+    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    for entry in procs.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&marker) && pid != i32::try_from(std::process::id()).unwrap_or(0)
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

@@ -169,3 +169,39 @@ fn the_periodic_resync_repairs_state_changed_behind_the_agents_back() {
         );
     }
 }
+
+/// An upgrade that changes a map's layout: the new agent cannot adopt the old pin, so it replaces it (with a
+/// warning naming the map and the property) and serves traffic from a fresh map instead of failing to start.
+#[test]
+fn a_pinned_map_with_another_layout_is_replaced_not_fatal() {
+    if mode() != "ebpf" {
+        return;
+    }
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    let pod = lab.pod(2, 2).clone();
+    lab.serve(&pod, &[8080], &[]).unwrap();
+    let vip = Ipv4Addr::new(10, 32, 0, 97);
+    let svc = Svc::new("upgraded", vip, vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }]);
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&[Endpoint::ready(pod.ip, node_name(2))])).unwrap();
+    lab.start_agents().unwrap();
+    let client = lab.pod(1, 1).ns.clone();
+    let target = SocketAddrV4::new(vip, 80);
+    assert!(proxy_lab::echo::request(&client, proxy_lab::echo::Proto::Tcp, target, TIMEOUT).is_ok());
+
+    // What an older build might have pinned: same name, another key and value size, no flags.
+    let pin = lab.pin_dir(1).join(proxy_common::maps::SERVICES);
+    std::fs::remove_file(&pin).unwrap();
+    let old: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::create(16, 0).unwrap();
+    old.pin(&pin).unwrap();
+
+    lab.restart_agent_hard(1).expect("the agent starts despite the incompatible pin");
+    let log = lab.agent(1).log();
+    assert!(log.contains("different layout") && log.contains("SERVICES"), "{log}");
+    let services = lab.pinned_map(1, proxy_common::maps::SERVICES).unwrap();
+    let typed: Result<
+        aya::maps::HashMap<_, proxy_common::service::ServiceKey, proxy_common::service::ServiceValue>,
+        _,
+    > = aya::maps::HashMap::try_from(services);
+    assert!(typed.is_ok(), "the pin now holds this build's layout");
+    assert!(proxy_lab::echo::request(&client, proxy_lab::echo::Proto::Tcp, target, TIMEOUT).is_ok());
+}

@@ -31,6 +31,12 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // A signal ends the process without dropping the lab: tear it down here, then leave.
+    ctrlc::set_handler(|| {
+        eprintln!("bench: interrupted; tearing the lab down");
+        proxy_lab::lab::sweep_own_labs();
+        std::process::exit(130);
+    })?;
     let mut config = if args.tiny { BenchConfig::tiny() } else { BenchConfig::full() };
     if let Some(scales) = args.scales {
         config.scales = scales;

@@ -70,10 +70,7 @@ impl EbpfDataplane {
     /// Maps a previous agent pinned are adopted as they are: nothing live is flushed.
     pub fn start(pin_dir: &Path, roles: InterfaceRoles, settings: &NodeSettings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        let mut ebpf = aya::EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(OBJECT)
-            .with_context(|| format!("loading the eBPF object (maps pinned under {})", pin_dir.display()))?;
+        let mut ebpf = load_replacing_incompatible_pins(pin_dir)?;
         attach::load_programs(&mut ebpf)?;
         write_config(&mut ebpf, settings)?;
         if let Some(cgroup) = &settings.socket_cgroup {
@@ -94,6 +91,41 @@ impl EbpfDataplane {
         };
         dataplane.housekeeping()?;
         Ok(dataplane)
+    }
+}
+
+/// Loads the object, adopting the pinned maps a previous agent left. A pinned map whose layout differs from
+/// this build's (an upgrade that changed a key, value, size or flag) cannot be adopted: its pin is removed and
+/// a new map is created in its place. Its entries are lost (the service maps are rewritten by the first sync;
+/// a lost conntrack map breaks the node's established translated flows), so this is logged loudly. The old
+/// programs keep the old map until the new programs replace them.
+fn load_replacing_incompatible_pins(pin_dir: &Path) -> anyhow::Result<aya::Ebpf> {
+    let mut replaced = Vec::new();
+    loop {
+        match aya::EbpfLoader::new().default_map_pin_directory(pin_dir).load(OBJECT) {
+            Ok(ebpf) => return Ok(ebpf),
+            Err(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap {
+                name,
+                property,
+                expected,
+                actual,
+            })) if !replaced.contains(&name) => {
+                tracing::warn!(
+                    map = %name,
+                    property,
+                    expected,
+                    actual,
+                    "a pinned map from another version has a different layout; replacing it, its entries are lost"
+                );
+                let pin = pin_dir.join(&name);
+                std::fs::remove_file(&pin).with_context(|| format!("removing incompatible pin {}", pin.display()))?;
+                replaced.push(name);
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("loading the eBPF object (maps pinned under {})", pin_dir.display()));
+            }
+        }
     }
 }
 
