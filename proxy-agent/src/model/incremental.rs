@@ -22,37 +22,34 @@ use super::{
 };
 use crate::store::{ClusterState, ObjectKey};
 
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
 /// Where a claim sits in the order that decides conflicts: Service, port, position within the port.
 type ClaimOrder = (ObjectKey, usize, usize);
 
 type BackendKey = (Ipv4Addr, u16, Protocol);
-
-/// What one Service contributes now.
-enum ServiceState {
-    Rejected(Rejection),
-    Checked(ServiceOutput),
-}
-
-/// What one EndpointSlice is to the model now.
-enum SliceState {
-    /// Belongs to this Service.
-    Of(ObjectKey),
-    Rejected(Rejection),
-    /// Not ours (another address type).
-    Ignored,
-}
 
 pub struct IncrementalModel {
     node: NodeIdentity,
     context: NodeContext,
     /// The state the outputs below reflect.
     state: Arc<ClusterState>,
-    slices: HashMap<ObjectKey, SliceState>,
-    slices_by_service: HashMap<ObjectKey, BTreeMap<ObjectKey, CheckedSlice>>,
-    services: HashMap<ObjectKey, ServiceState>,
-    /// Who claims each frontend, in conflict order: the first one is programmed. The claims themselves
-    /// live in `services`.
-    claims: HashMap<Frontend, BTreeSet<ClaimOrder>>,
+    /// The checked slices of each Service, by key, sorted. The slices themselves are read (and checked
+    /// again) from the state when their Service is recomputed: keeping checked copies of every slice would
+    /// double the memory the cluster's endpoints take.
+    slices_by_service: HashMap<ObjectKey, Vec<ObjectKey>>,
+    /// What each checked Service contributes.
+    services: HashMap<ObjectKey, ServiceOutput>,
+    // What is left out, kept apart so that listing it never walks the whole cluster.
+    rejected_slices: BTreeMap<ObjectKey, Rejection>,
+    rejected_services: BTreeMap<ObjectKey, Rejection>,
+    /// Checked Services with ports that cannot be programmed.
+    services_with_rejected_ports: BTreeSet<ObjectKey>,
+    /// Frontends claimed more than once.
+    contested: BTreeSet<Frontend>,
+    /// Who claims each frontend, sorted in conflict order: the first one is programmed. Nearly always one;
+    /// the claims themselves live in `services`.
+    claims: HashMap<Frontend, Vec<ClaimOrder>>,
     /// Every Service serving each healthCheckNodePort: the last one answers, as in `desired`.
     health_claims: BTreeMap<u16, BTreeMap<ObjectKey, HealthCheck>>,
     table: ServiceTable,
@@ -68,9 +65,12 @@ impl IncrementalModel {
             node,
             context: NodeContext::default(),
             state: Arc::default(),
-            slices: HashMap::new(),
             slices_by_service: HashMap::new(),
             services: HashMap::new(),
+            rejected_slices: BTreeMap::new(),
+            rejected_services: BTreeMap::new(),
+            services_with_rejected_ports: BTreeSet::new(),
+            contested: BTreeSet::new(),
             claims: HashMap::new(),
             health_claims: BTreeMap::new(),
             table: ServiceTable::default(),
@@ -92,13 +92,16 @@ impl IncrementalModel {
         let previous = Arc::clone(&self.state);
         let mut dirty: BTreeSet<ObjectKey> = BTreeSet::new();
         for item in previous.endpoint_slices.diff(&state.endpoint_slices) {
-            let (key, new) = match item {
-                DiffItem::Add(key, new) | DiffItem::Update { new: (key, new), .. } => (key, Some(new)),
-                DiffItem::Remove(key, _) => (key, None),
+            let (key, old, new) = match item {
+                DiffItem::Add(key, new) => (key, None, Some(new)),
+                DiffItem::Update { old: (key, old), new: (_, new) } => (key, Some(old), Some(new)),
+                DiffItem::Remove(key, old) => (key, Some(old), None),
             };
-            self.forget_slice(key, &mut dirty);
-            if let Some(slice) = new {
-                self.learn_slice(key, slice, &mut dirty);
+            if let Some(old) = old {
+                self.forget_slice(key, old, &mut dirty);
+            }
+            if let Some(new) = new {
+                self.learn_slice(key, new, &mut dirty);
             }
         }
         for item in previous.services.diff(&state.services) {
@@ -112,7 +115,7 @@ impl IncrementalModel {
         for key in &dirty {
             self.withdraw(key, &mut touched_frontends, &mut touched_ports);
             if let Some(svc) = state.services.get(key) {
-                self.contribute(key, svc, &mut touched_frontends, &mut touched_ports);
+                self.contribute(state, key, svc, &mut touched_frontends, &mut touched_ports);
             }
         }
         for frontend in touched_frontends {
@@ -149,21 +152,12 @@ impl IncrementalModel {
     /// Everything left out and why: rejected objects, unprogrammable ports, and claims that lost a conflict.
     #[must_use]
     pub fn rejected(&self) -> Vec<Rejection> {
-        let mut out: Vec<Rejection> = self
-            .slices
-            .values()
-            .filter_map(|s| match s {
-                SliceState::Rejected(r) => Some(r.clone()),
-                _ => None,
-            })
-            .collect();
-        for state in self.services.values() {
-            match state {
-                ServiceState::Rejected(r) => out.push(r.clone()),
-                ServiceState::Checked(output) => out.extend(output.rejected.iter().cloned()),
-            }
+        let mut out: Vec<Rejection> =
+            self.rejected_slices.values().chain(self.rejected_services.values()).cloned().collect();
+        for key in &self.services_with_rejected_ports {
+            out.extend(self.services.get(key).into_iter().flat_map(|o| o.rejected.iter().cloned()));
         }
-        for claims in self.claims.values().filter(|c| c.len() > 1) {
+        for claims in self.contested.iter().filter_map(|f| self.claims.get(f)) {
             let mut in_order = claims.iter().filter_map(|order| Some((order, self.claim(order)?)));
             let Some((_, winner)) = in_order.next() else { continue };
             out.extend(in_order.map(|((service, ..), claim)| build::conflict(service, claim, &winner.entry.service)));
@@ -172,10 +166,15 @@ impl IncrementalModel {
         out
     }
 
-    fn forget_slice(&mut self, key: &ObjectKey, dirty: &mut BTreeSet<ObjectKey>) {
-        if let Some(SliceState::Of(service)) = self.slices.remove(key) {
+    /// Takes back what the previous version of a slice (`old`) contributed.
+    fn forget_slice(&mut self, key: &ObjectKey, old: &EndpointSlice, dirty: &mut BTreeSet<ObjectKey>) {
+        self.rejected_slices.remove(key);
+        if let Ok(Some(checked)) = validate::endpoint_slice(old) {
+            let service = checked.service_key();
             if let Some(slices) = self.slices_by_service.get_mut(&service) {
-                slices.remove(key);
+                if let Ok(i) = slices.binary_search(key) {
+                    slices.remove(i);
+                }
                 if slices.is_empty() {
                     self.slices_by_service.remove(&service);
                 }
@@ -184,31 +183,32 @@ impl IncrementalModel {
         }
     }
 
-    fn learn_slice(
-        &mut self,
-        key: &ObjectKey,
-        slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
-        dirty: &mut BTreeSet<ObjectKey>,
-    ) {
-        let state = match validate::endpoint_slice(slice) {
+    fn learn_slice(&mut self, key: &ObjectKey, slice: &EndpointSlice, dirty: &mut BTreeSet<ObjectKey>) {
+        match validate::endpoint_slice(slice) {
             Ok(Some(checked)) => {
                 let service = checked.service_key();
-                self.slices_by_service.entry(service.clone()).or_default().insert(key.clone(), checked);
-                dirty.insert(service.clone());
-                SliceState::Of(service)
+                let slices = self.slices_by_service.entry(service.clone()).or_default();
+                if let Err(i) = slices.binary_search(key) {
+                    slices.insert(i, key.clone());
+                }
+                dirty.insert(service);
             }
-            Ok(None) => SliceState::Ignored,
-            Err(rejection) => SliceState::Rejected(rejection),
-        };
-        self.slices.insert(key.clone(), state);
+            // Not ours: another address type.
+            Ok(None) => {}
+            Err(rejection) => drop(self.rejected_slices.insert(key.clone(), rejection)),
+        }
     }
 
     /// Takes back everything a Service contributed.
     fn withdraw(&mut self, key: &ObjectKey, frontends: &mut BTreeSet<Frontend>, ports: &mut BTreeSet<u16>) {
-        let Some(ServiceState::Checked(output)) = self.services.remove(key) else { return };
+        self.rejected_services.remove(key);
+        self.services_with_rejected_ports.remove(key);
+        let Some(output) = self.services.remove(key) else { return };
         for (position, claim) in output.claims.iter().enumerate() {
             if let Some(claims) = self.claims.get_mut(&claim.frontend) {
-                claims.remove(&(key.clone(), claim.port_index, position));
+                if let Ok(i) = claims.binary_search(&(key.clone(), claim.port_index, position)) {
+                    claims.remove(i);
+                }
                 if claims.is_empty() {
                     self.claims.remove(&claim.frontend);
                 }
@@ -229,6 +229,7 @@ impl IncrementalModel {
     /// Computes a Service's contribution from its object, its slices and the node, and records it.
     fn contribute(
         &mut self,
+        state: &ClusterState,
         key: &ObjectKey,
         svc: &k8s_openapi::api::core::v1::Service,
         frontends: &mut BTreeSet<Frontend>,
@@ -237,33 +238,48 @@ impl IncrementalModel {
         let checked = match validate::service(svc) {
             Ok(checked) => checked,
             Err(rejection) => {
-                self.services.insert(key.clone(), ServiceState::Rejected(rejection));
+                self.rejected_services.insert(key.clone(), rejection);
                 return;
             }
         };
-        let slices: Vec<&CheckedSlice> =
-            self.slices_by_service.get(key).map(|s| s.values().collect()).unwrap_or_default();
+        let slices: Vec<CheckedSlice> = self
+            .slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| validate::endpoint_slice(state.endpoint_slices.get(k)?).ok().flatten())
+            .collect();
+        let slices: Vec<&CheckedSlice> = slices.iter().collect();
         let output = build::service_output(&checked, &slices, &self.context);
         for (position, claim) in output.claims.iter().enumerate() {
-            self.claims.entry(claim.frontend).or_default().insert((key.clone(), claim.port_index, position));
+            let claims = self.claims.entry(claim.frontend).or_default();
+            let order = (key.clone(), claim.port_index, position);
+            if let Err(i) = claims.binary_search(&order) {
+                claims.insert(i, order);
+            }
             frontends.insert(claim.frontend);
         }
         if let Some((port, check)) = &output.health_check {
             self.health_claims.entry(*port).or_default().insert(key.clone(), check.clone());
             ports.insert(*port);
         }
-        self.services.insert(key.clone(), ServiceState::Checked(output));
+        if !output.rejected.is_empty() {
+            self.services_with_rejected_ports.insert(key.clone());
+        }
+        self.services.insert(key.clone(), output);
     }
 
     fn claim(&self, (service, _, position): &ClaimOrder) -> Option<&Claim> {
-        match self.services.get(service)? {
-            ServiceState::Checked(output) => output.claims.get(*position),
-            ServiceState::Rejected(_) => None,
-        }
+        self.services.get(service)?.claims.get(*position)
     }
 
     /// Programs the first claim on `frontend`, or removes it if none is left. True if its entry changed.
     fn settle_frontend(&mut self, frontend: Frontend) -> bool {
+        if self.claims.get(&frontend).is_some_and(|c| c.len() > 1) {
+            self.contested.insert(frontend);
+        } else {
+            self.contested.remove(&frontend);
+        }
         let wanted: Option<&FrontendEntry> =
             self.claims.get(&frontend).and_then(|c| c.first()).and_then(|order| self.claim(order)).map(|c| &c.entry);
         let current = self.table.frontends.get(&frontend);
@@ -284,7 +300,9 @@ impl IncrementalModel {
 
 /// Adds or removes one frontend's references to its backends.
 fn count_backends(refs: &mut HashMap<BackendKey, usize>, frontend: Frontend, entry: &FrontendEntry, add: bool) {
-    let keys: BTreeSet<BackendKey> = entry.all_endpoints().map(|e| (e.addr, e.port, frontend.protocol)).collect();
+    let mut keys: Vec<BackendKey> = entry.all_endpoints().map(|e| (e.addr, e.port, frontend.protocol)).collect();
+    keys.sort_unstable();
+    keys.dedup();
     for key in keys {
         if add {
             *refs.entry(key).or_default() += 1;

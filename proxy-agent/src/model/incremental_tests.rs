@@ -239,3 +239,71 @@ fn an_unrelated_change_recomputes_nothing_else() {
     assert_eq!(changed.into_iter().map(|f| f.addr).collect::<Vec<_>>(), [Ipv4Addr::new(10, 32, 0, 2)]);
     assert!(model.update(&Arc::new(state)).is_empty(), "no change, nothing to write");
 }
+
+/// Resident memory of this process, MiB.
+fn rss_mib() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0.0);
+    pages * 4096.0 / (1024.0 * 1024.0)
+}
+
+/// Not a test: where the time and memory of a large table go. `cargo test --release -p proxy-agent
+/// model_at_scale -- --ignored --nocapture` (`PROXY_SCALE` Services, default 100000, 10 endpoints each).
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn model_at_scale() {
+    let services: usize = std::env::var("PROXY_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let base = rss_mib();
+    let mut state = ClusterState::default();
+    for i in 0..services {
+        let name = format!("svc-{i:06}");
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + u32::try_from(i).unwrap());
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ip.to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+        }))
+        .unwrap();
+        let endpoints: Vec<_> = (0..10)
+            .map(|k| {
+                let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + u32::try_from(i * 16 + k).unwrap());
+                json!({"addresses": [addr.to_string()], "conditions": {"ready": true}, "nodeName": "node2"})
+            })
+            .collect();
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": format!("{name}-x"), "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": endpoints,
+        }))
+        .unwrap();
+        state.services.insert(ObjectKey::of(&svc.metadata), Arc::new(svc));
+        state.endpoint_slices.insert(ObjectKey::of(&slice.metadata), Arc::new(slice));
+    }
+    let objects = rss_mib();
+    let mut model = IncrementalModel::new(identity(false));
+    let state = Arc::new(state);
+    let started = std::time::Instant::now();
+    let changed = model.update(&state);
+    let full = started.elapsed();
+    let after_model = rss_mib();
+    let mut next = (*state).clone();
+    let key = ObjectKey { namespace: "default".into(), name: "svc-000007-x".into() };
+    let mut slice = (*next.endpoint_slices[&key]).clone();
+    slice.endpoints[0].addresses[0] = "10.65.0.1".into();
+    next.endpoint_slices.insert(key, Arc::new(slice));
+    let next = Arc::new(next);
+    let started = std::time::Instant::now();
+    let one = model.update(&next);
+    let change = started.elapsed();
+    let started = std::time::Instant::now();
+    let rejected = model.rejected().len();
+    let listing = started.elapsed();
+    eprintln!(
+        "{services} Services: objects {:.0} MiB; full update {full:?} ({} frontends), {:.0} MiB more; \
+         one endpoint {change:?} ({} frontends); rejected() {listing:?} ({rejected})",
+        objects - base,
+        changed.len(),
+        after_model - objects,
+        one.len()
+    );
+    assert_eq!(one.len(), 1);
+}

@@ -97,6 +97,9 @@ pub struct TableWriter<M> {
     orphan_rev_nat: BTreeSet<u32>,
     /// The counters as last persisted.
     persisted_ids: NextIds,
+    /// Entries in the services map (slot 0s and slots), kept as they are written: the occupancy metric is
+    /// read after every sync, and counting would walk the whole table.
+    service_entries: usize,
     /// What each applied frontend uses, so a change to a few frontends is checked and cleaned up without
     /// walking the whole table. `None` until a whole table has been applied (after a start or re-read).
     usage: Option<Usage>,
@@ -205,6 +208,7 @@ impl<M: ServiceMaps> TableWriter<M> {
         let known = Known::read(&maps.dump()?);
         Ok(Self {
             maps,
+            service_entries: known.service_entries(),
             scopes: known.scopes,
             rev_nat_ids: known.rev_nat_ids,
             source_ranges: known.source_ranges,
@@ -223,6 +227,7 @@ impl<M: ServiceMaps> TableWriter<M> {
         let known = Known::read(&self.maps.dump()?);
         self.next_backend_id = self.next_backend_id.max(known.max_backend + 1);
         self.next_rev_nat_id = self.next_rev_nat_id.max(known.max_rev_nat + 1);
+        self.service_entries = known.service_entries();
         self.scopes = known.scopes;
         self.rev_nat_ids = known.rev_nat_ids;
         self.source_ranges = known.source_ranges;
@@ -234,9 +239,8 @@ impl<M: ServiceMaps> TableWriter<M> {
 
     /// Entries in use per map.
     pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
-        let services = self.scopes.values().map(|p| usize::from(p.slot0.is_some()) + p.slots.len()).sum();
         vec![
-            (proxy_common::maps::SERVICES, services),
+            (proxy_common::maps::SERVICES, self.service_entries),
             (proxy_common::maps::BACKENDS, self.backends.len()),
             (proxy_common::maps::REVNAT, self.rev_nat_ids.len()),
             (proxy_common::maps::SOURCE_RANGES, self.source_ranges.values().map(BTreeSet::len).sum()),
@@ -513,19 +517,24 @@ impl<M: ServiceMaps> TableWriter<M> {
                     affinity_timeout: 0,
                 };
                 self.maps.put_service(&service_key(scoped, slot), &value)?;
-                programmed.slots.insert(slot, *id);
+                if programmed.slots.insert(slot, *id).is_none() {
+                    self.service_entries += 1;
+                }
                 stats.writes += 1;
             }
         }
         if programmed.slot0 != Some(wanted.slot0) {
             self.maps.put_service(&service_key(scoped, 0), &wanted.slot0)?;
-            programmed.slot0 = Some(wanted.slot0);
+            if programmed.slot0.replace(wanted.slot0).is_none() {
+                self.service_entries += 1;
+            }
             stats.writes += 1;
         }
         let extra: Vec<u16> = programmed.slots.range(count + 1..).map(|(slot, _)| *slot).collect();
         for slot in extra {
             self.maps.delete_service(&service_key(scoped, slot))?;
             programmed.slots.remove(&slot);
+            self.service_entries -= 1;
             stats.deletes += 1;
         }
         Ok(())
@@ -536,6 +545,7 @@ impl<M: ServiceMaps> TableWriter<M> {
         if programmed.slot0.is_some() {
             self.maps.delete_service(&service_key(scoped, 0))?;
             programmed.slot0 = None;
+            self.service_entries -= 1;
             stats.deletes += 1;
         }
         while let Some((slot, id)) = programmed.slots.pop_last() {
@@ -543,6 +553,7 @@ impl<M: ServiceMaps> TableWriter<M> {
                 programmed.slots.insert(slot, id);
                 return Err(e);
             }
+            self.service_entries -= 1;
             stats.deletes += 1;
         }
         self.scopes.remove(&scoped);
@@ -563,6 +574,10 @@ struct Known {
 }
 
 impl Known {
+    fn service_entries(&self) -> usize {
+        self.scopes.values().map(|p| usize::from(p.slot0.is_some()) + p.slots.len()).sum()
+    }
+
     fn read(contents: &Contents) -> Self {
         let mut scopes: BTreeMap<ScopedFrontend, Programmed> = BTreeMap::new();
         let mut rev_nat_ids = BTreeMap::new();

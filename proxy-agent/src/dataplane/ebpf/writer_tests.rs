@@ -324,6 +324,8 @@ proptest! {
                 writer.maps.fail_at = None;
             }
             writer.apply_changes(table, &changed).unwrap();
+            let services = writer.occupancy()[0];
+            prop_assert_eq!(services, (proxy_common::maps::SERVICES, writer.maps.services.len()));
             prop_assert_eq!(writer.maps.decode(), expected(table));
             writer.maps.assert_no_garbage(table);
             before = table.clone();
