@@ -13,19 +13,20 @@ use k8s_openapi::api::{
 };
 use tokio::sync::watch;
 
-/// `namespace/name` of a namespaced object.
+/// `namespace/name` of a namespaced object. Shared strings: keys are copied into several indexes per
+/// object, and a copy should cost a reference count, not two allocations.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
     #[must_use]
     pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
         Self {
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+            name: meta.name.as_deref().unwrap_or_default().into(),
         }
     }
 }

@@ -8,10 +8,14 @@
 //! sequence.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     sync::Arc,
 };
+
+// Seeded per process, so keys taken from cluster objects cannot be chosen to collide; several times faster
+// than std's SipHash on these small keys.
+use foldhash::{HashMap, HashMapExt as _};
 
 use imbl::ordmap::DiffItem;
 

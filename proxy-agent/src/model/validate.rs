@@ -125,7 +125,7 @@ impl CheckedSlice {
     /// The Service this slice belongs to (its `kubernetes.io/service-name` label, in its namespace).
     #[must_use]
     pub fn service_key(&self) -> crate::store::ObjectKey {
-        crate::store::ObjectKey { namespace: self.namespace.clone(), name: self.service_name.clone() }
+        crate::store::ObjectKey { namespace: self.namespace.as_str().into(), name: self.service_name.as_str().into() }
     }
 }
 

@@ -204,7 +204,7 @@ mod tests {
     }
 
     fn names(rx: &tokio::sync::watch::Receiver<crate::store::Snapshot>) -> Vec<String> {
-        rx.borrow().state.services.keys().map(|k| k.name.clone()).collect()
+        rx.borrow().state.services.keys().map(|k| k.name.to_string()).collect()
     }
 
     /// A relist is buffered and swapped in whole at `InitDone`: objects that vanished while the watch was

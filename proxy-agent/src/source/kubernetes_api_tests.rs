@@ -142,7 +142,7 @@ fn client(addr: SocketAddr) -> Client {
 }
 
 fn service_names(s: &Snapshot) -> BTreeSet<String> {
-    s.state.services.keys().map(|k| k.name.clone()).collect()
+    s.state.services.keys().map(|k| k.name.to_string()).collect()
 }
 
 /// Waits (bounded) until the store satisfies `done`.

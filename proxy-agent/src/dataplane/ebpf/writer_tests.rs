@@ -430,3 +430,57 @@ fn a_full_reconcile_repairs_entries_removed_behind_the_writers_back() {
     assert_eq!(maps.decode(), expected(&t));
     maps.assert_no_garbage(&t);
 }
+
+/// Maps that accept every write and keep nothing: the writer's own cost, without the kernel's.
+struct NullMaps;
+
+impl ServiceMaps for NullMaps {
+    fn put_backend(&mut self, _: u32, _: Backend) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn delete_backend(&mut self, _: u32) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn put_service(&mut self, _: &ServiceKey, _: &ServiceValue) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn delete_service(&mut self, _: &ServiceKey) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn put_revnat(&mut self, _: u32, _: RevNat) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn delete_revnat(&mut self, _: u32) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn put_source_range(&mut self, _: u32, _: Cidr) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn delete_source_range(&mut self, _: u32, _: Cidr) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn put_next_ids(&mut self, _: NextIds) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn dump(&self) -> anyhow::Result<Contents> {
+        Ok(Contents::default())
+    }
+}
+
+/// Not a test: the writer's own time for a large table. `cargo test --release -p proxy-agent
+/// writer_at_scale -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn writer_at_scale() {
+    let mut t = ServiceTable::default();
+    for i in 0..100_000u32 {
+        let f = Frontend { addr: Ipv4Addr::from(0x0a60_0000 + i), port: 80, protocol: Protocol::Tcp };
+        let eps =
+            (0..10).map(|k| Endpoint { addr: Ipv4Addr::from(0x0a40_0000 + i * 16 + k), port: 8080, local: false });
+        t.frontends.insert(f, entry(format!("svc-{i}"), eps.collect(), None));
+    }
+    let mut writer = TableWriter::adopt(NullMaps).unwrap();
+    let started = std::time::Instant::now();
+    let stats = writer.apply(&t).unwrap();
+    eprintln!("100000 frontends × 10: {} writes in {:?} of the writer's own time", stats.writes, started.elapsed());
+}
