@@ -31,8 +31,11 @@ pub struct BenchConfig {
     pub repeats: usize,
     /// How long one load run lasts.
     pub duration: Duration,
-    /// How many single-endpoint changes are timed at each scale.
+    /// How many single-endpoint changes are timed at each scale, at most.
     pub endpoint_changes: usize,
+    /// Changes stop once they have taken this long (at least five are timed): a netfilter mode at 100k
+    /// Services takes many seconds per change.
+    pub change_budget: Duration,
     /// A mode whose first sync takes longer than this is not measured at larger scales.
     pub sync_budget: Duration,
 }
@@ -48,6 +51,7 @@ impl BenchConfig {
             repeats: 5,
             duration: Duration::from_secs(3),
             endpoint_changes: 50,
+            change_budget: Duration::from_secs(60),
             sync_budget: Duration::from_secs(300),
         }
     }
@@ -62,6 +66,7 @@ impl BenchConfig {
             repeats: 1,
             duration: Duration::from_millis(200),
             endpoint_changes: 3,
+            change_budget: Duration::from_secs(30),
             sync_budget: Duration::from_secs(30),
         }
     }
@@ -263,7 +268,11 @@ fn measure_scale(config: &BenchConfig, mode: &str, services: usize) -> anyhow::R
 
     // One endpoint changes, back and forth; each change is its own sync.
     let mut change_ms = Vec::new();
+    let changes_started = Instant::now();
     for i in 0..config.endpoint_changes {
+        if i >= 5 && changes_started.elapsed() > config.change_budget {
+            break;
+        }
         let backend = if i % 2 == 0 { (2, 3) } else { (2, 2) };
         lab.write_manifest("target.yaml", &target_manifest(&lab, backend))?;
         lab.agent(1).wait_for_log("service table applied", i + 1, config.sync_budget)?;

@@ -180,22 +180,25 @@ fn control_section(md: &mut String, config: &BenchConfig, results: &Results) {
     let _ = writeln!(
         md,
         "Full sync: the agent's first sync from cold (model and dataplane writes; reading the manifests is not \
-         counted). One-endpoint change: a sync after one endpoint of one Service changed, {} times.\n",
-        config.endpoint_changes
+         counted). One-endpoint change: the sync after one endpoint of one Service changed (model and dataplane, \
+         from the store's change to the kernel's), up to {} times or for {} s (changes column).\n",
+        config.endpoint_changes,
+        config.change_budget.as_secs()
     );
     let _ = writeln!(
         md,
-        "| mode | Services × endpoints | full sync ms | change p50 ms | change p99 ms | peak RSS MiB | BPF maps MiB |"
+        "| mode | Services × endpoints | full sync ms | changes | change p50 ms | change p99 ms | peak RSS MiB | BPF maps MiB |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
     for row in &results.control {
         let _ = writeln!(
             md,
-            "| {} | {} × {} | {:.1} | {:.2} | {:.2} | {:.1} | {} |",
+            "| {} | {} × {} | {:.1} | {} | {:.2} | {:.2} | {:.1} | {} |",
             row.mode,
             row.services,
             row.endpoints_per_service,
             row.full_sync_ms,
+            row.change_ms.len(),
             percentile(&row.change_ms, 50.0).unwrap_or(f64::NAN),
             percentile(&row.change_ms, 99.0).unwrap_or(f64::NAN),
             kib_to_mib(row.peak_rss_kib),
