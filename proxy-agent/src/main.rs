@@ -11,6 +11,8 @@ mod node;
 mod source;
 mod store;
 mod sync;
+#[cfg(test)]
+mod testing;
 
 use std::time::Duration;
 

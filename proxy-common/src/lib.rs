@@ -268,15 +268,24 @@ pub mod conntrack {
         pub addr: u32,
         /// Network byte order.
         pub port: u16,
-        /// `SNAT_CLOSING` once a FIN or RST was seen (kept up to date on `DIR_SNAT_IN` entries).
+        /// `SNAT_*` bits: how far the flow has closed (kept up to date on `DIR_SNAT_IN` entries).
         pub flags: u16,
         /// When the flow last carried a packet, in seconds of the kernel's monotonic clock (`DIR_SNAT_IN`).
         pub last_seen: u32,
-        pub pad: u32,
+        /// The same, in milliseconds, wrapping (`DIR_SNAT_IN`): when a closed flow's port may be reused
+        /// is decided in milliseconds. Zero in entries written before this field existed, which reads as
+        /// long ago.
+        pub last_seen_ms: u32,
     }
 
-    /// The SNATed TCP flow has seen a FIN or RST: its port may serve a new flow soon.
+    /// The SNATed TCP flow has seen a FIN or RST.
     pub const SNAT_CLOSING: u16 = 1;
+    /// The client sent a FIN.
+    pub const SNAT_FIN_OUT: u16 = 2;
+    /// The backend sent a FIN.
+    pub const SNAT_FIN_IN: u16 = 4;
+    /// Either side sent a RST.
+    pub const SNAT_RST: u16 = 8;
 }
 
 /// sessionAffinity ClientIP: which backend a client was last given for a frontend, and when.
@@ -398,7 +407,7 @@ mod layout_tests {
         assert_eq!(offset_of!(SnatValue, port), 4);
         assert_eq!(offset_of!(SnatValue, flags), 6);
         assert_eq!(offset_of!(SnatValue, last_seen), 8);
-        assert_eq!(offset_of!(SnatValue, pad), 12);
+        assert_eq!(offset_of!(SnatValue, last_seen_ms), 12);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use proxy_common::{
     capacity,
     config::Config,
-    conntrack::{CtKey, DIR_SNAT_IN, DIR_SNAT_OUT, SNAT_CLOSING, SnatValue},
+    conntrack::{CtKey, DIR_SNAT_IN, DIR_SNAT_OUT, SNAT_CLOSING, SNAT_FIN_IN, SNAT_FIN_OUT, SNAT_RST, SnatValue},
     proto,
 };
 
@@ -26,11 +26,18 @@ static SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::pinned(capacity::SNAT, 0
 #[map(name = "CONFIG")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-/// How many random ports to try before giving up on a new SNATed flow.
-const PORT_TRIES: u32 = 8;
-/// A port whose TCP flow closed (FIN or RST) serves a new flow to the same backend after this many seconds
-/// without packets, as Linux reuses a `TIME_WAIT` tuple for a new connection (`tcp_tw_reuse`).
-const CLOSED_REUSE_SECS: u32 = 2;
+/// How many random ports to try before giving up on a new SNATed flow (its SYN is then dropped, and TCP
+/// retries in a second). With a third of the range held, 8 tries failed once in ~25k new flows; 32 make it
+/// once in billions, and cost nothing while ports are free.
+const PORT_TRIES: u32 = 32;
+/// A port whose TCP flow closed both ways (a FIN from each side) serves a new flow to the same backend after
+/// this long without packets: time for the final ACK to reach the backend, so a new SYN never meets the old
+/// socket in LAST_ACK. Closed flows are what a busy NodePort leaves behind by the thousand per second; a
+/// port range of 4.5k would run dry if each were held for seconds (new connections then lose their SYN).
+const CLOSED_REUSE_MS: u32 = 250;
+/// A port whose flow closed one way only (a FIN from one side: the other may still send) serves a new flow
+/// after this long without packets, netfilter's `CLOSE_WAIT` timeout.
+const HALF_CLOSED_IDLE_SECS: u32 = 60;
 /// A port whose flow went quiet serves a new flow after this long: UDP (no end to see) like netfilter's
 /// UDP timeout, TCP that ended unseen after a day.
 const UDP_IDLE_SECS: u32 = 60;
@@ -40,20 +47,30 @@ const TCP_IDLE_SECS: u32 = 86_400;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
 
+/// The kernel's monotonic clock: (seconds, milliseconds wrapping at 2^32).
 #[inline(always)]
-fn now_secs() -> u32 {
+fn now() -> (u32, u32) {
     // SAFETY: the helper has no preconditions.
     let ns = unsafe { bpf_ktime_get_coarse_ns() };
-    u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
+    let secs = u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX);
+    #[expect(clippy::cast_possible_truncation, reason = "milliseconds wrap on purpose; only differences are used")]
+    let ms = (ns / 1_000_000) as u32;
+    (secs, ms)
 }
 
 /// Whether the flow holding a port (its `DIR_SNAT_IN` entry) has ended or gone quiet long enough for the
 /// port to serve a new flow.
 #[inline(always)]
-fn reusable(held: &SnatValue, proto_number: u8, now: u32) -> bool {
+fn reusable(held: &SnatValue, proto_number: u8, (now, now_ms): (u32, u32)) -> bool {
     let idle = now.saturating_sub(held.last_seen);
+    if held.flags & SNAT_RST != 0 {
+        return true;
+    }
+    if held.flags & (SNAT_FIN_OUT | SNAT_FIN_IN) == SNAT_FIN_OUT | SNAT_FIN_IN {
+        return now_ms.wrapping_sub(held.last_seen_ms) >= CLOSED_REUSE_MS;
+    }
     if held.flags & SNAT_CLOSING != 0 {
-        return idle >= CLOSED_REUSE_SECS;
+        return idle >= HALF_CLOSED_IDLE_SECS;
     }
     idle >= if proto_number == proto::TCP { TCP_IDLE_SECS } else { UDP_IDLE_SECS }
 }
@@ -72,15 +89,23 @@ fn in_key(flow: &Flow, cfg: &Config, port: u16) -> CtKey {
     }
 }
 
-/// Notes a packet of the flow behind a `DIR_SNAT_IN` entry: when, and whether it ends the flow.
+/// Notes a packet of the flow behind a `DIR_SNAT_IN` entry: when, and how far it closes the flow. `fin` is
+/// the bit a FIN from this packet's side sets.
 #[inline(always)]
-fn touch(entry: *mut SnatValue, tcp_flags: u8) {
+fn touch(entry: *mut SnatValue, tcp_flags: u8, fin: u16) {
+    let (secs, ms) = now();
+    let mut closing = 0;
+    if tcp_flags & TCP_FIN != 0 {
+        closing |= SNAT_CLOSING | fin;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        closing |= SNAT_CLOSING | SNAT_RST;
+    }
     // SAFETY: `entry` points into the map's value, valid for this program run; plain field writes.
     unsafe {
-        (*entry).last_seen = now_secs();
-        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            (*entry).flags |= SNAT_CLOSING;
-        }
+        (*entry).last_seen = secs;
+        (*entry).last_seen_ms = ms;
+        (*entry).flags |= closing;
     }
 }
 
@@ -105,12 +130,12 @@ pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: impl FnOnce() -> u8) -> Re
         if tcp_flags & (TCP_FIN | TCP_RST) != 0
             && let Some(entry) = SNAT.get_ptr_mut(&in_key(flow, cfg, known.port))
         {
-            touch(entry, tcp_flags);
+            touch(entry, tcp_flags, SNAT_FIN_OUT);
         }
         return Ok(known.port);
     }
     let port = allocate_port(flow, cfg)?;
-    let out = SnatValue { addr: cfg.snat_addr, port, flags: 0, last_seen: 0, pad: 0 };
+    let out = SnatValue { addr: cfg.snat_addr, port, flags: 0, last_seen: 0, last_seen_ms: 0 };
     SNAT.insert(&out_key, &out, u64::from(BPF_ANY)).map_err(i64::from)?;
     Ok(port)
 }
@@ -120,8 +145,8 @@ pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: impl FnOnce() -> u8) -> Re
 #[inline(always)]
 fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16, i64> {
     let span = u32::from(cfg.snat_port_max.saturating_sub(cfg.snat_port_min)) + 1;
-    let now = now_secs();
-    let back = SnatValue { addr: flow.src_addr, port: flow.src_port, flags: 0, last_seen: now, pad: 0 };
+    let now = now();
+    let back = SnatValue { addr: flow.src_addr, port: flow.src_port, flags: 0, last_seen: now.0, last_seen_ms: now.1 };
     for _ in 0..PORT_TRIES {
         // SAFETY: the helper has no preconditions.
         let offset = unsafe { bpf_get_prandom_u32() } % span;
@@ -163,7 +188,7 @@ pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: impl FnOnce() -> u8) -> O
         return None;
     }
     let entry = SNAT.get_ptr_mut(&conntrack::key(flow, DIR_SNAT_IN))?;
-    touch(entry, tcp_flags());
+    touch(entry, tcp_flags(), SNAT_FIN_IN);
     // SAFETY: as in `touch`; the value is copied out.
     Some(unsafe { *entry })
 }

@@ -22,7 +22,12 @@ fn the_benchmark_measures_every_mode_and_writes_its_report() {
     }
     let paths: Vec<&str> = results.node_port.iter().map(|r| r.path.as_str()).collect();
     assert_eq!(paths, ["eBPF, XDP", "eBPF, TC (XDP off)", "nftables", "iptables"]);
-    assert!(results.node_port.iter().all(|r| r.connections[0] > 0.0 && r.udp_exchanges[0] > 0.0));
+    assert!(
+        results
+            .node_port
+            .iter()
+            .all(|r| r.connections[0] > 0.0 && r.udp_exchanges[0] > 0.0 && r.udp_delivered[0] > 0.0)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let text = report::write(dir.path(), &config, &results).unwrap();
@@ -33,5 +38,59 @@ fn the_benchmark_measures_every_mode_and_writes_its_report() {
     for plot in ["clusterip-ratio.svg", "full-sync.svg", "nodeport.svg"] {
         let svg = std::fs::read_to_string(dir.path().join(plot)).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("<text"), "{plot} is not a plot with labels");
+    }
+}
+
+/// Not a test: where the connection rate goes. `PROXY_LAB_MODE=… cargo test --release -p proxy-lab --test
+/// bench_tiny connection_latency -- --ignored --nocapture` prints the latency spread of back-to-back
+/// connections, direct to a pod and through a ClusterIP; a few slow ones (a lost SYN costs a 1 s
+/// retransmission) dominate a connections-per-second figure.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn connection_latency() {
+    use std::{net::SocketAddrV4, time::Instant};
+
+    use proxy_lab::{
+        Lab, LabSpec,
+        lab::node_name,
+        manifests::{Endpoint, Port, Svc},
+    };
+    let mut lab = Lab::start(LabSpec::default()).unwrap();
+    let pod = lab.pod(2, 2).clone();
+    lab.serve(&pod, &[8080], &[]).unwrap();
+    let vip = std::net::Ipv4Addr::new(10, 32, 0, 90);
+    let mut svc = Svc::new("lat", vip, vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }]);
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30090];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&[Endpoint::ready(pod.ip, node_name(2))])).unwrap();
+    lab.start_agents().unwrap();
+    let count: usize = std::env::var("PROXY_CONNECTIONS").ok().and_then(|c| c.parse().ok()).unwrap_or(2000);
+    let pod_client = lab.pod(1, 1).ns.clone();
+    let node_port = SocketAddrV4::new(proxy_lab::lab::node_ip(1), 30090);
+    for (client, target) in [
+        (pod_client.clone(), SocketAddrV4::new(pod.ip, 8080)),
+        (pod_client, SocketAddrV4::new(vip, 80)),
+        (lab.external_ns(), node_port),
+    ] {
+        let mut ms: Vec<f64> = proxy_lab::netns::in_netns(&client, move || {
+            (0..count)
+                .map(|_| {
+                    let t = Instant::now();
+                    proxy_lab::echo::tcp_request_here(target, std::time::Duration::from_secs(3)).unwrap();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect()
+        })
+        .unwrap();
+        ms.sort_by(f64::total_cmp);
+        let slow = ms.iter().filter(|m| **m > 200.0).count();
+        eprintln!(
+            "{target}: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {slow} of {} over 200 ms, total {:.1} s",
+            ms[ms.len() / 2],
+            ms[ms.len() * 99 / 100],
+            ms[ms.len() - 1],
+            ms.len(),
+            ms.iter().sum::<f64>() / 1e3
+        );
     }
 }

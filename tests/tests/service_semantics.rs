@@ -507,10 +507,12 @@ fn snat_ports_are_reused_after_their_connections_close() {
     svc.node_ports = vec![30107];
     lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
     lab.start_agents().unwrap();
-    // Bounded: 12 connections, 0.8 s apart (a closed flow's port is free again after 2 s).
-    for i in 0..12 {
-        let r = answered(attempt(&ext(&lab), Proto::Tcp, at(node_ip(1), 30107), TIMEOUT).unwrap());
+    // Bounded: 24 connections through 4 ports, 0.3 s apart: a port whose flow closed both ways is free again
+    // after 250 ms. Each must connect well within TCP's 1 s SYN retransmission, so a SYN dropped for want
+    // of a port fails the test instead of hiding in a retry.
+    for i in 0..24 {
+        let r = answered(attempt(&ext(&lab), Proto::Tcp, at(node_ip(1), 30107), Duration::from_millis(700)).unwrap());
         assert_eq!(r.backend, "pod-2-2", "connection {i}");
-        thread::sleep(Duration::from_millis(800));
+        thread::sleep(Duration::from_millis(300));
     }
 }

@@ -143,7 +143,8 @@ pub fn run_with_input(program: &str, args: &[&str], input: &str) -> anyhow::Resu
     child.stdin.take().expect("piped").write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        anyhow::bail!("{program} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        // A ruleset too large for the tool's memory ends with SIGKILL from the OOM killer and no message.
+        anyhow::bail!("{program} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

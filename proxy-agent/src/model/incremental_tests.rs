@@ -240,20 +240,13 @@ fn an_unrelated_change_recomputes_nothing_else() {
     assert!(model.update(&Arc::new(state)).is_empty(), "no change, nothing to write");
 }
 
-/// Resident memory of this process, MiB.
-fn rss_mib() -> f64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: f64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0.0);
-    pages * 4096.0 / (1024.0 * 1024.0)
-}
-
 /// Not a test: where the time and memory of a large table go. `cargo test --release -p proxy-agent
 /// model_at_scale -- --ignored --nocapture` (`PROXY_SCALE` Services, default 100000, 10 endpoints each).
 #[test]
 #[ignore = "a measurement, run by hand"]
 fn model_at_scale() {
     let services: usize = std::env::var("PROXY_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
-    let base = rss_mib();
+    let base = crate::testing::resident_mib();
     let mut state = ClusterState::default();
     for i in 0..services {
         let name = format!("svc-{i:06}");
@@ -278,13 +271,13 @@ fn model_at_scale() {
         state.services.insert(ObjectKey::of(&svc.metadata), Arc::new(svc));
         state.endpoint_slices.insert(ObjectKey::of(&slice.metadata), Arc::new(slice));
     }
-    let objects = rss_mib();
+    let objects = crate::testing::resident_mib();
     let mut model = IncrementalModel::new(identity(false));
     let state = Arc::new(state);
     let started = std::time::Instant::now();
     let changed = model.update(&state);
     let full = started.elapsed();
-    let after_model = rss_mib();
+    let after_model = crate::testing::resident_mib();
     let mut next = (*state).clone();
     let key = ObjectKey { namespace: "default".into(), name: "svc-000007-x".into() };
     let mut slice = (*next.endpoint_slices[&key]).clone();

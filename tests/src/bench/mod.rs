@@ -228,7 +228,19 @@ fn lab_for(mode: &str, extra: &[&str]) -> anyhow::Result<Lab> {
         let pod = lab.pod(n, k).clone();
         lab.serve(&pod, &[SERVER_PORT], &[UDP_SERVER_PORT])?;
     }
+    for client in [lab.pod(1, 1).ns.clone(), lab.external_ns()] {
+        reuse_time_wait_ports(&client)?;
+    }
     Ok(lab)
+}
+
+/// A load client opens thousands of connections a second and closes each first, so each leaves its port in
+/// TIME_WAIT for a minute; a run of a few seconds then exhausts the ephemeral range, and `connect()` slows to
+/// a crawl searching it, which measured the client, not the path. `tcp_tw_reuse` lets a new connection take
+/// a TIME_WAIT port after a second, as busy client hosts are set up to do.
+fn reuse_time_wait_ports(ns: &str) -> anyhow::Result<()> {
+    crate::netns::in_netns(ns, || std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1"))?
+        .with_context(|| format!("setting tcp_tw_reuse in {ns}"))
 }
 
 /// One mode at one scale: data path and control plane.
@@ -239,8 +251,15 @@ fn measure_scale(config: &BenchConfig, mode: &str, services: usize) -> anyhow::R
     }
     lab.write_manifest("target.yaml", &target_manifest(&lab, (2, 2)))?;
     let started = Instant::now();
-    lab.start_agents_within(config.sync_budget)
-        .with_context(|| format!("{mode} did not finish its first sync of {services} Services within the budget"))?;
+    if let Err(e) = lab.start_agents_within(config.sync_budget) {
+        // Say why, if the agent said: a failed sync (a tool killed for lack of memory) is not a slow one.
+        let log = lab.agent(1).log();
+        let failure = log.lines().rev().find(|l| l.contains("applying the service table failed"));
+        let why = failure.and_then(|l| l.split_once("error=")).map_or("", |(_, e)| e).to_owned();
+        return Err(e).with_context(|| {
+            format!("{mode} did not finish its first sync of {services} Services within the budget {why}")
+        });
+    }
     eprintln!("bench: {mode}, {services} Services: agents synced in {:.1} s", started.elapsed().as_secs_f64());
     let full_sync_ms = applied_ms(&lab.agent(1).log(), 0)?;
 
@@ -344,10 +363,20 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<Results> {
                     results.control.push(control);
                 }
                 Err(e) if format!("{e:#}").contains("within the budget") => {
-                    results.skipped.push(format!(
-                        "{mode} at {services} Services and above: its first sync took longer than {:?}",
-                        config.sync_budget
-                    ));
+                    let message = format!("{e:#}");
+                    let failed =
+                        message.split_once("within the budget ").map(|(_, why)| why.trim()).filter(|w| !w.is_empty());
+                    results.skipped.push(match failed {
+                        Some(why) => format!(
+                            "{mode} at {services} Services and above: its first sync failed ({why}) and did not \
+                             succeed within {:?}",
+                            config.sync_budget
+                        ),
+                        None => format!(
+                            "{mode} at {services} Services and above: its first sync took longer than {:?}",
+                            config.sync_budget
+                        ),
+                    });
                     break;
                 }
                 Err(e) => return Err(e.context(format!("{mode} at {services} Services"))),

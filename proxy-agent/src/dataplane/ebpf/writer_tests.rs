@@ -479,8 +479,14 @@ fn writer_at_scale() {
             (0..10).map(|k| Endpoint { addr: Ipv4Addr::from(0x0a40_0000 + i * 16 + k), port: 8080, local: false });
         t.frontends.insert(f, entry(format!("svc-{i}"), eps.collect(), None));
     }
+    let before = crate::testing::resident_mib();
     let mut writer = TableWriter::adopt(NullMaps).unwrap();
     let started = std::time::Instant::now();
     let stats = writer.apply(&t).unwrap();
-    eprintln!("100000 frontends × 10: {} writes in {:?} of the writer's own time", stats.writes, started.elapsed());
+    eprintln!(
+        "100000 frontends × 10: {} writes in {:?} of the writer's own time; its memory {:.0} MiB",
+        stats.writes,
+        started.elapsed(),
+        crate::testing::resident_mib() - before
+    );
 }
