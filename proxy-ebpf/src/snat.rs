@@ -32,7 +32,7 @@ static CONFIG: Array<Config> = Array::pinned(1, 0);
 const PORT_TRIES: u32 = 32;
 /// A port whose TCP flow closed both ways (a FIN from each side) serves a new flow to the same backend after
 /// this long without packets: time for the final ACK to reach the backend, so a new SYN never meets the old
-/// socket in LAST_ACK. Closed flows are what a busy NodePort leaves behind by the thousand per second; a
+/// socket in `LAST_ACK`. Closed flows are what a busy NodePort leaves behind by the thousand per second; a
 /// port range of 4.5k would run dry if each were held for seconds (new connections then lose their SYN).
 const CLOSED_REUSE_MS: u32 = 250;
 /// A port whose flow closed one way only (a FIN from one side: the other may still send) serves a new flow

@@ -235,9 +235,9 @@ fn lab_for(mode: &str, extra: &[&str]) -> anyhow::Result<Lab> {
 }
 
 /// A load client opens thousands of connections a second and closes each first, so each leaves its port in
-/// TIME_WAIT for a minute; a run of a few seconds then exhausts the ephemeral range, and `connect()` slows to
+/// `TIME_WAIT` for a minute; a run of a few seconds then exhausts the ephemeral range, and `connect()` slows to
 /// a crawl searching it, which measured the client, not the path. `tcp_tw_reuse` lets a new connection take
-/// a TIME_WAIT port after a second, as busy client hosts are set up to do.
+/// a `TIME_WAIT` port after a second, as busy client hosts are set up to do.
 fn reuse_time_wait_ports(ns: &str) -> anyhow::Result<()> {
     crate::netns::in_netns(ns, || std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1"))?
         .with_context(|| format!("setting tcp_tw_reuse in {ns}"))
