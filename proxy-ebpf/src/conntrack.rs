@@ -49,9 +49,11 @@ pub fn record(flow: &Flow, backend: &Backend, value: &CtValue) -> Result<(), i32
     CONNTRACK.insert(&reply, value, u64::from(BPF_ANY))
 }
 
-/// Forgets that replies on `flow`'s reversed tuple belong to a translated flow. For a packet that opens a
-/// flow straight to an address that was once a backend: a client may reuse a source port it used through
-/// a Service, and the old flow's reverse translation would otherwise hijack the new flow's replies.
+/// Forgets the translated flow whose replies would arrive on `flow`'s reversed tuple. For a packet that
+/// opens a flow straight to an address that was once a backend: a client may reuse a source port it used
+/// through a Service, and the old flow's reverse translation would otherwise hijack the new flow's replies.
+/// The old flow's forward entry goes too: were the client to reuse the port for the Service again, a
+/// forward entry without its reply entry would send the new flow on with replies nobody translates back.
 #[inline(always)]
 pub fn forget_reply(flow: &Flow) {
     let reply = CtKey {
@@ -63,11 +65,22 @@ pub fn forget_reply(flow: &Flow) {
         dir: DIR_REPLY,
         pad: 0,
     };
-    // Nothing to forget is the common case: a lock-free lookup first, the bucket-locking delete only when
+    // Nothing to forget is the common case: a lock-free lookup first, the bucket-locking deletes only when
     // there is something to delete.
-    // SAFETY: only whether the entry exists is read.
-    if unsafe { CONNTRACK.get(&reply) }.is_some() {
-        let _ = CONNTRACK.remove(&reply);
+    // SAFETY: the value is copied out at once.
+    let Some(old) = (unsafe { CONNTRACK.get(&reply).copied() }) else { return };
+    let _ = CONNTRACK.remove(&reply);
+    if let Some(frontend) = crate::nat::revnat(old.rev_nat_id) {
+        let forward = CtKey {
+            src_addr: flow.src_addr,
+            dst_addr: frontend.addr,
+            src_port: flow.src_port,
+            dst_port: frontend.port,
+            proto: flow.proto,
+            dir: DIR_FORWARD,
+            pad: 0,
+        };
+        let _ = CONNTRACK.remove(&forward);
     }
 }
 
