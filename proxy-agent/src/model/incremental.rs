@@ -1,6 +1,6 @@
 //! The model, kept up to date change by change.
 //!
-//! [`desired`](super::desired) recomputes every Service from scratch; at 100k Services that is far too slow
+//! The specification, `reference::desired` (test-only), recomputes every Service from scratch; at 100k Services that is far too slow
 //! to run for each endpoint that moves. [`IncrementalModel`] gives the same answer but only recomputes the
 //! Services whose object, slices or node context changed since the last update, found by diffing two
 //! versions of the (structure-sharing) cluster state, and reports which frontends changed so the dataplane
@@ -18,6 +18,7 @@ use std::{
 use foldhash::{HashMap, HashMapExt as _};
 
 use imbl::ordmap::DiffItem;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
     Frontend, FrontendEntry, HealthCheck, NodeIdentity, Protocol, Rejection, ServiceTable,
@@ -25,8 +26,6 @@ use super::{
     validate::{self, CheckedSlice},
 };
 use crate::store::{ClusterState, ObjectKey};
-
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// Where a claim sits in the order that decides conflicts: Service, port, position within the port.
 type ClaimOrder = (ObjectKey, usize, usize);
