@@ -60,15 +60,15 @@ pub fn replace_all<K: Ord + Clone, V: PartialEq>(
     map: &mut OrdMap<K, Arc<V>>,
     fresh: impl IntoIterator<Item = (K, Arc<V>)>,
 ) {
-    let mut seen = OrdMap::new();
+    let mut seen = std::collections::BTreeSet::new();
     for (key, value) in fresh {
         let same = map.get(&key).is_some_and(|held| Arc::ptr_eq(held, &value) || **held == *value);
         if !same {
             map.insert(key.clone(), value);
         }
-        seen.insert(key, ());
+        seen.insert(key);
     }
-    let gone: Vec<K> = map.keys().filter(|k| !seen.contains_key(*k)).cloned().collect();
+    let gone: Vec<K> = map.keys().filter(|k| !seen.contains(*k)).cloned().collect();
     for key in gone {
         map.remove(&key);
     }

@@ -120,16 +120,8 @@ fn the_periodic_resync_repairs_state_changed_behind_the_agents_back() {
 
     let mut spec = LabSpec::default();
     spec.agent_args.extend(["--sync-period".to_owned(), "1s".to_owned()]);
-    let mut lab = Lab::start(spec).expect("lab");
-    let pod = lab.pod(2, 2).clone();
-    lab.serve(&pod, &[8080], &[]).unwrap();
     let vip = Ipv4Addr::new(10, 32, 0, 98);
-    let svc = Svc::new("repaired", vip, vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }]);
-    lab.write_manifest("svc.yaml", &svc.with_endpoints(&[Endpoint::ready(pod.ip, node_name(2))])).unwrap();
-    lab.start_agents().unwrap();
-    let client = lab.pod(1, 1).ns.clone();
-    let target = SocketAddrV4::new(vip, 80);
-    assert!(proxy_lab::echo::request(&client, proxy_lab::echo::Proto::Tcp, target, TIMEOUT).is_ok());
+    let (lab, client, target) = one_working_service(spec, "repaired", vip);
 
     let node1 = lab.node_ns(1);
     let in_node1 = |args: &[&str]| proxy_lab::cmd::run("ip", &[&["netns", "exec", node1.as_str()], args].concat());
@@ -177,16 +169,7 @@ fn a_pinned_map_with_another_layout_is_replaced_not_fatal() {
     if mode() != "ebpf" {
         return;
     }
-    let mut lab = Lab::start(LabSpec::default()).expect("lab");
-    let pod = lab.pod(2, 2).clone();
-    lab.serve(&pod, &[8080], &[]).unwrap();
-    let vip = Ipv4Addr::new(10, 32, 0, 97);
-    let svc = Svc::new("upgraded", vip, vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }]);
-    lab.write_manifest("svc.yaml", &svc.with_endpoints(&[Endpoint::ready(pod.ip, node_name(2))])).unwrap();
-    lab.start_agents().unwrap();
-    let client = lab.pod(1, 1).ns.clone();
-    let target = SocketAddrV4::new(vip, 80);
-    assert!(proxy_lab::echo::request(&client, proxy_lab::echo::Proto::Tcp, target, TIMEOUT).is_ok());
+    let (mut lab, client, target) = one_working_service(LabSpec::default(), "upgraded", Ipv4Addr::new(10, 32, 0, 97));
 
     // What an older build might have pinned: same name, another key and value size, no flags.
     let pin = lab.pin_dir(1).join(proxy_common::maps::SERVICES);
@@ -204,4 +187,19 @@ fn a_pinned_map_with_another_layout_is_replaced_not_fatal() {
     > = aya::maps::HashMap::try_from(services);
     assert!(typed.is_ok(), "the pin now holds this build's layout");
     assert!(proxy_lab::echo::request(&client, proxy_lab::echo::Proto::Tcp, target, TIMEOUT).is_ok());
+}
+
+/// A lab whose agents serve one ClusterIP (`vip`:80) backed by pod 2-2, checked to answer a pod on node 1.
+/// Returns the lab, the client's namespace and the Service address.
+fn one_working_service(spec: LabSpec, name: &'static str, vip: Ipv4Addr) -> (Lab, String, SocketAddrV4) {
+    let mut lab = Lab::start(spec).expect("lab");
+    let pod = lab.pod(2, 2).clone();
+    lab.serve(&pod, &[8080], &[]).unwrap();
+    let svc = Svc::new(name, vip, vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }]);
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&[Endpoint::ready(pod.ip, node_name(2))])).unwrap();
+    lab.start_agents().unwrap();
+    let client = lab.pod(1, 1).ns.clone();
+    let target = SocketAddrV4::new(vip, 80);
+    assert!(proxy_lab::echo::request(&client, proxy_lab::echo::Proto::Tcp, target, TIMEOUT).is_ok());
+    (lab, client, target)
 }

@@ -494,9 +494,9 @@ fn node_port_addresses_limit_where_node_ports_are_served() {
 }
 
 /// SNAT ports are reused once their flows end: with only four ports for traffic leaving node 1 towards a
-/// backend on node 2, a dozen external connections in a row (each closed before the next) all work. Found
-/// by the benchmark: ports were never given back, so a NodePort stopped taking new connections once a
-/// backend had seen as many as the port range holds.
+/// backend on node 2, two dozen external connections in a row (each closed before the next) all connect at
+/// once. Found by the benchmark twice: first ports were never given back, then closed flows held theirs for
+/// seconds, so a busy NodePort dropped SYNs for want of a port.
 #[test]
 fn snat_ports_are_reused_after_their_connections_close() {
     let mut spec = LabSpec::default();
