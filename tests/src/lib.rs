@@ -14,5 +14,6 @@ pub mod echo;
 pub mod lab;
 pub mod manifests;
 pub mod netns;
+pub mod rawtcp;
 
 pub use lab::{Lab, LabSpec, PodRef};

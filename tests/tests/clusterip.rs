@@ -272,3 +272,39 @@ fn a_source_port_reused_for_a_direct_connection_to_a_former_backend_works() {
         assert_eq!(again.as_deref(), Ok("pod-2-2"), "port {port} through the Service again");
     }
 }
+
+/// kubernetes/kubernetes#74839: a segment the node's conntrack finds out of window (in the wild a late
+/// retransmission; here injected by the backend pod) must not reset a Service connection. Unhandled,
+/// conntrack marks it INVALID, so it skips reverse NAT and reaches the client from the backend's own
+/// address; the client answers that unknown peer with a RST, which kills the backend's side. The client's
+/// next request on the connection then fails with "connection reset by peer".
+#[test]
+fn an_out_of_window_segment_from_the_backend_does_not_reset_the_connection() {
+    use proxy_lab::{
+        echo::TcpSession,
+        rawtcp::{Capture, inject},
+    };
+
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    let backend = lab.pod(2, 2).clone();
+    lab.serve(&backend, &[8080], &[]).unwrap();
+    let eps = ready(&lab, &[(2, 2)]);
+    lab.write_manifest("svc.yaml", &service_with_endpoints("default", "boom", *vip(74, 80).ip(), &http(8080), &eps))
+        .unwrap();
+    lab.start_agents().unwrap();
+
+    let capture = Capture::start(&backend.ns).unwrap();
+    let session = TcpSession::open(&lab.pod(1, 1).ns.clone(), vip(74, 80), TIMEOUT).unwrap();
+    let first = session.ask().unwrap();
+    let (client, server) = (first.seen_source, SocketAddrV4::new(backend.ip, 8080));
+    let segments = capture.segments(Duration::from_millis(300));
+    let last = |from, to| segments.iter().rev().find(|s| s.from == from && s.to == to).copied();
+    let (sent, received) = (last(server, client).expect("the reply seen"), last(client, server).expect("the request"));
+    // A sequence number 1 GiB past what the backend has sent is beyond any window conntrack allows; the
+    // acknowledgment is the real one, so a RST answering it is one the backend accepts.
+    inject(&backend.ns, server, client, sent.end().wrapping_add(1 << 30), received.end(), b"boom\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let after = session.ask().expect("the connection survives an out-of-window segment");
+    assert_eq!(after.backend, first.backend);
+}

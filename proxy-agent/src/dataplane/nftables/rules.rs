@@ -60,16 +60,27 @@ impl Ruleset {
     }
 }
 
-/// Base chains: where the kernel's hooks enter the table.
-const BASE_CHAINS: [(&str, &str, &str); 6] = [
-    ("nat-prerouting", "type nat hook prerouting priority dstnat; policy accept;", "jump services"),
+/// Base chains: where the kernel's hooks enter the table, and their rules.
+const BASE_CHAINS: [(&str, &str, &[&str]); 6] = [
+    ("nat-prerouting", "type nat hook prerouting priority dstnat; policy accept;", &["jump services"]),
     // nft 1.0.6 takes `dstnat` only on prerouting; -100 is the same priority.
-    ("nat-output", "type nat hook output priority -100; policy accept;", "jump services"),
-    ("nat-postrouting", "type nat hook postrouting priority srcnat; policy accept;", "jump masquerading"),
+    ("nat-output", "type nat hook output priority -100; policy accept;", &["jump services"]),
+    ("nat-postrouting", "type nat hook postrouting priority srcnat; policy accept;", &["jump masquerading"]),
     // The filter hooks run after DNAT: a frontend still addressed here found no endpoint.
-    ("filter-input", "type filter hook input priority filter; policy accept;", "ct state new jump endpoints-check"),
-    ("filter-forward", "type filter hook forward priority filter; policy accept;", "ct state new jump endpoints-check"),
-    ("filter-output", "type filter hook output priority filter; policy accept;", "ct state new jump endpoints-check"),
+    ("filter-input", "type filter hook input priority filter; policy accept;", &["ct state new jump endpoints-check"]),
+    (
+        "filter-forward",
+        "type filter hook forward priority filter; policy accept;",
+        // A segment conntrack finds out of window is INVALID and skips NAT: let through, it would reach the
+        // client from the backend's own address and the client's RST would kill the connection
+        // (kubernetes/kubernetes#74839). The iptables mode drops these in KUBE-FORWARD, as kube-proxy's does.
+        &["ct state invalid drop", "ct state new jump endpoints-check"],
+    ),
+    (
+        "filter-output",
+        "type filter hook output priority filter; policy accept;",
+        &["ct state new jump endpoints-check"],
+    ),
 ];
 
 /// A frontend as a map key.
@@ -98,8 +109,9 @@ struct Renderer<'a> {
 impl<'a> Renderer<'a> {
     fn new(config: &'a RuleConfig) -> Self {
         let mut out = Ruleset::default();
-        for (name, hook, rule) in BASE_CHAINS {
-            out.chains.insert(name.into(), Chain { hook: Some(hook), rules: vec![rule.into()] });
+        for (name, hook, rules) in BASE_CHAINS {
+            let rules = rules.iter().map(|r| (*r).to_owned()).collect();
+            out.chains.insert(name.into(), Chain { hook: Some(hook), rules });
         }
         let fixed: [(&str, Vec<String>); 5] = [
             ("services", vec![format!("ip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}")]),
