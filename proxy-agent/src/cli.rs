@@ -83,6 +83,12 @@ pub struct Args {
     #[arg(long)]
     pub masquerade_all: bool,
 
+    /// Set the kernel's `nf_conntrack_tcp_be_liberal` (kube-proxy's `--conntrack-tcp-be-liberal`): conntrack
+    /// then keeps tracking segments outside the TCP window instead of marking them INVALID, and the
+    /// netfilter modes leave out their rule that drops INVALID forwarded packets.
+    #[arg(long)]
+    pub conntrack_tcp_be_liberal: bool,
+
     /// At most one sync per period, however fast changes arrive.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub min_sync_period: Duration,
@@ -192,6 +198,9 @@ pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &cl
     if let Some(v) = file.masquerade_all.filter(|_| !from_flags("masquerade_all")) {
         args.masquerade_all = v;
     }
+    if let Some(v) = file.tcp_be_liberal.filter(|_| !from_flags("conntrack_tcp_be_liberal")) {
+        args.conntrack_tcp_be_liberal = v;
+    }
     if let Some(v) = file.healthz_bind_address.filter(|_| !from_flags("healthz_bind_address")) {
         args.healthz_bind_address = v;
     }
@@ -228,12 +237,15 @@ mod tests {
             .unwrap();
         let mut args = Args::from_arg_matches(&matches).unwrap();
         let file =
-            crate::config::parse("minSyncPeriod: 1m\nsyncPeriod: 10s\nhostnameOverride: other\nmasqueradeAll: true")
-                .unwrap();
+            crate::config::parse(
+                "minSyncPeriod: 1m\nsyncPeriod: 10s\nhostnameOverride: other\nmasqueradeAll: true\nconntrack:\n  tcpBeLiberal: true",
+            )
+            .unwrap();
         apply_file(&mut args, file, &matches);
         assert_eq!(args.min_sync_period, Duration::from_secs(5), "the flag wins");
         assert_eq!(args.sync_period, Duration::from_secs(10), "the file fills in");
         assert_eq!(args.node_name.as_deref(), Some("n1"));
         assert!(args.masquerade_all);
+        assert!(args.conntrack_tcp_be_liberal);
     }
 }

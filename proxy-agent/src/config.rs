@@ -22,6 +22,8 @@ pub struct FileConfig {
     pub hostname_override: Option<String>,
     pub sync_period: Option<Duration>,
     pub min_sync_period: Option<Duration>,
+    /// `conntrack.tcpBeLiberal`.
+    pub tcp_be_liberal: Option<bool>,
     /// Fields present that this agent does not know; warned about.
     pub unknown: Vec<String>,
     /// Known fields that have no effect on the eBPF dataplane; logged.
@@ -52,8 +54,9 @@ const KNOWN: &[&str] = &[
     "conntrack",
 ];
 
-/// Fields of `conntrack` kube-proxy writes to the kernel's netfilter settings; the eBPF dataplane keeps its
-/// own connection table (an LRU) and does not read them.
+/// Fields of `conntrack` kube-proxy writes to the kernel's netfilter settings. Only `tcpBeLiberal` is
+/// applied here; the others are checked and logged as having no effect (the eBPF dataplane keeps its own
+/// connection table, an LRU).
 const CONNTRACK_FIELDS: &[&str] = &[
     "maxPerCore",
     "min",
@@ -153,6 +156,10 @@ pub fn parse(text: &str) -> Result<FileConfig, BadValue> {
                         out.unknown.push(field);
                         continue;
                     }
+                    if ck == "tcpBeLiberal" {
+                        out.tcp_be_liberal = Some(cv.as_bool().ok_or_else(|| bad(&field, cv, "is not true or false"))?);
+                        continue;
+                    }
                     // Still checked, so a typo'd value is caught before it matters elsewhere.
                     if ck.ends_with("Timeout") && !cv.is_null() {
                         duration(&field, cv)?;
@@ -194,6 +201,7 @@ minSyncPeriod: 1m0s
 conntrack:
   maxPerCore: 32768
   tcpEstablishedTimeout: 24h0m0s
+  tcpBeLiberal: true
 iptables:
   masqueradeBit: 14
 featureGates: {}
@@ -209,6 +217,7 @@ featureGates: {}
         assert_eq!(c.sync_period, Some(Duration::from_secs(30)));
         assert_eq!(c.min_sync_period, Some(Duration::from_secs(60)));
         assert_eq!(c.healthz_bind_address, Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(c.tcp_be_liberal, Some(true));
         assert_eq!(c.unknown, vec!["iptables".to_owned(), "featureGates".to_owned()]);
         assert_eq!(c.ignored, vec!["conntrack.maxPerCore".to_owned(), "conntrack.tcpEstablishedTimeout".to_owned()]);
     }
@@ -222,6 +231,7 @@ featureGates: {}
             ("masqueradeAll: perhaps", "masqueradeAll", "perhaps"),
             ("mode: ipvs", "mode", "ipvs"),
             ("conntrack: {udpTimeout: forever}", "conntrack.udpTimeout", "forever"),
+            ("conntrack: {tcpBeLiberal: yes please}", "conntrack.tcpBeLiberal", "yes please"),
         ];
         for (text, field, value) in cases {
             let e = parse(text).unwrap_err();

@@ -75,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
     };
     tracing::info!(node = %node.name, addresses = ?node.addresses, snat = ?settings.snat_addr, version = env!("CARGO_PKG_VERSION"), "starting");
 
+    if args.conntrack_tcp_be_liberal {
+        dataplane::netfilter::set_tcp_be_liberal()?;
+    }
     let (mode, reason) = mode::choose(args.mode);
     // Never two dataplanes on the same packets: remove what the other modes (or kube-proxy) left.
     remove_dataplanes_except(Some(mode), &args.bpffs)?;
@@ -82,7 +85,12 @@ async fn main() -> anyhow::Result<()> {
         masquerade_all: args.masquerade_all,
         cluster_cidr: args.cluster_cidr,
         pod_interfaces: args.pod_interfaces.clone(),
+        // As kube-proxy: read after setting it, so a node configured liberal by other means counts too.
+        tcp_be_liberal: dataplane::netfilter::tcp_be_liberal(),
     };
+    if rule_config.tcp_be_liberal {
+        tracing::info!(set_here = args.conntrack_tcp_be_liberal, "conntrack: nf_conntrack_tcp_be_liberal is 1");
+    }
     let dataplane: Box<dyn dataplane::Dataplane> = match mode {
         cli::Mode::Iptables => Box::new(dataplane::iptables::IptablesDataplane::start(rule_config)),
         cli::Mode::Nftables => Box::new(dataplane::nftables::NftablesDataplane::start(rule_config)),

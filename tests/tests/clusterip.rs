@@ -277,15 +277,38 @@ fn a_source_port_reused_for_a_direct_connection_to_a_former_backend_works() {
 /// retransmission; here injected by the backend pod) must not reset a Service connection. Unhandled,
 /// conntrack marks it INVALID, so it skips reverse NAT and reaches the client from the backend's own
 /// address; the client answers that unknown peer with a RST, which kills the backend's side. The client's
-/// next request on the connection then fails with "connection reset by peer".
+/// next request on the connection then fails with "connection reset by peer". The netfilter modes drop
+/// INVALID forwarded packets; the eBPF mode's own conntrack does not judge windows.
 #[test]
 fn an_out_of_window_segment_from_the_backend_does_not_reset_the_connection() {
+    survives_an_out_of_window_segment(LabSpec::default());
+}
+
+/// The same with `--conntrack-tcp-be-liberal` (kube-proxy's `conntrack.tcpBeLiberal`): the agent sets the
+/// kernel's `nf_conntrack_tcp_be_liberal`, conntrack keeps tracking the segment (so it is translated), and
+/// the netfilter modes leave their INVALID drop rule out.
+#[test]
+fn with_conntrack_tcp_be_liberal_an_out_of_window_segment_does_not_reset_the_connection() {
+    let mut spec = LabSpec::default();
+    spec.agent_args.push("--conntrack-tcp-be-liberal".to_owned());
+    let lab = survives_an_out_of_window_segment(spec);
+    let set = proxy_lab::cmd::run(
+        "ip",
+        &["netns", "exec", lab.node_ns(1).as_str(), "cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"],
+    )
+    .unwrap();
+    assert_eq!(set.trim(), "1", "the agent set the node's sysctl");
+}
+
+/// Opens a ClusterIP connection (pod 1-1 to a backend on node 2), injects an out-of-window segment from the
+/// backend into it, and checks the connection still answers. Returns the lab for further checks.
+fn survives_an_out_of_window_segment(spec: LabSpec) -> Lab {
     use proxy_lab::{
         echo::TcpSession,
         rawtcp::{Capture, inject},
     };
 
-    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    let mut lab = Lab::start(spec).expect("lab");
     let backend = lab.pod(2, 2).clone();
     lab.serve(&backend, &[8080], &[]).unwrap();
     let eps = ready(&lab, &[(2, 2)]);
@@ -307,4 +330,5 @@ fn an_out_of_window_segment_from_the_backend_does_not_reset_the_connection() {
 
     let after = session.ask().expect("the connection survives an out-of-window segment");
     assert_eq!(after.backend, first.backend);
+    lab
 }

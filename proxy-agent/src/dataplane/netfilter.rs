@@ -24,6 +24,10 @@ pub struct RuleConfig {
     /// Pod-facing interface patterns (`veth*`): kube-proxy's `InterfaceNamePrefix` local-traffic detection,
     /// so pod traffic to a Local-policy Service's external addresses reaches every endpoint.
     pub pod_interfaces: Vec<String>,
+    /// `nf_conntrack_tcp_be_liberal` is on (set by `--conntrack-tcp-be-liberal` or by the node): conntrack
+    /// marks no segment INVALID for being out of window, so the rule dropping INVALID forwarded packets is
+    /// left out, as kube-proxy does.
+    pub tcp_be_liberal: bool,
 }
 
 impl RuleConfig {
@@ -125,6 +129,26 @@ pub fn clear_stale_udp(old: &ServiceTable, new: &ServiceTable) {
                 .output();
         }
     }
+}
+
+/// The kernel setting behind `--conntrack-tcp-be-liberal`, for this network namespace.
+const TCP_BE_LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
+
+/// Sets `nf_conntrack_tcp_be_liberal` to 1, as kube-proxy does for `conntrack.tcpBeLiberal` in every mode.
+///
+/// # Errors
+/// When the setting cannot be written: conntrack not loaded, or no permission.
+pub fn set_tcp_be_liberal() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::write(TCP_BE_LIBERAL, "1")
+        .with_context(|| format!("--conntrack-tcp-be-liberal: writing 1 to {TCP_BE_LIBERAL} (is nf_conntrack loaded?)"))
+}
+
+/// Whether conntrack is liberal in this network namespace now: set by `--conntrack-tcp-be-liberal`, or by
+/// the node's own configuration. Unreadable counts as not set.
+#[must_use]
+pub fn tcp_be_liberal() -> bool {
+    std::fs::read_to_string(TCP_BE_LIBERAL).is_ok_and(|v| v.trim() != "0")
 }
 
 /// Runs `program args` with `input` on its standard input; an error carries the tool's own message.

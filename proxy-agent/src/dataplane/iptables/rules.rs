@@ -103,8 +103,12 @@ impl<'a> Renderer<'a> {
             format!("-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK:#x}"),
             "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_owned(),
         ]);
-        filter.get_mut("KUBE-FORWARD").unwrap().extend([
-            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_owned(),
+        let forward = filter.get_mut("KUBE-FORWARD").unwrap();
+        if !config.tcp_be_liberal {
+            // kubernetes/kubernetes#74839: an out-of-window segment would skip NAT and reset the connection.
+            forward.push("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_owned());
+        }
+        forward.extend([
             format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j ACCEPT"),
             "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
         ]);

@@ -108,3 +108,15 @@ fn iptables_save_dumps_are_read_back() {
     assert_eq!(chains.keys().collect::<Vec<_>>(), ["KUBE-SERVICES", "KUBE-SVC-X"]);
     assert_eq!(chains["KUBE-SERVICES"], vec!["-A KUBE-SERVICES -d 10.32.0.1/32 -j KUBE-SVC-X".to_owned()]);
 }
+
+/// kubernetes/kubernetes#74839: INVALID forwarded packets are dropped, unless conntrack is told to be
+/// liberal (then nothing is marked INVALID for being out of window, and kube-proxy leaves the rule out).
+#[test]
+fn invalid_forwarded_packets_are_dropped_unless_conntrack_is_liberal() {
+    let drop = "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP";
+    let strict = render(&ServiceTable::default(), &RuleConfig::default());
+    assert_eq!(strict.filter["KUBE-FORWARD"][0], drop);
+    let liberal = render(&ServiceTable::default(), &RuleConfig { tcp_be_liberal: true, ..Default::default() });
+    assert!(!liberal.filter["KUBE-FORWARD"].iter().any(|r| r == drop));
+    assert_eq!(liberal.filter["KUBE-FORWARD"].len(), strict.filter["KUBE-FORWARD"].len() - 1);
+}

@@ -60,6 +60,9 @@ impl Ruleset {
     }
 }
 
+/// Left out with `--conntrack-tcp-be-liberal`, as the iptables mode leaves out its `KUBE-FORWARD` rule.
+const DROP_INVALID: &str = "ct state invalid drop";
+
 /// Base chains: where the kernel's hooks enter the table, and their rules.
 const BASE_CHAINS: [(&str, &str, &[&str]); 6] = [
     ("nat-prerouting", "type nat hook prerouting priority dstnat; policy accept;", &["jump services"]),
@@ -74,7 +77,7 @@ const BASE_CHAINS: [(&str, &str, &[&str]); 6] = [
         // A segment conntrack finds out of window is INVALID and skips NAT: let through, it would reach the
         // client from the backend's own address and the client's RST would kill the connection
         // (kubernetes/kubernetes#74839). The iptables mode drops these in KUBE-FORWARD, as kube-proxy's does.
-        &["ct state invalid drop", "ct state new jump endpoints-check"],
+        &[DROP_INVALID, "ct state new jump endpoints-check"],
     ),
     (
         "filter-output",
@@ -110,7 +113,8 @@ impl<'a> Renderer<'a> {
     fn new(config: &'a RuleConfig) -> Self {
         let mut out = Ruleset::default();
         for (name, hook, rules) in BASE_CHAINS {
-            let rules = rules.iter().map(|r| (*r).to_owned()).collect();
+            let wanted = |r: &&&str| !(config.tcp_be_liberal && **r == DROP_INVALID);
+            let rules = rules.iter().filter(wanted).map(|r| (*r).to_owned()).collect();
             out.chains.insert(name.into(), Chain { hook: Some(hook), rules });
         }
         let fixed: [(&str, Vec<String>); 5] = [

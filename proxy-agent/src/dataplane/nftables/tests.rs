@@ -285,3 +285,13 @@ impl Drop for Netns {
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).output();
     }
 }
+
+/// As the iptables mode's `KUBE-FORWARD` (kubernetes/kubernetes#74839): INVALID forwarded packets are
+/// dropped first thing in `filter-forward`, unless conntrack is told to be liberal.
+#[test]
+fn invalid_forwarded_packets_are_dropped_unless_conntrack_is_liberal() {
+    let strict = render(&ServiceTable::default(), &RuleConfig::default());
+    assert_eq!(strict.chains["filter-forward"].rules, ["ct state invalid drop", "ct state new jump endpoints-check"]);
+    let liberal = render(&ServiceTable::default(), &RuleConfig { tcp_be_liberal: true, ..Default::default() });
+    assert_eq!(liberal.chains["filter-forward"].rules, ["ct state new jump endpoints-check"]);
+}
