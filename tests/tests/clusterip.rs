@@ -247,13 +247,7 @@ fn request_from_port(source_port: u16, target: SocketAddrV4) -> anyhow::Result<S
 /// its own reverse translation. Both found by the benchmark, whose load generator does exactly this.
 #[test]
 fn a_source_port_reused_for_a_direct_connection_to_a_former_backend_works() {
-    let mut lab = Lab::start(LabSpec::default()).expect("lab");
-    let backend = lab.pod(2, 2).clone();
-    lab.serve(&backend, &[8080], &[]).unwrap();
-    let eps = ready(&lab, &[(2, 2)]);
-    lab.write_manifest("web.yaml", &service_with_endpoints("default", "web", *vip(31, 80).ip(), &http(8080), &eps))
-        .unwrap();
-    lab.start_agents().unwrap();
+    let (lab, backend) = one_backend_on_node_2(LabSpec::default(), "web", 31);
     let direct = SocketAddrV4::new(backend.ip, 8080);
     let results = proxy_lab::netns::in_netns(&lab.pod(1, 1).ns.clone(), move || {
         (41000..41005)
@@ -308,13 +302,7 @@ fn survives_an_out_of_window_segment(spec: LabSpec) -> Lab {
         rawtcp::{Capture, inject},
     };
 
-    let mut lab = Lab::start(spec).expect("lab");
-    let backend = lab.pod(2, 2).clone();
-    lab.serve(&backend, &[8080], &[]).unwrap();
-    let eps = ready(&lab, &[(2, 2)]);
-    lab.write_manifest("svc.yaml", &service_with_endpoints("default", "boom", *vip(74, 80).ip(), &http(8080), &eps))
-        .unwrap();
-    lab.start_agents().unwrap();
+    let (lab, backend) = one_backend_on_node_2(spec, "boom", 74);
 
     let capture = Capture::start(&backend.ns).unwrap();
     let session = TcpSession::open(&lab.pod(1, 1).ns.clone(), vip(74, 80), TIMEOUT).unwrap();
@@ -331,4 +319,16 @@ fn survives_an_out_of_window_segment(spec: LabSpec) -> Lab {
     let after = session.ask().expect("the connection survives an out-of-window segment");
     assert_eq!(after.backend, first.backend);
     lab
+}
+
+/// A lab whose agents serve one ClusterIP Service `name` at `vip(last, 80)`, backed by pod 2-2 on port 8080.
+fn one_backend_on_node_2(spec: LabSpec, name: &str, last: u8) -> (Lab, proxy_lab::lab::PodRef) {
+    let mut lab = Lab::start(spec).expect("lab");
+    let backend = lab.pod(2, 2).clone();
+    lab.serve(&backend, &[8080], &[]).unwrap();
+    let eps = ready(&lab, &[(2, 2)]);
+    let svc = service_with_endpoints("default", name, *vip(last, 80).ip(), &http(8080), &eps);
+    lab.write_manifest(&format!("{name}.yaml"), &svc).unwrap();
+    lab.start_agents().unwrap();
+    (lab, backend)
 }
