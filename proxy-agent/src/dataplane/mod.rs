@@ -1,5 +1,6 @@
 //! The dataplane: one trait between the model and the kernel. Nothing above it knows which one is in use.
 
+pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
 pub mod netfilter;

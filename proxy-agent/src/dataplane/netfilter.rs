@@ -9,6 +9,7 @@ use std::{
     process::{Command, Stdio},
 };
 
+use super::conntrack::StaleUdp;
 use crate::model::{
     BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable,
 };
@@ -115,20 +116,38 @@ pub fn kind_label(kind: FrontendKind) -> &'static str {
 
 /// UDP flows have no end the kernel can see: conntrack would keep sending a client's packets to an
 /// endpoint that is gone (the stale-DNS failure kube-proxy users know). As kube-proxy does, delete the
-/// conntrack entries of UDP frontends whose endpoints went away.
+/// conntrack entries of UDP frontends whose endpoints went away. A failure is logged, not fatal: the rules
+/// are in place, and only flows started before the change are affected.
 pub fn clear_stale_udp(old: &ServiceTable, new: &ServiceTable) {
+    let stale = stale_udp(old, new);
+    match super::conntrack::delete_stale_udp(&stale) {
+        Ok(0) => {}
+        Ok(deleted) => tracing::debug!(deleted, pairs = stale.len(), "deleted stale UDP conntrack entries"),
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                pairs = stale.len(),
+                "deleting stale UDP conntrack entries failed"
+            );
+        }
+    }
+}
+
+/// The (UDP frontend, endpoint) pairs of `old` whose endpoint `new` no longer has for that frontend.
+fn stale_udp(old: &ServiceTable, new: &ServiceTable) -> BTreeSet<StaleUdp> {
+    let mut stale = BTreeSet::new();
     for (frontend, entry) in old.frontends.iter().filter(|(f, _)| f.protocol == Protocol::Udp) {
         let keep: BTreeSet<_> =
             new.frontends.get(frontend).map(|e| e.all_endpoints().map(|ep| ep.addr).collect()).unwrap_or_default();
-        let gone: BTreeSet<_> = entry.all_endpoints().map(|ep| ep.addr).filter(|a| !keep.contains(a)).collect();
-        for addr in gone {
-            // Exit status 1 means "no such entries": nothing to do.
-            let _ = Command::new("conntrack")
-                .args(["-D", "-p", "udp", "--orig-dst", &frontend.addr.to_string()])
-                .args(["--orig-port-dst", &frontend.port.to_string(), "--reply-src", &addr.to_string()])
-                .output();
-        }
+        stale.extend(
+            entry
+                .all_endpoints()
+                .map(|ep| ep.addr)
+                .filter(|a| !keep.contains(a))
+                .map(|backend| StaleUdp { frontend: (frontend.addr, frontend.port), backend }),
+        );
     }
+    stale
 }
 
 /// The kernel setting behind `--conntrack-tcp-be-liberal`, for this network namespace.

@@ -4,6 +4,7 @@ use super::{Installed, Previous, rules::*, transaction};
 use crate::{
     dataplane::netfilter::RuleConfig,
     model::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable},
+    testing::Netns,
 };
 
 fn ep(last: u8, local: bool) -> Endpoint {
@@ -145,7 +146,7 @@ fn installed_names_are_read_from_our_table_only() {
 /// nothing installs, for each intermediate table (in a network namespace of the test's own).
 #[test]
 fn incremental_transactions_converge_to_what_a_fresh_install_holds() {
-    let live = Netns::new("live");
+    let live = Netns::new("nft-live");
     let config = RuleConfig {
         cluster_cidr: Some((Ipv4Addr::new(10, 200, 0, 0), 16)),
         pod_interfaces: vec!["veth*".into()],
@@ -159,7 +160,7 @@ fn incremental_transactions_converge_to_what_a_fresh_install_holds() {
             None => transaction(&Previous::Unknown(&Installed::default()), &wanted),
         };
         live.nft_f(&script).unwrap_or_else(|e| panic!("step {seed}: {e:#}\n{script}"));
-        let fresh = Netns::new("fresh");
+        let fresh = Netns::new("nft-fresh");
         fresh.nft_f(&transaction(&Previous::Unknown(&Installed::default()), &wanted).0).unwrap();
         assert_eq!(live.normalized_table(), fresh.normalized_table(), "step {seed} diverged");
         previous = Some(wanted);
@@ -170,7 +171,7 @@ fn incremental_transactions_converge_to_what_a_fresh_install_holds() {
     let installed = live.installed();
     assert!(installed.chains.contains("intruder"));
     live.nft_f(&transaction(&Previous::Unknown(&installed), &wanted).0).unwrap();
-    let fresh = Netns::new("fresh");
+    let fresh = Netns::new("nft-fresh");
     fresh.nft_f(&transaction(&Previous::Unknown(&Installed::default()), &wanted).0).unwrap();
     assert_eq!(live.normalized_table(), fresh.normalized_table());
 }
@@ -213,27 +214,13 @@ fn generated_table(seed: u32) -> ServiceTable {
     t
 }
 
-/// A network namespace of the test's own, removed on drop (also on panic).
-struct Netns(String);
-
 impl Netns {
-    fn new(role: &str) -> Self {
-        let name = format!("pa-nft-{role}-{}", std::process::id());
-        let _ = std::process::Command::new("ip").args(["netns", "del", &name]).output();
-        let out = std::process::Command::new("ip").args(["netns", "add", &name]).output().expect("ip");
-        assert!(out.status.success(), "this test needs root: {}", String::from_utf8_lossy(&out.stderr));
-        Self(name)
-    }
-
     fn nft_f(&self, script: &str) -> anyhow::Result<()> {
-        crate::dataplane::netfilter::run_with_input("ip", &["netns", "exec", &self.0, "nft", "-f", "-"], script)
+        crate::dataplane::netfilter::run_with_input("ip", &["netns", "exec", self.name(), "nft", "-f", "-"], script)
     }
 
     fn nft(&self, args: &[&str]) -> String {
-        let out =
-            std::process::Command::new("ip").args(["netns", "exec", &self.0, "nft"]).args(args).output().expect("nft");
-        assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
+        self.exec(&[&["nft"], args].concat())
     }
 
     fn installed(&self) -> Installed {
@@ -277,12 +264,6 @@ fn strip(v: &mut serde_json::Value) {
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
         _ => {}
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).output();
     }
 }
 
