@@ -30,9 +30,24 @@ pub struct Ruleset {
 pub const NAT_FIXED: [&str; 4] = ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"];
 pub const FILTER_FIXED: [&str; 4] = ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-PROXY-FIREWALL"];
 
-fn matches(f: Frontend) -> String {
+/// One rule in the form `iptables-save` prints back: addresses, interface and protocol (`head`), then the
+/// comment, then the other matches (`tail`), then the target. Rendering that form makes the kernel's
+/// chains compare equal to the wanted ones, so a restarted agent and the periodic resync rewrite nothing
+/// that has not changed (`iptables_save_prints_back_exactly_what_was_rendered` checks it against the kernel).
+fn rule(chain: &str, head: &str, comment: &str, tail: &str, target: &str) -> String {
+    format!("-A {chain}{head} -m comment --comment \"{comment}\"{tail} -j {target}")
+}
+
+/// A frontend as a rule's `head` and `tail`: destination and protocol, then the port match.
+fn frontend(f: Frontend) -> (String, String) {
     let p = f.protocol.lower();
-    format!("-m {p} -p {p} -d {}/32 --dport {}", f.addr, f.port)
+    (format!(" -d {}/32 -p {p}", f.addr), format!(" -m {p} --dport {}", f.port))
+}
+
+/// A probability as the statistic match stores it (a 31-bit fraction) and `iptables-save` prints it.
+fn probability(p: f64) -> String {
+    const ONE: f64 = 2_147_483_648.0;
+    format!("{:.11}", (p * ONE).round() / ONE)
 }
 
 fn endpoint_rules(
@@ -47,23 +62,22 @@ fn endpoint_rules(
     if let Some(seconds) = affinity {
         for ep in endpoints {
             let sep = naming::endpoint_chain(spn, protocol, *ep);
-            rules.push(format!(
-                "-A {chain} -m comment --comment \"{spn} -> {ep}\" -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}"
-            ));
+            let recent =
+                format!(" -m recent --rcheck --seconds {seconds} --reap --name {sep} --mask 255.255.255.255 --rsource");
+            rules.push(rule(chain, "", &format!("{spn} -> {ep}"), &recent, &sep));
         }
     }
     let n = endpoints.len();
     for (i, ep) in endpoints.iter().enumerate() {
         let sep = naming::endpoint_chain(spn, protocol, *ep);
-        let mut rule = format!("-A {chain} -m comment --comment \"{spn} -> {ep}\"");
+        let mut tail = String::new();
         if i + 1 < n {
             // Endpoint i of n is taken with probability 1/(n-i) among those left: uniform overall.
             #[expect(clippy::cast_precision_loss, reason = "endpoint counts are far below 2^52")]
             let p = 1.0 / (n - i) as f64;
-            let _ = write!(rule, " -m statistic --mode random --probability {p:.10}");
+            let _ = write!(tail, " -m statistic --mode random --probability {}", probability(p));
         }
-        let _ = write!(rule, " -j {sep}");
-        rules.push(rule);
+        rules.push(rule(chain, "", &format!("{spn} -> {ep}"), &tail, &sep));
     }
 }
 
@@ -86,10 +100,14 @@ struct Renderer<'a> {
 }
 
 /// The rule that refuses or drops traffic a frontend has no endpoint for.
-fn no_endpoint_rule(chain: &str, spn: &ServicePortName, m: &str, set: &BackendSet) -> String {
-    let (why, verdict) =
-        if set.reject_when_empty { ("has no endpoints", "REJECT") } else { ("has no local endpoints", "DROP") };
-    format!("-A {chain} -m comment --comment \"{spn} {why}\" {m} -j {verdict}")
+fn no_endpoint_rule(chain: &str, spn: &ServicePortName, f: Frontend, set: &BackendSet) -> String {
+    let (why, verdict) = if set.reject_when_empty {
+        ("has no endpoints", "REJECT --reject-with icmp-port-unreachable")
+    } else {
+        ("has no local endpoints", "DROP")
+    };
+    let (head, tail) = frontend(f);
+    rule(chain, &head, &format!("{spn} {why}"), &tail, verdict)
 }
 
 impl<'a> Renderer<'a> {
@@ -97,10 +115,13 @@ impl<'a> Renderer<'a> {
     fn new(config: &'a RuleConfig) -> Self {
         let mut nat: Chains = NAT_FIXED.iter().map(|c| ((*c).to_owned(), Vec::new())).collect();
         let mut filter: Chains = FILTER_FIXED.iter().map(|c| ((*c).to_owned(), Vec::new())).collect();
-        nat.get_mut("KUBE-MARK-MASQ").unwrap().push(format!("-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK:#x}"));
+        // `--or-mark M` and `--xor-mark M` as iptables-save prints them.
+        nat.get_mut("KUBE-MARK-MASQ")
+            .unwrap()
+            .push(format!("-A KUBE-MARK-MASQ -j MARK --set-xmark {MASQ_MARK:#x}/{MASQ_MARK:#x}"));
         nat.get_mut("KUBE-POSTROUTING").unwrap().extend([
             format!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j RETURN"),
-            format!("-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK:#x}"),
+            format!("-A KUBE-POSTROUTING -j MARK --set-xmark {MASQ_MARK:#x}/0x0"),
             "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_owned(),
         ]);
         let forward = filter.get_mut("KUBE-FORWARD").unwrap();
@@ -128,10 +149,21 @@ impl<'a> Renderer<'a> {
         }
         for ep in &sp.all_endpoints() {
             let sep = naming::endpoint_chain(spn, protocol, *ep);
-            let recent = if affinity.is_some() { format!(" -m recent --name {sep} --set") } else { String::new() };
+            let recent = if affinity.is_some() {
+                format!(" -m recent --set --name {sep} --mask 255.255.255.255 --rsource")
+            } else {
+                String::new()
+            };
+            let comment = spn.to_string();
             let rules = vec![
-                format!("-A {sep} -m comment --comment {spn} -s {}/32 -j KUBE-MARK-MASQ", ep.addr),
-                format!("-A {sep} -m comment --comment {spn} -m {p} -p {p}{recent} -j DNAT --to-destination {ep}"),
+                rule(&sep, &format!(" -s {}/32", ep.addr), &comment, "", "KUBE-MARK-MASQ"),
+                rule(
+                    &sep,
+                    &format!(" -p {p}"),
+                    &comment,
+                    &format!(" -m {p}{recent}"),
+                    &format!("DNAT --to-destination {ep}"),
+                ),
             ];
             self.nat.insert(sep, rules);
         }
@@ -145,22 +177,23 @@ impl<'a> Renderer<'a> {
         cluster: &BackendSet,
         chains: &PortChains,
     ) {
-        let m = matches(f);
         if e.internal.endpoints.is_empty() {
-            let rule = no_endpoint_rule("KUBE-SERVICES", spn, &m, &e.internal);
+            let rule = no_endpoint_rule("KUBE-SERVICES", spn, f, &e.internal);
             self.filter.get_mut("KUBE-SERVICES").unwrap().push(rule);
             return;
         }
         // The internal set is the cluster set unless internalTrafficPolicy is Local.
         let target = if e.internal.endpoints == cluster.endpoints { &chains.svc } else { &chains.svl };
-        self.services.push(format!("-A KUBE-SERVICES -m comment --comment \"{spn} cluster IP\" {m} -j {target}"));
+        let (head, tail) = frontend(f);
+        let comment = format!("{spn} cluster IP");
+        self.services.push(rule("KUBE-SERVICES", &head, &comment, &tail, target));
         let svc = &chains.svc;
         let masq = if self.config.masquerade_all {
-            Some(format!("-A {svc} -m comment --comment \"{spn} cluster IP\" {m} -j KUBE-MARK-MASQ"))
+            Some(rule(svc, &head, &comment, &tail, "KUBE-MARK-MASQ"))
         } else {
-            self.config.cluster_cidr.map(|(net, len)| {
-                format!("-A {svc} -m comment --comment \"{spn} cluster IP\" {m} ! -s {net}/{len} -j KUBE-MARK-MASQ")
-            })
+            self.config
+                .cluster_cidr
+                .map(|(net, len)| rule(svc, &format!(" ! -s {net}/{len}{head}"), &comment, &tail, "KUBE-MARK-MASQ"))
         };
         if let Some(rule) = masq {
             self.nat.get_mut(svc).unwrap().insert(0, rule);
@@ -168,10 +201,9 @@ impl<'a> Renderer<'a> {
     }
 
     fn external(&mut self, spn: &ServicePortName, f: Frontend, e: &FrontendEntry, chains: &PortChains) {
-        let m = matches(f);
         let label = netfilter::kind_label(e.kind);
         if e.external.endpoints.is_empty() {
-            let rule = no_endpoint_rule("KUBE-EXTERNAL-SERVICES", spn, &m, &e.external);
+            let rule = no_endpoint_rule("KUBE-EXTERNAL-SERVICES", spn, f, &e.external);
             self.filter.get_mut("KUBE-EXTERNAL-SERVICES").unwrap().push(rule);
         }
         let (ext, fw) = (&chains.ext, &chains.fw);
@@ -179,21 +211,20 @@ impl<'a> Renderer<'a> {
             ext
         } else {
             let fw_rules = self.nat.entry(fw.clone()).or_default();
+            let comment = format!("{spn} {label}");
             for (net, len) in &e.source_ranges {
-                fw_rules.push(format!("-A {fw} -m comment --comment \"{spn} {label}\" -s {net}/{len} -j {ext}"));
+                fw_rules.push(rule(fw, &format!(" -s {net}/{len}"), &comment, "", ext));
             }
-            fw_rules.push(format!("-A {fw} -m comment --comment \"{spn} {label}\" -j KUBE-MARK-DROP"));
+            fw_rules.push(rule(fw, "", &comment, "", "KUBE-MARK-DROP"));
             fw
         };
+        let (head, tail) = frontend(f);
         if e.kind == FrontendKind::NodePort {
             self.node_port_addrs.insert(f.addr);
-            let p = f.protocol.lower();
-            self.nat.get_mut("KUBE-NODEPORTS").unwrap().push(format!(
-                "-A KUBE-NODEPORTS -m comment --comment {spn} -m {p} -p {p} -d {}/32 --dport {} -j {jump}",
-                f.addr, f.port
-            ));
+            let rule = rule("KUBE-NODEPORTS", &head, &spn.to_string(), &tail, jump);
+            self.nat.get_mut("KUBE-NODEPORTS").unwrap().push(rule);
         } else {
-            self.services.push(format!("-A KUBE-SERVICES -m comment --comment \"{spn} {label}\" {m} -j {jump}"));
+            self.services.push(rule("KUBE-SERVICES", &head, &format!("{spn} {label}"), &tail, jump));
         }
     }
 
@@ -208,15 +239,14 @@ impl<'a> Renderer<'a> {
             ));
             rules.push(format!("-A {ext} -j {svc}"));
         } else {
+            let pods = format!("pod traffic for {spn} external destinations");
             if let Some((net, len)) = self.config.cluster_cidr {
-                rules.push(format!("-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -s {net}/{len} -j {svc}"));
+                rules.push(rule(ext, &format!(" -s {net}/{len}"), &pods, "", svc));
             }
             // iptables spells "any suffix" as `+`.
             for pattern in self.config.pod_interface_patterns() {
                 let iface = pattern.strip_suffix('*').map_or_else(|| pattern.to_owned(), |prefix| format!("{prefix}+"));
-                rules.push(format!(
-                    "-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -i {iface} -j {svc}"
-                ));
+                rules.push(rule(ext, &format!(" -i {iface}"), &pods, "", svc));
             }
             rules.push(format!("-A {ext} -m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"));
             rules.push(format!("-A {ext} -m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {svc}"));
@@ -250,7 +280,8 @@ impl<'a> Renderer<'a> {
     fn finish(mut self) -> Ruleset {
         // Load-balancer traffic from outside the source ranges is marked in nat and dropped in filter.
         if self.nat.keys().any(|k| k.starts_with("KUBE-FW-")) {
-            self.nat.insert("KUBE-MARK-DROP".into(), vec!["-A KUBE-MARK-DROP -j MARK --or-mark 0x8000".into()]);
+            self.nat
+                .insert("KUBE-MARK-DROP".into(), vec!["-A KUBE-MARK-DROP -j MARK --set-xmark 0x8000/0x8000".into()]);
             self.filter.get_mut("KUBE-PROXY-FIREWALL").unwrap().push(
                 "-A KUBE-PROXY-FIREWALL -m comment --comment \"load balancer source ranges\" -m mark --mark 0x8000/0x8000 -j DROP".into(),
             );
@@ -259,7 +290,7 @@ impl<'a> Renderer<'a> {
         services.append(&mut self.services);
         for addr in &self.node_port_addrs {
             services.push(format!(
-                "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d {addr}/32 -j KUBE-NODEPORTS"
+                "-A KUBE-SERVICES -d {addr}/32 -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -j KUBE-NODEPORTS"
             ));
         }
         Ruleset { nat: self.nat, filter: self.filter }

@@ -39,17 +39,20 @@ fn a_cluster_ip_with_two_endpoints_renders_kube_proxys_chains() {
     assert_eq!(
         services,
         &vec![format!(
-            "-A KUBE-SERVICES -m comment --comment \"default/web:http cluster IP\" -m tcp -p tcp -d 10.32.0.20/32 --dport 80 -j {svc}"
+            "-A KUBE-SERVICES -d 10.32.0.20/32 -p tcp -m comment --comment \"default/web:http cluster IP\" -m tcp --dport 80 -j {svc}"
         )]
     );
     let chain = &r.nat[&svc];
     assert_eq!(chain.len(), 2);
-    assert!(chain[0].contains("--probability 0.5000000000"), "{chain:?}");
+    assert!(chain[0].contains("--probability 0.50000000000"), "{chain:?}");
     assert!(!chain[1].contains("statistic"), "the last endpoint takes the rest: {chain:?}");
     let seps: Vec<&String> = r.nat.keys().filter(|k| k.starts_with("KUBE-SEP-")).collect();
     assert_eq!(seps.len(), 2);
     assert!(all_rules(&r).contains("-j DNAT --to-destination 10.200.1.2:8080"));
-    assert!(all_rules(&r).contains("-s 10.200.1.2/32 -j KUBE-MARK-MASQ"), "hairpin masquerade");
+    assert!(
+        all_rules(&r).contains("-s 10.200.1.2/32 -m comment --comment \"default/web:http\" -j KUBE-MARK-MASQ"),
+        "hairpin masquerade"
+    );
 }
 
 #[test]
@@ -58,10 +61,9 @@ fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
     let vip = Frontend { addr: Ipv4Addr::new(10, 32, 0, 21), port: 80, protocol: Protocol::Tcp };
     t.frontends.insert(vip, entry(FrontendKind::ClusterIp, vec![], vec![]));
     let r = render(&t, &RuleConfig::default());
-    assert!(
-        all_rules(&r)
-            .contains("\"default/web:http has no endpoints\" -m tcp -p tcp -d 10.32.0.21/32 --dport 80 -j REJECT")
-    );
+    assert!(all_rules(&r).contains(
+        "-d 10.32.0.21/32 -p tcp -m comment --comment \"default/web:http has no endpoints\" -m tcp --dport 80 -j REJECT"
+    ));
 
     let mut t = ServiceTable::default();
     let np = Frontend { addr: Ipv4Addr::new(10, 240, 0, 11), port: 30080, protocol: Protocol::Tcp };
@@ -71,8 +73,9 @@ fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
     t.frontends.insert(np, e);
     let r = render(&t, &RuleConfig::default());
     let text = all_rules(&r);
-    assert!(text.contains("has no local endpoints\" -m tcp -p tcp -d 10.240.0.11/32 --dport 30080 -j DROP"), "{text}");
-    assert!(text.contains("-d 10.240.0.11/32 -j KUBE-NODEPORTS"), "{text}");
+    assert!(text.contains("has no local endpoints\" -m tcp --dport 30080 -j DROP"), "{text}");
+    assert!(text.contains("-A KUBE-SERVICES -d 10.240.0.11/32 -m comment"), "{text}");
+    assert!(text.contains("must be the last rule in this chain\" -j KUBE-NODEPORTS"), "{text}");
     assert!(r.nat.keys().any(|k| k.starts_with("KUBE-SVL-")), "a Local policy uses the local chain");
 }
 
@@ -119,4 +122,61 @@ fn invalid_forwarded_packets_are_dropped_unless_conntrack_is_liberal() {
     let liberal = render(&ServiceTable::default(), &RuleConfig { tcp_be_liberal: true, ..Default::default() });
     assert!(!liberal.filter["KUBE-FORWARD"].iter().any(|r| r == drop));
     assert_eq!(liberal.filter["KUBE-FORWARD"].len(), strict.filter["KUBE-FORWARD"].len() - 1);
+}
+
+/// Against the kernel: what `iptables-save` prints back is exactly what was rendered, so comparing the
+/// kernel's chains with the wanted ones finds no difference where there is none (a restarted agent and the
+/// periodic resync then rewrite nothing), for a run of varied tables and both local-traffic settings.
+#[test]
+fn iptables_save_prints_back_exactly_what_was_rendered() {
+    let ns = crate::testing::Netns::new("ipt-canon");
+    let configs = [
+        RuleConfig { pod_interfaces: vec!["veth*".into()], ..Default::default() },
+        RuleConfig {
+            cluster_cidr: Some((Ipv4Addr::new(10, 200, 0, 0), 16)),
+            masquerade_all: true,
+            ..Default::default()
+        },
+    ];
+    let mut differences = Vec::new();
+    for (c, config) in configs.iter().enumerate() {
+        for seed in 0..12 {
+            let wanted = render(&crate::dataplane::nftables::tests::generated_table(seed), config);
+            let mut input = String::new();
+            restore_input("nat", None, &wanted.nat, &mut input);
+            restore_input("filter", None, &wanted.filter, &mut input);
+            crate::dataplane::netfilter::run_with_input(
+                "ip",
+                &["netns", "exec", ns.name(), "iptables-restore", "-w", "--noflush"],
+                &input,
+            )
+            .unwrap();
+            for (table, chains) in [("nat", &wanted.nat), ("filter", &wanted.filter)] {
+                let saved = super::parse_save(&ns.exec(&["iptables-save", "-t", table]));
+                for (name, rules) in chains {
+                    let back = saved.get(name).cloned().unwrap_or_default();
+                    for (want, got) in rules.iter().zip(&back) {
+                        if want != got {
+                            differences.push(format!("config {c} seed {seed}\n  rendered {want}\n  saved    {got}"));
+                        }
+                    }
+                    if rules.len() != back.len() {
+                        differences.push(format!(
+                            "config {c} seed {seed} {name}: {} rules, {} back",
+                            rules.len(),
+                            back.len()
+                        ));
+                    }
+                }
+            }
+            // Empty the namespace's chains for the next table.
+            let _ = ns.exec(&["iptables", "-t", "nat", "-F"]);
+            let _ = ns.exec(&["iptables", "-t", "nat", "-X"]);
+            let _ = ns.exec(&["iptables", "-t", "filter", "-F"]);
+            let _ = ns.exec(&["iptables", "-t", "filter", "-X"]);
+        }
+    }
+    differences.sort();
+    differences.dedup();
+    assert!(differences.is_empty(), "{} differences:\n{}", differences.len(), differences.join("\n"));
 }

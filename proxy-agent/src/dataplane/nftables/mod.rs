@@ -249,4 +249,4 @@ impl Dataplane for NftablesDataplane {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -176,8 +176,9 @@ fn incremental_transactions_converge_to_what_a_fresh_install_holds() {
     assert_eq!(live.normalized_table(), fresh.normalized_table());
 }
 
-/// A varied table from a seed: Services appear, change endpoints and policies, and go.
-fn generated_table(seed: u32) -> ServiceTable {
+/// A varied table from a seed: Services appear, change endpoints and policies, gain and lose load-balancer
+/// IPs and NodePorts, and go.
+pub(crate) fn generated_table(seed: u32) -> ServiceTable {
     let mut t = ServiceTable::default();
     let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
     let mut next = |n: u32| {
@@ -207,6 +208,13 @@ fn generated_table(seed: u32) -> ServiceTable {
             np.affinity_timeout = affinity;
             if next(2) == 0 {
                 np.source_ranges = vec![(Ipv4Addr::new(10, 240, 0, 0), 24), (Ipv4Addr::new(192, 0, 2, 0), 24)];
+            }
+            if next(2) == 0 {
+                let mut node_port = np.clone();
+                node_port.kind = FrontendKind::NodePort;
+                let port = 30000 + u16::from(svc);
+                t.frontends
+                    .insert(Frontend { addr: Ipv4Addr::new(10, 240, 0, 11), port, protocol: Protocol::Tcp }, node_port);
             }
             t.frontends.insert(Frontend { addr: Ipv4Addr::new(192, 0, 2, svc), port: 80, protocol: Protocol::Tcp }, np);
         }
