@@ -116,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
     let sync_config = sync::SyncConfig {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
+        full_resync_period: args.full_resync_period,
         housekeeping_period: Duration::from_secs(1).min(args.sync_period),
     };
     let metrics = std::sync::Arc::new(metrics::Metrics::new());

@@ -21,8 +21,11 @@ use crate::{
 pub struct SyncConfig {
     /// At most one sync per this period, however fast changes arrive (kube-proxy's `minSyncPeriod`).
     pub min_sync_period: Duration,
-    /// A full reconcile at least this often, even without changes (kube-proxy's `syncPeriod`).
+    /// A sync at least this often, even without changes (kube-proxy's `syncPeriod`).
     pub sync_period: Duration,
+    /// A periodic sync re-reads the kernel's state (and repairs drift) once this long has passed since the
+    /// last re-read: kube-proxy's hourly full sync. Re-reading costs time in proportion to the table.
+    pub full_resync_period: Duration,
     /// How often to look for new pod interfaces.
     pub housekeeping_period: Duration,
 }
@@ -52,8 +55,46 @@ enum Scope {
     Changes,
     /// The whole table, diffed against what the dataplane remembers (the first sync, and after a failure).
     Whole,
-    /// The whole table, diffed against what the kernel holds (the periodic resync).
+    /// The whole table, diffed against what the kernel holds (the first sync, and the periodic full
+    /// resync).
     Reread,
+}
+
+/// Decides how much each sync writes: the whole table after a start or a failure, a re-read of the kernel's
+/// state when the periodic sync finds the full resync period passed, otherwise only what changed.
+struct Schedule {
+    full_resync_period: Duration,
+    whole_table_next: bool,
+    /// When the kernel's state was last re-read; `None` until a sync has done it.
+    last_reread: Option<Instant>,
+}
+
+impl Schedule {
+    fn new(full_resync_period: Duration) -> Self {
+        Self { full_resync_period, whole_table_next: true, last_reread: None }
+    }
+
+    /// The scope of the next sync; `periodic` when the sync period's timer, not a change, started it.
+    fn scope(&self, periodic: bool, now: Instant) -> Scope {
+        let reread_due = self.last_reread.is_none_or(|at| now.duration_since(at) >= self.full_resync_period);
+        match (periodic && reread_due, self.whole_table_next) {
+            (true, _) => Scope::Reread,
+            (false, true) => Scope::Whole,
+            (false, false) => Scope::Changes,
+        }
+    }
+
+    fn succeeded(&mut self, scope: Scope, now: Instant) {
+        self.whole_table_next = false;
+        if scope == Scope::Reread {
+            self.last_reread = Some(now);
+        }
+    }
+
+    /// The live state stays consistent after a failure; the next sync writes the whole table again.
+    fn failed(&mut self) {
+        self.whole_table_next = true;
+    }
 }
 
 /// The model and the dataplane: moved together onto a blocking thread for each sync, since both do work
@@ -108,7 +149,7 @@ pub async fn run(
     let mut last_sync: Option<Instant> = None;
     // The state last applied successfully, and whether the next sync must write the whole table.
     let mut applied: Option<(u64, Arc<ClusterState>)> = None;
-    let mut whole_table_next = true;
+    let mut schedule = Schedule::new(config.full_resync_period);
     let mut housekeeping = tokio::time::interval(config.housekeeping_period);
     let mut resync = tokio::time::interval(config.sync_period);
     loop {
@@ -138,11 +179,7 @@ pub async fn run(
         last_sync = Some(Instant::now());
 
         let started = std::time::Instant::now();
-        let scope = match (forced, whole_table_next) {
-            (true, _) => Scope::Reread,
-            (false, true) => Scope::Whole,
-            (false, false) => Scope::Changes,
-        };
+        let scope = schedule.scope(forced, Instant::now());
         let target = Arc::clone(&snapshot.state);
         let (returned, outcome) = blocking(engine, move |e| e.sync(&target, scope)).await?;
         engine = returned;
@@ -171,7 +208,7 @@ pub async fn run(
                 metrics.map_writes.inc_by(stats.writes as u64);
                 metrics.map_deletes.inc_by(stats.deletes as u64);
                 applied = Some((snapshot.generation, Arc::clone(&snapshot.state)));
-                whole_table_next = false;
+                schedule.succeeded(scope, Instant::now());
                 tracing::info!(
                     generation = snapshot.generation,
                     scope = ?scope,
@@ -186,9 +223,8 @@ pub async fn run(
                     "service table applied"
                 );
             }
-            // The live state stays consistent; the next change or resync writes the whole table again.
             Err(e) => {
-                whole_table_next = true;
+                schedule.failed();
                 metrics.sync_errors.inc();
                 tracing::error!(
                     generation = snapshot.generation,
@@ -238,4 +274,34 @@ async fn blocking<T: Send + 'static>(
     })
     .await?;
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first sync and the sync after a failure write the whole table; a periodic sync re-reads the
+    /// kernel only once the full resync period has passed since the last re-read, and otherwise writes
+    /// only what changed, like a change does.
+    #[test]
+    fn periodic_syncs_reread_the_kernel_once_per_full_resync_period() {
+        let start = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let mut schedule = Schedule::new(hour);
+        assert_eq!(schedule.scope(true, start), Scope::Reread, "the first periodic sync re-reads");
+        assert_eq!(schedule.scope(false, start), Scope::Whole, "a first sync started by a change");
+        schedule.succeeded(Scope::Reread, start);
+
+        let later = start + Duration::from_secs(30);
+        assert_eq!(schedule.scope(true, later), Scope::Changes, "a periodic sync within the hour");
+        assert_eq!(schedule.scope(false, later), Scope::Changes);
+        schedule.succeeded(Scope::Changes, later);
+        assert_eq!(schedule.scope(true, start + hour), Scope::Reread, "an hour after the last re-read");
+
+        schedule.failed();
+        assert_eq!(schedule.scope(true, later), Scope::Whole, "after a failure, the whole table");
+        schedule.succeeded(Scope::Whole, later);
+        assert_eq!(schedule.scope(true, later), Scope::Changes, "a whole-table sync is not a re-read");
+        assert_eq!(schedule.scope(true, start + hour), Scope::Reread);
+    }
 }

@@ -94,3 +94,31 @@ fn connection_latency() {
         );
     }
 }
+
+/// Not a test: what the periodic full resync (every `--full-resync-period`: re-read what the kernel holds,
+/// repair drift) costs an idle agent. `PROXY_LAB_MODE=… PROXY_SERVICES=10000 cargo test --release -p proxy-lab
+/// --test bench_tiny resync_cost -- --ignored --nocapture` prints the first sync and two resyncs 20 s apart
+/// with their writes and elapsed time. The benchmark itself runs agents with a 10-minute sync period.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn resync_cost() {
+    use std::time::Duration;
+
+    use proxy_lab::{Lab, LabSpec, lab::mode};
+    let count: usize = std::env::var("PROXY_SERVICES").ok().and_then(|c| c.parse().ok()).unwrap_or(1000);
+    // `PROXY_FULL_RESYNC=1h` shows what the periodic syncs in between cost instead.
+    let full = std::env::var("PROXY_FULL_RESYNC").unwrap_or_else(|_| "20s".to_owned());
+    let args = ["--mode", &mode(), "--sync-period", "20s", "--full-resync-period", &full].map(str::to_owned).to_vec();
+    let mut lab = Lab::start(LabSpec { agent_args: args, ..LabSpec::default() }).unwrap();
+    lab.write_manifest("filler.yaml", &bench::filler_manifest(count, 10)).unwrap();
+    lab.start_agents_within(Duration::from_secs(600)).unwrap();
+    // The first sync is itself a re-read (nothing applied yet); two periodic ones follow.
+    lab.agent(1).wait_for_log("service table applied", 2, Duration::from_secs(600)).unwrap();
+    for line in lab.agent(1).log().lines().filter(|l| l.contains("service table applied")) {
+        let fields: Vec<&str> = line
+            .split_whitespace()
+            .filter(|w| ["scope=", "writes=", "deletes=", "elapsed_ms="].iter().any(|k| w.starts_with(k)))
+            .collect();
+        eprintln!("{} × 10, {}: {}", count, mode(), fields.join(" "));
+    }
+}

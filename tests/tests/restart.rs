@@ -112,16 +112,16 @@ fn sigkill_and_restart_under_load_drops_no_connection() {
     }
 }
 
-/// The periodic full reconcile re-reads what the kernel holds: a Service's map entries (eBPF), its
+/// The periodic full resync re-reads what the kernel holds: a Service's map entries (eBPF), its
 /// `KUBE-SERVICES` rules (iptables) or its verdict-map element (nftables) deleted behind the agent's back
-/// are written again within a sync period, without any change in the cluster.
+/// are written again within a full resync period (1 s here), without any change in the cluster.
 #[test]
 fn the_periodic_resync_repairs_state_changed_behind_the_agents_back() {
     use aya::maps::HashMap;
     use proxy_common::service::{ServiceKey, ServiceValue};
 
     let mut spec = LabSpec::default();
-    spec.agent_args.extend(["--sync-period".to_owned(), "1s".to_owned()]);
+    spec.agent_args.extend(["--sync-period", "1s", "--full-resync-period", "1s"].map(str::to_owned));
     let vip = Ipv4Addr::new(10, 32, 0, 98);
     let (lab, client, target) = one_working_service(spec, "repaired", vip);
 

@@ -156,7 +156,8 @@ fn filler_endpoint(i: usize, k: usize) -> Ipv4Addr {
 
 /// `count` Services with `endpoints` endpoints each, one file. Named so that the measured Service sorts
 /// last: in iptables mode its rule is the last one `KUBE-SERVICES` reaches, the worst case.
-fn filler_manifest(count: usize, endpoints: usize) -> String {
+#[must_use]
+pub fn filler_manifest(count: usize, endpoints: usize) -> String {
     let mut out = String::new();
     let ports = [Port { name: "http", port: 80, protocol: "TCP", target_port: SERVER_PORT }];
     for i in 0..count {
