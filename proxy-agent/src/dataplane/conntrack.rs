@@ -79,8 +79,14 @@ fn open() -> std::io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_NETFILTER)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
+    // The sync thread waits on this socket: a kernel that stopped answering must not hold it forever.
+    let timeout = nix::sys::time::TimeVal::new(RECEIVE_TIMEOUT_SECONDS, 0);
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
     Ok(socket)
 }
+
+/// Far longer than a dump of a full table takes (the kernel answers each read at once).
+const RECEIVE_TIMEOUT_SECONDS: i64 = 10;
 
 fn message(inner: ConntrackMessage, flags: u16) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
