@@ -461,21 +461,23 @@ impl Drop for Lab {
                 eprintln!("lab teardown: {e:#}");
             }
         }
-        if self.bpffs_mounted
-            && let Err(e) = run("umount", &[path_str(&self.bpffs).unwrap_or_default()])
-        {
-            eprintln!("lab teardown: {e:#}");
+        if self.bpffs_mounted {
+            unmount(&self.bpffs);
         }
         if let Some(cgroup) = self.cgroup.take() {
             remove_cgroup(&cgroup);
         }
-        if self.cgroup2_mounted
-            && let Err(e) = run("umount", &[&self.dir.join("cgroup2").to_string_lossy()])
-        {
-            eprintln!("lab teardown: {e:#}");
+        if self.cgroup2_mounted {
+            unmount(&self.dir.join("cgroup2"));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether something is mounted at `path`, from /proc/self/mountinfo.
+fn is_mount_point(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().any(|line| line.split_whitespace().nth(4).is_some_and(|m| Path::new(m) == path))
 }
 
 /// Where cgroup v2 is mounted, from /proc/self/mountinfo.
@@ -491,6 +493,22 @@ fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 /// Removes a lab cgroup and its node children (empty once their processes have exited).
+/// Unmounts a lab's mount. A mount can be busy for a moment after its users exit (seen once in CI: a
+/// lab's cgroup2 mount outlived its test), so this retries briefly, then detaches it lazily: nothing of
+/// the lab stays mounted either way.
+fn unmount(path: &Path) {
+    let target = path.to_string_lossy();
+    for _ in 0..10 {
+        if run("umount", &[&target]).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Err(e) = run("umount", &["--lazy", &target]) {
+        eprintln!("lab teardown: {e:#}");
+    }
+}
+
 fn remove_cgroup(cgroup: &Path) {
     if let Ok(children) = std::fs::read_dir(cgroup) {
         for child in children.flatten().filter(|c| c.path().is_dir()) {
@@ -531,16 +549,34 @@ fn sweep_labs(owned_by: impl Fn(u32) -> bool) {
             }
         }
     }
+    // A lab whose namespaces are gone may still have left its directory and mounts.
+    let dirs = std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten();
+    let leftover: Vec<String> = dirs
+        .filter_map(|d| d.file_name().into_string().ok())
+        .filter(|name| {
+            let pid = name.strip_prefix(NS_PREFIX).and_then(|rest| rest.split('x').next()?.parse::<u32>().ok());
+            pid.is_some_and(&owned_by) && !name.contains('-') && !name.contains('.')
+        })
+        .collect();
+    for lab in leftover.iter().map(String::as_str) {
+        if !labs.contains(&lab) {
+            labs.push(lab);
+        }
+    }
     for lab in labs {
         let dir = std::env::temp_dir().join(lab);
-        let _ = run("umount", &[&dir.join("bpffs").to_string_lossy()]);
+        if is_mount_point(&dir.join("bpffs")) {
+            unmount(&dir.join("bpffs"));
+        }
         if let Some(cg) = cgroup2_mount() {
             let cgroup = cg.join(lab);
             if cgroup.is_dir() {
                 remove_cgroup(&cgroup);
             }
         }
-        let _ = run("umount", &[&dir.join("cgroup2").to_string_lossy()]);
+        if is_mount_point(&dir.join("cgroup2")) {
+            unmount(&dir.join("cgroup2"));
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 }
