@@ -313,8 +313,13 @@ fn survives_an_out_of_window_segment(spec: LabSpec) -> Lab {
     let (sent, received) = (last(server, client).expect("the reply seen"), last(client, server).expect("the request"));
     // A sequence number 1 GiB past what the backend has sent is beyond any window conntrack allows; the
     // acknowledgment is the real one, so a RST answering it is one the backend accepts.
-    inject(&backend.ns, server, client, sent.end().wrapping_add(1 << 30), received.end(), b"boom\n").unwrap();
+    let seq = sent.end().wrapping_add(1 << 30);
+    inject(&backend.ns, server, client, seq, received.end(), b"boom\n").unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        capture.segments(Duration::from_millis(100)).iter().any(|s| s.from == server && s.to == client && s.seq == seq),
+        "the injected segment left the backend pod"
+    );
 
     let after = session.ask().expect("the connection survives an out-of-window segment");
     assert_eq!(after.backend, first.backend);

@@ -234,9 +234,8 @@ impl<'a> Renderer<'a> {
         let PortChains { svc, svl, ext, .. } = chains;
         let mut rules = Vec::new();
         if masquerade_external {
-            rules.push(format!(
-                "-A {ext} -m comment --comment \"masquerade traffic for {spn} external destinations\" -j KUBE-MARK-MASQ"
-            ));
+            let comment = format!("masquerade traffic for {spn} external destinations");
+            rules.push(rule(ext, "", &comment, "", "KUBE-MARK-MASQ"));
             rules.push(format!("-A {ext} -j {svc}"));
         } else {
             let pods = format!("pod traffic for {spn} external destinations");
@@ -248,8 +247,13 @@ impl<'a> Renderer<'a> {
                 let iface = pattern.strip_suffix('*').map_or_else(|| pattern.to_owned(), |prefix| format!("{prefix}+"));
                 rules.push(rule(ext, &format!(" -i {iface}"), &pods, "", svc));
             }
-            rules.push(format!("-A {ext} -m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"));
-            rules.push(format!("-A {ext} -m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {svc}"));
+            let local = " -m addrtype --src-type LOCAL";
+            let (masq, route) = (
+                format!("masquerade LOCAL traffic for {spn} external destinations"),
+                format!("route LOCAL traffic for {spn} external destinations"),
+            );
+            rules.push(rule(ext, "", &masq, local, "KUBE-MARK-MASQ"));
+            rules.push(rule(ext, "", &route, local, svc));
             rules.push(format!("-A {ext} -j {svl}"));
         }
         self.nat.insert(ext.clone(), rules);
@@ -282,16 +286,19 @@ impl<'a> Renderer<'a> {
         if self.nat.keys().any(|k| k.starts_with("KUBE-FW-")) {
             self.nat
                 .insert("KUBE-MARK-DROP".into(), vec!["-A KUBE-MARK-DROP -j MARK --set-xmark 0x8000/0x8000".into()]);
-            self.filter.get_mut("KUBE-PROXY-FIREWALL").unwrap().push(
-                "-A KUBE-PROXY-FIREWALL -m comment --comment \"load balancer source ranges\" -m mark --mark 0x8000/0x8000 -j DROP".into(),
-            );
+            self.filter.get_mut("KUBE-PROXY-FIREWALL").unwrap().push(rule(
+                "KUBE-PROXY-FIREWALL",
+                "",
+                "load balancer source ranges",
+                " -m mark --mark 0x8000/0x8000",
+                "DROP",
+            ));
         }
         let services = self.nat.get_mut("KUBE-SERVICES").unwrap();
         services.append(&mut self.services);
         for addr in &self.node_port_addrs {
-            services.push(format!(
-                "-A KUBE-SERVICES -d {addr}/32 -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -j KUBE-NODEPORTS"
-            ));
+            let comment = "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
+            services.push(rule("KUBE-SERVICES", &format!(" -d {addr}/32"), comment, "", "KUBE-NODEPORTS"));
         }
         Ruleset { nat: self.nat, filter: self.filter }
     }
