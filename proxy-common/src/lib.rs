@@ -26,6 +26,9 @@ pub mod maps {
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const STATS: &str = "STATS";
     pub const IDS: &str = "IDS";
+    pub const FRAGS: &str = "FRAGS";
+    pub const DROPS: &str = "DROPS";
+    pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
 }
 
 /// The agent's id counters, kept in the single entry of the `IDS` array so a restarted agent never hands
@@ -49,7 +52,94 @@ pub mod stats {
     pub const XDP_DNAT_PASS: u32 = 2;
     /// XDP left a Service packet to the TC path.
     pub const XDP_FALLBACK: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// A later IPv4 fragment arrived with no record of its datagram's first fragment (reordered, or its
+    /// first fragment lost or never seen here); it passed untranslated.
+    pub const FRAG_UNTRACKED: u32 = 4;
+    /// An ICMP error quoting a translated flow was translated back.
+    pub const ICMP_TRANSLATED: u32 = 5;
+    /// XDP handed a packet whose TTL would expire in forwarding to the stack (which sends time-exceeded).
+    pub const XDP_TTL_EXPIRED: u32 = 6;
+    pub const COUNT: u32 = 7;
+}
+
+/// Why a program dropped, refused or gave up on a packet or a socket call: the index of a per-CPU counter
+/// in the `DROPS` array, exported by the agent as `proxy_agent_packet_drops_total{reason}`. Every place a
+/// program drops says which of these it is; [`drop::NAMES`] gives each its metric label.
+pub mod drop {
+    /// The source is not in the frontend's `loadBalancerSourceRanges`.
+    pub const SOURCE_RANGE: u32 = 0;
+    /// The frontend has no usable endpoint and drops (kube-proxy: no REJECT for this case).
+    pub const NO_ENDPOINTS: u32 = 1;
+    /// The frontend has no usable endpoint: the client was refused with ICMP port unreachable.
+    pub const REJECTED: u32 = 2;
+    /// A packet was shorter than the headers the path had already read promised.
+    pub const PACKET_TOO_SHORT: u32 = 3;
+    /// Writing the packet (an address, a port or a checksum) failed.
+    pub const REWRITE_FAILED: u32 = 4;
+    /// An SCTP flow would need its port changed, which its `CRC32c` cannot follow incrementally.
+    pub const SCTP_PORT_CHANGE: u32 = 5;
+    /// The conntrack map could not take the new flow's entries.
+    pub const CONNTRACK_FULL: u32 = 6;
+    /// A flow must be SNATed but the node has no SNAT address configured.
+    pub const SNAT_NO_ADDRESS: u32 = 7;
+    /// No free SNAT port to the backend after every try.
+    pub const SNAT_PORTS_EXHAUSTED: u32 = 8;
+    /// The SNAT map could not take the flow's entry.
+    pub const SNAT_FULL: u32 = 9;
+    /// Building the ICMP refusal failed (an IP header with options, or the packet could not be resized).
+    pub const REJECT_FAILED: u32 = 10;
+    /// A node process's `connect()`/`sendmsg()` to a frontend without endpoints was refused.
+    pub const SOCK_REFUSED: u32 = 11;
+    /// A node process's socket could not be recorded for reverse translation; the call was refused.
+    pub const SOCK_MAP_FULL: u32 = 12;
+    pub const COUNT: u32 = 13;
+
+    /// Metric labels, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "source_range",
+        "no_endpoints",
+        "rejected",
+        "packet_too_short",
+        "rewrite_failed",
+        "sctp_port_change",
+        "conntrack_full",
+        "snat_no_address",
+        "snat_ports_exhausted",
+        "snat_full",
+        "reject_failed",
+        "sock_refused",
+        "sock_map_full",
+    ];
+}
+
+/// IPv4 fragment tracking: later fragments carry no ports, so the first fragment of a datagram records them
+/// here, keyed as the packet carries its addresses at the hook that saw it, and the later fragments of the
+/// same datagram (same source, destination, IP id and protocol) are translated with them.
+pub mod frag {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct FragKey {
+        /// Network byte order.
+        pub src_addr: u32,
+        pub dst_addr: u32,
+        /// The IP identification field, network byte order.
+        pub id: u16,
+        pub proto: u8,
+        pub pad: u8,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct FragValue {
+        /// The datagram's ports, network byte order.
+        pub src_port: u16,
+        pub dst_port: u16,
+        /// When the first fragment was seen, in seconds of the kernel's monotonic clock.
+        pub seen: u32,
+    }
+
+    /// How long later fragments are matched to a first fragment: the kernel's `ipfrag_time` default.
+    pub const LIFETIME_SECS: u32 = 30;
 }
 
 /// Sizes of the maps. The agent refuses a desired table that would not fit, rather than half-write it.
@@ -67,6 +157,9 @@ pub mod capacity {
     pub const AFFINITY: u32 = 1 << 16;
     pub const SOURCE_RANGES: u32 = 1 << 14;
     pub const SOCK_REVNAT: u32 = 1 << 16;
+    /// Datagrams in flight as fragments, node-wide (Cilium's default is the same).
+    pub const FRAGS: u32 = 1 << 13;
+    pub const SOCK_FLOWS: u32 = 1 << 16;
     /// `BPF_F_NO_PREALLOC`: the kernel allocates entries on update instead of all at map creation.
     pub const NO_PREALLOC: u32 = 1;
 }
@@ -126,6 +219,31 @@ pub mod sock {
         pub port: u16,
         pub pad: u16,
     }
+
+    /// An unconnected socket's datagrams to one frontend (`sendmsg()` with an address): they keep the
+    /// backend the first was given while the socket keeps talking, as a conntrack entry keeps a flow's.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct SockFlowKey {
+        pub cookie: u64,
+        /// The frontend, network byte order.
+        pub addr: u32,
+        pub port: u16,
+        pub proto: u8,
+        pub pad: u8,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct SockFlow {
+        pub backend_id: u32,
+        pub pad: u32,
+        /// `bpf_ktime_get_ns` of the last datagram.
+        pub last_seen_ns: u64,
+    }
+
+    /// An idle socket picks afresh after this long: netfilter's UDP timeout (`nf_conntrack_udp_timeout`).
+    pub const FLOW_IDLE_SECS: u64 = 30;
 }
 
 /// The service map: a frontend (service address, port, protocol) and a slot.
@@ -345,6 +463,10 @@ mod pod {
     unsafe impl aya::Pod for super::ids::NextIds {}
     unsafe impl aya::Pod for super::sock::SockKey {}
     unsafe impl aya::Pod for super::sock::SockFrontend {}
+    unsafe impl aya::Pod for super::sock::SockFlowKey {}
+    unsafe impl aya::Pod for super::sock::SockFlow {}
+    unsafe impl aya::Pod for super::frag::FragKey {}
+    unsafe impl aya::Pod for super::frag::FragValue {}
 }
 
 #[cfg(test)]
@@ -432,6 +554,17 @@ mod layout_tests {
         assert_eq!(offset_of!(super::sock::SockKey, port), 12);
         assert_eq!(size_of::<super::sock::SockFrontend>(), 8);
         assert_eq!(size_of::<super::ids::NextIds>(), 8);
+        assert_eq!(size_of::<super::sock::SockFlowKey>(), 16);
+        assert_eq!(offset_of!(super::sock::SockFlowKey, addr), 8);
+        assert_eq!(offset_of!(super::sock::SockFlowKey, port), 12);
+        assert_eq!(offset_of!(super::sock::SockFlowKey, proto), 14);
+        assert_eq!(size_of::<super::sock::SockFlow>(), 16);
+        assert_eq!(offset_of!(super::sock::SockFlow, last_seen_ns), 8);
+        assert_eq!(size_of::<super::frag::FragKey>(), 12);
+        assert_eq!(offset_of!(super::frag::FragKey, id), 8);
+        assert_eq!(offset_of!(super::frag::FragKey, proto), 10);
+        assert_eq!(size_of::<super::frag::FragValue>(), 8);
+        assert_eq!(offset_of!(super::frag::FragValue, seen), 4);
         assert_eq!(offset_of!(super::ids::NextIds, rev_nat), 4);
     }
 }

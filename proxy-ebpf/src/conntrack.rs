@@ -7,7 +7,10 @@ use proxy_common::{
     conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY},
 };
 
-use crate::packet::Flow;
+use crate::{
+    drop::{CONNTRACK_FULL, Result},
+    packet::Flow,
+};
 
 #[map(name = "CONNTRACK")]
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
@@ -35,8 +38,8 @@ pub fn lookup_forward(flow: &Flow) -> Option<CtValue> {
 
 /// Records a flow's backend, and the reply tuple the egress program will reverse-translate.
 #[inline(always)]
-pub fn record(flow: &Flow, backend: &Backend, value: &CtValue) -> Result<(), i32> {
-    CONNTRACK.insert(&key(flow, DIR_FORWARD), value, u64::from(BPF_ANY))?;
+pub fn record(flow: &Flow, backend: &Backend, value: &CtValue) -> Result<()> {
+    CONNTRACK.insert(&key(flow, DIR_FORWARD), value, u64::from(BPF_ANY)).map_err(|_| CONNTRACK_FULL)?;
     let reply = CtKey {
         src_addr: backend.addr,
         dst_addr: flow.src_addr,
@@ -46,7 +49,7 @@ pub fn record(flow: &Flow, backend: &Backend, value: &CtValue) -> Result<(), i32
         dir: DIR_REPLY,
         pad: 0,
     };
-    CONNTRACK.insert(&reply, value, u64::from(BPF_ANY))
+    CONNTRACK.insert(&reply, value, u64::from(BPF_ANY)).map_err(|_| CONNTRACK_FULL)
 }
 
 /// Forgets the translated flow whose replies would arrive on `flow`'s reversed tuple. For a packet that

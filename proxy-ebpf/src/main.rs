@@ -1,7 +1,8 @@
 //! The kernel half of the service proxy.
 //!
-//! One file per attach point (`tc_pod`, `tc_host`, `xdp_host`, `sock_lb`), one module per concern (`packet`, `lb`, `conntrack`,
-//! `nat`, `snat`, `reject`; `service_path` ties them together), each
+//! One file per attach point (`tc_pod`, `tc_host`, `xdp_host`, `sock_lb`), one module per concern (`packet`,
+//! `lb`, `conntrack`, `nat`, `snat`, `frag`, `icmp`, `reject`, `drop`, `stats`; `service_path` ties them
+//! together), each
 //! map defined beside the logic that uses it, as Cilium's bpf/ is laid out.
 #![no_std]
 #![no_main]
@@ -11,6 +12,9 @@
 )]
 
 mod conntrack;
+mod drop;
+mod frag;
+mod icmp;
 mod lb;
 mod nat;
 mod packet;
@@ -19,6 +23,7 @@ mod service_path;
 mod skb;
 mod snat;
 mod sock_lb;
+mod stats;
 mod tc_host;
 mod tc_pod;
 mod xdp_host;

@@ -3,7 +3,10 @@
 use aya_ebpf::{macros::map, maps::HashMap};
 use proxy_common::{capacity, proto, revnat::RevNat};
 
-use crate::packet::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_OFF, L4_SRC_OFF, Packet};
+use crate::{
+    drop::{Result, SCTP_PORT_CHANGE},
+    packet::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_OFF, L4_SRC_OFF, Packet},
+};
 
 #[map(name = "REVNAT")]
 static REVNAT: HashMap<u32, RevNat> = HashMap::pinned(capacity::REVNAT, capacity::NO_PREALLOC);
@@ -23,9 +26,9 @@ pub enum Side {
 }
 
 /// Rewrites one end of the flow to `addr:port` (network byte order), fixing the IPv4 and L4 checksums.
-/// `flow` is updated to match the packet.
+/// `flow` is updated to match the packet. A later fragment has no ports to rewrite: only its address.
 #[inline(always)]
-pub fn rewrite<P: Packet>(pkt: &P, flow: &mut Flow, side: Side, addr: u32, port: u16) -> Result<(), i64> {
+pub fn rewrite<P: Packet>(pkt: &P, flow: &mut Flow, side: Side, addr: u32, port: u16) -> Result<()> {
     let (old_addr, old_port, addr_off, port_off) = match side {
         Side::Source => (flow.src_addr, flow.src_port, IP_SRC_OFF, L4_SRC_OFF),
         Side::Destination => (flow.dst_addr, flow.dst_port, IP_DST_OFF, L4_DST_OFF),
@@ -38,9 +41,9 @@ pub fn rewrite<P: Packet>(pkt: &P, flow: &mut Flow, side: Side, addr: u32, port:
         pkt.l3_csum_replace(flow.l3_off + IP_CSUM_OFF, old_addr, addr)?;
         pkt.store(flow.l3_off + addr_off, &addr)?;
     }
-    if old_port != port {
+    if old_port != port && flow.has_l4_header() {
         if flow.proto == proto::SCTP {
-            return Err(-1);
+            return Err(SCTP_PORT_CHANGE);
         }
         if let Some(csum) = l4_csum {
             pkt.l4_csum_replace(csum, u32::from(old_port), u32::from(port), 2, false)?;

@@ -1,11 +1,17 @@
 //! Reading and writing packets from TC and XDP alike, and parsing the headers the service path needs:
-//! Ethernet, IPv4, and the ports of TCP, UDP and SCTP.
+//! Ethernet, IPv4 (with options and fragments), the ports of TCP, UDP and SCTP, and the packet an ICMP
+//! error quotes.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
 use proxy_common::proto;
+
+use crate::{
+    drop::{PACKET_TOO_SHORT, REWRITE_FAILED, Result},
+    frag,
+};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -16,8 +22,19 @@ pub const IP_DST_OFF: usize = 16;
 /// Offsets of the source and destination ports; the same in TCP, UDP and SCTP.
 pub const L4_SRC_OFF: usize = 0;
 pub const L4_DST_OFF: usize = 2;
-/// Fragment offset and "more fragments" bits of the IPv4 flags/fragment-offset field.
-const IP_FRAG_MASK: u16 = 0x3fff;
+pub const IP_TTL_OFF: usize = 8;
+/// The "more fragments" bit and the fragment offset of the IPv4 flags/fragment-offset field.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+const IPPROTO_ICMP: u8 = 1;
+/// ICMP errors that quote the packet they are about (RFC 792): destination unreachable (incl.
+/// fragmentation needed), time exceeded, parameter problem.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+pub const ICMP_HLEN: usize = 8;
+/// Offset of the ICMP checksum from the start of the ICMP header.
+pub const ICMP_CSUM_OFF: usize = 2;
 
 /// What the L4 checksum of a packet is, for incremental updates.
 #[derive(Clone, Copy)]
@@ -29,33 +46,52 @@ pub struct L4Csum {
 
 /// A packet the service path can read and rewrite: a TC `__sk_buff` or an XDP buffer.
 pub trait Packet {
-    fn load<T: Copy>(&self, off: usize) -> Result<T, i64>;
-    fn store<T: Copy>(&self, off: usize, value: &T) -> Result<(), i64>;
+    /// Reads a value; a packet too short for it is [`PACKET_TOO_SHORT`].
+    fn load<T: Copy>(&self, off: usize) -> Result<T>;
+    fn store<T: Copy>(&self, off: usize, value: &T) -> Result<()>;
     /// Updates the IPv4 header checksum for a 4-byte field changing from `from` to `to`.
-    fn l3_csum_replace(&self, off: usize, from: u32, to: u32) -> Result<(), i64>;
+    fn l3_csum_replace(&self, off: usize, from: u32, to: u32) -> Result<()>;
     /// Updates the L4 checksum for a field of `size` (2 or 4) bytes; `pseudo` if the field is an address,
     /// which the checksum covers through the pseudo-header.
-    fn l4_csum_replace(&self, csum: L4Csum, from: u32, to: u32, size: u8, pseudo: bool) -> Result<(), i64>;
+    fn l4_csum_replace(&self, csum: L4Csum, from: u32, to: u32, size: u8, pseudo: bool) -> Result<()>;
+}
+
+/// Updates, in software, the Internet checksum at `off` for a field of `size` (2 or 4) bytes changing from
+/// `from` to `to` (as they sit in memory). For checksums the kernel's helpers know nothing of: those
+/// inside the packet an ICMP error quotes, and the ICMP checksum over them. `udp`: a zero checksum means
+/// "none" and stays zero, and a computed zero is written as 0xffff.
+#[inline(always)]
+pub fn csum_replace<P: Packet>(pkt: &P, off: usize, from: u32, to: u32, size: u8, udp: bool) -> Result<()> {
+    let current: u16 = pkt.load(off)?;
+    if udp && current == 0 {
+        return Ok(());
+    }
+    let (from, to) = if size == 2 { (from & 0xffff, to & 0xffff) } else { (from, to) };
+    let mut updated = csum_update(current, from, to);
+    if udp && updated == 0 {
+        updated = 0xffff;
+    }
+    pkt.store(off, &updated)
 }
 
 impl Packet for TcContext {
     #[inline(always)]
-    fn load<T: Copy>(&self, off: usize) -> Result<T, i64> {
-        TcContext::load(self, off)
+    fn load<T: Copy>(&self, off: usize) -> Result<T> {
+        TcContext::load(self, off).map_err(|_| PACKET_TOO_SHORT)
     }
 
     #[inline(always)]
-    fn store<T: Copy>(&self, off: usize, value: &T) -> Result<(), i64> {
-        TcContext::store(self, off, value, 0)
+    fn store<T: Copy>(&self, off: usize, value: &T) -> Result<()> {
+        TcContext::store(self, off, value, 0).map_err(|_| REWRITE_FAILED)
     }
 
     #[inline(always)]
-    fn l3_csum_replace(&self, off: usize, from: u32, to: u32) -> Result<(), i64> {
-        TcContext::l3_csum_replace(self, off, u64::from(from), u64::from(to), 4)
+    fn l3_csum_replace(&self, off: usize, from: u32, to: u32) -> Result<()> {
+        TcContext::l3_csum_replace(self, off, u64::from(from), u64::from(to), 4).map_err(|_| REWRITE_FAILED)
     }
 
     #[inline(always)]
-    fn l4_csum_replace(&self, csum: L4Csum, from: u32, to: u32, size: u8, pseudo: bool) -> Result<(), i64> {
+    fn l4_csum_replace(&self, csum: L4Csum, from: u32, to: u32, size: u8, pseudo: bool) -> Result<()> {
         // The helper also handles CHECKSUM_PARTIAL packets, whose field holds only the pseudo-header sum.
         let mut flags = u64::from(size);
         if pseudo {
@@ -64,16 +100,16 @@ impl Packet for TcContext {
         if csum.udp {
             flags |= u64::from(BPF_F_MARK_MANGLED_0);
         }
-        TcContext::l4_csum_replace(self, csum.off, u64::from(from), u64::from(to), flags)
+        TcContext::l4_csum_replace(self, csum.off, u64::from(from), u64::from(to), flags).map_err(|_| REWRITE_FAILED)
     }
 }
 
 /// A bounds-checked pointer into an XDP packet, the form the verifier accepts for direct access.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, i64> {
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*mut T> {
     let start = ctx.data();
     if start + off + size_of::<T>() > ctx.data_end() {
-        return Err(-1);
+        return Err(PACKET_TOO_SHORT);
     }
     Ok((start + off) as *mut T)
 }
@@ -94,38 +130,39 @@ pub fn csum_update(csum: u16, from: u32, to: u32) -> u16 {
 
 impl Packet for XdpContext {
     #[inline(always)]
-    fn load<T: Copy>(&self, off: usize) -> Result<T, i64> {
+    fn load<T: Copy>(&self, off: usize) -> Result<T> {
         // SAFETY: `ptr_at` checked the whole value lies inside the packet; it may be unaligned.
         Ok(unsafe { ptr_at::<T>(self, off)?.read_unaligned() })
     }
 
     #[inline(always)]
-    fn store<T: Copy>(&self, off: usize, value: &T) -> Result<(), i64> {
+    fn store<T: Copy>(&self, off: usize, value: &T) -> Result<()> {
         // SAFETY: as in `load`; XDP packet data is writable.
         unsafe { ptr_at::<T>(self, off)?.write_unaligned(*value) };
         Ok(())
     }
 
     #[inline(always)]
-    fn l3_csum_replace(&self, off: usize, from: u32, to: u32) -> Result<(), i64> {
-        let csum: u16 = self.load(off)?;
-        self.store(off, &csum_update(csum, from, to))
+    fn l3_csum_replace(&self, off: usize, from: u32, to: u32) -> Result<()> {
+        csum_replace(self, off, from, to, 4, false)
     }
 
     #[inline(always)]
-    fn l4_csum_replace(&self, csum: L4Csum, from: u32, to: u32, size: u8, _pseudo: bool) -> Result<(), i64> {
+    fn l4_csum_replace(&self, csum: L4Csum, from: u32, to: u32, size: u8, _pseudo: bool) -> Result<()> {
         // XDP sees whole frames with complete checksums, so the pseudo-header needs no special case.
-        let current: u16 = self.load(csum.off)?;
-        if csum.udp && current == 0 {
-            return Ok(());
-        }
-        let (from, to) = if size == 2 { (from & 0xffff, to & 0xffff) } else { (from, to) };
-        let mut updated = csum_update(current, from, to);
-        if csum.udp && updated == 0 {
-            updated = 0xffff;
-        }
-        self.store(csum.off, &updated)
+        csum_replace(self, csum.off, from, to, size, csum.udp)
     }
+}
+
+/// How a packet's L4 header relates to its IPv4 fragments.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it carries the L4 header, more fragments follow.
+    First,
+    /// A later fragment: no L4 header; its ports come from the first fragment's record.
+    Later,
 }
 
 /// The parts of an IPv4 packet the proxy reads and rewrites. Addresses and ports stay in network byte order.
@@ -138,19 +175,66 @@ pub struct Flow {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
+    pub ttl: u8,
+    /// The IP identification field (network byte order), which ties fragments together.
+    pub ip_id: u16,
+    pub fragment: Fragment,
 }
 
 impl Flow {
-    /// Where this flow's L4 checksum is, if it has one that covers addresses and ports. SCTP's `CRC32c`
-    /// covers neither address, and a port change would need a full recompute.
+    /// Where this flow's L4 checksum is, if this packet has one that covers addresses and ports. SCTP's
+    /// `CRC32c` covers neither address, and a port change would need a full recompute; a later fragment
+    /// has no L4 header at all (the first fragment's checksum covers the whole datagram).
     #[inline(always)]
     pub fn l4_csum(&self) -> Option<L4Csum> {
+        if self.fragment == Fragment::Later {
+            return None;
+        }
         match self.proto {
             proto::TCP => Some(L4Csum { off: self.l4_off + 16, udp: false }),
             proto::UDP => Some(L4Csum { off: self.l4_off + 6, udp: true }),
             _ => None,
         }
     }
+
+    /// Whether the packet itself carries the ports (not a later fragment).
+    #[inline(always)]
+    pub fn has_l4_header(&self) -> bool {
+        self.fragment != Fragment::Later
+    }
+
+    /// The flow as its replies carry it: source and destination swapped.
+    #[inline(always)]
+    pub fn reversed(&self) -> Self {
+        Self {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            ..*self
+        }
+    }
+}
+
+/// An ICMP error about a TCP, UDP or SCTP packet, and where the packet it quotes sits.
+#[derive(Clone, Copy)]
+pub struct Quote {
+    /// The error's own IPv4 header and ICMP header.
+    pub outer_l3_off: usize,
+    pub icmp_off: usize,
+    pub outer_src: u32,
+    pub outer_dst: u32,
+    /// The quoted packet, as its sender sent it (`l3_off`/`l4_off` point into the quote).
+    pub inner: Flow,
+}
+
+/// What a packet is to the service path.
+pub enum Parsed {
+    /// Not something the proxy translates: other ethertypes and protocols, ICMP other than errors about
+    /// TCP/UDP/SCTP, malformed headers, later fragments of datagrams not tracked here. Passes untouched.
+    Other,
+    Flow(Flow),
+    IcmpError(Quote),
 }
 
 #[repr(C)]
@@ -168,49 +252,119 @@ struct Ipv4Head {
     dst: u32,
 }
 
-/// Parses an Ethernet frame carrying IPv4 with TCP, UDP or SCTP.
-///
-/// Returns `None` for anything the proxy does not translate (other ethertypes, other protocols, and
-/// non-first fragments, which carry no ports); those packets pass untouched.
 #[inline(always)]
-pub fn parse<P: Packet>(pkt: &P) -> Option<Flow> {
+fn is_translated_proto(p: u8) -> bool {
+    matches!(p, proto::TCP | proto::UDP | proto::SCTP)
+}
+
+/// The IPv4 header at `l3_off`, if it is one: version 4, header length at least 20 bytes.
+#[inline(always)]
+fn ipv4_at<P: Packet>(pkt: &P, l3_off: usize) -> Option<(Ipv4Head, usize)> {
+    let ip: Ipv4Head = pkt.load(l3_off).ok()?;
+    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
+    if ip.version_ihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    Some((ip, ihl))
+}
+
+/// Parses an Ethernet frame carrying IPv4.
+///
+/// A later fragment is a [`Parsed::Flow`] with the ports its first fragment recorded (see [`frag`]), or
+/// [`Parsed::Other`] when there is no record (counted as `FRAG_UNTRACKED`).
+#[inline(always)]
+pub fn parse<P: Packet>(pkt: &P) -> Parsed {
+    parse_ipv4(pkt).unwrap_or(Parsed::Other)
+}
+
+#[inline(always)]
+fn parse_ipv4<P: Packet>(pkt: &P) -> Option<Parsed> {
     let ethertype = u16::from_be(pkt.load::<u16>(12).ok()?);
     if ethertype != ETH_P_IP {
         return None;
     }
     let l3_off = ETH_HLEN;
-    let ip: Ipv4Head = pkt.load(l3_off).ok()?;
-    if ip.version_ihl >> 4 != 4 {
-        return None;
-    }
-    if u16::from_be(ip.frag_off) & IP_FRAG_MASK != 0 {
-        return None;
-    }
-    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    if !matches!(ip.proto, proto::TCP | proto::UDP | proto::SCTP) {
-        return None;
-    }
+    let (ip, ihl) = ipv4_at(pkt, l3_off)?;
     let l4_off = l3_off + ihl;
-    let ports: [u16; 2] = pkt.load(l4_off).ok()?;
-    Some(Flow {
+    let frag_off = u16::from_be(ip.frag_off);
+    let fragment = if frag_off & IP_OFFSET_MASK != 0 {
+        Fragment::Later
+    } else if frag_off & IP_MF != 0 {
+        Fragment::First
+    } else {
+        Fragment::Whole
+    };
+    if ip.proto == IPPROTO_ICMP && fragment == Fragment::Whole {
+        return parse_icmp_error(pkt, l3_off, l4_off, &ip).map(Parsed::IcmpError);
+    }
+    if !is_translated_proto(ip.proto) {
+        return None;
+    }
+    let mut flow = Flow {
         l3_off,
         l4_off,
         src_addr: ip.src,
         dst_addr: ip.dst,
-        src_port: ports[0],
-        dst_port: ports[1],
+        src_port: 0,
+        dst_port: 0,
         proto: ip.proto,
+        ttl: ip.ttl,
+        ip_id: ip.id,
+        fragment,
+    };
+    if fragment == Fragment::Later {
+        let Some((src_port, dst_port)) = frag::ports(&flow) else {
+            crate::stats::count(proxy_common::stats::FRAG_UNTRACKED);
+            return None;
+        };
+        (flow.src_port, flow.dst_port) = (src_port, dst_port);
+    } else {
+        let ports: [u16; 2] = pkt.load(l4_off).ok()?;
+        (flow.src_port, flow.dst_port) = (ports[0], ports[1]);
+    }
+    Some(Parsed::Flow(flow))
+}
+
+/// An ICMP error whose quote holds an IPv4 header and at least the ports of a TCP, UDP or SCTP packet (an
+/// unfragmented one, or a first fragment: a later fragment's quote has no ports).
+#[inline(always)]
+fn parse_icmp_error<P: Packet>(pkt: &P, l3_off: usize, icmp_off: usize, ip: &Ipv4Head) -> Option<Quote> {
+    let icmp_type: u8 = pkt.load(icmp_off).ok()?;
+    if !matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) {
+        return None;
+    }
+    let inner_l3 = icmp_off + ICMP_HLEN;
+    let (inner, ihl) = ipv4_at(pkt, inner_l3)?;
+    if u16::from_be(inner.frag_off) & IP_OFFSET_MASK != 0 || !is_translated_proto(inner.proto) {
+        return None;
+    }
+    let inner_l4 = inner_l3 + ihl;
+    let ports: [u16; 2] = pkt.load(inner_l4).ok()?;
+    Some(Quote {
+        outer_l3_off: l3_off,
+        icmp_off,
+        outer_src: ip.src,
+        outer_dst: ip.dst,
+        inner: Flow {
+            l3_off: inner_l3,
+            l4_off: inner_l4,
+            src_addr: inner.src,
+            dst_addr: inner.dst,
+            src_port: ports[0],
+            dst_port: ports[1],
+            proto: inner.proto,
+            ttl: inner.ttl,
+            ip_id: inner.id,
+            fragment: Fragment::Whole,
+        },
     })
 }
 
-/// The TCP flags byte of a packet (0 for other protocols or if unreadable).
+/// The TCP flags byte of a packet (0 for other protocols, later fragments, or if unreadable).
 #[inline(always)]
 pub fn tcp_flags<P: Packet>(pkt: &P, flow: &Flow) -> u8 {
     const TCP_FLAGS_OFF: usize = 13;
-    if flow.proto != proto::TCP {
+    if flow.proto != proto::TCP || !flow.has_l4_header() {
         return 0;
     }
     pkt.load::<u8>(flow.l4_off + TCP_FLAGS_OFF).unwrap_or(0)

@@ -5,6 +5,7 @@
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_csum_diff, helpers::bpf_redirect, programs::TcContext};
 
 use crate::{
+    drop::{REJECT_FAILED, Result},
     packet::{ETH_HLEN, Flow},
     skb,
 };
@@ -37,14 +38,15 @@ fn checksum(words: &mut [u32]) -> u16 {
 
 /// Rewrites the packet into an ICMP port unreachable for `flow` and redirects it back to the sender.
 #[inline(always)]
-pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, i64> {
-    // IP options would change the quote's length; such packets are only dropped.
-    if flow.l4_off != ETH_HLEN + IP_HLEN {
-        return Err(-1);
+pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32> {
+    // IP options would change the quote's length, and a later fragment has no L4 header to quote; such
+    // packets are only dropped.
+    if flow.l4_off != ETH_HLEN + IP_HLEN || !flow.has_l4_header() {
+        return Err(REJECT_FAILED);
     }
     // Fixed-size loads: the verifier refuses a read whose length might be zero.
-    let macs: [u8; 12] = ctx.load(0)?;
-    let quote: [u32; QUOTE_LEN / 4] = ctx.load(ETH_HLEN)?;
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| REJECT_FAILED)?;
+    let quote: [u32; QUOTE_LEN / 4] = ctx.load(ETH_HLEN).map_err(|_| REJECT_FAILED)?;
 
     // Words are built from their bytes in packet order (`from_ne_bytes`), and a checksum folded from
     // them is stored back in native order: the one's-complement sum does not care about byte order.
@@ -65,14 +67,14 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32, i64> {
     let [c0, c1] = checksum(&mut icmp).to_ne_bytes();
     icmp[0] = u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, c0, c1]);
 
-    ctx.change_tail(REPLY_FRAME_LEN, 0)?;
+    ctx.change_tail(REPLY_FRAME_LEN, 0).map_err(|_| REJECT_FAILED)?;
     // Back to where it came from: the sender's MAC becomes the destination.
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
-    ctx.store(0, &swapped, 0)?;
-    ctx.store(ETH_HLEN, &ip, 0)?;
-    ctx.store(ETH_HLEN + IP_HLEN, &icmp, 0)?;
+    ctx.store(0, &swapped, 0).map_err(|_| REJECT_FAILED)?;
+    ctx.store(ETH_HLEN, &ip, 0).map_err(|_| REJECT_FAILED)?;
+    ctx.store(ETH_HLEN + IP_HLEN, &icmp, 0).map_err(|_| REJECT_FAILED)?;
     // SAFETY: the helper has no preconditions; flags 0 sends it out of (egress) the given interface.
     unsafe { bpf_redirect(skb::ifindex(ctx), 0) };
     Ok(TC_ACT_REDIRECT)

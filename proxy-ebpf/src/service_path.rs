@@ -3,7 +3,8 @@
 //! On TC, ingress (before routing) only ever rewrites destinations: DNAT to a backend, and un-SNAT of
 //! replies. Egress (after routing) only ever rewrites sources: reverse DNAT of replies, and SNAT. So the
 //! kernel routes every packet by its final destination, and strict `rp_filter` never sees a spoofed-looking
-//! source.
+//! source. ICMP errors about translated flows follow the same split (`icmp`), and later fragments of a
+//! datagram take the path of its first fragment (`frag`).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -18,9 +19,11 @@ use proxy_common::{
 };
 
 use crate::{
-    conntrack, lb,
+    conntrack,
+    drop::{self, NO_ENDPOINTS, REJECTED, Reason, Result, SOURCE_RANGE},
+    frag, icmp, lb,
     nat::{self, Side},
-    packet::{self, Flow},
+    packet::{self, Flow, Parsed},
     reject, skb, snat,
 };
 
@@ -40,7 +43,7 @@ pub enum Origin {
 pub enum Verdict {
     /// Not addressed to a frontend: leave it alone.
     NotService,
-    Drop,
+    Drop(Reason),
     /// No usable endpoint anywhere: refuse the client.
     Reject,
     /// Send it to this backend; `snat` if it must also leave with the node's address.
@@ -53,7 +56,7 @@ pub enum Verdict {
 /// Finds the frontend a flow is addressed to and its backend: the flow's own if it has one that still
 /// exists, else the client's affinity, else a random pick. Records new flows in conntrack.
 #[inline(always)]
-pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict, i64> {
+pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict> {
     // kube-proxy's local-traffic detection by cluster CIDR: a pod of another node is pod traffic, not
     // external traffic, even when it arrives on a host interface.
     let from_pod =
@@ -62,7 +65,7 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict, i64>
         return Ok(Verdict::NotService);
     };
     if origin == Origin::Host && svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(flow, &svc) {
-        return Ok(Verdict::Drop);
+        return Ok(Verdict::Drop(SOURCE_RANGE));
     }
     if let Some(ct) = conntrack::lookup_forward(flow)
         && let Some(backend) = lb::backend(ct.backend_id)
@@ -72,7 +75,11 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict, i64>
     let affinity = svc.value.flags & flags::AFFINITY != 0;
     let chosen = if affinity { lb::affinity_backend(flow, &svc) } else { None };
     let Some((backend_id, backend)) = chosen.or_else(|| lb::select_backend(flow, &svc)) else {
-        return Ok(if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { Verdict::Reject } else { Verdict::Drop });
+        return Ok(if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 {
+            Verdict::Reject
+        } else {
+            Verdict::Drop(NO_ENDPOINTS)
+        });
     };
     if affinity {
         lb::remember_affinity(flow, &svc, backend_id);
@@ -100,7 +107,7 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict, i64>
         Origin::Host => svc.ext_flags & flags::MASQUERADE_EXTERNAL != 0,
     };
     let value = CtValue { backend_id, rev_nat_id: svc.value.rev_nat_id, flags: if snat { FLAG_SNAT } else { 0 } };
-    conntrack::record(flow, &backend, &value).map_err(i64::from)?;
+    conntrack::record(flow, &backend, &value)?;
     Ok(Verdict::Forward { backend, snat })
 }
 
@@ -112,16 +119,31 @@ fn opens_flow(ctx: &TcContext, flow: &Flow) -> bool {
     const ACK: u8 = 0x10;
     match flow.proto {
         proxy_common::proto::TCP => packet::tcp_flags(ctx, flow) & (SYN | ACK) == SYN,
-        proxy_common::proto::UDP => true,
+        proxy_common::proto::UDP => flow.has_l4_header(),
         _ => false,
     }
 }
 
+/// The verdict of a TC program on a packet the path gave up on: counted under its reason, dropped. A
+/// packet chosen for translation that could not be translated is never passed on half-rewritten, or with
+/// a Service address to a network that does not know it.
 #[inline(always)]
-pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, i64> {
-    let Some(mut flow) = packet::parse(ctx) else {
-        return Ok(PASS);
+pub fn dropped(reason: Reason) -> i32 {
+    drop::count(reason);
+    DROP
+}
+
+#[inline(always)]
+pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
+    let mut flow = match packet::parse(ctx) {
+        Parsed::Other => return Ok(PASS),
+        Parsed::IcmpError(quote) => {
+            icmp::ingress(ctx, &quote, &snat::config())?;
+            return Ok(PASS);
+        }
+        Parsed::Flow(flow) => flow,
     };
+    frag::remember(&flow);
     let cfg = snat::config();
     if let Some(client) = snat::client_of(&flow, &cfg, || packet::tcp_flags(ctx, &flow)) {
         nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, client.port)?;
@@ -136,8 +158,11 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, i64> {
             }
             Ok(PASS)
         }
-        Verdict::Drop => Ok(DROP),
-        Verdict::Reject => reject::reject(ctx, &flow),
+        Verdict::Drop(reason) => Ok(dropped(reason)),
+        Verdict::Reject => {
+            drop::count(REJECTED);
+            reject::reject(ctx, &flow)
+        }
         Verdict::Forward { backend, snat } => {
             nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
             if snat {
@@ -149,10 +174,16 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, i64> {
 }
 
 #[inline(always)]
-pub fn egress(ctx: &TcContext) -> Result<i32, i64> {
-    let Some(mut flow) = packet::parse(ctx) else {
-        return Ok(PASS);
+pub fn egress(ctx: &TcContext) -> Result<i32> {
+    let mut flow = match packet::parse(ctx) {
+        Parsed::Other => return Ok(PASS),
+        Parsed::IcmpError(quote) => {
+            icmp::egress(ctx, &quote)?;
+            return Ok(PASS);
+        }
+        Parsed::Flow(flow) => flow,
     };
+    frag::remember(&flow);
     if let Some(ct) = conntrack::lookup_reply(&flow) {
         let Some(frontend) = nat::revnat(ct.rev_nat_id) else {
             // The Service is gone; the client's connection fails, as it would with kube-proxy.

@@ -18,7 +18,11 @@ use proxy_common::{
     proto,
 };
 
-use crate::{conntrack, packet::Flow};
+use crate::{
+    conntrack,
+    drop::{Result, SNAT_FULL, SNAT_NO_ADDRESS, SNAT_PORTS_EXHAUSTED},
+    packet::Flow,
+};
 
 #[map(name = "SNAT")]
 static SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::pinned(capacity::SNAT, 0);
@@ -119,9 +123,9 @@ pub fn config() -> Config {
 /// `tcp_flags` reads the packet's (0 for other protocols); a FIN or RST marks the flow as ending. It is
 /// called only for flows that already have a port, so a new flow's packet is not read twice.
 #[inline(always)]
-pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: impl FnOnce() -> u8) -> Result<u16, i64> {
+pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: impl FnOnce() -> u8) -> Result<u16> {
     if cfg.snat_addr == 0 {
-        return Err(-1);
+        return Err(SNAT_NO_ADDRESS);
     }
     let out_key = conntrack::key(flow, DIR_SNAT_OUT);
     // SAFETY: the value is copied out at once.
@@ -136,14 +140,14 @@ pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: impl FnOnce() -> u8) -> Re
     }
     let port = allocate_port(flow, cfg)?;
     let out = SnatValue { addr: cfg.snat_addr, port, flags: 0, last_seen: 0, last_seen_ms: 0 };
-    SNAT.insert(&out_key, &out, u64::from(BPF_ANY)).map_err(i64::from)?;
+    SNAT.insert(&out_key, &out, u64::from(BPF_ANY)).map_err(|_| SNAT_FULL)?;
     Ok(port)
 }
 
 /// Finds a free node port for a flow to `flow.dst` and records the way back to the client. A port held by
 /// a live flow to the same backend is never taken over; one whose flow ended or went quiet is.
 #[inline(always)]
-fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16, i64> {
+fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16> {
     let span = u32::from(cfg.snat_port_max.saturating_sub(cfg.snat_port_min)) + 1;
     let now = now();
     let back = SnatValue { addr: flow.src_addr, port: flow.src_port, flags: 0, last_seen: now.0, last_seen_ms: now.1 };
@@ -177,7 +181,7 @@ fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16, i64> {
             return Ok(port);
         }
     }
-    Err(-1)
+    Err(SNAT_PORTS_EXHAUSTED)
 }
 
 /// For a reply to a SNATed flow (backend → node address and SNAT port): the client it belongs to. Notes
@@ -191,4 +195,22 @@ pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: impl FnOnce() -> u8) -> O
     touch(entry, tcp_flags(), SNAT_FIN_IN);
     // SAFETY: as in `touch`; the value is copied out.
     Some(unsafe { *entry })
+}
+
+/// The client behind a SNAT reply tuple (backend → node address and SNAT port), without noting a packet:
+/// for an ICMP error, which says nothing about how far the flow has closed.
+#[inline(always)]
+pub fn lookup_in(flow: &Flow, cfg: &Config) -> Option<SnatValue> {
+    if cfg.snat_addr == 0 || flow.dst_addr != cfg.snat_addr {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    unsafe { SNAT.get(&conntrack::key(flow, DIR_SNAT_IN)).copied() }
+}
+
+/// The node address and port a SNATed flow (client → backend, after DNAT) leaves with, if it has one.
+#[inline(always)]
+pub fn lookup_out(flow: &Flow) -> Option<SnatValue> {
+    // SAFETY: the value is copied out at once.
+    unsafe { SNAT.get(&conntrack::key(flow, DIR_SNAT_OUT)).copied() }
 }

@@ -3,26 +3,46 @@
 //! A process on the node talking to a ClusterIP or to a NodePort on the node's address never passes a TC
 //! hook on the way in, so translation happens where it is cheapest: at `connect()` and `sendmsg()`, the
 //! destination becomes a backend, once per connection instead of once per packet. `recvmsg()` and
-//! `getpeername()` show the frontend again, so applications see the address they asked for.
+//! `getpeername()` show the frontend again, so applications see the address they asked for. An unconnected
+//! UDP socket's datagrams to one frontend keep one backend while the socket keeps talking (`SOCK_FLOWS`),
+//! as conntrack keeps a flow's: a QUIC-like or multi-datagram exchange is not spread over backends.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_ANY,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     macros::{cgroup_sock_addr, map},
     maps::LruHashMap,
     programs::SockAddrContext,
 };
 use proxy_common::{
+    backend::Backend,
     capacity,
     service::flags,
-    sock::{SockFrontend, SockKey},
+    sock::{FLOW_IDLE_SECS, SockFlow, SockFlowKey, SockFrontend, SockKey},
 };
 
-use crate::{lb, packet::Flow, snat};
+use crate::{
+    drop::{self, SOCK_MAP_FULL, SOCK_REFUSED},
+    lb,
+    packet::{Flow, Fragment},
+    snat,
+};
 
 #[map(name = "SOCK_REVNAT")]
 static SOCK_REVNAT: LruHashMap<SockKey, SockFrontend> = LruHashMap::pinned(capacity::SOCK_REVNAT, 0);
+
+#[map(name = "SOCK_FLOWS")]
+static SOCK_FLOWS: LruHashMap<SockFlowKey, SockFlow> = LruHashMap::pinned(capacity::SOCK_FLOWS, 0);
+
+/// Which hook a translation runs in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// `connect()`: once per connection, the socket then talks to one backend by itself.
+    Connect,
+    /// `sendmsg()` with an address, on an unconnected socket: once per datagram.
+    SendTo,
+}
 
 /// The verdicts of a `sock_addr` program.
 const ALLOW: i32 = 1;
@@ -35,6 +55,7 @@ const ECONNREFUSED: i32 = 111;
 /// fails with EPERM (the rule drops the datagram as it leaves). A bare [`DENY`] is EPERM.
 #[inline(always)]
 fn refuse(proto: u8) -> i32 {
+    drop::count(SOCK_REFUSED);
     if proto == proxy_common::proto::TCP {
         // SAFETY: the helper only sets the syscall's return value (cgroup programs, Linux 5.18+).
         unsafe { bpf_set_retval(-ECONNREFUSED) };
@@ -57,9 +78,25 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+/// The backend this socket's earlier datagrams to the frontend went to, if it still exists and the socket
+/// sent within [`FLOW_IDLE_SECS`]; refreshed on every datagram.
+#[inline(always)]
+fn sticky_backend(key: &SockFlowKey, now: u64) -> Option<Backend> {
+    let entry = SOCK_FLOWS.get_ptr_mut(key)?;
+    // SAFETY: `entry` points into the map's value, valid for this program run; plain field accesses.
+    let (backend_id, last_seen) = unsafe { ((*entry).backend_id, (*entry).last_seen_ns) };
+    if now.saturating_sub(last_seen) > FLOW_IDLE_SECS * 1_000_000_000 {
+        return None;
+    }
+    let backend = lb::backend(backend_id)?;
+    // SAFETY: as above.
+    unsafe { (*entry).last_seen_ns = now };
+    Some(backend)
+}
+
 /// Points the socket at a backend if it is addressed to a frontend.
 #[inline(always)]
-fn translate(ctx: &SockAddrContext) -> i32 {
+fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     if !ours(ctx) {
         return ALLOW;
     }
@@ -69,17 +106,45 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let Ok(proto) = u8::try_from(protocol) else { return ALLOW };
     // user_port holds the port in network byte order in its low 16 bits.
     let port = (user_port & 0xffff) as u16;
-    let flow = Flow { l3_off: 0, l4_off: 0, src_addr: 0, dst_addr: addr, src_port: 0, dst_port: port, proto };
+    let flow = Flow {
+        l3_off: 0,
+        l4_off: 0,
+        src_addr: 0,
+        dst_addr: addr,
+        src_port: 0,
+        dst_port: port,
+        proto,
+        ttl: 0,
+        ip_id: 0,
+        fragment: Fragment::Whole,
+    };
     // The node's own traffic is internal: it reaches every endpoint, whatever the external policy.
     let Some(svc) = lb::lookup_service(&flow, true) else { return ALLOW };
-    let Some((_, backend)) = lb::select_backend(&flow, &svc) else {
-        // No usable endpoint: refuse at once rather than leave the client to time out.
-        return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { refuse(proto) } else { ALLOW };
+    let cookie = socket_cookie(ctx);
+    let flow_key = SockFlowKey { cookie, addr, port, proto, pad: 0 };
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let known = if call == Call::SendTo { sticky_backend(&flow_key, now) } else { None };
+    let backend = match known {
+        Some(backend) => backend,
+        None => {
+            let Some((backend_id, backend)) = lb::select_backend(&flow, &svc) else {
+                // No usable endpoint: refuse at once rather than leave the client to time out.
+                return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { refuse(proto) } else { ALLOW };
+            };
+            if call == Call::SendTo {
+                let value = SockFlow { backend_id, pad: 0, last_seen_ns: now };
+                // Without the entry the next datagram picks again, as before; not worth refusing for.
+                let _ = SOCK_FLOWS.insert(&flow_key, &value, u64::from(BPF_ANY));
+            }
+            backend
+        }
     };
-    let key = SockKey { cookie: socket_cookie(ctx), addr: backend.addr, port: backend.port, pad: 0 };
+    let key = SockKey { cookie, addr: backend.addr, port: backend.port, pad: 0 };
     let frontend = SockFrontend { addr, port, pad: 0 };
     // Without the entry, replies would show the backend's address; better to refuse than to confuse.
     if SOCK_REVNAT.insert(&key, &frontend, u64::from(BPF_ANY)).is_err() {
+        drop::count(SOCK_MAP_FULL);
         return DENY;
     }
     // SAFETY: as above; these fields are writable from connect4 and sendmsg4.
@@ -114,13 +179,13 @@ fn restore(ctx: &SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect4)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx)
+    translate(&ctx, Call::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx)
+    translate(&ctx, Call::SendTo)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

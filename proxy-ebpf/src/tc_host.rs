@@ -8,16 +8,16 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-use crate::service_path::{self, DROP, Origin};
+use crate::service_path::{self, Origin, dropped};
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
 pub fn tc_host_ingress(ctx: TcContext) -> i32 {
-    service_path::ingress(&ctx, Origin::Host).unwrap_or(DROP)
+    service_path::ingress(&ctx, Origin::Host).unwrap_or_else(dropped)
 }
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
 pub fn tc_host_egress(ctx: TcContext) -> i32 {
-    service_path::egress(&ctx).unwrap_or(DROP)
+    service_path::egress(&ctx).unwrap_or_else(dropped)
 }

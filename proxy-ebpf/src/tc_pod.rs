@@ -6,18 +6,16 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-use crate::service_path::{self, DROP, Origin};
+use crate::service_path::{self, Origin, dropped};
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
-    // A packet chosen for translation that could not be translated is dropped, never passed on
-    // half-rewritten or with a Service address to a network that does not know it.
-    service_path::ingress(&ctx, Origin::Pod).unwrap_or(DROP)
+    service_path::ingress(&ctx, Origin::Pod).unwrap_or_else(dropped)
 }
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
-    service_path::egress(&ctx).unwrap_or(DROP)
+    service_path::egress(&ctx).unwrap_or_else(dropped)
 }

@@ -5,47 +5,61 @@
 //! - a flow SNATed to a backend on another node: DNAT and SNAT, and straight back out (`XDP_TX`), both ways.
 //!
 //! Everything else (a local backend that must be SNATed, a reject, a next hop not yet in the neighbour table,
-//! another interface) passes untouched, and the TC programs on the same interface handle it, finding the
-//! conntrack and SNAT entries recorded here if this program already decided.
+//! another interface, IPv4 fragments, ICMP errors, a TTL that would expire here) passes untouched, and the
+//! TC programs on the same interface handle it, finding the conntrack and SNAT entries recorded here if this
+//! program already decided. A packet sent back out with `XDP_TX` was forwarded by this node, so its TTL is
+//! decremented as a router would.
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
     helpers::bpf_fib_lookup,
-    macros::{map, xdp},
-    maps::PerCpuArray,
+    macros::xdp,
     programs::XdpContext,
 };
 use proxy_common::{backend::FLAG_LOCAL, stats};
 
 use crate::{
     conntrack,
+    drop::{self, Result},
     nat::{self, Side},
-    packet::{self, Flow, Packet as _},
+    packet::{self, Flow, Fragment, IP_CSUM_OFF, IP_TTL_OFF, Packet as _, Parsed},
     service_path::{Origin, Verdict, decide},
     snat,
+    stats::count,
 };
-
-#[map(name = "STATS")]
-static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
 const AF_INET: u8 = 2;
 /// `sizeof(struct bpf_fib_lookup)`
 const FIB_PARAMS_LEN: i32 = 64;
 const _: () = assert!(size_of::<FibParams>() == FIB_PARAMS_LEN as usize);
 
-#[inline(always)]
-fn count(index: u32) {
-    if let Some(counter) = STATS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot, written only by this CPU.
-        unsafe { *counter += 1 };
-    }
-}
-
 #[xdp]
 #[expect(clippy::needless_pass_by_value, reason = "#[xdp] fixes the signature")]
 pub fn xdp_host(ctx: XdpContext) -> u32 {
     // An error after the packet was changed cannot be undone; drop rather than send it on half-rewritten.
-    try_xdp_host(&ctx).unwrap_or(xdp_action::XDP_DROP)
+    try_xdp_host(&ctx).unwrap_or_else(|reason| {
+        drop::count(reason);
+        xdp_action::XDP_DROP
+    })
+}
+
+/// Decrements the TTL of a packet this node forwards itself, as a router does (RFC 1812), fixing the IPv4
+/// checksum. Only for a TTL above 1: the caller hands a packet whose TTL would expire to the stack.
+#[inline(always)]
+fn forward_hop(ctx: &XdpContext, flow: &Flow) -> Result<()> {
+    // TTL and protocol share one 16-bit word of the checksummed header.
+    let off = flow.l3_off + IP_TTL_OFF;
+    let before: [u8; 2] = ctx.load(off)?;
+    let after = [before[0].saturating_sub(1), before[1]];
+    ctx.store(off, &after)?;
+    packet::csum_replace(
+        ctx,
+        flow.l3_off + IP_CSUM_OFF,
+        u32::from(u16::from_ne_bytes(before)),
+        u32::from(u16::from_ne_bytes(after)),
+        2,
+        false,
+    )
 }
 
 /// The next hop's MACs towards `dst`, if it leaves through the interface the packet came in on.
@@ -71,16 +85,26 @@ fn same_interface_next_hop(ctx: &XdpContext, flow: &Flow, src: u32, dst: u32) ->
 }
 
 #[inline(always)]
-fn set_macs(ctx: &XdpContext, (dmac, smac): ([u8; 6], [u8; 6])) -> Result<(), i64> {
+fn set_macs(ctx: &XdpContext, (dmac, smac): ([u8; 6], [u8; 6])) -> Result<()> {
     ctx.store(0, &dmac)?;
     ctx.store(6, &smac)
 }
 
 #[inline(always)]
-fn try_xdp_host(ctx: &XdpContext) -> Result<u32, i64> {
-    let Some(mut flow) = packet::parse(ctx) else {
+fn try_xdp_host(ctx: &XdpContext) -> Result<u32> {
+    // ICMP errors and fragments need the TC programs' two halves (or their fragment records, which the
+    // first fragment writes there).
+    let Parsed::Flow(mut flow) = packet::parse(ctx) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    if flow.fragment != Fragment::Whole {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // The stack's forwarding sends the time-exceeded error a router owes the sender.
+    if flow.ttl <= 1 {
+        count(stats::XDP_TTL_EXPIRED);
+        return Ok(xdp_action::XDP_PASS);
+    }
     let cfg = snat::config();
 
     // A reply to a flow SNATed here: back to the client, from the frontend, in one go.
@@ -94,6 +118,7 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32, i64> {
         };
         nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, client.port)?;
         nat::rewrite(ctx, &mut flow, Side::Source, frontend.addr, frontend.port)?;
+        forward_hop(ctx, &flow)?;
         set_macs(ctx, macs)?;
         count(stats::XDP_TX_REPLY);
         return Ok(xdp_action::XDP_TX);
@@ -101,8 +126,11 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32, i64> {
 
     let (backend, snat) = match decide(&flow, Origin::Host, &cfg)? {
         Verdict::NotService => return Ok(xdp_action::XDP_PASS),
-        Verdict::Drop => return Ok(xdp_action::XDP_DROP),
-        // TC builds the ICMP answer; it reaches the same verdict.
+        Verdict::Drop(reason) => {
+            drop::count(reason);
+            return Ok(xdp_action::XDP_DROP);
+        }
+        // TC builds the ICMP answer; it reaches the same verdict (and counts the refusal).
         Verdict::Reject => {
             count(stats::XDP_FALLBACK);
             return Ok(xdp_action::XDP_PASS);
@@ -126,6 +154,7 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32, i64> {
     let port = snat::port_for(&after_dnat, &cfg, || packet::tcp_flags(ctx, &flow))?;
     nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
     nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
+    forward_hop(ctx, &flow)?;
     set_macs(ctx, macs)?;
     count(stats::XDP_TX_FORWARD);
     Ok(xdp_action::XDP_TX)

@@ -1,0 +1,56 @@
+//! IPv4 fragments of Service datagrams. Only a datagram's first fragment carries its ports, so the first
+//! fragment records them (keyed by source, destination, IP id and protocol, as this hook sees it), and the
+//! later fragments are translated as their first fragment was: same conntrack entry, same backend, same
+//! addresses; their payload is never touched (the first fragment's L4 checksum covers the whole datagram).
+//!
+//! A later fragment that arrives with no record (reordered before its first fragment, or its first
+//! fragment evicted or never seen here) passes untranslated and is counted: like netfilter without
+//! defragmentation, and unlike Cilium, which drops it. Passing keeps reordered fragments of the node's
+//! other traffic working; a Service datagram whose fragments are reordered cannot be reassembled at the
+//! backend either way. Linux sends a datagram's fragments in order.
+
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns, macros::map, maps::LruHashMap};
+use proxy_common::{
+    capacity,
+    frag::{FragKey, FragValue, LIFETIME_SECS},
+};
+
+use crate::packet::{Flow, Fragment};
+
+#[map(name = "FRAGS")]
+static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGS, 0);
+
+#[inline(always)]
+fn key(flow: &Flow) -> FragKey {
+    FragKey { src_addr: flow.src_addr, dst_addr: flow.dst_addr, id: flow.ip_id, proto: flow.proto, pad: 0 }
+}
+
+#[inline(always)]
+fn now_secs() -> u32 {
+    // SAFETY: the helper has no preconditions.
+    let ns = unsafe { bpf_ktime_get_coarse_ns() };
+    u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
+}
+
+/// Records the ports of a first fragment for the later fragments of its datagram. Called before the
+/// packet is translated, so the key is what the later fragments will carry here.
+#[inline(always)]
+pub fn remember(flow: &Flow) {
+    if flow.fragment != Fragment::First {
+        return;
+    }
+    let value = FragValue { src_port: flow.src_port, dst_port: flow.dst_port, seen: now_secs() };
+    // An LRU insert fails only if the kernel cannot allocate; the later fragments then pass untracked.
+    let _ = FRAGS.insert(&key(flow), &value, u64::from(BPF_ANY));
+}
+
+/// The ports of a later fragment's datagram, if its first fragment was seen here recently.
+#[inline(always)]
+pub fn ports(flow: &Flow) -> Option<(u16, u16)> {
+    // SAFETY: the value is copied out at once.
+    let entry = unsafe { FRAGS.get(&key(flow)).copied() }?;
+    if now_secs().saturating_sub(entry.seen) > LIFETIME_SECS {
+        return None;
+    }
+    Some((entry.src_port, entry.dst_port))
+}

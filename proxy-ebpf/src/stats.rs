@@ -1,0 +1,15 @@
+//! Per-CPU counters of what the data path did (`proxy_common::stats`), for tests and operators.
+
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+use proxy_common::stats;
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, written only by this CPU.
+        unsafe { *counter += 1 };
+    }
+}
