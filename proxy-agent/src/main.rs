@@ -119,7 +119,11 @@ async fn main() -> anyhow::Result<()> {
         full_resync_period: args.full_resync_period,
         housekeeping_period: Duration::from_secs(1).min(args.sync_period),
     };
-    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let mut metrics = metrics::Metrics::new();
+    if dataplane.name() == "ebpf" {
+        metrics.registry.register_collector(Box::new(dataplane::ebpf::DropCounters::new(&args.bpffs)));
+    }
+    let metrics = std::sync::Arc::new(metrics);
     // kube-proxy: unhealthy when a change has waited more than twice the sync period.
     let health = std::sync::Arc::new(health::proxy::ProxyHealth::new(2 * args.sync_period));
     let _health_server = health::proxy::serve_health(args.healthz_bind_address, health.clone()).await?;

@@ -1,6 +1,7 @@
 //! The eBPF dataplane: the embedded object, its pinned maps, and its TC programs on pod interfaces.
 
 mod attach;
+mod drops;
 mod maps;
 pub mod sockets;
 pub mod writer;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 
 pub use attach::{InterfacePatterns, InterfaceRoles, Role, XdpSetting};
+pub use drops::DropCounters;
 
 use super::{ApplyStats, Dataplane};
 use crate::model::ServiceTable;
