@@ -76,9 +76,7 @@ fn translate<P: Packet>(pkt: &P, quote: &Quote, end: QuotedEnd, addr: u32, port:
     let inner = &quote.inner;
     let (old_addr, old_port, addr_off, port_off, outer_old, outer_off) = match end {
         QuotedEnd::Source => (inner.src_addr, inner.src_port, IP_SRC_OFF, L4_SRC_OFF, quote.outer_dst, IP_DST_OFF),
-        QuotedEnd::Destination => {
-            (inner.dst_addr, inner.dst_port, IP_DST_OFF, L4_DST_OFF, quote.outer_src, IP_SRC_OFF)
-        }
+        QuotedEnd::Destination => (inner.dst_addr, inner.dst_port, IP_DST_OFF, L4_DST_OFF, quote.outer_src, IP_SRC_OFF),
     };
     let icmp_csum = quote.icmp_off + ICMP_CSUM_OFF;
     // The quoted L4 checksum, if the quote is long enough to hold it (a router may quote only 8 bytes).

@@ -125,20 +125,19 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let known = if call == Call::SendTo { sticky_backend(&flow_key, now) } else { None };
-    let backend = match known {
-        Some(backend) => backend,
-        None => {
-            let Some((backend_id, backend)) = lb::select_backend(&flow, &svc) else {
-                // No usable endpoint: refuse at once rather than leave the client to time out.
-                return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { refuse(proto) } else { ALLOW };
-            };
-            if call == Call::SendTo {
-                let value = SockFlow { backend_id, pad: 0, last_seen_ns: now };
-                // Without the entry the next datagram picks again, as before; not worth refusing for.
-                let _ = SOCK_FLOWS.insert(&flow_key, &value, u64::from(BPF_ANY));
-            }
-            backend
+    let backend = if let Some(backend) = known {
+        backend
+    } else {
+        let Some((backend_id, backend)) = lb::select_backend(&flow, &svc) else {
+            // No usable endpoint: refuse at once rather than leave the client to time out.
+            return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { refuse(proto) } else { ALLOW };
+        };
+        if call == Call::SendTo {
+            let value = SockFlow { backend_id, pad: 0, last_seen_ns: now };
+            // Without the entry the next datagram picks again, as before; not worth refusing for.
+            let _ = SOCK_FLOWS.insert(&flow_key, &value, u64::from(BPF_ANY));
         }
+        backend
     };
     let key = SockKey { cookie, addr: backend.addr, port: backend.port, pad: 0 };
     let frontend = SockFrontend { addr, port, pad: 0 };

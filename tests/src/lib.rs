@@ -11,6 +11,7 @@ pub mod bpf;
 pub mod build;
 pub mod cmd;
 pub mod echo;
+pub mod fuzz;
 pub mod lab;
 pub mod manifests;
 pub mod netns;

@@ -33,6 +33,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Generated packets through every packet program of the eBPF object (`BPF_PROG_TEST_RUN`), each held
+    /// to the reference model (release build). `--packets N` (default 10 million), `--seed S`. Needs root.
+    Fuzz {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo(&root),
         Task::E2e => run(Command::new("bash").arg(root.join("tests/e2e/run.sh")).current_dir(&root)),
         Task::Bench { args } => bench(&root, &args),
+        Task::Fuzz { args } => fuzz(&root, &args),
     }
 }
 
@@ -262,6 +269,16 @@ fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
         .args(args)
         .current_dir(root)
         .env("PROXY_AGENT_BIN", root.join("target/release/proxy-agent"))
+        .env("PROXY_EBPF_OBJECT", object))
+}
+
+fn fuzz(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    require_root("fuzz")?;
+    let object = build_ebpf(root)?;
+    run(Command::new("cargo")
+        .args(["run", "--release", "--package", "proxy-lab", "--bin", "fuzz", "--"])
+        .args(args)
+        .current_dir(root)
         .env("PROXY_EBPF_OBJECT", object))
 }
 
