@@ -59,7 +59,9 @@ pub mod stats {
     pub const ICMP_TRANSLATED: u32 = 5;
     /// XDP handed a packet whose TTL would expire in forwarding to the stack (which sends time-exceeded).
     pub const XDP_TTL_EXPIRED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// XDP handed a packet too big for its route's MTU to the stack (which sends fragmentation-needed).
+    pub const XDP_FRAG_NEEDED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Why a program dropped, refused or gave up on a packet or a socket call: the index of a per-CPU counter

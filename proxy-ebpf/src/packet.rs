@@ -22,6 +22,7 @@ pub const IP_DST_OFF: usize = 16;
 /// Offsets of the source and destination ports; the same in TCP, UDP and SCTP.
 pub const L4_SRC_OFF: usize = 0;
 pub const L4_DST_OFF: usize = 2;
+pub const IP_TOT_LEN_OFF: usize = 2;
 pub const IP_TTL_OFF: usize = 8;
 /// The "more fragments" bit and the fragment offset of the IPv4 flags/fragment-offset field.
 const IP_MF: u16 = 0x2000;

@@ -11,7 +11,7 @@
 //! decremented as a router would.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
+    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
     helpers::bpf_fib_lookup,
     macros::xdp,
     programs::XdpContext,
@@ -22,7 +22,7 @@ use crate::{
     conntrack,
     drop::{self, Result},
     nat::{self, Side},
-    packet::{self, Flow, Fragment, IP_CSUM_OFF, IP_TTL_OFF, Packet as _, Parsed},
+    packet::{self, Flow, Fragment, IP_CSUM_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, Packet as _, Parsed},
     service_path::{Origin, Verdict, decide},
     snat,
     stats::count,
@@ -62,7 +62,10 @@ fn forward_hop(ctx: &XdpContext, flow: &Flow) -> Result<()> {
     )
 }
 
-/// The next hop's MACs towards `dst`, if it leaves through the interface the packet came in on.
+/// The next hop's MACs towards `dst`, if it leaves through the interface the packet came in on and fits
+/// the route's MTU. A packet too big for the route goes to the stack, which sends the sender the
+/// "fragmentation needed" error a router owes it (TC then translates the error): path MTU discovery
+/// through a NodePort depends on it.
 #[inline(always)]
 fn same_interface_next_hop(ctx: &XdpContext, flow: &Flow, src: u32, dst: u32) -> Option<([u8; 6], [u8; 6])> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid value of this plain C struct.
@@ -74,8 +77,14 @@ fn same_interface_next_hop(ctx: &XdpContext, flow: &Flow, src: u32, dst: u32) ->
     params.ifindex = ifindex;
     params.__bindgen_anon_3.ipv4_src = src;
     params.__bindgen_anon_4.ipv4_dst = dst;
+    // The packet's IPv4 total length (host order), which the lookup checks against the route's MTU.
+    params.__bindgen_anon_1.tot_len = u16::from_be(ctx.load::<u16>(flow.l3_off + IP_TOT_LEN_OFF).ok()?);
     // SAFETY: `params` is a valid bpf_fib_lookup on the stack and its size is passed.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &raw mut params, FIB_PARAMS_LEN, 0) };
+    if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+        count(stats::XDP_FRAG_NEEDED);
+        return None;
+    }
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || params.ifindex != ifindex {
         return None;
     }

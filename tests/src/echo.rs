@@ -4,8 +4,13 @@
 //! and which source address the backend saw (its own, or a node's after SNAT). Clients check that the answer
 //! came from the address they sent to: a reply that still carries the backend's address means reverse NAT
 //! failed, and is an error.
+//!
+//! A UDP server says more of the datagram it got: `NAME PEER len=BYTES ttl=TTL` (its size, and the TTL it
+//! arrived with), and a request whose first line is `big N` gets that answer padded to N bytes, so a test
+//! can send and receive datagrams larger than the path's MTU.
 
 use std::{
+    fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
@@ -22,6 +27,8 @@ use crate::netns::{in_netns, spawn_in_netns};
 
 /// How long a server thread sleeps between checks of its stop flag.
 const POLL: Duration = Duration::from_millis(20);
+/// The largest UDP payload IPv4 carries: 65535 less the IP and UDP headers.
+pub const MAX_DATAGRAM: usize = 65_507;
 
 /// What one request got back.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,15 +37,34 @@ pub struct Reply {
     pub backend: String,
     /// The client address the backend saw.
     pub seen_source: SocketAddrV4,
+    /// How many bytes the backend received: the datagram (UDP), or the whole upload (a bulk sink).
+    pub len: Option<usize>,
+    /// The TTL the request arrived with (UDP).
+    pub ttl: Option<u8>,
 }
 
 impl Reply {
-    fn parse(line: &str) -> anyhow::Result<Self> {
-        let (name, peer) = line.trim().split_once(' ').with_context(|| format!("malformed reply {line:?}"))?;
-        Ok(Self {
+    /// Parses the first line of an answer: `NAME PEER`, then optional `key=value` fields (unknown keys are
+    /// ignored, so an older or newer server's answer still parses).
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let line = text.lines().next().unwrap_or_default().trim();
+        let mut words = line.split_whitespace();
+        let (Some(name), Some(peer)) = (words.next(), words.next()) else { bail!("malformed reply {line:?}") };
+        let mut reply = Self {
             backend: name.to_owned(),
             seen_source: peer.parse().with_context(|| format!("malformed peer in {line:?}"))?,
-        })
+            len: None,
+            ttl: None,
+        };
+        for (key, value) in words.filter_map(|w| w.split_once('=')) {
+            let bad = || format!("malformed {key} in {line:?}");
+            match key {
+                "len" => reply.len = Some(value.parse().with_context(bad)?),
+                "ttl" => reply.ttl = Some(value.parse().with_context(bad)?),
+                _ => {}
+            }
+        }
+        Ok(reply)
     }
 }
 
@@ -64,6 +90,8 @@ impl EchoServer {
             let socket = in_netns(ns, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))?
                 .with_context(|| format!("binding UDP port {port} in {ns}"))?;
             socket.set_read_timeout(Some(POLL))?;
+            // Each datagram's TTL comes with it, as a control message.
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv4RecvTtl, &true)?;
             let (stop, name) = (stop.clone(), name.to_owned());
             threads.push(thread::spawn(move || serve_udp(&socket, &name, &stop)));
         }
@@ -121,12 +149,53 @@ fn answer_tcp(stream: &TcpStream, name: &str, peer: SocketAddrV4) -> std::io::Re
 }
 
 fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
-    let mut buf = [0u8; 1500];
+    let mut buf = vec![0u8; MAX_DATAGRAM];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, SocketAddr::V4(peer))) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+        if let Ok((n, peer, ttl)) = recv_with_ttl(socket, &mut buf) {
+            let _ = socket.send_to(&udp_answer(name, peer, &buf[..n], ttl), peer);
         }
     }
+}
+
+/// One datagram, its sender, and the TTL it arrived with (when the socket asked for it).
+fn recv_with_ttl(socket: &UdpSocket, buf: &mut [u8]) -> nix::Result<(usize, SocketAddrV4, Option<u8>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
+    use std::os::fd::AsRawFd as _;
+    let mut control = nix::cmsg_space!(libc::c_int);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrIn>(socket.as_raw_fd(), &mut iov, Some(&mut control), MsgFlags::empty())?;
+    let ttl = msg.cmsgs()?.find_map(|c| match c {
+        ControlMessageOwned::Ipv4Ttl(ttl) => u8::try_from(ttl).ok(),
+        _ => None,
+    });
+    let peer = msg.address.ok_or(nix::errno::Errno::EINVAL)?;
+    Ok((msg.bytes, peer.into(), ttl))
+}
+
+/// The answer to datagram `request`: `NAME PEER len=N ttl=T`, padded with dots to the size a first line
+/// of `big SIZE` asks for.
+fn udp_answer(name: &str, peer: SocketAddrV4, request: &[u8], ttl: Option<u8>) -> Vec<u8> {
+    let mut answer = format!("{name} {peer} len={}", request.len());
+    if let Some(ttl) = ttl {
+        let _ = write!(answer, " ttl={ttl}");
+    }
+    answer.push('\n');
+    let mut answer = answer.into_bytes();
+    let first_line = request.split(|b| *b == b'\n').next().unwrap_or_default();
+    let size = std::str::from_utf8(first_line).ok().and_then(|l| l.trim().strip_prefix("big ")?.parse::<usize>().ok());
+    if let Some(size) = size {
+        answer.resize(size.clamp(answer.len(), MAX_DATAGRAM), b'.');
+    }
+    answer
+}
+
+/// A UDP request of `size` bytes (at least its first line): `hello`, or `big N` to ask for an answer of N
+/// bytes; the rest is dots.
+#[must_use]
+pub fn udp_payload(size: usize, answer_size: Option<usize>) -> Vec<u8> {
+    let mut payload = answer_size.map_or_else(|| "hello\n".to_owned(), |n| format!("big {n}\n")).into_bytes();
+    payload.resize(size.max(payload.len()), b'.');
+    payload
 }
 
 /// `recv_from` that carries on when a signal interrupts it (EINTR), as std's buffered reads do: a signal
@@ -144,13 +213,57 @@ pub fn recv_from_retrying(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result
 pub fn tcp_request_here(target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
     let stream =
         TcpStream::connect_timeout(&target.into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
+    tcp_exchange(&stream, target, timeout)
+}
+
+/// The socket option nix lacks, made with nix's own macro (which names its helper macros unqualified).
+mod ip_options {
+    use nix::{setsockopt_impl, sockopt_impl};
+    sockopt_impl!(
+        /// `IP_OPTIONS`: the IPv4 options every packet of a socket carries; 40 bytes, all an IPv4 header
+        /// holds.
+        IpOptions,
+        SetOnly,
+        libc::IPPROTO_IP,
+        libc::IP_OPTIONS,
+        [u8; 40]
+    );
+}
+pub use ip_options::IpOptions;
+
+/// A Record Route option (RFC 791) with room for nine addresses: type 7, length 39, pointer 4, then an
+/// end-of-options byte. The sender and every router on the way fill in their address.
+pub const RECORD_ROUTE: [u8; 40] = {
+    let mut option = [0u8; 40];
+    (option[0], option[1], option[2]) = (7, 39, 4);
+    option
+};
+
+/// One TCP request from namespace `ns` on a socket whose every packet carries the IPv4 `options`.
+pub fn tcp_request_with_ip_options(
+    ns: &str,
+    target: SocketAddrV4,
+    options: [u8; 40],
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
+    use socket2::{Domain, Socket, Type};
+    in_netns(ns, move || {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        nix::sys::socket::setsockopt(&socket, IpOptions, &options).context("setting IP_OPTIONS")?;
+        socket.connect_timeout(&target.into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
+        tcp_exchange(&socket.into(), target, timeout)
+    })?
+}
+
+/// One `hello` line on a connected stream, and the answer, which must come from `target`.
+fn tcp_exchange(stream: &TcpStream, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
     if stream.peer_addr()? != SocketAddr::V4(target) {
         bail!("TCP peer is {}, not {target}", stream.peer_addr()?);
     }
     stream.set_read_timeout(Some(timeout))?;
-    (&stream).write_all(b"hello\n")?;
+    (&*stream).write_all(b"hello\n")?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).with_context(|| format!("TCP read from {target}"))?;
+    BufReader::new(stream).read_line(&mut line).with_context(|| format!("TCP read from {target}"))?;
     Reply::parse(&line)
 }
 
@@ -158,13 +271,33 @@ pub fn tcp_request_here(target: SocketAddrV4, timeout: Duration) -> anyhow::Resu
 pub fn udp_request_here(target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     socket.set_read_timeout(Some(timeout))?;
-    socket.send_to(b"hello\n", target)?;
-    let mut buf = [0u8; 1500];
-    let (n, from) = recv_from_retrying(&socket, &mut buf).with_context(|| format!("UDP reply from {target}"))?;
+    Ok(udp_ask(&socket, target, b"hello\n")?.0)
+}
+
+/// Sends `request` to `target` on an unconnected `socket` (`sendto`) and waits, up to the socket's read
+/// timeout, for the answer, which must come from `target` itself. Returns the answer and its size.
+pub fn udp_ask(socket: &UdpSocket, target: SocketAddrV4, request: &[u8]) -> anyhow::Result<(Reply, usize)> {
+    socket.send_to(request, target).with_context(|| format!("UDP send to {target}"))?;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let (n, from) = recv_from_retrying(socket, &mut buf).with_context(|| format!("UDP reply from {target}"))?;
     if from != SocketAddr::V4(target) {
         bail!("UDP reply came from {from}, not {target}: reverse NAT did not happen");
     }
-    Reply::parse(&String::from_utf8_lossy(&buf[..n]))
+    Ok((Reply::parse(&String::from_utf8_lossy(&buf[..n]))?, n))
+}
+
+/// One UDP request of any size (see [`udp_payload`]) from namespace `ns`: the answer and its size.
+pub fn udp_exchange(
+    ns: &str,
+    target: SocketAddrV4,
+    request: Vec<u8>,
+    timeout: Duration,
+) -> anyhow::Result<(Reply, usize)> {
+    in_netns(ns, move || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(timeout))?;
+        udp_ask(&socket, target, &request)
+    })?
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,7 +370,7 @@ pub fn attempt_here(proto: Proto, target: SocketAddrV4, timeout: Duration) -> Ou
             socket.connect(target)?;
             socket.set_read_timeout(Some(timeout))?;
             socket.send(b"hello\n")?;
-            let mut buf = [0u8; 1500];
+            let mut buf = vec![0u8; MAX_DATAGRAM];
             let (n, _) = recv_from_retrying(&socket, &mut buf)?;
             // A connected socket only receives from its peer, as the kernel sees it after recvmsg hooks.
             Reply::parse(&String::from_utf8_lossy(&buf[..n]))
@@ -309,14 +442,7 @@ impl UdpSession {
     }
 
     pub fn ask(&self) -> anyhow::Result<Reply> {
-        self.socket.send_to(b"hello\n", self.target)?;
-        let mut buf = [0u8; 1500];
-        let (n, from) =
-            recv_from_retrying(&self.socket, &mut buf).with_context(|| format!("UDP reply from {}", self.target))?;
-        if from != SocketAddr::V4(self.target) {
-            bail!("UDP reply came from {from}, not {}", self.target);
-        }
-        Reply::parse(&String::from_utf8_lossy(&buf[..n]))
+        Ok(udp_ask(&self.socket, self.target, b"hello\n")?.0)
     }
 }
 
@@ -338,4 +464,33 @@ pub fn http_get_path(ns: &str, target: SocketAddrV4, path: &str, timeout: Durati
         let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
         Ok((status, body))
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_parse_with_and_without_the_udp_fields() {
+        let plain = Reply::parse("pod-1-2 10.200.1.11:40000\n").unwrap();
+        assert_eq!((plain.backend.as_str(), plain.len, plain.ttl), ("pod-1-2", None, None));
+        let full = Reply::parse("pod-2-2 10.240.0.11:41000 len=4000 ttl=62 later=1\n....").unwrap();
+        assert_eq!(full.seen_source, "10.240.0.11:41000".parse().unwrap());
+        assert_eq!((full.len, full.ttl), (Some(4000), Some(62)));
+        assert!(Reply::parse("pod-2-2").is_err());
+        assert!(Reply::parse("pod-2-2 10.240.0.11:41000 ttl=x").is_err());
+    }
+
+    #[test]
+    fn a_big_request_gets_an_answer_of_the_size_asked_for() {
+        let peer = "10.200.1.11:40000".parse().unwrap();
+        let request = udp_payload(4000, Some(3000));
+        assert_eq!(request.len(), 4000);
+        let answer = udp_answer("pod-2-2", peer, &request, Some(62));
+        assert_eq!(answer.len(), 3000);
+        let reply = Reply::parse(&String::from_utf8_lossy(&answer)).unwrap();
+        assert_eq!((reply.backend.as_str(), reply.len, reply.ttl), ("pod-2-2", Some(4000), Some(62)));
+        let small = udp_answer("pod-2-2", peer, b"hello\n", None);
+        assert_eq!(small, b"pod-2-2 10.200.1.11:40000 len=6\n");
+    }
 }

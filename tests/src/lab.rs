@@ -20,6 +20,7 @@ use anyhow::Context as _;
 
 use crate::{
     agent::{Agent, AgentConfig},
+    bulk::BulkServer,
     cmd::{ip, ip_in, run, sysctl_in},
     echo::{EchoServer, Outcome, Proto},
 };
@@ -93,6 +94,7 @@ pub struct Lab {
     spec: LabSpec,
     agents: Vec<Agent>,
     servers: Vec<EchoServer>,
+    bulk_servers: Vec<BulkServer>,
     /// `xdp_pass` on the underlay ends of the nodes' uplinks (see [`Lab::attach_underlay_xdp`]), and the
     /// bpffs its object's maps are pinned in. Dropped before the namespaces go.
     underlay_xdp: Option<(aya::Ebpf, crate::bpf::PrivateBpffs)>,
@@ -133,6 +135,7 @@ impl Lab {
             spec,
             agents: Vec::new(),
             servers: Vec::new(),
+            bulk_servers: Vec::new(),
             underlay_xdp: None,
         };
         // On error, `lab` is dropped here and removes whatever was built so far.
@@ -313,17 +316,25 @@ impl Lab {
         proto: Proto,
         target: SocketAddrV4,
     ) -> anyhow::Result<Outcome> {
-        let procs = self.node_cgroup(node).join("cgroup.procs");
         let proto = if proto == Proto::Udp { "udp" } else { "tcp" };
+        let out = self.run_on_node(node, client, &[proto, &target.to_string(), "2000"])?;
+        Ok(Outcome::from_client_output(&out))
+    }
+
+    /// Runs the `lab-client` binary at `client` with `args` as a process of node `node` itself (its
+    /// namespace and cgroup); returns what it printed.
+    pub fn run_on_node(&self, node: usize, client: &Path, args: &[&str]) -> anyhow::Result<String> {
+        let procs = self.node_cgroup(node).join("cgroup.procs");
+        let args: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
         // The shell joins the cgroup, then becomes the client in the node's namespace.
         let script = format!(
-            "echo $$ > '{}' && exec ip netns exec '{}' '{}' {proto} {target} 2000",
+            "echo $$ > '{}' && exec ip netns exec '{}' '{}' {}",
             procs.display(),
             self.node_ns(node),
-            client.display()
+            client.display(),
+            args.join(" ")
         );
-        let out = run("sh", &["-c", &script])?;
-        Ok(Outcome::from_client_output(&out))
+        run("sh", &["-c", &script])
     }
 
     /// The directory every agent reads manifests from (one "API server" for the whole lab).
@@ -348,6 +359,13 @@ impl Lab {
     /// Starts an echo server named after the pod, on the given ports.
     pub fn serve(&mut self, pod: &PodRef, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
         self.servers.push(EchoServer::start(&pod.ns, &pod.name, tcp, udp)?);
+        Ok(())
+    }
+
+    /// Starts a bulk TCP server (uploads counted, downloads sent; see [`crate::bulk`]) named after the
+    /// pod, on `port`.
+    pub fn serve_bulk(&mut self, pod: &PodRef, port: u16) -> anyhow::Result<()> {
+        self.bulk_servers.push(BulkServer::start(&pod.ns, &pod.name, port)?);
         Ok(())
     }
 
@@ -455,6 +473,7 @@ impl Drop for Lab {
         }
         self.agents.clear();
         self.servers.clear();
+        self.bulk_servers.clear();
         self.underlay_xdp = None;
         for ns in self.namespaces.drain(..).rev() {
             if let Err(e) = ip(&["netns", "del", &ns]) {

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod bench;
 pub mod bpf;
 pub mod build;
+pub mod bulk;
 pub mod cmd;
 pub mod echo;
 pub mod fuzz;
@@ -16,5 +17,6 @@ pub mod lab;
 pub mod manifests;
 pub mod netns;
 pub mod rawtcp;
+pub mod snmp;
 
 pub use lab::{Lab, LabSpec, PodRef};

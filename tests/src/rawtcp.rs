@@ -22,6 +22,8 @@ const PSH: u8 = 0x08;
 /// One TCP segment as seen on a pod's interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
+    /// The IPv4 header's length in bytes: 20, more when it carries options.
+    pub ip_header_len: usize,
     pub from: SocketAddrV4,
     pub to: SocketAddrV4,
     pub seq: u32,
@@ -45,6 +47,7 @@ impl Segment {
         let port = |at: usize| Some(u16::from_be_bytes(tcp.get(at..at + 2)?.try_into().ok()?));
         let header = usize::from(tcp.get(12)? >> 4) * 4;
         Some(Self {
+            ip_header_len: ihl,
             from: SocketAddrV4::new(src, port(0)?),
             to: SocketAddrV4::new(dst, port(2)?),
             seq: word(4)?,
@@ -169,6 +172,7 @@ mod tests {
         let parsed = Segment::parse(&packet).unwrap();
         assert_eq!((parsed.from, parsed.to, parsed.seq, parsed.ack, parsed.payload_len), (from, to, 7, 9, 5));
         assert_eq!(parsed.flags, ACK | PSH);
+        assert_eq!(parsed.ip_header_len, 20);
         // Summed with its checksum in place, a correct segment gives all ones (complemented: zero).
         assert_eq!(internet_checksum(&with_pseudo_header(from, to, &tcp)), 0);
     }

@@ -1,32 +1,71 @@
-//! One request from whatever namespace and cgroup this process was started in; the lab runs it on a node
-//! to test the node's own traffic. Prints `OK <backend> <seen source>` or `ERR <kind> <detail>`.
+//! Requests from whatever namespace and cgroup this process was started in; the lab runs it on a node to
+//! test the node's own traffic. Prints `OK <backend> <seen source>` or `ERR <kind> <detail>`, one line per
+//! request.
+//!
+//! - `tcp|udp ADDR:PORT TIMEOUT_MS`: one request (UDP: on a fresh unconnected socket).
+//! - `udp-flow ADDR:PORT TIMEOUT_MS COUNT`: COUNT requests on ONE unconnected UDP socket (`sendto` each
+//!   time), so all of them are one flow; stops at the first failure.
 
-use std::{net::SocketAddrV4, process::ExitCode, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    process::ExitCode,
+    time::Duration,
+};
 
-use proxy_lab::echo::{Outcome, Proto, attempt_here, udp_request_here};
+use proxy_lab::echo::{Outcome, Proto, attempt_here, udp_ask, udp_request_here};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, proto, target, timeout_ms] = args.as_slice() else {
-        eprintln!("usage: lab-client tcp|udp ADDR:PORT TIMEOUT_MS");
-        return ExitCode::from(2);
+    let (mode, target, timeout_ms, count) = match args.as_slice() {
+        [_, mode, target, timeout_ms] => (mode, target, timeout_ms, "1"),
+        [_, mode, target, timeout_ms, count] if mode == "udp-flow" => (mode, target, timeout_ms, count.as_str()),
+        _ => {
+            eprintln!(
+                "usage: lab-client tcp|udp ADDR:PORT TIMEOUT_MS | lab-client udp-flow ADDR:PORT TIMEOUT_MS COUNT"
+            );
+            return ExitCode::from(2);
+        }
     };
-    let (Ok(target), Ok(ms)) = (target.parse::<SocketAddrV4>(), timeout_ms.parse::<u64>()) else {
-        eprintln!("bad target or timeout");
+    let (Ok(target), Ok(ms), Ok(count)) = (target.parse::<SocketAddrV4>(), timeout_ms.parse::<u64>(), count.parse())
+    else {
+        eprintln!("bad target, timeout or count");
         return ExitCode::from(2);
     };
     let timeout = Duration::from_millis(ms);
-    let outcome = if proto == "udp" {
+    match mode.as_str() {
         // Unconnected: sendto() and recvfrom(), and the reply must come from the address sent to.
-        udp_request_here(target, timeout).map_or_else(|e| Outcome::Failed(format!("{e:#}")), Outcome::Answered)
-    } else {
-        attempt_here(Proto::Tcp, target, timeout)
-    };
+        "udp" => print(
+            &udp_request_here(target, timeout).map_or_else(|e| Outcome::Failed(format!("{e:#}")), Outcome::Answered),
+        ),
+        "udp-flow" => udp_flow(target, timeout, count),
+        _ => print(&attempt_here(Proto::Tcp, target, timeout)),
+    }
+    ExitCode::SUCCESS
+}
+
+/// `count` requests from one unconnected socket; stops at the first that gets no answer.
+fn udp_flow(target: SocketAddrV4, timeout: Duration, count: usize) {
+    let socket =
+        match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s)) {
+            Ok(socket) => socket,
+            Err(e) => return print(&Outcome::Failed(format!("socket: {e}"))),
+        };
+    for _ in 0..count {
+        let outcome = udp_ask(&socket, target, b"hello\n")
+            .map_or_else(|e| Outcome::Failed(format!("{e:#}")), |(r, _)| Outcome::Answered(r));
+        let failed = !matches!(outcome, Outcome::Answered(_));
+        print(&outcome);
+        if failed {
+            return;
+        }
+    }
+}
+
+fn print(outcome: &Outcome) {
     match outcome {
         Outcome::Answered(r) => println!("OK {} {}", r.backend, r.seen_source),
         Outcome::Refused => println!("ERR refused"),
         Outcome::TimedOut => println!("ERR timeout"),
         Outcome::Failed(e) => println!("ERR failed {e}"),
     }
-    ExitCode::SUCCESS
 }

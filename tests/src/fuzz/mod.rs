@@ -89,6 +89,9 @@ const XDP_IFINDEX_OFF: usize = 12;
 pub const UPLINK: &str = "fz0";
 pub const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
 pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+/// The (locked) MTU of the namespace's routes: XDP must leave a bigger packet to the stack, which owes its
+/// sender "fragmentation needed".
+pub const ROUTE_MTU: usize = 1400;
 
 /// One packet for one program: what the reference calls it, where it goes, `skb->mark` on the way in.
 #[derive(Clone, Copy)]
@@ -338,8 +341,9 @@ fn build_namespace() -> anyhow::Result<u32> {
     run("ip", &["link", "set", "fz1", "up"])?;
     run("ip", &["addr", "add", &node, "dev", UPLINK])?;
     run("ip", &["neigh", "replace", hop, "lladdr", &mac(NEXT_HOP_MAC), "dev", UPLINK, "nud", "permanent"])?;
+    let mtu = ROUTE_MTU.to_string();
     for net in ["10.200.2.0/24", "203.0.113.0/24", "198.51.100.0/24"] {
-        run("ip", &["route", "add", net, "via", hop, "dev", UPLINK])?;
+        run("ip", &["route", "add", net, "via", hop, "dev", UPLINK, "mtu", "lock", &mtu])?;
     }
     Ok(nix::net::if_::if_nametoindex(UPLINK)?)
 }

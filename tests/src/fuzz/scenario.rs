@@ -375,10 +375,8 @@ fn pod_to_cluster_ip(f: &mut Fuzzer) {
     }
     let first = {
         let rng = &mut f.rng;
-        {
-            let l = l4(rng, fe.proto, cport, fe.port, TCP_SYN, 200);
-            datagram(rng, client, fe.addr, l)
-        }
+        let l = l4(rng, fe.proto, cport, fe.port, TCP_SYN, 200);
+        datagram(rng, client, fe.addr, l)
     };
     let fragmented = fe.proto == proto::UDP && f.rng.random_bool(0.3);
     let Some(b) = (if fragmented {
@@ -411,10 +409,8 @@ fn pod_to_cluster_ip(f: &mut Fuzzer) {
     // The reply, on its way to the client.
     let reply = {
         let rng = &mut f.rng;
-        {
-            let l = l4(rng, fe.proto, b.port, reply_to.1, TCP_SYN | TCP_ACK, 200);
-            datagram(rng, b.addr, reply_to.0, l)
-        }
+        let l = l4(rng, fe.proto, b.port, reply_to.1, TCP_SYN | TCP_ACK, 200);
+        datagram(rng, b.addr, reply_to.0, l)
     };
     let want = with(&reply, Some((fe.addr, fe.port)), None);
     if fe.proto == proto::UDP && f.rng.random_bool(0.3) {
@@ -546,12 +542,12 @@ fn external_to_frontend(f: &mut Fuzzer) {
         // need no change, and the flow would rightly go through).
         cport = f.rng.random_range(1024..SNAT_PORTS.0);
     }
+    // Now and then a packet too big for the route to a remote backend (see `big_or_small`).
+    let size = big_or_small(&mut f.rng);
     let mut first = {
         let rng = &mut f.rng;
-        {
-            let l = l4(rng, fe.proto, cport, fe.port, TCP_SYN, 200);
-            datagram(rng, client, fe.addr, l)
-        }
+        let l = l4(rng, fe.proto, cport, fe.port, TCP_SYN, size);
+        datagram(rng, client, fe.addr, l)
     };
     let snat_for = |b: &BackendDef| fe.masquerade_external || !b.local;
     let frame = ipv4_frame(&first.ip_bytes());
@@ -595,12 +591,11 @@ fn external_to_frontend(f: &mut Fuzzer) {
     let ingress_from_backend = if b.local { Prog::PodIngress } else { Prog::HostIngress };
     let t = error_template(&mut f.rng);
     let kind = random_error_kind(&mut f.rng);
+    let size = big_or_small(&mut f.rng);
     let reply = {
         let rng = &mut f.rng;
-        {
-            let l = l4(rng, fe.proto, b.port, cport, TCP_SYN | TCP_ACK, 200);
-            datagram(rng, b.addr, client, l)
-        }
+        let l = l4(rng, fe.proto, b.port, cport, TCP_SYN | TCP_ACK, size);
+        datagram(rng, b.addr, client, l)
     };
     if snat_for(&b) && fe.proto == proto::SCTP {
         // SNAT changes the source port, which SCTP's CRC32c (over the whole packet) cannot follow
@@ -624,14 +619,15 @@ fn external_to_frontend(f: &mut Fuzzer) {
             None,
         );
         if !b.local && f.rng.random_bool(0.5) {
-            // XDP meets such a reply first, and sends it straight back out to the client from the frontend.
-            let want = forwarded_frame(&with(&reply, Some((fe.addr, fe.port)), None));
-            f.expect(
-                Probe::new("SNATed reply at XDP", Prog::Xdp, 0, &ipv4_frame(&to_node.ip_bytes())),
-                XDP_TX,
-                &want,
-                None,
-            );
+            // XDP meets such a reply first, and sends it straight back out to the client from the frontend;
+            // one too big for the route goes to the stack untouched.
+            let input = ipv4_frame(&to_node.ip_bytes());
+            if too_big(&to_node) {
+                f.expect_unchanged("SNATed reply too big for the route, at XDP", Prog::Xdp, 0, &input);
+            } else {
+                let want = forwarded_frame(&with(&reply, Some((fe.addr, fe.port)), None));
+                f.expect(Probe::new("SNATed reply at XDP", Prog::Xdp, 0, &input), XDP_TX, &want, None);
+            }
         }
         // An error about the SNATed leg, to the node: the quote becomes the client's again...
         let from = if f.rng.random_bool(0.5) { b.addr } else { ROUTER };
@@ -717,6 +713,17 @@ fn forwarded_frame(dg: &Datagram) -> Vec<u8> {
     wire::frame(super::NEXT_HOP_MAC, super::UPLINK_MAC, 0x0800, &hop.ip_bytes())
 }
 
+/// Whether a packet is bigger than the MTU of the fuzzer namespace's routes.
+fn too_big(dg: &Datagram) -> bool {
+    dg.ip_bytes().len() > super::ROUTE_MTU
+}
+
+/// The payload size limit of a packet: usually small, one in ten up to a full 1500-byte frame, bigger
+/// than the routes' MTU.
+fn big_or_small(rng: &mut SmallRng) -> usize {
+    if rng.random_bool(0.1) { 1440 } else { 200 }
+}
+
 /// XDP on a flow that must be SNATed: to a remote backend it sends the packet straight back out, DNATed
 /// and SNATed, its TTL decremented (returns the backend and the SNAT port); to a local one it records the
 /// flow and leaves the packet to TC, untouched.
@@ -729,15 +736,17 @@ fn xdp_first_packet(f: &mut Fuzzer, first: &Datagram, fe: &Frontend) -> Option<(
         fe.backends.iter().copied().find(|b| dst == Some(b.addr) && port_of(&got.packet, l4 + 2) == Some(b.port));
     let port = port_of(&got.packet, l4).unwrap_or(0);
     let forwarded = match chosen {
-        Some(b) if !b.local && got.verdict == XDP_TX => {
+        Some(b) if !b.local && got.verdict == XDP_TX && !too_big(first) => {
             let want = forwarded_frame(&with(first, Some((NODE, port)), Some((b.addr, b.port))));
             let ok = (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port) && same_packet(&got.packet, &want);
             ok.then_some((b, port))
         }
         _ => None,
     };
-    // Untouched is right only if XDP could have chosen a local backend.
-    let passed = got.verdict == XDP_PASS && got.packet == input && fe.backends.iter().any(|b| b.local);
+    // Untouched is right only if XDP could have chosen a local backend, or the packet is too big for the
+    // route to a remote one.
+    let passed =
+        got.verdict == XDP_PASS && got.packet == input && (fe.backends.iter().any(|b| b.local) || too_big(first));
     let ok = forwarded.is_some() || passed;
     f.check(&Probe::new("external to SNATed frontend at XDP", Prog::Xdp, 0, &input), &got, ok, || {
         format!("XDP_TX ({XDP_TX}) DNATed to a remote backend of {:?} and SNATed, TTL - 1; or XDP_PASS untouched for a local one", fe.backends)
@@ -756,10 +765,8 @@ fn rejected(f: &mut Fuzzer) {
     };
     let dg = {
         let rng = &mut f.rng;
-        {
-            let l = l4(rng, fe.proto, cport, fe.port, TCP_SYN, 100);
-            datagram(rng, client, fe.addr, l)
-        }
+        let l = l4(rng, fe.proto, cport, fe.port, TCP_SYN, 100);
+        datagram(rng, client, fe.addr, l)
     };
     let input = ipv4_frame(&dg.ip_bytes());
     f.expect_unchanged("to a frontend without endpoints, at XDP", Prog::Xdp, 0, &input);
@@ -792,20 +799,16 @@ fn truncated(f: &mut Fuzzer) {
     // The reply direction: a single candidate (the reply entry), so the expected packet is known.
     let dg = {
         let rng = &mut f.rng;
-        {
-            let l = l4(rng, fe.proto, cport, fe.port, TCP_SYN, 100);
-            datagram(rng, client, fe.addr, l)
-        }
+        let l = l4(rng, fe.proto, cport, fe.port, TCP_SYN, 100);
+        datagram(rng, client, fe.addr, l)
     };
     let Some(b2) = f.expect_dnat("pod to ClusterIP (before truncation)", Prog::PodIngress, &dg, &fe, |_| false) else {
         return;
     };
     let reply = {
         let rng = &mut f.rng;
-        {
-            let l = l4(rng, fe.proto, b2.port, cport, TCP_ACK, 100);
-            datagram(rng, b2.addr, client, l)
-        }
+        let l = l4(rng, fe.proto, b2.port, cport, TCP_ACK, 100);
+        datagram(rng, b2.addr, client, l)
     };
     let full = ipv4_frame(&reply.ip_bytes());
     let want_full = ipv4_frame(&with(&reply, Some((fe.addr, fe.port)), None).ip_bytes());

@@ -1,0 +1,431 @@
+//! Packet classes real networks carry, through Services, with real traffic in the lab: IP fragments, ICMP
+//! errors (port unreachable, fragmentation needed), IPv4 options, TTLs, and a node's own unconnected UDP
+//! socket.
+//!
+//! Each test first proves that its situation really happened — from the kernel's own SNMP counters
+//! (`/proc/net/snmp`) in the namespaces concerned, a packet capture, or the data path's counters — and only
+//! then judges what the client got: a test of fragments in which nothing fragmented proves nothing.
+//!
+//! Lab addresses: node N is 10.240.0.1N, pod K of node N is 10.200.N.(10+K) (its host end is `vpK`), the
+//! external client is 10.240.0.100. Every route or sysctl changed here lives in a lab namespace and goes
+//! with it.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use proxy_lab::{
+    Lab, LabSpec, PodRef, bulk,
+    cmd::{ip_in, sysctl_in},
+    echo::{self, Outcome, Proto},
+    lab::{EXTERNAL_IP, node_ip, node_name},
+    manifests::{Endpoint, Port, Svc},
+    rawtcp::Capture,
+    snmp::{self, Snapshot},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// A UDP payload bigger than the lab's 1500-byte MTU: 4008 bytes of UDP make three fragments of at most
+/// 1480 bytes of IP payload.
+const BIG: usize = 4000;
+/// At least this many fragments per `BIG` datagram.
+const BIG_FRAGMENTS: u64 = 3;
+/// One path-MTU transfer: 2 MiB is about 1500 full-size segments, more than any socket buffer here holds,
+/// so it cannot finish unless the sender learns the lower MTU.
+const TRANSFER: u64 = 2 << 20;
+/// Generous: a working path moves 2 MiB in well under a second here; a path whose big segments vanish
+/// never finishes.
+const TRANSFER_WITHIN: Duration = Duration::from_secs(20);
+/// The MTU of the lower hop: below the lab's 1500, so full-size segments no longer fit.
+const LOW_MTU: &str = "1400";
+const UDP_PORT: u16 = 5353;
+const BULK_PORT: u16 = 9000;
+
+fn vip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 32, 0, last)
+}
+
+fn at(addr: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(addr, port)
+}
+
+fn eps(lab: &Lab, pods: &[(usize, usize)]) -> Vec<Endpoint> {
+    pods.iter().map(|&(n, k)| Endpoint::ready(lab.pod(n, k).ip, node_name(n))).collect()
+}
+
+fn dns() -> Vec<Port> {
+    vec![Port { name: "dns", port: 53, protocol: "UDP", target_port: UDP_PORT }]
+}
+
+fn rose(snapshot: &Snapshot, key: &str) -> u64 {
+    snapshot.rise(key).unwrap()
+}
+
+/// Lab fact: a node forwarding a packet back out `eth0` sends the sender an ICMP redirect unless that
+/// interface's own `send_redirects` is off (`all` is not enough). A redirect would move the external
+/// client's direct route off node 1 (changing the hops a TTL counts) and use up the ICMP rate-limit token
+/// that the "fragmentation needed" right after it needs.
+fn no_redirects(lab: &Lab) {
+    for n in 1..=2 {
+        sysctl_in(&lab.node_ns(n), "net.ipv4.conf.eth0.send_redirects", "0").unwrap();
+    }
+}
+
+/// A lab serving UDP on `UDP_PORT` in `serving`, with ClusterIP Services `udp-remote` at `vip(remote.0)`
+/// backed by pod 2-2 and `udp-local` at `vip(local.0)` backed by pod 1-2.
+fn two_udp_services(serving: &[(usize, usize)], remote: u8, local: u8) -> Lab {
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    for &(n, k) in serving {
+        let pod = lab.pod(n, k).clone();
+        lab.serve(&pod, &[], &[UDP_PORT]).unwrap();
+    }
+    let remote_svc = Svc::new("udp-remote", vip(remote), dns()).with_endpoints(&eps(&lab, &[(2, 2)]));
+    let local_svc = Svc::new("udp-local", vip(local), dns()).with_endpoints(&eps(&lab, &[(1, 2)]));
+    lab.write_manifest("remote.yaml", &remote_svc).unwrap();
+    lab.write_manifest("local.yaml", &local_svc).unwrap();
+    lab.start_agents().unwrap();
+    lab
+}
+
+/// A datagram bigger than the MTU leaves the client as IP fragments, and only the first carries the UDP
+/// header. Through a ClusterIP it must still arrive whole, at a backend on another node and at one on the
+/// client's own node: every fragment translated to the same backend, and the answer from the ClusterIP.
+#[test]
+fn a_datagram_fragmented_by_the_client_arrives_whole_at_remote_and_local_backends() {
+    let lab = two_udp_services(&[(2, 2), (1, 2)], 100, 101);
+    let client = lab.pod(1, 1).clone();
+    for (service, backend) in [(vip(100), lab.pod(2, 2).clone()), (vip(101), lab.pod(1, 2).clone())] {
+        let (sender, receiver) = (Snapshot::take(&client.ns).unwrap(), Snapshot::take(&backend.ns).unwrap());
+        let result = echo::udp_exchange(&client.ns, at(service, 53), echo::udp_payload(BIG, None), TIMEOUT);
+
+        let (fragmented, fragments) = (rose(&sender, "Ip:FragOKs"), rose(&sender, "Ip:FragCreates"));
+        assert!(
+            fragmented >= 1 && fragments >= BIG_FRAGMENTS,
+            "{service}: the client's kernel did not fragment ({fragmented} datagrams, {fragments} fragments)"
+        );
+        let (reply, _) =
+            result.unwrap_or_else(|e| panic!("{service} → {}: a {BIG}-byte datagram: {e:#}", backend.name));
+        assert_eq!(reply.backend, backend.name, "{service}");
+        assert_eq!(reply.len, Some(BIG), "{service}: the backend must receive the datagram whole");
+        assert!(rose(&receiver, "Ip:ReasmOKs") >= 1, "{service}: the backend reassembled no datagram");
+    }
+}
+
+/// The other way: a small request whose answer is bigger than the MTU, so the backend's kernel fragments
+/// it. The client must get the whole answer, from the ClusterIP (every fragment reverse-translated).
+#[test]
+fn an_answer_fragmented_by_the_backend_arrives_whole_from_the_cluster_ip() {
+    let lab = two_udp_services(&[(2, 2), (1, 2)], 102, 103);
+    let client = lab.pod(1, 1).clone();
+    for (service, backend) in [(vip(102), lab.pod(2, 2).clone()), (vip(103), lab.pod(1, 2).clone())] {
+        let (sender, receiver) = (Snapshot::take(&backend.ns).unwrap(), Snapshot::take(&client.ns).unwrap());
+        // `udp_exchange` accepts the answer only from the ClusterIP itself.
+        let result = echo::udp_exchange(&client.ns, at(service, 53), echo::udp_payload(0, Some(BIG)), TIMEOUT);
+
+        let fragments = rose(&sender, "Ip:FragCreates");
+        assert!(
+            fragments >= BIG_FRAGMENTS,
+            "{service}: the backend's kernel did not fragment its answer ({fragments} fragments); was the request received?"
+        );
+        let (reply, size) =
+            result.unwrap_or_else(|e| panic!("{service} → {}: a {BIG}-byte answer: {e:#}", backend.name));
+        assert_eq!(reply.backend, backend.name, "{service}");
+        assert_eq!(size, BIG, "{service}: the client must receive the answer whole");
+        assert!(rose(&receiver, "Ip:ReasmOKs") >= 1, "{service}: the client reassembled no datagram");
+    }
+}
+
+/// A backend pod with nothing listening on the target port answers a datagram with an ICMP port
+/// unreachable. Through a ClusterIP that error must reach the client as an error about the ClusterIP (its
+/// outer source, and the datagram quoted inside it, translated back), so a connected socket reports
+/// ECONNREFUSED at once, as it would with no Service in between.
+#[test]
+fn a_backend_without_a_listener_refuses_a_udp_client_through_its_icmp_error() {
+    let lab = two_udp_services(&[], 110, 111);
+    let client = lab.pod(1, 1).clone();
+    for (service, backend) in [(vip(110), lab.pod(2, 2).clone()), (vip(111), lab.pod(1, 2).clone())] {
+        let (backend_counters, client_counters) =
+            (Snapshot::take(&backend.ns).unwrap(), Snapshot::take(&client.ns).unwrap());
+        let outcome = echo::attempt(&client.ns, Proto::Udp, at(service, 53), TIMEOUT).unwrap();
+
+        assert!(
+            rose(&backend_counters, "Icmp:OutDestUnreachs") >= 1,
+            "{service}: {} sent no port unreachable (did the datagram reach it?); the client got {outcome:?}",
+            backend.name
+        );
+        assert!(matches!(outcome, Outcome::Refused), "{service}: expected ECONNREFUSED, got {outcome:?}");
+        assert!(
+            rose(&client_counters, "Icmp:InDestUnreachs") >= 1,
+            "{service}: the ICMP error never reached the client"
+        );
+    }
+}
+
+/// A lab whose pod 2-2 runs a bulk TCP server on `BULK_PORT` behind Service `bulk`: ClusterIP
+/// 10.32.0.120:80 and NodePort 30120 with externalTrafficPolicy Cluster (so NodePort clients are
+/// masqueraded to the node's address). No node sends redirects (see [`no_redirects`]).
+fn bulk_lab() -> (Lab, PodRef) {
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    no_redirects(&lab);
+    let backend = lab.pod(2, 2).clone();
+    lab.serve_bulk(&backend, BULK_PORT).unwrap();
+    let mut svc =
+        Svc::new("bulk", vip(120), vec![Port { name: "bulk", port: 80, protocol: "TCP", target_port: BULK_PORT }]);
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30120];
+    lab.write_manifest("bulk.yaml", &svc.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+    (lab, backend)
+}
+
+/// Gives node 1's route `route` (as `ip route` arguments, the same route the lab made) the lower MTU, then
+/// flushes the route caches of node 1 and of `sender`, so that no MTU learnt earlier hides the ICMP.
+/// How a route's lower MTU is set. The kernel's forwarding honours both; the FIB lookup XDP asks before
+/// forwarding a packet itself (`bpf_fib_lookup` with the packet's length) honours a route's MTU only when
+/// it is locked (or with `net.ipv4.ip_forward_use_pmtu`), besides device MTUs and learnt path MTUs: a
+/// documented limit of the eBPF mode's XDP path (docs/semantics.md). The NodePort tests, whose packets XDP
+/// forwards, lock it; the ClusterIP tests, whose packets the kernel forwards, do not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    Plain,
+    Locked,
+}
+
+fn lower_mtu(lab: &Lab, route: &[&str], sender: &str, metric: Metric) {
+    let node = lab.node_ns(1);
+    let mut args = vec!["route", "replace"];
+    args.extend_from_slice(route);
+    args.push("mtu");
+    if metric == Metric::Locked {
+        args.push("lock");
+    }
+    args.push(LOW_MTU);
+    ip_in(&node, &args).unwrap();
+    for ns in [node.as_str(), sender] {
+        ip_in(ns, &["route", "flush", "cache"]).unwrap();
+    }
+}
+
+/// What one transfer over the lower-MTU hop must show, in order: node 1 (the hop) sent "fragmentation
+/// needed", the sender of the big segments received an ICMP error, and then every byte arrived, at (or
+/// from) `backend`. `peer` is the address the sender sends to; its learnt route is printed on failure.
+fn assert_pmtu_transfer(
+    lab: &Lab,
+    (hop, sender): (&Snapshot, &Snapshot),
+    (sender_ns, peer): (&str, Ipv4Addr),
+    result: anyhow::Result<(String, u64)>,
+    backend: &PodRef,
+) {
+    let learnt = ip_in(sender_ns, &["route", "get", &peer.to_string()]).unwrap_or_else(|e| format!("{e:#}"));
+    let node1 = snmp::read(&lab.node_ns(1)).unwrap();
+    let limited = (node1.get("Icmp:OutRateLimitHost"), node1.get("Icmp:OutRateLimitGlobal"));
+    assert!(
+        rose(hop, "Icmp:OutDestUnreachs") >= 1,
+        "node 1 sent no ICMP error: the big segments did not meet its {LOW_MTU}-byte route (rate-limited: {limited:?}); the transfer: {result:?}"
+    );
+    assert!(
+        rose(sender, "Icmp:InDestUnreachs") >= 1,
+        "the sender of the big segments never got node 1's ICMP error; its route to {peer}: {learnt}; the transfer: {result:?}"
+    );
+    let (answered_by, bytes) = result
+        .unwrap_or_else(|e| panic!("the transfer did not complete: {e:#}; the sender's route to {peer}: {learnt}"));
+    assert_eq!(answered_by, backend.name);
+    assert_eq!(bytes, TRANSFER, "every byte must arrive");
+}
+
+fn uploaded(result: anyhow::Result<echo::Reply>) -> anyhow::Result<(String, u64)> {
+    let reply = result?;
+    let len = reply.len.ok_or_else(|| anyhow::anyhow!("no len in the sink's account"))?;
+    Ok((reply.backend, len as u64))
+}
+
+fn downloaded(result: anyhow::Result<(echo::Reply, u64)>) -> anyhow::Result<(String, u64)> {
+    result.map(|(reply, bytes)| (reply.backend, bytes))
+}
+
+/// Path MTU discovery through a ClusterIP, client to backend: node 1's route to node 2's pods has a lower
+/// MTU, so node 1 answers the client pod's full-size segments with "fragmentation needed". That ICMP
+/// quotes the translated segment (to the backend's address); the client's socket only recognises it if it
+/// quotes the ClusterIP. Without PMTU the upload stalls.
+#[test]
+fn a_tcp_upload_through_a_cluster_ip_completes_over_a_hop_with_a_lower_mtu() {
+    let (lab, backend) = bulk_lab();
+    let client = lab.pod(1, 1).clone();
+    lower_mtu(&lab, &["10.200.2.0/24", "via", &node_ip(2).to_string()], &client.ns, Metric::Plain);
+    let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&client.ns).unwrap());
+    let result = bulk::upload(&client.ns, at(vip(120), 80), TRANSFER, TRANSFER_WITHIN);
+    assert_pmtu_transfer(&lab, (&hop, &sender), (&client.ns, vip(120)), uploaded(result), &backend);
+}
+
+/// The same, backend to client: node 1's route to the client pod has the lower MTU, so the backend's
+/// segments (the replies of a translated flow) draw the "fragmentation needed", which must reach the
+/// backend quoting the segment as the backend sent it.
+#[test]
+fn a_tcp_download_through_a_cluster_ip_completes_over_a_hop_with_a_lower_mtu() {
+    let (lab, backend) = bulk_lab();
+    let client = lab.pod(1, 1).clone();
+    let (to_client, host_end, src) =
+        (format!("{}/32", client.ip), format!("{}1", proxy_lab::lab::POD_IFACE_PREFIX), node_ip(1).to_string());
+    lower_mtu(&lab, &[&to_client, "dev", &host_end, "src", &src], &backend.ns, Metric::Plain);
+    let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&backend.ns).unwrap());
+    let result = bulk::download(&client.ns, at(vip(120), 80), TRANSFER, TRANSFER_WITHIN);
+    assert_pmtu_transfer(&lab, (&hop, &sender), (&backend.ns, client.ip), downloaded(result), &backend);
+}
+
+/// Path MTU discovery for an external client's upload to a NodePort (DNAT to a backend on another node,
+/// SNAT to node 1's address): node 1's route to that backend has the lower MTU. The ICMP must reach the
+/// external client quoting its segment as sent, to node 1's NodePort.
+#[test]
+fn a_tcp_upload_to_a_node_port_completes_over_a_hop_with_a_lower_mtu() {
+    let (lab, backend) = bulk_lab();
+    let external = lab.external_ns();
+    lower_mtu(&lab, &["10.200.2.0/24", "via", &node_ip(2).to_string()], &external, Metric::Locked);
+    let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&external).unwrap());
+    let result = bulk::upload(&external, at(node_ip(1), 30120), TRANSFER, TRANSFER_WITHIN);
+    assert_pmtu_transfer(&lab, (&hop, &sender), (&external, node_ip(1)), uploaded(result), &backend);
+}
+
+/// A NodePort download to the external client: node 1's route to the client has the lower MTU, so the
+/// backend's segments (after reverse NAT, on their way out) draw the "fragmentation needed", which must
+/// reach the backend quoting the segment as the backend sent it (to node 1's address).
+#[test]
+fn a_tcp_download_from_a_node_port_completes_over_a_hop_with_a_lower_mtu() {
+    let (lab, backend) = bulk_lab();
+    let (to_external, src) = (format!("{EXTERNAL_IP}/32"), node_ip(1).to_string());
+    lower_mtu(&lab, &[&to_external, "dev", "eth0", "src", &src], &backend.ns, Metric::Locked);
+    let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&backend.ns).unwrap());
+    let result = bulk::download(&lab.external_ns(), at(node_ip(1), 30120), TRANSFER, TRANSFER_WITHIN);
+    assert_pmtu_transfer(&lab, (&hop, &sender), (&backend.ns, node_ip(1)), downloaded(result), &backend);
+}
+
+/// IPv4 options move the TCP header: a dataplane that takes the IP header to be 20 bytes reads ports and
+/// checksums from the wrong place. Here every packet of the client's connection carries Record Route,
+/// which fills the header's 40 option bytes (and which routers, and the server's replies, carry on). The
+/// connection must work through a ClusterIP, and the options must reach the backend.
+#[test]
+fn tcp_with_ipv4_options_works_through_a_cluster_ip() {
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    let backend = lab.pod(2, 2).clone();
+    lab.serve(&backend, &[8080], &[]).unwrap();
+    let http = vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }];
+    lab.write_manifest("svc.yaml", &Svc::new("options", vip(130), http).with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+    let client = lab.pod(1, 1).clone();
+
+    let (sent, received) = (Capture::start(&client.ns).unwrap(), Capture::start(&backend.ns).unwrap());
+    let result = echo::tcp_request_with_ip_options(&client.ns, at(vip(130), 80), echo::RECORD_ROUTE, TIMEOUT);
+    let with_options = |capture: &Capture, to: SocketAddrV4| {
+        let segments = capture.segments(Duration::from_millis(300));
+        let n = segments.iter().filter(|s| s.to == to && s.ip_header_len > 20).count();
+        (n, segments)
+    };
+    let (n, segments) = with_options(&sent, at(vip(130), 80));
+    assert!(n >= 1, "the client sent no segment with IP options to the ClusterIP: {segments:?}");
+    let reply = result.unwrap_or_else(|e| panic!("a TCP request with IP options: {e:#}"));
+    assert_eq!(reply.backend, backend.name);
+    assert_eq!(*reply.seen_source.ip(), client.ip);
+    let (n, segments) = with_options(&received, at(backend.ip, 8080));
+    assert!(n >= 1, "no segment with IP options reached the backend's port 8080: {segments:?}");
+}
+
+/// The TTL a datagram from pod 1-1 arrives with at `target`, through a UDP echo server that reads it.
+fn ttl_at(ns: &str, target: SocketAddrV4) -> u8 {
+    let reply = echo::request(ns, Proto::Udp, target, TIMEOUT).unwrap_or_else(|e| panic!("{target}: {e:#}"));
+    reply.ttl.unwrap_or_else(|| panic!("{target}: the server reported no TTL: {reply:?}"))
+}
+
+/// The TTL every datagram from namespace `ns` starts with.
+fn default_ttl(ns: &str) -> u8 {
+    let counters = snmp::read(ns).unwrap();
+    u8::try_from(counters["Ip:DefaultTTL"]).unwrap()
+}
+
+/// A lab serving UDP on pod 2-2 behind Service `ttl` (ClusterIP 10.32.0.140:53, NodePort 30140,
+/// externalTrafficPolicy Cluster), sending no redirects.
+fn ttl_lab() -> (Lab, PodRef) {
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    no_redirects(&lab);
+    let backend = lab.pod(2, 2).clone();
+    lab.serve(&backend, &[], &[UDP_PORT]).unwrap();
+    let mut svc = Svc::new("ttl", vip(140), dns());
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30140];
+    lab.write_manifest("ttl.yaml", &svc.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+    (lab, backend)
+}
+
+/// Every router on the way decrements the TTL, and a Service adds no router and removes none: a datagram
+/// through a ClusterIP must arrive with the TTL it has on the direct path to the same pod. (A node that
+/// forwards without decrementing hides itself from traceroute and lets a routing loop run for ever.)
+#[test]
+fn a_datagram_through_a_cluster_ip_arrives_with_the_ttl_of_the_direct_path() {
+    let (lab, backend) = ttl_lab();
+    let client = lab.pod(1, 1).clone();
+    let direct = ttl_at(&client.ns, at(backend.ip, UDP_PORT));
+    // The direct path crosses two routers, node 1 and node 2.
+    assert_eq!(direct, default_ttl(&client.ns) - 2, "pod 1-1 → pod 2-2 directly crosses two routers");
+    assert_eq!(ttl_at(&client.ns, at(vip(140), 53)), direct, "through the ClusterIP");
+}
+
+/// The same for an external client at a NodePort (policy Cluster, backend on node 2), compared with the
+/// external client's direct path to the pod over node 1. In the eBPF mode the NodePort datagrams must have
+/// taken the XDP path, which forwards them itself.
+#[test]
+fn a_datagram_through_a_node_port_arrives_with_the_ttl_of_the_direct_path() {
+    let (lab, backend) = ttl_lab();
+    let external = lab.external_ns();
+    ip_in(&external, &["route", "replace", "10.200.2.0/24", "via", &node_ip(1).to_string()]).unwrap();
+    let direct = ttl_at(&external, at(backend.ip, UDP_PORT));
+    assert_eq!(direct, default_ttl(&external) - 2, "the external client → pod 2-2 over node 1 crosses two routers");
+
+    let xdp = proxy_lab::lab::mode() == "ebpf";
+    let before = if xdp { lab.stats(1).unwrap() } else { Vec::new() };
+    let via_node_port = ttl_at(&external, at(node_ip(1), 30140));
+    if xdp {
+        let forwarded = proxy_common::stats::XDP_TX_FORWARD as usize;
+        let after = lab.stats(1).unwrap();
+        assert!(
+            after[forwarded] > before[forwarded],
+            "the NodePort datagram did not take the XDP path: {before:?} → {after:?}"
+        );
+    }
+    assert_eq!(via_node_port, direct, "through the NodePort");
+}
+
+/// A process on a node sends datagram after datagram from one unconnected UDP socket (`sendto` each time)
+/// to a ClusterIP, as a resolver does: one socket to one address is one flow, so every answer must come
+/// from the same backend, and from the ClusterIP. Were each datagram balanced afresh, 20 answers from 3
+/// backends would all agree with probability 3·(1/3)^20 < 1e-9.
+#[test]
+fn a_nodes_unconnected_udp_socket_keeps_one_backend_for_all_its_datagrams() {
+    const DATAGRAMS: usize = 20;
+    let client = std::path::Path::new(env!("CARGO_BIN_EXE_lab-client"));
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    let backends = [(1, 2), (2, 1), (2, 2)];
+    for &(n, k) in &backends {
+        let pod = lab.pod(n, k).clone();
+        lab.serve(&pod, &[], &[UDP_PORT]).unwrap();
+    }
+    lab.write_manifest("dns.yaml", &Svc::new("flow", vip(150), dns()).with_endpoints(&eps(&lab, &backends))).unwrap();
+    lab.start_agents().unwrap();
+
+    let target = at(vip(150), 53).to_string();
+    let out = lab.run_on_node(1, client, &["udp-flow", &target, "2000", &DATAGRAMS.to_string()]).unwrap();
+    let replies: Vec<echo::Reply> = out
+        .lines()
+        .map(|line| match Outcome::from_client_output(line) {
+            Outcome::Answered(reply) => reply,
+            other => panic!("a datagram from node 1's socket got {other:?}; all output:\n{out}"),
+        })
+        .collect();
+    assert_eq!(replies.len(), DATAGRAMS, "{out}");
+    // The situation: one socket of node 1 itself (one source address and port, as every backend saw it).
+    let sources: BTreeSet<SocketAddrV4> = replies.iter().map(|r| r.seen_source).collect();
+    assert_eq!(sources.len(), 1, "the datagrams came from more than one socket: {sources:?}");
+    assert!(sources.iter().all(|s| *s.ip() == node_ip(1)), "not node 1's own socket: {sources:?}");
+    let answered_by: BTreeSet<&str> = replies.iter().map(|r| r.backend.as_str()).collect();
+    assert_eq!(answered_by.len(), 1, "one flow, one backend: {answered_by:?}");
+}
