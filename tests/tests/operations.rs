@@ -211,3 +211,31 @@ fn the_agent_works_with_only_the_daemonsets_capabilities() {
     let from_node = lab.request_from_node(1, client, Proto::Tcp, SocketAddrV4::new(vip, 80)).unwrap();
     assert!(matches!(from_node, proxy_lab::echo::Outcome::Answered(ref r) if r.backend == "pod-2-2"), "{from_node:?}");
 }
+
+/// The eBPF data path names every drop: a client refused by a Service without endpoints shows up as
+/// `proxy_agent_packet_drops_total{reason="rejected"}`, and every reason is exported, zero or not. The
+/// netfilter modes have no such counters (the kernel's own are in `iptables -L -v` / `nft list`).
+#[test]
+fn drops_are_counted_by_reason_and_exported() {
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    let http = vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }];
+    let empty = Ipv4Addr::new(10, 32, 0, 98);
+    lab.write_manifest("empty.yaml", &Svc::new("empty", empty, http).with_endpoints(&[])).unwrap();
+    lab.start_agents().unwrap();
+    let outcome =
+        proxy_lab::echo::attempt(&lab.pod(1, 1).ns, Proto::Tcp, SocketAddrV4::new(empty, 80), TIMEOUT).unwrap();
+    assert!(matches!(outcome, proxy_lab::echo::Outcome::Refused), "a Service without endpoints refuses: {outcome:?}");
+
+    let (status, text) =
+        http_get_path(&lab.node_ns(1), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249), "/metrics", TIMEOUT).unwrap();
+    assert_eq!(status, 200);
+    let drops = |reason: &str| metric(&text, &format!("proxy_agent_packet_drops_total{{reason=\"{reason}\"}}"));
+    if proxy_lab::lab::mode() == "ebpf" {
+        assert!(drops("rejected").unwrap_or(0.0) >= 1.0, "{text}");
+        for reason in proxy_common::drop::NAMES {
+            assert!(drops(reason).is_some(), "reason {reason} not exported: {text}");
+        }
+    } else {
+        assert!(!text.contains("proxy_agent_packet_drops_total"), "{text}");
+    }
+}
