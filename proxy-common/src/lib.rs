@@ -29,6 +29,7 @@ pub mod maps {
     pub const FRAGS: &str = "FRAGS";
     pub const DROPS: &str = "DROPS";
     pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
+    pub const FRONTEND_ADDRS: &str = "FRONTEND_ADDRS";
 }
 
 /// The agent's id counters, kept in the single entry of the `IDS` array so a restarted agent never hands
@@ -53,7 +54,7 @@ pub mod stats {
     /// XDP left a Service packet to the TC path.
     pub const XDP_FALLBACK: u32 = 3;
     /// A later IPv4 fragment arrived with no record of its datagram's first fragment (reordered, or its
-    /// first fragment lost or never seen here); it passed untranslated.
+    /// first fragment lost or never seen here), addressed elsewhere than a Service: passed untouched.
     pub const FRAG_UNTRACKED: u32 = 4;
     /// An ICMP error quoting a translated flow was translated back.
     pub const ICMP_TRANSLATED: u32 = 5;
@@ -94,7 +95,10 @@ pub mod drop {
     pub const SOCK_REFUSED: u32 = 11;
     /// A node process's socket could not be recorded for reverse translation; the call was refused.
     pub const SOCK_MAP_FULL: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// A later IPv4 fragment to a Service address arrived before its datagram's first fragment: without
+    /// the ports there is no translating it, and it must not leave untranslated.
+    pub const FRAG_WITHOUT_FIRST: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Metric labels, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -111,6 +115,7 @@ pub mod drop {
         "reject_failed",
         "sock_refused",
         "sock_map_full",
+        "frag_without_first",
     ];
 }
 
@@ -162,6 +167,8 @@ pub mod capacity {
     /// Datagrams in flight as fragments, node-wide (Cilium's default is the same).
     pub const FRAGS: u32 = 1 << 13;
     pub const SOCK_FLOWS: u32 = 1 << 16;
+    /// Addresses that ClusterIPs, external IPs and load-balancer IPs live on (allocated on write).
+    pub const FRONTEND_ADDRS: u32 = 1 << 20;
     /// `BPF_F_NO_PREALLOC`: the kernel allocates entries on update instead of all at map creation.
     pub const NO_PREALLOC: u32 = 1;
 }

@@ -24,6 +24,7 @@ pub const SNAT_FULL: Reason = Reason(drop::SNAT_FULL);
 pub const REJECT_FAILED: Reason = Reason(drop::REJECT_FAILED);
 pub const SOCK_REFUSED: Reason = Reason(drop::SOCK_REFUSED);
 pub const SOCK_MAP_FULL: Reason = Reason(drop::SOCK_MAP_FULL);
+pub const FRAG_WITHOUT_FIRST: Reason = Reason(drop::FRAG_WITHOUT_FIRST);
 
 pub type Result<T> = core::result::Result<T, Reason>;
 

@@ -4,10 +4,10 @@
 //! addresses; their payload is never touched (the first fragment's L4 checksum covers the whole datagram).
 //!
 //! A later fragment that arrives with no record (reordered before its first fragment, or its first
-//! fragment evicted or never seen here) passes untranslated and is counted: like netfilter without
-//! defragmentation, and unlike Cilium, which drops it. Passing keeps reordered fragments of the node's
-//! other traffic working; a Service datagram whose fragments are reordered cannot be reassembled at the
-//! backend either way. Linux sends a datagram's fragments in order.
+//! fragment evicted or never seen here) cannot be translated: at ingress, one to a Service address is
+//! dropped (it must not leave by the default route untranslated) and any other passes, so the node's
+//! other reordered traffic still reassembles (Cilium drops every such fragment on its service path). A
+//! Service datagram whose fragments are reordered is lost either way; Linux sends fragments in order.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns, macros::map, maps::LruHashMap};
 use proxy_common::{

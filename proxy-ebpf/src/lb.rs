@@ -30,6 +30,19 @@ static IDS: Array<NextIds> = Array::pinned(1, 0);
 #[map(name = "AFFINITY")]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
 
+/// Every address a ClusterIP, external IP or load-balancer IP lives on (the agent keeps it): a packet to
+/// one that cannot be translated must not be routed on as it is. NodePort addresses are the node's own,
+/// where such a packet is delivered locally, not forwarded, and are left out.
+#[map(name = "FRONTEND_ADDRS")]
+static FRONTEND_ADDRS: HashMap<u32, u32> = HashMap::pinned(capacity::FRONTEND_ADDRS, capacity::NO_PREALLOC);
+
+/// Whether `addr` (network byte order) is a Service address that is not the node's own.
+#[inline(always)]
+pub fn is_service_addr(addr: u32) -> bool {
+    // SAFETY: only the presence of the value is used.
+    unsafe { FRONTEND_ADDRS.get(&addr).is_some() }
+}
+
 #[map(name = "SOURCE_RANGES")]
 static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 

@@ -236,6 +236,9 @@ pub enum Parsed {
     Other,
     Flow(Flow),
     IcmpError(Quote),
+    /// A later fragment whose datagram's first fragment was not seen here (see [`frag`]): no ports to
+    /// translate it by. Its destination address, network byte order.
+    UntrackedFragment(u32),
 }
 
 #[repr(C)]
@@ -272,7 +275,7 @@ fn ipv4_at<P: Packet>(pkt: &P, l3_off: usize) -> Option<(Ipv4Head, usize)> {
 /// Parses an Ethernet frame carrying IPv4.
 ///
 /// A later fragment is a [`Parsed::Flow`] with the ports its first fragment recorded (see [`frag`]), or
-/// [`Parsed::Other`] when there is no record (counted as `FRAG_UNTRACKED`).
+/// [`Parsed::UntrackedFragment`] when there is no record.
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     parse_ipv4(pkt).unwrap_or(Parsed::Other)
@@ -315,8 +318,7 @@ fn parse_ipv4<P: Packet>(pkt: &P) -> Option<Parsed> {
     };
     if fragment == Fragment::Later {
         let Some((src_port, dst_port)) = frag::ports(&flow) else {
-            crate::stats::count(proxy_common::stats::FRAG_UNTRACKED);
-            return None;
+            return Some(Parsed::UntrackedFragment(flow.dst_addr));
         };
         (flow.src_port, flow.dst_port) = (src_port, dst_port);
     } else {

@@ -20,7 +20,7 @@ use proxy_common::{
 
 use crate::{
     conntrack,
-    drop::{self, NO_ENDPOINTS, REJECTED, Reason, Result, SOURCE_RANGE},
+    drop::{self, FRAG_WITHOUT_FIRST, NO_ENDPOINTS, REJECTED, Reason, Result, SOURCE_RANGE},
     frag, icmp, lb,
     nat::{self, Side},
     packet::{self, Flow, Parsed},
@@ -133,10 +133,23 @@ pub fn dropped(reason: Reason) -> i32 {
     DROP
 }
 
+/// A later fragment that arrived before its datagram's first fragment (see `frag`): one to a Service
+/// address is dropped, since it can be neither translated nor routed on as it is (it would leave by the
+/// default route); any other passes, so the node's other reordered traffic still reassembles.
+#[inline(always)]
+fn untracked_fragment(dst: u32) -> i32 {
+    if lb::is_service_addr(dst) {
+        return dropped(FRAG_WITHOUT_FIRST);
+    }
+    crate::stats::count(proxy_common::stats::FRAG_UNTRACKED);
+    PASS
+}
+
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
     let mut flow = match packet::parse(ctx) {
         Parsed::Other => return Ok(PASS),
+        Parsed::UntrackedFragment(dst) => return Ok(untracked_fragment(dst)),
         Parsed::IcmpError(quote) => {
             icmp::ingress(ctx, &quote, &snat::config())?;
             return Ok(PASS);
@@ -177,6 +190,10 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
 pub fn egress(ctx: &TcContext) -> Result<i32> {
     let mut flow = match packet::parse(ctx) {
         Parsed::Other => return Ok(PASS),
+        Parsed::UntrackedFragment(_) => {
+            crate::stats::count(proxy_common::stats::FRAG_UNTRACKED);
+            return Ok(PASS);
+        }
         Parsed::IcmpError(quote) => {
             icmp::egress(ctx, &quote)?;
             return Ok(PASS);

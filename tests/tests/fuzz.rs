@@ -38,6 +38,7 @@ fn every_packet_program_agrees_with_the_reference() {
         "first fragment to a frontend",
         "later fragment to a frontend",
         "later fragment before its first",
+        "later fragment before its first, to the node",
         "external to frontend",
         "external to frontend at XDP",
         "external to SNATed frontend at XDP",

@@ -111,6 +111,14 @@ fn a_datagram_fragmented_by_the_client_arrives_whole_at_remote_and_local_backend
         assert_eq!(reply.len, Some(BIG), "{service}: the backend must receive the datagram whole");
         assert!(rose(&receiver, "Ip:ReasmOKs") >= 1, "{service}: the backend reassembled no datagram");
     }
+    if proxy_lab::lab::mode() == "ebpf" {
+        // A later fragment arriving before its first is dropped if it is bound for a Service address, so
+        // it never leaves untranslated: the agent keeps those addresses (ClusterIPs, not the node's own).
+        let map = lab.pinned_map(1, proxy_common::maps::FRONTEND_ADDRS).unwrap();
+        let addrs: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(map).unwrap();
+        let held: BTreeSet<Ipv4Addr> = addrs.keys().map(|k| Ipv4Addr::from(k.unwrap().to_ne_bytes())).collect();
+        assert_eq!(held, [vip(100), vip(101)].into(), "the Service addresses the data path knows");
+    }
 }
 
 /// The other way: a small request whose answer is bigger than the MTU, so the backend's kernel fragments

@@ -201,6 +201,14 @@ pub fn program(ebpf: &mut Ebpf, frontends: &[Frontend]) -> anyhow::Result<()> {
             services.insert(&key(0), &slot0, 0)?;
         }
     }
+    {
+        // Every address a frontend other than a NodePort lives on, as the agent keeps it.
+        let mut addrs: HashMap<_, u32, u32> =
+            HashMap::try_from(ebpf.map_mut("FRONTEND_ADDRS").expect("FRONTEND_ADDRS"))?;
+        for f in frontends.iter().filter(|f| f.kind != Kind::NodePort) {
+            addrs.insert(&be(f.addr), &1, 0)?;
+        }
+    }
     let mut config: Array<_, Config> = Array::try_from(ebpf.map_mut("CONFIG").expect("CONFIG"))?;
     let cfg =
         Config { snat_addr: be(NODE), snat_port_min: SNAT_PORTS.0, snat_port_max: SNAT_PORTS.1, ..Config::default() };

@@ -2,6 +2,7 @@
 
 mod attach;
 mod drops;
+mod frontend_addrs;
 mod maps;
 pub mod sockets;
 pub mod writer;
@@ -22,6 +23,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 pub struct EbpfDataplane {
     ebpf: aya::Ebpf,
     writer: writer::TableWriter<maps::AyaServiceMaps>,
+    frontend_addrs: frontend_addrs::FrontendAddrs<frontend_addrs::AyaAddrMap>,
     attachments: attach::Attachments,
     roles: InterfaceRoles,
     pin_dir: PathBuf,
@@ -84,9 +86,15 @@ impl EbpfDataplane {
             );
         }
         let writer = writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?;
+        let addr_map = ebpf
+            .take_map(proxy_common::maps::FRONTEND_ADDRS)
+            .context("map FRONTEND_ADDRS missing from the eBPF object")?;
+        let addr_map = aya::maps::HashMap::try_from(addr_map).context("map FRONTEND_ADDRS has an unexpected type")?;
+        let frontend_addrs = frontend_addrs::FrontendAddrs::adopt(frontend_addrs::AyaAddrMap(addr_map))?;
         let mut dataplane = Self {
             ebpf,
             writer,
+            frontend_addrs,
             attachments: attach::Attachments::new(settings.xdp, pin_dir.join("links"))?,
             roles,
             pin_dir: pin_dir.to_owned(),
@@ -146,7 +154,9 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        self.writer.apply(table)
+        let stats = self.writer.apply(table)?;
+        self.frontend_addrs.sync_all(table)?;
+        Ok(stats)
     }
 
     fn apply_changes(
@@ -154,12 +164,16 @@ impl Dataplane for EbpfDataplane {
         table: &ServiceTable,
         changed: &std::collections::BTreeSet<crate::model::Frontend>,
     ) -> anyhow::Result<ApplyStats> {
-        self.writer.apply_changes(table, changed)
+        let stats = self.writer.apply_changes(table, changed)?;
+        self.frontend_addrs.sync_changed(table, changed)?;
+        Ok(stats)
     }
 
     fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
         self.writer.reread()?;
-        self.writer.apply(table)
+        let stats = self.writer.apply(table)?;
+        self.frontend_addrs.sync_all(table)?;
+        Ok(stats)
     }
 
     fn occupancy(&self) -> Vec<(&'static str, usize)> {
