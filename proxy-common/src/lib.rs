@@ -168,7 +168,7 @@ pub mod capacity {
     pub const FRAGS: u32 = 1 << 13;
     pub const SOCK_FLOWS: u32 = 1 << 16;
     /// Addresses that ClusterIPs, external IPs and load-balancer IPs live on (allocated on write).
-    pub const FRONTEND_ADDRS: u32 = 1 << 20;
+    pub const FRONTEND_ADDRS: u32 = 1 << 18;
     /// `BPF_F_NO_PREALLOC`: the kernel allocates entries on update instead of all at map creation.
     pub const NO_PREALLOC: u32 = 1;
 }
