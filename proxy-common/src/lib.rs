@@ -53,14 +53,15 @@ pub mod stats {
     pub const XDP_DNAT_PASS: u32 = 2;
     /// XDP left a Service packet to the TC path.
     pub const XDP_FALLBACK: u32 = 3;
-    /// A later IPv4 fragment arrived with no record of its datagram's first fragment (reordered, or its
-    /// first fragment lost or never seen here), addressed elsewhere than a Service: passed untouched.
+    /// A later IPv4 fragment arrived with no record of its datagram (not a Service's, or reordered before
+    /// its first fragment, or that lost), not bound through here for a Service address: passed untouched.
     pub const FRAG_UNTRACKED: u32 = 4;
     /// An ICMP error quoting a translated flow was translated back.
     pub const ICMP_TRANSLATED: u32 = 5;
-    /// XDP handed a packet whose TTL would expire in forwarding to the stack (which sends time-exceeded).
+    /// XDP handed a packet with TTL ≤ 1 to the stack (which sends time-exceeded if it would forward it).
     pub const XDP_TTL_EXPIRED: u32 = 6;
-    /// XDP handed a packet too big for its route's MTU to the stack (which sends fragmentation-needed).
+    /// XDP handed a packet too big for its route's MTU to the stack (which sends fragmentation-needed);
+    /// also counted as `XDP_FALLBACK`.
     pub const XDP_FRAG_NEEDED: u32 = 7;
     pub const COUNT: u32 = 8;
 }

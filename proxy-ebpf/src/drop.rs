@@ -31,8 +31,5 @@ pub type Result<T> = core::result::Result<T, Reason>;
 /// Counts one drop (or refusal) for `reason`.
 #[inline(always)]
 pub fn count(reason: Reason) {
-    if let Some(counter) = DROPS.get_ptr_mut(reason.0) {
-        // SAFETY: a per-CPU slot, written only by this CPU.
-        unsafe { *counter += 1 };
-    }
+    crate::stats::bump(&DROPS, reason.0);
 }

@@ -32,8 +32,9 @@ fn now_secs() -> u32 {
     u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
 }
 
-/// Records the ports of a first fragment for the later fragments of its datagram. Called before the
-/// packet is translated, so the key is what the later fragments will carry here.
+/// Records the ports of a first fragment for the later fragments of its datagram. Called only for a packet
+/// about to be translated, before it is, so the key is what the later fragments will carry here and the
+/// map holds Service datagrams only.
 #[inline(always)]
 pub fn remember(flow: &Flow) {
     if flow.fragment != Fragment::First {

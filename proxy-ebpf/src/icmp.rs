@@ -74,6 +74,12 @@ pub fn egress<P: Packet>(pkt: &P, quote: &Quote) -> Result<bool> {
 #[inline(always)]
 fn translate<P: Packet>(pkt: &P, quote: &Quote, end: QuotedEnd, addr: u32, port: u16) -> Result<()> {
     let inner = &quote.inner;
+    let quoted_port = if end == QuotedEnd::Source { inner.src_port } else { inner.dst_port };
+    if quoted_port != port && inner.proto == proto::SCTP {
+        // As for SCTP's packets themselves: the port cannot change under its CRC32c. Checked before any
+        // write, so nothing is left half-rewritten.
+        return Err(crate::drop::SCTP_PORT_CHANGE);
+    }
     let (old_addr, old_port, addr_off, port_off, outer_old, outer_off) = match end {
         QuotedEnd::Source => (inner.src_addr, inner.src_port, IP_SRC_OFF, L4_SRC_OFF, quote.outer_dst, IP_DST_OFF),
         QuotedEnd::Destination => (inner.dst_addr, inner.dst_port, IP_DST_OFF, L4_DST_OFF, quote.outer_src, IP_SRC_OFF),
@@ -104,9 +110,6 @@ fn translate<P: Packet>(pkt: &P, quote: &Quote, end: QuotedEnd, addr: u32, port:
         csum_replace(pkt, icmp_csum, u32::from(ip_csum_before), u32::from(ip_csum_after), 2, false)?;
     }
     if old_port != port {
-        if inner.proto == proto::SCTP {
-            return Err(crate::drop::SCTP_PORT_CHANGE);
-        }
         pkt.store(inner.l4_off + port_off, &port)?;
         if let Some((off, udp)) = l4_csum {
             csum_replace(pkt, off, u32::from(old_port), u32::from(port), 2, udp)?;

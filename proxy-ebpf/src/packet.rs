@@ -232,13 +232,16 @@ pub struct Quote {
 /// What a packet is to the service path.
 pub enum Parsed {
     /// Not something the proxy translates: other ethertypes and protocols, ICMP other than errors about
-    /// TCP/UDP/SCTP, malformed headers, later fragments of datagrams not tracked here. Passes untouched.
+    /// TCP/UDP/SCTP, malformed headers. Passes untouched.
     Other,
     Flow(Flow),
     IcmpError(Quote),
-    /// A later fragment whose datagram's first fragment was not seen here (see [`frag`]): no ports to
-    /// translate it by. Its destination address, network byte order.
-    UntrackedFragment(u32),
+    /// A later fragment whose datagram's first fragment was not recorded here (see [`frag`]): no ports to
+    /// translate it by. Its addresses, network byte order.
+    UntrackedFragment {
+        src: u32,
+        dst: u32,
+    },
 }
 
 #[repr(C)]
@@ -318,7 +321,7 @@ fn parse_ipv4<P: Packet>(pkt: &P) -> Option<Parsed> {
     };
     if fragment == Fragment::Later {
         let Some((src_port, dst_port)) = frag::ports(&flow) else {
-            return Some(Parsed::UntrackedFragment(flow.dst_addr));
+            return Some(Parsed::UntrackedFragment { src: flow.src_addr, dst: flow.dst_addr });
         };
         (flow.src_port, flow.dst_port) = (src_port, dst_port);
     } else {

@@ -133,32 +133,60 @@ pub fn dropped(reason: Reason) -> i32 {
     DROP
 }
 
-/// A later fragment that arrived before its datagram's first fragment (see `frag`): one to a Service
-/// address is dropped, since it can be neither translated nor routed on as it is (it would leave by the
-/// default route); any other passes, so the node's other reordered traffic still reassembles.
+/// A later fragment with no record of its datagram (see `frag`): one to a Service address that the node
+/// would forward is dropped, since it can be neither translated nor routed on as it is (it would leave by
+/// the default route); any other passes, so the node's other traffic (fragments of flows that are not a
+/// Service's, reordered or not) still reassembles, also on an external IP that is the node's own address.
 #[inline(always)]
-fn untracked_fragment(dst: u32) -> i32 {
-    if lb::is_service_addr(dst) {
+fn untracked_fragment(ctx: &TcContext, src: u32, dst: u32) -> i32 {
+    if lb::is_service_addr(dst) && would_forward(ctx, src, dst) {
         return dropped(FRAG_WITHOUT_FIRST);
     }
     crate::stats::count(proxy_common::stats::FRAG_UNTRACKED);
     PASS
 }
 
+/// Whether the node would route a packet from `src` to `dst` arriving here on to somewhere else (not
+/// deliver it locally), by the kernel's FIB.
+#[inline(always)]
+fn would_forward(ctx: &TcContext, src: u32, dst: u32) -> bool {
+    use aya_ebpf::{
+        EbpfContext as _,
+        bindings::{
+            BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+            bpf_fib_lookup as FibParams,
+        },
+        helpers::bpf_fib_lookup,
+    };
+    const AF_INET: u8 = 2;
+    // SAFETY: an all-zero bpf_fib_lookup is a valid value of this plain C struct.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.ifindex = skb::ifindex(ctx);
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
+    let len = i32::try_from(size_of::<FibParams>()).unwrap_or(0);
+    // SAFETY: `params` is a valid bpf_fib_lookup on the stack and its size is passed.
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut params, len, 0) };
+    [BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_FRAG_NEEDED]
+        .iter()
+        .any(|r| rc == i64::from(*r))
+}
+
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
     let mut flow = match packet::parse(ctx) {
         Parsed::Other => return Ok(PASS),
-        Parsed::UntrackedFragment(dst) => return Ok(untracked_fragment(dst)),
+        Parsed::UntrackedFragment { src, dst } => return Ok(untracked_fragment(ctx, src, dst)),
         Parsed::IcmpError(quote) => {
             icmp::ingress(ctx, &quote, &snat::config())?;
             return Ok(PASS);
         }
         Parsed::Flow(flow) => flow,
     };
-    frag::remember(&flow);
     let cfg = snat::config();
     if let Some(client) = snat::client_of(&flow, &cfg, || packet::tcp_flags(ctx, &flow)) {
+        frag::remember(&flow);
         nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, client.port)?;
         return Ok(PASS);
     }
@@ -173,10 +201,12 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
         }
         Verdict::Drop(reason) => Ok(dropped(reason)),
         Verdict::Reject => {
+            let verdict = reject::reject(ctx, &flow)?;
             drop::count(REJECTED);
-            reject::reject(ctx, &flow)
+            Ok(verdict)
         }
         Verdict::Forward { backend, snat } => {
+            frag::remember(&flow);
             nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
             if snat {
                 ctx.set_mark(skb::mark(ctx) | mark::SNAT);
@@ -190,7 +220,7 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
 pub fn egress(ctx: &TcContext) -> Result<i32> {
     let mut flow = match packet::parse(ctx) {
         Parsed::Other => return Ok(PASS),
-        Parsed::UntrackedFragment(_) => {
+        Parsed::UntrackedFragment { .. } => {
             crate::stats::count(proxy_common::stats::FRAG_UNTRACKED);
             return Ok(PASS);
         }
@@ -200,18 +230,19 @@ pub fn egress(ctx: &TcContext) -> Result<i32> {
         }
         Parsed::Flow(flow) => flow,
     };
-    frag::remember(&flow);
     if let Some(ct) = conntrack::lookup_reply(&flow) {
         let Some(frontend) = nat::revnat(ct.rev_nat_id) else {
             // The Service is gone; the client's connection fails, as it would with kube-proxy.
             return Ok(PASS);
         };
+        frag::remember(&flow);
         nat::rewrite(ctx, &mut flow, Side::Source, frontend.addr, frontend.port)?;
         return Ok(PASS);
     }
     if skb::mark(ctx) & mark::SNAT != 0 {
         let cfg = snat::config();
         let port = snat::port_for(&flow, &cfg, || packet::tcp_flags(ctx, &flow))?;
+        frag::remember(&flow);
         nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
     }
     Ok(PASS)

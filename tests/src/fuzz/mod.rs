@@ -81,6 +81,7 @@ pub const XDP_TX: u32 = 3;
 /// `sizeof(struct __sk_buff)` and the offset of `mark` in it.
 const SKB_CTX_LEN: usize = 192;
 const SKB_MARK_OFF: usize = 8;
+const SKB_IFINDEX_OFF: usize = 40;
 /// `sizeof(struct xdp_md)`, and the offsets of `data_end` and `ingress_ifindex` in it.
 const XDP_CTX_LEN: usize = 24;
 const XDP_DATA_END_OFF: usize = 4;
@@ -253,6 +254,8 @@ impl Fuzzer {
             let p: &SchedClassifier = program.try_into().expect("classifier");
             let mut ctx_in = [0u8; SKB_CTX_LEN];
             ctx_in[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&mark.to_ne_bytes());
+            // The packet arrives on the uplink: FIB lookups (for untracked fragments) ask from there.
+            ctx_in[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&self.uplink.to_ne_bytes());
             let mut ctx_out = [0u8; SKB_CTX_LEN];
             let r = p.test_run(TestRunOptions {
                 data_in: Some(packet),
@@ -272,6 +275,14 @@ impl Fuzzer {
         };
         out.truncate(r.data_size_out as usize);
         Some(Ran { verdict: r.return_value, packet: out, mark })
+    }
+
+    /// The drops the data path has counted so far, over every reason and CPU.
+    #[must_use]
+    pub fn drops_counted(&self) -> u64 {
+        let map = self.ebpf.map(proxy_common::maps::DROPS).expect("DROPS");
+        let drops: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map).expect("a per-CPU array");
+        (0..proxy_common::drop::COUNT).map(|i| drops.get(&i, 0).map_or(0, |v| v.iter().sum::<u64>())).sum()
     }
 
     /// Records a packet's outcome against the reference: `ok` if they agree.
@@ -341,6 +352,8 @@ fn build_namespace() -> anyhow::Result<u32> {
     run("ip", &["link", "set", "fz1", "up"])?;
     run("ip", &["addr", "add", &node, "dev", UPLINK])?;
     run("ip", &["neigh", "replace", hop, "lladdr", &mac(NEXT_HOP_MAC), "dev", UPLINK, "nud", "permanent"])?;
+    // A node's default route: a packet to a Service address nobody translated would leave by it.
+    run("ip", &["route", "add", "default", "via", hop, "dev", UPLINK])?;
     let mtu = ROUTE_MTU.to_string();
     for net in ["10.200.2.0/24", "203.0.113.0/24", "198.51.100.0/24"] {
         run("ip", &["route", "add", net, "via", hop, "dev", UPLINK, "mtu", "lock", &mtu])?;

@@ -113,12 +113,16 @@ pub fn reset_ip_ids() {
     NEXT_IP_ID.store(0, Ordering::Relaxed);
 }
 
+fn next_ip_id() -> u16 {
+    NEXT_IP_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 fn datagram(rng: &mut SmallRng, src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Datagram {
     Datagram {
         src,
         dst,
         ttl: rng.random_range(2..=64),
-        id: NEXT_IP_ID.fetch_add(1, Ordering::Relaxed),
+        id: next_ip_id(),
         tos: 0,
         dont_fragment: rng.random_bool(0.5),
         options: random_options(rng),
@@ -213,10 +217,14 @@ impl Fuzzer {
         self.expect(Probe::new(class, prog, mark_in, input), prog.pass(), input, Some(mark_in & mark::SNAT != 0));
     }
 
+    /// A drop, counted under exactly one named reason.
     fn expect_dropped(&mut self, class: &'static str, prog: Prog, mark_in: u32, input: &[u8]) {
+        let before = self.drops_counted();
         let Some(got) = self.run(prog, mark_in, input) else { return };
-        let ok = got.verdict == prog.drop();
-        self.check(&Probe::new(class, prog, mark_in, input), &got, ok, || format!("verdict {} (dropped)", prog.drop()));
+        let ok = got.verdict == prog.drop() && self.drops_counted() == before + 1;
+        self.check(&Probe::new(class, prog, mark_in, input), &got, ok, || {
+            format!("verdict {} (dropped), one drop counted in DROPS", prog.drop())
+        });
     }
 
     /// The first packet of a flow to `f`: DNAT to one of its backends, which is returned.
@@ -533,6 +541,19 @@ fn fragmented_to_frontend(
             Some(snat(&b)),
         );
     }
+    // The flow's next datagram (a new IP id): its later fragment, sent before its first, must not be
+    // taken for one of the first datagram's (the record is keyed by IP id, not only by the flow).
+    let mut next = dg.clone();
+    next.id = next_ip_id();
+    let next_parts = next.fragments(chunk);
+    if next_parts.len() > 1 {
+        let input = ipv4_frame(&next_parts[1]);
+        if fe.kind == Kind::NodePort {
+            f.expect_unchanged("the next datagram's later fragment first, to the node", prog, 0, &input);
+        } else {
+            f.expect_dropped("the next datagram's later fragment first", prog, 0, &input);
+        }
+    }
     Some(b)
 }
 
@@ -636,6 +657,45 @@ fn external_to_frontend(f: &mut Fuzzer) {
                 f.expect(Probe::new("SNATed reply at XDP", Prog::Xdp, 0, &input), XDP_TX, &want, None);
             }
         }
+        // The SNATed leg in fragments: the first fragment gets the port, the later ones the address.
+        if fe.proto == proto::UDP && f.rng.random_bool(0.3) {
+            let mut big = forward.clone();
+            if let L4::Udp { payload, .. } = &mut big.l4 {
+                payload.resize(f.rng.random_range(600..=3000), 0xa5);
+            }
+            big.id = next_ip_id();
+            let chunk = 8 * f.rng.random_range(8..=180);
+            let wanted = with(&big, Some((NODE, port)), None).fragments(chunk);
+            for (p, w) in big.fragments(chunk).iter().zip(&wanted) {
+                let input = ipv4_frame(p);
+                let probe = Probe::new("SNATed fragment to backend", egress_to_backend, mark::SNAT, &input);
+                f.expect(probe, TC_ACT_OK, &ipv4_frame(w), None);
+            }
+            let mut big_reply = with(&reply, None, Some((NODE, port)));
+            if let L4::Udp { payload, .. } = &mut big_reply.l4 {
+                payload.resize(f.rng.random_range(600..=3000), 0x3c);
+            }
+            big_reply.id = next_ip_id();
+            let wanted = with(&big_reply, None, Some((client, cport))).fragments(chunk);
+            for (p, w) in big_reply.fragments(chunk).iter().zip(&wanted) {
+                let input = ipv4_frame(p);
+                let probe = Probe::new("SNATed reply fragment un-SNAT", ingress_from_backend, 0, &input);
+                f.expect(probe, TC_ACT_OK, &ipv4_frame(w), None);
+            }
+        }
+        // An error from the client about a reply (which showed the frontend): at ingress the quote becomes
+        // the backend's reply again, and at egress it shows the node's address and port it went to.
+        let shown = with(&reply, Some((fe.addr, fe.port)), None);
+        let len = quote_len(&mut f.rng, &shown);
+        let err = icmp_error(&t, client, fe.addr, kind, &shown, len);
+        let half = icmp_error(&t, client, b.addr, kind, &reply, len);
+        let input = ipv4_frame(&err.ip_bytes());
+        let probe = Probe::new("ICMP error from client about a SNATed reply", Prog::HostIngress, 0, &input);
+        f.expect(probe, TC_ACT_OK, &ipv4_frame(&half.ip_bytes()), None);
+        let want = icmp_error(&t, NODE, b.addr, kind, &with(&reply, None, Some((NODE, port))), len);
+        let input = ipv4_frame(&half.ip_bytes());
+        let probe = Probe::new("ICMP error from client about a SNATed reply, to backend", egress_to_backend, 0, &input);
+        f.expect(probe, TC_ACT_OK, &ipv4_frame(&want.ip_bytes()), None);
         // An error about the SNATed leg, to the node: the quote becomes the client's again...
         let from = if f.rng.random_bool(0.5) { b.addr } else { ROUTER };
         let len = quote_len(&mut f.rng, &on_wire);

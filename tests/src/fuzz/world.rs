@@ -208,6 +208,9 @@ pub fn program(ebpf: &mut Ebpf, frontends: &[Frontend]) -> anyhow::Result<()> {
         for f in frontends.iter().filter(|f| f.kind != Kind::NodePort) {
             addrs.insert(&be(f.addr), &1, 0)?;
         }
+        // As if an external IP lived on the node's own address: a fragment to it is delivered locally, never
+        // forwarded, so it must pass (the data path asks the FIB).
+        addrs.insert(&be(NODE), &1, 0)?;
     }
     let mut config: Array<_, Config> = Array::try_from(ebpf.map_mut("CONFIG").expect("CONFIG"))?;
     let cfg =

@@ -5,7 +5,9 @@
 //! packet to them is delivered locally, never forwarded.
 //!
 //! Kept after the service maps are written, from the same table: a moment's lag only changes what happens
-//! to such a fragment, never to a translated flow.
+//! to such a fragment, never to a translated flow. The data path also asks the FIB whether such a
+//! fragment would be forwarded at all, so an external IP that is one of the node's own addresses costs the
+//! node's own traffic nothing.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -25,11 +27,9 @@ pub trait AddrMap {
 
 pub struct FrontendAddrs<M> {
     map: M,
-    /// Frontends counted, and how many of them each address has.
+    /// Frontends counted, and how many of them each address has, as the map holds them.
     counted: HashSet<Frontend>,
     counts: HashMap<Ipv4Addr, u32>,
-    /// Addresses found in the map at start-up that no applied table has claimed yet.
-    adopted: BTreeSet<Ipv4Addr>,
 }
 
 fn counts_for(kind: FrontendKind) -> bool {
@@ -37,13 +37,13 @@ fn counts_for(kind: FrontendKind) -> bool {
 }
 
 impl<M: AddrMap> FrontendAddrs<M> {
-    /// Adopts what a previous agent left: kept until the first whole table says otherwise.
-    pub fn adopt(map: M) -> anyhow::Result<Self> {
-        let adopted = map.keys()?.into_iter().collect();
-        Ok(Self { map, counted: HashSet::new(), counts: HashMap::new(), adopted })
+    /// What a previous agent left stays until the first whole table is applied.
+    pub fn new(map: M) -> Self {
+        Self { map, counted: HashSet::new(), counts: HashMap::new() }
     }
 
-    /// After a whole table was applied.
+    /// After a whole table was applied: the map is read back and made to hold exactly the table's
+    /// addresses, whatever it held (left by a previous agent, or by a sync that failed part-way).
     pub fn sync_all(&mut self, table: &ServiceTable) -> anyhow::Result<()> {
         let mut counts: HashMap<Ipv4Addr, u32> = HashMap::new();
         let mut counted = HashSet::new();
@@ -53,38 +53,41 @@ impl<M: AddrMap> FrontendAddrs<M> {
                 *counts.entry(frontend.addr).or_default() += 1;
             }
         }
-        for addr in counts.keys().filter(|a| !self.counts.contains_key(a) && !self.adopted.contains(a)) {
+        // Until this succeeds, the next incremental sync must not trust the counts.
+        self.counted.clear();
+        self.counts.clear();
+        let held: BTreeSet<Ipv4Addr> = self.map.keys()?.into_iter().collect();
+        for addr in counts.keys().filter(|a| !held.contains(a)) {
             self.map.put(*addr)?;
         }
-        let gone: Vec<Ipv4Addr> =
-            self.counts.keys().chain(&self.adopted).filter(|a| !counts.contains_key(a)).copied().collect();
-        for addr in gone {
-            self.map.delete(addr)?;
+        for addr in held.iter().filter(|a| !counts.contains_key(a)) {
+            self.map.delete(*addr)?;
         }
-        self.adopted.clear();
         self.counts = counts;
         self.counted = counted;
         Ok(())
     }
 
-    /// After only the `changed` frontends were applied.
+    /// After only the `changed` frontends were applied. Counts change only once the map did.
     pub fn sync_changed(&mut self, table: &ServiceTable, changed: &BTreeSet<Frontend>) -> anyhow::Result<()> {
         for frontend in changed {
             let wanted = table.frontends.get(frontend).is_some_and(|e| counts_for(e.kind));
+            let addr = frontend.addr;
+            let count = self.counts.get(&addr).copied().unwrap_or(0);
             if wanted && !self.counted.contains(frontend) {
-                let count = self.counts.entry(frontend.addr).or_default();
-                if *count == 0 && !self.adopted.remove(&frontend.addr) {
-                    self.map.put(frontend.addr)?;
+                if count == 0 {
+                    self.map.put(addr)?;
                 }
-                *count += 1;
+                self.counts.insert(addr, count + 1);
                 self.counted.insert(*frontend);
-            } else if !wanted && self.counted.remove(frontend) {
-                let count = self.counts.get_mut(&frontend.addr).context("a counted frontend has a count")?;
-                *count -= 1;
-                if *count == 0 {
-                    self.counts.remove(&frontend.addr);
-                    self.map.delete(frontend.addr)?;
+            } else if !wanted && self.counted.contains(frontend) {
+                if count <= 1 {
+                    self.map.delete(addr)?;
+                    self.counts.remove(&addr);
+                } else {
+                    self.counts.insert(addr, count - 1);
                 }
+                self.counted.remove(frontend);
             }
         }
         Ok(())
@@ -172,7 +175,7 @@ mod tests {
     #[test]
     fn an_address_is_held_while_any_of_its_frontends_is_not_a_node_port() {
         let (a80, a53, b80, node) = (frontend(1, 80), frontend(1, 53), frontend(2, 80), frontend(9, 30080));
-        let mut addrs = FrontendAddrs::adopt(Memory::default()).unwrap();
+        let mut addrs = FrontendAddrs::new(Memory::default());
         let all = table(&[
             (a80, FrontendKind::ClusterIp),
             (a53, FrontendKind::ClusterIp),
@@ -199,8 +202,50 @@ mod tests {
         let mut left = Memory::default();
         left.put(Ipv4Addr::new(10, 32, 0, 1)).unwrap();
         left.put(Ipv4Addr::new(10, 32, 0, 7)).unwrap();
-        let mut addrs = FrontendAddrs::adopt(left).unwrap();
+        let mut addrs = FrontendAddrs::new(left);
         addrs.sync_all(&table(&[(frontend(1, 80), FrontendKind::ClusterIp)])).unwrap();
         assert_eq!(held(&addrs), [1], "the stale 10.32.0.7 goes, 10.32.0.1 stays");
+    }
+
+    /// A map that fails its next write, as a full or broken map would.
+    #[derive(Default)]
+    struct Flaky {
+        inner: Memory,
+        fail_next: bool,
+    }
+
+    impl AddrMap for Flaky {
+        fn put(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
+            if std::mem::take(&mut self.fail_next) {
+                anyhow::bail!("injected failure");
+            }
+            self.inner.put(addr)
+        }
+        fn delete(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
+            if std::mem::take(&mut self.fail_next) {
+                anyhow::bail!("injected failure");
+            }
+            self.inner.delete(addr)
+        }
+        fn keys(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
+            self.inner.keys()
+        }
+    }
+
+    #[test]
+    fn a_failed_write_is_repaired_by_the_next_whole_table() {
+        let (a, b) = (frontend(1, 80), frontend(2, 80));
+        let mut addrs = FrontendAddrs::new(Flaky::default());
+        addrs.sync_all(&table(&[(a, FrontendKind::ClusterIp)])).unwrap();
+        let both = table(&[(a, FrontendKind::ClusterIp), (b, FrontendKind::ClusterIp)]);
+        addrs.map.fail_next = true;
+        assert!(addrs.sync_changed(&both, &[b].into()).is_err());
+        // The sync loop answers a failure with a whole-table sync.
+        addrs.sync_all(&both).unwrap();
+        assert_eq!(addrs.map().inner.0.iter().map(|a| a.octets()[3]).collect::<Vec<_>>(), [1, 2]);
+        addrs.map.fail_next = true;
+        assert!(addrs.sync_changed(&table(&[(b, FrontendKind::ClusterIp)]), &[a].into()).is_err());
+        addrs.sync_all(&table(&[(b, FrontendKind::ClusterIp)])).unwrap();
+        assert_eq!(addrs.map().inner.0.iter().map(|a| a.octets()[3]).collect::<Vec<_>>(), [2]);
     }
 }

@@ -90,7 +90,7 @@ impl EbpfDataplane {
             .take_map(proxy_common::maps::FRONTEND_ADDRS)
             .context("map FRONTEND_ADDRS missing from the eBPF object")?;
         let addr_map = aya::maps::HashMap::try_from(addr_map).context("map FRONTEND_ADDRS has an unexpected type")?;
-        let frontend_addrs = frontend_addrs::FrontendAddrs::adopt(frontend_addrs::AyaAddrMap(addr_map))?;
+        let frontend_addrs = frontend_addrs::FrontendAddrs::new(frontend_addrs::AyaAddrMap(addr_map));
         let mut dataplane = Self {
             ebpf,
             writer,
