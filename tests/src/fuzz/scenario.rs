@@ -213,6 +213,12 @@ impl Fuzzer {
         });
     }
 
+    /// Datagram `input` through `prog` (no mark) must pass as exactly datagram `want`.
+    fn expect_datagram(&mut self, class: &'static str, prog: Prog, input: &Datagram, want: &Datagram) {
+        let input = ipv4_frame(&input.ip_bytes());
+        self.expect(Probe::new(class, prog, 0, &input), prog.pass(), &ipv4_frame(&want.ip_bytes()), None);
+    }
+
     fn expect_unchanged(&mut self, class: &'static str, prog: Prog, mark_in: u32, input: &[u8]) {
         self.expect(Probe::new(class, prog, mark_in, input), prog.pass(), input, Some(mark_in & mark::SNAT != 0));
     }
@@ -369,7 +375,6 @@ fn not_a_service(f: &mut Fuzzer) {
 
 /// A pod of this node to a ClusterIP, the whole flow: DNAT, replies, hairpin SNAT, ICMP errors both ways,
 /// fragments in order and out of order, the end.
-#[expect(clippy::too_many_lines, reason = "one flow's walk reads best in one piece")]
 fn pod_to_cluster_ip(f: &mut Fuzzer) {
     let clusters: Vec<Frontend> =
         f.frontends.iter().filter(|x| x.kind == Kind::ClusterIp && !x.backends.is_empty()).cloned().collect();
@@ -406,12 +411,7 @@ fn pod_to_cluster_ip(f: &mut Fuzzer) {
             datagram(rng, b.addr, NODE, l)
         };
         let want = with(&reply, None, Some((client, cport)));
-        f.expect(
-            Probe::new("hairpin reply un-SNAT", Prog::PodIngress, 0, &ipv4_frame(&reply.ip_bytes())),
-            TC_ACT_OK,
-            &ipv4_frame(&want.ip_bytes()),
-            None,
-        );
+        f.expect_datagram("hairpin reply un-SNAT", Prog::PodIngress, &reply, &want);
         reply_to = (client, cport);
     }
     // The reply, on its way to the client.
@@ -433,12 +433,7 @@ fn pod_to_cluster_ip(f: &mut Fuzzer) {
             );
         }
     } else {
-        f.expect(
-            Probe::new("reply to pod", Prog::PodEgress, 0, &ipv4_frame(&reply.ip_bytes())),
-            TC_ACT_OK,
-            &ipv4_frame(&want.ip_bytes()),
-            None,
-        );
+        f.expect_datagram("reply to pod", Prog::PodEgress, &reply, &want);
     }
     if hairpin {
         return;
@@ -450,23 +445,13 @@ fn pod_to_cluster_ip(f: &mut Fuzzer) {
     let len = quote_len(&mut f.rng, &forward);
     let err = icmp_error(&t, from, client, kind, &forward, len);
     let want = icmp_error(&t, fe.addr, client, kind, &first, len);
-    f.expect(
-        Probe::new("ICMP error to pod about its request", Prog::PodEgress, 0, &ipv4_frame(&err.ip_bytes())),
-        TC_ACT_OK,
-        &ipv4_frame(&want.ip_bytes()),
-        None,
-    );
+    f.expect_datagram("ICMP error to pod about its request", Prog::PodEgress, &err, &want);
     // An error from the client about a reply it got (which showed the ClusterIP), on its way to the backend.
     let translated_reply = with(&reply, Some((fe.addr, fe.port)), None);
     let len = quote_len(&mut f.rng, &translated_reply);
     let err = icmp_error(&t, client, fe.addr, kind, &translated_reply, len);
     let want = icmp_error(&t, client, b.addr, kind, &reply, len);
-    f.expect(
-        Probe::new("ICMP error from pod about a reply", Prog::PodIngress, 0, &ipv4_frame(&err.ip_bytes())),
-        TC_ACT_OK,
-        &ipv4_frame(&want.ip_bytes()),
-        None,
-    );
+    f.expect_datagram("ICMP error from pod about a reply", Prog::PodIngress, &err, &want);
     // The end of a TCP flow: translated like the rest.
     if fe.proto == proto::TCP {
         let rng = &mut f.rng;
@@ -640,12 +625,7 @@ fn external_to_frontend(f: &mut Fuzzer) {
         let on_wire = with(&forward, Some((NODE, port)), None);
         // The reply to the node's address, un-SNATed at ingress.
         let to_node = with(&reply, None, Some((NODE, port)));
-        f.expect(
-            Probe::new("reply un-SNAT", ingress_from_backend, 0, &ipv4_frame(&to_node.ip_bytes())),
-            TC_ACT_OK,
-            &ipv4_frame(&reply.ip_bytes()),
-            None,
-        );
+        f.expect_datagram("reply un-SNAT", ingress_from_backend, &to_node, &reply);
         if !b.local && f.rng.random_bool(0.5) {
             // XDP meets such a reply first, and sends it straight back out to the client from the frontend;
             // one too big for the route goes to the stack untouched.
@@ -689,79 +669,40 @@ fn external_to_frontend(f: &mut Fuzzer) {
         let len = quote_len(&mut f.rng, &shown);
         let err = icmp_error(&t, client, fe.addr, kind, &shown, len);
         let half = icmp_error(&t, client, b.addr, kind, &reply, len);
-        let input = ipv4_frame(&err.ip_bytes());
-        let probe = Probe::new("ICMP error from client about a SNATed reply", Prog::HostIngress, 0, &input);
-        f.expect(probe, TC_ACT_OK, &ipv4_frame(&half.ip_bytes()), None);
+        f.expect_datagram("ICMP error from client about a SNATed reply", Prog::HostIngress, &err, &half);
         let want = icmp_error(&t, NODE, b.addr, kind, &with(&reply, None, Some((NODE, port))), len);
-        let input = ipv4_frame(&half.ip_bytes());
-        let probe = Probe::new("ICMP error from client about a SNATed reply, to backend", egress_to_backend, 0, &input);
-        f.expect(probe, TC_ACT_OK, &ipv4_frame(&want.ip_bytes()), None);
+        f.expect_datagram("ICMP error from client about a SNATed reply, to backend", egress_to_backend, &half, &want);
         // An error about the SNATed leg, to the node: the quote becomes the client's again...
         let from = if f.rng.random_bool(0.5) { b.addr } else { ROUTER };
         let len = quote_len(&mut f.rng, &on_wire);
         let err = icmp_error(&t, from, NODE, kind, &on_wire, len);
         let half = icmp_error(&t, from, client, kind, &forward, len);
-        f.expect(
-            Probe::new("ICMP error about the SNATed leg", ingress_from_backend, 0, &ipv4_frame(&err.ip_bytes())),
-            TC_ACT_OK,
-            &ipv4_frame(&half.ip_bytes()),
-            None,
-        );
+        f.expect_datagram("ICMP error about the SNATed leg", ingress_from_backend, &err, &half);
         // ...and on its way out to the client, it shows the frontend.
         let want = icmp_error(&t, fe.addr, client, kind, &first, len);
-        f.expect(
-            Probe::new(
-                "ICMP error about the SNATed leg, to client",
-                Prog::HostEgress,
-                0,
-                &ipv4_frame(&half.ip_bytes()),
-            ),
-            TC_ACT_OK,
-            &ipv4_frame(&want.ip_bytes()),
-            None,
-        );
+        f.expect_datagram("ICMP error about the SNATed leg, to client", Prog::HostEgress, &half, &want);
         // An error the node raises about the reply after un-SNAT (e.g. the client's path has a smaller
         // MTU), on its way to the backend: the quote shows the node's address and port again.
         let len = quote_len(&mut f.rng, &reply);
         let err = icmp_error(&t, NODE, b.addr, kind, &reply, len);
         let want = icmp_error(&t, NODE, b.addr, kind, &with(&reply, None, Some((NODE, port))), len);
-        f.expect(
-            Probe::new("ICMP error about the un-SNATed reply", egress_to_backend, 0, &ipv4_frame(&err.ip_bytes())),
-            TC_ACT_OK,
-            &ipv4_frame(&want.ip_bytes()),
-            None,
-        );
+        f.expect_datagram("ICMP error about the un-SNATed reply", egress_to_backend, &err, &want);
     } else {
         // No SNAT: errors about the forward leg go straight to the client...
         let len = quote_len(&mut f.rng, &forward);
         let err = icmp_error(&t, b.addr, client, kind, &forward, len);
         let want = icmp_error(&t, fe.addr, client, kind, &first, len);
-        f.expect(
-            Probe::new("ICMP error to external client", Prog::HostEgress, 0, &ipv4_frame(&err.ip_bytes())),
-            TC_ACT_OK,
-            &ipv4_frame(&want.ip_bytes()),
-            None,
-        );
+        f.expect_datagram("ICMP error to external client", Prog::HostEgress, &err, &want);
         // ...and an error about a reply (which showed the frontend) from a router, goes to the backend.
         let shown = with(&reply, Some((fe.addr, fe.port)), None);
         let len = quote_len(&mut f.rng, &shown);
         let err = icmp_error(&t, ROUTER, fe.addr, kind, &shown, len);
         let want = icmp_error(&t, ROUTER, b.addr, kind, &reply, len);
-        f.expect(
-            Probe::new("ICMP error about a reply, to backend", Prog::HostIngress, 0, &ipv4_frame(&err.ip_bytes())),
-            TC_ACT_OK,
-            &ipv4_frame(&want.ip_bytes()),
-            None,
-        );
+        f.expect_datagram("ICMP error about a reply, to backend", Prog::HostIngress, &err, &want);
     }
     // The reply on its way out to the client shows the frontend.
     let want = with(&reply, Some((fe.addr, fe.port)), None);
-    f.expect(
-        Probe::new("reply to external client", Prog::HostEgress, 0, &ipv4_frame(&reply.ip_bytes())),
-        TC_ACT_OK,
-        &ipv4_frame(&want.ip_bytes()),
-        None,
-    );
+    f.expect_datagram("reply to external client", Prog::HostEgress, &reply, &want);
     // The end of a TCP flow frees its SNAT port.
     if fe.proto == proto::TCP && snat_for(&b) {
         let rng = &mut f.rng;
