@@ -84,12 +84,18 @@ impl Capture {
     /// The TCP segments captured so far, reading for at most `within`.
     #[must_use]
     pub fn segments(&self, within: Duration) -> Vec<Segment> {
+        self.packets(within).iter().filter_map(|p| Segment::parse(p)).collect()
+    }
+
+    /// Every packet captured so far (from its network header), reading for at most `within`.
+    #[must_use]
+    pub fn packets(&self, within: Duration) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + within;
         let mut out = Vec::new();
         let mut buf = [0u8; 2048];
         while Instant::now() < deadline {
             match (&self.socket).read(&mut buf) {
-                Ok(n) => out.extend(Segment::parse(&buf[..n])),
+                Ok(n) => out.push(buf[..n].to_vec()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 // The read timeout: nothing more queued.
                 Err(_) => break,
@@ -97,6 +103,19 @@ impl Capture {
         }
         out
     }
+}
+
+/// Sends IPv4 packets exactly as given (headers included: `IP_HDRINCL`) out of namespace `ns`, in order.
+pub fn send_ipv4(ns: &str, packets: Vec<Vec<u8>>, gap: Duration) -> anyhow::Result<()> {
+    let socket = in_netns(ns, || Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))))?
+        .with_context(|| format!("opening a raw socket in {ns}"))?;
+    for packet in packets {
+        let dst = std::net::Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+        let sent = socket.send_to(&packet, &SockAddr::from(SocketAddrV4::new(dst, 0)))?;
+        anyhow::ensure!(sent == packet.len(), "sent {sent} of {} bytes", packet.len());
+        std::thread::sleep(gap);
+    }
+    Ok(())
 }
 
 /// Sends one TCP segment with ACK and PSH set, from `from` to `to`, out of namespace `ns` with a raw socket:
