@@ -110,7 +110,7 @@ pub fn send_ipv4(ns: &str, packets: Vec<Vec<u8>>, gap: Duration) -> anyhow::Resu
     let socket = in_netns(ns, || Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))))?
         .with_context(|| format!("opening a raw socket in {ns}"))?;
     for packet in packets {
-        let dst = std::net::Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+        let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
         let sent = socket.send_to(&packet, &SockAddr::from(SocketAddrV4::new(dst, 0)))?;
         anyhow::ensure!(sent == packet.len(), "sent {sent} of {} bytes", packet.len());
         std::thread::sleep(gap);

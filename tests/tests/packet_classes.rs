@@ -153,12 +153,12 @@ fn a_later_fragment_before_its_first_never_leaves_the_node_untranslated() {
     })
     .unwrap()
     .unwrap();
-    let sent = proxy_lab::rawtcp::Capture::start(&client.ns).unwrap();
-    let outside = proxy_lab::rawtcp::Capture::start(&lab.external_ns()).unwrap();
+    let sent = Capture::start(&client.ns).unwrap();
+    let outside = Capture::start(&lab.external_ns()).unwrap();
     let drops_before = drops(&lab, "frag_without_first");
     proxy_lab::rawtcp::send_ipv4(&client.ns, fragments, Duration::from_millis(20)).unwrap();
     let mut buf = [0u8; 2048];
-    let answer = echo::recv_from_retrying(&answers, &mut buf).map(|(n, from)| (n, from));
+    let answer = echo::recv_from_retrying(&answers, &mut buf);
 
     let to_service: Vec<Vec<u8>> = sent
         .packets(Duration::from_millis(300))
@@ -195,7 +195,7 @@ fn a_later_fragment_before_its_first_never_leaves_the_node_untranslated() {
 fn drops(lab: &Lab, reason: &str) -> Option<u64> {
     let (_, text) = echo::http_get_path(&lab.node_ns(1), at(Ipv4Addr::LOCALHOST, 10249), "/metrics", TIMEOUT).ok()?;
     let name = format!("proxy_agent_packet_drops_total{{reason=\"{reason}\"}} ");
-    text.lines().find_map(|l| l.strip_prefix(&name)?.trim().parse::<f64>().ok()).map(|v| v as u64)
+    text.lines().find_map(|l| l.strip_prefix(&name)?.trim().parse::<u64>().ok())
 }
 
 /// The other way: a small request whose answer is bigger than the MTU, so the backend's kernel fragments
