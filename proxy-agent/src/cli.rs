@@ -89,6 +89,9 @@ pub struct Args {
     #[arg(long)]
     pub conntrack_tcp_be_liberal: bool,
 
+    #[command(flatten)]
+    pub conntrack: crate::conntrack_settings::ConntrackArgs,
+
     /// At most one sync per period, however fast changes arrive.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub min_sync_period: Duration,
@@ -207,6 +210,23 @@ pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &cl
     }
     if let Some(v) = file.tcp_be_liberal.filter(|_| !from_flags("conntrack_tcp_be_liberal")) {
         args.conntrack_tcp_be_liberal = v;
+    }
+    let ct = &mut args.conntrack;
+    for (value, id, field) in [
+        (file.tcp_established_timeout, "conntrack_tcp_timeout_established", &mut ct.conntrack_tcp_timeout_established),
+        (file.tcp_close_wait_timeout, "conntrack_tcp_timeout_close_wait", &mut ct.conntrack_tcp_timeout_close_wait),
+        (file.udp_timeout, "conntrack_udp_timeout", &mut ct.conntrack_udp_timeout),
+        (file.udp_stream_timeout, "conntrack_udp_timeout_stream", &mut ct.conntrack_udp_timeout_stream),
+    ] {
+        if let Some(v) = value.filter(|_| !from_flags(id)) {
+            *field = v;
+        }
+    }
+    if let Some(v) = file.conntrack_max_per_core.filter(|_| !from_flags("conntrack_max_per_core")) {
+        ct.conntrack_max_per_core = v;
+    }
+    if let Some(v) = file.conntrack_min.filter(|_| !from_flags("conntrack_min")) {
+        ct.conntrack_min = v;
     }
     if let Some(v) = file.healthz_bind_address.filter(|_| !from_flags("healthz_bind_address")) {
         args.healthz_bind_address = v;

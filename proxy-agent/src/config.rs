@@ -24,6 +24,14 @@ pub struct FileConfig {
     pub min_sync_period: Option<Duration>,
     /// `conntrack.tcpBeLiberal`.
     pub tcp_be_liberal: Option<bool>,
+    /// `conntrack.tcpEstablishedTimeout`, `tcpCloseWaitTimeout`, `udpTimeout`, `udpStreamTimeout`.
+    pub tcp_established_timeout: Option<Duration>,
+    pub tcp_close_wait_timeout: Option<Duration>,
+    pub udp_timeout: Option<Duration>,
+    pub udp_stream_timeout: Option<Duration>,
+    /// `conntrack.maxPerCore`, `conntrack.min`.
+    pub conntrack_max_per_core: Option<u32>,
+    pub conntrack_min: Option<u32>,
     /// Fields present that this agent does not know; warned about.
     pub unknown: Vec<String>,
     /// Known fields that have no effect on the eBPF dataplane; logged.
@@ -54,9 +62,8 @@ const KNOWN: &[&str] = &[
     "conntrack",
 ];
 
-/// Fields of `conntrack` kube-proxy writes to the kernel's netfilter settings. Only `tcpBeLiberal` is
-/// applied here; the others are checked and logged as having no effect (the eBPF dataplane keeps its own
-/// connection table, an LRU).
+/// Fields of `conntrack`: kube-proxy writes them to the kernel's netfilter settings; here they also size
+/// and time the eBPF dataplane's own connection table. A null is kube-proxy's default.
 const CONNTRACK_FIELDS: &[&str] = &[
     "maxPerCore",
     "min",
@@ -156,15 +163,27 @@ pub fn parse(text: &str) -> Result<FileConfig, BadValue> {
                         out.unknown.push(field);
                         continue;
                     }
-                    if ck == "tcpBeLiberal" {
-                        out.tcp_be_liberal = Some(cv.as_bool().ok_or_else(|| bad(&field, cv, "is not true or false"))?);
+                    if cv.is_null() {
                         continue;
                     }
-                    // Still checked, so a typo'd value is caught before it matters elsewhere.
-                    if ck.ends_with("Timeout") && !cv.is_null() {
-                        duration(&field, cv)?;
+                    let count = |cv: &Value| {
+                        cv.as_u64()
+                            .and_then(|n| u32::try_from(n).ok())
+                            .ok_or_else(|| bad(&field, cv, "is not a non-negative integer"))
+                    };
+                    match ck {
+                        "tcpBeLiberal" => {
+                            out.tcp_be_liberal =
+                                Some(cv.as_bool().ok_or_else(|| bad(&field, cv, "is not true or false"))?);
+                        }
+                        "tcpEstablishedTimeout" => out.tcp_established_timeout = Some(duration(&field, cv)?),
+                        "tcpCloseWaitTimeout" => out.tcp_close_wait_timeout = Some(duration(&field, cv)?),
+                        "udpTimeout" => out.udp_timeout = Some(duration(&field, cv)?),
+                        "udpStreamTimeout" => out.udp_stream_timeout = Some(duration(&field, cv)?),
+                        "maxPerCore" => out.conntrack_max_per_core = Some(count(cv)?),
+                        "min" => out.conntrack_min = Some(count(cv)?),
+                        _ => unreachable!("every field of CONNTRACK_FIELDS is handled"),
                     }
-                    out.ignored.push(field);
                 }
             }
             other => {
@@ -219,7 +238,10 @@ featureGates: {}
         assert_eq!(c.healthz_bind_address, Some("0.0.0.0:10256".parse().unwrap()));
         assert_eq!(c.tcp_be_liberal, Some(true));
         assert_eq!(c.unknown, vec!["iptables".to_owned(), "featureGates".to_owned()]);
-        assert_eq!(c.ignored, vec!["conntrack.maxPerCore".to_owned(), "conntrack.tcpEstablishedTimeout".to_owned()]);
+        assert!(c.ignored.is_empty(), "{:?}", c.ignored);
+        assert_eq!(c.conntrack_max_per_core, Some(32_768));
+        assert_eq!(c.tcp_established_timeout, Some(Duration::from_secs(86_400)));
+        assert_eq!(c.udp_timeout, None);
     }
 
     #[test]
@@ -232,6 +254,7 @@ featureGates: {}
             ("mode: ipvs", "mode", "ipvs"),
             ("conntrack: {udpTimeout: forever}", "conntrack.udpTimeout", "forever"),
             ("conntrack: {tcpBeLiberal: yes please}", "conntrack.tcpBeLiberal", "yes please"),
+            ("conntrack: {maxPerCore: -1}", "conntrack.maxPerCore", "-1"),
         ];
         for (text, field, value) in cases {
             let e = parse(text).unwrap_err();

@@ -2,6 +2,7 @@
 
 mod cli;
 mod config;
+mod conntrack_settings;
 mod dataplane;
 mod health;
 mod metrics;
@@ -67,6 +68,8 @@ async fn main() -> anyhow::Result<()> {
         masquerade_all: args.masquerade_all,
         cluster_cidr: args.cluster_cidr,
         xdp: args.xdp,
+        timeouts: args.conntrack.timeouts(),
+        max_flows: args.conntrack.max_flows(conntrack_settings::cpus()),
         socket_cgroup: match args.cgroup.as_deref() {
             Some("none") => None,
             Some(path) => Some(path.into()),
@@ -90,6 +93,9 @@ async fn main() -> anyhow::Result<()> {
     };
     if rule_config.tcp_be_liberal {
         tracing::info!(set_here = args.conntrack_tcp_be_liberal, "conntrack: nf_conntrack_tcp_be_liberal is 1");
+    }
+    if matches!(mode, cli::Mode::Iptables | cli::Mode::Nftables) {
+        conntrack_settings::apply_to_kernel(&args.conntrack);
     }
     let dataplane: Box<dyn dataplane::Dataplane> = match mode {
         cli::Mode::Iptables => Box::new(dataplane::iptables::IptablesDataplane::start(rule_config)),

@@ -204,6 +204,8 @@ pub mod config {
         pub cluster_addr: u32,
         pub cluster_mask: u32,
         pub pad: u32,
+        /// Conntrack lifetimes by flow state.
+        pub timeouts: super::conntrack::Timeouts,
     }
 }
 
@@ -350,12 +352,19 @@ pub mod revnat {
     }
 }
 
-/// The connection-tracking map (LRU), keyed by the full 5-tuple and a direction.
+/// The connection-tracking map (LRU): each translated flow is two entries that name each other.
 ///
-/// A new flow to a frontend writes two entries: the original tuple (client → frontend), which pins the flow
-/// to its backend, and the reply tuple (backend → client), which tells the egress program to restore the
-/// frontend's address. The forward entry names the backend by id, and the data path checks the id is still
-/// in the backend map on every packet, so a flow whose backend is gone moves on instead of black-holing.
+/// - The forward entry is keyed by the tuple the client sent (client → frontend, `DIR_FORWARD`) and holds the
+///   translated tuple: the backend, and the client port the backend sees (the client's own unless it had to
+///   be remapped, below). It carries the flow's state and lifetime.
+/// - The reply entry is keyed by the tuple the backend answers with (backend → client, `DIR_REPLY`) and
+///   holds the original tuple: the frontend, and the client's own port.
+///
+/// A reply entry is used only if the forward entry it names exists, is alive, and names it back; anything
+/// else is a leftover of an older flow and is removed. So a backend's tuple can be reused by another flow,
+/// or by a connection straight to the backend, without inheriting an old translation. Two live flows
+/// whose reply tuples would be the same (one client port to two Services of one pod) cannot both have
+/// it: the second gets another client port, as netfilter's NAT gives a clashing flow a unique tuple.
 pub mod conntrack {
     pub const DIR_FORWARD: u8 = 0;
     pub const DIR_REPLY: u8 = 1;
@@ -373,14 +382,133 @@ pub mod conntrack {
     }
 
     /// The flow leaves with the node's address as its source.
-    pub const FLAG_SNAT: u32 = 1;
+    pub const FLAG_SNAT: u16 = 1;
+    /// The backend runs on this node.
+    pub const FLAG_LOCAL_BACKEND: u16 = 2;
+
+    /// What has been seen of a flow (forward entries; both directions' packets update it).
+    pub mod state {
+        /// The backend answered (any protocol).
+        pub const REPLIED: u16 = 1 << 0;
+        /// TCP: the client's SYN.
+        pub const SYN: u16 = 1 << 1;
+        /// TCP: the backend's SYN-ACK.
+        pub const SYN_ACK: u16 = 1 << 2;
+        /// TCP: a packet from the client after the SYN-ACK: the handshake completed.
+        pub const ESTABLISHED: u16 = 1 << 3;
+        /// TCP: a FIN from the client.
+        pub const FIN_FORWARD: u16 = 1 << 4;
+        /// TCP: a FIN from the backend.
+        pub const FIN_REPLY: u16 = 1 << 5;
+        /// TCP: a RST from either side.
+        pub const RST: u16 = 1 << 6;
+    }
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub struct CtValue {
+        /// Forward entry: the backend's address and port. Reply entry: the frontend's. Network byte order.
+        pub nat_addr: u32,
+        pub nat_port: u16,
+        /// Forward entry: the client port the backend sees. Reply entry: the client's own port.
+        pub client_port: u16,
         pub backend_id: u32,
         pub rev_nat_id: u32,
-        pub flags: u32,
+        /// `FLAG_*` bits.
+        pub flags: u16,
+        /// `state::*` bits (forward entries).
+        pub state: u16,
+        /// When the flow was created and when it last carried a packet either way, in seconds of the
+        /// kernel's monotonic clock (`CLOCK_MONOTONIC`, as `bpf_ktime_get_coarse_ns`).
+        pub created: u32,
+        pub last_seen: u32,
+    }
+
+    /// How long a flow lives without packets, by state, in seconds: netfilter's conntrack timeouts, with
+    /// kube-proxy's defaults where it sets them (`conntrack.tcpEstablishedTimeout` 24 h,
+    /// `tcpCloseWaitTimeout` 1 h). Kept in the `CONFIG` map, so the agent sets them at start.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct Timeouts {
+        /// SYN seen, no answer (`nf_conntrack_tcp_timeout_syn_sent`).
+        pub tcp_syn_sent: u32,
+        /// SYN-ACK seen, handshake not yet complete (`…_syn_recv`).
+        pub tcp_syn_recv: u32,
+        pub tcp_established: u32,
+        /// One side sent a FIN (`…_close_wait`; kube-proxy's `tcpCloseWaitTimeout`).
+        pub tcp_close_wait: u32,
+        /// Both sides sent a FIN (`…_time_wait`).
+        pub tcp_time_wait: u32,
+        /// After a RST (`…_close`).
+        pub tcp_close: u32,
+        /// UDP and other protocols: no answer yet, or answered within the first 2 s (`udp_timeout`).
+        pub udp: u32,
+        /// Answered and still going after 2 s (`udp_timeout_stream`).
+        pub udp_stream: u32,
+    }
+
+    impl Timeouts {
+        /// The kernel's defaults, with kube-proxy's for established and close-wait TCP.
+        pub const DEFAULT: Self = Self {
+            tcp_syn_sent: 120,
+            tcp_syn_recv: 60,
+            tcp_established: 86_400,
+            tcp_close_wait: 3_600,
+            tcp_time_wait: 120,
+            tcp_close: 10,
+            udp: 30,
+            udp_stream: 120,
+        };
+    }
+
+    impl Default for Timeouts {
+        fn default() -> Self {
+            Self::DEFAULT
+        }
+    }
+
+    /// A flow answered and alive this long counts as a stream (netfilter's 2 s).
+    pub const STREAM_AFTER_SECS: u32 = 2;
+
+    /// How long a flow in `state` lives without packets: the data path and the agent's sweep both ask this.
+    #[inline(always)]
+    #[must_use]
+    pub fn lifetime(t: &Timeouts, proto: u8, value: &CtValue) -> u32 {
+        let s = value.state;
+        if proto == super::proto::TCP {
+            if s & state::RST != 0 {
+                t.tcp_close
+            } else if s & (state::FIN_FORWARD | state::FIN_REPLY) == state::FIN_FORWARD | state::FIN_REPLY {
+                t.tcp_time_wait
+            } else if s & (state::FIN_FORWARD | state::FIN_REPLY) != 0 {
+                t.tcp_close_wait
+            } else if s & state::ESTABLISHED != 0 {
+                t.tcp_established
+            } else if s & state::SYN_ACK != 0 {
+                t.tcp_syn_recv
+            } else {
+                t.tcp_syn_sent
+            }
+        } else if s & state::REPLIED != 0 && value.last_seen.wrapping_sub(value.created) >= STREAM_AFTER_SECS {
+            t.udp_stream
+        } else {
+            t.udp
+        }
+    }
+
+    /// Whether a forward entry's flow has ended: idle past its lifetime at `now` (seconds, same clock).
+    #[inline(always)]
+    #[must_use]
+    pub fn expired(t: &Timeouts, proto: u8, value: &CtValue, now: u32) -> bool {
+        now.saturating_sub(value.last_seen) > lifetime(t, proto, value)
+    }
+
+    /// Whether a TCP flow is over (both FINs, or a RST): a new SYN on its tuple is a new connection.
+    #[inline(always)]
+    #[must_use]
+    pub fn closed(value: &CtValue) -> bool {
+        value.state & state::RST != 0
+            || value.state & (state::FIN_FORWARD | state::FIN_REPLY) == state::FIN_FORWARD | state::FIN_REPLY
     }
 
     /// SNAT entries (a map of their own, keyed like conntrack): `DIR_SNAT_OUT` maps client → backend to the
@@ -532,9 +660,16 @@ mod layout_tests {
         assert_eq!(offset_of!(CtKey, proto), 12);
         assert_eq!(offset_of!(CtKey, dir), 13);
         assert_eq!(offset_of!(CtKey, pad), 14);
-        assert_eq!(size_of::<CtValue>(), 12);
-        assert_eq!(offset_of!(CtValue, rev_nat_id), 4);
-        assert_eq!(offset_of!(CtValue, flags), 8);
+        assert_eq!(size_of::<CtValue>(), 28);
+        assert_eq!(offset_of!(CtValue, nat_port), 4);
+        assert_eq!(offset_of!(CtValue, client_port), 6);
+        assert_eq!(offset_of!(CtValue, backend_id), 8);
+        assert_eq!(offset_of!(CtValue, rev_nat_id), 12);
+        assert_eq!(offset_of!(CtValue, flags), 16);
+        assert_eq!(offset_of!(CtValue, state), 18);
+        assert_eq!(offset_of!(CtValue, created), 20);
+        assert_eq!(offset_of!(CtValue, last_seen), 24);
+        assert_eq!(size_of::<Timeouts>(), 32);
         assert_eq!(size_of::<SnatValue>(), 16);
         assert_eq!(offset_of!(SnatValue, port), 4);
         assert_eq!(offset_of!(SnatValue, flags), 6);
@@ -551,7 +686,8 @@ mod layout_tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
         assert_eq!(prefix_len(24), 56);
-        assert_eq!(size_of::<Config>(), 32);
+        assert_eq!(size_of::<Config>(), 64);
+        assert_eq!(offset_of!(Config, timeouts), 32);
         assert_eq!(offset_of!(Config, snat_addr), 8);
         assert_eq!(offset_of!(Config, snat_port_min), 12);
         assert_eq!(offset_of!(Config, snat_port_max), 14);

@@ -1,10 +1,17 @@
-//! Connection tracking for translated flows: which backend a flow was given, and how to undo it on replies.
+//! Connection tracking for translated flows: which backend a flow was given, how to undo it on replies, and
+//! how long it lives. The entry layout and why it cannot collide: `proxy_common::conntrack`.
 
-use aya_ebpf::{bindings::BPF_ANY, macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    macros::map,
+    maps::LruHashMap,
+};
 use proxy_common::{
-    backend::Backend,
     capacity,
-    conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY},
+    config::Config,
+    conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, Timeouts, closed, expired, state},
+    proto,
 };
 
 use crate::{
@@ -14,6 +21,23 @@ use crate::{
 
 #[map(name = "CONNTRACK")]
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// How many other client ports to try for a flow whose reply tuple a live flow holds.
+const REMAP_TRIES: u32 = 16;
+
+/// TCP flags the state follows.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Seconds of the kernel's monotonic clock.
+#[inline(always)]
+pub fn now() -> u32 {
+    // SAFETY: the helper has no preconditions.
+    let ns = unsafe { bpf_ktime_get_coarse_ns() };
+    u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
+}
 
 /// The key of a flow's packet in direction `dir`, as the packet carries it.
 #[inline(always)]
@@ -29,37 +53,260 @@ pub fn key(flow: &Flow, dir: u8) -> CtKey {
     }
 }
 
-/// The entry of a flow from a client to a frontend, if it was seen before.
+/// The reply entry's key of a forward entry `fwd` of the flow keyed `key`.
 #[inline(always)]
-pub fn lookup_forward(flow: &Flow) -> Option<CtValue> {
+fn reply_key(key: &CtKey, fwd: &CtValue) -> CtKey {
+    CtKey {
+        src_addr: fwd.nat_addr,
+        dst_addr: key.src_addr,
+        src_port: fwd.nat_port,
+        dst_port: fwd.client_port,
+        proto: key.proto,
+        dir: DIR_REPLY,
+        pad: 0,
+    }
+}
+
+/// The forward entry's key that reply entry `reply` (keyed `key`) names.
+#[inline(always)]
+fn forward_key(key: &CtKey, reply: &CtValue) -> CtKey {
+    CtKey {
+        src_addr: key.dst_addr,
+        dst_addr: reply.nat_addr,
+        src_port: reply.client_port,
+        dst_port: reply.nat_port,
+        proto: key.proto,
+        dir: DIR_FORWARD,
+        pad: 0,
+    }
+}
+
+/// The lifetimes the agent configured (the kernel's defaults until it has).
+#[inline(always)]
+pub fn timeouts(cfg: &Config) -> Timeouts {
+    if cfg.timeouts.tcp_established == 0 { Timeouts::DEFAULT } else { cfg.timeouts }
+}
+
+/// The state bits a packet with `tcp_flags` adds, sent by the client (`forward`) or the backend.
+#[inline(always)]
+fn state_of(proto_number: u8, tcp_flags: u8, forward: bool, current: u16) -> u16 {
+    if proto_number != proto::TCP {
+        return if forward { 0 } else { state::REPLIED };
+    }
+    let mut s = if forward { 0 } else { state::REPLIED };
+    if tcp_flags & TCP_RST != 0 {
+        s |= state::RST;
+    }
+    if forward {
+        if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            s |= state::SYN;
+        } else if current & state::SYN_ACK != 0 && tcp_flags & TCP_ACK != 0 {
+            s |= state::ESTABLISHED;
+        }
+        if tcp_flags & TCP_FIN != 0 {
+            s |= state::FIN_FORWARD;
+        }
+    } else {
+        if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            s |= state::SYN_ACK;
+        }
+        if tcp_flags & TCP_FIN != 0 {
+            s |= state::FIN_REPLY;
+        }
+    }
+    s
+}
+
+/// Notes a packet on a forward entry: its state and when. Writes only what changed (a packet a second per
+/// flow, plus state changes), so busy flows do not bounce the entry's cache line between CPUs.
+#[inline(always)]
+fn touch(entry: *mut CtValue, proto_number: u8, tcp_flags: u8, forward: bool, now: u32) {
+    // SAFETY: `entry` points into the map's value, valid for this program run; plain field reads and writes.
+    unsafe {
+        let added = state_of(proto_number, tcp_flags, forward, (*entry).state);
+        if (*entry).state | added != (*entry).state {
+            (*entry).state |= added;
+        }
+        if (*entry).last_seen != now {
+            (*entry).last_seen = now;
+        }
+    }
+}
+
+/// The state of a flow its first packet opens. A TCP packet other than a SYN opens a flow whose state was
+/// lost (an evicted entry, a restarted node): it is picked up as established, as netfilter does.
+#[inline(always)]
+pub fn initial_state(proto_number: u8, tcp_flags: u8) -> u16 {
+    if proto_number == proto::TCP && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return state::SYN | state::SYN_ACK | state::ESTABLISHED;
+    }
+    state_of(proto_number, tcp_flags, true, 0)
+}
+
+/// Removes the reply entry of the flow `flow` had (`ct`), which is about to be given another backend.
+#[inline(always)]
+pub fn forget(flow: &Flow, ct: &CtValue) {
+    let _ = CONNTRACK.remove(&reply_key(&key(flow, DIR_FORWARD), ct));
+}
+
+/// What a client's packet to a frontend finds of its flow.
+pub enum Known {
+    /// A live flow: keep its translation.
+    Live(CtValue),
+    /// No flow, or one that has ended (expired, closed and now reopened by a SYN): pick afresh.
+    New,
+}
+
+/// The flow a client's packet to a frontend belongs to, noting the packet on it. `tcp_flags` is the
+/// packet's (0 for other protocols). An expired flow, or a closed TCP flow that a new SYN reopens, is
+/// removed (with its reply entry) and reported as new.
+#[inline(always)]
+pub fn lookup_forward(flow: &Flow, tcp_flags: u8, cfg: &Config) -> Known {
+    let key = key(flow, DIR_FORWARD);
+    let Some(entry) = CONNTRACK.get_ptr_mut(&key) else { return Known::New };
+    // SAFETY: as in `touch`; the value is copied out.
+    let value = unsafe { *entry };
+    let now = now();
+    let reopened = flow.proto == proto::TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && closed(&value);
+    if reopened || expired(&timeouts(cfg), flow.proto, &value, now) {
+        let _ = CONNTRACK.remove(&reply_key(&key, &value));
+        let _ = CONNTRACK.remove(&key);
+        return Known::New;
+    }
+    touch(entry, flow.proto, tcp_flags, true, now);
+    // A flow that has sent nothing back for a while may have lost its reply entry to the LRU: once a second,
+    // make sure it is there.
+    if value.last_seen != now {
+        let rkey = reply_key(&key, &value);
+        // SAFETY: only the presence of the value is used.
+        if unsafe { CONNTRACK.get(&rkey).is_none() } {
+            let _ = CONNTRACK.insert(&rkey, &reply_value(flow, &value), u64::from(BPF_NOEXIST));
+        }
+    }
+    Known::Live(value)
+}
+
+/// The reply entry of a forward entry for the flow `flow` (as the client sent it).
+#[inline(always)]
+fn reply_value(flow: &Flow, fwd: &CtValue) -> CtValue {
+    CtValue {
+        nat_addr: flow.dst_addr,
+        nat_port: flow.dst_port,
+        client_port: flow.src_port,
+        backend_id: fwd.backend_id,
+        rev_nat_id: fwd.rev_nat_id,
+        flags: fwd.flags,
+        state: 0,
+        created: fwd.created,
+        last_seen: fwd.last_seen,
+    }
+}
+
+/// Whether the reply entry `value` (keyed `key`) belongs to a live flow other than the one keyed `ours`.
+#[inline(always)]
+fn held_by_live_flow(key: &CtKey, value: &CtValue, ours: &CtKey, cfg: &Config) -> bool {
+    let fkey = forward_key(key, value);
+    if fkey == *ours {
+        return false;
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(fwd) = (unsafe { CONNTRACK.get(&fkey).copied() }) else { return false };
+    reply_key(&fkey, &fwd) == *key && !expired(&timeouts(cfg), key.proto, &fwd, now()) && !closed(&fwd)
+}
+
+/// Records a new flow from `flow`'s client to `backend_addr:backend_port`, with `value`'s ids and flags.
+/// Returns the client port the backend will see: the client's own, or another if a live flow already
+/// holds the reply tuple that port would give (one client port to two Services of one pod).
+#[inline(always)]
+pub fn record(flow: &Flow, mut value: CtValue, cfg: &Config) -> Result<u16> {
+    let fkey = key(flow, DIR_FORWARD);
+    let now = now();
+    value.created = now;
+    value.last_seen = now;
+    value.client_port = flow.src_port;
+    let reply = reply_value(flow, &value);
+    let mut rkey = reply_key(&fkey, &value);
+    if CONNTRACK.insert(&rkey, &reply, u64::from(BPF_NOEXIST)).is_err() {
+        // SAFETY: the value is copied out at once.
+        let held = unsafe { CONNTRACK.get(&rkey).copied() };
+        if held.is_some_and(|old| held_by_live_flow(&rkey, &old, &fkey, cfg)) {
+            value.client_port = remap(&mut rkey, &reply)?;
+        } else {
+            // A leftover of an ended flow (or of this one, picked afresh): ours now.
+            CONNTRACK.insert(&rkey, &reply, u64::from(BPF_ANY)).map_err(|_| CONNTRACK_FULL)?;
+        }
+    }
+    CONNTRACK.insert(&fkey, &value, u64::from(BPF_ANY)).map_err(|_| CONNTRACK_FULL)?;
+    Ok(value.client_port)
+}
+
+/// Finds a client port for which the reply tuple `rkey` is free and records `reply` under it. Ports come
+/// from the upper half of the port space, where clients' fixed ports rarely are.
+#[inline(always)]
+fn remap(rkey: &mut CtKey, reply: &CtValue) -> Result<u16> {
+    for _ in 0..REMAP_TRIES {
+        // SAFETY: the helper has no preconditions.
+        let port = 32_768 + (unsafe { bpf_get_prandom_u32() } % 32_768);
+        rkey.dst_port = u16::try_from(port).unwrap_or(u16::MAX).to_be();
+        if CONNTRACK.insert(rkey, reply, u64::from(BPF_NOEXIST)).is_ok() {
+            return Ok(rkey.dst_port);
+        }
+    }
+    Err(CONNTRACK_FULL)
+}
+
+/// The original tuple of a packet that answers a translated flow (backend → client), if it is a live
+/// flow's: the frontend to show and the client's own port. Notes the packet on the flow (`tcp_flags` as
+/// in [`lookup_forward`]). A reply entry whose flow has ended, or that a newer flow replaced, is removed.
+#[inline(always)]
+pub fn lookup_reply(flow: &Flow, tcp_flags: u8, cfg: &Config) -> Option<CtValue> {
+    let rkey = key(flow, DIR_REPLY);
+    // SAFETY: the value is copied out at once.
+    let reply = unsafe { CONNTRACK.get(&rkey).copied() }?;
+    let fkey = forward_key(&rkey, &reply);
+    let Some(entry) = CONNTRACK.get_ptr_mut(&fkey) else {
+        let _ = CONNTRACK.remove(&rkey);
+        return None;
+    };
+    // SAFETY: as in `touch`; the value is copied out.
+    let fwd = unsafe { *entry };
+    let now = now();
+    if reply_key(&fkey, &fwd) != rkey {
+        let _ = CONNTRACK.remove(&rkey);
+        return None;
+    }
+    if expired(&timeouts(cfg), flow.proto, &fwd, now) {
+        let _ = CONNTRACK.remove(&rkey);
+        let _ = CONNTRACK.remove(&fkey);
+        return None;
+    }
+    touch(entry, flow.proto, tcp_flags, false, now);
+    Some(reply)
+}
+
+/// The reply entry for replies on `flow`'s reversed tuple, without noting a packet: for an ICMP error,
+/// which says nothing about the flow's state.
+#[inline(always)]
+pub fn peek_reply(flow: &Flow) -> Option<CtValue> {
+    // SAFETY: the value is copied out at once.
+    unsafe { CONNTRACK.get(&key(flow, DIR_REPLY)).copied() }
+}
+
+/// The forward entry of `flow`, without noting a packet (for an ICMP error).
+#[inline(always)]
+pub fn peek_forward(flow: &Flow) -> Option<CtValue> {
     // SAFETY: the value is copied out at once.
     unsafe { CONNTRACK.get(&key(flow, DIR_FORWARD)).copied() }
 }
 
-/// Records a flow's backend, and the reply tuple the egress program will reverse-translate.
+/// For a packet that opens a flow straight to an address that was once a backend (not through a
+/// frontend): forgets the translated flow whose replies would arrive on its reversed tuple if that flow has
+/// ended, so its reverse translation cannot hijack the new flow's replies. A live translated flow keeps its
+/// entries: a packet XDP has just translated arrives at TC addressed to its backend like a direct one,
+/// with its flow's SYN not yet answered; a UDP flow cannot be told from a direct one and keeps them too.
 #[inline(always)]
-pub fn record(flow: &Flow, backend: &Backend, value: &CtValue) -> Result<()> {
-    CONNTRACK.insert(&key(flow, DIR_FORWARD), value, u64::from(BPF_ANY)).map_err(|_| CONNTRACK_FULL)?;
-    let reply = CtKey {
-        src_addr: backend.addr,
-        dst_addr: flow.src_addr,
-        src_port: backend.port,
-        dst_port: flow.src_port,
-        proto: flow.proto,
-        dir: DIR_REPLY,
-        pad: 0,
-    };
-    CONNTRACK.insert(&reply, value, u64::from(BPF_ANY)).map_err(|_| CONNTRACK_FULL)
-}
-
-/// Forgets the translated flow whose replies would arrive on `flow`'s reversed tuple. For a packet that
-/// opens a flow straight to an address that was once a backend: a client may reuse a source port it used
-/// through a Service, and the old flow's reverse translation would otherwise hijack the new flow's replies.
-/// The old flow's forward entry goes too: were the client to reuse the port for the Service again, a
-/// forward entry without its reply entry would send the new flow on with replies nobody translates back.
-#[inline(always)]
-pub fn forget_reply(flow: &Flow) {
-    let reply = CtKey {
+pub fn forget_ended_reply(flow: &Flow, cfg: &Config) {
+    let rkey = CtKey {
         src_addr: flow.dst_addr,
         dst_addr: flow.src_addr,
         src_port: flow.dst_port,
@@ -68,28 +315,24 @@ pub fn forget_reply(flow: &Flow) {
         dir: DIR_REPLY,
         pad: 0,
     };
-    // Nothing to forget is the common case: a lock-free lookup first, the bucket-locking deletes only when
-    // there is something to delete.
+    // Nothing to forget is the common case: one lock-free lookup.
     // SAFETY: the value is copied out at once.
-    let Some(old) = (unsafe { CONNTRACK.get(&reply).copied() }) else { return };
-    let _ = CONNTRACK.remove(&reply);
-    if let Some(frontend) = crate::nat::revnat(old.rev_nat_id) {
-        let forward = CtKey {
-            src_addr: flow.src_addr,
-            dst_addr: frontend.addr,
-            src_port: flow.src_port,
-            dst_port: frontend.port,
-            proto: flow.proto,
-            dir: DIR_FORWARD,
-            pad: 0,
-        };
-        let _ = CONNTRACK.remove(&forward);
+    let Some(reply) = (unsafe { CONNTRACK.get(&rkey).copied() }) else { return };
+    let fkey = forward_key(&rkey, &reply);
+    // SAFETY: the value is copied out at once.
+    let fwd = unsafe { CONNTRACK.get(&fkey).copied() };
+    let ended = match fwd {
+        None => true,
+        Some(fwd) => {
+            reply_key(&fkey, &fwd) != rkey
+                || expired(&timeouts(cfg), flow.proto, &fwd, now())
+                || (flow.proto == proto::TCP && (closed(&fwd) || fwd.state & state::SYN_ACK != 0))
+        }
+    };
+    if ended {
+        let _ = CONNTRACK.remove(&rkey);
+        if fwd.is_some_and(|f| reply_key(&fkey, &f) == rkey) {
+            let _ = CONNTRACK.remove(&fkey);
+        }
     }
-}
-
-/// The entry of a packet that answers a translated flow (backend → client), if any.
-#[inline(always)]
-pub fn lookup_reply(flow: &Flow) -> Option<CtValue> {
-    // SAFETY: the value is copied out at once.
-    unsafe { CONNTRACK.get(&key(flow, DIR_REPLY)).copied() }
 }

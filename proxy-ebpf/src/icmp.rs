@@ -20,7 +20,6 @@
 use crate::{
     conntrack,
     drop::Result,
-    lb, nat,
     packet::{ICMP_CSUM_OFF, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_OFF, L4_SRC_OFF, Packet, Quote, csum_replace},
     snat,
 };
@@ -41,10 +40,11 @@ pub fn ingress<P: Packet>(pkt: &P, quote: &Quote, cfg: &Config) -> Result<bool> 
         translate(pkt, quote, QuotedEnd::Source, client.addr, client.port)?;
         return Ok(true);
     }
-    if let Some(ct) = conntrack::lookup_forward(&replies)
-        && let Some(backend) = lb::backend(ct.backend_id)
-    {
-        translate(pkt, quote, QuotedEnd::Source, backend.addr, backend.port)?;
+    if let Some(ct) = conntrack::peek_forward(&replies) {
+        // The quote shows the frontend as source and the client's own port as destination; the backend
+        // sent it from itself to the client port it saw.
+        translate(pkt, quote, QuotedEnd::Source, ct.nat_addr, ct.nat_port)?;
+        translate_port(pkt, quote, QuotedEnd::Destination, ct.client_port)?;
         return Ok(true);
     }
     Ok(false)
@@ -55,10 +55,9 @@ pub fn ingress<P: Packet>(pkt: &P, quote: &Quote, cfg: &Config) -> Result<bool> 
 #[inline(always)]
 pub fn egress<P: Packet>(pkt: &P, quote: &Quote) -> Result<bool> {
     let replies = quote.inner.reversed();
-    if let Some(ct) = conntrack::lookup_reply(&replies)
-        && let Some(frontend) = nat::revnat(ct.rev_nat_id)
-    {
-        translate(pkt, quote, QuotedEnd::Destination, frontend.addr, frontend.port)?;
+    if let Some(original) = conntrack::peek_reply(&replies) {
+        translate(pkt, quote, QuotedEnd::Destination, original.nat_addr, original.nat_port)?;
+        translate_port(pkt, quote, QuotedEnd::Source, original.client_port)?;
         return Ok(true);
     }
     if let Some(out) = snat::lookup_out(&replies) {
@@ -66,6 +65,39 @@ pub fn egress<P: Packet>(pkt: &P, quote: &Quote) -> Result<bool> {
         return Ok(true);
     }
     Ok(false)
+}
+
+/// Rewrites only the port at one end of the quoted packet (a client port remapped by `conntrack`), with the
+/// quoted L4 checksum and the ICMP checksum kept valid. Nothing when the port is already `port`.
+#[inline(always)]
+fn translate_port<P: Packet>(pkt: &P, quote: &Quote, end: QuotedEnd, port: u16) -> Result<()> {
+    let inner = &quote.inner;
+    let (old_port, port_off) = match end {
+        QuotedEnd::Source => (inner.src_port, L4_SRC_OFF),
+        QuotedEnd::Destination => (inner.dst_port, L4_DST_OFF),
+    };
+    if old_port == port {
+        return Ok(());
+    }
+    if inner.proto == proto::SCTP {
+        return Err(crate::drop::SCTP_PORT_CHANGE);
+    }
+    let icmp_csum = quote.icmp_off + ICMP_CSUM_OFF;
+    pkt.store(inner.l4_off + port_off, &port)?;
+    csum_replace(pkt, icmp_csum, u32::from(old_port), u32::from(port), 2, false)?;
+    let l4_csum = match inner.proto {
+        proto::UDP => Some((inner.l4_off + 6, true)),
+        proto::TCP => Some((inner.l4_off + 16, false)),
+        _ => None,
+    };
+    if let Some((off, udp)) = l4_csum
+        && let Ok(before) = pkt.load::<u16>(off)
+    {
+        csum_replace(pkt, off, u32::from(old_port), u32::from(port), 2, udp)?;
+        let after: u16 = pkt.load(off)?;
+        csum_replace(pkt, icmp_csum, u32::from(before), u32::from(after), 2, false)?;
+    }
+    Ok(())
 }
 
 /// Rewrites one end of the quoted packet to `addr:port`, and the other end of the error's own header to

@@ -8,15 +8,11 @@ use crate::{
     packet::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_OFF, L4_SRC_OFF, Packet},
 };
 
+/// Reverse-NAT id → frontend. The data path no longer reads it (a flow's reply entry holds its frontend,
+/// so a reply is translated even after its Service is gone, as netfilter's conntrack does); the agent keeps
+/// it as the record of which id names which frontend (affinity and source ranges are keyed by the id).
 #[map(name = "REVNAT")]
 static REVNAT: HashMap<u32, RevNat> = HashMap::pinned(capacity::REVNAT, capacity::NO_PREALLOC);
-
-/// The frontend address that replies of a translated flow must carry.
-#[inline(always)]
-pub fn revnat(id: u32) -> Option<RevNat> {
-    // SAFETY: the value is copied out at once.
-    unsafe { REVNAT.get(&id).copied() }
-}
 
 /// Which end of the flow to rewrite.
 #[derive(Clone, Copy)]

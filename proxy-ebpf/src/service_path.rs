@@ -13,13 +13,13 @@ use aya_ebpf::{
 use proxy_common::{
     backend::{Backend, FLAG_LOCAL},
     config::{Config, FLAG_MASQUERADE_ALL},
-    conntrack::{CtValue, FLAG_SNAT},
+    conntrack::{CtValue, FLAG_LOCAL_BACKEND, FLAG_SNAT, state},
     mark,
     service::flags,
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, Known},
     drop::{self, FRAG_WITHOUT_FIRST, NO_ENDPOINTS, REJECTED, Reason, Result, SOURCE_RANGE},
     frag, icmp, lb,
     nat::{self, Side},
@@ -46,17 +46,35 @@ pub enum Verdict {
     Drop(Reason),
     /// No usable endpoint anywhere: refuse the client.
     Reject,
-    /// Send it to this backend; `snat` if it must also leave with the node's address.
+    /// Send it to this backend; `snat` if it must also leave with the node's address; `client_port` is the
+    /// source port the backend sees (the client's own unless it had to be remapped, see `conntrack`).
     Forward {
         backend: Backend,
         snat: bool,
+        client_port: u16,
     },
 }
 
-/// Finds the frontend a flow is addressed to and its backend: the flow's own if it has one that still
-/// exists, else the client's affinity, else a random pick. Records new flows in conntrack.
+/// The backend a live flow keeps: TCP keeps its backend for the connection's life once the backend has
+/// answered, even when the endpoint has left the Service (as kube-proxy's conntrack keeps it: a terminating
+/// pod finishes its connections); UDP and a TCP handshake not yet answered keep it only while the backend
+/// is still one of this Service's (backend ids are per Service), so they move off a pod that left it as
+/// kube-proxy's conntrack cleanup moves them.
 #[inline(always)]
-pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict> {
+fn kept_backend(flow: &Flow, ct: &CtValue) -> Option<Backend> {
+    let answered_tcp = flow.proto == proxy_common::proto::TCP && ct.state & state::SYN_ACK != 0;
+    if !answered_tcp && lb::backend(ct.backend_id).is_none() {
+        return None;
+    }
+    let flags = if ct.flags & FLAG_LOCAL_BACKEND != 0 { FLAG_LOCAL } else { 0 };
+    Some(Backend { addr: ct.nat_addr, port: ct.nat_port, proto: flow.proto, flags })
+}
+
+/// Finds the frontend a flow is addressed to and its backend: the flow's own if it keeps it (see
+/// [`kept_backend`]), else the client's affinity, else a random pick. Records new flows in conntrack.
+/// `tcp_flags` is the packet's (0 for other protocols).
+#[inline(always)]
+pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Result<Verdict> {
     // kube-proxy's local-traffic detection by cluster CIDR: a pod of another node is pod traffic, not
     // external traffic, even when it arrives on a host interface.
     let from_pod =
@@ -67,10 +85,11 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict> {
     if origin == Origin::Host && svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(flow, &svc) {
         return Ok(Verdict::Drop(SOURCE_RANGE));
     }
-    if let Some(ct) = conntrack::lookup_forward(flow)
-        && let Some(backend) = lb::backend(ct.backend_id)
-    {
-        return Ok(Verdict::Forward { backend, snat: ct.flags & FLAG_SNAT != 0 });
+    if let Known::Live(ct) = conntrack::lookup_forward(flow, tcp_flags, cfg) {
+        if let Some(backend) = kept_backend(flow, &ct) {
+            return Ok(Verdict::Forward { backend, snat: ct.flags & FLAG_SNAT != 0, client_port: ct.client_port });
+        }
+        conntrack::forget(flow, &ct);
     }
     let affinity = svc.value.flags & flags::AFFINITY != 0;
     let chosen = if affinity { lb::affinity_backend(flow, &svc) } else { None };
@@ -106,19 +125,31 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config) -> Result<Verdict> {
         // External traffic is SNATed when the policy says so.
         Origin::Host => svc.ext_flags & flags::MASQUERADE_EXTERNAL != 0,
     };
-    let value = CtValue { backend_id, rev_nat_id: svc.value.rev_nat_id, flags: if snat { FLAG_SNAT } else { 0 } };
-    conntrack::record(flow, &backend, &value)?;
-    Ok(Verdict::Forward { backend, snat })
+    let mut ct_flags = if snat { FLAG_SNAT } else { 0 };
+    if !remote {
+        ct_flags |= FLAG_LOCAL_BACKEND;
+    }
+    let value = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        client_port: flow.src_port,
+        backend_id,
+        rev_nat_id: svc.value.rev_nat_id,
+        flags: ct_flags,
+        state: conntrack::initial_state(flow.proto, tcp_flags),
+        created: 0,
+        last_seen: 0,
+    };
+    let client_port = conntrack::record(flow, value, cfg)?;
+    Ok(Verdict::Forward { backend, snat, client_port })
 }
 
 /// Whether a packet not addressed to a Service may start a new flow on a reused tuple: a TCP SYN (without
-/// ACK), or any UDP datagram (UDP has no start). Only these pay for a conntrack delete.
+/// ACK), or any UDP datagram (UDP has no start). Only these pay for a conntrack lookup.
 #[inline(always)]
-fn opens_flow(ctx: &TcContext, flow: &Flow) -> bool {
-    const SYN: u8 = 0x02;
-    const ACK: u8 = 0x10;
+fn opens_flow(flow: &Flow, tcp_flags: u8) -> bool {
     match flow.proto {
-        proxy_common::proto::TCP => packet::tcp_flags(ctx, flow) & (SYN | ACK) == SYN,
+        proxy_common::proto::TCP => tcp_flags & (conntrack::TCP_SYN | conntrack::TCP_ACK) == conntrack::TCP_SYN,
         proxy_common::proto::UDP => flow.has_l4_header(),
         _ => false,
     }
@@ -185,17 +216,16 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
         Parsed::Flow(flow) => flow,
     };
     let cfg = snat::config();
-    if let Some(client) = snat::client_of(&flow, &cfg, || packet::tcp_flags(ctx, &flow)) {
+    let tcp_flags = packet::tcp_flags(ctx, &flow);
+    if let Some(client) = snat::client_of(&flow, &cfg, tcp_flags) {
         frag::remember(&flow);
         nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, client.port)?;
         return Ok(PASS);
     }
-    match decide(&flow, origin, &cfg)? {
+    match decide(&flow, origin, &cfg, tcp_flags)? {
         Verdict::NotService => {
-            // Pods only: on a host interface, a packet XDP has just translated arrives here addressed to its
-            // backend, and its fresh reply entry must stay.
-            if origin == Origin::Pod && opens_flow(ctx, &flow) {
-                conntrack::forget_reply(&flow);
+            if opens_flow(&flow, tcp_flags) {
+                conntrack::forget_ended_reply(&flow, &cfg);
             }
             Ok(PASS)
         }
@@ -205,9 +235,13 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
             drop::count(REJECTED);
             Ok(verdict)
         }
-        Verdict::Forward { backend, snat } => {
+        Verdict::Forward { backend, snat, client_port } => {
             frag::remember(&flow);
             nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
+            if client_port != flow.src_port {
+                let src = flow.src_addr;
+                nat::rewrite(ctx, &mut flow, Side::Source, src, client_port)?;
+            }
             if snat {
                 ctx.set_mark(skb::mark(ctx) | mark::SNAT);
             }
@@ -230,18 +264,19 @@ pub fn egress(ctx: &TcContext) -> Result<i32> {
         }
         Parsed::Flow(flow) => flow,
     };
-    if let Some(ct) = conntrack::lookup_reply(&flow) {
-        let Some(frontend) = nat::revnat(ct.rev_nat_id) else {
-            // The Service is gone; the client's connection fails, as it would with kube-proxy.
-            return Ok(PASS);
-        };
+    let cfg = snat::config();
+    let tcp_flags = packet::tcp_flags(ctx, &flow);
+    if let Some(original) = conntrack::lookup_reply(&flow, tcp_flags, &cfg) {
         frag::remember(&flow);
-        nat::rewrite(ctx, &mut flow, Side::Source, frontend.addr, frontend.port)?;
+        nat::rewrite(ctx, &mut flow, Side::Source, original.nat_addr, original.nat_port)?;
+        if original.client_port != flow.dst_port {
+            let dst = flow.dst_addr;
+            nat::rewrite(ctx, &mut flow, Side::Destination, dst, original.client_port)?;
+        }
         return Ok(PASS);
     }
     if skb::mark(ctx) & mark::SNAT != 0 {
-        let cfg = snat::config();
-        let port = snat::port_for(&flow, &cfg, || packet::tcp_flags(ctx, &flow))?;
+        let port = snat::port_for(&flow, &cfg, tcp_flags)?;
         frag::remember(&flow);
         nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
     }

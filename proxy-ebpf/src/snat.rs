@@ -120,17 +120,15 @@ pub fn config() -> Config {
 }
 
 /// The node port a flow (client → backend, after DNAT) leaves with: the one it has, or a new one.
-/// `tcp_flags` reads the packet's (0 for other protocols); a FIN or RST marks the flow as ending. It is
-/// called only for flows that already have a port, so a new flow's packet is not read twice.
+/// `tcp_flags` is the packet's (0 for other protocols); a FIN or RST marks the flow as ending.
 #[inline(always)]
-pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: impl FnOnce() -> u8) -> Result<u16> {
+pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Result<u16> {
     if cfg.snat_addr == 0 {
         return Err(SNAT_NO_ADDRESS);
     }
     let out_key = conntrack::key(flow, DIR_SNAT_OUT);
     // SAFETY: the value is copied out at once.
     if let Some(known) = unsafe { SNAT.get(&out_key).copied() } {
-        let tcp_flags = tcp_flags();
         if tcp_flags & (TCP_FIN | TCP_RST) != 0
             && let Some(entry) = SNAT.get_ptr_mut(&in_key(flow, cfg, known.port))
         {
@@ -185,14 +183,14 @@ fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16> {
 }
 
 /// For a reply to a SNATed flow (backend → node address and SNAT port): the client it belongs to. Notes
-/// the packet on the entry (`tcp_flags` as in [`port_for`], read only for such replies).
+/// the packet on the entry (`tcp_flags` as in [`port_for`]).
 #[inline(always)]
-pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: impl FnOnce() -> u8) -> Option<SnatValue> {
+pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Option<SnatValue> {
     if cfg.snat_addr == 0 || flow.dst_addr != cfg.snat_addr {
         return None;
     }
     let entry = SNAT.get_ptr_mut(&conntrack::key(flow, DIR_SNAT_IN))?;
-    touch(entry, tcp_flags(), SNAT_FIN_IN);
+    touch(entry, tcp_flags, SNAT_FIN_IN);
     // SAFETY: as in `touch`; the value is copied out.
     Some(unsafe { *entry })
 }

@@ -115,25 +115,27 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32> {
         return Ok(xdp_action::XDP_PASS);
     }
     let cfg = snat::config();
+    let tcp_flags = packet::tcp_flags(ctx, &flow);
 
     // A reply to a flow SNATed here: back to the client, from the frontend, in one go.
-    if let Some(client) = snat::client_of(&flow, &cfg, || packet::tcp_flags(ctx, &flow)) {
+    if let Some(client) = snat::client_of(&flow, &cfg, tcp_flags) {
         let reply = Flow { dst_addr: client.addr, dst_port: client.port, ..flow };
-        let Some(ct) = conntrack::lookup_reply(&reply) else { return Ok(xdp_action::XDP_PASS) };
-        let Some(frontend) = nat::revnat(ct.rev_nat_id) else { return Ok(xdp_action::XDP_PASS) };
-        let Some(macs) = same_interface_next_hop(ctx, &flow, frontend.addr, client.addr) else {
+        let Some(original) = conntrack::lookup_reply(&reply, tcp_flags, &cfg) else {
+            return Ok(xdp_action::XDP_PASS);
+        };
+        let Some(macs) = same_interface_next_hop(ctx, &flow, original.nat_addr, client.addr) else {
             count(stats::XDP_FALLBACK);
             return Ok(xdp_action::XDP_PASS);
         };
-        nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, client.port)?;
-        nat::rewrite(ctx, &mut flow, Side::Source, frontend.addr, frontend.port)?;
+        nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, original.client_port)?;
+        nat::rewrite(ctx, &mut flow, Side::Source, original.nat_addr, original.nat_port)?;
         forward_hop(ctx, &flow)?;
         set_macs(ctx, macs)?;
         count(stats::XDP_TX_REPLY);
         return Ok(xdp_action::XDP_TX);
     }
 
-    let (backend, snat) = match decide(&flow, Origin::Host, &cfg)? {
+    let (backend, snat, client_port) = match decide(&flow, Origin::Host, &cfg, tcp_flags)? {
         Verdict::NotService => return Ok(xdp_action::XDP_PASS),
         Verdict::Drop(reason) => {
             drop::count(reason);
@@ -144,10 +146,14 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32> {
             count(stats::XDP_FALLBACK);
             return Ok(xdp_action::XDP_PASS);
         }
-        Verdict::Forward { backend, snat } => (backend, snat),
+        Verdict::Forward { backend, snat, client_port } => (backend, snat, client_port),
     };
     if !snat {
         nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
+        if client_port != flow.src_port {
+            let src = flow.src_addr;
+            nat::rewrite(ctx, &mut flow, Side::Source, src, client_port)?;
+        }
         count(stats::XDP_DNAT_PASS);
         return Ok(xdp_action::XDP_PASS);
     }
@@ -159,8 +165,8 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32> {
         count(stats::XDP_FALLBACK);
         return Ok(xdp_action::XDP_PASS);
     };
-    let after_dnat = Flow { dst_addr: backend.addr, dst_port: backend.port, ..flow };
-    let port = snat::port_for(&after_dnat, &cfg, || packet::tcp_flags(ctx, &flow))?;
+    let after_dnat = Flow { dst_addr: backend.addr, dst_port: backend.port, src_port: client_port, ..flow };
+    let port = snat::port_for(&after_dnat, &cfg, tcp_flags)?;
     nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
     nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
     forward_hop(ctx, &flow)?;

@@ -22,6 +22,7 @@ use crate::{
     agent::{Agent, AgentConfig},
     bulk::BulkServer,
     cmd::{ip, ip_in, run, sysctl_in},
+    daemon::Daemon,
     echo::{EchoServer, Outcome, Proto},
 };
 
@@ -95,6 +96,8 @@ pub struct Lab {
     agents: Vec<Agent>,
     servers: Vec<EchoServer>,
     bulk_servers: Vec<BulkServer>,
+    /// Real servers (dnsmasq, nginx) started in pods.
+    daemons: Vec<Daemon>,
     /// `xdp_pass` on the underlay ends of the nodes' uplinks (see [`Lab::attach_underlay_xdp`]), and the
     /// bpffs its object's maps are pinned in. Dropped before the namespaces go.
     underlay_xdp: Option<(aya::Ebpf, crate::bpf::PrivateBpffs)>,
@@ -136,6 +139,7 @@ impl Lab {
             agents: Vec::new(),
             servers: Vec::new(),
             bulk_servers: Vec::new(),
+            daemons: Vec::new(),
             underlay_xdp: None,
         };
         // On error, `lab` is dropped here and removes whatever was built so far.
@@ -369,6 +373,30 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts a real server (`program args…`) in `pod`'s namespace under `name`; its output goes to a file
+    /// of the lab's directory. It is killed by [`Lab::stop_daemon`] or at teardown.
+    pub fn start_daemon(&mut self, pod: &PodRef, name: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
+        let log = self.dir.join(format!("{name}.log"));
+        self.daemons.push(Daemon::start(&pod.ns, name, program, args, &log)?);
+        Ok(())
+    }
+
+    /// Kills the server started under `name`.
+    pub fn stop_daemon(&mut self, name: &str) {
+        self.daemons.retain(|d| d.name() != name);
+    }
+
+    /// Fails if any server started with [`Lab::start_daemon`] has exited, quoting its output.
+    pub fn check_daemons(&mut self) -> anyhow::Result<()> {
+        self.daemons.iter_mut().try_for_each(Daemon::check_running)
+    }
+
+    /// A directory of the lab's own (removed at teardown) for a test's files.
+    #[must_use]
+    pub fn work_dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Starts one agent per node and waits until each has programmed its first table.
     pub fn start_agents(&mut self) -> anyhow::Result<()> {
         self.start_agents_within(Duration::from_secs(20))
@@ -474,6 +502,7 @@ impl Drop for Lab {
         self.agents.clear();
         self.servers.clear();
         self.bulk_servers.clear();
+        self.daemons.clear();
         self.underlay_xdp = None;
         for ns in self.namespaces.drain(..).rev() {
             if let Err(e) = ip(&["netns", "del", &ns]) {

@@ -11,6 +11,7 @@ pub mod bpf;
 pub mod build;
 pub mod bulk;
 pub mod cmd;
+pub mod daemon;
 pub mod echo;
 pub mod fuzz;
 pub mod lab;

@@ -379,12 +379,13 @@ fn pod_to_cluster_ip(f: &mut Fuzzer) {
     let clusters: Vec<Frontend> =
         f.frontends.iter().filter(|x| x.kind == Kind::ClusterIp && !x.backends.is_empty()).cloned().collect();
     let fe = clusters[f.rng.random_range(0..clusters.len())].clone();
-    let (mut client, cport) = pod_client(&mut f.rng);
+    let (mut client, mut cport) = f.fresh_client(pod_client);
     // Sometimes the client is one of the Service's own local backends: hairpin, masqueraded.
     if f.rng.random_bool(0.15)
         && let Some(local) = fe.backends.iter().find(|b| b.local)
     {
         client = local.addr;
+        cport = f.fresh_client(|rng| (local.addr, rng.random_range(1024..=65_535))).1;
     }
     let first = {
         let rng = &mut f.rng;
@@ -549,12 +550,13 @@ fn external_to_frontend(f: &mut Fuzzer) {
     let candidates: Vec<Frontend> = f.frontends.iter().filter(|x| !x.backends.is_empty()).cloned().collect();
     let fe = candidates[f.rng.random_range(0..candidates.len())].clone();
     let in_ranges = !fe.source_ranges.is_empty() && f.rng.random_bool(0.7);
-    let (client, mut cport) = external_client(&mut f.rng, in_ranges);
-    if fe.proto == proto::SCTP {
-        // Below the SNAT range, so SNAT always changes the port (a SNAT port equal to the client's would
-        // need no change, and the flow would rightly go through).
-        cport = f.rng.random_range(1024..SNAT_PORTS.0);
-    }
+    let sctp = fe.proto == proto::SCTP;
+    let (client, cport) = f.fresh_client(|rng| {
+        let (client, port) = external_client(rng, in_ranges);
+        // SCTP: below the SNAT range, so SNAT always changes the port (a SNAT port equal to the client's
+        // would need no change, and the flow would rightly go through).
+        (client, if sctp { rng.random_range(1024..SNAT_PORTS.0) } else { port })
+    });
     // Now and then a packet too big for the route to a remote backend (see `big_or_small`).
     let size = big_or_small(&mut f.rng);
     let mut first = {
@@ -767,9 +769,9 @@ fn xdp_first_packet(f: &mut Fuzzer, first: &Datagram, fe: &Frontend) -> Option<(
 fn rejected(f: &mut Fuzzer) {
     let fe = f.frontends.iter().find(|x| x.backends.is_empty()).expect("a frontend without endpoints").clone();
     let (prog, (client, cport)) = if f.rng.random_bool(0.5) {
-        (Prog::PodIngress, pod_client(&mut f.rng))
+        (Prog::PodIngress, f.fresh_client(pod_client))
     } else {
-        (Prog::HostIngress, external_client(&mut f.rng, false))
+        (Prog::HostIngress, f.fresh_client(|rng| external_client(rng, false)))
     };
     let dg = {
         let rng = &mut f.rng;
@@ -803,7 +805,7 @@ fn truncated(f: &mut Fuzzer) {
     let fe = f.frontends.iter().find(|x| x.name == "dns" || x.name == "web").cloned();
     let fe = if f.rng.random_bool(0.5) { fe } else { f.frontends.iter().find(|x| x.name == "dns").cloned() };
     let Some(fe) = fe else { return };
-    let (client, cport) = pod_client(&mut f.rng);
+    let (client, cport) = f.fresh_client(pod_client);
     // The reply direction: a single candidate (the reply entry), so the expected packet is known.
     let dg = {
         let rng = &mut f.rng;

@@ -44,6 +44,23 @@ pub struct NodeSettings {
     /// The cgroup (v2) whose processes' sockets get Service translation (the node's own traffic).
     pub socket_cgroup: Option<PathBuf>,
     pub xdp: XdpSetting,
+    /// Conntrack lifetimes by flow state.
+    pub timeouts: proxy_common::conntrack::Timeouts,
+    /// How many flows the connection tables hold (two `CONNTRACK` entries each).
+    pub max_flows: u32,
+}
+
+/// The sizes of the per-flow maps for a table of `max_flows` flows: two conntrack entries per flow (forward
+/// and reply), two SNAT entries per SNATed flow (out and in), and fragment records for one datagram in
+/// sixteen flows being in pieces at once (never fewer than the build's default).
+#[must_use]
+pub fn flow_table_sizes(max_flows: u32) -> [(&'static str, u32); 3] {
+    use proxy_common::{capacity, maps};
+    [
+        (maps::CONNTRACK, max_flows.saturating_mul(2)),
+        (maps::SNAT, max_flows.saturating_mul(2)),
+        (maps::FRAGS, (max_flows / 16).max(capacity::FRAGS)),
+    ]
 }
 
 /// A prefix length as a mask in network byte order.
@@ -65,6 +82,7 @@ fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result
         snat_port_min: settings.snat_ports.0,
         snat_port_max: settings.snat_ports.1,
         flags: if settings.masquerade_all { proxy_common::config::FLAG_MASQUERADE_ALL } else { 0 },
+        timeouts: settings.timeouts,
     };
     config.set(0, &value, 0).context("writing CONFIG")
 }
@@ -74,7 +92,7 @@ impl EbpfDataplane {
     /// Maps a previous agent pinned are adopted as they are: nothing live is flushed.
     pub fn start(pin_dir: &Path, roles: InterfaceRoles, settings: &NodeSettings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        let mut ebpf = load_replacing_incompatible_pins(pin_dir)?;
+        let mut ebpf = load_replacing_incompatible_pins(pin_dir, &flow_table_sizes(settings.max_flows))?;
         attach::load_programs(&mut ebpf)?;
         write_config(&mut ebpf, settings)?;
         if let Some(cgroup) = &settings.socket_cgroup {
@@ -109,10 +127,15 @@ impl EbpfDataplane {
 /// a new map is created in its place. Its entries are lost (the service maps are rewritten by the first sync;
 /// a lost conntrack map breaks the node's established translated flows), so this is logged loudly. The old
 /// programs keep the old map until the new programs replace them.
-fn load_replacing_incompatible_pins(pin_dir: &Path) -> anyhow::Result<aya::Ebpf> {
+fn load_replacing_incompatible_pins(pin_dir: &Path, sizes: &[(&'static str, u32)]) -> anyhow::Result<aya::Ebpf> {
     let mut replaced = Vec::new();
     loop {
-        match aya::EbpfLoader::new().default_map_pin_directory(pin_dir).load(OBJECT) {
+        let mut loader = aya::EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        for (name, size) in sizes {
+            loader.map_max_entries(name, *size);
+        }
+        match loader.load(OBJECT) {
             Ok(ebpf) => return Ok(ebpf),
             Err(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap {
                 name,

@@ -8,6 +8,10 @@
 //!
 //! So a packet never reads a count that points at a missing slot, a slot that names a missing backend, or a
 //! flag that points at a missing scope or range.
+//!
+//! Backend ids are per Service port: two Services selecting one pod give it two ids. A flow is bound to its
+//! Service's id, so when the pod leaves one Service (its id is deleted) that Service's UDP flows move on,
+//! even while the other Service keeps the pod (as kube-proxy's conntrack cleanup moves them).
 //! The writer is generic over [`ServiceMaps`], so the ordering is tested against an in-memory map that
 //! checks those invariants after every single write.
 
@@ -28,7 +32,9 @@ use proxy_common::{
     service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, flags},
 };
 
-use crate::model::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServiceTable};
+use crate::model::{
+    BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable,
+};
 
 use super::ApplyStats;
 
@@ -87,7 +93,14 @@ struct Wanted {
     backend_ids: Vec<u32>,
 }
 
-type BackendKey = (Ipv4Addr, u16, Protocol);
+/// A Service port, by a number the writer hands out (names are long; keys are many).
+type Group = u32;
+
+/// A backend of one Service port: the group, and the endpoint's address, port and protocol.
+type BackendKey = (Group, Ipv4Addr, u16, Protocol);
+
+/// A backend id found in the maps, by a frontend whose slots name it and the endpoint it holds.
+type AdoptedKey = (Frontend, Ipv4Addr, u16, Protocol);
 
 pub struct TableWriter<M> {
     maps: M,
@@ -95,6 +108,16 @@ pub struct TableWriter<M> {
     rev_nat_ids: BTreeMap<Frontend, u32>,
     source_ranges: BTreeMap<u32, BTreeSet<Cidr>>,
     backends: HashMap<BackendKey, (u32, Backend)>,
+    /// Service port → group.
+    groups: HashMap<ServicePortName, Group>,
+    next_group: Group,
+    /// Backend ids found in the maps (after a start or re-read) that no Service port has claimed yet, and
+    /// the frontends' slots that name them: the first whole apply gives each to the Service port of a
+    /// frontend that names it, and deletes the rest.
+    unclaimed: HashMap<u32, Backend>,
+    adopted: HashMap<AdoptedKey, u32>,
+    /// Ids found in the maps that no slot names (a terminating endpoint's, or one a crash left), by endpoint.
+    adopted_unslotted: HashMap<(Ipv4Addr, u16, Protocol), u32>,
     next_backend_id: u32,
     next_rev_nat_id: u32,
     /// Reverse-NAT ids found in the maps that no frontend uses (left by a crash); removed on the next apply.
@@ -126,9 +149,9 @@ struct FrontendUsage {
 }
 
 impl FrontendUsage {
-    fn of(frontend: Frontend, entry: &FrontendEntry) -> Self {
+    fn of(group: Group, frontend: Frontend, entry: &FrontendEntry) -> Self {
         Self {
-            backends: entry.all_endpoints().map(|ep| (ep.addr, ep.port, frontend.protocol)).collect(),
+            backends: entry.all_endpoints().map(|ep| (group, ep.addr, ep.port, frontend.protocol)).collect(),
             slots: slots_needed(entry),
             ranges: entry.source_ranges.len(),
         }
@@ -136,10 +159,10 @@ impl FrontendUsage {
 }
 
 impl Usage {
-    fn of(table: &ServiceTable) -> Self {
+    fn of(table: &ServiceTable, groups: &HashMap<ServicePortName, Group>) -> Self {
         let mut usage = Self::default();
         for (frontend, entry) in &table.frontends {
-            usage.set(*frontend, Some(FrontendUsage::of(*frontend, entry)));
+            usage.set(*frontend, Some(FrontendUsage::of(groups[&entry.service], *frontend, entry)));
         }
         usage
     }
@@ -216,7 +239,12 @@ impl<M: ServiceMaps> TableWriter<M> {
             scopes: known.scopes,
             rev_nat_ids: known.rev_nat_ids,
             source_ranges: known.source_ranges,
-            backends: known.backends,
+            backends: HashMap::new(),
+            groups: HashMap::new(),
+            next_group: 0,
+            unclaimed: known.backends,
+            adopted: known.adopted,
+            adopted_unslotted: known.adopted_unslotted,
             next_backend_id: (known.max_backend + 1).max(known.next_ids.backend),
             next_rev_nat_id: (known.max_rev_nat + 1).max(known.next_ids.rev_nat),
             orphan_rev_nat: known.orphan_rev_nat,
@@ -235,7 +263,10 @@ impl<M: ServiceMaps> TableWriter<M> {
         self.scopes = known.scopes;
         self.rev_nat_ids = known.rev_nat_ids;
         self.source_ranges = known.source_ranges;
-        self.backends = known.backends;
+        self.backends.clear();
+        self.unclaimed = known.backends;
+        self.adopted = known.adopted;
+        self.adopted_unslotted = known.adopted_unslotted;
         self.orphan_rev_nat = known.orphan_rev_nat;
         self.usage = None;
         Ok(())
@@ -245,7 +276,7 @@ impl<M: ServiceMaps> TableWriter<M> {
     pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
         vec![
             (proxy_common::maps::SERVICES, self.service_entries),
-            (proxy_common::maps::BACKENDS, self.backends.len()),
+            (proxy_common::maps::BACKENDS, self.backends.len() + self.unclaimed.len()),
             (proxy_common::maps::REVNAT, self.rev_nat_ids.len()),
             (proxy_common::maps::SOURCE_RANGES, self.source_ranges.values().map(BTreeSet::len).sum()),
         ]
@@ -253,7 +284,13 @@ impl<M: ServiceMaps> TableWriter<M> {
 
     /// Programs `table`, writing only what differs from what is programmed.
     pub fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        let usage = Usage::of(table);
+        // Groups of Service ports no longer in the table are forgotten here (changes only ever add).
+        let names: std::collections::HashSet<&ServicePortName> = table.frontends.values().map(|e| &e.service).collect();
+        self.groups.retain(|name, _| names.contains(name));
+        for entry in table.frontends.values() {
+            self.group_of(&entry.service);
+        }
+        let usage = Usage::of(table, &self.groups);
         fits(usage.slots, usage.backend_refs.len(), table.frontends.len(), usage.ranges)?;
         let mut stats = ApplyStats::default();
 
@@ -276,8 +313,9 @@ impl<M: ServiceMaps> TableWriter<M> {
 
         // 2. Backends before any slot that names them; terminating endpoints stay for established flows.
         for (frontend, entry) in &table.frontends {
+            let group = self.groups[&entry.service];
             for ep in entry.all_endpoints() {
-                self.ensure_backend(*ep, frontend.protocol, &mut stats)?;
+                self.ensure_backend(group, *frontend, *ep, &mut stats)?;
             }
         }
 
@@ -299,6 +337,14 @@ impl<M: ServiceMaps> TableWriter<M> {
             self.backends.remove(&key);
             stats.deletes += 1;
         }
+        // Ids found in the maps that no Service port claimed.
+        for id in self.unclaimed.keys().copied().collect::<Vec<_>>() {
+            self.maps.delete_backend(id)?;
+            self.unclaimed.remove(&id);
+            stats.deletes += 1;
+        }
+        self.adopted.clear();
+        self.adopted_unslotted.clear();
         self.usage = Some(usage);
         Ok(stats)
     }
@@ -307,8 +353,14 @@ impl<M: ServiceMaps> TableWriter<M> {
     /// that every other frontend is already programmed as `table` says. Costs time in proportion to the
     /// change, not the table. Falls back to [`TableWriter::apply`] until a whole table has been applied.
     pub fn apply_changes(&mut self, table: &ServiceTable, changed: &BTreeSet<Frontend>) -> anyhow::Result<ApplyStats> {
-        let Some(usage) = self.usage.as_ref() else { return self.apply(table) };
-        check_capacity_after(usage, table, changed)?;
+        if self.usage.is_none() {
+            return self.apply(table);
+        }
+        for entry in changed.iter().filter_map(|f| table.frontends.get(f)) {
+            self.group_of(&entry.service);
+        }
+        let usage = self.usage.as_ref().expect("checked above");
+        check_capacity_after(usage, table, changed, &self.groups)?;
         let mut usage = self.usage.take().expect("checked above");
         let result = self.apply_changes_with(&mut usage, table, changed);
         // On error the usage no longer matches the maps; the next call applies the whole table.
@@ -331,8 +383,9 @@ impl<M: ServiceMaps> TableWriter<M> {
         let present: Vec<(Frontend, &FrontendEntry)> =
             changed.iter().filter_map(|f| table.frontends.get(f).map(|e| (*f, e))).collect();
         for (frontend, entry) in &present {
+            let group = self.groups[&entry.service];
             for ep in entry.all_endpoints() {
-                self.ensure_backend(*ep, frontend.protocol, &mut stats)?;
+                self.ensure_backend(group, *frontend, *ep, &mut stats)?;
             }
         }
         for (frontend, entry) in &present {
@@ -341,7 +394,10 @@ impl<M: ServiceMaps> TableWriter<M> {
         self.persist_ids()?;
         let mut released = Vec::new();
         for frontend in changed {
-            let new = table.frontends.get(frontend).map(|entry| FrontendUsage::of(*frontend, entry));
+            let new = table
+                .frontends
+                .get(frontend)
+                .map(|entry| FrontendUsage::of(self.groups[&entry.service], *frontend, entry));
             released.extend(usage.set(*frontend, new));
         }
         // A backend one changed frontend let go of may have been taken up by another.
@@ -443,8 +499,9 @@ impl<M: ServiceMaps> TableWriter<M> {
         rev_nat_id: u32,
         flags: u16,
     ) -> Wanted {
+        let group = self.groups[&entry.service];
         let backend_ids: Vec<u32> =
-            set.endpoints.iter().map(|ep| self.backends[&(ep.addr, ep.port, protocol)].0).collect();
+            set.endpoints.iter().map(|ep| self.backends[&(group, ep.addr, ep.port, protocol)].0).collect();
         let count = u16::try_from(backend_ids.len()).unwrap_or(u16::MAX);
         let slot0 = ServiceValue {
             backend_id: 0,
@@ -456,16 +513,40 @@ impl<M: ServiceMaps> TableWriter<M> {
         Wanted { slot0, backend_ids }
     }
 
-    fn ensure_backend(&mut self, ep: Endpoint, protocol: Protocol, stats: &mut ApplyStats) -> anyhow::Result<u32> {
+    /// The group of a Service port, handed out on first sight.
+    fn group_of(&mut self, service: &ServicePortName) -> Group {
+        if let Some(group) = self.groups.get(service) {
+            return *group;
+        }
+        let group = self.next_group;
+        self.next_group += 1;
+        self.groups.insert(service.clone(), group);
+        group
+    }
+
+    fn ensure_backend(
+        &mut self,
+        group: Group,
+        frontend: Frontend,
+        ep: Endpoint,
+        stats: &mut ApplyStats,
+    ) -> anyhow::Result<u32> {
+        let protocol = frontend.protocol;
         let value = backend_value(ep, protocol);
-        let key = (ep.addr, ep.port, protocol);
-        if let Some((id, current)) = self.backends.get(&key) {
-            let id = *id;
-            if *current != value {
+        let key = (group, ep.addr, ep.port, protocol);
+        // Known to this Service port, or found in the maps under one of its frontends' slots (a previous
+        // agent's id: its flows keep it).
+        let known = self.backends.get(&key).copied().or_else(|| {
+            let slotted = self.adopted.get(&(frontend, ep.addr, ep.port, protocol));
+            let id = *slotted.or_else(|| self.adopted_unslotted.get(&(ep.addr, ep.port, protocol)))?;
+            Some((id, self.unclaimed.remove(&id)?))
+        });
+        if let Some((id, current)) = known {
+            if current != value {
                 self.maps.put_backend(id, value)?;
-                self.backends.insert(key, (id, value));
                 stats.writes += 1;
             }
+            self.backends.insert(key, (id, value));
             return Ok(id);
         }
         // Ids are never reused while the agent runs, so a conntrack entry naming a deleted backend can
@@ -570,7 +651,9 @@ struct Known {
     scopes: BTreeMap<ScopedFrontend, Programmed>,
     rev_nat_ids: BTreeMap<Frontend, u32>,
     source_ranges: BTreeMap<u32, BTreeSet<Cidr>>,
-    backends: HashMap<BackendKey, (u32, Backend)>,
+    backends: HashMap<u32, Backend>,
+    adopted: HashMap<AdoptedKey, u32>,
+    adopted_unslotted: HashMap<(Ipv4Addr, u16, Protocol), u32>,
     orphan_rev_nat: BTreeSet<u32>,
     max_backend: u32,
     max_rev_nat: u32,
@@ -596,11 +679,24 @@ impl Known {
                 p.slots.insert(key.slot, value.backend_id);
             }
         }
-        let mut backends = HashMap::new();
-        for (id, b) in &contents.backends {
-            let Some(protocol) = Protocol::from_number(b.proto) else { continue };
-            backends.insert((from_be_addr(b.addr), u16::from_be(b.port), protocol), (*id, *b));
+        let backends: HashMap<u32, Backend> = contents.backends.iter().copied().collect();
+        let mut adopted = HashMap::new();
+        let mut slotted = std::collections::HashSet::new();
+        for ((frontend, _), p) in &scopes {
+            for id in p.slots.values() {
+                if let Some(b) = backends.get(id) {
+                    adopted.insert((*frontend, from_be_addr(b.addr), u16::from_be(b.port), frontend.protocol), *id);
+                    slotted.insert(*id);
+                }
+            }
         }
+        let adopted_unslotted = backends
+            .iter()
+            .filter(|(id, _)| !slotted.contains(*id))
+            .filter_map(|(id, b)| {
+                Some(((from_be_addr(b.addr), u16::from_be(b.port), Protocol::from_number(b.proto)?), *id))
+            })
+            .collect();
         let mut source_ranges: BTreeMap<u32, BTreeSet<Cidr>> = BTreeMap::new();
         for (id, range) in &contents.source_ranges {
             source_ranges.entry(*id).or_default().insert(*range);
@@ -614,6 +710,8 @@ impl Known {
             rev_nat_ids,
             source_ranges,
             backends,
+            adopted,
+            adopted_unslotted,
             orphan_rev_nat,
             max_backend,
             max_rev_nat,
@@ -628,7 +726,12 @@ fn slots_needed(e: &FrontendEntry) -> usize {
 }
 
 /// The capacity check for `table`, knowing that only the `changed` frontends differ from `usage`.
-fn check_capacity_after(usage: &Usage, table: &ServiceTable, changed: &BTreeSet<Frontend>) -> Result<(), TooLarge> {
+fn check_capacity_after(
+    usage: &Usage,
+    table: &ServiceTable,
+    changed: &BTreeSet<Frontend>,
+    groups: &HashMap<ServicePortName, Group>,
+) -> Result<(), TooLarge> {
     let (mut slots, mut ranges) = (usage.slots, usage.ranges);
     let mut new_backends = BTreeSet::new();
     for frontend in changed {
@@ -637,7 +740,7 @@ fn check_capacity_after(usage: &Usage, table: &ServiceTable, changed: &BTreeSet<
             ranges -= old.ranges;
         }
         if let Some(entry) = table.frontends.get(frontend) {
-            let new = FrontendUsage::of(*frontend, entry);
+            let new = FrontendUsage::of(groups[&entry.service], *frontend, entry);
             slots += new.slots;
             ranges += new.ranges;
             new_backends.extend(new.backends.into_iter().filter(|k| !usage.backend_refs.contains_key(k)));

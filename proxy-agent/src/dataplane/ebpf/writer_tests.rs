@@ -382,6 +382,42 @@ fn backend_ids_are_not_reused_even_across_a_restart() {
     assert_eq!(maps.backends.keys().copied().collect::<Vec<_>>(), vec![3]);
 }
 
+/// Two Services selecting one pod: the pod has an id per Service, so the pod leaving one Service deletes
+/// that Service's id (its flows move on) and leaves the other's; a restarted writer keeps both ids.
+#[test]
+fn each_service_port_has_its_own_backend_ids() {
+    let pod = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 1), port: 53, local: false };
+    let other = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 2), port: 53, local: false };
+    let fa = Frontend { addr: Ipv4Addr::new(10, 32, 0, 10), port: 53, protocol: Protocol::Udp };
+    let fb = Frontend { addr: Ipv4Addr::new(10, 32, 0, 11), port: 53, protocol: Protocol::Udp };
+    let both = |a: Vec<Endpoint>| {
+        let mut t = ServiceTable::default();
+        t.frontends.insert(fa, entry("dns".into(), a, None));
+        t.frontends.insert(fb, entry("dns-canary".into(), vec![pod], None));
+        t
+    };
+    let mut maps = CheckedMaps::default();
+    let mut writer = TableWriter::adopt(&mut maps).unwrap();
+    writer.apply(&both(vec![pod])).unwrap();
+    assert_eq!(writer.maps.backends.len(), 2, "one id per Service for the same pod");
+    let id_of = |maps: &CheckedMaps, f: Frontend| {
+        let key = ServiceKey::new(u32::from_ne_bytes(f.addr.octets()), f.port.to_be(), 17, SCOPE_EXTERNAL, 1);
+        maps.services[&key].backend_id
+    };
+    let (a_before, b_before) = (id_of(&writer.maps, fa), id_of(&writer.maps, fb));
+    assert_ne!(a_before, b_before);
+    let changed: BTreeSet<Frontend> = [fa].into();
+    writer.apply_changes(&both(vec![other]), &changed).unwrap();
+    assert!(!writer.maps.backends.contains_key(&a_before), "the pod left dns: its dns id is gone");
+    assert!(writer.maps.backends.contains_key(&b_before), "dns-canary still has the pod under its own id");
+    drop(writer);
+    let (a_now, b_now) = (id_of(&maps, fa), id_of(&maps, fb));
+    let stats = TableWriter::adopt(&mut maps).unwrap().apply(&both(vec![other])).unwrap();
+    assert_eq!(stats, ApplyStats::default(), "a restarted writer adopts every id");
+    assert_eq!((id_of(&maps, fa), id_of(&maps, fb)), (a_now, b_now));
+    maps.assert_no_garbage(&both(vec![other]));
+}
+
 #[test]
 fn backend_ids_are_not_reused_after_a_backend_is_removed() {
     let mut maps = CheckedMaps::default();
