@@ -97,12 +97,14 @@ async fn main() -> anyhow::Result<()> {
     if matches!(mode, cli::Mode::Iptables | cli::Mode::Nftables) {
         conntrack_settings::apply_to_kernel(&args.conntrack);
     }
+    let flow_stats = std::sync::Arc::new(dataplane::ebpf::FlowTableStats::default());
     let dataplane: Box<dyn dataplane::Dataplane> = match mode {
         cli::Mode::Iptables => Box::new(dataplane::iptables::IptablesDataplane::start(rule_config)),
         cli::Mode::Nftables => Box::new(dataplane::nftables::NftablesDataplane::start(rule_config)),
-        cli::Mode::Ebpf | cli::Mode::Auto => {
-            Box::new(EbpfDataplane::start(&args.bpffs, roles, &settings).context("starting the eBPF dataplane")?)
-        }
+        cli::Mode::Ebpf | cli::Mode::Auto => Box::new(
+            EbpfDataplane::start(&args.bpffs, roles, &settings, flow_stats.clone())
+                .context("starting the eBPF dataplane")?,
+        ),
     };
     tracing::info!(mode = dataplane.name(), reason, "dataplane started");
     let (store, snapshots) = Store::new();
@@ -128,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
     let mut metrics = metrics::Metrics::new();
     if dataplane.name() == "ebpf" {
         metrics.registry.register_collector(Box::new(dataplane::ebpf::DropCounters::new(&args.bpffs)));
+        metrics.registry.register_collector(Box::new(dataplane::ebpf::FlowTableMetrics::new(&args.bpffs, flow_stats)));
     }
     let metrics = std::sync::Arc::new(metrics);
     // kube-proxy: unhealthy when a change has waited more than twice the sync period.

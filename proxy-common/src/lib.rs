@@ -63,7 +63,12 @@ pub mod stats {
     /// XDP handed a packet too big for its route's MTU to the stack (which sends fragmentation-needed);
     /// also counted as `XDP_FALLBACK`.
     pub const XDP_FRAG_NEEDED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// A flow was recorded in conntrack (a new one, or one given a new backend).
+    pub const CT_CREATED: u32 = 8;
+    /// A flow's entries were removed by the data path: expired, reopened by a SYN, or moved to another
+    /// backend. With the agent's sweep this tells evictions apart (`proxy_agent_conntrack_evictions_total`).
+    pub const CT_ENDED: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Why a program dropped, refused or gave up on a packet or a socket call: the index of a per-CPU counter

@@ -11,12 +11,13 @@ use proxy_common::{
     capacity,
     config::Config,
     conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, Timeouts, closed, expired, state},
-    proto,
+    proto, stats,
 };
 
 use crate::{
     drop::{CONNTRACK_FULL, Result},
     packet::Flow,
+    stats::count,
 };
 
 #[map(name = "CONNTRACK")]
@@ -147,6 +148,7 @@ pub fn initial_state(proto_number: u8, tcp_flags: u8) -> u16 {
 #[inline(always)]
 pub fn forget(flow: &Flow, ct: &CtValue) {
     let _ = CONNTRACK.remove(&reply_key(&key(flow, DIR_FORWARD), ct));
+    count(stats::CT_ENDED);
 }
 
 /// What a client's packet to a frontend finds of its flow.
@@ -171,6 +173,7 @@ pub fn lookup_forward(flow: &Flow, tcp_flags: u8, cfg: &Config) -> Known {
     if reopened || expired(&timeouts(cfg), flow.proto, &value, now) {
         let _ = CONNTRACK.remove(&reply_key(&key, &value));
         let _ = CONNTRACK.remove(&key);
+        count(stats::CT_ENDED);
         return Known::New;
     }
     touch(entry, flow.proto, tcp_flags, true, now);
@@ -237,6 +240,7 @@ pub fn record(flow: &Flow, mut value: CtValue, cfg: &Config) -> Result<u16> {
         }
     }
     CONNTRACK.insert(&fkey, &value, u64::from(BPF_ANY)).map_err(|_| CONNTRACK_FULL)?;
+    count(stats::CT_CREATED);
     Ok(value.client_port)
 }
 
@@ -278,6 +282,7 @@ pub fn lookup_reply(flow: &Flow, tcp_flags: u8, cfg: &Config) -> Option<CtValue>
     if expired(&timeouts(cfg), flow.proto, &fwd, now) {
         let _ = CONNTRACK.remove(&rkey);
         let _ = CONNTRACK.remove(&fkey);
+        count(stats::CT_ENDED);
         return None;
     }
     touch(entry, flow.proto, tcp_flags, false, now);
@@ -333,6 +338,7 @@ pub fn forget_ended_reply(flow: &Flow, cfg: &Config) {
         let _ = CONNTRACK.remove(&rkey);
         if fwd.is_some_and(|f| reply_key(&fkey, &f) == rkey) {
             let _ = CONNTRACK.remove(&fkey);
+            count(stats::CT_ENDED);
         }
     }
 }

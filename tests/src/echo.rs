@@ -286,6 +286,22 @@ pub fn udp_ask(socket: &UdpSocket, target: SocketAddrV4, request: &[u8]) -> anyh
     Ok((Reply::parse(&String::from_utf8_lossy(&buf[..n]))?, n))
 }
 
+/// Asks `target` once over UDP from each of `ports` (fixed client ports, one socket each) in namespace
+/// `ns`: the backend that answered each, or why none did.
+pub fn udp_ask_from_ports(ns: &str, target: SocketAddrV4, ports: Vec<u16>) -> Vec<Result<String, String>> {
+    in_netns(ns, move || {
+        ports
+            .into_iter()
+            .map(|port| {
+                let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).map_err(|e| e.to_string())?;
+                socket.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+                udp_ask(&socket, target, b"hello\n").map(|(r, _)| r.backend).map_err(|e| format!("{e:#}"))
+            })
+            .collect()
+    })
+    .unwrap_or_else(|e| vec![Err(format!("{e:#}"))])
+}
+
 /// One UDP request of any size (see [`udp_payload`]) from namespace `ns`: the answer and its size.
 pub fn udp_exchange(
     ns: &str,

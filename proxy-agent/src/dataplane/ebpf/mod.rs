@@ -2,6 +2,7 @@
 
 mod attach;
 mod drops;
+pub mod flow_table;
 mod frontend_addrs;
 mod maps;
 pub mod sockets;
@@ -13,6 +14,7 @@ use anyhow::Context as _;
 
 pub use attach::{InterfacePatterns, InterfaceRoles, Role, XdpSetting};
 pub use drops::DropCounters;
+pub use flow_table::{FlowTableMetrics, FlowTableStats};
 
 use super::{ApplyStats, Dataplane};
 use crate::model::ServiceTable;
@@ -90,7 +92,13 @@ fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result
 impl EbpfDataplane {
     /// Loads the programs and opens the maps pinned under `pin_dir`, creating them if they are not there.
     /// Maps a previous agent pinned are adopted as they are: nothing live is flushed.
-    pub fn start(pin_dir: &Path, roles: InterfaceRoles, settings: &NodeSettings) -> anyhow::Result<Self> {
+    /// The conntrack sweep runs on a thread of its own from here on, counting into `flow_stats`.
+    pub fn start(
+        pin_dir: &Path,
+        roles: InterfaceRoles,
+        settings: &NodeSettings,
+        flow_stats: std::sync::Arc<FlowTableStats>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
         let mut ebpf = load_replacing_incompatible_pins(pin_dir, &flow_table_sizes(settings.max_flows))?;
         attach::load_programs(&mut ebpf)?;
@@ -104,6 +112,7 @@ impl EbpfDataplane {
             );
         }
         let writer = writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?;
+        flow_table::Sweeper::open(pin_dir, settings.timeouts, flow_stats)?.spawn();
         let addr_map = ebpf
             .take_map(proxy_common::maps::FRONTEND_ADDRS)
             .context("map FRONTEND_ADDRS missing from the eBPF object")?;

@@ -1,0 +1,324 @@
+//! The per-flow tables' housekeeping: a bounded background sweep of `CONNTRACK` that removes flows past their
+//! lifetime (the data path also refuses them on lookup) and reply entries whose flow is gone, and the
+//! metrics that tell an operator how full the tables are:
+//! `proxy_agent_bpf_map_entries{map}`, `proxy_agent_bpf_map_capacity{map}`,
+//! `proxy_agent_conntrack_expired_total` and `proxy_agent_conntrack_evictions_total`.
+//!
+//! The sweep reads the pinned map through its own file descriptor, a chunk of entries per tick, resuming
+//! where it stopped, so a table of millions costs a little CPU often rather than a stall.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+use proxy_common::{
+    conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, Timeouts, expired},
+    maps, stats,
+};
+
+/// Entries looked at per tick.
+const CHUNK: usize = 16_384;
+/// Between ticks.
+const TICK: Duration = Duration::from_millis(500);
+/// A warning is logged when a table passes this share of its capacity, once until it falls below the
+/// lower mark again.
+const WARN_AT: f64 = 0.9;
+const REARM_AT: f64 = 0.8;
+
+/// What the sweep has seen, shared with the metrics.
+#[derive(Debug, Default)]
+pub struct FlowTableStats {
+    /// Entries (forward + reply) at the end of the last complete pass.
+    pub entries: AtomicU64,
+    /// Flows (forward entries) alive at the end of the last complete pass.
+    pub flows: AtomicU64,
+    /// Flows removed by the sweep for being past their lifetime.
+    pub expired: AtomicU64,
+    /// Reply entries removed because their flow was gone.
+    pub orphans: AtomicU64,
+    /// Whether a pass has completed (until then the counts mean nothing).
+    pub measured: AtomicBool,
+}
+
+/// `BPF_MAP_GET_NEXT_KEY` from `key` (the first key when `None`); aya's iterators always start at the first.
+fn next_key(fd: BorrowedFd<'_>, key: Option<&CtKey>) -> std::io::Result<Option<CtKey>> {
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        pad: u32,
+        key: u64,
+        next_key: u64,
+        flags: u64,
+    }
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let mut next = std::mem::MaybeUninit::<CtKey>::uninit();
+    let attr = Attr {
+        map_fd: u32::try_from(fd.as_raw_fd()).unwrap_or_default(),
+        pad: 0,
+        key: key.map_or(0, |k| std::ptr::from_ref(k) as u64),
+        next_key: next.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for this command, its pointers point at a key-sized value
+    // and a key-sized buffer that outlive the call, and its size is passed.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, std::ptr::from_ref(&attr), size_of::<Attr>()) };
+    if rc == 0 {
+        // SAFETY: on success the kernel wrote a whole key.
+        return Ok(Some(unsafe { next.assume_init() }));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(err) }
+}
+
+/// Seconds of `CLOCK_MONOTONIC`, the clock the data path stamps entries with.
+fn now_secs() -> u32 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid timespec to write to; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut t) };
+    u32::try_from(t.tv_sec).unwrap_or(u32::MAX)
+}
+
+/// The key of the other entry of a flow: a forward entry's reply entry, or a reply entry's forward entry.
+fn peer_key(key: &CtKey, value: &CtValue) -> CtKey {
+    if key.dir == DIR_FORWARD {
+        CtKey {
+            src_addr: value.nat_addr,
+            dst_addr: key.src_addr,
+            src_port: value.nat_port,
+            dst_port: value.client_port,
+            proto: key.proto,
+            dir: DIR_REPLY,
+            pad: 0,
+        }
+    } else {
+        CtKey {
+            src_addr: key.dst_addr,
+            dst_addr: value.nat_addr,
+            src_port: value.client_port,
+            dst_port: value.nat_port,
+            proto: key.proto,
+            dir: DIR_FORWARD,
+            pad: 0,
+        }
+    }
+}
+
+/// One pass's running counts.
+#[derive(Default)]
+struct Pass {
+    entries: u64,
+    flows: u64,
+}
+
+/// Sweeps the `CONNTRACK` map pinned in a directory.
+pub struct Sweeper {
+    map: aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue>,
+    /// The same map, opened again for the resumable walk (aya's map keeps its descriptor to itself).
+    walk: aya::maps::MapData,
+    timeouts: Timeouts,
+    capacity: u64,
+    stats: Arc<FlowTableStats>,
+    cursor: Option<CtKey>,
+    pass: Pass,
+    warned: bool,
+}
+
+impl Sweeper {
+    pub fn open(pin_dir: &Path, timeouts: Timeouts, stats: Arc<FlowTableStats>) -> anyhow::Result<Self> {
+        let pin = pin_dir.join(maps::CONNTRACK);
+        let data = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        let capacity = u64::from(data.info()?.max_entries());
+        let map = aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
+        let walk = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        Ok(Self { map, walk, timeouts, capacity, stats, cursor: None, pass: Pass::default(), warned: false })
+    }
+
+    /// Looks at up to `limit` entries from where the last call stopped. Returns whether a pass completed.
+    ///
+    /// Only the entry at hand is ever deleted, after the walk has read the key that follows it: the kernel
+    /// restarts a walk from the first key when asked for the successor of a key that is gone, which would
+    /// count entries twice. So an expired flow's forward entry goes when the walk meets it, and its reply
+    /// entry when the walk meets that (its flow expired, or gone).
+    pub fn step(&mut self, limit: usize) -> anyhow::Result<bool> {
+        let now = now_secs();
+        let mut key = match self.cursor.take() {
+            Some(k) => Some(k),
+            None => next_key(self.walk.fd().as_fd(), None).context("walking CONNTRACK")?,
+        };
+        for _ in 0..limit {
+            let Some(k) = key else {
+                self.finish_pass();
+                return Ok(true);
+            };
+            key = next_key(self.walk.fd().as_fd(), Some(&k)).context("walking CONNTRACK")?;
+            let Ok(value) = self.map.get(&k, 0) else { continue };
+            let ended = if k.dir == DIR_FORWARD {
+                let ended = expired(&self.timeouts, k.proto, &value, now);
+                if ended {
+                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.pass.flows += 1;
+                }
+                ended
+            } else {
+                let fkey = peer_key(&k, &value);
+                let alive = self
+                    .map
+                    .get(&fkey, 0)
+                    .is_ok_and(|fwd| peer_key(&fkey, &fwd) == k && !expired(&self.timeouts, k.proto, &fwd, now));
+                if !alive {
+                    self.stats.orphans.fetch_add(1, Ordering::Relaxed);
+                }
+                !alive
+            };
+            if ended {
+                let _ = self.map.remove(&k);
+            } else {
+                self.pass.entries += 1;
+            }
+        }
+        self.cursor = key;
+        if self.cursor.is_none() {
+            self.finish_pass();
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn finish_pass(&mut self) {
+        let pass = std::mem::take(&mut self.pass);
+        self.cursor = None;
+        self.stats.entries.store(pass.entries, Ordering::Relaxed);
+        self.stats.flows.store(pass.flows, Ordering::Relaxed);
+        self.stats.measured.store(true, Ordering::Relaxed);
+        #[expect(clippy::cast_precision_loss, reason = "a share, not a count")]
+        let share = pass.entries as f64 / self.capacity.max(1) as f64;
+        if share >= WARN_AT && !self.warned {
+            tracing::warn!(
+                map = maps::CONNTRACK,
+                entries = pass.entries,
+                capacity = self.capacity,
+                "the connection table is over 90% full: the oldest idle flows are being evicted; raise \
+                 --conntrack-max-per-core or --conntrack-min"
+            );
+            self.warned = true;
+        } else if share < REARM_AT {
+            self.warned = false;
+        }
+    }
+
+    /// Sweeps forever on a thread of its own, a chunk per tick.
+    pub fn spawn(mut self) -> std::thread::JoinHandle<()> {
+        std::thread::Builder::new()
+            .name("flow-sweep".into())
+            .spawn(move || {
+                loop {
+                    if let Err(e) = self.step(CHUNK) {
+                        tracing::warn!(error = %format!("{e:#}"), "conntrack sweep failed; retrying");
+                        self.cursor = None;
+                        self.pass = Pass::default();
+                    }
+                    std::thread::sleep(TICK);
+                }
+            })
+            .expect("spawning the sweep thread")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: &'static str,
+}
+
+/// The per-flow tables' metrics, read at each scrape from the sweep's counts and the pinned maps.
+#[derive(Debug)]
+pub struct FlowTableMetrics {
+    pin_dir: PathBuf,
+    stats: Arc<FlowTableStats>,
+}
+
+impl FlowTableMetrics {
+    #[must_use]
+    pub fn new(pin_dir: &Path, stats: Arc<FlowTableStats>) -> Self {
+        Self { pin_dir: pin_dir.to_owned(), stats }
+    }
+
+    fn capacity(&self, map: &str) -> Option<u64> {
+        let data = aya::maps::MapData::from_pin(self.pin_dir.join(map)).ok()?;
+        Some(u64::from(data.info().ok()?.max_entries()))
+    }
+
+    /// The data path's flow counters (`proxy_common::stats`), summed over CPUs.
+    fn datapath_counter(&self, index: u32) -> Option<u64> {
+        let data = aya::maps::MapData::from_pin(self.pin_dir.join(maps::STATS)).ok()?;
+        let counters: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::from_map_data(data).ok()?).ok()?;
+        Some(counters.get(&index, 0).ok()?.iter().sum())
+    }
+
+    /// Flows the table dropped to make room: every flow created, less those ended by the data path or the
+    /// sweep, less those alive now. An estimate between two passes of the sweep; exact when flows are few.
+    fn evictions(&self) -> u64 {
+        let created = self.datapath_counter(stats::CT_CREATED).unwrap_or(0);
+        let ended = self.datapath_counter(stats::CT_ENDED).unwrap_or(0);
+        let swept = self.stats.expired.load(Ordering::Relaxed);
+        let alive = self.stats.flows.load(Ordering::Relaxed);
+        created.saturating_sub(ended + swept + alive)
+    }
+}
+
+impl Collector for FlowTableMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut capacity = encoder.encode_descriptor(
+            "proxy_agent_bpf_map_capacity",
+            "Entries each per-flow eBPF map can hold (conntrack: two per flow)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for map in [maps::CONNTRACK, maps::SNAT, maps::FRAGS, maps::AFFINITY, maps::SOCK_FLOWS] {
+            if let Some(c) = self.capacity(map) {
+                ConstGauge::new(i64::try_from(c).unwrap_or(i64::MAX))
+                    .encode(capacity.encode_family(&MapLabel { map })?)?;
+            }
+        }
+        if !self.stats.measured.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut entries = encoder.encode_descriptor(
+            "proxy_agent_bpf_map_entries",
+            "Entries in each per-flow eBPF map, as of the sweep's last complete pass",
+            None,
+            MetricType::Gauge,
+        )?;
+        let n = i64::try_from(self.stats.entries.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+        ConstGauge::new(n).encode(entries.encode_family(&MapLabel { map: maps::CONNTRACK })?)?;
+        let expired = encoder.encode_descriptor(
+            "proxy_agent_conntrack_expired",
+            "Flows the sweep removed for being idle past their lifetime",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.stats.expired.load(Ordering::Relaxed)).encode(expired)?;
+        let evictions = encoder.encode_descriptor(
+            "proxy_agent_conntrack_evictions",
+            "Flows the connection table dropped to make room for new ones (estimated; see docs/operations.md)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.evictions()).encode(evictions)?;
+        Ok(())
+    }
+}
