@@ -240,7 +240,7 @@ featureGates: {}
         assert_eq!(c.unknown, vec!["iptables".to_owned(), "featureGates".to_owned()]);
         assert!(c.ignored.is_empty(), "{:?}", c.ignored);
         assert_eq!(c.conntrack_max_per_core, Some(32_768));
-        assert_eq!(c.tcp_established_timeout, Some(Duration::from_secs(86_400)));
+        assert_eq!(c.tcp_established_timeout, Some(Duration::from_hours(24)));
         assert_eq!(c.udp_timeout, None);
     }
 

@@ -12,6 +12,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Clone, Debug, clap::Args)]
+#[expect(clippy::struct_field_names, reason = "the fields are kube-proxy's flag names")]
 pub struct ConntrackArgs {
     /// Idle lifetime of an established TCP flow (kube-proxy's `conntrack.tcpEstablishedTimeout`). 0: keep
     /// the kernel's (5 days) in the netfilter modes, 24h in the eBPF tables.
@@ -111,16 +112,19 @@ impl ConntrackArgs {
     }
 }
 
-/// Writes the kernel's conntrack timeouts for the netfilter modes, as kube-proxy does at start. A setting
-/// the kernel refuses is logged and left, as kube-proxy logs it: the dataplane still works with the
-/// kernel's own value.
-pub fn apply_to_kernel(args: &ConntrackArgs) {
+/// Writes the kernel's conntrack timeouts in the netfilter modes, as kube-proxy does at start (the eBPF
+/// mode times its own table). A setting the kernel refuses is logged and left, as kube-proxy logs it: the
+/// dataplane still works with the kernel's own value.
+pub fn apply_to_kernel(args: &ConntrackArgs, mode: crate::cli::Mode) {
+    if !matches!(mode, crate::cli::Mode::Iptables | crate::cli::Mode::Nftables) {
+        return;
+    }
     for (name, value) in args.kernel_timeouts() {
         let path = format!("/proc/sys/net/netfilter/{name}");
         match std::fs::write(&path, value.to_string()) {
             Ok(()) => tracing::info!(setting = name, seconds = value, "conntrack: kernel timeout set"),
             Err(e) => {
-                tracing::warn!(setting = name, seconds = value, error = %e, "conntrack: cannot set the kernel's timeout")
+                tracing::warn!(setting = name, seconds = value, error = %e, "conntrack: cannot set the kernel's timeout");
             }
         }
     }
@@ -129,7 +133,7 @@ pub fn apply_to_kernel(args: &ConntrackArgs) {
 /// The number of CPUs the data path runs on (the kernel's possible CPUs, as per-CPU maps count them).
 #[must_use]
 pub fn cpus() -> u32 {
-    aya::util::nr_cpus().ok().and_then(|n| u32::try_from(n).ok()).unwrap_or(1).max(1)
+    aya::util::nr_cpus().ok().map_or(1, u32::from)
 }
 
 #[cfg(test)]

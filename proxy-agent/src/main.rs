@@ -70,11 +70,7 @@ async fn main() -> anyhow::Result<()> {
         xdp: args.xdp,
         timeouts: args.conntrack.timeouts(),
         max_flows: args.conntrack.max_flows(conntrack_settings::cpus()),
-        socket_cgroup: match args.cgroup.as_deref() {
-            Some("none") => None,
-            Some(path) => Some(path.into()),
-            None => dataplane::ebpf::sockets::cgroup2_mount(),
-        },
+        socket_cgroup: dataplane::ebpf::sockets::cgroup_for(args.cgroup.as_deref()),
     };
     tracing::info!(node = %node.name, addresses = ?node.addresses, snat = ?settings.snat_addr, version = env!("CARGO_PKG_VERSION"), "starting");
 
@@ -94,9 +90,7 @@ async fn main() -> anyhow::Result<()> {
     if rule_config.tcp_be_liberal {
         tracing::info!(set_here = args.conntrack_tcp_be_liberal, "conntrack: nf_conntrack_tcp_be_liberal is 1");
     }
-    if matches!(mode, cli::Mode::Iptables | cli::Mode::Nftables) {
-        conntrack_settings::apply_to_kernel(&args.conntrack);
-    }
+    conntrack_settings::apply_to_kernel(&args.conntrack, mode);
     let flow_stats = std::sync::Arc::new(dataplane::ebpf::FlowTableStats::default());
     let dataplane: Box<dyn dataplane::Dataplane> = match mode {
         cli::Mode::Iptables => Box::new(dataplane::iptables::IptablesDataplane::start(rule_config)),
@@ -129,8 +123,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut metrics = metrics::Metrics::new();
     if dataplane.name() == "ebpf" {
-        metrics.registry.register_collector(Box::new(dataplane::ebpf::DropCounters::new(&args.bpffs)));
-        metrics.registry.register_collector(Box::new(dataplane::ebpf::FlowTableMetrics::new(&args.bpffs, flow_stats)));
+        dataplane::ebpf::register_collectors(&mut metrics.registry, &args.bpffs, flow_stats);
     }
     let metrics = std::sync::Arc::new(metrics);
     // kube-proxy: unhealthy when a change has waited more than twice the sync period.

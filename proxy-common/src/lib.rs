@@ -476,7 +476,7 @@ pub mod conntrack {
     pub const STREAM_AFTER_SECS: u32 = 2;
 
     /// How long a flow in `state` lives without packets: the data path and the agent's sweep both ask this.
-    #[inline(always)]
+    #[inline]
     #[must_use]
     pub fn lifetime(t: &Timeouts, proto: u8, value: &CtValue) -> u32 {
         let s = value.state;
@@ -502,14 +502,14 @@ pub mod conntrack {
     }
 
     /// Whether a forward entry's flow has ended: idle past its lifetime at `now` (seconds, same clock).
-    #[inline(always)]
+    #[inline]
     #[must_use]
     pub fn expired(t: &Timeouts, proto: u8, value: &CtValue, now: u32) -> bool {
         now.saturating_sub(value.last_seen) > lifetime(t, proto, value)
     }
 
     /// Whether a TCP flow is over (both FINs, or a RST): a new SYN on its tuple is a new connection.
-    #[inline(always)]
+    #[inline]
     #[must_use]
     pub fn closed(value: &CtValue) -> bool {
         value.state & state::RST != 0

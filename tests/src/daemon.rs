@@ -67,6 +67,7 @@ impl Drop for Daemon {
 
 /// dnsmasq answering `who.lab` with `answer` (which tells the client which pod answered) on `addr:port`,
 /// nothing else: no upstream, no hosts file, no cache of anything it was not told.
+#[must_use]
 pub fn dnsmasq_args(addr: Ipv4Addr, port: u16, answer: Ipv4Addr) -> Vec<String> {
     [
         "--keep-in-foreground",
@@ -87,7 +88,7 @@ pub fn dnsmasq_args(addr: Ipv4Addr, port: u16, answer: Ipv4Addr) -> Vec<String> 
 /// An nginx configuration serving `body` on `addr:port` to every request, as a foreground single process
 /// whose files all live under `dir`. The body goes through the SSI filter, which drops `Content-Length`:
 /// an HTTP/1.0 response then ends when the server closes, so the server always closes first and a client
-/// reusing its port is never held up by its own TIME_WAIT.
+/// reusing its port is never held up by its own `TIME_WAIT`.
 #[must_use]
 pub fn nginx_conf(dir: &Path, addr: Ipv4Addr, port: u16, body: &str) -> String {
     let d = dir.display();
@@ -184,11 +185,9 @@ impl WrkReport {
             .lines()
             .find_map(|l| l.trim().split_once(" requests in ").and_then(|(n, _)| n.parse().ok()))
             .with_context(|| format!("wrk printed no request count:\n{text}"))?;
-        let socket_errors = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Socket errors:"))
-            .map(|rest| rest.split(',').filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok()).sum())
-            .unwrap_or(0);
+        let socket_errors = text.lines().find_map(|l| l.trim().strip_prefix("Socket errors:")).map_or(0, |rest| {
+            rest.split(',').filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok()).sum()
+        });
         let non_2xx = text
             .lines()
             .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))

@@ -288,6 +288,7 @@ pub fn udp_ask(socket: &UdpSocket, target: SocketAddrV4, request: &[u8]) -> anyh
 
 /// Asks `target` once over UDP from each of `ports` (fixed client ports, one socket each) in namespace
 /// `ns`: the backend that answered each, or why none did.
+#[must_use]
 pub fn udp_ask_from_ports(ns: &str, target: SocketAddrV4, ports: Vec<u16>) -> Vec<Result<String, String>> {
     in_netns(ns, move || {
         ports

@@ -55,7 +55,7 @@ fn serve_http(lab: &mut Lab, pod: &PodRef) {
 }
 
 /// One `curl` of `url` from namespace `ns`, optionally from a fixed local port: the body, or why not.
-/// HTTP/1.0, so the server closes first (see [`nginx_conf`]) and the client's port is not left in TIME_WAIT.
+/// HTTP/1.0, so the server closes first (see [`nginx_conf`]) and the client's port is not left in `TIME_WAIT`.
 /// With a fixed local port, a bind refused because the previous connection on it is still closing (its
 /// last ACK in flight) is retried for up to a second: that is the client's kernel, not the network.
 fn curl(ns: &str, url: &str, local_port: Option<u16>) -> Result<String, String> {

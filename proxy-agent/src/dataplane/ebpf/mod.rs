@@ -65,6 +65,16 @@ pub fn flow_table_sizes(max_flows: u32) -> [(&'static str, u32); 3] {
     ]
 }
 
+/// Registers the eBPF dataplane's scrape-time metrics: drops by reason and the per-flow tables.
+pub fn register_collectors(
+    registry: &mut prometheus_client::registry::Registry,
+    pin_dir: &Path,
+    flow_stats: std::sync::Arc<FlowTableStats>,
+) {
+    registry.register_collector(Box::new(DropCounters::new(pin_dir)));
+    registry.register_collector(Box::new(FlowTableMetrics::new(pin_dir, flow_stats)));
+}
+
 /// A prefix length as a mask in network byte order.
 fn prefix_mask(len: u8) -> u32 {
     let host_order = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };

@@ -37,6 +37,16 @@ pub fn netns_cookie() -> anyhow::Result<u64> {
     Ok(cookie)
 }
 
+/// The cgroup `--cgroup` names: `none` for none, a path, or (unset) the root of the cgroup v2 mount.
+#[must_use]
+pub fn cgroup_for(flag: Option<&str>) -> Option<PathBuf> {
+    match flag {
+        Some("none") => None,
+        Some(path) => Some(path.into()),
+        None => cgroup2_mount(),
+    }
+}
+
 /// Where cgroup v2 is mounted, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;

@@ -404,7 +404,7 @@ fn each_service_port_has_its_own_backend_ids() {
         let key = ServiceKey::new(u32::from_ne_bytes(f.addr.octets()), f.port.to_be(), 17, SCOPE_EXTERNAL, 1);
         maps.services[&key].backend_id
     };
-    let (a_before, b_before) = (id_of(&writer.maps, fa), id_of(&writer.maps, fb));
+    let (a_before, b_before) = (id_of(writer.maps, fa), id_of(writer.maps, fb));
     assert_ne!(a_before, b_before);
     let changed: BTreeSet<Frontend> = [fa].into();
     writer.apply_changes(&both(vec![other]), &changed).unwrap();
