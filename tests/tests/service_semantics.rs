@@ -433,7 +433,16 @@ fn xdp_and_tc_paths_give_identical_results_for_external_traffic() {
     assert!(counters[stats::XDP_TX_FORWARD as usize] > 0, "XDP never forwarded: {counters:?}");
     assert!(counters[stats::XDP_TX_REPLY as usize] > 0, "XDP never answered: {counters:?}");
     assert!(counters[stats::XDP_DNAT_PASS as usize] > 0, "XDP never did a DNAT: {counters:?}");
-    assert!(tc_counters.iter().all(|c| *c == 0), "XDP off, yet counted: {tc_counters:?}");
+    let xdp_counters = [
+        stats::XDP_TX_FORWARD,
+        stats::XDP_TX_REPLY,
+        stats::XDP_DNAT_PASS,
+        stats::XDP_FALLBACK,
+        stats::XDP_TTL_EXPIRED,
+        stats::XDP_FRAG_NEEDED,
+    ];
+    assert!(xdp_counters.iter().all(|i| tc_counters[*i as usize] == 0), "XDP off, yet counted: {tc_counters:?}");
+    assert!(tc_counters[stats::CT_CREATED as usize] > 0, "TC recorded the flows: {tc_counters:?}");
 }
 
 /// Local-traffic detection by cluster CIDR: a pod on another node reaching a NodePort with
