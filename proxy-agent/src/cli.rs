@@ -92,6 +92,18 @@ pub struct Args {
     #[command(flatten)]
     pub conntrack: crate::conntrack_settings::ConntrackArgs,
 
+    /// How new flows to NodePort, external and load-balancer frontends pick a backend in the eBPF mode, where
+    /// the Service's `proxy-agent.io/lb-algorithm` annotation does not say: `random` as kube-proxy does, or
+    /// `maglev`, so every node picks the same backend for the same 5-tuple (an external load balancer may
+    /// spread one flow's packets over nodes). ClusterIPs are random unless annotated.
+    #[arg(long, value_enum, default_value = "random")]
+    pub lb_algorithm: LbAlgorithmArg,
+
+    /// Entries in each Maglev table: a prime, well above the largest backend count of a Maglev Service
+    /// (the paper suggests 100×); memory is about 64 bytes per entry per Maglev frontend.
+    #[arg(long, value_name = "PRIME", default_value_t = proxy_common::maglev::DEFAULT_TABLE_SIZE, value_parser = parse_maglev_size)]
+    pub maglev_table_size: u32,
+
     /// At most one sync per period, however fast changes arrive.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub min_sync_period: Duration,
@@ -123,6 +135,29 @@ pub struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbAlgorithmArg {
+    Random,
+    Maglev,
+}
+
+impl From<LbAlgorithmArg> for crate::model::LbAlgorithm {
+    fn from(a: LbAlgorithmArg) -> Self {
+        match a {
+            LbAlgorithmArg::Random => Self::Random,
+            LbAlgorithmArg::Maglev => Self::Maglev,
+        }
+    }
+}
+
+fn parse_maglev_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !(251..=1_048_573).contains(&n) || !crate::dataplane::ebpf::is_prime(n) {
+        return Err(format!("{n} is not a prime between 251 and 1048573 (e.g. 16381, 65521)"));
+    }
+    Ok(n)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -62,16 +62,7 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
     let addresses = node::host_addresses(&roles).context("reading this node's addresses")?;
     let node = NodeIdentity { name: node_name, addresses, node_port_addresses };
-    let settings = NodeSettings {
-        snat_addr: args.node_ip.or_else(|| node.addresses.first().copied()),
-        snat_ports: args.snat_ports,
-        masquerade_all: args.masquerade_all,
-        cluster_cidr: args.cluster_cidr,
-        xdp: args.xdp,
-        timeouts: args.conntrack.timeouts(),
-        max_flows: args.conntrack.max_flows(conntrack_settings::cpus()),
-        socket_cgroup: dataplane::ebpf::sockets::cgroup_for(args.cgroup.as_deref()),
-    };
+    let settings = node_settings(&args, &node);
     tracing::info!(node = %node.name, addresses = ?node.addresses, snat = ?settings.snat_addr, version = env!("CARGO_PKG_VERSION"), "starting");
 
     if args.conntrack_tcp_be_liberal {
@@ -174,5 +165,23 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The eBPF dataplane's node-wide settings, from the flags and the node's addresses.
+fn node_settings(args: &cli::Args, node: &NodeIdentity) -> NodeSettings {
+    NodeSettings {
+        snat_addr: args.node_ip.or_else(|| node.addresses.first().copied()),
+        snat_ports: args.snat_ports,
+        masquerade_all: args.masquerade_all,
+        cluster_cidr: args.cluster_cidr,
+        xdp: args.xdp,
+        timeouts: args.conntrack.timeouts(),
+        max_flows: args.conntrack.max_flows(conntrack_settings::cpus()),
+        maglev: dataplane::ebpf::writer::MaglevSettings {
+            external_default: args.lb_algorithm.into(),
+            table_size: args.maglev_table_size,
+        },
+        socket_cgroup: dataplane::ebpf::sockets::cgroup_for(args.cgroup.as_deref()),
     }
 }

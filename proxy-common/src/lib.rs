@@ -30,6 +30,7 @@ pub mod maps {
     pub const DROPS: &str = "DROPS";
     pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
     pub const FRONTEND_ADDRS: &str = "FRONTEND_ADDRS";
+    pub const MAGLEV: &str = "MAGLEV";
 }
 
 /// The agent's id counters, kept in the single entry of the `IDS` array so a restarted agent never hands
@@ -175,6 +176,8 @@ pub mod capacity {
     pub const SOCK_FLOWS: u32 = 1 << 16;
     /// Addresses that ClusterIPs, external IPs and load-balancer IPs live on (allocated on write).
     pub const FRONTEND_ADDRS: u32 = 1 << 18;
+    /// Maglev table entries, all tables together (allocated on write): 256 tables of 16381, or fewer larger.
+    pub const MAGLEV: u32 = 1 << 22;
     /// `BPF_F_NO_PREALLOC`: the kernel allocates entries on update instead of all at map creation.
     pub const NO_PREALLOC: u32 = 1;
 }
@@ -208,7 +211,8 @@ pub mod config {
         /// Traffic arriving from another node with a source in it counts as pod traffic.
         pub cluster_addr: u32,
         pub cluster_mask: u32,
-        pub pad: u32,
+        /// Entries in every Maglev table (a prime), for the index a flow's hash picks.
+        pub maglev_table_size: u32,
         /// Conntrack lifetimes by flow state.
         pub timeouts: super::conntrack::Timeouts,
     }
@@ -288,6 +292,9 @@ pub mod service {
         pub const SOURCE_RANGES: u16 = 1 << 4;
         /// The frontend is a ClusterIP (kube-proxy masquerades only off-cluster traffic to those).
         pub const CLUSTER_IP: u16 = 1 << 5;
+        /// New flows pick their backend from a Maglev table (`maglev`), whose id slot 0's `backend_id`
+        /// holds.
+        pub const MAGLEV: u16 = 1 << 6;
     }
 
     #[repr(C)]
@@ -342,6 +349,45 @@ pub mod backend {
         pub proto: u8,
         pub flags: u8,
     }
+}
+
+/// Maglev consistent hashing (Eisenbud et al., NSDI 2016): a frontend's table of `maglev_table_size`
+/// entries, each a backend id, built by the agent from the backends' addresses alone, so every node builds
+/// the same table for the same backend set and picks the same backend for the same 5-tuple. Changing the
+/// set moves about 1/N of the entries.
+pub mod maglev {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub struct MaglevKey {
+        /// The table's id (slot 0's `backend_id` of the frontend scope using it).
+        pub table: u32,
+        pub index: u32,
+    }
+
+    /// The default table size: a prime, as the algorithm needs; Cilium's and the paper's small default.
+    pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
+}
+
+/// A 5-tuple's hash, the same on every node and every build (no seed): Maglev and a flow without state use
+/// it, so packets of one flow pick one backend wherever they arrive. Addresses and ports as the packet
+/// carries them (network byte order). The mixing is murmur3's finaliser over the words of the tuple.
+#[must_use]
+#[inline]
+pub const fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    const fn mix(h: u32, k: u32) -> u32 {
+        let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+        (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    }
+    let mut h = 0x9747_b28c;
+    h = mix(h, src_addr);
+    h = mix(h, dst_addr);
+    h = mix(h, ((src_port as u32) << 16) | dst_port as u32);
+    h = mix(h, proto as u32);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 /// The reverse-NAT map: id → the frontend address a reply must appear to come from.
@@ -610,6 +656,7 @@ mod pod {
     unsafe impl aya::Pod for super::sock::SockFlow {}
     unsafe impl aya::Pod for super::frag::FragKey {}
     unsafe impl aya::Pod for super::frag::FragValue {}
+    unsafe impl aya::Pod for super::maglev::MaglevKey {}
 }
 
 #[cfg(test)]
@@ -699,7 +746,8 @@ mod layout_tests {
         assert_eq!(offset_of!(Config, flags), 16);
         assert_eq!(offset_of!(Config, cluster_addr), 20);
         assert_eq!(offset_of!(Config, cluster_mask), 24);
-        assert_eq!(offset_of!(Config, pad), 28);
+        assert_eq!(offset_of!(Config, maglev_table_size), 28);
+        assert_eq!(size_of::<super::maglev::MaglevKey>(), 8);
         assert_eq!(size_of::<super::sock::SockKey>(), 16);
         assert_eq!(offset_of!(super::sock::SockKey, addr), 8);
         assert_eq!(offset_of!(super::sock::SockKey, port), 12);

@@ -10,7 +10,10 @@ use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::Backend,
     capacity,
+    config::Config,
+    flow_hash,
     ids::NextIds,
+    maglev::MaglevKey,
     service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, flags},
     source_range::{SourceRangeKey, prefix_len},
 };
@@ -81,17 +84,44 @@ pub fn backend(id: u32) -> Option<Backend> {
     unsafe { BACKENDS.get(&id).copied() }
 }
 
-/// Picks a random backend of a service with `count > 0`. Returns its id and address.
+#[map(name = "MAGLEV")]
+static MAGLEV: HashMap<MaglevKey, u32> = HashMap::pinned(capacity::MAGLEV, capacity::NO_PREALLOC);
+
+/// What asks for a backend.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Asker {
+    /// A node process's `connect()` or `sendmsg()`: a new flow that only this node sees (no source port yet).
+    Socket,
+    /// A packet without a flow entry.
+    Packet,
+}
+
+/// Picks a backend for a new flow of a service with `count > 0`: returns its id and address.
+///
+/// A packet picks by its 5-tuple's hash (`proxy_common::flow_hash`, the same on every node): over the
+/// frontend's Maglev table where it has one, else over its slots. So a flow whose state was lost (evicted,
+/// a resized table, a restarted node, or a packet of it sprayed to another node) is given the backend it
+/// had, as long as the Service's backends are unchanged (with Maglev, even when one of them changed, unless
+/// it was this flow's). Client ports make the hash spread flows as evenly as kube-proxy's random choice.
+/// A node socket's call has no source port yet: it picks at random.
 #[inline(always)]
-pub fn select_backend(flow: &Flow, svc: &Service) -> Option<(u32, Backend)> {
+pub fn select_backend(flow: &Flow, svc: &Service, asker: Asker, cfg: &Config) -> Option<(u32, Backend)> {
     let count = u32::from(svc.value.count);
     if count == 0 {
         return None;
     }
+    let hash = || flow_hash(flow.src_addr, flow.dst_addr, flow.src_port, flow.dst_port, flow.proto);
+    if asker == Asker::Packet && svc.value.flags & flags::MAGLEV != 0 && cfg.maglev_table_size != 0 {
+        let key = MaglevKey { table: svc.value.backend_id, index: hash() % cfg.maglev_table_size };
+        // SAFETY: the value is copied out at once.
+        let id = unsafe { MAGLEV.get(&key).copied() }?;
+        return Some((id, backend(id)?));
+    }
+    let random = asker == Asker::Socket;
     // SAFETY: the helper has no preconditions.
-    let rand = unsafe { bpf_get_prandom_u32() };
-    // `rand % count` < count <= u16::MAX, so the conversion never fails.
-    let slot = u16::try_from(rand % count).ok()? + 1;
+    let pick = if random { unsafe { bpf_get_prandom_u32() } } else { hash() };
+    // `pick % count` < count <= u16::MAX, so the conversion never fails.
+    let slot = u16::try_from(pick % count).ok()? + 1;
     let id = get(&ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, svc.scope, slot))?.backend_id;
     Some((id, backend(id)?))
 }

@@ -93,7 +93,7 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
     }
     let affinity = svc.value.flags & flags::AFFINITY != 0;
     let chosen = if affinity { lb::affinity_backend(flow, &svc) } else { None };
-    let Some((backend_id, backend)) = chosen.or_else(|| lb::select_backend(flow, &svc)) else {
+    let Some((backend_id, backend)) = chosen.or_else(|| lb::select_backend(flow, &svc, lb::Asker::Packet, cfg)) else {
         return Ok(if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 {
             Verdict::Reject
         } else {

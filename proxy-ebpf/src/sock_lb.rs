@@ -128,7 +128,7 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     let backend = if let Some(backend) = known {
         backend
     } else {
-        let Some((backend_id, backend)) = lb::select_backend(&flow, &svc) else {
+        let Some((backend_id, backend)) = lb::select_backend(&flow, &svc, lb::Asker::Socket, &snat::config()) else {
             // No usable endpoint: refuse at once rather than leave the client to time out.
             return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { refuse(proto) } else { ALLOW };
         };

@@ -153,6 +153,7 @@ fn entry_for(svc: &CheckedService, port: &CheckedServicePort, kind: FrontendKind
         terminating: sets.terminating.clone(),
         masquerade_external: kind == FrontendKind::ClusterIp || svc.external_policy == TrafficPolicy::Cluster,
         affinity_timeout: svc.affinity_timeout,
+        lb_algorithm: svc.lb_algorithm,
         source_ranges: if kind == FrontendKind::LoadBalancer { svc.source_ranges.clone() } else { Vec::new() },
     }
 }

@@ -16,7 +16,9 @@ pub use build::HealthCheck;
 pub use incremental::IncrementalModel;
 #[cfg(test)]
 pub use reference::{Desired, desired};
-pub use table::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable};
+pub use table::{
+    BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, LbAlgorithm, Protocol, ServicePortName, ServiceTable,
+};
 pub use validate::Rejection;
 
 use crate::store::ClusterState;

@@ -96,6 +96,15 @@ pub enum FrontendKind {
     LoadBalancer,
 }
 
+/// How new flows pick a backend, by the Service's `proxy-agent.io/lb-algorithm` annotation (eBPF mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LbAlgorithm {
+    /// At random, as kube-proxy does.
+    Random,
+    /// By a Maglev table: the same backend for the same 5-tuple on every node.
+    Maglev,
+}
+
 /// The endpoints new flows of one kind of traffic may use.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BackendSet {
@@ -142,6 +151,8 @@ pub struct FrontendEntry {
     pub affinity_timeout: Option<u32>,
     /// loadBalancerSourceRanges: only these sources may use the frontend (load-balancer IPs only).
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// The Service's choice of algorithm; `None`: the node's default (`--lb-algorithm`, external frontends).
+    pub lb_algorithm: Option<LbAlgorithm>,
 }
 
 impl FrontendEntry {

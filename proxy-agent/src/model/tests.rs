@@ -355,3 +355,22 @@ fn health_checks_are_served_for_local_policy_services_with_their_local_count() {
     let d = desired(&state(vec![svc(y)], vec![slice(sl)]), &n);
     assert_eq!(d.health_checks[&32100], HealthCheck { service: "web/h".into(), local_endpoints: 1 });
 }
+
+/// `proxy-agent.io/lb-algorithm`: `maglev` and `random` reach every frontend of the Service; anything else
+/// rejects the Service naming the annotation and the value.
+#[test]
+fn the_lb_algorithm_annotation_is_read_and_checked() {
+    use crate::model::{LbAlgorithm, validate};
+    let with = |value: &str| {
+        svc(&format!(
+            "metadata: {{name: m, annotations: {{proxy-agent.io/lb-algorithm: {value}}}}}\nspec: {{clusterIP: 10.32.0.50, ports: [{{port: 80}}]}}"
+        ))
+    };
+    assert_eq!(validate::service(&with("maglev")).unwrap().lb_algorithm, Some(LbAlgorithm::Maglev));
+    assert_eq!(validate::service(&with("random")).unwrap().lb_algorithm, Some(LbAlgorithm::Random));
+    let plain = svc("metadata: {name: m}\nspec: {clusterIP: 10.32.0.50, ports: [{port: 80}]}");
+    assert_eq!(validate::service(&plain).unwrap().lb_algorithm, None);
+    let err = validate::service(&with("fastest")).unwrap_err();
+    assert_eq!(err.field, "metadata.annotations[proxy-agent.io/lb-algorithm]");
+    assert!(err.reason.contains("\"fastest\""), "{err}");
+}

@@ -87,7 +87,13 @@ pub struct CheckedService {
     pub health_check_node_port: Option<u16>,
     /// sessionAffinity ClientIP, with its timeout in seconds.
     pub affinity_timeout: Option<u32>,
+    /// The [`LB_ALGORITHM_ANNOTATION`], if set.
+    pub lb_algorithm: Option<super::LbAlgorithm>,
 }
+
+/// The annotation that chooses how a Service's new flows pick a backend in the eBPF mode: `random` or
+/// `maglev`. Unset: the node's `--lb-algorithm` for external traffic, random for ClusterIPs.
+pub const LB_ALGORITHM_ANNOTATION: &str = "proxy-agent.io/lb-algorithm";
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`: three hours.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
@@ -196,6 +202,17 @@ pub fn service(svc: &Service) -> Result<CheckedService, Rejection> {
     }
     let (load_balancer_ips, source_ranges) = load_balancer(&c, svc, spec)?;
     let affinity_timeout = affinity(&c, spec)?;
+    let lb_algorithm = match svc.metadata.annotations.as_ref().and_then(|a| a.get(LB_ALGORITHM_ANNOTATION)) {
+        None => None,
+        Some(v) if v == "random" => Some(super::LbAlgorithm::Random),
+        Some(v) if v == "maglev" => Some(super::LbAlgorithm::Maglev),
+        Some(other) => {
+            return Err(c.reject(
+                format!("metadata.annotations[{LB_ALGORITHM_ANNOTATION}]"),
+                format!("{other:?} is not an algorithm (random or maglev)"),
+            ));
+        }
+    };
     let health_check_node_port = match spec.health_check_node_port {
         None | Some(0) => None,
         Some(n) => Some(c.port("spec.healthCheckNodePort", n)?),
@@ -213,6 +230,7 @@ pub fn service(svc: &Service) -> Result<CheckedService, Rejection> {
         internal_policy: c.policy("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?,
         health_check_node_port,
         affinity_timeout,
+        lb_algorithm,
     })
 }
 

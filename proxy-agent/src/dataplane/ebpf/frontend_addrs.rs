@@ -161,6 +161,7 @@ mod tests {
                 terminating: Vec::new(),
                 masquerade_external: false,
                 affinity_timeout: None,
+                lb_algorithm: None,
                 source_ranges: Vec::new(),
             };
             t.frontends.insert(*f, entry);

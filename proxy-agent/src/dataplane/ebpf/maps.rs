@@ -8,6 +8,7 @@ use aya::maps::{
 use proxy_common::{
     backend::Backend,
     ids::NextIds,
+    maglev::MaglevKey,
     maps as names,
     revnat::RevNat,
     service::{ServiceKey, ServiceValue},
@@ -22,6 +23,7 @@ pub struct AyaServiceMaps {
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u32, RevNat>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    maglev: HashMap<MapData, MaglevKey, u32>,
 }
 
 fn range_key(rev_nat_id: u32, (addr, len): Cidr) -> Key<SourceRangeKey> {
@@ -53,6 +55,7 @@ impl AyaServiceMaps {
                 aya::maps::Array::try_from(map).context("map IDS has an unexpected type")?
             },
             services: take(ebpf, names::SERVICES)?,
+            maglev: take(ebpf, names::MAGLEV)?,
             backends: take(ebpf, names::BACKENDS)?,
             revnat: take(ebpf, names::REVNAT)?,
             source_ranges: {
@@ -98,6 +101,23 @@ impl ServiceMaps for AyaServiceMaps {
     fn delete_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()> {
         absent_ok(self.source_ranges.remove(&range_key(rev_nat_id, range)))
             .with_context(|| format!("deleting source range {}/{} of {rev_nat_id}", range.0, range.1))
+    }
+
+    fn put_maglev(&mut self, table: u32, entries: &[u32]) -> anyhow::Result<()> {
+        for (index, id) in (0u32..).zip(entries) {
+            self.maglev
+                .insert(&MaglevKey { table, index }, id, 0)
+                .with_context(|| format!("writing Maglev table {table} entry {index}"))?;
+        }
+        Ok(())
+    }
+
+    fn delete_maglev(&mut self, table: u32, size: u32) -> anyhow::Result<()> {
+        for index in 0..size {
+            absent_ok(self.maglev.remove(&MaglevKey { table, index }))
+                .with_context(|| format!("deleting Maglev table {table} entry {index}"))?;
+        }
+        Ok(())
     }
 
     fn put_next_ids(&mut self, ids: NextIds) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@ mod attach;
 mod drops;
 pub mod flow_table;
 mod frontend_addrs;
+mod maglev;
 mod maps;
 pub mod sockets;
 pub mod writer;
@@ -15,6 +16,7 @@ use anyhow::Context as _;
 pub use attach::{InterfacePatterns, InterfaceRoles, Role, XdpSetting};
 pub use drops::DropCounters;
 pub use flow_table::{FlowTableMetrics, FlowTableStats};
+pub use maglev::is_prime;
 
 use super::{ApplyStats, Dataplane};
 use crate::model::ServiceTable;
@@ -50,6 +52,8 @@ pub struct NodeSettings {
     pub timeouts: proxy_common::conntrack::Timeouts,
     /// How many flows the connection tables hold (two `CONNTRACK` entries each).
     pub max_flows: u32,
+    /// Which frontends use Maglev tables, and their size.
+    pub maglev: writer::MaglevSettings,
 }
 
 /// The sizes of the per-flow maps for a table of `max_flows` flows: two conntrack entries per flow (forward
@@ -89,7 +93,7 @@ fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result
         netns_cookie: sockets::netns_cookie()?,
         cluster_addr: settings.cluster_cidr.map_or(0, |(a, len)| u32::from_ne_bytes(a.octets()) & prefix_mask(len)),
         cluster_mask: settings.cluster_cidr.map_or(0, |(_, len)| prefix_mask(len)),
-        pad: 0,
+        maglev_table_size: settings.maglev.table_size,
         snat_addr: settings.snat_addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
         snat_port_min: settings.snat_ports.0,
         snat_port_max: settings.snat_ports.1,
@@ -121,7 +125,8 @@ impl EbpfDataplane {
                 "no cgroup v2 for the socket programs: the node's own traffic to Services is not translated"
             );
         }
-        let writer = writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?;
+        let writer =
+            writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?.with_maglev(settings.maglev);
         flow_table::Sweeper::open(pin_dir, settings.timeouts, flow_stats)?.spawn();
         let addr_map = ebpf
             .take_map(proxy_common::maps::FRONTEND_ADDRS)

@@ -33,7 +33,7 @@ use proxy_common::{
 };
 
 use crate::model::{
-    BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable,
+    BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, LbAlgorithm, Protocol, ServicePortName, ServiceTable,
 };
 
 use super::ApplyStats;
@@ -62,6 +62,10 @@ pub trait ServiceMaps {
     fn delete_revnat(&mut self, id: u32) -> anyhow::Result<()>;
     fn put_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()>;
     fn delete_source_range(&mut self, rev_nat_id: u32, range: Cidr) -> anyhow::Result<()>;
+    /// Writes Maglev table `table` whole: entry `i` names backend `entries[i]`.
+    fn put_maglev(&mut self, table: u32, entries: &[u32]) -> anyhow::Result<()>;
+    /// Deletes the `size` entries of Maglev table `table`.
+    fn delete_maglev(&mut self, table: u32, size: u32) -> anyhow::Result<()>;
     fn put_next_ids(&mut self, ids: NextIds) -> anyhow::Result<()>;
     fn dump(&self) -> anyhow::Result<Contents>;
 }
@@ -91,6 +95,23 @@ struct Programmed {
 struct Wanted {
     slot0: ServiceValue,
     backend_ids: Vec<u32>,
+    /// For a Maglev scope: its backends' addresses and ports, in slot order (the table is built from them).
+    maglev: Option<Vec<(Ipv4Addr, u16)>>,
+}
+
+/// How the writer builds Maglev tables: the node's default for external frontends, and the table size.
+#[derive(Clone, Copy, Debug)]
+pub struct MaglevSettings {
+    /// For NodePort, external and load-balancer frontends whose Service does not choose.
+    pub external_default: LbAlgorithm,
+    /// Entries per table (a prime).
+    pub table_size: u32,
+}
+
+impl Default for MaglevSettings {
+    fn default() -> Self {
+        Self { external_default: LbAlgorithm::Random, table_size: proxy_common::maglev::DEFAULT_TABLE_SIZE }
+    }
 }
 
 /// A Service port, by a number the writer hands out (names are long; keys are many).
@@ -120,6 +141,10 @@ pub struct TableWriter<M> {
     adopted_unslotted: HashMap<(Ipv4Addr, u16, Protocol), u32>,
     next_backend_id: u32,
     next_rev_nat_id: u32,
+    maglev: MaglevSettings,
+    /// Maglev tables in the map (one per Maglev scope), and the next table id.
+    maglev_tables: usize,
+    next_maglev_table: u32,
     /// Reverse-NAT ids found in the maps that no frontend uses (left by a crash); removed on the next apply.
     orphan_rev_nat: BTreeSet<u32>,
     /// The counters as last persisted.
@@ -247,10 +272,20 @@ impl<M: ServiceMaps> TableWriter<M> {
             adopted_unslotted: known.adopted_unslotted,
             next_backend_id: (known.max_backend + 1).max(known.next_ids.backend),
             next_rev_nat_id: (known.max_rev_nat + 1).max(known.next_ids.rev_nat),
+            maglev: MaglevSettings::default(),
+            maglev_tables: known.maglev_tables.len(),
+            next_maglev_table: known.maglev_tables.iter().max().map_or(1, |m| m + 1),
             orphan_rev_nat: known.orphan_rev_nat,
             persisted_ids: known.next_ids,
             usage: None,
         })
+    }
+
+    /// How Maglev tables are chosen and sized.
+    #[must_use]
+    pub fn with_maglev(mut self, settings: MaglevSettings) -> Self {
+        self.maglev = settings;
+        self
     }
 
     /// Forgets what the writer believes is programmed and reads it back from the maps, keeping its id
@@ -260,6 +295,8 @@ impl<M: ServiceMaps> TableWriter<M> {
         self.next_backend_id = self.next_backend_id.max(known.max_backend + 1);
         self.next_rev_nat_id = self.next_rev_nat_id.max(known.max_rev_nat + 1);
         self.service_entries = known.service_entries();
+        self.maglev_tables = known.maglev_tables.len();
+        self.next_maglev_table = self.next_maglev_table.max(known.maglev_tables.iter().max().map_or(1, |m| m + 1));
         self.scopes = known.scopes;
         self.rev_nat_ids = known.rev_nat_ids;
         self.source_ranges = known.source_ranges;
@@ -503,14 +540,59 @@ impl<M: ServiceMaps> TableWriter<M> {
         let backend_ids: Vec<u32> =
             set.endpoints.iter().map(|ep| self.backends[&(group, ep.addr, ep.port, protocol)].0).collect();
         let count = u16::try_from(backend_ids.len()).unwrap_or(u16::MAX);
+        let algorithm = entry.lb_algorithm.unwrap_or(if entry.kind == FrontendKind::ClusterIp {
+            LbAlgorithm::Random
+        } else {
+            self.maglev.external_default
+        });
+        let maglev = (algorithm == LbAlgorithm::Maglev && !set.endpoints.is_empty())
+            .then(|| set.endpoints.iter().map(|ep| (ep.addr, ep.port)).collect::<Vec<_>>());
         let slot0 = ServiceValue {
             backend_id: 0,
             rev_nat_id,
             count,
-            flags,
+            flags: if maglev.is_some() { flags | flags::MAGLEV } else { flags },
             affinity_timeout: entry.affinity_timeout.unwrap_or(0),
         };
-        Wanted { slot0, backend_ids }
+        Wanted { slot0, backend_ids, maglev }
+    }
+
+    /// The table id a Maglev scope's slot 0 names: its current table when its backends are unchanged,
+    /// else a new table, written whole before slot 0 points at it (the data path then sees the old table
+    /// or the new one, never a mix).
+    fn maglev_table(&mut self, programmed: &Programmed, wanted: &Wanted) -> anyhow::Result<Option<u32>> {
+        let Some(addrs) = &wanted.maglev else { return Ok(None) };
+        let current = programmed.slot0.filter(|s| s.flags & flags::MAGLEV != 0).map(|s| s.backend_id);
+        let same_backends = programmed.slot0.is_some_and(|s| s.count == wanted.slot0.count)
+            && (1..=wanted.slot0.count)
+                .zip(&wanted.backend_ids)
+                .all(|(slot, id)| programmed.slots.get(&slot) == Some(id));
+        if let Some(table) = current.filter(|_| same_backends) {
+            return Ok(Some(table));
+        }
+        let size = self.maglev.table_size;
+        let needed = (self.maglev_tables + 1) * size as usize;
+        if needed > capacity::MAGLEV as usize {
+            return Err(TooLarge { what: "Maglev", needed, capacity: capacity::MAGLEV }.into());
+        }
+        let entries: Vec<u32> = super::maglev::table(addrs, size).into_iter().map(|i| wanted.backend_ids[i]).collect();
+        let table = self.next_maglev_table;
+        self.next_maglev_table += 1;
+        self.maps.put_maglev(table, &entries)?;
+        self.maglev_tables += 1;
+        Ok(Some(table))
+    }
+
+    /// Deletes the Maglev table a scope's old slot 0 named, once nothing points at it.
+    fn drop_maglev_table(&mut self, old_slot0: Option<ServiceValue>, kept: Option<u32>) -> anyhow::Result<()> {
+        let Some(old) = old_slot0.filter(|s| s.flags & flags::MAGLEV != 0).map(|s| s.backend_id) else {
+            return Ok(());
+        };
+        if Some(old) != kept {
+            self.maps.delete_maglev(old, self.maglev.table_size)?;
+            self.maglev_tables = self.maglev_tables.saturating_sub(1);
+        }
+        Ok(())
     }
 
     /// The group of a Service port, handed out on first sight.
@@ -590,13 +672,22 @@ impl<M: ServiceMaps> TableWriter<M> {
     }
 
     fn program_scope(&mut self, scoped: ScopedFrontend, wanted: &Wanted, stats: &mut ApplyStats) -> anyhow::Result<()> {
+        let before = self.scopes.get(&scoped).cloned().unwrap_or_default();
+        let table = self.maglev_table(&before, wanted)?;
+        let mut slot0 = wanted.slot0;
+        if let Some(table) = table {
+            if before.slot0.is_none_or(|s| s.backend_id != table || s.flags & flags::MAGLEV == 0) {
+                stats.writes += self.maglev.table_size as usize;
+            }
+            slot0.backend_id = table;
+        }
         let programmed = self.scopes.entry(scoped).or_default();
-        let count = wanted.slot0.count;
+        let count = slot0.count;
         for (slot, id) in (1..=count).zip(&wanted.backend_ids) {
             if programmed.slots.get(&slot) != Some(id) {
                 let value = ServiceValue {
                     backend_id: *id,
-                    rev_nat_id: wanted.slot0.rev_nat_id,
+                    rev_nat_id: slot0.rev_nat_id,
                     count: 0,
                     flags: 0,
                     affinity_timeout: 0,
@@ -608,9 +699,9 @@ impl<M: ServiceMaps> TableWriter<M> {
                 stats.writes += 1;
             }
         }
-        if programmed.slot0 != Some(wanted.slot0) {
-            self.maps.put_service(&service_key(scoped, 0), &wanted.slot0)?;
-            if programmed.slot0.replace(wanted.slot0).is_none() {
+        if programmed.slot0 != Some(slot0) {
+            self.maps.put_service(&service_key(scoped, 0), &slot0)?;
+            if programmed.slot0.replace(slot0).is_none() {
                 self.service_entries += 1;
             }
             stats.writes += 1;
@@ -622,17 +713,19 @@ impl<M: ServiceMaps> TableWriter<M> {
             self.service_entries -= 1;
             stats.deletes += 1;
         }
-        Ok(())
+        self.drop_maglev_table(before.slot0, table)
     }
 
     fn remove_scope(&mut self, scoped: ScopedFrontend, stats: &mut ApplyStats) -> anyhow::Result<()> {
         let Some(programmed) = self.scopes.get_mut(&scoped) else { return Ok(()) };
-        if programmed.slot0.is_some() {
+        if let Some(old) = programmed.slot0 {
             self.maps.delete_service(&service_key(scoped, 0))?;
             programmed.slot0 = None;
             self.service_entries -= 1;
             stats.deletes += 1;
+            self.drop_maglev_table(Some(old), None)?;
         }
+        let Some(programmed) = self.scopes.get_mut(&scoped) else { return Ok(()) };
         while let Some((slot, id)) = programmed.slots.pop_last() {
             if let Err(e) = self.maps.delete_service(&service_key(scoped, slot)) {
                 programmed.slots.insert(slot, id);
@@ -654,6 +747,8 @@ struct Known {
     backends: HashMap<u32, Backend>,
     adopted: HashMap<AdoptedKey, u32>,
     adopted_unslotted: HashMap<(Ipv4Addr, u16, Protocol), u32>,
+    /// Maglev table ids the slot 0s name.
+    maglev_tables: BTreeSet<u32>,
     orphan_rev_nat: BTreeSet<u32>,
     max_backend: u32,
     max_rev_nat: u32,
@@ -701,6 +796,10 @@ impl Known {
         for (id, range) in &contents.source_ranges {
             source_ranges.entry(*id).or_default().insert(*range);
         }
+        let maglev_tables = scopes
+            .values()
+            .filter_map(|p| p.slot0.filter(|s| s.flags & flags::MAGLEV != 0).map(|s| s.backend_id))
+            .collect();
         let used_rev: BTreeSet<u32> = rev_nat_ids.values().copied().collect();
         let orphan_rev_nat = contents.revnat.iter().map(|(id, _)| *id).filter(|id| !used_rev.contains(id)).collect();
         let max_backend = contents.backends.iter().map(|(id, _)| *id).max().unwrap_or(0);
@@ -712,6 +811,7 @@ impl Known {
             backends,
             adopted,
             adopted_unslotted,
+            maglev_tables,
             orphan_rev_nat,
             max_backend,
             max_rev_nat,

@@ -8,7 +8,7 @@ use std::{
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{FrontendEntry, FrontendKind, ServicePortName};
+use crate::model::{FrontendEntry, FrontendKind, LbAlgorithm, ServicePortName};
 
 /// In-memory maps. After every operation they assert the data path's invariant: a slot 0 with count `n`
 /// has slots `1..=n`, each naming an existing backend, and its reverse-NAT entry exists.
@@ -18,6 +18,8 @@ struct CheckedMaps {
     backends: BTreeMap<u32, Backend>,
     revnat: BTreeMap<u32, RevNat>,
     source_ranges: BTreeSet<(u32, Cidr)>,
+    /// Maglev entries: (table, index) → backend id.
+    maglev: BTreeMap<(u32, u32), u32>,
     next_ids: NextIds,
     ops: usize,
     /// Fail the operation with this number (counting from 0), to test recovery.
@@ -25,6 +27,12 @@ struct CheckedMaps {
 }
 
 impl CheckedMaps {
+    /// The size of the first table written (every table has the same).
+    fn maglev_size(&self) -> usize {
+        let Some(((first, _), _)) = self.maglev.first_key_value() else { return 0 };
+        self.maglev.keys().filter(|(t, _)| t == first).count()
+    }
+
     fn op(&mut self) -> anyhow::Result<()> {
         let n = self.ops;
         self.ops += 1;
@@ -45,6 +53,15 @@ impl CheckedMaps {
                 assert!(
                     self.source_ranges.iter().any(|(id, _)| *id == value.rev_nat_id),
                     "{key:?}: flag points at missing source ranges"
+                );
+            }
+            if value.flags & flags::MAGLEV != 0 {
+                let table: Vec<u32> =
+                    self.maglev.range((value.backend_id, 0)..(value.backend_id + 1, 0)).map(|(_, id)| *id).collect();
+                assert!(!table.is_empty() && table.len() == self.maglev_size(), "{key:?}: Maglev table incomplete");
+                assert!(
+                    table.iter().all(|id| self.backends.contains_key(id)),
+                    "{key:?}: Maglev entry names a missing backend"
                 );
             }
             for slot in 1..=value.count {
@@ -172,6 +189,22 @@ impl ServiceMaps for &mut CheckedMaps {
         self.check();
         Ok(())
     }
+    fn put_maglev(&mut self, table: u32, entries: &[u32]) -> anyhow::Result<()> {
+        self.op()?;
+        for (index, id) in (0u32..).zip(entries) {
+            self.maglev.insert((table, index), *id);
+        }
+        self.check();
+        Ok(())
+    }
+    fn delete_maglev(&mut self, table: u32, size: u32) -> anyhow::Result<()> {
+        self.op()?;
+        for index in 0..size {
+            self.maglev.remove(&(table, index));
+        }
+        self.check();
+        Ok(())
+    }
     fn put_next_ids(&mut self, ids: NextIds) -> anyhow::Result<()> {
         self.op()?;
         self.next_ids = ids;
@@ -228,6 +261,7 @@ fn entry(name: String, external: Vec<Endpoint>, internal: Option<Vec<Endpoint>>)
         terminating: Vec::new(),
         masquerade_external: false,
         affinity_timeout: None,
+        lb_algorithm: None,
         source_ranges: Vec::new(),
     }
 }
@@ -418,6 +452,45 @@ fn each_service_port_has_its_own_backend_ids() {
     maps.assert_no_garbage(&both(vec![other]));
 }
 
+/// A Maglev frontend: its table is written whole before slot 0 names it; a change of backends writes a new
+/// table, points slot 0 at it, then deletes the old one (the checked maps verify after every write that a
+/// Maglev slot 0 names a complete table of existing backends); an unchanged apply, or a restarted writer,
+/// writes nothing; removing the frontend removes its table.
+#[test]
+fn a_maglev_table_is_swapped_whole() {
+    let settings = MaglevSettings { external_default: LbAlgorithm::Maglev, table_size: 251 };
+    let lb = Frontend { addr: Ipv4Addr::new(192, 0, 2, 10), port: 80, protocol: Protocol::Tcp };
+    let eps =
+        |n: u8| (1..=n).map(|i| Endpoint { addr: Ipv4Addr::new(10, 200, 1, i), port: 8080, local: false }).collect();
+    let with = |n: u8| {
+        let mut e = entry("web".into(), eps(n), None);
+        e.kind = FrontendKind::LoadBalancer;
+        let mut t = ServiceTable::default();
+        t.frontends.insert(lb, e);
+        t
+    };
+    let mut maps = CheckedMaps::default();
+    let mut writer = TableWriter::adopt(&mut maps).unwrap().with_maglev(settings);
+    writer.apply(&with(3)).unwrap();
+    assert_eq!(writer.maps.maglev.len(), 251);
+    assert_eq!(writer.apply(&with(3)).unwrap(), ApplyStats::default(), "unchanged: nothing written");
+    let changed: BTreeSet<Frontend> = [lb].into();
+    writer.apply_changes(&with(4), &changed).unwrap();
+    assert_eq!(writer.maps.maglev.len(), 251, "the old table is gone once the new one is in use");
+    drop(writer);
+    let stats = TableWriter::adopt(&mut maps).unwrap().with_maglev(settings).apply(&with(4)).unwrap();
+    assert_eq!(stats, ApplyStats::default(), "a restarted writer keeps the table");
+    TableWriter::adopt(&mut maps).unwrap().with_maglev(settings).apply(&ServiceTable::default()).unwrap();
+    assert!(maps.maglev.is_empty(), "a removed frontend's table is deleted");
+    // A ClusterIP stays random unless its Service asks.
+    let mut t = table(&[([10, 32, 0, 1], 80, &[[10, 200, 1, 1]])]);
+    TableWriter::adopt(&mut maps).unwrap().with_maglev(settings).apply(&t).unwrap();
+    assert!(maps.maglev.is_empty());
+    t.frontends.values_mut().for_each(|e| e.lb_algorithm = Some(LbAlgorithm::Maglev));
+    TableWriter::adopt(&mut maps).unwrap().with_maglev(settings).apply(&t).unwrap();
+    assert_eq!(maps.maglev.len(), 251, "the annotation asks for Maglev");
+}
+
 #[test]
 fn backend_ids_are_not_reused_after_a_backend_is_removed() {
     let mut maps = CheckedMaps::default();
@@ -493,6 +566,12 @@ impl ServiceMaps for NullMaps {
         Ok(())
     }
     fn delete_source_range(&mut self, _: u32, _: Cidr) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn put_maglev(&mut self, _: u32, _: &[u32]) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn delete_maglev(&mut self, _: u32, _: u32) -> anyhow::Result<()> {
         Ok(())
     }
     fn put_next_ids(&mut self, _: NextIds) -> anyhow::Result<()> {

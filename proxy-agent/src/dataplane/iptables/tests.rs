@@ -19,6 +19,7 @@ fn entry(kind: FrontendKind, external: Vec<Endpoint>, internal: Vec<Endpoint>) -
         terminating: Vec::new(),
         masquerade_external: kind == FrontendKind::ClusterIp,
         affinity_timeout: None,
+        lb_algorithm: None,
         source_ranges: Vec::new(),
     }
 }

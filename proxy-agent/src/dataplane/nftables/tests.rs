@@ -24,6 +24,7 @@ fn entry(name: &str, kind: FrontendKind, external: Vec<Endpoint>, internal: Vec<
         terminating: Vec::new(),
         masquerade_external: true,
         affinity_timeout: None,
+        lb_algorithm: None,
         source_ranges: Vec::new(),
     }
 }
