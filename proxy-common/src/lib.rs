@@ -31,6 +31,38 @@ pub mod maps {
     pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
     pub const FRONTEND_ADDRS: &str = "FRONTEND_ADDRS";
     pub const MAGLEV: &str = "MAGLEV";
+    /// During an upgrade, the previous agent's maps, which the new programs read on a miss (not pinned).
+    pub const PREV_CONNTRACK: &str = "PREV_CONNTRACK";
+    pub const PREV_SNAT: &str = "PREV_SNAT";
+
+    /// Every map, with the version of its layout (key, value, type, flags), which its pin name carries
+    /// (`NAME_vN`). A build that changes a map's layout bumps its version: the upgraded agent then builds the
+    /// new map beside the pinned one, fills it, swaps its programs in, and only then lets the old one go.
+    pub const LAYOUTS: [(&str, u32); 16] = [
+        (SERVICES, 1),
+        (BACKENDS, 1),
+        (CONNTRACK, 1),
+        (REVNAT, 1),
+        (SNAT, 1),
+        (AFFINITY, 1),
+        (SOURCE_RANGES, 1),
+        (CONFIG, 1),
+        (SOCK_REVNAT, 1),
+        (STATS, 1),
+        (IDS, 1),
+        (FRAGS, 1),
+        (DROPS, 1),
+        (SOCK_FLOWS, 1),
+        (FRONTEND_ADDRS, 1),
+        (MAGLEV, 1),
+    ];
+
+    /// Maps that hold the service table: written by the agent from the cluster's state. An upgrade copies
+    /// them into their new versions at start (where the layout allows), so the first sync writes only what
+    /// changed.
+    pub const SERVICE_STATE: [&str; 7] = [SERVICES, BACKENDS, REVNAT, SOURCE_RANGES, IDS, MAGLEV, FRONTEND_ADDRS];
+    /// Maps the data path writes (flows, counters): an upgrade copies them last, just before the swap.
+    pub const FLOW_STATE: [&str; 8] = [CONNTRACK, SNAT, AFFINITY, SOCK_REVNAT, SOCK_FLOWS, FRAGS, STATS, DROPS];
 }
 
 /// The agent's id counters, kept in the single entry of the `IDS` array so a restarted agent never hands
@@ -193,6 +225,10 @@ pub mod mark {
 pub mod config {
     /// Traffic from pods to a Service is always SNATed (kube-proxy's `masqueradeAll`).
     pub const FLAG_MASQUERADE_ALL: u32 = 1;
+    /// An upgrade is under way: a flow not found in `CONNTRACK` or `SNAT` is looked up in the previous
+    /// agent's maps (`PREV_CONNTRACK`, `PREV_SNAT`) and carried over, so no flow loses its state between the
+    /// programs' swap and the end of the copy.
+    pub const FLAG_MIGRATING: u32 = 2;
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity,
-    config::Config,
+    config::{Config, FLAG_MIGRATING},
     conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, Timeouts, closed, expired, state},
     proto, stats,
 };
@@ -22,6 +22,35 @@ use crate::{
 
 #[map(name = "CONNTRACK")]
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// During an upgrade (`FLAG_MIGRATING`), the previous agent's `CONNTRACK`, which the agent hands this
+/// object at load; a single unused entry otherwise.
+#[map(name = "PREV_CONNTRACK")]
+static PREV_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(1, 0);
+
+/// The entry of `key`: this table's, or during an upgrade the previous table's, carried over on the way.
+#[inline(always)]
+fn entry(key: &CtKey, cfg: &Config) -> Option<*mut CtValue> {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        return Some(entry);
+    }
+    if cfg.flags & FLAG_MIGRATING == 0 {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    let old = unsafe { PREV_CONNTRACK.get(key).copied() }?;
+    let _ = CONNTRACK.insert(key, &old, u64::from(BPF_NOEXIST));
+    CONNTRACK.get_ptr_mut(key)
+}
+
+/// During an upgrade, a new entry is also written to the previous table: until the swap is done, hooks
+/// still running the previous programs (which know only that table) may meet the flow's other packets.
+#[inline(always)]
+fn mirror(key: &CtKey, value: &CtValue, cfg: &Config) {
+    if cfg.flags & FLAG_MIGRATING != 0 {
+        let _ = PREV_CONNTRACK.insert(key, value, u64::from(BPF_ANY));
+    }
+}
 
 /// How many other client ports to try for a flow whose reply tuple a live flow holds.
 const REMAP_TRIES: u32 = 16;
@@ -165,7 +194,7 @@ pub enum Known {
 #[inline(always)]
 pub fn lookup_forward(flow: &Flow, tcp_flags: u8, cfg: &Config) -> Known {
     let key = key(flow, DIR_FORWARD);
-    let Some(entry) = CONNTRACK.get_ptr_mut(&key) else { return Known::New };
+    let Some(entry) = entry(&key, cfg) else { return Known::New };
     // SAFETY: as in `touch`; the value is copied out.
     let value = unsafe { *entry };
     let now = now();
@@ -240,6 +269,8 @@ pub fn record(flow: &Flow, mut value: CtValue, cfg: &Config) -> Result<u16> {
         }
     }
     CONNTRACK.insert(&fkey, &value, u64::from(BPF_ANY)).map_err(|_| CONNTRACK_FULL)?;
+    mirror(&rkey, &reply, cfg);
+    mirror(&fkey, &value, cfg);
     count(stats::CT_CREATED);
     Ok(value.client_port)
 }
@@ -265,10 +296,10 @@ fn remap(rkey: &mut CtKey, reply: &CtValue) -> Result<u16> {
 #[inline(always)]
 pub fn lookup_reply(flow: &Flow, tcp_flags: u8, cfg: &Config) -> Option<CtValue> {
     let rkey = key(flow, DIR_REPLY);
-    // SAFETY: the value is copied out at once.
-    let reply = unsafe { CONNTRACK.get(&rkey).copied() }?;
+    // SAFETY: the entry is copied out at once.
+    let reply = unsafe { *entry(&rkey, cfg)? };
     let fkey = forward_key(&rkey, &reply);
-    let Some(entry) = CONNTRACK.get_ptr_mut(&fkey) else {
+    let Some(entry) = entry(&fkey, cfg) else {
         let _ = CONNTRACK.remove(&rkey);
         return None;
     };

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity,
-    config::Config,
+    config::{Config, FLAG_MIGRATING},
     conntrack::{CtKey, DIR_SNAT_IN, DIR_SNAT_OUT, SNAT_CLOSING, SNAT_FIN_IN, SNAT_FIN_OUT, SNAT_RST, SnatValue},
     proto,
 };
@@ -26,6 +26,33 @@ use crate::{
 
 #[map(name = "SNAT")]
 static SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::pinned(capacity::SNAT, 0);
+
+/// During an upgrade, the previous agent's `SNAT` (see `conntrack::PREV_CONNTRACK`).
+#[map(name = "PREV_SNAT")]
+static PREV_SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::with_max_entries(1, 0);
+
+/// The SNAT entry of `key`: this table's, or during an upgrade the previous table's, carried over.
+#[inline(always)]
+fn entry(key: &CtKey, cfg: &Config) -> Option<*mut SnatValue> {
+    if let Some(entry) = SNAT.get_ptr_mut(key) {
+        return Some(entry);
+    }
+    if cfg.flags & FLAG_MIGRATING == 0 {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    let old = unsafe { PREV_SNAT.get(key).copied() }?;
+    let _ = SNAT.insert(key, &old, u64::from(BPF_NOEXIST));
+    SNAT.get_ptr_mut(key)
+}
+
+/// During an upgrade, a new entry is also written to the previous table (see `conntrack::mirror`).
+#[inline(always)]
+fn mirror(key: &CtKey, value: &SnatValue, cfg: &Config) {
+    if cfg.flags & FLAG_MIGRATING != 0 {
+        let _ = PREV_SNAT.insert(key, value, u64::from(BPF_ANY));
+    }
+}
 
 #[map(name = "CONFIG")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -128,7 +155,7 @@ pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Result<u16> {
     }
     let out_key = conntrack::key(flow, DIR_SNAT_OUT);
     // SAFETY: the value is copied out at once.
-    if let Some(known) = unsafe { SNAT.get(&out_key).copied() } {
+    if let Some(known) = entry(&out_key, cfg).map(|e| unsafe { *e }) {
         if tcp_flags & (TCP_FIN | TCP_RST) != 0
             && let Some(entry) = SNAT.get_ptr_mut(&in_key(flow, cfg, known.port))
         {
@@ -139,6 +166,7 @@ pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Result<u16> {
     let port = allocate_port(flow, cfg)?;
     let out = SnatValue { addr: cfg.snat_addr, port, flags: 0, last_seen: 0, last_seen_ms: 0 };
     SNAT.insert(&out_key, &out, u64::from(BPF_ANY)).map_err(|_| SNAT_FULL)?;
+    mirror(&out_key, &out, cfg);
     Ok(port)
 }
 
@@ -155,11 +183,15 @@ fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16> {
         // min + offset <= max, so this always fits.
         let port = u16::try_from(u32::from(cfg.snat_port_min) + offset).unwrap_or(cfg.snat_port_min).to_be();
         let key = in_key(flow, cfg, port);
-        if SNAT.insert(&key, &back, u64::from(BPF_NOEXIST)).is_ok() {
+        // During an upgrade a port may be held by a flow only the previous table knows yet.
+        // SAFETY: the value is copied out at once.
+        let held = entry(&key, cfg).map(|e| unsafe { *e });
+        if held.is_none() && SNAT.insert(&key, &back, u64::from(BPF_NOEXIST)).is_ok() {
+            mirror(&key, &back, cfg);
             return Ok(port);
         }
         // SAFETY: the value is copied out at once.
-        let Some(held) = (unsafe { SNAT.get(&key).copied() }) else { continue };
+        let Some(held) = held.or_else(|| unsafe { SNAT.get(&key).copied() }) else { continue };
         if !reusable(&held, flow.proto, now) {
             continue;
         }
@@ -176,6 +208,7 @@ fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16> {
         };
         let _ = SNAT.remove(&old_out);
         if SNAT.insert(&key, &back, u64::from(BPF_ANY)).is_ok() {
+            mirror(&key, &back, cfg);
             return Ok(port);
         }
     }
@@ -189,7 +222,7 @@ pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Option<SnatValue> 
     if cfg.snat_addr == 0 || flow.dst_addr != cfg.snat_addr {
         return None;
     }
-    let entry = SNAT.get_ptr_mut(&conntrack::key(flow, DIR_SNAT_IN))?;
+    let entry = entry(&conntrack::key(flow, DIR_SNAT_IN), cfg)?;
     touch(entry, tcp_flags, SNAT_FIN_IN);
     // SAFETY: as in `touch`; the value is copied out.
     Some(unsafe { *entry })

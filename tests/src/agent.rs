@@ -38,6 +38,8 @@ pub struct AgentConfig {
     /// Only these capabilities (`setpriv` names), when set.
     pub capabilities: Option<Vec<String>>,
     pub extra_args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running agent; stopped (SIGTERM, then SIGKILL) on drop.
@@ -68,6 +70,7 @@ impl Agent {
             .args(["--pod-interfaces", &config.pod_interfaces])
             .args(&config.extra_args)
             .env("RUST_LOG", "info")
+            .envs(config.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

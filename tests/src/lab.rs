@@ -418,6 +418,7 @@ impl Lab {
                     self.spec.agent_args.clone(),
                 ]
                 .concat(),
+                env: Vec::new(),
             };
             self.agents.push(Agent::spawn(config)?);
         }
@@ -440,10 +441,21 @@ impl Lab {
     /// Stops node `node`'s agent (SIGTERM) and starts one with `extra_args` instead of the lab's own (the
     /// `--cgroup` flag is kept); waits until it has applied its first table.
     pub fn restart_agent_with(&mut self, node: usize, extra_args: &[&str]) -> anyhow::Result<()> {
+        self.restart_agent_with_env(node, extra_args, &[])
+    }
+
+    /// [`Lab::restart_agent_with`], with extra environment variables for the new agent.
+    pub fn restart_agent_with_env(
+        &mut self,
+        node: usize,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let cgroup = self.node_cgroup(node).to_string_lossy().into_owned();
         let agent = &mut self.agents[node - 1];
         agent.stop();
         let mut config = agent.config().clone();
+        config.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         config.extra_args = ["--cgroup", cgroup.as_str()].iter().chain(extra_args).map(|s| (*s).to_owned()).collect();
         *agent = Agent::spawn(config)?;
         agent.wait_for_log("service table applied", 0, Duration::from_secs(20))
@@ -468,9 +480,25 @@ impl Lab {
         self.bpffs.join(node_name(node))
     }
 
+    /// Where node `node`'s agent pins map `name`: `NAME_vN`, the layout version its build gives the map
+    /// (the highest, should there be several).
+    #[must_use]
+    pub fn pin_path(&self, node: usize, name: &str) -> PathBuf {
+        let dir = self.pin_dir(node);
+        let prefix = format!("{name}_v");
+        let version = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok()?.strip_prefix(&prefix)?.parse::<u32>().ok())
+            .max()
+            .unwrap_or(1);
+        dir.join(format!("{prefix}{version}"))
+    }
+
     /// The pinned map `name` of node `node`'s agent, opened from the test process.
     pub fn pinned_map(&self, node: usize, name: &str) -> anyhow::Result<aya::maps::Map> {
-        let pin = self.pin_dir(node).join(name);
+        let pin = self.pin_path(node, name);
         let data = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
         Ok(aya::maps::Map::from_map_data(data)?)
     }

@@ -16,7 +16,7 @@ use std::{
 
 use proxy_lab::{
     Lab, LabSpec,
-    echo::{TcpSession, tcp_request_here},
+    echo::{TcpSession, UdpSession, tcp_request_here},
     lab::{mode, node_ip, node_name},
     manifests::{Endpoint, Port, Svc},
     netns::spawn_in_netns,
@@ -112,6 +112,126 @@ fn sigkill_and_restart_under_load_drops_no_connection() {
     }
 }
 
+/// One restart: what it is, the agent's flags, its environment.
+type RestartStep<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
+
+/// Restarts that change the maps under live traffic, in turn: (a) a bigger connection table
+/// (`--conntrack-min`), (b) an upgrade to a build whose `CONNTRACK` and `SERVICES` layouts have another
+/// version (the test-only `PROXY_AGENT_TEST_LAYOUT_BUMP`), (c) the downgrade back with the default size.
+/// Held TCP connections (from a pod to the ClusterIP, from outside to the NodePort) and a UDP flow keep
+/// their backends and their translation, and new connections made back to back throughout all succeed. In
+/// the eBPF mode each restart builds new maps beside the old ones and swaps the programs only once they
+/// are filled; the netfilter modes run the same restarts (their rules and the kernel's conntrack stay).
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario: three restarts under one load")]
+fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    for (n, k) in [(1, 2), (2, 2)] {
+        let pod = lab.pod(n, k).clone();
+        lab.serve(&pod, &[8080], &[5353]).unwrap();
+    }
+    let vip = Ipv4Addr::new(10, 32, 0, 94);
+    let mut svc = Svc::new(
+        "upgraded",
+        vip,
+        vec![
+            Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 },
+            Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 },
+        ],
+    );
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30106, 30107];
+    let endpoints =
+        vec![Endpoint::ready(lab.pod(1, 2).ip, node_name(1)), Endpoint::ready(lab.pod(2, 2).ip, node_name(2))];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&endpoints)).unwrap();
+    lab.start_agents().unwrap();
+
+    let cluster_ip = SocketAddrV4::new(vip, 80);
+    let node_port = SocketAddrV4::new(node_ip(1), 30106);
+    let pod_ns = lab.pod(1, 1).ns.clone();
+    let pod_sessions: Vec<TcpSession> =
+        (0..4).map(|_| TcpSession::open(&pod_ns, cluster_ip, TIMEOUT).unwrap()).collect();
+    let ext_session = TcpSession::open(&lab.external_ns(), node_port, TIMEOUT).unwrap();
+    let udp = UdpSession::open(&pod_ns, SocketAddrV4::new(vip, 53), TIMEOUT).unwrap();
+    let backends = |label: &str| -> Vec<String> {
+        let mut b: Vec<String> = pod_sessions
+            .iter()
+            .map(|s| s.ask().unwrap_or_else(|e| panic!("{label}: a held pod connection failed: {e:#}")).backend)
+            .collect();
+        b.push(
+            ext_session.ask().unwrap_or_else(|e| panic!("{label}: the held external connection failed: {e:#}")).backend,
+        );
+        b.push(udp.ask().unwrap_or_else(|e| panic!("{label}: the UDP flow failed: {e:#}")).backend);
+        b
+    };
+    let first = backends("before");
+
+    // New connections from a pod and from outside, back to back, bounded: 90 s and 40000 per client.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut loads = Vec::new();
+    for (ns, target) in [(pod_ns.clone(), cluster_ip), (lab.external_ns(), node_port)] {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        loads.push(
+            spawn_in_netns(&ns, move || {
+                let deadline = Instant::now() + Duration::from_secs(90);
+                for _ in 0..40_000 {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                        break;
+                    }
+                    let started = std::time::SystemTime::now();
+                    match tcp_request_here(target, TIMEOUT) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("request to {target} started at {started:?} failed: {e:#}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+            .unwrap(),
+        );
+    }
+    let mode_args = ["--mode".to_owned(), mode()];
+    let steps: [RestartStep; 3] = [
+        ("a bigger conntrack table", vec!["--conntrack-min", "262144"], vec![]),
+        (
+            "an upgrade to other layout versions",
+            vec!["--conntrack-min", "262144"],
+            vec![("PROXY_AGENT_TEST_LAYOUT_BUMP", "CONNTRACK,SERVICES")],
+        ),
+        ("the downgrade back, default size", vec![], vec![]),
+    ];
+    let mut per_step = Vec::new();
+    for (label, args, env) in steps {
+        thread::sleep(Duration::from_millis(700));
+        let before = ok.load(Ordering::Relaxed);
+        let args: Vec<&str> = mode_args.iter().map(String::as_str).chain(args).collect();
+        lab.restart_agent_with_env(1, &args, &env).unwrap_or_else(|e| panic!("{label}: {e:#}"));
+        if mode() == "ebpf" {
+            let log = lab.agent(1).log();
+            assert!(log.contains("upgrade complete"), "{label}: the new maps were not swapped in:\n{log}");
+            assert!(!lab.pin_dir(1).join("previous").exists(), "{label}: the previous maps are still pinned");
+        }
+        thread::sleep(Duration::from_millis(700));
+        assert_eq!(backends(label), first, "{label}: flows kept their backends");
+        per_step.push((label, ok.load(Ordering::Relaxed) - before));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for load in loads {
+        load.join().unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} requests answered, {failed} failed; per step: {per_step:?}");
+    assert_eq!(failed, 0, "no request may fail across the restarts");
+    assert!(per_step.iter().all(|(_, n)| *n > 0), "traffic flowed through every step: {per_step:?}");
+    if mode() == "ebpf" {
+        let info =
+            aya::maps::MapData::from_pin(lab.pin_path(1, proxy_common::maps::CONNTRACK)).unwrap().info().unwrap();
+        assert_eq!(info.max_entries(), 262_144, "the downgrade's default size: 131072 flows");
+    }
+}
+
 /// The periodic full resync re-reads what the kernel holds: a Service's map entries (eBPF), its
 /// `KUBE-SERVICES` rules (iptables) or its verdict-map element (nftables) deleted behind the agent's back
 /// are written again within a full resync period (1 s here), without any change in the cluster.
@@ -174,7 +294,7 @@ fn a_pinned_map_with_another_layout_is_replaced_not_fatal() {
     let (mut lab, client, target) = one_working_service(LabSpec::default(), "upgraded", Ipv4Addr::new(10, 32, 0, 97));
 
     // What an older build might have pinned: same name, another key and value size, no flags.
-    let pin = lab.pin_dir(1).join(proxy_common::maps::SERVICES);
+    let pin = lab.pin_path(1, proxy_common::maps::SERVICES);
     std::fs::remove_file(&pin).unwrap();
     let old: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::create(16, 0).unwrap();
     old.pin(&pin).unwrap();

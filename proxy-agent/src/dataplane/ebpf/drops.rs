@@ -25,7 +25,7 @@ pub struct DropCounters {
 impl DropCounters {
     #[must_use]
     pub fn new(pin_dir: &Path) -> Self {
-        Self { pin: pin_dir.join(proxy_common::maps::DROPS) }
+        Self { pin: super::pins::path(pin_dir, proxy_common::maps::DROPS) }
     }
 
     /// Each reason's count, summed over CPUs, in `proxy_common::drop` order.

@@ -138,7 +138,7 @@ pub struct Sweeper {
 
 impl Sweeper {
     pub fn open(pin_dir: &Path, timeouts: Timeouts, stats: Arc<FlowTableStats>) -> anyhow::Result<Self> {
-        let pin = pin_dir.join(maps::CONNTRACK);
+        let pin = super::pins::path(pin_dir, maps::CONNTRACK);
         let data = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
         let capacity = u64::from(data.info()?.max_entries());
         let map = aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
@@ -257,13 +257,13 @@ impl FlowTableMetrics {
     }
 
     fn capacity(&self, map: &str) -> Option<u64> {
-        let data = aya::maps::MapData::from_pin(self.pin_dir.join(map)).ok()?;
+        let data = aya::maps::MapData::from_pin(super::pins::path(&self.pin_dir, map)).ok()?;
         Some(u64::from(data.info().ok()?.max_entries()))
     }
 
     /// The data path's flow counters (`proxy_common::stats`), summed over CPUs.
     fn datapath_counter(&self, index: u32) -> Option<u64> {
-        let data = aya::maps::MapData::from_pin(self.pin_dir.join(maps::STATS)).ok()?;
+        let data = aya::maps::MapData::from_pin(super::pins::path(&self.pin_dir, maps::STATS)).ok()?;
         let counters: aya::maps::PerCpuArray<_, u64> =
             aya::maps::PerCpuArray::try_from(aya::maps::Map::from_map_data(data).ok()?).ok()?;
         Some(counters.get(&index, 0).ok()?.iter().sum())

@@ -6,6 +6,7 @@ pub mod flow_table;
 mod frontend_addrs;
 mod maglev;
 mod maps;
+pub mod pins;
 pub mod sockets;
 pub mod writer;
 
@@ -31,6 +32,11 @@ pub struct EbpfDataplane {
     attachments: attach::Attachments,
     roles: InterfaceRoles,
     pin_dir: PathBuf,
+    socket_cgroup: Option<PathBuf>,
+    /// An upgrade is under way: this build's maps are being filled while the previous programs serve.
+    upgrading: bool,
+    /// What `CONFIG` holds.
+    config: proxy_common::config::Config,
 }
 
 /// Node-wide settings of the data path.
@@ -85,11 +91,9 @@ fn prefix_mask(len: u8) -> u32 {
     host_order.to_be()
 }
 
-fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result<()> {
-    let map = ebpf.map_mut(proxy_common::maps::CONFIG).context("map CONFIG missing from the eBPF object")?;
-    let mut config: aya::maps::Array<_, proxy_common::config::Config> =
-        aya::maps::Array::try_from(map).context("map CONFIG has an unexpected type")?;
-    let value = proxy_common::config::Config {
+/// The `CONFIG` entry for `settings`.
+fn config_value(settings: &NodeSettings) -> anyhow::Result<proxy_common::config::Config> {
+    Ok(proxy_common::config::Config {
         netns_cookie: sockets::netns_cookie()?,
         cluster_addr: settings.cluster_cidr.map_or(0, |(a, len)| u32::from_ne_bytes(a.octets()) & prefix_mask(len)),
         cluster_mask: settings.cluster_cidr.map_or(0, |(_, len)| prefix_mask(len)),
@@ -99,8 +103,14 @@ fn write_config(ebpf: &mut aya::Ebpf, settings: &NodeSettings) -> anyhow::Result
         snat_port_max: settings.snat_ports.1,
         flags: if settings.masquerade_all { proxy_common::config::FLAG_MASQUERADE_ALL } else { 0 },
         timeouts: settings.timeouts,
-    };
-    config.set(0, &value, 0).context("writing CONFIG")
+    })
+}
+
+fn write_config(ebpf: &mut aya::Ebpf, value: &proxy_common::config::Config) -> anyhow::Result<()> {
+    let map = ebpf.map_mut(proxy_common::maps::CONFIG).context("map CONFIG missing from the eBPF object")?;
+    let mut config: aya::maps::Array<_, proxy_common::config::Config> =
+        aya::maps::Array::try_from(map).context("map CONFIG has an unexpected type")?;
+    config.set(0, value, 0).context("writing CONFIG")
 }
 
 impl EbpfDataplane {
@@ -114,17 +124,25 @@ impl EbpfDataplane {
         flow_stats: std::sync::Arc<FlowTableStats>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        let mut ebpf = load_replacing_incompatible_pins(pin_dir, &flow_table_sizes(settings.max_flows))?;
-        attach::load_programs(&mut ebpf)?;
-        write_config(&mut ebpf, settings)?;
-        if let Some(cgroup) = &settings.socket_cgroup {
-            sockets::attach(&mut ebpf, cgroup, &pin_dir.join("links"))?;
-            tracing::info!(cgroup = %cgroup.display(), "node traffic to Services is translated at the socket");
-        } else {
+        let (mut ebpf, created) = load_with_versioned_pins(pin_dir, &flow_table_sizes(settings.max_flows))?;
+        let upgrading = pins::upgrade_pending(pin_dir);
+        if upgrading {
+            // The service state first, into maps nothing uses yet, so the writer adopts it and the first sync
+            // writes only what changed. The flow state is copied last, just before the programs are swapped.
+            let fresh: Vec<&str> =
+                proxy_common::maps::SERVICE_STATE.iter().copied().filter(|m| created.contains(m)).collect();
+            pins::migrate(pin_dir, &fresh, pins::Overwrite::Yes)?;
             tracing::warn!(
-                "no cgroup v2 for the socket programs: the node's own traffic to Services is not translated"
+                pins = %pin_dir.display(),
+                "upgrade: the running programs and their maps keep serving until this agent has a complete table"
             );
         }
+        attach::load_programs(&mut ebpf)?;
+        let mut config = config_value(settings)?;
+        if upgrading {
+            config.flags |= proxy_common::config::FLAG_MIGRATING;
+        }
+        write_config(&mut ebpf, &config)?;
         let writer =
             writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?.with_maglev(settings.maglev);
         flow_table::Sweeper::open(pin_dir, settings.timeouts, flow_stats)?.spawn();
@@ -140,43 +158,110 @@ impl EbpfDataplane {
             attachments: attach::Attachments::new(settings.xdp, pin_dir.join("links"))?,
             roles,
             pin_dir: pin_dir.to_owned(),
+            socket_cgroup: settings.socket_cgroup.clone(),
+            upgrading,
+            config,
         };
-        dataplane.housekeeping()?;
+        if !upgrading {
+            dataplane.attach_sockets()?;
+            dataplane.housekeeping()?;
+        }
         Ok(dataplane)
+    }
+
+    fn attach_sockets(&mut self) -> anyhow::Result<()> {
+        if let Some(cgroup) = &self.socket_cgroup {
+            sockets::attach(&mut self.ebpf, cgroup, &self.pin_dir.join("links"))?;
+            tracing::info!(cgroup = %cgroup.display(), "node traffic to Services is translated at the socket");
+        } else {
+            tracing::warn!(
+                "no cgroup v2 for the socket programs: the node's own traffic to Services is not translated"
+            );
+        }
+        Ok(())
+    }
+
+    /// After the first complete table has been written into the new maps: swaps this build's programs into
+    /// every pinned link, then carries the flow state over and lets the previous maps go.
+    ///
+    /// The flow state is copied only once the previous programs are off every hook, so nothing they write
+    /// later can leave a stale copy behind (SNAT ports are reused within a second). Until the copy is done
+    /// (`FLAG_MIGRATING`), the new programs look up a flow they do not know in the previous tables and take
+    /// it over, and write new flows to both, so the previous programs, still on some hooks for the few
+    /// milliseconds the swap takes, know them too.
+    fn finish_upgrade(&mut self) -> anyhow::Result<()> {
+        if !self.upgrading {
+            return Ok(());
+        }
+        // Counters are arrays: copied whole, once.
+        let counters = [proxy_common::maps::STATS, proxy_common::maps::DROPS];
+        let mut carried = pins::migrate(&self.pin_dir, &counters, pins::Overwrite::Yes)?;
+        self.upgrading = false;
+        self.attach_sockets()?;
+        self.housekeeping()?;
+        carried += pins::migrate(&self.pin_dir, &proxy_common::maps::FLOW_STATE, pins::Overwrite::No)?;
+        self.config.flags &= !proxy_common::config::FLAG_MIGRATING;
+        write_config(&mut self.ebpf, &self.config)?;
+        pins::drop_previous(&self.pin_dir)?;
+        tracing::info!(flow_entries = carried, "upgrade complete: this build's programs and maps serve now");
+        Ok(())
     }
 }
 
-/// Loads the object, adopting the pinned maps a previous agent left. A pinned map whose layout differs from
-/// this build's (an upgrade that changed a key, value, size or flag) cannot be adopted: its pin is removed and
-/// a new map is created in its place. Its entries are lost (the service maps are rewritten by the first sync;
-/// a lost conntrack map breaks the node's established translated flows), so this is logged loudly. The old
-/// programs keep the old map until the new programs replace them.
-fn load_replacing_incompatible_pins(pin_dir: &Path, sizes: &[(&'static str, u32)]) -> anyhow::Result<aya::Ebpf> {
-    let mut replaced = Vec::new();
+/// Loads the object, adopting the pinned maps a previous agent left (`pins`): each map at its versioned
+/// pin. A pin of another version, or one whose size or layout differs from this build's (an upgrade, a
+/// downgrade, a resize), is set aside in `previous/` rather than replaced under the running programs, and
+/// a new map is created. Returns the object and the maps created rather than adopted.
+fn load_with_versioned_pins(
+    pin_dir: &Path,
+    sizes: &[(&'static str, u32)],
+) -> anyhow::Result<(aya::Ebpf, std::collections::BTreeSet<&'static str>)> {
+    let mut adopted = pins::prepare(pin_dir)?;
+    let paths: Vec<(&'static str, PathBuf)> =
+        proxy_common::maps::LAYOUTS.iter().map(|(name, _)| (*name, pins::path(pin_dir, name))).collect();
+    let mut retired = Vec::new();
+    let mut refused_prev: Vec<String> = Vec::new();
     loop {
         let mut loader = aya::EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
         for (name, size) in sizes {
             loader.map_max_entries(name, *size);
         }
+        // Mid-upgrade, the new programs read the previous conntrack and SNAT tables on a miss: hand them
+        // those maps, where their layout is this build's.
+        let prev = pins::previous_for_fallback(pin_dir);
+        for (name, path, size) in prev.iter().filter(|(n, _, _)| !refused_prev.iter().any(|r| r == n)) {
+            loader.map_pin_path(name, path.as_path());
+            loader.map_max_entries(name, *size);
+        }
         match loader.load(OBJECT) {
-            Ok(ebpf) => return Ok(ebpf),
-            Err(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap {
-                name,
-                property,
-                expected,
-                actual,
-            })) if !replaced.contains(&name) => {
-                tracing::warn!(
-                    map = %name,
-                    property,
-                    expected,
-                    actual,
-                    "a pinned map from another version has a different layout; replacing it, its entries are lost"
-                );
-                let pin = pin_dir.join(&name);
-                std::fs::remove_file(&pin).with_context(|| format!("removing incompatible pin {}", pin.display()))?;
-                replaced.push(name);
+            Ok(ebpf) => {
+                let versioned = |name: &str| paths.iter().any(|(n, _)| *n == name) || name.starts_with("PREV_");
+                if let Some((name, _)) = ebpf.maps().find(|(name, _)| !versioned(name)) {
+                    anyhow::bail!("map {name} of the eBPF object has no layout version (proxy_common::maps::LAYOUTS)");
+                }
+                let created = paths.iter().map(|(n, _)| *n).filter(|n| !adopted.contains(n)).collect();
+                return Ok((ebpf, created));
+            }
+            Err(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap { name, .. }))
+                if name.starts_with("PREV_") && !refused_prev.contains(&name) =>
+            {
+                tracing::warn!(map = %name, "upgrade: the previous map cannot be read by this build; no fallback to it");
+                refused_prev.push(name);
+            }
+            Err(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap { name, property, .. }))
+                if !retired.contains(&name) =>
+            {
+                let (name, path) = paths
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .with_context(|| format!("aya named an unknown map {name}"))?;
+                pins::retire(pin_dir, name, path, property)?;
+                adopted.remove(name);
+                retired.push((*name).to_owned());
             }
             Err(e) => {
                 return Err(e)
@@ -203,6 +288,7 @@ impl Dataplane for EbpfDataplane {
     fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
         let stats = self.writer.apply(table)?;
         self.frontend_addrs.sync_all(table)?;
+        self.finish_upgrade()?;
         Ok(stats)
     }
 
@@ -213,6 +299,7 @@ impl Dataplane for EbpfDataplane {
     ) -> anyhow::Result<ApplyStats> {
         let stats = self.writer.apply_changes(table, changed)?;
         self.frontend_addrs.sync_changed(table, changed)?;
+        self.finish_upgrade()?;
         Ok(stats)
     }
 
@@ -220,6 +307,7 @@ impl Dataplane for EbpfDataplane {
         self.writer.reread()?;
         let stats = self.writer.apply(table)?;
         self.frontend_addrs.sync_all(table)?;
+        self.finish_upgrade()?;
         Ok(stats)
     }
 
@@ -228,6 +316,10 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn housekeeping(&mut self) -> anyhow::Result<()> {
+        // Mid-upgrade the previous programs stay on the interfaces until `finish_upgrade`.
+        if self.upgrading {
+            return Ok(());
+        }
         let added = self.attachments.refresh(&mut self.ebpf, &self.roles)?;
         if !added.is_empty() {
             tracing::info!(
