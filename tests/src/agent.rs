@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub extra_args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Watch this API server (a kubeconfig) instead of reading `manifests`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// A running agent; stopped (SIGTERM, then SIGKILL) on drop.
@@ -59,11 +61,14 @@ impl Agent {
             let set: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
             command.args(["setpriv", &format!("--bounding-set=-all,{}", set.join(",")), "--inh-caps=-all", "--"]);
         }
+        command.arg(&bin);
+        if let Some(kubeconfig) = &config.kubeconfig {
+            command.arg("--kubeconfig").arg(kubeconfig);
+        } else {
+            command.arg("--manifests").arg(&config.manifests).args(["--manifest-poll-interval", "100ms"]);
+        }
         let child = command
-            .arg(&bin)
-            .arg("--manifests")
-            .arg(&config.manifests)
-            .args(["--manifest-poll-interval", "100ms", "--min-sync-period", "50ms", "--sync-period", "30s"])
+            .args(["--min-sync-period", "50ms", "--sync-period", "30s"])
             .args(["--hostname-override", &config.node_name])
             .arg("--bpffs")
             .arg(&config.pin_dir)

@@ -419,6 +419,7 @@ impl Lab {
                 ]
                 .concat(),
                 env: Vec::new(),
+                kubeconfig: None,
             };
             self.agents.push(Agent::spawn(config)?);
         }
@@ -436,6 +437,23 @@ impl Lab {
         let config = agent.config().clone();
         *agent = Agent::spawn(config)?;
         agent.wait_for_log("service table applied", 0, Duration::from_secs(20))
+    }
+
+    /// Kills node `node`'s agent (SIGKILL) and starts one that watches the API server of `kubeconfig` (or
+    /// the manifests, with `None`), with the same flags; waits until its log shows `ready` (which may not be
+    /// its first sync: it may start while the API server is away).
+    pub fn restart_agent_watching(
+        &mut self,
+        node: usize,
+        kubeconfig: Option<&Path>,
+        ready: &str,
+    ) -> anyhow::Result<()> {
+        let agent = &mut self.agents[node - 1];
+        agent.kill_hard();
+        let mut config = agent.config().clone();
+        config.kubeconfig = kubeconfig.map(Path::to_owned);
+        *agent = Agent::spawn(config)?;
+        agent.wait_for_log(ready, 0, Duration::from_secs(20))
     }
 
     /// Stops node `node`'s agent (SIGTERM) and starts one with `extra_args` instead of the lab's own (the

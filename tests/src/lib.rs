@@ -6,6 +6,7 @@
 //! and [`Lab`]'s `Drop` removes every namespace, process and mount it made, on success, failure or panic.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bench;
 pub mod bpf;
 pub mod build;

@@ -232,6 +232,89 @@ fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
     }
 }
 
+/// An API-server outage of 30 s with the agent restarted in the middle of it: node 1's agent watches the
+/// lab's stand-in API server (`proxy_lab::apiserver`), which goes away; the agent is killed and started
+/// again while it is away; the Service's endpoints change meanwhile (one backend replaced; the old pod keeps
+/// running). The restarted agent serves what is programmed (0 failed requests throughout), reports
+/// `/livez` and `/healthz` healthy as kube-proxy does while it has nothing to do, and when the server
+/// returns it syncs the changes: new connections then reach the new backend set only.
+#[test]
+fn an_api_outage_with_a_restart_during_it_loses_nothing_and_catches_up() {
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    let (old, kept, new) = (lab.pod(1, 2).clone(), lab.pod(2, 2).clone(), lab.pod(1, 3).clone());
+    for pod in [&old, &kept, &new] {
+        lab.serve(pod, &[8080], &[]).unwrap();
+    }
+    let vip = Ipv4Addr::new(10, 32, 0, 93);
+    let svc = Svc::new("outage", vip, vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }]);
+    let eps = |pods: &[&proxy_lab::PodRef]| -> Vec<Endpoint> {
+        pods.iter().map(|p| Endpoint::ready(p.ip, node_name(p.node))).collect()
+    };
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&[&old, &kept]))).unwrap();
+    lab.start_agents().unwrap();
+    let mut api = proxy_lab::apiserver::ApiServer::start(&lab.node_ns(1), 16_443, &lab.manifest_dir()).unwrap();
+    let kubeconfig = lab.work_dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    lab.restart_agent_watching(1, Some(&kubeconfig), "service table applied").expect("the agent syncs from the API");
+
+    let target = SocketAddrV4::new(vip, 80);
+    let client = lab.pod(1, 1).ns.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        spawn_in_netns(&client, move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match tcp_request_here(target, TIMEOUT) {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("request failed: {e:#}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .unwrap()
+    };
+
+    let outage = Instant::now();
+    api.stop();
+    thread::sleep(Duration::from_secs(3));
+    lab.restart_agent_watching(1, Some(&kubeconfig), "dataplane started").expect("the agent starts without the API");
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&[&new, &kept]))).unwrap();
+    thread::sleep(Duration::from_secs(2));
+    let health = |path: &str| {
+        proxy_lab::echo::http_get_path(&lab.node_ns(1), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256), path, TIMEOUT)
+            .map(|(code, _)| code)
+    };
+    assert_eq!(health("/livez").unwrap(), 200, "alive while the API is away");
+    assert_eq!(health("/healthz").unwrap(), 200, "healthy: nothing waits to be programmed");
+    assert_eq!(lab.agent(1).count_in_log("service table applied"), 0, "the situation: no sync yet");
+    let during = ok.load(Ordering::Relaxed);
+    thread::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed()));
+
+    let seen = lab.agent(1).count_in_log("service table applied");
+    api.resume().unwrap();
+    let back = Instant::now();
+    lab.agent(1)
+        .wait_for_log("service table applied", seen, Duration::from_secs(40))
+        .expect("a sync once the API is back");
+    let caught_up = back.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!(
+        "{ok} requests answered ({during} before the changes), {failed} failed; changes applied {caught_up:?} after the API returned"
+    );
+    assert_eq!(failed, 0, "no request to a live backend may fail through the outage");
+    let answers = proxy_lab::echo::requests(&client, proxy_lab::echo::Proto::Tcp, target, 30, TIMEOUT).unwrap();
+    let names: Vec<String> = answers.into_iter().map(|r| r.unwrap().backend).collect();
+    assert!(names.iter().all(|n| *n != old.name), "the old backend left with the change: {names:?}");
+    assert!(names.contains(&new.name), "the new backend serves: {names:?}");
+}
+
 /// The periodic full resync re-reads what the kernel holds: a Service's map entries (eBPF), its
 /// `KUBE-SERVICES` rules (iptables) or its verdict-map element (nftables) deleted behind the agent's back
 /// are written again within a full resync period (1 s here), without any change in the cluster.

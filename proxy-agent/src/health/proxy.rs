@@ -1,6 +1,8 @@
-//! `/healthz` and `/livez`, as kube-proxy serves them (port 10256): healthy when no change has waited for a
-//! sync longer than the timeout. `/healthz` also reports 503 when the node is being deleted, so load
-//! balancers drain it first; `/livez` does not, so the agent is not restarted for it.
+//! `/healthz` and `/livez`, as kube-proxy serves them (port 10256): healthy unless a change has waited for
+//! a sync longer than the timeout — also before the first sync, as kube-proxy's are: an agent restarted
+//! while the API server is away serves what its predecessor programmed (pinned maps, rules), and neither
+//! restarting it nor draining the node would help. `/healthz` also reports 503 when the node is being
+//! deleted, so load balancers drain it first; `/livez` does not, so the agent is not restarted for it.
 
 use std::{
     net::SocketAddr,
@@ -49,12 +51,12 @@ impl ProxyHealth {
         self.progress.lock().expect("health lock").node_eligible = eligible;
     }
 
-    /// Healthy once a first sync happened and no change has waited longer than the timeout.
+    /// Healthy unless a change has waited longer than the timeout.
     fn healthy(&self, now: SystemTime) -> (bool, Progress) {
         let p = *self.progress.lock().expect("health lock");
         let waiting_too_long =
             p.pending_since.is_some_and(|t| now.duration_since(t).unwrap_or_default() > self.timeout);
-        (p.last_updated.is_some() && !waiting_too_long, p)
+        (!waiting_too_long, p)
     }
 
     fn answer(&self, with_node: bool) -> (StatusCode, Json<serde_json::Value>) {
@@ -110,10 +112,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn healthy_after_a_sync_until_a_change_waits_too_long() {
+    fn healthy_until_a_change_waits_too_long() {
         let h = ProxyHealth::new(Duration::from_secs(60));
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        assert!(!h.healthy(t0).0, "not healthy before the first sync");
+        assert!(h.healthy(t0).0, "healthy with nothing to do, as kube-proxy is (the API may be away)");
+        h.queued(t0);
+        assert!(!h.healthy(t0 + Duration::from_secs(61)).0, "the first view waiting 61 s for its sync is not");
         h.updated(t0);
         assert!(h.healthy(t0).0);
         h.queued(t0 + Duration::from_secs(10));
