@@ -50,12 +50,7 @@ fn objects(dir: &Path, kind: &str) -> Vec<Value> {
     out
 }
 
-fn handle(
-    manifests: Arc<PathBuf>,
-    version: Arc<AtomicU64>,
-    query: HashMap<String, String>,
-    uri: &axum::http::Uri,
-) -> Response {
+fn handle(manifests: &Path, version: &AtomicU64, query: &HashMap<String, String>, uri: &axum::http::Uri) -> Response {
     let path = uri.path();
     let (kind, list_kind) = if path.ends_with("/services") {
         ("Service", "ServiceList")
@@ -69,7 +64,7 @@ fn handle(
         return Response::builder().header("content-type", "application/json").body(body).expect("response");
     }
     let rv = version.fetch_add(1, Ordering::Relaxed).to_string();
-    let items: Vec<Value> = objects(&manifests, kind)
+    let items: Vec<Value> = objects(manifests, kind)
         .into_iter()
         .map(|mut o| {
             o["metadata"]["resourceVersion"] = Value::String(rv.clone());
@@ -137,7 +132,7 @@ impl ApiServer {
             let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
             let app = Router::new().fallback(move |Query(q): Query<HashMap<String, String>>, uri: axum::http::Uri| {
                 let (manifests, version) = (manifests.clone(), version.clone());
-                async move { handle(manifests, version, q, &uri) }
+                async move { handle(&manifests, &version, &q, &uri) }
             });
             let _ = axum::serve(listener, app).await;
         });
