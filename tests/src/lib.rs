@@ -14,6 +14,7 @@ pub mod bulk;
 pub mod cmd;
 pub mod daemon;
 pub mod echo;
+pub mod flow_capacity;
 pub mod fuzz;
 pub mod lab;
 pub mod manifests;

@@ -121,3 +121,15 @@ fn a_full_table_evicts_idle_flows_reports_it_and_keeps_busy_ones() {
     let evictions = metric(&text, "proxy_agent_conntrack_evictions_total").unwrap();
     assert!(evictions >= 500.0, "3000 flows through a 1024-flow table: {evictions} evictions\n{text}");
 }
+
+/// The table holds what it is sized for: 65536 flows through `tc_pod_ingress` (`BPF_PROG_TEST_RUN`) into a
+/// table of 131072 entries, then each flow's next segment finds its own entry and its backend (the full
+/// measurement, to 1M flows, is `cargo run -p proxy-lab --bin bench -- --flows 1000000`).
+#[test]
+fn the_connection_table_holds_the_flows_it_is_sized_for() {
+    let m = proxy_lab::flow_capacity::measure(65_536).unwrap();
+    eprintln!("{m:?}");
+    assert_eq!(m.entries, 131_072, "the situation: every flow has both entries");
+    assert_eq!(m.capacity, 131_072);
+    assert_eq!((m.lost, m.moved), (0, 0), "flows lost their entry or their backend: {m:?}");
+}

@@ -27,6 +27,10 @@ struct Args {
     /// Seconds per load run.
     #[arg(long)]
     seconds: Option<f64>,
+    /// Only the connection table's capacity: open this many flows (comma-separated list) through the
+    /// programs, each into a table sized for it, and report how many it held, lost and the memory taken.
+    #[arg(long, value_delimiter = ',')]
+    flows: Option<Vec<u32>>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +41,20 @@ fn main() -> anyhow::Result<()> {
         proxy_lab::lab::sweep_own_labs();
         std::process::exit(130);
     })?;
+    if let Some(flows) = args.flows {
+        println!("| flows | held (entries) | lost | moved | CONNTRACK memory | bytes/flow | packets/s |");
+        println!("|---|---|---|---|---|---|---|");
+        for n in flows {
+            let m = proxy_lab::flow_capacity::measure(n)?;
+            #[expect(clippy::cast_precision_loss, reason = "figures for a report")]
+            let (mib, per_flow) = (m.memlock_bytes as f64 / 1_048_576.0, m.memlock_bytes as f64 / f64::from(n));
+            println!(
+                "| {} | {} | {} | {} | {mib:.1} MiB | {per_flow:.0} | {:.0} |",
+                m.flows, m.entries, m.lost, m.moved, m.packets_per_second
+            );
+        }
+        return Ok(());
+    }
     let mut config = if args.tiny { BenchConfig::tiny() } else { BenchConfig::full() };
     if let Some(scales) = args.scales {
         config.scales = scales;
