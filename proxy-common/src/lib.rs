@@ -598,6 +598,26 @@ pub mod conntrack {
             || value.state & (state::FIN_FORWARD | state::FIN_REPLY) == state::FIN_FORWARD | state::FIN_REPLY
     }
 
+    /// Whether the flow behind a SNAT port (its `DIR_SNAT_IN` entry) has ended, for the agent's sweep: idle
+    /// past the lifetime its TCP state or protocol gives, as for conntrack. (The data path reuses a port on
+    /// its own terms, sooner: see `proxy-ebpf/src/snat.rs`.)
+    #[inline]
+    #[must_use]
+    pub fn snat_expired(t: &Timeouts, proto: u8, held: &SnatValue, now: u32) -> bool {
+        let closed =
+            held.flags & SNAT_RST != 0 || held.flags & (SNAT_FIN_OUT | SNAT_FIN_IN) == SNAT_FIN_OUT | SNAT_FIN_IN;
+        let lifetime = if proto != super::proto::TCP {
+            t.udp_stream
+        } else if closed {
+            t.tcp_time_wait
+        } else if held.flags & SNAT_CLOSING != 0 {
+            t.tcp_close_wait
+        } else {
+            t.tcp_established
+        };
+        now.saturating_sub(held.last_seen) > lifetime
+    }
+
     /// SNAT entries (a map of their own, keyed like conntrack): `DIR_SNAT_OUT` maps client → backend to the
     /// node address and port the flow leaves with; `DIR_SNAT_IN` maps backend → node address and port back
     /// to the client.

@@ -29,12 +29,20 @@ fn spec_with(args: &[&str]) -> LabSpec {
     spec
 }
 
-/// Closed TCP flows and idle UDP flows leave the eBPF table by the background sweep, without any packet
-/// of theirs: the table empties, and the metrics count them.
+/// Closed TCP flows and idle UDP flows leave the eBPF tables by the background sweep, without any packet
+/// of theirs: `CONNTRACK` and `SNAT` (for flows from outside to a NodePort, SNATed to the remote backend)
+/// empty, and the metrics count the flows.
 #[test]
 fn the_sweep_removes_ended_flows_and_the_metrics_count_them() {
-    let mut lab = Lab::start(spec_with(&["--conntrack-udp-timeout", "1s", "--conntrack-tcp-timeout-time-wait", "1s"]))
-        .expect("lab");
+    let mut lab = Lab::start(spec_with(&[
+        "--conntrack-udp-timeout",
+        "1s",
+        "--conntrack-udp-timeout-stream",
+        "1s",
+        "--conntrack-tcp-timeout-time-wait",
+        "1s",
+    ]))
+    .expect("lab");
     let backend = lab.pod(2, 1).clone();
     lab.serve(&backend, &[8080], &[5353]).unwrap();
     let ports = vec![
@@ -42,35 +50,41 @@ fn the_sweep_removes_ended_flows_and_the_metrics_count_them() {
         Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 },
     ];
     let vip = Ipv4Addr::new(10, 32, 0, 61);
-    lab.write_manifest(
-        "svc.yaml",
-        &Svc::new("mixed", vip, ports).with_endpoints(&[Endpoint::ready(backend.ip, node_name(2))]),
-    )
-    .unwrap();
+    let mut svc = Svc::new("mixed", vip, ports);
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30161, 30162];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&[Endpoint::ready(backend.ip, node_name(2))])).unwrap();
     lab.start_agents().unwrap();
     let client = lab.pod(1, 1).ns.clone();
     let replies = proxy_lab::echo::requests(&client, Proto::Tcp, SocketAddrV4::new(vip, 80), 20, TIMEOUT).unwrap();
     assert!(replies.iter().all(Result::is_ok), "{replies:?}");
     let udp = udp_ask_from_ports(&client, SocketAddrV4::new(vip, 53), (48_100..48_120).collect());
     assert!(udp.iter().all(Result::is_ok), "{udp:?}");
+    let node_port = SocketAddrV4::new(proxy_lab::lab::node_ip(1), 30161);
+    let external = proxy_lab::echo::requests(&lab.external_ns(), Proto::Tcp, node_port, 10, TIMEOUT).unwrap();
+    assert!(external.iter().all(Result::is_ok), "{external:?}");
+    use proxy_common::conntrack::{CtKey, CtValue, SnatValue};
     let conntrack = || -> usize {
         let map = lab.pinned_map(1, proxy_common::maps::CONNTRACK).unwrap();
-        let ct: aya::maps::HashMap<_, proxy_common::conntrack::CtKey, proxy_common::conntrack::CtValue> =
-            aya::maps::HashMap::try_from(map).unwrap();
-        ct.keys().count()
+        aya::maps::HashMap::<_, CtKey, CtValue>::try_from(map).unwrap().keys().count()
     };
-    // The situation: 40 flows, two entries each.
-    assert!(conntrack() >= 80, "expected the flows' entries in the table, found {}", conntrack());
+    let snat = || -> usize {
+        let map = lab.pinned_map(1, proxy_common::maps::SNAT).unwrap();
+        aya::maps::HashMap::<_, CtKey, SnatValue>::try_from(map).unwrap().keys().count()
+    };
+    // The situation: 50 flows with two entries each, and 10 SNATed flows with two SNAT entries each.
+    assert!(conntrack() >= 100, "expected the flows' entries in the table, found {}", conntrack());
+    assert!(snat() >= 20, "expected the SNATed flows' entries, found {}", snat());
 
     // Lifetimes of 1 s, a sweep pass every half second: gone well within 10 s.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while conntrack() > 0 && std::time::Instant::now() < deadline {
+    while (conntrack() > 0 || snat() > 0) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert_eq!(conntrack(), 0, "ended flows left in the table");
+    assert_eq!((conntrack(), snat()), (0, 0), "ended flows left in the tables");
     let text = metrics(&lab);
     let expired = metric(&text, "proxy_agent_conntrack_expired_total").unwrap_or(0.0);
-    assert!(expired >= 40.0, "expired flows counted: {expired}\n{text}");
+    assert!(expired >= 50.0, "expired flows counted: {expired}\n{text}");
     assert_eq!(metric(&text, "proxy_agent_bpf_map_entries{map=\"CONNTRACK\"}"), Some(0.0), "{text}");
     assert_eq!(metric(&text, "proxy_agent_conntrack_evictions_total"), Some(0.0), "{text}");
 }

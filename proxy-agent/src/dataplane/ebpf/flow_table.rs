@@ -1,5 +1,6 @@
 //! The per-flow tables' housekeeping: a bounded background sweep of `CONNTRACK` that removes flows past their
-//! lifetime (the data path also refuses them on lookup) and reply entries whose flow is gone, and the
+//! lifetime (the data path also refuses them on lookup) and reply entries whose flow is gone, and of `SNAT`
+//! (ports of flows idle past their lifetime, and client entries whose port moved on), and the
 //! metrics that tell an operator how full the tables are:
 //! `proxy_agent_bpf_map_entries{map}`, `proxy_agent_bpf_map_capacity{map}`,
 //! `proxy_agent_conntrack_expired_total` and `proxy_agent_conntrack_evictions_total`.
@@ -24,9 +25,15 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 use proxy_common::{
-    conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, Timeouts, expired},
+    conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, DIR_SNAT_IN, SnatValue, Timeouts, expired, snat_expired},
     maps, stats,
 };
+
+/// A pass's counts of `CONNTRACK`.
+struct Pass {
+    entries: u64,
+    flows: u64,
+}
 
 /// Entries looked at per tick.
 const CHUNK: usize = 16_384;
@@ -116,91 +123,132 @@ fn peer_key(key: &CtKey, value: &CtValue) -> CtKey {
     }
 }
 
-/// One pass's running counts.
-#[derive(Default)]
-struct Pass {
-    entries: u64,
-    flows: u64,
+/// A resumable walk over a pinned map keyed by `CtKey` (`CONNTRACK`, `SNAT`).
+///
+/// Only the entry at hand is ever deleted, after the walk has read the key that follows it: the kernel
+/// restarts a walk from the first key when asked for the successor of a key that is gone, which would count
+/// entries twice.
+struct Walk<V: aya::Pod> {
+    map: aya::maps::HashMap<aya::maps::MapData, CtKey, V>,
+    /// The same map, opened again for the resumable walk (aya's map keeps its descriptor to itself).
+    keys: aya::maps::MapData,
+    cursor: Option<CtKey>,
+    /// Entries kept so far in this pass.
+    kept: u64,
 }
 
-/// Sweeps the `CONNTRACK` map pinned in a directory.
+impl<V: aya::Pod> Walk<V> {
+    fn open(pin_dir: &Path, name: &str) -> anyhow::Result<(Self, u64)> {
+        let pin = super::pins::path(pin_dir, name);
+        let open = || aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()));
+        let data = open()?;
+        let capacity = u64::from(data.info()?.max_entries());
+        let map = aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
+        Ok((Self { map, keys: open()?, cursor: None, kept: 0 }, capacity))
+    }
+
+    /// Looks at up to `limit` entries from where the last call stopped, removing those `ended` says have
+    /// ended. Returns the entries kept over the pass, when this call completed one.
+    fn step(
+        &mut self,
+        limit: usize,
+        mut ended: impl FnMut(&aya::maps::HashMap<aya::maps::MapData, CtKey, V>, &CtKey, &V) -> bool,
+    ) -> anyhow::Result<Option<u64>> {
+        let mut key = match self.cursor.take() {
+            Some(k) => Some(k),
+            None => next_key(self.keys.fd().as_fd(), None).context("walking the map")?,
+        };
+        for _ in 0..limit {
+            let Some(k) = key else { break };
+            key = next_key(self.keys.fd().as_fd(), Some(&k)).context("walking the map")?;
+            let Ok(value) = self.map.get(&k, 0) else { continue };
+            if ended(&self.map, &k, &value) {
+                let _ = self.map.remove(&k);
+            } else {
+                self.kept += 1;
+            }
+        }
+        self.cursor = key;
+        Ok(self.cursor.is_none().then(|| std::mem::take(&mut self.kept)))
+    }
+
+    fn restart(&mut self) {
+        self.cursor = None;
+        self.kept = 0;
+    }
+}
+
+/// Sweeps the `CONNTRACK` and `SNAT` maps pinned in a directory.
 pub struct Sweeper {
-    map: aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue>,
-    /// The same map, opened again for the resumable walk (aya's map keeps its descriptor to itself).
-    walk: aya::maps::MapData,
+    conntrack: Walk<CtValue>,
+    snat: Walk<SnatValue>,
     timeouts: Timeouts,
     capacity: u64,
     stats: Arc<FlowTableStats>,
-    cursor: Option<CtKey>,
-    pass: Pass,
+    /// Flows alive so far in this pass of `CONNTRACK`.
+    flows: u64,
     warned: bool,
 }
 
 impl Sweeper {
     pub fn open(pin_dir: &Path, timeouts: Timeouts, stats: Arc<FlowTableStats>) -> anyhow::Result<Self> {
-        let pin = super::pins::path(pin_dir, maps::CONNTRACK);
-        let data = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-        let capacity = u64::from(data.info()?.max_entries());
-        let map = aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
-        let walk = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-        Ok(Self { map, walk, timeouts, capacity, stats, cursor: None, pass: Pass::default(), warned: false })
+        let (conntrack, capacity) = Walk::open(pin_dir, maps::CONNTRACK)?;
+        let (snat, _) = Walk::open(pin_dir, maps::SNAT)?;
+        Ok(Self { conntrack, snat, timeouts, capacity, stats, flows: 0, warned: false })
     }
 
-    /// Looks at up to `limit` entries from where the last call stopped. Returns whether a pass completed.
+    /// Looks at up to `limit` entries of each map. Returns whether a pass of `CONNTRACK` completed.
     ///
-    /// Only the entry at hand is ever deleted, after the walk has read the key that follows it: the kernel
-    /// restarts a walk from the first key when asked for the successor of a key that is gone, which would
-    /// count entries twice. So an expired flow's forward entry goes when the walk meets it, and its reply
-    /// entry when the walk meets that (its flow expired, or gone).
+    /// `CONNTRACK`: an expired flow's forward entry goes when the walk meets it, and its reply entry when
+    /// the walk meets that (its flow expired, or gone). `SNAT`: a port's entry (backend → node port) goes
+    /// when its flow has been idle past its lifetime, and a client's entry when the port's entry no longer
+    /// names it.
     pub fn step(&mut self, limit: usize) -> anyhow::Result<bool> {
         let now = now_secs();
-        let mut key = match self.cursor.take() {
-            Some(k) => Some(k),
-            None => next_key(self.walk.fd().as_fd(), None).context("walking CONNTRACK")?,
-        };
-        for _ in 0..limit {
-            let Some(k) = key else {
-                self.finish_pass();
-                return Ok(true);
-            };
-            key = next_key(self.walk.fd().as_fd(), Some(&k)).context("walking CONNTRACK")?;
-            let Ok(value) = self.map.get(&k, 0) else { continue };
-            let ended = if k.dir == DIR_FORWARD {
-                let ended = expired(&self.timeouts, k.proto, &value, now);
+        let (t, stats) = (self.timeouts, self.stats.clone());
+        let mut flows = 0;
+        let pass = self.conntrack.step(limit, |map, k, value| {
+            if k.dir == DIR_FORWARD {
+                let ended = expired(&t, k.proto, value, now);
                 if ended {
-                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    stats.expired.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    self.pass.flows += 1;
+                    flows += 1;
                 }
-                ended
-            } else {
-                let fkey = peer_key(&k, &value);
-                let alive = self
-                    .map
-                    .get(&fkey, 0)
-                    .is_ok_and(|fwd| peer_key(&fkey, &fwd) == k && !expired(&self.timeouts, k.proto, &fwd, now));
-                if !alive {
-                    self.stats.orphans.fetch_add(1, Ordering::Relaxed);
-                }
-                !alive
-            };
-            if ended {
-                let _ = self.map.remove(&k);
-            } else {
-                self.pass.entries += 1;
+                return ended;
             }
-        }
-        self.cursor = key;
-        if self.cursor.is_none() {
-            self.finish_pass();
-            return Ok(true);
-        }
-        Ok(false)
+            let fkey = peer_key(k, value);
+            let alive =
+                map.get(&fkey, 0).is_ok_and(|fwd| peer_key(&fkey, &fwd) == *k && !expired(&t, k.proto, &fwd, now));
+            if !alive {
+                stats.orphans.fetch_add(1, Ordering::Relaxed);
+            }
+            !alive
+        })?;
+        self.flows += flows;
+        self.snat.step(limit, |map, k, value| {
+            if k.dir == DIR_SNAT_IN {
+                return snat_expired(&t, k.proto, value, now);
+            }
+            let in_key = CtKey {
+                src_addr: k.dst_addr,
+                dst_addr: value.addr,
+                src_port: k.dst_port,
+                dst_port: value.port,
+                proto: k.proto,
+                dir: DIR_SNAT_IN,
+                pad: 0,
+            };
+            !map.get(&in_key, 0).is_ok_and(|back| back.addr == k.src_addr && back.port == k.src_port)
+        })?;
+        let Some(entries) = pass else { return Ok(false) };
+        let flows = std::mem::take(&mut self.flows);
+        self.finish_pass(entries, flows);
+        Ok(true)
     }
 
-    fn finish_pass(&mut self) {
-        let pass = std::mem::take(&mut self.pass);
-        self.cursor = None;
+    fn finish_pass(&mut self, entries: u64, flows: u64) {
+        let pass = Pass { entries, flows };
         self.stats.entries.store(pass.entries, Ordering::Relaxed);
         self.stats.flows.store(pass.flows, Ordering::Relaxed);
         self.stats.measured.store(true, Ordering::Relaxed);
@@ -228,8 +276,9 @@ impl Sweeper {
                 loop {
                     if let Err(e) = self.step(CHUNK) {
                         tracing::warn!(error = %format!("{e:#}"), "conntrack sweep failed; retrying");
-                        self.cursor = None;
-                        self.pass = Pass::default();
+                        self.conntrack.restart();
+                        self.snat.restart();
+                        self.flows = 0;
                     }
                     std::thread::sleep(TICK);
                 }
