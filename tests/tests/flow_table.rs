@@ -6,6 +6,7 @@ use std::{
     time::Duration,
 };
 
+use proxy_common::conntrack::{CtKey, CtValue, SnatValue};
 use proxy_lab::{
     Lab, LabSpec,
     echo::{Proto, TcpSession, http_get_path, udp_ask_from_ports},
@@ -63,7 +64,6 @@ fn the_sweep_removes_ended_flows_and_the_metrics_count_them() {
     let node_port = SocketAddrV4::new(proxy_lab::lab::node_ip(1), 30161);
     let external = proxy_lab::echo::requests(&lab.external_ns(), Proto::Tcp, node_port, 10, TIMEOUT).unwrap();
     assert!(external.iter().all(Result::is_ok), "{external:?}");
-    use proxy_common::conntrack::{CtKey, CtValue, SnatValue};
     let conntrack = || -> usize {
         let map = lab.pinned_map(1, proxy_common::maps::CONNTRACK).unwrap();
         aya::maps::HashMap::<_, CtKey, CtValue>::try_from(map).unwrap().keys().count()
