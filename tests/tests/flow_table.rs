@@ -86,6 +86,7 @@ fn the_sweep_removes_ended_flows_and_the_metrics_count_them() {
     let expired = metric(&text, "proxy_agent_conntrack_expired_total").unwrap_or(0.0);
     assert!(expired >= 50.0, "expired flows counted: {expired}\n{text}");
     assert_eq!(metric(&text, "proxy_agent_bpf_map_entries{map=\"CONNTRACK\"}"), Some(0.0), "{text}");
+    assert_eq!(metric(&text, "proxy_agent_bpf_map_entries{map=\"SNAT\"}"), Some(0.0), "{text}");
     assert_eq!(metric(&text, "proxy_agent_conntrack_evictions_total"), Some(0.0), "{text}");
 }
 

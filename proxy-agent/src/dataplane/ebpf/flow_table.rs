@@ -49,6 +49,8 @@ const REARM_AT: f64 = 0.8;
 pub struct FlowTableStats {
     /// Entries (forward + reply) at the end of the last complete pass.
     pub entries: AtomicU64,
+    /// `SNAT` entries at the end of its last complete pass.
+    pub snat_entries: AtomicU64,
     /// Flows (forward entries) alive at the end of the last complete pass.
     pub flows: AtomicU64,
     /// Flows removed by the sweep for being past their lifetime.
@@ -226,7 +228,7 @@ impl Sweeper {
             !alive
         })?;
         self.flows += flows;
-        self.snat.step(limit, |map, k, value| {
+        let snat_pass = self.snat.step(limit, |map, k, value| {
             if k.dir == DIR_SNAT_IN {
                 return snat_expired(&t, k.proto, value, now);
             }
@@ -241,6 +243,9 @@ impl Sweeper {
             };
             !map.get(&in_key, 0).is_ok_and(|back| back.addr == k.src_addr && back.port == k.src_port)
         })?;
+        if let Some(kept) = snat_pass {
+            self.stats.snat_entries.store(kept, Ordering::Relaxed);
+        }
         let Some(entries) = pass else { return Ok(false) };
         let flows = std::mem::take(&mut self.flows);
         self.finish_pass(entries, flows);
@@ -352,8 +357,10 @@ impl Collector for FlowTableMetrics {
             None,
             MetricType::Gauge,
         )?;
-        let n = i64::try_from(self.stats.entries.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
-        ConstGauge::new(n).encode(entries.encode_family(&MapLabel { map: maps::CONNTRACK })?)?;
+        for (map, n) in [(maps::CONNTRACK, &self.stats.entries), (maps::SNAT, &self.stats.snat_entries)] {
+            let n = i64::try_from(n.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+            ConstGauge::new(n).encode(entries.encode_family(&MapLabel { map })?)?;
+        }
         let expired = encoder.encode_descriptor(
             "proxy_agent_conntrack_expired",
             "Flows the sweep removed for being idle past their lifetime",
