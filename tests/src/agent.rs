@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub env: Vec<(String, String)>,
     /// Watch this API server (a kubeconfig) instead of reading `manifests`.
     pub kubeconfig: Option<PathBuf>,
+    /// Another agent binary than [`binary`]'s (an older build, for upgrade tests).
+    pub binary: Option<PathBuf>,
 }
 
 /// A running agent; stopped (SIGTERM, then SIGKILL) on drop.
@@ -52,7 +54,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(config: AgentConfig) -> anyhow::Result<Self> {
-        let bin = binary()?;
+        let bin = match &config.binary {
+            Some(b) => b.clone(),
+            None => binary()?,
+        };
         let log = File::create(&config.log).with_context(|| format!("creating {}", config.log.display()))?;
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &config.netns]);

@@ -44,6 +44,8 @@ pub struct LabSpec {
     /// Run the agents with only these capabilities (`setpriv` names: `net_admin`, `bpf`, …) instead of all
     /// of root's.
     pub agent_capabilities: Option<Vec<String>>,
+    /// Start the agents from this binary instead of the build under test (upgrade tests).
+    pub agent_binary: Option<PathBuf>,
 }
 
 impl Default for LabSpec {
@@ -55,6 +57,7 @@ impl Default for LabSpec {
             tx_checksum_offload: true,
             agent_args: vec!["--mode".to_owned(), mode()],
             agent_capabilities: None,
+            agent_binary: None,
         }
     }
 }
@@ -420,6 +423,7 @@ impl Lab {
                 .concat(),
                 env: Vec::new(),
                 kubeconfig: None,
+                binary: self.spec.agent_binary.clone(),
             };
             self.agents.push(Agent::spawn(config)?);
         }
@@ -454,6 +458,17 @@ impl Lab {
         config.kubeconfig = kubeconfig.map(Path::to_owned);
         *agent = Agent::spawn(config)?;
         agent.wait_for_log(ready, 0, Duration::from_secs(20))
+    }
+
+    /// Stops node `node`'s agent (SIGTERM) and starts the build under test in its place, with the same
+    /// flags (an upgrade from [`LabSpec::agent_binary`]); waits until it has applied its first table.
+    pub fn upgrade_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        let agent = &mut self.agents[node - 1];
+        agent.stop();
+        let mut config = agent.config().clone();
+        config.binary = None;
+        *agent = Agent::spawn(config)?;
+        agent.wait_for_log("service table applied", 0, Duration::from_secs(20))
     }
 
     /// Stops node `node`'s agent (SIGTERM) and starts one with `extra_args` instead of the lab's own (the

@@ -232,6 +232,78 @@ fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
     }
 }
 
+/// An upgrade from a real older build: agents of `PROXY_AGENT_PREVIOUS_BIN` (e.g. the commit before layout
+/// versions, built with `cargo xtask build-ebpf && cargo build -p proxy-agent` in a worktree of its own)
+/// serve a NodePort under load with held connections; node 1's is replaced by the build under test. Run
+/// by hand (`cargo test -p proxy-lab --test restart an_upgrade_from -- --ignored`): the suite has no older
+/// build to hand.
+#[test]
+#[ignore = "needs PROXY_AGENT_PREVIOUS_BIN, an older agent build"]
+fn an_upgrade_from_the_previous_build_drops_no_flow() {
+    let Some(previous) = std::env::var_os("PROXY_AGENT_PREVIOUS_BIN") else {
+        panic!("set PROXY_AGENT_PREVIOUS_BIN to an older agent binary");
+    };
+    let spec = LabSpec { agent_binary: Some(previous.into()), ..LabSpec::default() };
+    let mut lab = Lab::start(spec).expect("lab");
+    for (n, k) in [(1, 2), (2, 2)] {
+        let pod = lab.pod(n, k).clone();
+        lab.serve(&pod, &[8080], &[]).unwrap();
+    }
+    let vip = Ipv4Addr::new(10, 32, 0, 92);
+    let mut svc =
+        Svc::new("old-to-new", vip, vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }]);
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30108];
+    let endpoints =
+        vec![Endpoint::ready(lab.pod(1, 2).ip, node_name(1)), Endpoint::ready(lab.pod(2, 2).ip, node_name(2))];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&endpoints)).unwrap();
+    lab.start_agents().unwrap();
+    let cluster_ip = SocketAddrV4::new(vip, 80);
+    let node_port = SocketAddrV4::new(node_ip(1), 30108);
+    let pod_ns = lab.pod(1, 1).ns.clone();
+    let sessions: Vec<TcpSession> = (0..4)
+        .map(|_| TcpSession::open(&pod_ns, cluster_ip, TIMEOUT).unwrap())
+        .chain((0..2).map(|_| TcpSession::open(&lab.external_ns(), node_port, TIMEOUT).unwrap()))
+        .collect();
+    let first: Vec<String> = sessions.iter().map(|s| s.ask().unwrap().backend).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut loads = Vec::new();
+    for (ns, target) in [(pod_ns.clone(), cluster_ip), (lab.external_ns(), node_port)] {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        loads.push(
+            spawn_in_netns(&ns, move || {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match tcp_request_here(target, TIMEOUT) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("request to {target} failed: {e:#}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+            .unwrap(),
+        );
+    }
+    thread::sleep(Duration::from_millis(700));
+    lab.upgrade_agent(1).unwrap();
+    thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    for load in loads {
+        load.join().unwrap();
+    }
+    let log = lab.agent(1).log();
+    eprintln!("{}", log.lines().filter(|l| l.contains("upgrade")).collect::<Vec<_>>().join("\n"));
+    let now: Vec<String> = sessions.iter().map(|s| s.ask().expect("a held connection survives").backend).collect();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} requests answered, {failed} failed");
+    assert_eq!(now, first, "held connections keep their backends");
+    assert_eq!(failed, 0, "no request may fail across the upgrade");
+    assert!(log.contains("upgrade complete"), "{log}");
+}
+
 /// An API-server outage of 30 s with the agent restarted in the middle of it: node 1's agent watches the
 /// lab's stand-in API server (`proxy_lab::apiserver`), which goes away; the agent is killed and started
 /// again while it is away; the Service's endpoints change meanwhile (one backend replaced; the old pod keeps

@@ -93,7 +93,7 @@ fn next_key(fd: BorrowedFd<'_>, key: Option<&CtKey>) -> std::io::Result<Option<C
 }
 
 /// Seconds of `CLOCK_MONOTONIC`, the clock the data path stamps entries with.
-fn now_secs() -> u32 {
+pub(super) fn now_secs() -> u32 {
     let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `t` is a valid timespec to write to; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut t) };

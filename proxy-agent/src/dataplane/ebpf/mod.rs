@@ -196,6 +196,11 @@ impl EbpfDataplane {
         // Counters are arrays: copied whole, once.
         let counters = [proxy_common::maps::STATS, proxy_common::maps::DROPS];
         let mut carried = pins::migrate(&self.pin_dir, &counters, pins::Overwrite::Yes)?;
+        // A previous table the new programs cannot fall back to (another layout) is converted before the swap
+        // too, so the flows it holds are known from the first packet.
+        if !pins::conntrack_fallback_available(&self.pin_dir) {
+            carried += pins::migrate(&self.pin_dir, &[proxy_common::maps::CONNTRACK], pins::Overwrite::No)?;
+        }
         self.upgrading = false;
         self.attach_sockets()?;
         self.housekeeping()?;

@@ -271,6 +271,11 @@ pub fn migrate(dir: &Path, names: &[&str], overwrite: Overwrite) -> anyhow::Resu
         if let Some(n) = copy(&prev, &path(dir, name), overwrite)? {
             tracing::info!(map = name, entries = n, "upgrade: entries carried over from the previous map");
             total += n;
+        } else if *name == maps::CONNTRACK
+            && let Some(n) = legacy::convert(dir, &prev)?
+        {
+            tracing::info!(map = name, entries = n, "upgrade: entries converted from the previous layout");
+            total += n;
         } else {
             tracing::warn!(
                 map = *name,
@@ -281,9 +286,160 @@ pub fn migrate(dir: &Path, names: &[&str], overwrite: Overwrite) -> anyhow::Resu
     Ok(total)
 }
 
+/// Whether the previous conntrack table can be read by the new programs during the swap (same layout); if
+/// not, its entries are converted before the swap as well as after.
+#[must_use]
+pub fn conntrack_fallback_available(dir: &Path) -> bool {
+    previous_for_fallback(dir).iter().any(|(name, _, _)| *name == maps::PREV_CONNTRACK)
+}
+
+mod legacy {
+    //! The conntrack layout of the builds before layout versions (pins without `_vN`): the same keys, and a
+    //! 12-byte value — backend id, reverse-NAT id, flags (bit 0: SNAT). Converted into this build's entries,
+    //! with backends and frontends named from the previous `BACKENDS` and `REVNAT`, the flow taken as
+    //! established (those builds kept no state).
+
+    use std::path::Path;
+
+    use anyhow::Context as _;
+    use aya::maps::{HashMap, Map, MapData};
+    use proxy_common::{
+        backend::{Backend, FLAG_LOCAL},
+        conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, FLAG_LOCAL_BACKEND, FLAG_SNAT, state},
+        maps, proto,
+        revnat::RevNat,
+    };
+
+    /// The legacy value: backend id, reverse-NAT id, flags.
+    pub type Legacy = [u32; 3];
+
+    /// This build's entry for a legacy one keyed `key`, if the backend or frontend it names is known.
+    pub fn entry(
+        key: &CtKey,
+        old: Legacy,
+        backend: impl Fn(u32) -> Option<Backend>,
+        frontend: impl Fn(u32) -> Option<RevNat>,
+        now: u32,
+    ) -> Option<CtValue> {
+        let [backend_id, rev_nat_id, old_flags] = old;
+        let snat = if old_flags & 1 != 0 { FLAG_SNAT } else { 0 };
+        let established = if key.proto == proto::TCP {
+            state::SYN | state::SYN_ACK | state::ESTABLISHED | state::REPLIED
+        } else {
+            state::REPLIED
+        };
+        let base = CtValue {
+            nat_addr: 0,
+            nat_port: 0,
+            client_port: 0,
+            backend_id,
+            rev_nat_id,
+            flags: snat,
+            state: 0,
+            created: now,
+            last_seen: now,
+        };
+        match key.dir {
+            DIR_FORWARD => {
+                let b = backend(backend_id)?;
+                let local = if b.flags & FLAG_LOCAL != 0 { FLAG_LOCAL_BACKEND } else { 0 };
+                Some(CtValue {
+                    nat_addr: b.addr,
+                    nat_port: b.port,
+                    client_port: key.src_port,
+                    flags: snat | local,
+                    state: established,
+                    ..base
+                })
+            }
+            DIR_REPLY => {
+                let f = frontend(rev_nat_id)?;
+                Some(CtValue { nat_addr: f.addr, nat_port: f.port, client_port: key.dst_port, ..base })
+            }
+            _ => None,
+        }
+    }
+
+    /// Converts the legacy table pinned at `prev` into this build's `CONNTRACK`, adding only entries it does
+    /// not have. `None` if `prev` is not of the legacy layout.
+    pub fn convert(dir: &Path, prev: &Path) -> anyhow::Result<Option<usize>> {
+        let data = MapData::from_pin(prev).with_context(|| format!("opening {}", prev.display()))?;
+        let info = data.info()?;
+        if info.key_size() as usize != size_of::<CtKey>() || info.value_size() as usize != size_of::<Legacy>() {
+            return Ok(None);
+        }
+        let old: HashMap<_, CtKey, Legacy> = HashMap::try_from(Map::from_map_data(data)?)?;
+        let open = |name: &str| -> Option<Map> {
+            let p = super::previous(dir, name)?;
+            Map::from_map_data(MapData::from_pin(p).ok()?).ok()
+        };
+        let backends: Option<HashMap<_, u32, Backend>> = open(maps::BACKENDS).and_then(|m| HashMap::try_from(m).ok());
+        let revnat: Option<HashMap<_, u32, RevNat>> = open(maps::REVNAT).and_then(|m| HashMap::try_from(m).ok());
+        let new_pin = super::path(dir, maps::CONNTRACK);
+        let new = MapData::from_pin(&new_pin).with_context(|| format!("opening {}", new_pin.display()))?;
+        let mut new: HashMap<_, CtKey, CtValue> = HashMap::try_from(Map::from_map_data(new)?)?;
+        let now = super::super::flow_table::now_secs();
+        let mut converted = 0;
+        for item in old.iter().take(2 * info.max_entries() as usize) {
+            let Ok((key, value)) = item else { continue };
+            let backend = |id| backends.as_ref()?.get(&id, 0).ok();
+            let frontend = |id| revnat.as_ref()?.get(&id, 0).ok();
+            let Some(entry) = entry(&key, value, backend, frontend, now) else { continue };
+            // BPF_NOEXIST: what the new programs wrote since stays.
+            if new.insert(&key, &entry, 1).is_ok() {
+                converted += 1;
+            }
+        }
+        Ok(Some(converted))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A legacy forward entry names its backend; its reply entry its frontend; both name each other as
+    /// this build's entries must (the data path checks it).
+    #[test]
+    fn legacy_conntrack_entries_convert_into_a_consistent_pair() {
+        use proxy_common::{
+            backend::{Backend, FLAG_LOCAL},
+            conntrack::{CtKey, DIR_FORWARD, DIR_REPLY, FLAG_LOCAL_BACKEND, FLAG_SNAT, state},
+            proto,
+            revnat::RevNat,
+        };
+        let (client, frontend, backend) = (0x0b01_c80a_u32, 0x0a00_200a_u32, 0x0c02_c80a_u32);
+        let (cport, fport, bport) = (40_000u16.to_be(), 80u16.to_be(), 8080u16.to_be());
+        let key = |src, dst, sp, dp, dir| CtKey {
+            src_addr: src,
+            dst_addr: dst,
+            src_port: sp,
+            dst_port: dp,
+            proto: proto::TCP,
+            dir,
+            pad: 0,
+        };
+        let b = |id| (id == 7).then_some(Backend { addr: backend, port: bport, proto: proto::TCP, flags: FLAG_LOCAL });
+        let f = |id| (id == 3).then_some(RevNat { addr: frontend, port: fport, pad: 0 });
+        let fkey = key(client, frontend, cport, fport, DIR_FORWARD);
+        let rkey = key(backend, client, bport, cport, DIR_REPLY);
+        let fwd = legacy::entry(&fkey, [7, 3, 1], b, f, 100).unwrap();
+        let rep = legacy::entry(&rkey, [7, 3, 1], b, f, 100).unwrap();
+        assert_eq!((fwd.nat_addr, fwd.nat_port, fwd.client_port), (backend, bport, cport));
+        assert_eq!(fwd.flags, FLAG_SNAT | FLAG_LOCAL_BACKEND);
+        assert!(fwd.state & state::ESTABLISHED != 0, "taken as established");
+        assert_eq!((rep.nat_addr, rep.nat_port, rep.client_port), (frontend, fport, cport));
+        // The reply entry names the forward key, and the forward entry names the reply key.
+        assert_eq!(
+            (rkey.dst_addr, rep.nat_addr, rep.client_port, rep.nat_port),
+            (fkey.src_addr, fkey.dst_addr, fkey.src_port, fkey.dst_port)
+        );
+        assert_eq!(
+            (fwd.nat_addr, fkey.src_addr, fwd.nat_port, fwd.client_port),
+            (rkey.src_addr, rkey.dst_addr, rkey.src_port, rkey.dst_port)
+        );
+        assert!(legacy::entry(&fkey, [8, 3, 0], b, f, 100).is_none(), "an unknown backend: no entry");
+    }
 
     #[test]
     fn pin_names_carry_the_layout_version() {
