@@ -210,6 +210,16 @@ pub mod capacity {
     pub const FRONTEND_ADDRS: u32 = 1 << 18;
     /// Maglev table entries, all tables together (allocated on write): 256 tables of 16381, or fewer larger.
     pub const MAGLEV: u32 = 1 << 22;
+    /// Entries of an LRU map that must hold `per_flow` × `flows` entries on a node with `cpus` possible
+    /// CPUs. The kernel's LRU keeps free entries in per-CPU lists (up to 128 each) and evicts on a CPU whose
+    /// list is empty even while another CPU's list holds free ones: without this headroom a table "sized
+    /// for" its flows evicts some of them, and a full table then cascades (measured: a flow re-created after
+    /// its eviction evicts the next oldest).
+    #[must_use]
+    pub const fn lru_entries(flows: u32, per_flow: u32, cpus: u32) -> u32 {
+        flows.saturating_mul(per_flow).saturating_add(cpus.saturating_mul(2 * 128))
+    }
+
     /// `BPF_F_NO_PREALLOC`: the kernel allocates entries on update instead of all at map creation.
     pub const NO_PREALLOC: u32 = 1;
 }

@@ -77,6 +77,20 @@ fn destination(frame: &[u8]) -> [u8; 4] {
     frame.get(30..34).and_then(|d| d.try_into().ok()).unwrap_or_default()
 }
 
+/// Every 1000 packets, moves the thread to the next CPU: real flows arrive on every CPU, and the kernel's
+/// LRU keeps free entries per CPU, so a table must hold its flows whichever CPU adds them.
+fn move_between_cpus(i: u32, cpus: usize) {
+    if !i.is_multiple_of(1000) || cpus < 2 {
+        return;
+    }
+    let mut set = nix::sched::CpuSet::new();
+    let cpu = usize::try_from(i / 1000).unwrap_or(0) % cpus;
+    // A CPU that is offline refuses the set; the thread then stays where it is.
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
 /// `memlock` of the map behind `fd`, from `/proc/self/fdinfo`.
 fn memlock(fd: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
@@ -112,7 +126,9 @@ pub fn measure(flows: u32) -> anyhow::Result<FlowCapacity> {
 fn measure_here(flows: u32) -> anyhow::Result<FlowCapacity> {
     let object = crate::bpf::object()?;
     let pins = PrivateBpffs::mount()?;
-    let entries = flows.checked_mul(2).context("too many flows")?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize;
+    // Sized as the agent sizes it (with its per-CPU headroom).
+    let entries = proxy_common::capacity::lru_entries(flows, 2, u32::try_from(cpus)?);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.path())
         .map_max_entries(maps::CONNTRACK, entries)
@@ -141,6 +157,7 @@ fn measure_here(flows: u32) -> anyhow::Result<FlowCapacity> {
     let mut out = vec![0u8; 256];
     let mut first = Vec::with_capacity(flows as usize);
     for i in 0..flows {
+        move_between_cpus(i, cpus);
         first.push(run(prog, &segment(i, SYN), &mut out)?);
     }
     let counters = |ebpf: &aya::Ebpf| -> anyhow::Result<u64> {
@@ -162,6 +179,7 @@ fn measure_here(flows: u32) -> anyhow::Result<FlowCapacity> {
     let prog: &SchedClassifier = ebpf.program("tc_pod_ingress").context("tc_pod_ingress")?.try_into()?;
     let mut moved = 0;
     for (i, dst) in (0..flows).zip(&first) {
+        move_between_cpus(i, cpus);
         if run(prog, &segment(i, ACK), &mut out)? != *dst {
             moved += 1;
         }

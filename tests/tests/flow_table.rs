@@ -24,6 +24,11 @@ fn metrics(lab: &Lab) -> String {
     http_get_path(&lab.node_ns(1), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249), "/metrics", TIMEOUT).unwrap().1
 }
 
+/// The node's possible CPUs, as the agent counts them for its tables' headroom.
+fn cpus() -> u32 {
+    u32::try_from(aya::util::nr_cpus().unwrap()).unwrap()
+}
+
 fn spec_with(args: &[&str]) -> LabSpec {
     let mut spec = LabSpec::default();
     spec.agent_args.extend(args.iter().map(|a| (*a).to_owned()));
@@ -90,7 +95,8 @@ fn the_sweep_removes_ended_flows_and_the_metrics_count_them() {
     assert_eq!(metric(&text, "proxy_agent_conntrack_evictions_total"), Some(0.0), "{text}");
 }
 
-/// A table sized small (`--conntrack-min 1024 --conntrack-max-per-core 0`: 2048 entries) flooded with
+/// A table sized small (`--conntrack-min 1024 --conntrack-max-per-core 0`: 2048 entries and the per-CPU
+/// headroom) flooded with
 /// 3000 UDP flows: the capacity is what was asked, evictions are counted, the agent warns once, and a TCP
 /// connection kept busy through the flood keeps its backend and its replies' translation.
 #[test]
@@ -110,7 +116,8 @@ fn a_full_table_evicts_idle_flows_reports_it_and_keeps_busy_ones() {
     .unwrap();
     lab.start_agents().unwrap();
     let text = metrics(&lab);
-    assert_eq!(metric(&text, "proxy_agent_bpf_map_capacity{map=\"CONNTRACK\"}"), Some(2048.0), "{text}");
+    let capacity = proxy_common::capacity::lru_entries(1024, 2, cpus());
+    assert_eq!(metric(&text, "proxy_agent_bpf_map_capacity{map=\"CONNTRACK\"}"), Some(f64::from(capacity)), "{text}");
 
     let client = lab.pod(1, 1).ns.clone();
     let session = TcpSession::open(&client, SocketAddrV4::new(vip, 80), TIMEOUT).unwrap();
@@ -132,7 +139,7 @@ fn a_full_table_evicts_idle_flows_reports_it_and_keeps_busy_ones() {
     assert_eq!(lab.agent(1).count_in_log(warning), 1, "{}", lab.agent(1).log());
     let text = metrics(&lab);
     let entries = metric(&text, "proxy_agent_bpf_map_entries{map=\"CONNTRACK\"}").unwrap();
-    assert!((1800.0..=2048.0).contains(&entries), "entries {entries}\n{text}");
+    assert!((1800.0..=f64::from(capacity)).contains(&entries), "entries {entries}\n{text}");
     let evictions = metric(&text, "proxy_agent_conntrack_evictions_total").unwrap();
     assert!(evictions >= 500.0, "3000 flows through a 1024-flow table: {evictions} evictions\n{text}");
 }
@@ -145,6 +152,6 @@ fn the_connection_table_holds_the_flows_it_is_sized_for() {
     let m = proxy_lab::flow_capacity::measure(65_536).unwrap();
     eprintln!("{m:?}");
     assert_eq!(m.entries, 131_072, "the situation: every flow has both entries");
-    assert_eq!(m.capacity, 131_072);
+    assert_eq!(m.capacity, proxy_common::capacity::lru_entries(65_536, 2, cpus()));
     assert_eq!((m.lost, m.moved), (0, 0), "flows lost their entry or their backend: {m:?}");
 }

@@ -68,9 +68,10 @@ pub struct NodeSettings {
 #[must_use]
 pub fn flow_table_sizes(max_flows: u32) -> [(&'static str, u32); 3] {
     use proxy_common::{capacity, maps};
+    let cpus = crate::conntrack_settings::cpus();
     [
-        (maps::CONNTRACK, max_flows.saturating_mul(2)),
-        (maps::SNAT, max_flows.saturating_mul(2)),
+        (maps::CONNTRACK, capacity::lru_entries(max_flows, 2, cpus)),
+        (maps::SNAT, capacity::lru_entries(max_flows, 2, cpus)),
         (maps::FRAGS, (max_flows / 16).max(capacity::FRAGS)),
     ]
 }
