@@ -26,7 +26,7 @@ fn metrics(lab: &Lab) -> String {
 
 /// The node's possible CPUs, as the agent counts them for its tables' headroom.
 fn cpus() -> u32 {
-    u32::try_from(aya::util::nr_cpus().unwrap()).unwrap()
+    aya::util::nr_cpus().unwrap().get()
 }
 
 fn spec_with(args: &[&str]) -> LabSpec {

@@ -228,7 +228,7 @@ fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
     if mode() == "ebpf" {
         let info =
             aya::maps::MapData::from_pin(lab.pin_path(1, proxy_common::maps::CONNTRACK)).unwrap().info().unwrap();
-        let cpus = u32::try_from(aya::util::nr_cpus().unwrap()).unwrap();
+        let cpus = aya::util::nr_cpus().unwrap().get();
         let default = proxy_common::capacity::lru_entries(131_072, 2, cpus);
         assert_eq!(info.max_entries(), default, "the downgrade's default size: 131072 flows");
     }
