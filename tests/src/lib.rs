@@ -21,5 +21,6 @@ pub mod manifests;
 pub mod netns;
 pub mod rawtcp;
 pub mod snmp;
+pub mod traffic;
 
 pub use lab::{Lab, LabSpec, PodRef};

@@ -6,20 +6,16 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
 use proxy_lab::{
     Lab, LabSpec,
-    echo::{TcpSession, UdpSession, tcp_request_here},
+    echo::{TcpSession, UdpSession},
     lab::{mode, node_ip, node_name},
     manifests::{Endpoint, Port, Svc},
-    netns::spawn_in_netns,
+    traffic::{Bounds, RequestLoops},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -51,44 +47,18 @@ fn sigkill_and_restart_under_load_drops_no_connection() {
 
     // New connections from a pod and from outside, back to back, for as long as the restart takes (bounded:
     // at most 20 s and 4000 requests per client).
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut loads = Vec::new();
-    for (ns, target) in [(lab.pod(1, 1).ns.clone(), cluster_ip), (lab.external_ns(), node_port)] {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        loads.push(
-            spawn_in_netns(&ns, move || {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                for _ in 0..4000 {
-                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                        break;
-                    }
-                    match tcp_request_here(target, TIMEOUT) {
-                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            eprintln!("request to {target} failed: {e:#}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-            })
-            .unwrap(),
-        );
-    }
+    let clients = [(lab.pod(1, 1).ns.clone(), cluster_ip), (lab.external_ns(), node_port)];
+    let bounds = Bounds { at_most: Duration::from_secs(20), requests: 4000, pause: Duration::ZERO, timeout: TIMEOUT };
+    let load = RequestLoops::start(&clients, bounds).unwrap();
     thread::sleep(Duration::from_millis(500));
     lab.agent(1).kill_hard();
     // No agent on node1 now: the pinned programs and maps carry on alone.
-    let before_dead = ok.load(Ordering::Relaxed);
+    let before_dead = load.answered();
     thread::sleep(Duration::from_millis(1500));
-    let while_dead = ok.load(Ordering::Relaxed) - before_dead;
+    let while_dead = load.answered() - before_dead;
     lab.restart_agent_hard(1).unwrap();
     thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Relaxed);
-    for load in loads {
-        load.join().unwrap();
-    }
-
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.finish();
     eprintln!("{ok} requests answered, {failed} failed, {while_dead} answered while no agent ran");
     assert_eq!(failed, 0, "no request may fail across a SIGKILL and restart");
     assert!(while_dead > 0, "traffic must keep flowing while the agent is dead");
@@ -123,7 +93,6 @@ type RestartStep<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
 /// the eBPF mode each restart builds new maps beside the old ones and swaps the programs only once they
 /// are filled; the netfilter modes run the same restarts (their rules and the kernel's conntrack stay).
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario: three restarts under one load")]
 fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
     let mut lab = Lab::start(LabSpec::default()).expect("lab");
     for (n, k) in [(1, 2), (2, 2)] {
@@ -167,31 +136,9 @@ fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
     let first = backends("before");
 
     // New connections from a pod and from outside, back to back, bounded: 90 s and 40000 per client.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut loads = Vec::new();
-    for (ns, target) in [(pod_ns.clone(), cluster_ip), (lab.external_ns(), node_port)] {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        loads.push(
-            spawn_in_netns(&ns, move || {
-                let deadline = Instant::now() + Duration::from_secs(90);
-                for _ in 0..40_000 {
-                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                        break;
-                    }
-                    let started = std::time::SystemTime::now();
-                    match tcp_request_here(target, TIMEOUT) {
-                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            eprintln!("request to {target} started at {started:?} failed: {e:#}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-            })
-            .unwrap(),
-        );
-    }
+    let clients = [(pod_ns.clone(), cluster_ip), (lab.external_ns(), node_port)];
+    let bounds = Bounds { at_most: Duration::from_secs(90), requests: 40_000, pause: Duration::ZERO, timeout: TIMEOUT };
+    let load = RequestLoops::start(&clients, bounds).unwrap();
     let mode_args = ["--mode".to_owned(), mode()];
     let steps: [RestartStep; 3] = [
         ("a bigger conntrack table", vec!["--conntrack-min", "262144"], vec![]),
@@ -205,7 +152,7 @@ fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
     let mut per_step = Vec::new();
     for (label, args, env) in steps {
         thread::sleep(Duration::from_millis(700));
-        let before = ok.load(Ordering::Relaxed);
+        let before = load.answered();
         let args: Vec<&str> = mode_args.iter().map(String::as_str).chain(args).collect();
         lab.restart_agent_with_env(1, &args, &env).unwrap_or_else(|e| panic!("{label}: {e:#}"));
         if mode() == "ebpf" {
@@ -215,13 +162,9 @@ fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
         }
         thread::sleep(Duration::from_millis(700));
         assert_eq!(backends(label), first, "{label}: flows kept their backends");
-        per_step.push((label, ok.load(Ordering::Relaxed) - before));
+        per_step.push((label, load.answered() - before));
     }
-    stop.store(true, Ordering::Relaxed);
-    for load in loads {
-        load.join().unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.finish();
     eprintln!("{ok} requests answered, {failed} failed; per step: {per_step:?}");
     assert_eq!(failed, 0, "no request may fail across the restarts");
     assert!(per_step.iter().all(|(_, n)| *n > 0), "traffic flowed through every step: {per_step:?}");
@@ -268,38 +211,16 @@ fn an_upgrade_from_the_previous_build_drops_no_flow() {
         .chain((0..2).map(|_| TcpSession::open(&lab.external_ns(), node_port, TIMEOUT).unwrap()))
         .collect();
     let first: Vec<String> = sessions.iter().map(|s| s.ask().unwrap().backend).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut loads = Vec::new();
-    for (ns, target) in [(pod_ns.clone(), cluster_ip), (lab.external_ns(), node_port)] {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        loads.push(
-            spawn_in_netns(&ns, move || {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match tcp_request_here(target, TIMEOUT) {
-                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            eprintln!("request to {target} failed: {e:#}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-            })
-            .unwrap(),
-        );
-    }
+    let clients = [(pod_ns.clone(), cluster_ip), (lab.external_ns(), node_port)];
+    let bounds = Bounds { at_most: Duration::from_secs(30), requests: 40_000, pause: Duration::ZERO, timeout: TIMEOUT };
+    let load = RequestLoops::start(&clients, bounds).unwrap();
     thread::sleep(Duration::from_millis(700));
     lab.upgrade_agent(1).unwrap();
     thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Relaxed);
-    for load in loads {
-        load.join().unwrap();
-    }
+    let (ok, failed) = load.finish();
     let log = lab.agent(1).log();
     eprintln!("{}", log.lines().filter(|l| l.contains("upgrade")).collect::<Vec<_>>().join("\n"));
     let now: Vec<String> = sessions.iter().map(|s| s.ask().expect("a held connection survives").backend).collect();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("{ok} requests answered, {failed} failed");
     assert_eq!(now, first, "held connections keep their backends");
     // From a build of this scheme's layouts the bar is 0 (`restarts_that_resize_upgrade_and_downgrade_*`).
@@ -336,25 +257,13 @@ fn an_api_outage_with_a_restart_during_it_loses_nothing_and_catches_up() {
 
     let target = SocketAddrV4::new(vip, 80);
     let client = lab.pod(1, 1).ns.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        spawn_in_netns(&client, move || {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match tcp_request_here(target, TIMEOUT) {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        eprintln!("request failed: {e:#}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                thread::sleep(Duration::from_millis(20));
-            }
-        })
-        .unwrap()
+    let bounds = Bounds {
+        at_most: Duration::from_secs(120),
+        requests: 10_000,
+        pause: Duration::from_millis(20),
+        timeout: TIMEOUT,
     };
+    let load = RequestLoops::start(&[(client.clone(), target)], bounds).unwrap();
 
     let outage = Instant::now();
     api.stop();
@@ -369,7 +278,7 @@ fn an_api_outage_with_a_restart_during_it_loses_nothing_and_catches_up() {
     assert_eq!(health("/livez").unwrap(), 200, "alive while the API is away");
     assert_eq!(health("/healthz").unwrap(), 200, "healthy: nothing waits to be programmed");
     assert_eq!(lab.agent(1).count_in_log("service table applied"), 0, "the situation: no sync yet");
-    let during = ok.load(Ordering::Relaxed);
+    let during = load.answered();
     thread::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed()));
 
     let seen = lab.agent(1).count_in_log("service table applied");
@@ -379,9 +288,7 @@ fn an_api_outage_with_a_restart_during_it_loses_nothing_and_catches_up() {
         .wait_for_log("service table applied", seen, Duration::from_secs(40))
         .expect("a sync once the API is back");
     let caught_up = back.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.finish();
     eprintln!(
         "{ok} requests answered ({during} before the changes), {failed} failed; changes applied {caught_up:?} after the API returned"
     );
