@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity,
-    config::{Config, FLAG_MIGRATING},
+    config::Config,
     conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, Timeouts, closed, expired, state},
     proto, stats,
 };
@@ -28,28 +28,15 @@ static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONN
 #[map(name = "PREV_CONNTRACK")]
 static PREV_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(1, 0);
 
-/// The entry of `key`: this table's, or during an upgrade the previous table's, carried over on the way.
+/// The entry of `key` (see `upgrade::entry`).
 #[inline(always)]
 fn entry(key: &CtKey, cfg: &Config) -> Option<*mut CtValue> {
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        return Some(entry);
-    }
-    if cfg.flags & FLAG_MIGRATING == 0 {
-        return None;
-    }
-    // SAFETY: the value is copied out at once.
-    let old = unsafe { PREV_CONNTRACK.get(key).copied() }?;
-    let _ = CONNTRACK.insert(key, &old, u64::from(BPF_NOEXIST));
-    CONNTRACK.get_ptr_mut(key)
+    crate::upgrade::entry(&CONNTRACK, &PREV_CONNTRACK, key, cfg)
 }
 
-/// During an upgrade, a new entry is also written to the previous table: until the swap is done, hooks
-/// still running the previous programs (which know only that table) may meet the flow's other packets.
 #[inline(always)]
 fn mirror(key: &CtKey, value: &CtValue, cfg: &Config) {
-    if cfg.flags & FLAG_MIGRATING != 0 {
-        let _ = PREV_CONNTRACK.insert(key, value, u64::from(BPF_ANY));
-    }
+    crate::upgrade::mirror(&PREV_CONNTRACK, key, value, cfg);
 }
 
 /// How many other client ports to try for a flow whose reply tuple a live flow holds.

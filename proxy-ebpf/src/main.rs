@@ -26,6 +26,7 @@ mod sock_lb;
 mod stats;
 mod tc_host;
 mod tc_pod;
+mod upgrade;
 mod xdp_host;
 
 #[cfg(not(test))]

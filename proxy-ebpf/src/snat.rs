@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity,
-    config::{Config, FLAG_MIGRATING},
+    config::Config,
     conntrack::{CtKey, DIR_SNAT_IN, DIR_SNAT_OUT, SNAT_CLOSING, SNAT_FIN_IN, SNAT_FIN_OUT, SNAT_RST, SnatValue},
     proto,
 };
@@ -31,27 +31,15 @@ static SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::pinned(capacity::SNAT, 0
 #[map(name = "PREV_SNAT")]
 static PREV_SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::with_max_entries(1, 0);
 
-/// The SNAT entry of `key`: this table's, or during an upgrade the previous table's, carried over.
+/// The SNAT entry of `key` (see `upgrade::entry`).
 #[inline(always)]
 fn entry(key: &CtKey, cfg: &Config) -> Option<*mut SnatValue> {
-    if let Some(entry) = SNAT.get_ptr_mut(key) {
-        return Some(entry);
-    }
-    if cfg.flags & FLAG_MIGRATING == 0 {
-        return None;
-    }
-    // SAFETY: the value is copied out at once.
-    let old = unsafe { PREV_SNAT.get(key).copied() }?;
-    let _ = SNAT.insert(key, &old, u64::from(BPF_NOEXIST));
-    SNAT.get_ptr_mut(key)
+    crate::upgrade::entry(&SNAT, &PREV_SNAT, key, cfg)
 }
 
-/// During an upgrade, a new entry is also written to the previous table (see `conntrack::mirror`).
 #[inline(always)]
 fn mirror(key: &CtKey, value: &SnatValue, cfg: &Config) {
-    if cfg.flags & FLAG_MIGRATING != 0 {
-        let _ = PREV_SNAT.insert(key, value, u64::from(BPF_ANY));
-    }
+    crate::upgrade::mirror(&PREV_SNAT, key, value, cfg);
 }
 
 #[map(name = "CONFIG")]
