@@ -54,7 +54,9 @@ fn lab_with_backends() -> (Lab, Vec<PodRef>) {
 }
 
 /// The same 48 flows (client ports) sent through node 1, then through node 2, which has never seen them:
-/// each meets the same backend both times, and together they use every backend.
+/// each meets the same backend both times, and together they use every backend. (The hash over slots that
+/// non-Maglev frontends use agrees across nodes too, the slots being in the same order; what only Maglev
+/// gives is checked by `removing_one_backend_moves_only_its_flows`, which fails without it: 20 of 51 kept.)
 #[test]
 fn two_nodes_pick_the_same_backend_for_the_same_flow() {
     let (lab, backends) = lab_with_backends();
