@@ -55,8 +55,6 @@ pub struct FlowTableStats {
     pub flows: AtomicU64,
     /// Flows removed by the sweep for being past their lifetime.
     pub expired: AtomicU64,
-    /// Reply entries removed because their flow was gone.
-    pub orphans: AtomicU64,
     /// Whether a pass has completed (until then the counts mean nothing).
     pub measured: AtomicBool,
 }
@@ -220,12 +218,8 @@ impl Sweeper {
                 return ended;
             }
             let fkey = peer_key(k, value);
-            let alive =
-                map.get(&fkey, 0).is_ok_and(|fwd| peer_key(&fkey, &fwd) == *k && !expired(&t, k.proto, &fwd, now));
-            if !alive {
-                stats.orphans.fetch_add(1, Ordering::Relaxed);
-            }
-            !alive
+            // A reply entry goes with its flow: expired, gone, or replaced by another.
+            !map.get(&fkey, 0).is_ok_and(|fwd| peer_key(&fkey, &fwd) == *k && !expired(&t, k.proto, &fwd, now))
         })?;
         self.flows += flows;
         let snat_pass = self.snat.step(limit, |map, k, value| {
