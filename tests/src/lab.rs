@@ -101,6 +101,8 @@ pub struct Lab {
     bulk_servers: Vec<BulkServer>,
     /// Real servers (dnsmasq, nginx) started in pods.
     daemons: Vec<Daemon>,
+    /// Destinations a test expects to leave a node by its default route (see [`Lab::expect_leaks_to`]).
+    expected_leaks: Vec<Ipv4Addr>,
     /// `xdp_pass` on the underlay ends of the nodes' uplinks (see [`Lab::attach_underlay_xdp`]), and the
     /// bpffs its object's maps are pinned in. Dropped before the namespaces go.
     underlay_xdp: Option<(aya::Ebpf, crate::bpf::PrivateBpffs)>,
@@ -143,6 +145,7 @@ impl Lab {
             servers: Vec::new(),
             bulk_servers: Vec::new(),
             daemons: Vec::new(),
+            expected_leaks: Vec::new(),
             underlay_xdp: None,
         };
         // On error, `lab` is dropped here and removes whatever was built so far.
@@ -187,7 +190,12 @@ impl Lab {
                 ("net.ipv4.ip_forward", "1"),
                 ("net.ipv4.conf.all.rp_filter", "1"),
                 ("net.ipv4.conf.default.rp_filter", "1"),
+                // The kernel sends a redirect if `all` or the interface says so: both must be off, or a node
+                // forwarding a packet back out eth0 (to the lab's "outside") sends a redirect, and that
+                // suppresses the ICMP error a REJECT sends right after, so a refusal reads as a drop.
                 ("net.ipv4.conf.all.send_redirects", "0"),
+                ("net.ipv4.conf.default.send_redirects", "0"),
+                ("net.ipv4.conf.eth0.send_redirects", "0"),
             ] {
                 sysctl_in(&ns, key, value)?;
             }
@@ -208,6 +216,7 @@ impl Lab {
 
         let external = self.add_ns("ext")?;
         Self::plug_into_underlay(&underlay, &external, "ext", EXTERNAL_IP)?;
+        crate::leaks::watch(&external)?;
         self.attach_underlay_xdp(&underlay)?;
 
         // The Node objects, as the API server would have them.
@@ -555,8 +564,36 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
     p.to_str().context("non-UTF-8 temp path")
 }
 
+impl Lab {
+    /// Packets that reached the external client's namespace addressed to someone else: what a node sent
+    /// out by its default route (in the lab, nothing legitimate does). See [`crate::leaks`].
+    pub fn leaks(&self) -> anyhow::Result<Vec<crate::leaks::Leak>> {
+        crate::leaks::read(&self.external_ns())
+    }
+
+    /// Leaks to destinations the test did not declare with [`Lab::expect_leaks_to`].
+    pub fn unexpected_leaks(&self) -> anyhow::Result<Vec<crate::leaks::Leak>> {
+        Ok(self.leaks()?.into_iter().filter(|l| !self.expected_leaks.contains(&l.dst)).collect())
+    }
+
+    /// Fails if any packet left a node by its default route to a destination not declared with
+    /// [`Lab::expect_leaks_to`]. Every lab also checks this when it is torn down.
+    pub fn assert_no_leaks(&self) {
+        let leaks = self.unexpected_leaks().expect("reading the lab's leak record");
+        assert!(leaks.is_empty(), "packets left a node by its default route: {leaks:?}");
+    }
+
+    /// Declares that packets to `addr` may leave a node by its default route in this test (an address
+    /// the dataplane deliberately leaves alone, as kube-proxy does).
+    pub fn expect_leaks_to(&mut self, addr: Ipv4Addr) {
+        self.expected_leaks.push(addr);
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        // Read before the namespaces go; reported after teardown, so a failing check leaves nothing behind.
+        let leaks = if std::thread::panicking() { Ok(Vec::new()) } else { self.unexpected_leaks() };
         for agent in &mut self.agents {
             agent.stop();
         }
@@ -580,6 +617,11 @@ impl Drop for Lab {
             unmount(&self.dir.join("cgroup2"));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        match leaks {
+            Ok(leaks) if !leaks.is_empty() => panic!("packets left a node by its default route: {leaks:?}"),
+            Ok(_) => {}
+            Err(e) => panic!("reading the lab's leak record: {e:#}"),
+        }
     }
 }
 

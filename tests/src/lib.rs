@@ -17,6 +17,7 @@ pub mod echo;
 pub mod flow_capacity;
 pub mod fuzz;
 pub mod lab;
+pub mod leaks;
 pub mod manifests;
 pub mod netns;
 pub mod rawtcp;

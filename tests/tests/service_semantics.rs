@@ -181,6 +181,9 @@ fn load_balancer_ips_honour_ip_mode_and_source_ranges() {
     for ip in [vip_ip, proxy_ip, ranged_ip] {
         lab.route_external_via(ip, 1).unwrap();
     }
+    // ipMode Proxy: the load balancer itself delivers such traffic, so the node leaves the address alone
+    // and routes it on, as kube-proxy does.
+    lab.expect_leaks_to(proxy_ip);
     lab.start_agents().unwrap();
 
     assert_eq!(answered(attempt(&ext(&lab), Proto::Tcp, at(vip_ip, 80), TIMEOUT).unwrap()).backend, "pod-1-2");

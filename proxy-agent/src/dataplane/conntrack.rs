@@ -18,11 +18,12 @@ use netlink_packet_netfilter::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
-/// UDP entries to delete: sent to `frontend`, answered by `backend` (conntrack's reply source).
+/// UDP entries to delete: sent to `frontend`, answered by `backend` (conntrack's reply source address and
+/// port: an endpoint whose port was renumbered is a different endpoint).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StaleUdp {
     pub frontend: (Ipv4Addr, u16),
-    pub backend: Ipv4Addr,
+    pub backend: (Ipv4Addr, u16),
 }
 
 /// One IPv4 entry with ports as the dump shows it: its original tuple, and where replies come from.
@@ -31,7 +32,7 @@ struct Entry {
     protocol: Protocol,
     source: (Ipv4Addr, u16),
     destination: (Ipv4Addr, u16),
-    reply_source: Ipv4Addr,
+    reply_source: (Ipv4Addr, u16),
 }
 
 impl Entry {
@@ -208,7 +209,7 @@ fn entry(attributes: &[ConntrackAttribute]) -> Option<Entry> {
         protocol: orig.protocol?,
         source: (orig.source?, orig.source_port?),
         destination: (orig.destination?, orig.destination_port?),
-        reply_source: reply.source?,
+        reply_source: (reply.source?, reply.source_port?),
     })
 }
 

@@ -51,9 +51,11 @@ fn only_the_udp_entries_of_stale_pairs_are_deleted() {
     load(&ns, &entries);
 
     let stale = BTreeSet::from([
-        StaleUdp { frontend: (Ipv4Addr::new(10, 32, 0, 10), 53), backend: Ipv4Addr::new(10, 200, 2, 12) },
-        // Nothing matches this one: not an error.
-        StaleUdp { frontend: (Ipv4Addr::new(10, 32, 0, 10), 53), backend: Ipv4Addr::new(10, 200, 2, 77) },
+        StaleUdp { frontend: (Ipv4Addr::new(10, 32, 0, 10), 53), backend: (Ipv4Addr::new(10, 200, 2, 12), 5353) },
+        // Nothing matches these: not an error. (The second is the stale backend's address on another port:
+        // its renumbered endpoint, whose entries stay.)
+        StaleUdp { frontend: (Ipv4Addr::new(10, 32, 0, 10), 53), backend: (Ipv4Addr::new(10, 200, 2, 77), 5353) },
+        StaleUdp { frontend: (Ipv4Addr::new(10, 32, 0, 10), 53), backend: (Ipv4Addr::new(10, 200, 2, 13), 53) },
     ]);
     let deleted = ns.run(|| delete_stale_udp(&stale)).unwrap();
 

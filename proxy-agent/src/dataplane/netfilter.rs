@@ -46,19 +46,30 @@ pub struct ServicePort<'a> {
 }
 
 impl ServicePort<'_> {
-    /// Every endpoint usable cluster-wide: the largest set any frontend of the port uses.
+    /// Every endpoint usable cluster-wide: the set pods use at a node port, external or load-balancer
+    /// address (no policy narrows it). A ClusterIP-only port has only its ClusterIP's set, which
+    /// internalTrafficPolicy Local narrows to the local endpoints; then that is the port's only set.
     #[must_use]
     pub fn cluster_set(&self) -> &BackendSet {
         let internal_of_external_kinds =
             self.entries.iter().find(|(_, e)| e.kind != FrontendKind::ClusterIp).map(|(_, e)| &e.internal);
-        let external_of_cluster_ip =
-            self.entries.iter().find(|(_, e)| e.kind == FrontendKind::ClusterIp).map(|(_, e)| &e.external);
-        external_of_cluster_ip.or(internal_of_external_kinds).expect("a service port has a frontend")
+        let of_cluster_ip =
+            self.entries.iter().find(|(_, e)| e.kind == FrontendKind::ClusterIp).map(|(_, e)| &e.internal);
+        internal_of_external_kinds.or(of_cluster_ip).expect("a service port has a frontend")
     }
 
+    /// The endpoints a Local policy sends to: the model's local set (ready local endpoints, else the
+    /// serving-and-terminating local ones), as the frontend whose policy is Local carries it. They are not
+    /// always among the cluster set's: a node whose endpoints all terminate while others elsewhere are
+    /// ready still sends its external traffic to them, as kube-proxy does.
     #[must_use]
     pub fn local_endpoints(&self) -> Vec<Endpoint> {
-        self.cluster_set().endpoints.iter().filter(|e| e.local).copied().collect()
+        let cluster = &self.cluster_set().endpoints;
+        let local_set = self.entries.iter().find_map(|(_, e)| match e.kind {
+            FrontendKind::ClusterIp => (&e.internal.endpoints != cluster).then_some(&e.internal.endpoints),
+            _ => (!e.masquerade_external).then_some(&e.external.endpoints),
+        });
+        local_set.map_or_else(|| cluster.iter().filter(|e| e.local).copied().collect(), Clone::clone)
     }
 
     /// Whether some frontend sends traffic to the local endpoints only: internalTrafficPolicy Local on the
@@ -137,12 +148,15 @@ pub fn clear_stale_udp(old: &ServiceTable, new: &ServiceTable) {
 fn stale_udp(old: &ServiceTable, new: &ServiceTable) -> BTreeSet<StaleUdp> {
     let mut stale = BTreeSet::new();
     for (frontend, entry) in old.frontends.iter().filter(|(f, _)| f.protocol == Protocol::Udp) {
-        let keep: BTreeSet<_> =
-            new.frontends.get(frontend).map(|e| e.all_endpoints().map(|ep| ep.addr).collect()).unwrap_or_default();
+        let keep: BTreeSet<_> = new
+            .frontends
+            .get(frontend)
+            .map(|e| e.all_endpoints().map(|ep| (ep.addr, ep.port)).collect())
+            .unwrap_or_default();
         stale.extend(
             entry
                 .all_endpoints()
-                .map(|ep| ep.addr)
+                .map(|ep| (ep.addr, ep.port))
                 .filter(|a| !keep.contains(a))
                 .map(|backend| StaleUdp { frontend: (frontend.addr, frontend.port), backend }),
         );

@@ -23,6 +23,8 @@ pub(super) struct NodeContext {
     pub name: String,
     pub zone: Option<String>,
     pub node_port_addrs: Vec<Ipv4Addr>,
+    /// kube-proxy's `nodeIP`: the Node object's InternalIP, else the first local address.
+    pub primary_addr: Option<Ipv4Addr>,
 }
 
 impl NodeContext {
@@ -31,6 +33,7 @@ impl NodeContext {
             name: node.name.clone(),
             zone: node_zone(state, &node.name),
             node_port_addrs: node.node_port_addresses(state),
+            primary_addr: node.primary_address(state),
         }
     }
 }
@@ -84,9 +87,12 @@ pub(super) fn service_output(checked: &CheckedService, slices: &[&CheckedSlice],
             continue;
         }
         let sets = Sets::of(&candidates, node.zone.as_deref(), &node.name);
-        local_endpoints = local_endpoints.max(sets.local.endpoints.len());
+        // kube-proxy's count (`LocalReadyEndpoints`): ready local endpoints, summed over the Service's
+        // ports. Terminating ones do not count even where they still take traffic, so a load balancer
+        // drains a node whose endpoints are all going away.
+        local_endpoints += candidates.iter().filter(|c| c.endpoint.local && c.ready).count();
         for (frontend, kind) in frontends_of(checked, port, &node.node_port_addrs) {
-            let entry = entry_for(checked, port, kind, &sets);
+            let entry = entry_for(checked, port, kind, &sets, node);
             out.claims.push(Claim { frontend, port_index: i, entry });
         }
     }
@@ -129,7 +135,26 @@ fn frontends_of(
     out
 }
 
-fn entry_for(svc: &CheckedService, port: &CheckedServicePort, kind: FrontendKind, sets: &Sets) -> FrontendEntry {
+/// `loadBalancerSourceRanges` as kube-proxy applies them: when the node's primary address is inside a range,
+/// the load-balancer IPs themselves are allowed too. A load balancer that hairpins a node's own request to
+/// its VIP (or a VIP the node holds as a local address) delivers it with the VIP as its source.
+fn source_ranges(svc: &CheckedService, node: &NodeContext) -> Vec<(Ipv4Addr, u8)> {
+    let mut ranges = svc.source_ranges.clone();
+    if node.primary_addr.is_some_and(|a| ranges.iter().any(|r| super::in_cidr(a, *r))) {
+        ranges.extend(svc.load_balancer_ips.iter().map(|ip| (*ip, 32)));
+    }
+    ranges.sort_unstable();
+    ranges.dedup();
+    ranges
+}
+
+fn entry_for(
+    svc: &CheckedService,
+    port: &CheckedServicePort,
+    kind: FrontendKind,
+    sets: &Sets,
+    node: &NodeContext,
+) -> FrontendEntry {
     let service = ServicePortName { namespace: svc.namespace.clone(), name: svc.name.clone(), port: port.name.clone() };
     let cluster_wide = !sets.usable.is_empty();
     let local_policy = |policy: TrafficPolicy| {
@@ -139,9 +164,10 @@ fn entry_for(svc: &CheckedService, port: &CheckedServicePort, kind: FrontendKind
         BackendSet { endpoints: set.endpoints.clone(), reject_when_empty: !cluster_wide }
     };
     let (external, internal) = match kind {
-        // internalTrafficPolicy applies to ClusterIP traffic only; traffic from outside the cluster to a
-        // ClusterIP uses every endpoint.
-        FrontendKind::ClusterIp => (local_policy(TrafficPolicy::Cluster), local_policy(svc.internal_policy)),
+        // internalTrafficPolicy applies to all ClusterIP traffic, from pods and from outside alike: kube-proxy
+        // sends every packet to a ClusterIP through the internal policy's chain (outside traffic is also
+        // masqueraded, see `masquerade_external`).
+        FrontendKind::ClusterIp => (local_policy(svc.internal_policy), local_policy(svc.internal_policy)),
         // externalTrafficPolicy applies to external traffic; pods and the node reach every endpoint.
         _ => (local_policy(svc.external_policy), local_policy(TrafficPolicy::Cluster)),
     };
@@ -154,7 +180,7 @@ fn entry_for(svc: &CheckedService, port: &CheckedServicePort, kind: FrontendKind
         masquerade_external: kind == FrontendKind::ClusterIp || svc.external_policy == TrafficPolicy::Cluster,
         affinity_timeout: svc.affinity_timeout,
         lb_algorithm: svc.lb_algorithm,
-        source_ranges: if kind == FrontendKind::LoadBalancer { svc.source_ranges.clone() } else { Vec::new() },
+        source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges(svc, node) } else { Vec::new() },
     }
 }
 

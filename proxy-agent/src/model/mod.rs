@@ -7,6 +7,7 @@ mod build;
 mod incremental;
 #[cfg(test)]
 mod reference;
+pub mod sloppy_ip;
 mod table;
 pub mod validate;
 

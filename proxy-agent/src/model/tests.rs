@@ -326,7 +326,7 @@ fn traffic_policies_shape_the_external_and_internal_sets() {
     let remote = Endpoint { addr: Ipv4Addr::new(10, 200, 2, 5), port: 8080, local: false };
     let cluster_ip = &d.table.frontends[&fe([10, 32, 0, 42], 80, Protocol::Tcp)];
     assert_eq!(cluster_ip.internal.endpoints, vec![local], "iTP Local: pods use local endpoints");
-    assert_eq!(cluster_ip.external.endpoints, vec![local, remote], "iTP does not apply to external traffic");
+    assert_eq!(cluster_ip.external.endpoints, vec![local], "iTP applies to all ClusterIP traffic, as kube-proxy's");
     assert!(cluster_ip.masquerade_external);
     let node_port = &d.table.frontends[&fe([10, 240, 0, 11], 30042, Protocol::Tcp)];
     assert_eq!(node_port.external.endpoints, vec![local], "eTP Local: external traffic uses local endpoints");

@@ -6,6 +6,8 @@
 
 use std::{fmt, net::IpAddr, net::Ipv4Addr};
 
+use super::sloppy_ip;
+
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServiceSpec},
@@ -153,10 +155,10 @@ impl Checker {
     }
 
     fn ipv4(&self, field: String, value: &str) -> Result<Option<Ipv4Addr>, Rejection> {
-        match value.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => Ok(Some(v4)),
-            Ok(IpAddr::V6(_)) => Ok(None),
-            Err(_) => Err(self.reject(field, format!("{value:?} is not an IP address"))),
+        match sloppy_ip::parse_ip(value) {
+            Some(IpAddr::V4(v4)) => Ok(Some(v4)),
+            Some(IpAddr::V6(_)) => Ok(None),
+            None => Err(self.reject(field, format!("{value:?} is not an IP address"))),
         }
     }
 
@@ -240,9 +242,9 @@ fn cluster_ips(c: &Checker, spec: &ServiceSpec) -> Result<Vec<Ipv4Addr>, Rejecti
         let parse = |field: String, ip: &str| -> Result<Option<IpAddr>, Rejection> {
             match ip {
                 "" | "None" => Ok(None),
-                _ => {
-                    ip.parse::<IpAddr>().map(Some).map_err(|_| c.reject(field, format!("{ip:?} is not an IP address")))
-                }
+                _ => sloppy_ip::parse_ip(ip)
+                    .map(Some)
+                    .ok_or_else(|| c.reject(field, format!("{ip:?} is not an IP address"))),
             }
         };
         let primary = match &spec.cluster_ip {
@@ -257,7 +259,7 @@ fn cluster_ips(c: &Checker, spec: &ServiceSpec) -> Result<Vec<Ipv4Addr>, Rejecti
         }
         // The API server keeps clusterIPs[0] equal to clusterIP; a manifest may set either or both.
         match (primary, listed.first()) {
-            (Some(p), Some(first)) if first.parse::<IpAddr>().ok() != Some(p) => {
+            (Some(p), Some(first)) if sloppy_ip::parse_ip(first) != Some(p) => {
                 return Err(c.reject("spec.clusterIP", format!("{p} does not match spec.clusterIPs[0] {first:?}")));
             }
             (Some(IpAddr::V4(v4)), None) => cluster_ips.push(v4),
@@ -310,12 +312,12 @@ fn load_balancer(c: &Checker, svc: &Service, spec: &ServiceSpec) -> Result<LoadB
     let mut source_ranges = Vec::new();
     for (i, range) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
         let field = format!("spec.loadBalancerSourceRanges[{i}]");
-        let parsed = range.trim().split_once('/').and_then(|(addr, len)| {
-            let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
-            Some((addr.parse::<IpAddr>().ok()?, len))
-        });
-        match parsed {
-            Some((IpAddr::V4(addr), len)) => source_ranges.push((addr, len)),
+        match sloppy_ip::parse_cidr(range.trim()) {
+            // The network, as kube-proxy's parser returns it: host bits cleared.
+            Some((IpAddr::V4(addr), len)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                source_ranges.push((Ipv4Addr::from(u32::from(addr) & mask), len));
+            }
             Some((IpAddr::V6(_), _)) => {}
             None => return Err(c.reject(field, format!("{range:?} is not a CIDR"))),
         }
@@ -378,9 +380,14 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<CheckedSlice>, Rej
     for (i, ep) in slice.endpoints.iter().enumerate() {
         let mut addresses = Vec::new();
         for (j, a) in ep.addresses.iter().enumerate() {
-            let addr = a.parse::<Ipv4Addr>().map_err(|_| {
-                c.reject(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IPv4 address"))
-            })?;
+            let addr = match sloppy_ip::parse_ip(a) {
+                Some(IpAddr::V4(addr)) => addr,
+                _ => {
+                    return Err(
+                        c.reject(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IPv4 address"))
+                    );
+                }
+            };
             addresses.push(addr);
         }
         let cond = ep.conditions.as_ref();

@@ -89,9 +89,16 @@ struct PortChains {
     fw: String,
 }
 
+/// Marks for masquerade what did not arrive from a pod interface (kube-proxy's `InterfaceNamePrefix`
+/// local-traffic detection, for every pattern of `--pod-interfaces`): the ClusterIP masquerade rule jumps
+/// here when no cluster CIDR is given.
+const MASQ_UNLESS_POD: &str = "KUBE-PROXY-MASQ-UNLESS-POD";
+
 /// Accumulates the ruleset, one Service port at a time.
 struct Renderer<'a> {
     config: &'a RuleConfig,
+    /// Some rule jumps to [`MASQ_UNLESS_POD`].
+    uses_pod_interface_check: bool,
     nat: Chains,
     filter: Chains,
     /// KUBE-SERVICES rules, appended before the node-port catch-all rules that must come last.
@@ -133,7 +140,14 @@ impl<'a> Renderer<'a> {
             format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j ACCEPT"),
             "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
         ]);
-        Self { config, nat, filter, services: Vec::new(), node_port_addrs: BTreeSet::new() }
+        Self {
+            config,
+            uses_pod_interface_check: false,
+            nat,
+            filter,
+            services: Vec::new(),
+            node_port_addrs: BTreeSet::new(),
+        }
     }
 
     /// The service, local and endpoint chains of a port.
@@ -187,16 +201,22 @@ impl<'a> Renderer<'a> {
         let (head, tail) = frontend(f);
         let comment = format!("{spn} cluster IP");
         self.services.push(rule("KUBE-SERVICES", &head, &comment, &tail, target));
-        let svc = &chains.svc;
+        // As kube-proxy: in the chain ClusterIP traffic goes to (the local one under internalTrafficPolicy
+        // Local), masquerade all of it with masqueradeAll, else what does not come from a pod (it may have
+        // to leave the node again, and its replies must come back here).
+        // (Without a cluster CIDR or pod interfaces nothing tells pod traffic apart: none is masqueraded.)
         let masq = if self.config.masquerade_all {
-            Some(rule(svc, &head, &comment, &tail, "KUBE-MARK-MASQ"))
+            Some(rule(target, &head, &comment, &tail, "KUBE-MARK-MASQ"))
+        } else if let Some((net, len)) = self.config.cluster_cidr {
+            Some(rule(target, &format!(" ! -s {net}/{len}{head}"), &comment, &tail, "KUBE-MARK-MASQ"))
+        } else if self.config.pod_interface_patterns().next().is_some() {
+            self.uses_pod_interface_check = true;
+            Some(rule(target, &head, &comment, &tail, MASQ_UNLESS_POD))
         } else {
-            self.config
-                .cluster_cidr
-                .map(|(net, len)| rule(svc, &format!(" ! -s {net}/{len}{head}"), &comment, &tail, "KUBE-MARK-MASQ"))
+            None
         };
-        if let Some(rule) = masq {
-            self.nat.get_mut(svc).unwrap().insert(0, rule);
+        if let Some(masq) = masq {
+            self.nat.get_mut(target.as_str()).expect("the port's chains exist").insert(0, masq);
         }
     }
 
@@ -242,10 +262,8 @@ impl<'a> Renderer<'a> {
             if let Some((net, len)) = self.config.cluster_cidr {
                 rules.push(rule(ext, &format!(" -s {net}/{len}"), &pods, "", svc));
             }
-            // iptables spells "any suffix" as `+`.
             for pattern in self.config.pod_interface_patterns() {
-                let iface = pattern.strip_suffix('*').map_or_else(|| pattern.to_owned(), |prefix| format!("{prefix}+"));
-                rules.push(rule(ext, &format!(" -i {iface}"), &pods, "", svc));
+                rules.push(rule(ext, &format!(" -i {}", iptables_interface(pattern)), &pods, "", svc));
             }
             let local = " -m addrtype --src-type LOCAL";
             let (masq, route) = (
@@ -282,6 +300,15 @@ impl<'a> Renderer<'a> {
     }
 
     fn finish(mut self) -> Ruleset {
+        if self.uses_pod_interface_check {
+            let mut rules: Vec<String> = self
+                .config
+                .pod_interface_patterns()
+                .map(|p| format!("-A {MASQ_UNLESS_POD} -i {} -j RETURN", iptables_interface(p)))
+                .collect();
+            rules.push(format!("-A {MASQ_UNLESS_POD} -j KUBE-MARK-MASQ"));
+            self.nat.insert(MASQ_UNLESS_POD.to_owned(), rules);
+        }
         // Load-balancer traffic from outside the source ranges is marked in nat and dropped in filter.
         if self.nat.keys().any(|k| k.starts_with("KUBE-FW-")) {
             self.nat
@@ -302,6 +329,11 @@ impl<'a> Renderer<'a> {
         }
         Ruleset { nat: self.nat, filter: self.filter }
     }
+}
+
+/// An interface pattern as iptables spells it: "any suffix" is `+`.
+fn iptables_interface(pattern: &str) -> String {
+    pattern.strip_suffix('*').map_or_else(|| pattern.to_owned(), |prefix| format!("{prefix}+"))
 }
 
 /// Renders the ruleset for `table`.

@@ -206,14 +206,23 @@ impl<'a> Renderer<'a> {
         // The internal set is the cluster set unless internalTrafficPolicy is Local.
         let target = if e.internal.endpoints == sp.cluster_set().endpoints { &chains.service } else { &chains.local };
         self.element(SERVICE_IPS, f, &format!("{} cluster IP", sp.name), &format!("goto {target}"));
+        // As kube-proxy: in the chain ClusterIP traffic goes to (the local one under internalTrafficPolicy
+        // Local), masquerade all of it with masqueradeAll, else what does not come from a pod (it may have
+        // to leave the node again, and its replies must come back here).
+        // (Without a cluster CIDR or pod interfaces nothing tells pod traffic apart: none is masqueraded.)
         let m = matches(f);
         let masq = if self.config.masquerade_all {
             Some(format!("{m} jump mark-for-masquerade"))
+        } else if let Some((net, len)) = self.config.cluster_cidr {
+            Some(format!("{m} ip saddr != {net}/{len} jump mark-for-masquerade"))
         } else {
-            self.config.cluster_cidr.map(|(net, len)| format!("{m} ip saddr != {net}/{len} jump mark-for-masquerade"))
+            let not_pod: String =
+                self.config.pod_interface_patterns().map(|p| format!("iifname != \"{p}\" ")).collect();
+            (!not_pod.is_empty()).then(|| format!("{m} {not_pod}jump mark-for-masquerade"))
         };
-        if let Some(rule) = masq {
-            self.chain(&chains.service).insert(0, rule);
+        if let Some(masq) = masq {
+            let target = target.clone();
+            self.chain(&target).insert(0, masq);
         }
     }
 
