@@ -79,6 +79,12 @@ pub struct Args {
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
     pub cluster_cidr: Option<(std::net::Ipv4Addr, u8)>,
 
+    /// The cluster's service CIDRs (the API server's `--service-cluster-ip-range`; up to four). A packet to
+    /// an address in one that no Service holds is dropped instead of leaving by the node's default route,
+    /// as kube-proxy's nftables mode drops it (it learns them from ServiceCIDR objects).
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
+    pub service_cluster_ip_range: Vec<(std::net::Ipv4Addr, u8)>,
+
     /// SNAT all traffic to Services, not only what needs it (kube-proxy's `--masquerade-all`).
     #[arg(long)]
     pub masquerade_all: bool,

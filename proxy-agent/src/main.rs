@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
     let rule_config = dataplane::netfilter::RuleConfig {
         masquerade_all: args.masquerade_all,
         cluster_cidr: args.cluster_cidr,
+        service_cidrs: args.service_cluster_ip_range.clone(),
         pod_interfaces: args.pod_interfaces.clone(),
         // As kube-proxy: read after setting it, so a node configured liberal by other means counts too.
         tcp_be_liberal: dataplane::netfilter::tcp_be_liberal(),
@@ -175,6 +176,7 @@ fn node_settings(args: &cli::Args, node: &NodeIdentity) -> NodeSettings {
         snat_ports: args.snat_ports,
         masquerade_all: args.masquerade_all,
         cluster_cidr: args.cluster_cidr,
+        service_cidrs: args.service_cluster_ip_range.clone(),
         xdp: args.xdp,
         timeouts: args.conntrack.timeouts(),
         max_flows: args.conntrack.max_flows(conntrack_settings::cpus()),

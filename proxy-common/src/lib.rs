@@ -46,12 +46,12 @@ pub mod maps {
         (SNAT, 1),
         (AFFINITY, 1),
         (SOURCE_RANGES, 1),
-        (CONFIG, 1),
+        (CONFIG, 2),
         (SOCK_REVNAT, 1),
         (STATS, 1),
         (IDS, 1),
         (FRAGS, 1),
-        (DROPS, 1),
+        (DROPS, 2),
         (SOCK_FLOWS, 1),
         (FRONTEND_ADDRS, 1),
         (MAGLEV, 1),
@@ -112,7 +112,8 @@ pub mod drop {
     pub const SOURCE_RANGE: u32 = 0;
     /// The frontend has no usable endpoint and drops (kube-proxy: no REJECT for this case).
     pub const NO_ENDPOINTS: u32 = 1;
-    /// The frontend has no usable endpoint: the client was refused with ICMP port unreachable.
+    /// The client was refused with ICMP port unreachable: the frontend has no usable endpoint, or the
+    /// packet was for a ClusterIP on a port or protocol no Service defines.
     pub const REJECTED: u32 = 2;
     /// A packet was shorter than the headers the path had already read promised.
     pub const PACKET_TOO_SHORT: u32 = 3;
@@ -137,7 +138,10 @@ pub mod drop {
     /// A later IPv4 fragment to a Service address arrived before its datagram's first fragment: without
     /// the ports there is no translating it, and it must not leave untranslated.
     pub const FRAG_WITHOUT_FIRST: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// A packet to an address in a service CIDR that no Service holds (kube-proxy's nftables mode drops
+    /// these too): it must not leave by the default route.
+    pub const UNALLOCATED_SERVICE_IP: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Metric labels, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -155,6 +159,7 @@ pub mod drop {
         "sock_refused",
         "sock_map_full",
         "frag_without_first",
+        "unallocated_service_ip",
     ];
 }
 
@@ -261,7 +266,56 @@ pub mod config {
         pub maglev_table_size: u32,
         /// Conntrack lifetimes by flow state.
         pub timeouts: super::conntrack::Timeouts,
+        /// The service CIDRs (`--service-cluster-ip-range`): an address in one that no Service holds is
+        /// dropped, as kube-proxy's nftables mode drops it, so it never leaves by the default route. Unused
+        /// entries have mask zero and match nothing (see [`Config::in_service_cidr`]).
+        pub service_cidrs: [Ipv4Net; MAX_SERVICE_CIDRS],
     }
+
+    /// How many service CIDRs the data path checks: kube-proxy's clusters have one per family, a few
+    /// while a range is being migrated (ServiceCIDR objects).
+    pub const MAX_SERVICE_CIDRS: usize = 4;
+
+    /// An IPv4 network, address and mask in network byte order. A zero mask is "unset", not 0.0.0.0/0.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Ipv4Net {
+        pub addr: u32,
+        pub mask: u32,
+    }
+
+    impl Config {
+        /// Whether `addr` (network byte order) is in one of the service CIDRs.
+        #[inline(always)]
+        #[must_use]
+        pub fn in_service_cidr(&self, addr: u32) -> bool {
+            let mut i = 0;
+            while i < MAX_SERVICE_CIDRS {
+                let net = self.service_cidrs[i];
+                if net.mask != 0 && addr & net.mask == net.addr {
+                    return true;
+                }
+                i += 1;
+            }
+            false
+        }
+
+        /// Whether any service CIDR is set.
+        #[inline(always)]
+        #[must_use]
+        pub fn has_service_cidrs(&self) -> bool {
+            self.service_cidrs[0].mask != 0
+        }
+    }
+}
+
+/// The `FRONTEND_ADDRS` map's values: what lives on a Service address that is not the node's own.
+pub mod frontend_addr {
+    /// Some ClusterIP, external IP or load-balancer frontend.
+    pub const SERVICE: u32 = 1;
+    /// Some ClusterIP frontend: a packet to another port or protocol here is refused, as kube-proxy's
+    /// nftables mode refuses it.
+    pub const CLUSTER_IP: u32 = 2;
 }
 
 /// The node's own sockets: `connect()` and `sendmsg()` to a frontend are pointed at a backend, and this map

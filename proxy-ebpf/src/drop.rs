@@ -25,6 +25,7 @@ pub const REJECT_FAILED: Reason = Reason(drop::REJECT_FAILED);
 pub const SOCK_REFUSED: Reason = Reason(drop::SOCK_REFUSED);
 pub const SOCK_MAP_FULL: Reason = Reason(drop::SOCK_MAP_FULL);
 pub const FRAG_WITHOUT_FIRST: Reason = Reason(drop::FRAG_WITHOUT_FIRST);
+pub const UNALLOCATED_SERVICE_IP: Reason = Reason(drop::UNALLOCATED_SERVICE_IP);
 
 pub type Result<T> = core::result::Result<T, Reason>;
 

@@ -46,6 +46,35 @@ pub fn is_service_addr(addr: u32) -> bool {
     unsafe { FRONTEND_ADDRS.get(&addr).is_some() }
 }
 
+/// What a packet addressed to no frontend meets, by its destination.
+pub enum Unserved {
+    /// An address that is not the cluster's to serve: routed as usual.
+    Elsewhere,
+    /// A ClusterIP, on a port or protocol none of its Services defines: refused.
+    ClusterIpPort,
+    /// An address in a service CIDR that no Service holds: dropped.
+    UnallocatedServiceIp,
+}
+
+/// kube-proxy's nftables `cluster-ips-check`, for a packet that matched no frontend. With service CIDRs
+/// set, an address outside them costs no map lookup (every ClusterIP is inside one).
+#[inline(always)]
+pub fn unserved(addr: u32, cfg: &Config) -> Unserved {
+    let in_cidr = cfg.in_service_cidr(addr);
+    if cfg.has_service_cidrs() && !in_cidr {
+        return Unserved::Elsewhere;
+    }
+    // SAFETY: the value is copied out at once.
+    let bits = unsafe { FRONTEND_ADDRS.get(&addr).copied() }.unwrap_or(0);
+    if bits & proxy_common::frontend_addr::CLUSTER_IP != 0 {
+        Unserved::ClusterIpPort
+    } else if in_cidr && bits == 0 {
+        Unserved::UnallocatedServiceIp
+    } else {
+        Unserved::Elsewhere
+    }
+}
+
 #[map(name = "SOURCE_RANGES")]
 static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 

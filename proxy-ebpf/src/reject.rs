@@ -1,6 +1,7 @@
-//! Refusing a client at once when a Service has no usable endpoint: the packet is turned, in place, into an
-//! ICMP "port unreachable" from the Service address and sent back out the interface it came in on. This is
-//! what kube-proxy's REJECT rule does; TCP clients see ECONNREFUSED, connected UDP sockets too.
+//! Refusing a client at once (a Service without usable endpoints, a ClusterIP's undefined port): the packet
+//! is turned, in place, into an ICMP "port unreachable" from the address it was sent to and sent back to
+//! the sender. This is what kube-proxy's REJECT rule does; TCP clients see ECONNREFUSED, connected UDP
+//! sockets too.
 
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_csum_diff, helpers::bpf_redirect, programs::TcContext};
 
@@ -36,9 +37,19 @@ fn checksum(words: &mut [u32]) -> u16 {
     !u16::try_from(sum & 0xffff).unwrap_or(0)
 }
 
+/// Which way the refusal goes back to the sender.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Back {
+    /// Out of the interface the packet came in on (a TC ingress hook: the sender is on that link).
+    Out,
+    /// Into the node through the interface the packet was leaving by (a TC egress hook: the sender is a
+    /// process of this node).
+    In,
+}
+
 /// Rewrites the packet into an ICMP port unreachable for `flow` and redirects it back to the sender.
 #[inline(always)]
-pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32> {
+pub fn reject(ctx: &TcContext, flow: &Flow, back: Back) -> Result<i32> {
     // IP options would change the quote's length, and a later fragment has no L4 header to quote; such
     // packets are only dropped.
     if flow.l4_off != ETH_HLEN + IP_HLEN || !flow.has_l4_header() {
@@ -75,7 +86,12 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> Result<i32> {
     ctx.store(0, &swapped, 0).map_err(|_| REJECT_FAILED)?;
     ctx.store(ETH_HLEN, &ip, 0).map_err(|_| REJECT_FAILED)?;
     ctx.store(ETH_HLEN + IP_HLEN, &icmp, 0).map_err(|_| REJECT_FAILED)?;
-    // SAFETY: the helper has no preconditions; flags 0 sends it out of (egress) the given interface.
-    unsafe { bpf_redirect(skb::ifindex(ctx), 0) };
+    let flags = match back {
+        Back::Out => 0,
+        Back::In => u64::from(aya_ebpf::bindings::BPF_F_INGRESS),
+    };
+    // SAFETY: the helper has no preconditions; flags 0 sends it out of (egress) the given interface,
+    // BPF_F_INGRESS hands it to the interface's receive path.
+    unsafe { bpf_redirect(skb::ifindex(ctx), flags) };
     Ok(TC_ACT_REDIRECT)
 }

@@ -20,11 +20,13 @@ use proxy_common::{
 
 use crate::{
     conntrack::{self, Known},
-    drop::{self, FRAG_WITHOUT_FIRST, NO_ENDPOINTS, REJECTED, Reason, Result, SOURCE_RANGE},
-    frag, icmp, lb,
+    drop::{self, FRAG_WITHOUT_FIRST, NO_ENDPOINTS, REJECTED, Reason, Result, SOURCE_RANGE, UNALLOCATED_SERVICE_IP},
+    frag, icmp,
+    lb::{self, Unserved},
     nat::{self, Side},
     packet::{self, Flow, Parsed},
-    reject, skb, snat,
+    reject::{self, Back},
+    skb, snat,
 };
 
 pub const PASS: i32 = TC_ACT_OK;
@@ -82,7 +84,9 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
     let Some(svc) = lb::lookup_service(flow, from_pod) else {
         return Ok(Verdict::NotService);
     };
-    if origin == Origin::Host && svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(flow, &svc) {
+    // loadBalancerSourceRanges hold for every sender, pods included: kube-proxy checks them before DNAT in
+    // prerouting, which pod traffic passes too.
+    if svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(flow, &svc) {
         return Ok(Verdict::Drop(SOURCE_RANGE));
     }
     if let Known::Live(ct) = conntrack::lookup_forward(flow, tcp_flags, cfg) {
@@ -104,25 +108,24 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
         lb::remember_affinity(flow, &svc, backend_id);
     }
     let remote = backend.flags & FLAG_LOCAL == 0;
+    // Pod traffic, as kube-proxy masquerades it: to a ClusterIP only with masqueradeAll; to a node port,
+    // external or load-balancer address when its policy masquerades (externalTrafficPolicy Cluster;
+    // masqueradeAll does not reach those, so a Local policy's pod traffic keeps its source).
+    let cluster_ip = svc.ext_flags & flags::CLUSTER_IP != 0;
+    let masquerade_pod = if cluster_ip {
+        cfg.flags & FLAG_MASQUERADE_ALL != 0
+    } else {
+        svc.ext_flags & flags::MASQUERADE_EXTERNAL != 0
+    };
     let snat = match origin {
-        // A pod reaching itself through its Service (hairpin) must not see its own address as source; and
-        // like kube-proxy, pod traffic to a node port, external or load-balancer address of a Service with
-        // externalTrafficPolicy Cluster is masqueraded too.
-        Origin::Pod => {
-            cfg.flags & FLAG_MASQUERADE_ALL != 0
-                || backend.addr == flow.src_addr
-                || svc.ext_flags & (flags::MASQUERADE_EXTERNAL | flags::CLUSTER_IP) == flags::MASQUERADE_EXTERNAL
-        }
+        // A pod reaching itself through its Service (hairpin) must not see its own address as source.
+        Origin::Pod => masquerade_pod || backend.addr == flow.src_addr,
         // Traffic arriving from elsewhere to a backend elsewhere is always SNATed, or its replies would not
         // come back through this node.
         Origin::Host if remote => true,
-        // A pod of another node: like kube-proxy, SNAT only where the policy masquerades pod traffic too
-        // (externalTrafficPolicy Cluster on a node port or external address), not for ClusterIPs.
-        Origin::Host if from_pod => {
-            cfg.flags & FLAG_MASQUERADE_ALL != 0
-                || svc.ext_flags & (flags::MASQUERADE_EXTERNAL | flags::CLUSTER_IP) == flags::MASQUERADE_EXTERNAL
-        }
-        // External traffic is SNATed when the policy says so.
+        // A pod of another node counts as pod traffic.
+        Origin::Host if from_pod => masquerade_pod,
+        // External traffic is SNATed when the policy says so (always for ClusterIPs).
         Origin::Host => svc.ext_flags & flags::MASQUERADE_EXTERNAL != 0,
     };
     let mut ct_flags = if snat { FLAG_SNAT } else { 0 };
@@ -224,17 +227,16 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
     }
     match decide(&flow, origin, &cfg, tcp_flags)? {
         Verdict::NotService => {
+            if let Some(verdict) = unserved(ctx, &flow, &cfg, Back::Out)? {
+                return Ok(verdict);
+            }
             if opens_flow(&flow, tcp_flags) {
                 conntrack::forget_ended_reply(&flow, &cfg);
             }
             Ok(PASS)
         }
         Verdict::Drop(reason) => Ok(dropped(reason)),
-        Verdict::Reject => {
-            let verdict = reject::reject(ctx, &flow)?;
-            drop::count(REJECTED);
-            Ok(verdict)
-        }
+        Verdict::Reject => refuse(ctx, &flow, Back::Out),
         Verdict::Forward { backend, snat, client_port } => {
             frag::remember(&flow);
             nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
@@ -250,8 +252,44 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
     }
 }
 
+/// Refuses the sender of `flow` (ICMP port unreachable), counted as a refusal.
+#[inline(always)]
+fn refuse(ctx: &TcContext, flow: &Flow, back: Back) -> Result<i32> {
+    let verdict = reject::reject(ctx, flow, back)?;
+    drop::count(REJECTED);
+    Ok(verdict)
+}
+
+/// What happens to a packet that matched no frontend but is addressed to the cluster's service addresses
+/// (`lb::unserved`): refused if it is for a ClusterIP's undefined port, dropped if no Service holds the
+/// address. `None`: not the service path's business. No such packet leaves by the default route.
+#[inline(always)]
+fn unserved(ctx: &TcContext, flow: &Flow, cfg: &Config, back: Back) -> Result<Option<i32>> {
+    Ok(match lb::unserved(flow.dst_addr, cfg) {
+        Unserved::Elsewhere => None,
+        Unserved::ClusterIpPort => Some(refuse(ctx, flow, back)?),
+        Unserved::UnallocatedServiceIp => Some(dropped(UNALLOCATED_SERVICE_IP)),
+    })
+}
+
+/// TC egress on a pod interface: replies get their Service address back, flows to a local backend that
+/// must be SNATed get the node's address. (Towards a pod, a packet for a service address is translated or
+/// a reply, never the node's own untranslated request.)
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> Result<i32> {
+    egress_with(ctx, false)
+}
+
+/// TC egress on a host interface: [`egress`], and what the node's own processes send to the cluster's
+/// service addresses without translation (a port no Service defines; a socket the socket programs do
+/// not see) is refused or dropped there instead of leaving by the default route.
+#[inline(always)]
+pub fn host_egress(ctx: &TcContext) -> Result<i32> {
+    egress_with(ctx, true)
+}
+
+#[inline(always)]
+fn egress_with(ctx: &TcContext, host: bool) -> Result<i32> {
     let mut flow = match packet::parse(ctx) {
         Parsed::Other => return Ok(PASS),
         Parsed::UntrackedFragment { .. } => {
@@ -279,6 +317,10 @@ pub fn egress(ctx: &TcContext) -> Result<i32> {
         let port = snat::port_for(&flow, &cfg, tcp_flags)?;
         frag::remember(&flow);
         nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
+        return Ok(PASS);
+    }
+    if host && let Some(verdict) = unserved(ctx, &flow, &cfg, Back::In)? {
+        return Ok(verdict);
     }
     Ok(PASS)
 }

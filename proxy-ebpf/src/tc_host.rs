@@ -19,5 +19,5 @@ pub fn tc_host_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
 pub fn tc_host_egress(ctx: TcContext) -> i32 {
-    service_path::egress(&ctx).unwrap_or_else(dropped)
+    service_path::host_egress(&ctx).unwrap_or_else(dropped)
 }

@@ -1,35 +1,59 @@
-//! The `FRONTEND_ADDRS` map: every address a ClusterIP, external IP or load-balancer IP lives on, so the
-//! data path can tell a later IPv4 fragment that arrived before its first fragment and is bound for a
-//! Service (dropped: without ports it cannot be translated, and it must not leave by the default route)
-//! from the node's other traffic (passed). NodePort addresses are the node's own and are left out: a
-//! packet to them is delivered locally, never forwarded.
+//! The `FRONTEND_ADDRS` map: every address a ClusterIP, external IP or load-balancer IP lives on, with what
+//! lives there (`proxy_common::frontend_addr`). The data path uses it twice. A later IPv4 fragment that
+//! arrived before its first and is bound for a Service is dropped (without ports it cannot be translated,
+//! and it must not leave by the default route), while the node's other fragments pass. And a packet to a
+//! ClusterIP on a port or protocol no Service defines is refused (ICMP port unreachable), as kube-proxy's
+//! nftables mode does. NodePort addresses are the node's own and are left out: a packet to them is
+//! delivered locally, never forwarded.
 //!
 //! Kept after the service maps are written, from the same table: a moment's lag only changes what happens
-//! to such a fragment, never to a translated flow. The data path also asks the FIB whether such a
-//! fragment would be forwarded at all, so an external IP that is one of the node's own addresses costs the
-//! node's own traffic nothing.
+//! to such a packet, never to a translated flow. The data path also asks the FIB whether such a fragment
+//! would be forwarded at all, so an external IP that is one of the node's own addresses costs the node's
+//! own traffic nothing.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
 use anyhow::Context as _;
+use proxy_common::frontend_addr;
 
 use crate::model::{Frontend, FrontendKind, ServiceTable};
 
-/// The addresses the map must hold, by the frontends that put them there.
+/// The addresses the map holds, each with its `proxy_common::frontend_addr` bits.
 pub trait AddrMap {
-    fn put(&mut self, addr: Ipv4Addr) -> anyhow::Result<()>;
+    fn put(&mut self, addr: Ipv4Addr, bits: u32) -> anyhow::Result<()>;
     fn delete(&mut self, addr: Ipv4Addr) -> anyhow::Result<()>;
-    fn keys(&self) -> anyhow::Result<Vec<Ipv4Addr>>;
+    fn entries(&self) -> anyhow::Result<Vec<(Ipv4Addr, u32)>>;
+}
+
+/// How many counted frontends an address has, and how many of them are ClusterIPs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Count {
+    frontends: u32,
+    cluster_ips: u32,
+}
+
+impl Count {
+    fn bits(self) -> u32 {
+        let cluster_ip = if self.cluster_ips > 0 { frontend_addr::CLUSTER_IP } else { 0 };
+        frontend_addr::SERVICE | cluster_ip
+    }
+
+    fn add(&mut self, kind: FrontendKind, by: i32) {
+        self.frontends = self.frontends.saturating_add_signed(by);
+        if kind == FrontendKind::ClusterIp {
+            self.cluster_ips = self.cluster_ips.saturating_add_signed(by);
+        }
+    }
 }
 
 pub struct FrontendAddrs<M> {
     map: M,
-    /// Frontends counted, and how many of them each address has, as the map holds them.
-    counted: HashSet<Frontend>,
-    counts: HashMap<Ipv4Addr, u32>,
+    /// Frontends counted (with their kind), and each address's counts, as the map holds them.
+    counted: HashMap<Frontend, FrontendKind>,
+    counts: HashMap<Ipv4Addr, Count>,
 }
 
 fn counts_for(kind: FrontendKind) -> bool {
@@ -39,28 +63,30 @@ fn counts_for(kind: FrontendKind) -> bool {
 impl<M: AddrMap> FrontendAddrs<M> {
     /// What a previous agent left stays until the first whole table is applied.
     pub fn new(map: M) -> Self {
-        Self { map, counted: HashSet::new(), counts: HashMap::new() }
+        Self { map, counted: HashMap::new(), counts: HashMap::new() }
     }
 
     /// After a whole table was applied: the map is read back and made to hold exactly the table's
-    /// addresses, whatever it held (left by a previous agent, or by a sync that failed part-way).
+    /// addresses and bits, whatever it held (left by a previous agent, or by a sync that failed part-way).
     pub fn sync_all(&mut self, table: &ServiceTable) -> anyhow::Result<()> {
-        let mut counts: HashMap<Ipv4Addr, u32> = HashMap::new();
-        let mut counted = HashSet::new();
+        let mut counts: HashMap<Ipv4Addr, Count> = HashMap::new();
+        let mut counted = HashMap::new();
         for (frontend, entry) in &table.frontends {
             if counts_for(entry.kind) {
-                counted.insert(*frontend);
-                *counts.entry(frontend.addr).or_default() += 1;
+                counted.insert(*frontend, entry.kind);
+                counts.entry(frontend.addr).or_default().add(entry.kind, 1);
             }
         }
         // Until this succeeds, the next incremental sync must not trust the counts.
         self.counted.clear();
         self.counts.clear();
-        let held: BTreeSet<Ipv4Addr> = self.map.keys()?.into_iter().collect();
-        for addr in counts.keys().filter(|a| !held.contains(a)) {
-            self.map.put(*addr)?;
+        let held: BTreeMap<Ipv4Addr, u32> = self.map.entries()?.into_iter().collect();
+        for (addr, count) in &counts {
+            if held.get(addr) != Some(&count.bits()) {
+                self.map.put(*addr, count.bits())?;
+            }
         }
-        for addr in held.iter().filter(|a| !counts.contains_key(a)) {
+        for addr in held.keys().filter(|a| !counts.contains_key(a)) {
             self.map.delete(*addr)?;
         }
         self.counts = counts;
@@ -71,24 +97,33 @@ impl<M: AddrMap> FrontendAddrs<M> {
     /// After only the `changed` frontends were applied. Counts change only once the map did.
     pub fn sync_changed(&mut self, table: &ServiceTable, changed: &BTreeSet<Frontend>) -> anyhow::Result<()> {
         for frontend in changed {
-            let wanted = table.frontends.get(frontend).is_some_and(|e| counts_for(e.kind));
-            let addr = frontend.addr;
-            let count = self.counts.get(&addr).copied().unwrap_or(0);
-            if wanted && !self.counted.contains(frontend) {
-                if count == 0 {
-                    self.map.put(addr)?;
-                }
-                self.counts.insert(addr, count + 1);
-                self.counted.insert(*frontend);
-            } else if !wanted && self.counted.contains(frontend) {
-                if count <= 1 {
-                    self.map.delete(addr)?;
-                    self.counts.remove(&addr);
-                } else {
-                    self.counts.insert(addr, count - 1);
-                }
-                self.counted.remove(frontend);
+            let wanted = table.frontends.get(frontend).map(|e| e.kind).filter(|k| counts_for(*k));
+            let held = self.counted.get(frontend).copied();
+            if wanted == held {
+                continue;
             }
+            let addr = frontend.addr;
+            let before = self.counts.get(&addr).copied().unwrap_or_default();
+            let mut after = before;
+            if let Some(kind) = held {
+                after.add(kind, -1);
+            }
+            if let Some(kind) = wanted {
+                after.add(kind, 1);
+            }
+            if after.frontends == 0 {
+                self.map.delete(addr)?;
+                self.counts.remove(&addr);
+            } else {
+                if before.frontends == 0 || before.bits() != after.bits() {
+                    self.map.put(addr, after.bits())?;
+                }
+                self.counts.insert(addr, after);
+            }
+            match wanted {
+                Some(kind) => self.counted.insert(*frontend, kind),
+                None => self.counted.remove(frontend),
+            };
         }
         Ok(())
     }
@@ -107,8 +142,8 @@ fn be(addr: Ipv4Addr) -> u32 {
 }
 
 impl AddrMap for AyaAddrMap {
-    fn put(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
-        self.0.insert(&be(addr), &1, 0).with_context(|| format!("writing {addr} to FRONTEND_ADDRS"))
+    fn put(&mut self, addr: Ipv4Addr, bits: u32) -> anyhow::Result<()> {
+        self.0.insert(&be(addr), &bits, 0).with_context(|| format!("writing {addr} to FRONTEND_ADDRS"))
     }
 
     fn delete(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
@@ -119,8 +154,14 @@ impl AddrMap for AyaAddrMap {
         }
     }
 
-    fn keys(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
-        self.0.keys().map(|k| Ok(Ipv4Addr::from(k.context("reading FRONTEND_ADDRS")?.to_ne_bytes()))).collect()
+    fn entries(&self) -> anyhow::Result<Vec<(Ipv4Addr, u32)>> {
+        self.0
+            .iter()
+            .map(|e| {
+                let (k, v) = e.context("reading FRONTEND_ADDRS")?;
+                Ok((Ipv4Addr::from(k.to_ne_bytes()), v))
+            })
+            .collect()
     }
 }
 
@@ -130,19 +171,19 @@ mod tests {
     use crate::model::{BackendSet, FrontendEntry, Protocol, ServicePortName};
 
     #[derive(Default)]
-    struct Memory(BTreeSet<Ipv4Addr>);
+    struct Memory(BTreeMap<Ipv4Addr, u32>);
 
     impl AddrMap for Memory {
-        fn put(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
-            self.0.insert(addr);
+        fn put(&mut self, addr: Ipv4Addr, bits: u32) -> anyhow::Result<()> {
+            self.0.insert(addr, bits);
             Ok(())
         }
         fn delete(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
             self.0.remove(&addr);
             Ok(())
         }
-        fn keys(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
-            Ok(self.0.iter().copied().collect())
+        fn entries(&self) -> anyhow::Result<Vec<(Ipv4Addr, u32)>> {
+            Ok(self.0.iter().map(|(a, b)| (*a, *b)).collect())
         }
     }
 
@@ -170,7 +211,7 @@ mod tests {
     }
 
     fn held(addrs: &FrontendAddrs<Memory>) -> Vec<u8> {
-        addrs.map().0.iter().map(|a| a.octets()[3]).collect()
+        addrs.map().0.keys().map(|a| a.octets()[3]).collect()
     }
 
     #[test]
@@ -199,13 +240,34 @@ mod tests {
     }
 
     #[test]
+    fn an_address_is_marked_a_cluster_ip_while_one_of_its_frontends_is() {
+        let (cip, ext) = (frontend(1, 80), frontend(1, 443));
+        let bits = |addrs: &FrontendAddrs<Memory>| addrs.map().0.get(&Ipv4Addr::new(10, 32, 0, 1)).copied();
+        let mut addrs = FrontendAddrs::new(Memory::default());
+        addrs.sync_all(&table(&[(ext, FrontendKind::ExternalIp)])).unwrap();
+        assert_eq!(bits(&addrs), Some(frontend_addr::SERVICE));
+        let both = table(&[(cip, FrontendKind::ClusterIp), (ext, FrontendKind::ExternalIp)]);
+        addrs.sync_changed(&both, &[cip].into()).unwrap();
+        assert_eq!(bits(&addrs), Some(frontend_addr::SERVICE | frontend_addr::CLUSTER_IP));
+        addrs.sync_changed(&table(&[(cip, FrontendKind::ClusterIp)]), &[ext].into()).unwrap();
+        assert_eq!(bits(&addrs), Some(frontend_addr::SERVICE | frontend_addr::CLUSTER_IP));
+        addrs.sync_changed(&table(&[(ext, FrontendKind::ExternalIp)]), &[cip, ext].into()).unwrap();
+        assert_eq!(bits(&addrs), Some(frontend_addr::SERVICE), "the ClusterIP went, the external IP stays");
+    }
+
+    #[test]
     fn a_restarted_agent_keeps_what_it_finds_until_a_whole_table_says_otherwise() {
         let mut left = Memory::default();
-        left.put(Ipv4Addr::new(10, 32, 0, 1)).unwrap();
-        left.put(Ipv4Addr::new(10, 32, 0, 7)).unwrap();
+        left.put(Ipv4Addr::new(10, 32, 0, 1), frontend_addr::SERVICE).unwrap();
+        left.put(Ipv4Addr::new(10, 32, 0, 7), frontend_addr::SERVICE).unwrap();
         let mut addrs = FrontendAddrs::new(left);
         addrs.sync_all(&table(&[(frontend(1, 80), FrontendKind::ClusterIp)])).unwrap();
         assert_eq!(held(&addrs), [1], "the stale 10.32.0.7 goes, 10.32.0.1 stays");
+        assert_eq!(
+            addrs.map().0[&Ipv4Addr::new(10, 32, 0, 1)],
+            frontend_addr::SERVICE | frontend_addr::CLUSTER_IP,
+            "and gets the bits it lacked"
+        );
     }
 
     /// A map that fails its next write, as a full or broken map would.
@@ -216,11 +278,11 @@ mod tests {
     }
 
     impl AddrMap for Flaky {
-        fn put(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
+        fn put(&mut self, addr: Ipv4Addr, bits: u32) -> anyhow::Result<()> {
             if std::mem::take(&mut self.fail_next) {
                 anyhow::bail!("injected failure");
             }
-            self.inner.put(addr)
+            self.inner.put(addr, bits)
         }
         fn delete(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
             if std::mem::take(&mut self.fail_next) {
@@ -228,8 +290,8 @@ mod tests {
             }
             self.inner.delete(addr)
         }
-        fn keys(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
-            self.inner.keys()
+        fn entries(&self) -> anyhow::Result<Vec<(Ipv4Addr, u32)>> {
+            self.inner.entries()
         }
     }
 
@@ -243,10 +305,10 @@ mod tests {
         assert!(addrs.sync_changed(&both, &[b].into()).is_err());
         // The sync loop answers a failure with a whole-table sync.
         addrs.sync_all(&both).unwrap();
-        assert_eq!(addrs.map().inner.0.iter().map(|a| a.octets()[3]).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(addrs.map().inner.0.keys().map(|a| a.octets()[3]).collect::<Vec<_>>(), [1, 2]);
         addrs.map.fail_next = true;
         assert!(addrs.sync_changed(&table(&[(b, FrontendKind::ClusterIp)]), &[a].into()).is_err());
         addrs.sync_all(&table(&[(b, FrontendKind::ClusterIp)])).unwrap();
-        assert_eq!(addrs.map().inner.0.iter().map(|a| a.octets()[3]).collect::<Vec<_>>(), [2]);
+        assert_eq!(addrs.map().inner.0.keys().map(|a| a.octets()[3]).collect::<Vec<_>>(), [2]);
     }
 }

@@ -51,6 +51,8 @@ pub struct NodeSettings {
     pub masquerade_all: bool,
     /// kube-proxy's `clusterCIDR`, for local-traffic detection.
     pub cluster_cidr: Option<(std::net::Ipv4Addr, u8)>,
+    /// `--service-cluster-ip-range`: addresses in these that no Service holds are dropped.
+    pub service_cidrs: Vec<(std::net::Ipv4Addr, u8)>,
     /// The cgroup (v2) whose processes' sockets get Service translation (the node's own traffic).
     pub socket_cgroup: Option<PathBuf>,
     pub xdp: XdpSetting,
@@ -104,7 +106,27 @@ fn config_value(settings: &NodeSettings) -> anyhow::Result<proxy_common::config:
         snat_port_max: settings.snat_ports.1,
         flags: if settings.masquerade_all { proxy_common::config::FLAG_MASQUERADE_ALL } else { 0 },
         timeouts: settings.timeouts,
+        service_cidrs: service_cidrs(&settings.service_cidrs)?,
     })
+}
+
+/// The service CIDRs as `CONFIG` holds them.
+fn service_cidrs(
+    cidrs: &[(std::net::Ipv4Addr, u8)],
+) -> anyhow::Result<[proxy_common::config::Ipv4Net; proxy_common::config::MAX_SERVICE_CIDRS]> {
+    use proxy_common::config::{Ipv4Net, MAX_SERVICE_CIDRS};
+    anyhow::ensure!(
+        cidrs.len() <= MAX_SERVICE_CIDRS,
+        "--service-cluster-ip-range: {} CIDRs given, the eBPF data path checks at most {MAX_SERVICE_CIDRS}",
+        cidrs.len()
+    );
+    let mut out = [Ipv4Net::default(); MAX_SERVICE_CIDRS];
+    for (slot, (addr, len)) in out.iter_mut().zip(cidrs) {
+        anyhow::ensure!(*len > 0, "--service-cluster-ip-range: {addr}/{len} would cover every address");
+        let mask = prefix_mask(*len);
+        *slot = Ipv4Net { addr: u32::from_ne_bytes(addr.octets()) & mask, mask };
+    }
+    Ok(out)
 }
 
 fn write_config(ebpf: &mut aya::Ebpf, value: &proxy_common::config::Config) -> anyhow::Result<()> {

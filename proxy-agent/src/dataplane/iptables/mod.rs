@@ -37,11 +37,21 @@ const HOOKS: &[(&str, &str, &str)] = &[
         "FORWARD",
         "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
     ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW -m comment --comment \"cluster IPs check\" -j KUBE-CLUSTER-IPS-CHECK",
+    ),
     ("filter", "OUTPUT", "-m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL"),
     (
         "filter",
         "OUTPUT",
         "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+    ),
+    (
+        "filter",
+        "OUTPUT",
+        "-m conntrack --ctstate NEW -m comment --comment \"cluster IPs check\" -j KUBE-CLUSTER-IPS-CHECK",
     ),
 ];
 

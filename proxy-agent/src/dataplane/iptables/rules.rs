@@ -28,7 +28,21 @@ pub struct Ruleset {
 
 /// The chains kube-proxy owns that base chains jump to: kept even when empty.
 pub const NAT_FIXED: [&str; 4] = ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"];
-pub const FILTER_FIXED: [&str; 4] = ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-PROXY-FIREWALL"];
+pub const FILTER_FIXED: [&str; 6] = [
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-FORWARD",
+    "KUBE-PROXY-FIREWALL",
+    CLUSTER_IPS_CHECK,
+    CLUSTER_IPS,
+];
+
+/// kube-proxy's nftables `cluster-ips-check`, which its iptables mode lacks: a new packet still addressed
+/// to a ClusterIP after DNAT (a port or protocol no Service defines) is refused, and one to an address of
+/// the service CIDRs that no Service holds is dropped, instead of leaving by the default route. With
+/// service CIDRs the walk of [`CLUSTER_IPS`] (one rule per ClusterIP) is paid only inside them.
+const CLUSTER_IPS_CHECK: &str = "KUBE-CLUSTER-IPS-CHECK";
+const CLUSTER_IPS: &str = "KUBE-CLUSTER-IPS";
 
 /// One rule in the form `iptables-save` prints back: addresses, interface and protocol (`head`), then the
 /// comment, then the other matches (`tail`), then the target. Rendering that form makes the kernel's
@@ -299,6 +313,33 @@ impl<'a> Renderer<'a> {
         }
     }
 
+    /// The rules of [`CLUSTER_IPS_CHECK`] and [`CLUSTER_IPS`].
+    fn cluster_ips_check(&mut self, table: &ServiceTable) {
+        let cidrs = &self.config.service_cidrs;
+        let check = self.filter.get_mut(CLUSTER_IPS_CHECK).expect("fixed chain");
+        if cidrs.is_empty() {
+            check.push(format!("-A {CLUSTER_IPS_CHECK} -j {CLUSTER_IPS}"));
+        }
+        for (net, len) in cidrs {
+            check.push(format!("-A {CLUSTER_IPS_CHECK} -d {net}/{len} -j {CLUSTER_IPS}"));
+        }
+        let cluster_ips: BTreeSet<Ipv4Addr> =
+            table.frontends.iter().filter(|(_, e)| e.kind == FrontendKind::ClusterIp).map(|(f, _)| f.addr).collect();
+        let rules = self.filter.get_mut(CLUSTER_IPS).expect("fixed chain");
+        for addr in cluster_ips {
+            rules.push(rule(
+                CLUSTER_IPS,
+                &format!(" -d {addr}/32"),
+                "Reject traffic to invalid ports of ClusterIPs",
+                "",
+                "REJECT --reject-with icmp-port-unreachable",
+            ));
+        }
+        if !cidrs.is_empty() {
+            rules.push(rule(CLUSTER_IPS, "", "Drop traffic to unallocated ClusterIPs", "", "DROP"));
+        }
+    }
+
     fn finish(mut self) -> Ruleset {
         if self.uses_pod_interface_check {
             let mut rules: Vec<String> = self
@@ -343,5 +384,6 @@ pub fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
     for sp in &netfilter::service_ports(table) {
         renderer.service_port(sp);
     }
+    renderer.cluster_ips_check(table);
     renderer.finish()
 }

@@ -15,7 +15,7 @@ use super::{
     netfilter::{self, RuleConfig},
 };
 use crate::model::ServiceTable;
-use rules::{AFFINITY_SET_TYPE, MAP_TYPE, Ruleset, TABLE, TABLE_FAMILY, TABLE_NAME};
+use rules::{AFFINITY_SET_TYPE, Ruleset, TABLE, TABLE_FAMILY, TABLE_NAME};
 
 /// Tables removed when another mode starts, and on cleanup: this mode's own, and kube-proxy's nftables-mode
 /// tables.
@@ -106,7 +106,7 @@ pub fn transaction(old: &Previous<'_>, new: &Ruleset) -> (String, ApplyStats) {
     }
     for name in new.maps.keys() {
         if known.is_none() || !before.maps.contains_key(name) {
-            let _ = writeln!(out, "add map {TABLE} {name} {{ {MAP_TYPE} }}");
+            let _ = writeln!(out, "add map {TABLE} {name} {{ {} }}", rules::map_type(name));
         }
     }
     for name in &new.sets {

@@ -25,8 +25,17 @@ pub const TABLE_NAME: &str = "proxy-agent";
 pub const SERVICE_IPS: &str = "service-ips";
 /// Frontends without an endpoint: reject or drop.
 pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
-/// Both maps' declaration.
+/// Every ClusterIP, whatever its ports: kube-proxy's `cluster-ips` set, as a verdict map here so it shares
+/// the maps' element bookkeeping. A new packet still addressed to one after DNAT is refused.
+pub const CLUSTER_IPS: &str = "cluster-ips";
+/// The frontend maps' declaration.
 pub const MAP_TYPE: &str = "type ipv4_addr . inet_proto . inet_service : verdict;";
+
+/// The declaration of map `name`.
+#[must_use]
+pub fn map_type(name: &str) -> &'static str {
+    if name == CLUSTER_IPS { "type ipv4_addr : verdict;" } else { MAP_TYPE }
+}
 /// An affinity set's declaration: client addresses, each forgotten after its own timeout.
 pub const AFFINITY_SET_TYPE: &str = "type ipv4_addr; flags dynamic,timeout;";
 
@@ -136,6 +145,19 @@ impl<'a> Renderer<'a> {
         }
         out.maps.insert(SERVICE_IPS, Elements::new());
         out.maps.insert(NO_ENDPOINT_SERVICES, Elements::new());
+        out.maps.insert(CLUSTER_IPS, Elements::new());
+        // kube-proxy's `cluster-ips-check`, after DNAT in the forward and output hooks: what is still
+        // addressed to a ClusterIP used a port or protocol no Service defines (refused); an address of the
+        // service CIDRs that no Service holds is dropped. Neither leaves by the default route.
+        let mut check = vec![format!("ip daddr vmap @{CLUSTER_IPS}")];
+        if !config.service_cidrs.is_empty() {
+            let cidrs: Vec<String> = config.service_cidrs.iter().map(|(net, len)| format!("{net}/{len}")).collect();
+            check.push(format!("ip daddr {{ {} }} drop", cidrs.join(", ")));
+        }
+        out.chains.insert("cluster-ips-check".into(), Chain { hook: None, rules: check });
+        for base in ["filter-forward", "filter-output"] {
+            out.chains.get_mut(base).expect("base chain").rules.push("ct state new jump cluster-ips-check".into());
+        }
         Self { config, out }
     }
 
@@ -198,7 +220,14 @@ impl<'a> Renderer<'a> {
         self.element(NO_ENDPOINT_SERVICES, f, &format!("{} {why}", sp.name), verdict);
     }
 
+    /// Records `f`'s address in [`CLUSTER_IPS`] (the first Service port to claim it names it).
+    fn cluster_ip_known(&mut self, sp: &ServicePort<'_>, f: Frontend) {
+        let element = format!("comment \"{} cluster IP\" : goto reject-chain", sp.name);
+        self.out.maps.get_mut(CLUSTER_IPS).expect("declared").entry(f.addr.to_string()).or_insert(element);
+    }
+
     fn cluster_ip(&mut self, sp: &ServicePort<'_>, f: Frontend, e: &FrontendEntry, chains: &PortChains) {
+        self.cluster_ip_known(sp, f);
         if e.internal.endpoints.is_empty() {
             self.no_endpoint(sp, f, &e.internal);
             return;

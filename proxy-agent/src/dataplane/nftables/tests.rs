@@ -281,7 +281,8 @@ fn strip(v: &mut serde_json::Value) {
 #[test]
 fn invalid_forwarded_packets_are_dropped_unless_conntrack_is_liberal() {
     let strict = render(&ServiceTable::default(), &RuleConfig::default());
-    assert_eq!(strict.chains["filter-forward"].rules, ["ct state invalid drop", "ct state new jump endpoints-check"]);
+    let checks = ["ct state new jump endpoints-check", "ct state new jump cluster-ips-check"];
+    assert_eq!(strict.chains["filter-forward"].rules, [&["ct state invalid drop"][..], &checks].concat());
     let liberal = render(&ServiceTable::default(), &RuleConfig { tcp_be_liberal: true, ..Default::default() });
-    assert_eq!(liberal.chains["filter-forward"].rules, ["ct state new jump endpoints-check"]);
+    assert_eq!(liberal.chains["filter-forward"].rules, checks);
 }
