@@ -112,11 +112,8 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
     // external or load-balancer address when its policy masquerades (externalTrafficPolicy Cluster;
     // masqueradeAll does not reach those, so a Local policy's pod traffic keeps its source).
     let cluster_ip = svc.ext_flags & flags::CLUSTER_IP != 0;
-    let masquerade_pod = if cluster_ip {
-        cfg.flags & FLAG_MASQUERADE_ALL != 0
-    } else {
-        svc.ext_flags & flags::MASQUERADE_EXTERNAL != 0
-    };
+    let masquerade_pod =
+        if cluster_ip { cfg.flags & FLAG_MASQUERADE_ALL != 0 } else { svc.ext_flags & flags::MASQUERADE_EXTERNAL != 0 };
     let snat = match origin {
         // A pod reaching itself through its Service (hairpin) must not see its own address as source.
         Origin::Pod => masquerade_pod || backend.addr == flow.src_addr,

@@ -216,6 +216,36 @@ pub fn tcp_request_here(target: SocketAddrV4, timeout: Duration) -> anyhow::Resu
     tcp_exchange(&stream, target, timeout)
 }
 
+/// [`attempt`] from a chosen source address of namespace `ns` (a second address of the external client, a
+/// load-balancer VIP the client holds), classified.
+pub fn attempt_from(
+    ns: &str,
+    source: Ipv4Addr,
+    proto: Proto,
+    target: SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
+    in_netns(ns, move || {
+        classify((|| {
+            let kind = if proto == Proto::Tcp { socket2::Type::STREAM } else { socket2::Type::DGRAM };
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, kind, None)?;
+            socket.bind(&SocketAddrV4::new(source, 0).into())?;
+            if proto == Proto::Tcp {
+                socket.connect_timeout(&target.into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
+                tcp_exchange(&socket.into(), target, timeout)
+            } else {
+                let socket: UdpSocket = socket.into();
+                socket.connect(target)?;
+                socket.set_read_timeout(Some(timeout))?;
+                socket.send(b"hello\n")?;
+                let mut buf = vec![0u8; MAX_DATAGRAM];
+                let (n, _) = recv_from_retrying(&socket, &mut buf)?;
+                Reply::parse(&String::from_utf8_lossy(&buf[..n]))
+            }
+        })())
+    })
+}
+
 /// The socket option nix lacks, made with nix's own macro (which names its helper macros unqualified).
 mod ip_options {
     use nix::{setsockopt_impl, sockopt_impl};

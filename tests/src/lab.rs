@@ -317,6 +317,27 @@ impl Lab {
         Ok(())
     }
 
+    /// Gives the external client a second address on the lab's network (`addr`/24): a client the tests
+    /// can put outside a Service's source ranges.
+    pub fn add_external_address(&self, addr: Ipv4Addr) -> anyhow::Result<()> {
+        ip_in(&self.external_ns(), &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        Ok(())
+    }
+
+    /// Gives node `node` a secondary address (`addr`/24) on its uplink, before its agent starts (agents
+    /// read the node's addresses at start): an address `--nodeport-addresses` can leave out.
+    pub fn add_node_address(&self, node: usize, addr: Ipv4Addr) -> anyhow::Result<()> {
+        ip_in(&self.node_ns(node), &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        Ok(())
+    }
+
+    /// Routes the network `cidr` from the external client's namespace via node `node`: a static route to
+    /// the Service range through a node, which kube-proxy supports (it masquerades such traffic).
+    pub fn route_external_net_via(&self, cidr: &str, node: usize) -> anyhow::Result<()> {
+        ip_in(&self.external_ns(), &["route", "replace", cidr, "via", &node_ip(node).to_string()])?;
+        Ok(())
+    }
+
     /// The cgroup of node `node`'s own processes; the agent's socket programs are attached to it.
     #[must_use]
     pub fn node_cgroup(&self, node: usize) -> PathBuf {

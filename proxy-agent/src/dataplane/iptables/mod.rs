@@ -14,7 +14,9 @@ use super::{ApplyStats, Dataplane};
 use crate::model::ServiceTable;
 use rules::{Chains, Ruleset};
 
-/// Jumps from the built-in chains into kube-proxy's, as kube-proxy installs them.
+/// Jumps from the built-in chains into kube-proxy's, as kube-proxy installs them. Each is inserted at the top
+/// of its chain, so a chain holds them in the reverse of this order: the ClusterIPs check, listed first,
+/// runs after the filter `KUBE-SERVICES` rules (a Service port's own DROP or REJECT decides first).
 const HOOKS: &[(&str, &str, &str)] = &[
     ("nat", "PREROUTING", "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
     ("nat", "OUTPUT", "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
@@ -24,6 +26,11 @@ const HOOKS: &[(&str, &str, &str)] = &[
         "filter",
         "INPUT",
         "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW -m comment --comment \"cluster IPs check\" -j KUBE-CLUSTER-IPS-CHECK",
     ),
     ("filter", "FORWARD", "-m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL"),
     ("filter", "FORWARD", "-m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD"),
@@ -39,7 +46,7 @@ const HOOKS: &[(&str, &str, &str)] = &[
     ),
     (
         "filter",
-        "FORWARD",
+        "OUTPUT",
         "-m conntrack --ctstate NEW -m comment --comment \"cluster IPs check\" -j KUBE-CLUSTER-IPS-CHECK",
     ),
     ("filter", "OUTPUT", "-m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL"),
@@ -47,11 +54,6 @@ const HOOKS: &[(&str, &str, &str)] = &[
         "filter",
         "OUTPUT",
         "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
-    ),
-    (
-        "filter",
-        "OUTPUT",
-        "-m conntrack --ctstate NEW -m comment --comment \"cluster IPs check\" -j KUBE-CLUSTER-IPS-CHECK",
     ),
 ];
 
@@ -148,16 +150,30 @@ impl IptablesDataplane {
                 }
             }
         }
+        let mut missing = false;
+        for (table, chain, rule) in HOOKS {
+            let mut check = vec!["-t", table, "-C", chain];
+            let words = shell_words(rule);
+            check.extend(words.iter().map(String::as_str));
+            missing |= !iptables(&check)?;
+        }
+        if !missing {
+            return Ok(());
+        }
+        // Some jump is missing (a first start, an upgrade that added one, someone's flush): all of them are
+        // laid again, so their order is this build's whatever was there before.
         for (table, chain, rule) in HOOKS {
             let words = shell_words(rule);
-            let mut check = vec!["-t", table, "-C", chain];
-            check.extend(words.iter().map(String::as_str));
-            if !iptables(&check)? {
-                let mut insert = vec!["-t", table, "-I", chain];
-                insert.extend(words.iter().map(String::as_str));
-                if !iptables(&insert)? {
-                    bail!("could not hook {table}/{chain}: iptables -t {table} -I {chain} {rule}");
-                }
+            let mut delete = vec!["-t", table, "-D", chain];
+            delete.extend(words.iter().map(String::as_str));
+            while iptables(&delete)? {}
+        }
+        for (table, chain, rule) in HOOKS {
+            let words = shell_words(rule);
+            let mut insert = vec!["-t", table, "-I", chain];
+            insert.extend(words.iter().map(String::as_str));
+            if !iptables(&insert)? {
+                bail!("could not hook {table}/{chain}: iptables -t {table} -I {chain} {rule}");
             }
         }
         Ok(())

@@ -28,14 +28,8 @@ pub struct Ruleset {
 
 /// The chains kube-proxy owns that base chains jump to: kept even when empty.
 pub const NAT_FIXED: [&str; 4] = ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"];
-pub const FILTER_FIXED: [&str; 6] = [
-    "KUBE-SERVICES",
-    "KUBE-EXTERNAL-SERVICES",
-    "KUBE-FORWARD",
-    "KUBE-PROXY-FIREWALL",
-    CLUSTER_IPS_CHECK,
-    CLUSTER_IPS,
-];
+pub const FILTER_FIXED: [&str; 6] =
+    ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-PROXY-FIREWALL", CLUSTER_IPS_CHECK, CLUSTER_IPS];
 
 /// kube-proxy's nftables `cluster-ips-check`, which its iptables mode lacks: a new packet still addressed
 /// to a ClusterIP after DNAT (a port or protocol no Service defines) is refused, and one to an address of
