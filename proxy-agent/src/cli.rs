@@ -81,7 +81,7 @@ pub struct Args {
 
     /// The cluster's service CIDRs (the API server's `--service-cluster-ip-range`; up to four). A packet to
     /// an address in one that no Service holds is dropped instead of leaving by the node's default route,
-    /// as kube-proxy's nftables mode drops it (it learns them from ServiceCIDR objects).
+    /// as kube-proxy's nftables mode drops it (it learns them from `ServiceCIDR` objects).
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
     pub service_cluster_ip_range: Vec<(std::net::Ipv4Addr, u8)>,
 

@@ -273,7 +273,7 @@ pub mod config {
     }
 
     /// How many service CIDRs the data path checks: kube-proxy's clusters have one per family, a few
-    /// while a range is being migrated (ServiceCIDR objects).
+    /// while a range is being migrated (`ServiceCIDR` objects).
     pub const MAX_SERVICE_CIDRS: usize = 4;
 
     /// An IPv4 network, address and mask in network byte order. A zero mask is "unset", not 0.0.0.0/0.
@@ -286,7 +286,7 @@ pub mod config {
 
     impl Config {
         /// Whether `addr` (network byte order) is in one of the service CIDRs.
-        #[inline(always)]
+        #[inline]
         #[must_use]
         pub fn in_service_cidr(&self, addr: u32) -> bool {
             let mut i = 0;
@@ -301,7 +301,7 @@ pub mod config {
         }
 
         /// Whether any service CIDR is set.
-        #[inline(always)]
+        #[inline]
         #[must_use]
         pub fn has_service_cidrs(&self) -> bool {
             self.service_cidrs[0].mask != 0

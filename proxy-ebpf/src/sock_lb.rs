@@ -120,6 +120,14 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     };
     // The node's own traffic is internal: it reaches every endpoint, whatever the external policy.
     let Some(svc) = lb::lookup_service(&flow, true) else { return ALLOW };
+    let cfg = snat::config();
+    // loadBalancerSourceRanges: the node's own connection leaves from its primary address, which must be
+    // in the ranges (kube-proxy checks them in its output hook too; it drops, here the call fails at once).
+    if svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(&Flow { src_addr: cfg.snat_addr, ..flow }, &svc)
+    {
+        drop::count(drop::SOURCE_RANGE);
+        return DENY;
+    }
     let cookie = socket_cookie(ctx);
     let flow_key = SockFlowKey { cookie, addr, port, proto, pad: 0 };
     // SAFETY: the helper has no preconditions.
@@ -128,7 +136,7 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     let backend = if let Some(backend) = known {
         backend
     } else {
-        let Some((backend_id, backend)) = lb::select_backend(&flow, &svc, lb::Asker::Socket, &snat::config()) else {
+        let Some((backend_id, backend)) = lb::select_backend(&flow, &svc, lb::Asker::Socket, &cfg) else {
             // No usable endpoint: refuse at once rather than leave the client to time out.
             return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { refuse(proto) } else { ALLOW };
         };

@@ -208,9 +208,16 @@ const NOT_PER_MODE: [(&str, &str); 4] = [
 /// `cargo test` arguments for a parity run: the behaviour test binaries, less [`NOT_PER_MODE`].
 fn parity_args() -> Vec<&'static str> {
     let mut args = vec!["--package", "proxy-lab"];
-    for test in
-        ["clusterip", "service_semantics", "restart", "operations", "packet_classes", "real_clients", "flow_lifetimes"]
-    {
+    for test in [
+        "clusterip",
+        "service_semantics",
+        "restart",
+        "operations",
+        "packet_classes",
+        "real_clients",
+        "flow_lifetimes",
+        "kube_proxy_conformance",
+    ] {
         args.extend(["--test", test]);
     }
     args.push("--");

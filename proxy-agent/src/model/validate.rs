@@ -380,13 +380,8 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<CheckedSlice>, Rej
     for (i, ep) in slice.endpoints.iter().enumerate() {
         let mut addresses = Vec::new();
         for (j, a) in ep.addresses.iter().enumerate() {
-            let addr = match sloppy_ip::parse_ip(a) {
-                Some(IpAddr::V4(addr)) => addr,
-                _ => {
-                    return Err(
-                        c.reject(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IPv4 address"))
-                    );
-                }
+            let Some(IpAddr::V4(addr)) = sloppy_ip::parse_ip(a) else {
+                return Err(c.reject(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IPv4 address")));
             };
             addresses.push(addr);
         }

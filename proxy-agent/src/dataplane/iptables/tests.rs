@@ -181,3 +181,50 @@ fn iptables_save_prints_back_exactly_what_was_rendered() {
     differences.dedup();
     assert!(differences.is_empty(), "{} differences:\n{}", differences.len(), differences.join("\n"));
 }
+
+/// kube-proxy's nftables `cluster-ips-check`, which its iptables mode lacks: new forwarded or local packets
+/// still addressed to a ClusterIP are refused, the rest of the service CIDR dropped, and only packets into
+/// the CIDR walk the per-ClusterIP rules.
+#[test]
+fn cluster_ips_are_refused_on_undefined_ports_and_the_service_cidr_drops_the_rest() {
+    let mut t = ServiceTable::default();
+    let f = Frontend { addr: Ipv4Addr::new(10, 32, 0, 20), port: 80, protocol: Protocol::Tcp };
+    t.frontends.insert(f, entry(FrontendKind::ClusterIp, vec![ep(2, true)], vec![ep(2, true)]));
+    let config = RuleConfig { service_cidrs: vec![(Ipv4Addr::new(10, 32, 0, 0), 16)], ..RuleConfig::default() };
+    let r = render(&t, &config);
+    assert_eq!(r.filter["KUBE-CLUSTER-IPS-CHECK"], ["-A KUBE-CLUSTER-IPS-CHECK -d 10.32.0.0/16 -j KUBE-CLUSTER-IPS"]);
+    assert_eq!(
+        r.filter["KUBE-CLUSTER-IPS"],
+        [
+            "-A KUBE-CLUSTER-IPS -d 10.32.0.20/32 -m comment --comment \"Reject traffic to invalid ports of ClusterIPs\" -j REJECT --reject-with icmp-port-unreachable",
+            "-A KUBE-CLUSTER-IPS -m comment --comment \"Drop traffic to unallocated ClusterIPs\" -j DROP",
+        ]
+    );
+    let without = render(&t, &RuleConfig::default());
+    assert_eq!(without.filter["KUBE-CLUSTER-IPS-CHECK"], ["-A KUBE-CLUSTER-IPS-CHECK -j KUBE-CLUSTER-IPS"]);
+    assert_eq!(without.filter["KUBE-CLUSTER-IPS"].len(), 1, "no CIDR, no drop");
+}
+
+/// kube-proxy puts the ClusterIP masquerade rule in the chain ClusterIP traffic goes to: the local one
+/// under internalTrafficPolicy Local. Without a cluster CIDR, "not local" is "not from a pod interface".
+#[test]
+fn the_cluster_ip_masquerade_rule_is_in_the_chain_the_cluster_ip_uses() {
+    let mut t = ServiceTable::default();
+    let f = Frontend { addr: Ipv4Addr::new(10, 32, 0, 20), port: 80, protocol: Protocol::Tcp };
+    let node_port = Frontend { addr: Ipv4Addr::new(10, 240, 0, 11), port: 30080, protocol: Protocol::Tcp };
+    let all = vec![ep(2, true), ep(3, false)];
+    t.frontends.insert(f, entry(FrontendKind::ClusterIp, vec![ep(2, true)], vec![ep(2, true)]));
+    t.frontends.insert(node_port, entry(FrontendKind::NodePort, all.clone(), all));
+    let config = RuleConfig { pod_interfaces: vec!["veth*".into(), "cali*".into()], ..RuleConfig::default() };
+    let r = render(&t, &config);
+    let svl = super::naming::local_chain(&t.frontends[&f].service, Protocol::Tcp);
+    assert!(r.nat[&svl][0].ends_with("-j KUBE-PROXY-MASQ-UNLESS-POD"), "{:?}", r.nat[&svl]);
+    assert_eq!(
+        r.nat["KUBE-PROXY-MASQ-UNLESS-POD"],
+        [
+            "-A KUBE-PROXY-MASQ-UNLESS-POD -i veth+ -j RETURN",
+            "-A KUBE-PROXY-MASQ-UNLESS-POD -i cali+ -j RETURN",
+            "-A KUBE-PROXY-MASQ-UNLESS-POD -j KUBE-MARK-MASQ",
+        ]
+    );
+}

@@ -8,7 +8,10 @@
 //! ranges) and one `endpoint-` chain per endpoint with its DNAT. Frontends without an endpoint are elements
 //! of a second map, checked in the filter hooks, that rejects or drops.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+};
 
 use super::naming;
 use crate::{
@@ -245,8 +248,10 @@ impl<'a> Renderer<'a> {
         } else if let Some((net, len)) = self.config.cluster_cidr {
             Some(format!("{m} ip saddr != {net}/{len} jump mark-for-masquerade"))
         } else {
-            let not_pod: String =
-                self.config.pod_interface_patterns().map(|p| format!("iifname != \"{p}\" ")).collect();
+            let not_pod = self.config.pod_interface_patterns().fold(String::new(), |mut out, p| {
+                let _ = write!(out, "iifname != \"{p}\" ");
+                out
+            });
             (!not_pod.is_empty()).then(|| format!("{m} {not_pod}jump mark-for-masquerade"))
         };
         if let Some(masq) = masq {

@@ -286,3 +286,26 @@ fn invalid_forwarded_packets_are_dropped_unless_conntrack_is_liberal() {
     let liberal = render(&ServiceTable::default(), &RuleConfig { tcp_be_liberal: true, ..Default::default() });
     assert_eq!(liberal.chains["filter-forward"].rules, checks);
 }
+
+/// kube-proxy's `cluster-ips-check`: every ClusterIP (with endpoints or not) is in `cluster-ips`, whose
+/// elements refuse; the service CIDRs drop; both run after DNAT in the forward and output hooks.
+#[test]
+fn every_cluster_ip_is_refused_on_undefined_ports_and_the_service_cidr_drops_the_rest() {
+    let mut t = ServiceTable::default();
+    t.frontends.insert(vip(20), entry("web", FrontendKind::ClusterIp, vec![ep(2, true)], vec![ep(2, true)]));
+    t.frontends.insert(vip(21), entry("empty", FrontendKind::ClusterIp, Vec::new(), Vec::new()));
+    let external = Frontend { addr: Ipv4Addr::new(10, 250, 0, 1), port: 80, protocol: Protocol::Tcp };
+    t.frontends.insert(external, entry("web", FrontendKind::ExternalIp, vec![ep(2, true)], vec![ep(2, true)]));
+    let config = RuleConfig { service_cidrs: vec![(Ipv4Addr::new(10, 32, 0, 0), 16)], ..RuleConfig::default() };
+    let r = render(&t, &config);
+    let keys: Vec<&String> = r.maps[CLUSTER_IPS].keys().collect();
+    assert_eq!(keys, ["10.32.0.20", "10.32.0.21"], "ClusterIPs only, not external IPs");
+    assert!(r.maps[CLUSTER_IPS].values().all(|v| v.ends_with(": goto reject-chain")));
+    assert_eq!(r.chains["cluster-ips-check"].rules, ["ip daddr vmap @cluster-ips", "ip daddr { 10.32.0.0/16 } drop"]);
+    for hook in ["filter-forward", "filter-output"] {
+        assert_eq!(r.chains[hook].rules.last().unwrap(), "ct state new jump cluster-ips-check", "{hook}");
+    }
+    assert_eq!(map_type(CLUSTER_IPS), "type ipv4_addr : verdict;");
+    let without = render(&t, &RuleConfig::default());
+    assert_eq!(without.chains["cluster-ips-check"].rules, ["ip daddr vmap @cluster-ips"], "no CIDR, no drop");
+}
