@@ -61,7 +61,17 @@ async fn main() -> anyhow::Result<()> {
     let node_port_addresses = cli::parse_nodeport_addresses(&args.nodeport_addresses)
         .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
     let addresses = node::host_addresses(&roles).context("reading this node's addresses")?;
-    let node = NodeIdentity { name: node_name, addresses, node_port_addresses };
+    anyhow::ensure!(
+        args.service_cluster_ip_range.iter().all(|(_, len)| *len > 0),
+        "--service-cluster-ip-range: a /0 range would cover every address"
+    );
+    // Networks, host bits cleared, as the rules print them back.
+    let service_cidrs = args
+        .service_cluster_ip_range
+        .iter()
+        .map(|(addr, len)| (std::net::Ipv4Addr::from(u32::from(*addr) & (u32::MAX << (32 - u32::from(*len)))), *len))
+        .collect();
+    let node = NodeIdentity { name: node_name, addresses, node_port_addresses, service_cidrs };
     let settings = node_settings(&args, &node);
     tracing::info!(node = %node.name, addresses = ?node.addresses, snat = ?settings.snat_addr, version = env!("CARGO_PKG_VERSION"), "starting");
 
@@ -74,7 +84,6 @@ async fn main() -> anyhow::Result<()> {
     let rule_config = dataplane::netfilter::RuleConfig {
         masquerade_all: args.masquerade_all,
         cluster_cidr: args.cluster_cidr,
-        service_cidrs: args.service_cluster_ip_range.clone(),
         pod_interfaces: args.pod_interfaces.clone(),
         // As kube-proxy: read after setting it, so a node configured liberal by other means counts too.
         tcp_be_liberal: dataplane::netfilter::tcp_be_liberal(),
@@ -176,7 +185,6 @@ fn node_settings(args: &cli::Args, node: &NodeIdentity) -> NodeSettings {
         snat_ports: args.snat_ports,
         masquerade_all: args.masquerade_all,
         cluster_cidr: args.cluster_cidr,
-        service_cidrs: args.service_cluster_ip_range.clone(),
         xdp: args.xdp,
         timeouts: args.conntrack.timeouts(),
         max_flows: args.conntrack.max_flows(conntrack_settings::cpus()),

@@ -10,6 +10,7 @@ use imbl::OrdMap;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use tokio::sync::watch;
 
@@ -48,6 +49,8 @@ pub struct ClusterState {
     pub services: OrdMap<ObjectKey, Arc<Service>>,
     pub endpoint_slices: OrdMap<ObjectKey, Arc<EndpointSlice>>,
     pub nodes: OrdMap<String, Arc<Node>>,
+    /// `networking.k8s.io/v1` `ServiceCIDR` objects, by name: the ranges ClusterIPs are allocated from.
+    pub service_cidrs: OrdMap<String, Arc<ServiceCIDR>>,
     /// Objects the source itself refused (a manifest that does not parse or check), as `(kind, name)`:
     /// counted in the metrics with the model's rejections.
     pub refused: Vec<(&'static str, String)>,

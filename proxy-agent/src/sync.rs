@@ -115,11 +115,14 @@ struct Outcome {
 impl Engine {
     fn sync(&mut self, state: &Arc<ClusterState>, scope: Scope) -> Outcome {
         let started = std::time::Instant::now();
+        let cidrs_before = self.model.table().service_cidrs.clone();
         let changed = self.model.update(state);
         let model_ms = started.elapsed().as_secs_f64() * 1e3;
         let table = self.model.table();
+        // Service CIDRs are node-wide, no frontend's: a change to them alone still needs applying.
+        let cidrs_changed = table.service_cidrs != cidrs_before;
         let result = match scope {
-            Scope::Changes if changed.is_empty() => Ok(ApplyStats::default()),
+            Scope::Changes if changed.is_empty() && !cidrs_changed => Ok(ApplyStats::default()),
             Scope::Changes => self.dataplane.apply_changes(table, &changed),
             Scope::Whole => self.dataplane.apply(table),
             Scope::Reread => self.dataplane.apply_full(table),

@@ -858,8 +858,10 @@ mod layout_tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
         assert_eq!(prefix_len(24), 56);
-        assert_eq!(size_of::<Config>(), 64);
+        assert_eq!(size_of::<Config>(), 96);
         assert_eq!(offset_of!(Config, timeouts), 32);
+        assert_eq!(offset_of!(Config, service_cidrs), 64);
+        assert_eq!(size_of::<super::config::Ipv4Net>(), 8);
         assert_eq!(offset_of!(Config, snat_addr), 8);
         assert_eq!(offset_of!(Config, snat_port_min), 12);
         assert_eq!(offset_of!(Config, snat_port_max), 14);

@@ -56,6 +56,8 @@ fn handle(manifests: &Path, version: &AtomicU64, query: &HashMap<String, String>
         ("Service", "ServiceList")
     } else if path.ends_with("/endpointslices") {
         ("EndpointSlice", "EndpointSliceList")
+    } else if path.ends_with("/servicecidrs") {
+        ("ServiceCIDR", "ServiceCIDRList")
     } else {
         ("Node", "NodeList")
     };
@@ -68,7 +70,7 @@ fn handle(manifests: &Path, version: &AtomicU64, query: &HashMap<String, String>
         .into_iter()
         .map(|mut o| {
             o["metadata"]["resourceVersion"] = Value::String(rv.clone());
-            if o["metadata"]["namespace"].is_null() && kind != "Node" {
+            if o["metadata"]["namespace"].is_null() && kind != "Node" && kind != "ServiceCIDR" {
                 o["metadata"]["namespace"] = Value::String("default".into());
             }
             o

@@ -113,8 +113,12 @@ fn udp(name: &'static str, from: Client, to: SocketAddrV4, want: Want) -> Case {
 /// (so a wrongly chosen endpoint answers and shows), the external client's second address, and agents
 /// told the service CIDR.
 fn lab(pods: usize, extra_args: &[&str]) -> Lab {
+    lab_with(pods, &[&["--service-cluster-ip-range", SERVICE_CIDR], extra_args].concat())
+}
+
+/// [`lab`] with exactly these agent flags.
+fn lab_with(pods: usize, extra_args: &[&str]) -> Lab {
     let mut spec = LabSpec { pods_per_node: pods, ..LabSpec::default() };
-    spec.agent_args.extend(["--service-cluster-ip-range", SERVICE_CIDR].map(String::from));
     spec.agent_args.extend(extra_args.iter().map(|a| (*a).to_owned()));
     let mut lab = Lab::start(spec).expect("lab");
     for n in 1..=2 {
@@ -847,5 +851,40 @@ fn addresses_with_leading_zeros_are_served() {
                 Want::Reach(one, Yes),
             ),
         ],
+    );
+}
+
+/// kube-proxy learns the service CIDRs from `networking.k8s.io/v1` `ServiceCIDR` objects
+/// (`TestProxier_OnServiceCIDRsChanged`): with no flag, the object alone makes an unallocated address of
+/// its range dropped; once it is deleted, such a packet is routed on again (the lab sees it leave).
+#[test]
+fn service_cidr_objects_set_the_ranges_whose_unallocated_addresses_are_dropped() {
+    let mut lab = lab_with(2, &[]);
+    let cidr = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs: [10.32.0.0/16, fd00:10:96::/112]\n";
+    lab.write_manifest("servicecidr.yaml", cidr).unwrap();
+    let svc1 = Svc::new("svc1", cip(41), vec![port("http", 80, "TCP", 80)]);
+    lab.write_manifest("svc1.yaml", &svc1.with_endpoints(&ready(&lab, &[(1, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+    let unallocated = at(cip(50), 80);
+    run(
+        &lab,
+        "TestProxier_OnServiceCIDRsChanged",
+        &[
+            tcp("packet to unallocated cluster ip", Pod, unallocated, Want::Drop),
+            tcp("svc1 does not accept other ports", Pod, at(cip(41), 443), Want::Reject),
+            tcp("simple clusterIP", Pod, at(cip(41), 80), Want::Reach(&["pod-1-2"], No)),
+        ],
+    );
+
+    let seen = lab.sync_counts();
+    lab.remove_manifest("servicecidr.yaml").unwrap();
+    lab.wait_for_sync(&seen).unwrap();
+    lab.expect_leaks_to(*unallocated.ip());
+    let outcome = try_once(&lab, &tcp("after the ServiceCIDR is deleted", Pod, unallocated, Want::Drop), DROP_WAIT);
+    assert!(matches!(outcome, Outcome::TimedOut), "{outcome:?}");
+    let leaked = lab.leaks().unwrap();
+    assert!(
+        leaked.iter().any(|l| l.dst == *unallocated.ip()),
+        "without a service CIDR the packet is routed on by the default route, as kube-proxy leaves it: {leaked:?}"
     );
 }

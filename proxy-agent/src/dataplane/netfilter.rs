@@ -22,8 +22,6 @@ pub const MASQ_MARK: u32 = 0x4000;
 pub struct RuleConfig {
     pub masquerade_all: bool,
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
-    /// `--service-cluster-ip-range`: addresses in these that no Service holds are dropped.
-    pub service_cidrs: Vec<(Ipv4Addr, u8)>,
     /// Pod-facing interface patterns (`veth*`): kube-proxy's `InterfaceNamePrefix` local-traffic detection,
     /// so pod traffic to a Local-policy Service's external addresses reaches every endpoint.
     pub pod_interfaces: Vec<String>,

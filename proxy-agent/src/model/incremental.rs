@@ -59,11 +59,14 @@ pub struct IncrementalModel {
     health_checks: BTreeMap<u16, HealthCheck>,
     /// How many programmed frontends use each backend.
     backend_refs: HashMap<BackendKey, usize>,
+    /// `ServiceCIDR` objects that could not be read.
+    rejected_service_cidrs: Vec<Rejection>,
 }
 
 impl IncrementalModel {
     #[must_use]
     pub fn new(node: NodeIdentity) -> Self {
+        let (service_cidrs, _) = super::service_cidrs(&ClusterState::default(), &node);
         Self {
             node,
             context: NodeContext::default(),
@@ -76,9 +79,10 @@ impl IncrementalModel {
             contested: BTreeSet::new(),
             claims: HashMap::new(),
             health_claims: BTreeMap::new(),
-            table: ServiceTable::default(),
+            table: ServiceTable { service_cidrs, ..ServiceTable::default() },
             health_checks: BTreeMap::new(),
             backend_refs: HashMap::new(),
+            rejected_service_cidrs: Vec::new(),
         }
     }
 
@@ -93,6 +97,9 @@ impl IncrementalModel {
             *self = Self { context, ..Self::new(self.node.clone()) };
         }
         let previous = Arc::clone(&self.state);
+        if previous.service_cidrs != state.service_cidrs {
+            (self.table.service_cidrs, self.rejected_service_cidrs) = super::service_cidrs(state, &self.node);
+        }
         let mut dirty: BTreeSet<ObjectKey> = BTreeSet::new();
         for item in previous.endpoint_slices.diff(&state.endpoint_slices) {
             let (key, old, new) = match item {
@@ -155,8 +162,13 @@ impl IncrementalModel {
     /// Everything left out and why: rejected objects, unprogrammable ports, and claims that lost a conflict.
     #[must_use]
     pub fn rejected(&self) -> Vec<Rejection> {
-        let mut out: Vec<Rejection> =
-            self.rejected_slices.values().chain(self.rejected_services.values()).cloned().collect();
+        let mut out: Vec<Rejection> = self
+            .rejected_slices
+            .values()
+            .chain(self.rejected_services.values())
+            .chain(&self.rejected_service_cidrs)
+            .cloned()
+            .collect();
         for key in &self.services_with_rejected_ports {
             out.extend(self.services.get(key).into_iter().flat_map(|o| o.rejected.iter().cloned()));
         }

@@ -22,11 +22,38 @@ const NAMESPACES: [&str; 2] = ["x", "y"];
 
 #[derive(Clone, Debug)]
 enum Change {
-    Service { ns: usize, name: usize, spec: ServiceSpec },
-    DeleteService { ns: usize, name: usize },
-    Slice { ns: usize, slice: usize, service: usize, spec: SliceSpec },
-    DeleteSlice { ns: usize, slice: usize },
-    Node { zone: Option<usize>, internal_ip: u8 },
+    Service {
+        ns: usize,
+        name: usize,
+        spec: ServiceSpec,
+    },
+    DeleteService {
+        ns: usize,
+        name: usize,
+    },
+    Slice {
+        ns: usize,
+        slice: usize,
+        service: usize,
+        spec: SliceSpec,
+    },
+    DeleteSlice {
+        ns: usize,
+        slice: usize,
+    },
+    Node {
+        zone: Option<usize>,
+        internal_ip: u8,
+    },
+    /// `ServiceCIDR` `c{name}` with `10.{second}.0.0/16` (or, with `bad`, a range that does not parse).
+    ServiceCidr {
+        name: usize,
+        second: u8,
+        bad: bool,
+    },
+    DeleteServiceCidr {
+        name: usize,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -134,6 +161,14 @@ fn apply(state: &mut ClusterState, change: &Change) {
         Change::Node { zone, internal_ip } => {
             drop(state.nodes.insert("node1".into(), Arc::new(node(*zone, *internal_ip))));
         }
+        Change::ServiceCidr { name, second, bad } => {
+            let cidr = if *bad { "10.0.0.0/33".to_owned() } else { format!("10.{second}.0.0/16") };
+            let obj =
+                serde_json::from_value(json!({"metadata": {"name": format!("c{name}")}, "spec": {"cidrs": [cidr]}}))
+                    .expect("a ServiceCIDR");
+            drop(state.service_cidrs.insert(format!("c{name}"), Arc::new(obj)));
+        }
+        Change::DeleteServiceCidr { name } => drop(state.service_cidrs.remove(&format!("c{name}"))),
     }
 }
 
@@ -173,6 +208,9 @@ fn change() -> impl Strategy<Value = Change> {
             .prop_map(|(ns, slice, service, spec)| Change::Slice { ns, slice, service, spec }),
         1 => (0usize..2, 0usize..4).prop_map(|(ns, slice)| Change::DeleteSlice { ns, slice }),
         1 => (prop::option::of(0usize..2), 2u8..4).prop_map(|(zone, internal_ip)| Change::Node { zone, internal_ip }),
+        1 => (0usize..2, 31u8..34, prop::bool::weighted(0.2))
+            .prop_map(|(name, second, bad)| Change::ServiceCidr { name, second, bad }),
+        1 => (0usize..2).prop_map(|name| Change::DeleteServiceCidr { name }),
     ]
 }
 
@@ -181,6 +219,7 @@ fn identity(primary: bool) -> NodeIdentity {
         name: "node1".into(),
         addresses: vec![Ipv4Addr::new(172, 18, 0, 2), Ipv4Addr::new(172, 18, 0, 3)],
         node_port_addresses: if primary { NodePortAddresses::Primary } else { NodePortAddresses::All },
+        service_cidrs: vec![(Ipv4Addr::new(10, 32, 0, 0), 16)],
     }
 }
 

@@ -31,6 +31,26 @@ pub struct NodeIdentity {
     /// The IPv4 addresses of this node's own interfaces (not loopback, not pod-facing).
     pub addresses: Vec<Ipv4Addr>,
     pub node_port_addresses: NodePortAddresses,
+    /// `--service-cluster-ip-range`: service CIDRs configured on this node, joined by the cluster's
+    /// `ServiceCIDR` objects.
+    pub service_cidrs: Vec<(Ipv4Addr, u8)>,
+}
+
+/// The service CIDRs the dataplane drops unallocated addresses of: the configured ones and those of every
+/// `ServiceCIDR` object, sorted and without repeats; and the objects that could not be read.
+#[must_use]
+pub fn service_cidrs(state: &ClusterState, node: &NodeIdentity) -> (Vec<(Ipv4Addr, u8)>, Vec<Rejection>) {
+    let mut cidrs = node.service_cidrs.clone();
+    let mut rejected = Vec::new();
+    for obj in state.service_cidrs.values() {
+        match validate::service_cidr(obj) {
+            Ok(found) => cidrs.extend(found),
+            Err(rejection) => rejected.push(rejection),
+        }
+    }
+    cidrs.sort_unstable();
+    cidrs.dedup();
+    (cidrs, rejected)
 }
 
 /// kube-proxy's `nodePortAddresses`: which node addresses NodePorts listen on.

@@ -26,6 +26,9 @@ pub struct Desired {
 pub fn desired(state: &ClusterState, node: &NodeIdentity) -> Desired {
     let mut out = Desired::default();
     let context = NodeContext::of(state, node);
+    let (cidrs, rejected) = super::service_cidrs(state, node);
+    out.table.service_cidrs = cidrs;
+    out.rejected.extend(rejected);
 
     let mut slices_by_service: BTreeMap<ObjectKey, Vec<CheckedSlice>> = BTreeMap::new();
     for slice in state.endpoint_slices.values() {

@@ -166,6 +166,9 @@ impl FrontendEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTable {
     pub frontends: BTreeMap<Frontend, FrontendEntry>,
+    /// The cluster's service CIDRs (`--service-cluster-ip-range` and `ServiceCIDR` objects), sorted: an
+    /// address in one that no Service holds is dropped, not routed on.
+    pub service_cidrs: Vec<(Ipv4Addr, u8)>,
 }
 
 impl ServiceTable {

@@ -278,6 +278,7 @@ fn node_ports_follow_node_port_addresses() {
         name: "node1".into(),
         addresses: vec![Ipv4Addr::new(10, 240, 0, 11), Ipv4Addr::new(192, 168, 9, 1)],
         node_port_addresses: addrs,
+        service_cidrs: Vec::new(),
     };
     let node_ports = |n: &NodeIdentity, s: &ClusterState| -> Vec<Ipv4Addr> {
         desired(s, n)
@@ -373,4 +374,30 @@ fn the_lb_algorithm_annotation_is_read_and_checked() {
     let err = validate::service(&with("fastest")).unwrap_err();
     assert_eq!(err.field, "metadata.annotations[proxy-agent.io/lb-algorithm]");
     assert!(err.reason.contains("\"fastest\""), "{err}");
+}
+
+/// The table's service CIDRs: the configured ones joined by every `ServiceCIDR`'s IPv4 ranges (host bits
+/// cleared, the IPv6 one of a pair skipped), sorted, once each; a range that does not parse rejects its
+/// object by name and field and leaves the others.
+#[test]
+fn service_cidrs_join_the_flag_and_every_service_cidr_object() {
+    let mut state = ClusterState::default();
+    for (name, cidrs) in [
+        ("kubernetes", "[10.32.0.0/16, 'fd00:10:96::/112']"),
+        ("extra", "[10.33.0.7/24]"),
+        ("broken", "[10.34.0.0/99]"),
+    ] {
+        let obj = serde_yaml::from_str(&format!("metadata: {{name: {name}}}\nspec: {{cidrs: {cidrs}}}")).unwrap();
+        state.service_cidrs.insert(name.into(), Arc::new(obj));
+    }
+    let node = NodeIdentity {
+        name: "node1".into(),
+        service_cidrs: vec![(Ipv4Addr::new(10, 32, 0, 0), 16)],
+        ..NodeIdentity::default()
+    };
+    let d = desired(&state, &node);
+    assert_eq!(d.table.service_cidrs, vec![(Ipv4Addr::new(10, 32, 0, 0), 16), (Ipv4Addr::new(10, 33, 0, 0), 24)]);
+    assert_eq!(d.rejected.len(), 1, "{:?}", d.rejected);
+    let r = &d.rejected[0];
+    assert_eq!((r.kind, r.object.as_str(), r.field.as_str()), ("ServiceCIDR", "broken", "spec.cidrs[0]"));
 }

@@ -12,6 +12,7 @@ use k8s_openapi::{
     api::{
         core::v1::{Service, ServiceSpec},
         discovery::v1::EndpointSlice,
+        networking::v1::ServiceCIDR,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -351,6 +352,24 @@ fn affinity(c: &Checker, spec: &ServiceSpec) -> Result<Option<u32>, Rejection> {
 
 /// Checks an EndpointSlice. Returns `Ok(None)` for slices the proxy ignores: not IPv4, or not owned by a
 /// Service (no `kubernetes.io/service-name` label).
+/// A `ServiceCIDR`'s IPv4 ranges (the IPv6 one of a dual-stack pair is skipped), networks with host bits
+/// cleared. A range that does not parse rejects the object, naming it.
+pub fn service_cidr(obj: &ServiceCIDR) -> Result<Vec<(Ipv4Addr, u8)>, Rejection> {
+    let c = Checker { kind: "ServiceCIDR", object: obj.metadata.name.clone().unwrap_or_default() };
+    let mut out = Vec::new();
+    for (i, cidr) in obj.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten().enumerate() {
+        match sloppy_ip::parse_cidr(cidr.trim()) {
+            Some((IpAddr::V4(addr), len)) if len > 0 => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                out.push((Ipv4Addr::from(u32::from(addr) & mask), len));
+            }
+            Some((IpAddr::V6(_), _)) => {}
+            _ => return Err(c.reject(format!("spec.cidrs[{i}]"), format!("{cidr:?} is not a CIDR"))),
+        }
+    }
+    Ok(out)
+}
+
 pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<CheckedSlice>, Rejection> {
     let namespace = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let c = Checker { kind: "EndpointSlice", object: object_name(Some(&namespace), slice.metadata.name.as_ref()) };

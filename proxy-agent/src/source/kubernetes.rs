@@ -14,6 +14,7 @@ use imbl::OrdMap;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client,
@@ -62,6 +63,17 @@ impl StoredKind for Node {
     }
     fn slot(state: &mut ClusterState) -> &mut OrdMap<String, Arc<Self>> {
         &mut state.nodes
+    }
+}
+
+impl StoredKind for ServiceCIDR {
+    type Key = String;
+    const NAME: &'static str = "ServiceCIDR";
+    fn key(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+    fn slot(state: &mut ClusterState) -> &mut OrdMap<String, Arc<Self>> {
+        &mut state.service_cidrs
     }
 }
 
@@ -155,7 +167,25 @@ pub async fn client_config(master: Option<&str>, kubeconfig: Option<&std::path::
     Ok(config)
 }
 
-/// Runs the three watchers until one of them fails for good.
+/// Watches `ServiceCIDR` objects where the API serves them (`networking.k8s.io/v1`, Kubernetes 1.33 and later);
+/// elsewhere logs once and leaves `--service-cluster-ip-range` as the only source. Not part of readiness:
+/// without them the agent only drops less, so the first sync does not wait for them.
+async fn watch_service_cidrs(api: Api<ServiceCIDR>, store: Store, readiness: Arc<Readiness>) -> anyhow::Result<()> {
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 403 => {
+            tracing::info!(
+                code = e.code,
+                "ServiceCIDRs (networking.k8s.io/v1) not readable here: service CIDRs come from --service-cluster-ip-range only"
+            );
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+        // Anything else (the API server away) is the watcher's to retry.
+        _ => watch_kind::<ServiceCIDR>(api, watcher::Config::default(), store, readiness).await,
+    }
+}
+
+/// Runs the watchers until one of them fails for good.
 pub async fn run(client: Client, node_name: String, store: Store) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness { pending: Mutex::new(vec![Service::NAME, EndpointSlice::NAME, Node::NAME]) });
     // Services another proxy is responsible for carry this label; kube-proxy skips them too.
@@ -165,7 +195,8 @@ pub async fn run(client: Client, node_name: String, store: Store) -> anyhow::Res
     tokio::try_join!(
         watch_kind::<Service>(Api::all(client.clone()), services, store.clone(), readiness.clone()),
         watch_kind::<EndpointSlice>(Api::all(client.clone()), slices, store.clone(), readiness.clone()),
-        watch_kind::<Node>(Api::all(client), nodes, store, readiness),
+        watch_kind::<Node>(Api::all(client.clone()), nodes, store.clone(), readiness.clone()),
+        watch_service_cidrs(Api::all(client), store, readiness),
     )?;
     Ok(())
 }

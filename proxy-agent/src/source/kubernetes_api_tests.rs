@@ -89,9 +89,21 @@ async fn handle(
         "services"
     } else if path.ends_with("/endpointslices") {
         "endpointslices"
+    } else if path.ends_with("/servicecidrs") {
+        "servicecidrs"
     } else {
         "nodes"
     };
+    // A kind the test gave no objects is one this API server does not serve (ServiceCIDRs before 1.33).
+    if !server.lock().unwrap().kinds.contains_key(kind) {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                            "message": "the server could not find the requested resource", "code": 404});
+        return Response::builder()
+            .status(404)
+            .header("content-type", "application/json")
+            .body(Body::from(status.to_string()))
+            .unwrap();
+    }
     if watch {
         let action =
             server.lock().unwrap().kinds.get_mut(kind).and_then(|k| k.watches.pop_front()).unwrap_or(Watch::Hang);
@@ -121,6 +133,7 @@ async fn handle(
     let list_kind = match kind {
         "services" => "ServiceList",
         "endpointslices" => "EndpointSliceList",
+        "servicecidrs" => "ServiceCIDRList",
         _ => "NodeList",
     };
     let body =
@@ -213,7 +226,10 @@ async fn list_watch_bookmarks_drops_and_410_gone_end_in_the_servers_state() {
 /// The same objects give the same desired table, whether they come from the API server or from manifests.
 #[tokio::test]
 async fn the_api_and_the_manifest_source_give_identical_tables() {
-    let objects = [service("a", 10), service("c", 14), slice("a-1", "a", 20), slice("c-1", "c", 21), node(30)];
+    let cidr = json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                      "metadata": {"name": "kubernetes", "resourceVersion": "40"},
+                      "spec": {"cidrs": ["10.32.0.0/16", "fd00:10:96::/112"]}});
+    let objects = [service("a", 10), service("c", 14), slice("a-1", "a", 20), slice("c-1", "c", 21), node(30), cidr];
     let server: Server = Arc::default();
     {
         let mut s = server.lock().unwrap();
@@ -226,11 +242,12 @@ async fn the_api_and_the_manifest_source_give_identical_tables() {
             Kind { lists: VecDeque::from([vec![objects[2].clone(), objects[3].clone()]]), ..Kind::default() },
         );
         s.kinds.insert("nodes", Kind { lists: VecDeque::from([vec![objects[4].clone()]]), ..Kind::default() });
+        s.kinds.insert("servicecidrs", Kind { lists: VecDeque::from([vec![objects[5].clone()]]), ..Kind::default() });
     }
     let addr = start(server).await;
     let (store, mut rx) = Store::new();
     let source = tokio::spawn(run(client(addr), "node1".into(), store));
-    wait_for(&mut rx, "the API view", |s| s.complete).await;
+    wait_for(&mut rx, "the API view", |s| s.complete && !s.state.service_cidrs.is_empty()).await;
     let from_api = rx.borrow().state.clone();
     source.abort();
 
@@ -248,6 +265,7 @@ async fn the_api_and_the_manifest_source_give_identical_tables() {
     let node = crate::model::NodeIdentity { name: "node1".into(), ..Default::default() };
     let (api_table, file_table) = (crate::model::desired(&from_api, &node), crate::model::desired(&from_files, &node));
     assert_eq!(api_table.table.frontends.len(), 2);
+    assert_eq!(api_table.table.service_cidrs, vec![(std::net::Ipv4Addr::new(10, 32, 0, 0), 16)]);
     assert_eq!(api_table, file_table);
 }
 
@@ -265,14 +283,19 @@ async fn the_deployed_cluster_role_grants_exactly_what_the_watchers_call() {
         s.kinds
             .insert("endpointslices", Kind { lists: VecDeque::from([vec![slice("a-1", "a", 20)]]), ..Kind::default() });
         s.kinds.insert("nodes", Kind { lists: VecDeque::from([vec![node(30)]]), ..Kind::default() });
+        let cidr = json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                          "metadata": {"name": "kubernetes", "resourceVersion": "40"},
+                          "spec": {"cidrs": ["10.32.0.0/16"]}});
+        s.kinds.insert("servicecidrs", Kind { lists: VecDeque::from([vec![cidr]]), ..Kind::default() });
     }
     let addr = start(server.clone()).await;
     let (store, mut rx) = Store::new();
     let source = tokio::spawn(run(client(addr), "node1".into(), store));
     wait_for(&mut rx, "the first complete view", |s| s.complete).await;
+    wait_for(&mut rx, "the ServiceCIDR", |s| s.state.service_cidrs.contains_key("kubernetes")).await;
     // Bounded: each watcher starts its watch right after its list.
     for _ in 0..100 {
-        if server.lock().unwrap().requests.iter().filter(|r| r.2).count() >= 3 {
+        if server.lock().unwrap().requests.iter().filter(|r| r.2).count() >= 4 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -314,6 +337,6 @@ async fn the_deployed_cluster_role_grants_exactly_what_the_watchers_call() {
             }
         }
     }
-    assert_eq!(called.len(), 6, "list and watch on three kinds: {called:?}");
+    assert_eq!(called.len(), 8, "list and watch on four kinds: {called:?}");
     assert_eq!(granted, called, "deploy/base/clusterrole.yaml must grant exactly the calls made");
 }

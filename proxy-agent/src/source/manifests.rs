@@ -14,6 +14,7 @@ use std::{
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use serde::Deserialize as _;
 
@@ -28,6 +29,7 @@ enum Parsed {
     Service(ObjectKey, Arc<Service>),
     EndpointSlice(ObjectKey, Arc<EndpointSlice>),
     Node(String, Arc<Node>),
+    ServiceCidr(String, Arc<ServiceCIDR>),
 }
 
 /// An object's identity across reloads: kind and `namespace/name`.
@@ -39,6 +41,7 @@ impl Parsed {
             Self::Service(k, _) => ("Service", k.to_string()),
             Self::EndpointSlice(k, _) => ("EndpointSlice", k.to_string()),
             Self::Node(n, _) => ("Node", n.clone()),
+            Self::ServiceCidr(n, _) => ("ServiceCIDR", n.clone()),
         }
     }
 
@@ -47,6 +50,7 @@ impl Parsed {
             Self::Service(k, v) => drop(state.services.insert(k, v)),
             Self::EndpointSlice(k, v) => drop(state.endpoint_slices.insert(k, v)),
             Self::Node(k, v) => drop(state.nodes.insert(k, v)),
+            Self::ServiceCidr(k, v) => drop(state.service_cidrs.insert(k, v)),
         }
     }
 }
@@ -124,12 +128,14 @@ impl ManifestSource {
                     services = state.services.len(),
                     endpoint_slices = state.endpoint_slices.len(),
                     nodes = state.nodes.len(),
+                    service_cidrs = state.service_cidrs.len(),
                     "manifests loaded"
                 );
                 store.update(|s| {
                     replace_all(&mut s.services, state.services);
                     replace_all(&mut s.endpoint_slices, state.endpoint_slices);
                     replace_all(&mut s.nodes, state.nodes);
+                    replace_all(&mut s.service_cidrs, state.service_cidrs);
                     s.refused = state.refused;
                 });
                 store.mark_complete();
@@ -275,6 +281,12 @@ fn parse_object(value: serde_yaml::Value) -> Result<Option<Parsed>, ParseError> 
             let id = Some(("Node", name.to_owned()));
             let node: Node = serde_yaml::from_value(value).map_err(|e| (id, e.to_string()))?;
             Ok(Some(Parsed::Node(node.metadata.name.clone().unwrap_or_default(), Arc::new(node))))
+        }
+        "ServiceCIDR" => {
+            let id = Some(("ServiceCIDR", name.to_owned()));
+            let cidr: ServiceCIDR = serde_yaml::from_value(value).map_err(|e| (id.clone(), e.to_string()))?;
+            validate::service_cidr(&cidr).map_err(|r| (id, format!("{}: {}", r.field, r.reason)))?;
+            Ok(Some(Parsed::ServiceCidr(cidr.metadata.name.clone().unwrap_or_default(), Arc::new(cidr))))
         }
         // Deployments, ConfigMaps and the like may sit in the same directory; they are not ours.
         _ => Ok(None),

@@ -51,8 +51,6 @@ pub struct NodeSettings {
     pub masquerade_all: bool,
     /// kube-proxy's `clusterCIDR`, for local-traffic detection.
     pub cluster_cidr: Option<(std::net::Ipv4Addr, u8)>,
-    /// `--service-cluster-ip-range`: addresses in these that no Service holds are dropped.
-    pub service_cidrs: Vec<(std::net::Ipv4Addr, u8)>,
     /// The cgroup (v2) whose processes' sockets get Service translation (the node's own traffic).
     pub socket_cgroup: Option<PathBuf>,
     pub xdp: XdpSetting,
@@ -106,27 +104,32 @@ fn config_value(settings: &NodeSettings) -> anyhow::Result<proxy_common::config:
         snat_port_max: settings.snat_ports.1,
         flags: if settings.masquerade_all { proxy_common::config::FLAG_MASQUERADE_ALL } else { 0 },
         timeouts: settings.timeouts,
-        service_cidrs: service_cidrs(&settings.service_cidrs)?,
+        // Written with the first table (`EbpfDataplane::sync_service_cidrs`).
+        service_cidrs: [proxy_common::config::Ipv4Net::default(); proxy_common::config::MAX_SERVICE_CIDRS],
     })
 }
 
-/// The service CIDRs as `CONFIG` holds them.
+/// The service CIDRs as `CONFIG` holds them: the first [`MAX_SERVICE_CIDRS`] (a cluster has one per family,
+/// a few while a range migrates); a longer list is cut, with a warning, and the rest are not dropped.
+///
+/// [`MAX_SERVICE_CIDRS`]: proxy_common::config::MAX_SERVICE_CIDRS
 fn service_cidrs(
     cidrs: &[(std::net::Ipv4Addr, u8)],
-) -> anyhow::Result<[proxy_common::config::Ipv4Net; proxy_common::config::MAX_SERVICE_CIDRS]> {
+) -> [proxy_common::config::Ipv4Net; proxy_common::config::MAX_SERVICE_CIDRS] {
     use proxy_common::config::{Ipv4Net, MAX_SERVICE_CIDRS};
-    anyhow::ensure!(
-        cidrs.len() <= MAX_SERVICE_CIDRS,
-        "--service-cluster-ip-range: {} CIDRs given, the eBPF data path checks at most {MAX_SERVICE_CIDRS}",
-        cidrs.len()
-    );
+    if cidrs.len() > MAX_SERVICE_CIDRS {
+        tracing::warn!(
+            cidrs = ?cidrs,
+            "more service CIDRs than the eBPF data path checks ({MAX_SERVICE_CIDRS}): addresses of the others that no Service holds are routed on"
+        );
+    }
     let mut out = [Ipv4Net::default(); MAX_SERVICE_CIDRS];
-    for (slot, (addr, len)) in out.iter_mut().zip(cidrs) {
-        anyhow::ensure!(*len > 0, "--service-cluster-ip-range: {addr}/{len} would cover every address");
+    // A /0 would be "every address": the model never lets one through (`validate::service_cidr`, the flag).
+    for (slot, (addr, len)) in out.iter_mut().zip(cidrs.iter().filter(|(_, len)| *len > 0)) {
         let mask = prefix_mask(*len);
         *slot = Ipv4Net { addr: u32::from_ne_bytes(addr.octets()) & mask, mask };
     }
-    Ok(out)
+    out
 }
 
 fn write_config(ebpf: &mut aya::Ebpf, value: &proxy_common::config::Config) -> anyhow::Result<()> {
@@ -200,6 +203,18 @@ impl EbpfDataplane {
             tracing::warn!(
                 "no cgroup v2 for the socket programs: the node's own traffic to Services is not translated"
             );
+        }
+        Ok(())
+    }
+
+    /// Writes the table's service CIDRs into `CONFIG` when they changed (after the frontends, so a new
+    /// ClusterIP is a frontend before its range drops what matches no frontend).
+    fn sync_service_cidrs(&mut self, table: &ServiceTable) -> anyhow::Result<()> {
+        let wanted = service_cidrs(&table.service_cidrs);
+        if wanted != self.config.service_cidrs {
+            self.config.service_cidrs = wanted;
+            write_config(&mut self.ebpf, &self.config)?;
+            tracing::info!(service_cidrs = ?table.service_cidrs, "service CIDRs: unallocated addresses are dropped");
         }
         Ok(())
     }
@@ -316,6 +331,7 @@ impl Dataplane for EbpfDataplane {
     fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
         let stats = self.writer.apply(table)?;
         self.frontend_addrs.sync_all(table)?;
+        self.sync_service_cidrs(table)?;
         self.finish_upgrade()?;
         Ok(stats)
     }
@@ -327,6 +343,7 @@ impl Dataplane for EbpfDataplane {
     ) -> anyhow::Result<ApplyStats> {
         let stats = self.writer.apply_changes(table, changed)?;
         self.frontend_addrs.sync_changed(table, changed)?;
+        self.sync_service_cidrs(table)?;
         self.finish_upgrade()?;
         Ok(stats)
     }
@@ -335,6 +352,7 @@ impl Dataplane for EbpfDataplane {
         self.writer.reread()?;
         let stats = self.writer.apply(table)?;
         self.frontend_addrs.sync_all(table)?;
+        self.sync_service_cidrs(table)?;
         self.finish_upgrade()?;
         Ok(stats)
     }

@@ -291,7 +291,8 @@ fn table_strategy() -> impl Strategy<Value = ServiceTable> {
             e
         },
     );
-    prop::collection::btree_map(frontend, entry_strategy, 0..6).prop_map(|m| ServiceTable { frontends: m })
+    prop::collection::btree_map(frontend, entry_strategy, 0..6)
+        .prop_map(|m| ServiceTable { frontends: m, service_cidrs: Vec::new() })
 }
 
 proptest! {

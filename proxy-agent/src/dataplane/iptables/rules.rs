@@ -309,7 +309,7 @@ impl<'a> Renderer<'a> {
 
     /// The rules of [`CLUSTER_IPS_CHECK`] and [`CLUSTER_IPS`].
     fn cluster_ips_check(&mut self, table: &ServiceTable) {
-        let cidrs = &self.config.service_cidrs;
+        let cidrs = &table.service_cidrs;
         let check = self.filter.get_mut(CLUSTER_IPS_CHECK).expect("fixed chain");
         if cidrs.is_empty() {
             check.push(format!("-A {CLUSTER_IPS_CHECK} -j {CLUSTER_IPS}"));

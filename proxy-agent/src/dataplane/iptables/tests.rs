@@ -190,8 +190,8 @@ fn cluster_ips_are_refused_on_undefined_ports_and_the_service_cidr_drops_the_res
     let mut t = ServiceTable::default();
     let f = Frontend { addr: Ipv4Addr::new(10, 32, 0, 20), port: 80, protocol: Protocol::Tcp };
     t.frontends.insert(f, entry(FrontendKind::ClusterIp, vec![ep(2, true)], vec![ep(2, true)]));
-    let config = RuleConfig { service_cidrs: vec![(Ipv4Addr::new(10, 32, 0, 0), 16)], ..RuleConfig::default() };
-    let r = render(&t, &config);
+    t.service_cidrs = vec![(Ipv4Addr::new(10, 32, 0, 0), 16)];
+    let r = render(&t, &RuleConfig::default());
     assert_eq!(r.filter["KUBE-CLUSTER-IPS-CHECK"], ["-A KUBE-CLUSTER-IPS-CHECK -d 10.32.0.0/16 -j KUBE-CLUSTER-IPS"]);
     assert_eq!(
         r.filter["KUBE-CLUSTER-IPS"],
@@ -200,6 +200,7 @@ fn cluster_ips_are_refused_on_undefined_ports_and_the_service_cidr_drops_the_res
             "-A KUBE-CLUSTER-IPS -m comment --comment \"Drop traffic to unallocated ClusterIPs\" -j DROP",
         ]
     );
+    t.service_cidrs.clear();
     let without = render(&t, &RuleConfig::default());
     assert_eq!(without.filter["KUBE-CLUSTER-IPS-CHECK"], ["-A KUBE-CLUSTER-IPS-CHECK -j KUBE-CLUSTER-IPS"]);
     assert_eq!(without.filter["KUBE-CLUSTER-IPS"].len(), 1, "no CIDR, no drop");

@@ -149,15 +149,6 @@ impl<'a> Renderer<'a> {
         out.maps.insert(SERVICE_IPS, Elements::new());
         out.maps.insert(NO_ENDPOINT_SERVICES, Elements::new());
         out.maps.insert(CLUSTER_IPS, Elements::new());
-        // kube-proxy's `cluster-ips-check`, after DNAT in the forward and output hooks: what is still
-        // addressed to a ClusterIP used a port or protocol no Service defines (refused); an address of the
-        // service CIDRs that no Service holds is dropped. Neither leaves by the default route.
-        let mut check = vec![format!("ip daddr vmap @{CLUSTER_IPS}")];
-        if !config.service_cidrs.is_empty() {
-            let cidrs: Vec<String> = config.service_cidrs.iter().map(|(net, len)| format!("{net}/{len}")).collect();
-            check.push(format!("ip daddr {{ {} }} drop", cidrs.join(", ")));
-        }
-        out.chains.insert("cluster-ips-check".into(), Chain { hook: None, rules: check });
         for base in ["filter-forward", "filter-output"] {
             out.chains.get_mut(base).expect("base chain").rules.push("ct state new jump cluster-ips-check".into());
         }
@@ -327,6 +318,18 @@ impl<'a> Renderer<'a> {
     }
 }
 
+/// kube-proxy's `cluster-ips-check`, after DNAT in the forward and output hooks: what is still addressed to
+/// a ClusterIP used a port or protocol no Service defines (refused, by [`CLUSTER_IPS`]); an address of the
+/// service CIDRs that no Service holds is dropped. Neither leaves by the default route.
+fn cluster_ips_check(service_cidrs: &[(std::net::Ipv4Addr, u8)]) -> Chain {
+    let mut rules = vec![format!("ip daddr vmap @{CLUSTER_IPS}")];
+    if !service_cidrs.is_empty() {
+        let cidrs: Vec<String> = service_cidrs.iter().map(|(net, len)| format!("{net}/{len}")).collect();
+        rules.push(format!("ip daddr {{ {} }} drop", cidrs.join(", ")));
+    }
+    Chain { hook: None, rules }
+}
+
 /// Renders the table's ruleset.
 #[must_use]
 pub fn render(table: &crate::model::ServiceTable, config: &RuleConfig) -> Ruleset {
@@ -334,5 +337,6 @@ pub fn render(table: &crate::model::ServiceTable, config: &RuleConfig) -> Rulese
     for sp in &netfilter::service_ports(table) {
         renderer.service_port(sp);
     }
+    renderer.out.chains.insert("cluster-ips-check".into(), cluster_ips_check(&table.service_cidrs));
     renderer.out
 }

@@ -296,8 +296,8 @@ fn every_cluster_ip_is_refused_on_undefined_ports_and_the_service_cidr_drops_the
     t.frontends.insert(vip(21), entry("empty", FrontendKind::ClusterIp, Vec::new(), Vec::new()));
     let external = Frontend { addr: Ipv4Addr::new(10, 250, 0, 1), port: 80, protocol: Protocol::Tcp };
     t.frontends.insert(external, entry("web", FrontendKind::ExternalIp, vec![ep(2, true)], vec![ep(2, true)]));
-    let config = RuleConfig { service_cidrs: vec![(Ipv4Addr::new(10, 32, 0, 0), 16)], ..RuleConfig::default() };
-    let r = render(&t, &config);
+    t.service_cidrs = vec![(Ipv4Addr::new(10, 32, 0, 0), 16)];
+    let r = render(&t, &RuleConfig::default());
     let keys: Vec<&String> = r.maps[CLUSTER_IPS].keys().collect();
     assert_eq!(keys, ["10.32.0.20", "10.32.0.21"], "ClusterIPs only, not external IPs");
     assert!(r.maps[CLUSTER_IPS].values().all(|v| v.ends_with(": goto reject-chain")));
@@ -306,6 +306,7 @@ fn every_cluster_ip_is_refused_on_undefined_ports_and_the_service_cidr_drops_the
         assert_eq!(r.chains[hook].rules.last().unwrap(), "ct state new jump cluster-ips-check", "{hook}");
     }
     assert_eq!(map_type(CLUSTER_IPS), "type ipv4_addr : verdict;");
+    t.service_cidrs.clear();
     let without = render(&t, &RuleConfig::default());
     assert_eq!(without.chains["cluster-ips-check"].rules, ["ip daddr vmap @cluster-ips"], "no CIDR, no drop");
 }
