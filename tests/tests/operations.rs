@@ -61,8 +61,8 @@ fn healthz_livez_and_metrics_report_what_kube_proxy_reports() {
     match proxy_lab::lab::mode().as_str() {
         // kube-proxy's fixed rules plus one Service port's: its KUBE-SERVICES jump, KUBE-SVC- and KUBE-SEP-.
         "iptables" => assert!(entries("iptables-nat-rules").unwrap_or(0.0) >= 8.0, "{text}"),
-        // One ClusterIP: one verdict-map element.
-        "nftables" => assert_eq!(entries("nftables-map-elements"), Some(1.0), "{text}"),
+        // One ClusterIP: its verdict-map element, and its address in `cluster-ips`.
+        "nftables" => assert_eq!(entries("nftables-map-elements"), Some(2.0), "{text}"),
         // One ClusterIP with one endpoint: slot 0 and slot 1, one backend, one reverse-NAT entry.
         _ => {
             assert_eq!(entries("SERVICES"), Some(2.0), "{text}");
