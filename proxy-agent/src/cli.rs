@@ -8,6 +8,7 @@ use clap::Parser;
 #[command(name = "proxy-agent", version, about = "A kube-proxy replacement whose service dataplane runs in eBPF")]
 // A flag given twice takes its last value, as wrappers that append flags expect.
 #[command(args_override_self = true)]
+#[expect(clippy::struct_excessive_bools, reason = "kube-proxy's boolean flags, one field each")]
 pub struct Args {
     /// A `KubeProxyConfiguration` file; flags given on the command line win over it.
     #[arg(long, value_name = "FILE")]
@@ -67,7 +68,8 @@ pub struct Args {
 
     /// The dataplane: eBPF, the iptables or nftables fallback, or `auto`: eBPF where the kernel can run it,
     /// else nftables where it works, else iptables.
-    #[arg(long, value_enum, default_value = "ebpf")]
+    /// `--proxy-mode` is kube-proxy's spelling; its `ipvs` runs the eBPF dataplane (there is no IPVS here).
+    #[arg(long, alias = "proxy-mode", value_enum, default_value = "ebpf")]
     pub mode: Mode,
 
     /// XDP on host interfaces for NodePort and external traffic; TC handles whatever XDP does not.
@@ -76,8 +78,57 @@ pub struct Args {
 
     /// The pods' CIDR (kube-proxy's `--cluster-cidr`): traffic from it arriving from another node counts as
     /// pod traffic, not external traffic (local-traffic detection).
-    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    /// A dual-stack pair (`10.42.0.0/16,fd00:42::/56`) is accepted; its IPv4 CIDR applies.
+    #[arg(long, value_name = "CIDR[,CIDR]", value_parser = parse_cluster_cidr)]
     pub cluster_cidr: Option<(std::net::Ipv4Addr, u8)>,
+
+    /// kube-proxy's `--detect-local-mode`: `ClusterCIDR` (by `--cluster-cidr`), `InterfaceNamePrefix` or
+    /// `BridgeInterface` (the interface given below joins `--pod-interfaces`). Pod traffic is always also
+    /// told by `--pod-interfaces`.
+    #[arg(long, value_name = "MODE")]
+    pub detect_local_mode: Option<String>,
+
+    /// kube-proxy's `--pod-interface-name-prefix` (with `--detect-local-mode InterfaceNamePrefix`).
+    #[arg(long, value_name = "PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
+
+    /// kube-proxy's `--pod-bridge-interface` (with `--detect-local-mode BridgeInterface`).
+    #[arg(long, value_name = "NAME")]
+    pub pod_bridge_interface: Option<String>,
+
+    /// The mark bit the netfilter modes masquerade by (kube-proxy's `--iptables-masquerade-bit`).
+    #[arg(long, value_name = "0-31", default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..=31))]
+    pub iptables_masquerade_bit: u8,
+
+    /// kube-proxy's `--bind-address`: despite its name, an override of the node's primary IP (an
+    /// unspecified address means "the Node's own"); the IPv4 one is the address SNATed traffic leaves with.
+    #[arg(long, value_name = "IP")]
+    pub bind_address: Option<std::net::IpAddr>,
+
+    /// Failing to bind the healthz or metrics port stops start-up (kube-proxy's `--bind-address-hard-fail`);
+    /// otherwise the agent logs it, retries every 5 s, and serves traffic meanwhile.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub bind_address_hard_fail: bool,
+
+    /// The agent's OOM score adjustment (kube-proxy's `--oom-score-adj`): written to
+    /// `/proc/self/oom_score_adj` at start, so the kernel kills it last.
+    #[arg(long, value_name = "-1000..1000", default_value_t = -999, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    pub oom_score_adj: i32,
+
+    /// Log verbosity, as kube-proxy's `-v`/`--v`: 0–1 info, 2–3 debug, 4 and up trace (`RUST_LOG`, when
+    /// set, decides instead).
+    #[arg(short = 'v', long = "v", value_name = "N")]
+    pub verbosity: Option<u32>,
+
+    /// Deprecated kube-proxy flags: the port of `--healthz-bind-address` / `--metrics-bind-address` when
+    /// those give none (used only without `--config`, as kube-proxy does).
+    #[arg(long, value_name = "PORT", hide = true)]
+    pub healthz_port: Option<u16>,
+    #[arg(long, value_name = "PORT", hide = true)]
+    pub metrics_port: Option<u16>,
+
+    #[command(flatten)]
+    pub kube_proxy: crate::kube_proxy_flags::NoEffect,
 
     /// The cluster's service CIDRs (the API server's `--service-cluster-ip-range`; up to four). A packet to
     /// an address in one that no Service holds is dropped instead of leaving by the node's default route,
@@ -86,13 +137,13 @@ pub struct Args {
     pub service_cluster_ip_range: Vec<(std::net::Ipv4Addr, u8)>,
 
     /// SNAT all traffic to Services, not only what needs it (kube-proxy's `--masquerade-all`).
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub masquerade_all: bool,
 
     /// Set the kernel's `nf_conntrack_tcp_be_liberal` (kube-proxy's `--conntrack-tcp-be-liberal`): conntrack
     /// then keeps tracking segments outside the TCP window instead of marking them INVALID, and the
     /// netfilter modes leave out their rule that drops INVALID forwarded packets.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub conntrack_tcp_be_liberal: bool,
 
     #[command(flatten)]
@@ -111,12 +162,12 @@ pub struct Args {
     pub maglev_table_size: u32,
 
     /// At most one sync per period, however fast changes arrive.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, aliases = ["iptables-min-sync-period", "ipvs-min-sync-period"], value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub min_sync_period: Duration,
 
     /// A sync at least this often, even without changes (kube-proxy's `--sync-period`). It writes what
     /// changed; it re-reads the kernel's state only when `--full-resync-period` has passed.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, aliases = ["iptables-sync-period", "ipvs-sync-period"], value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub sync_period: Duration,
 
     /// How often a periodic sync re-reads what the kernel holds and repairs anything changed behind the
@@ -127,19 +178,19 @@ pub struct Args {
 
     /// Remove everything this agent left in the kernel (pinned maps and links, which detaches its programs)
     /// and exit, like kube-proxy's `--cleanup`.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub cleanup: bool,
 
     /// Where `/healthz` and `/livez` are served (kube-proxy's `healthzBindAddress`).
-    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:10256")]
+    #[arg(long, value_name = "ADDR[:PORT]", default_value = "0.0.0.0:10256", value_parser = |s: &str| parse_bind(s, 10256))]
     pub healthz_bind_address: std::net::SocketAddr,
 
     /// Where Prometheus metrics are served at `/metrics` (kube-proxy's `metricsBindAddress`).
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10249")]
+    #[arg(long, value_name = "ADDR[:PORT]", default_value = "127.0.0.1:10249", value_parser = |s: &str| parse_bind(s, 10249))]
     pub metrics_bind_address: std::net::SocketAddr,
 
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    /// Log format (`--logging-format` is kube-proxy's spelling).
+    #[arg(long, alias = "logging-format", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 
@@ -172,6 +223,8 @@ pub enum Mode {
     Iptables,
     Nftables,
     Auto,
+    /// kube-proxy's IPVS mode, accepted from its flags and files: served by the eBPF dataplane.
+    Ipvs,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -188,6 +241,30 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
         return Err(format!("{s:?}: need 1 <= MIN <= MAX"));
     }
     Ok((a, b))
+}
+
+/// `ADDR:PORT`, or a bare address (kube-proxy's flags append the default port to one).
+fn parse_bind(s: &str, default_port: u16) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+        return Ok(addr);
+    }
+    let ip: std::net::IpAddr =
+        s.trim_matches(['[', ']']).parse().map_err(|_| format!("{s:?} is neither ADDRESS:PORT nor an IP address"))?;
+    Ok(std::net::SocketAddr::new(ip, default_port))
+}
+
+/// `--cluster-cidr`: one CIDR or a dual-stack pair; the IPv4 one applies here.
+fn parse_cluster_cidr(v: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+    if parts.len() > 2 {
+        return Err(format!("{v:?}: a single CIDR or a dual-stack pair"));
+    }
+    let v4: Vec<&str> = parts.iter().copied().filter(|p| !p.contains(':')).collect();
+    match v4.as_slice() {
+        [one] => parse_cidr(one),
+        [] => Err(format!("{v:?} has no IPv4 CIDR (IPv6 is not served yet)")),
+        _ => Err(format!("{v:?}: two IPv4 CIDRs; a dual-stack pair has one of each family")),
+    }
 }
 
 fn parse_cidr(v: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
@@ -233,6 +310,7 @@ pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &cl
             "iptables" => Mode::Iptables,
             "nftables" => Mode::Nftables,
             "auto" => Mode::Auto,
+            "ipvs" => Mode::Ipvs,
             _ => Mode::Ebpf,
         };
     }
@@ -284,11 +362,67 @@ pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &cl
     if let Some(v) = file.min_sync_period.filter(|_| !from_flags("min_sync_period")) {
         args.min_sync_period = v;
     }
-    for field in &file.unknown {
-        tracing::warn!(field, "config file: unknown field, ignored");
+    if let Some(v) = file.masquerade_bit.filter(|_| !from_flags("iptables_masquerade_bit")) {
+        args.iptables_masquerade_bit = v;
     }
-    for field in &file.ignored {
-        tracing::info!(field, "config file: no effect on the eBPF dataplane (it keeps its own connection table)");
+    if let Some(ip) = file.node_ip.filter(|_| !from_flags("node_ip") && !from_flags("bind_address")) {
+        args.node_ip = Some(ip);
+    }
+    if let Some(v) = file.oom_score_adj.filter(|_| !from_flags("oom_score_adj")) {
+        args.oom_score_adj = v;
+    }
+    if let Some(v) = file.bind_address_hard_fail.filter(|_| !from_flags("bind_address_hard_fail")) {
+        args.bind_address_hard_fail = v;
+    }
+    if let Some(v) = file.kubeconfig.filter(|_| !from_flags("kubeconfig")) {
+        args.kubeconfig = Some(v);
+    }
+    args.pod_interfaces.extend(file.pod_interfaces);
+    if !file.unknown.is_empty() {
+        tracing::warn!(fields = ?file.unknown, "config file: unknown fields, ignored");
+    }
+    if !file.ignored.is_empty() {
+        tracing::warn!(fields = ?file.ignored, "config file: fields that have no effect here");
+    }
+}
+
+/// What kube-proxy's flags that map onto this agent's settings say, applied to `args` (the flags that
+/// only exist for kube-proxy's sake are warned about by [`crate::kube_proxy_flags`]).
+pub fn apply_kube_proxy_flags(args: &mut Args, config_file: bool) {
+    if let Some(ip) = args.bind_address {
+        match ip {
+            std::net::IpAddr::V4(v4) if !v4.is_unspecified() && args.node_ip.is_none() => args.node_ip = Some(v4),
+            _ => {}
+        }
+    }
+    // kube-proxy folds the deprecated ports in only without a config file.
+    for (port, addr, name) in [
+        (args.healthz_port, &mut args.healthz_bind_address, "--healthz-port"),
+        (args.metrics_port, &mut args.metrics_bind_address, "--metrics-port"),
+    ] {
+        match port {
+            Some(_) if config_file => tracing::warn!(flag = name, "ignored with --config, as kube-proxy ignores it"),
+            Some(0) => tracing::warn!(flag = name, "0 would turn the server off in kube-proxy; it stays on here"),
+            Some(p) => addr.set_port(p),
+            None => {}
+        }
+    }
+    match args.detect_local_mode.as_deref() {
+        Some("InterfaceNamePrefix") => {
+            if let Some(prefix) = args.pod_interface_name_prefix.clone().filter(|p| !p.is_empty()) {
+                args.pod_interfaces.push(format!("{prefix}*"));
+            }
+        }
+        Some("BridgeInterface") => {
+            if let Some(bridge) = args.pod_bridge_interface.clone().filter(|b| !b.is_empty()) {
+                args.pod_interfaces.push(bridge);
+            }
+        }
+        _ => {}
+    }
+    let ignored = args.kube_proxy.given();
+    if !ignored.is_empty() {
+        tracing::warn!(flags = ?ignored, "kube-proxy flags that have no effect here");
     }
 }
 
@@ -306,7 +440,7 @@ mod tests {
         let mut args = Args::from_arg_matches(&matches).unwrap();
         let file =
             crate::config::parse(
-                "minSyncPeriod: 1m\nsyncPeriod: 10s\nhostnameOverride: other\nmasqueradeAll: true\nconntrack:\n  tcpBeLiberal: true",
+                "iptables: {minSyncPeriod: 2s, syncPeriod: 10s, masqueradeAll: true}\nhostnameOverride: other\nconntrack:\n  tcpBeLiberal: true",
             )
             .unwrap();
         apply_file(&mut args, file, &matches);

@@ -5,6 +5,7 @@ mod config;
 mod conntrack_settings;
 mod dataplane;
 mod health;
+mod kube_proxy_flags;
 mod metrics;
 mod mode;
 mod model;
@@ -26,8 +27,10 @@ use crate::{
     store::Store,
 };
 
-fn init_logging(format: cli::LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+/// `RUST_LOG` if set, else kube-proxy's `--v` (or the config file's `logging.verbosity`) as a level.
+fn init_logging(format: cli::LogFormat, verbosity: Option<u32>) {
+    let level = kube_proxy_flags::level_for_verbosity(verbosity.unwrap_or(0));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -41,13 +44,7 @@ fn init_logging(format: cli::LogFormat) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let matches = cli::Args::command().get_matches();
-    let mut args = cli::Args::from_arg_matches(&matches)?;
-    init_logging(args.log_format);
-    if let Some(path) = args.config.clone() {
-        let file = config::load(&path)?;
-        cli::apply_file(&mut args, file, &matches);
-        tracing::info!(config = %path.display(), "config file loaded");
-    }
+    let args = settings(&matches)?;
     if args.cleanup {
         remove_dataplanes_except(None, &args.bpffs)?;
         tracing::info!(pins = %args.bpffs.display(), "cleaned up: eBPF programs detached, iptables chains and nftables tables removed");
@@ -83,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
     remove_dataplanes_except(Some(mode), &args.bpffs)?;
     let rule_config = dataplane::netfilter::RuleConfig {
         masquerade_all: args.masquerade_all,
+        masquerade_bit: args.iptables_masquerade_bit,
         cluster_cidr: args.cluster_cidr,
         pod_interfaces: args.pod_interfaces.clone(),
         // As kube-proxy: read after setting it, so a node configured liberal by other means counts too.
@@ -96,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
     let dataplane: Box<dyn dataplane::Dataplane> = match mode {
         cli::Mode::Iptables => Box::new(dataplane::iptables::IptablesDataplane::start(rule_config)),
         cli::Mode::Nftables => Box::new(dataplane::nftables::NftablesDataplane::start(rule_config)),
-        cli::Mode::Ebpf | cli::Mode::Auto => Box::new(
+        cli::Mode::Ebpf | cli::Mode::Auto | cli::Mode::Ipvs => Box::new(
             EbpfDataplane::start(&args.bpffs, roles, &settings, flow_stats.clone())
                 .context("starting the eBPF dataplane")?,
         ),
@@ -129,8 +127,9 @@ async fn main() -> anyhow::Result<()> {
     let metrics = std::sync::Arc::new(metrics);
     // kube-proxy: unhealthy when a change has waited more than twice the sync period.
     let health = std::sync::Arc::new(health::proxy::ProxyHealth::new(2 * args.sync_period));
-    let _health_server = health::proxy::serve_health(args.healthz_bind_address, health.clone()).await?;
-    let _metrics_server = health::proxy::serve_metrics(args.metrics_bind_address, metrics.clone()).await?;
+    let hard_fail = args.bind_address_hard_fail;
+    let _health_server = health::proxy::serve_health(args.healthz_bind_address, hard_fail, health.clone()).await?;
+    let _metrics_server = health::proxy::serve_metrics(args.metrics_bind_address, hard_fail, metrics.clone()).await?;
     metrics
         .dataplane_mode
         .get_or_create(&metrics::ModeLabel { mode: dataplane.name().to_owned(), reason: reason.to_owned() })
@@ -175,6 +174,36 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The flags, the config file under them, and kube-proxy's flags folded in; starts logging on the way. The
+/// file's logging settings count too (flags win), so it is read before logging starts; what it has to say
+/// is logged once logging has.
+fn settings(matches: &clap::ArgMatches) -> anyhow::Result<cli::Args> {
+    let mut args = cli::Args::from_arg_matches(matches)?;
+    let file = args.config.clone().map(|path| config::load(&path).map(|f| (path, f))).transpose()?;
+    let flag_given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    let format = match file.as_ref().and_then(|(_, f)| f.log_format.as_deref()) {
+        Some("json") if !flag_given("log_format") => cli::LogFormat::Json,
+        Some("text") if !flag_given("log_format") => cli::LogFormat::Text,
+        _ => args.log_format,
+    };
+    init_logging(format, args.verbosity.or_else(|| file.as_ref().and_then(|(_, f)| f.log_verbosity)));
+    let config_file = file.is_some();
+    if let Some((path, file)) = file {
+        cli::apply_file(&mut args, file, matches);
+        tracing::info!(config = %path.display(), "config file loaded");
+    }
+    cli::apply_kube_proxy_flags(&mut args, config_file);
+    set_oom_score_adj(args.oom_score_adj);
+    Ok(args)
+}
+
+/// kube-proxy's `oomScoreAdj`: the kernel kills the agent last. A failure (no permission) is logged.
+fn set_oom_score_adj(value: i32) {
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", value.to_string()) {
+        tracing::warn!(value, error = %e, "could not set oom_score_adj");
     }
 }
 

@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn each_endpoint_change_is_observed_once() {
-        let slice: EndpointSlice = serde_yaml::from_str(
+        let slice: EndpointSlice = serde_saphyr::from_str(
             "metadata: {name: s, namespace: d, annotations: {endpoints.kubernetes.io/last-change-trigger-time: '2026-01-01T00:00:00Z'}}\naddressType: IPv4\nendpoints: []",
         )
         .unwrap();

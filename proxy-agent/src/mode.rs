@@ -28,6 +28,12 @@ pub fn choose(requested: Mode) -> (Mode, &'static str) {
         Mode::Ebpf => (Mode::Ebpf, "requested"),
         Mode::Iptables => (Mode::Iptables, "requested"),
         Mode::Nftables => (Mode::Nftables, "requested"),
+        // kube-proxy's IPVS mode: there is no IPVS here, and the eBPF dataplane plays the part IPVS played
+        // (a kernel hash lookup per packet instead of a rule walk).
+        Mode::Ipvs => {
+            tracing::warn!("mode ipvs: no IPVS here; the eBPF dataplane serves in its place");
+            (Mode::Ebpf, "ipvs requested: eBPF in its place")
+        }
         Mode::Auto => {
             let ebpf = match ebpf_usable() {
                 Ok(()) => return (Mode::Ebpf, "auto: the kernel runs eBPF"),

@@ -40,8 +40,8 @@ fn objects(dir: &Path, kind: &str) -> Vec<Value> {
     files.sort();
     for file in files {
         let Ok(text) = std::fs::read_to_string(&file) else { continue };
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let Ok(value) = <Value as serde::Deserialize>::deserialize(doc) else { continue };
+        let Ok(values) = serde_saphyr::from_multiple::<Value>(&text) else { continue };
+        for value in values {
             if value["kind"] == kind {
                 out.push(value);
             }

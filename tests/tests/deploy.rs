@@ -14,7 +14,6 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Pod, Service, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
-use serde::Deserialize as _;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
@@ -37,11 +36,9 @@ enum Object {
 /// accept fails with the document's place.
 fn parse_all(text: &str, origin: &str) -> Vec<Object> {
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{origin} document {i}: {e}"));
-        if value.is_null() {
-            continue;
-        }
+    let values: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).unwrap_or_else(|e| panic!("{origin}: not YAML: {e}"));
+    for (i, value) in values.into_iter().enumerate() {
         let kind = value["kind"].as_str().unwrap_or_else(|| panic!("{origin} document {i} has no kind")).to_owned();
         let place = format!("{origin} document {i} ({kind})");
         let object = match kind.as_str() {
@@ -60,8 +57,8 @@ fn parse_all(text: &str, origin: &str) -> Vec<Object> {
     out
 }
 
-fn typed<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, place: &str) -> T {
-    serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{place}: {e}"))
+fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value, place: &str) -> T {
+    serde_json::from_value(value).unwrap_or_else(|e| panic!("{place}: {e}"))
 }
 
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {

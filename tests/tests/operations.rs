@@ -78,7 +78,7 @@ fn an_invalid_config_file_stops_start_up_naming_field_and_value() {
     let config = dir.path().join("kube-proxy.yaml");
     std::fs::write(
         &config,
-        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nsyncPeriod: often\n",
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\niptables:\n  syncPeriod: often\n",
     )
     .unwrap();
     let out = std::process::Command::new(proxy_lab::agent::binary().unwrap())
@@ -90,7 +90,43 @@ fn an_invalid_config_file_stops_start_up_naming_field_and_value() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "must not start: {stderr}");
-    assert!(stderr.contains("syncPeriod") && stderr.contains("often"), "{stderr}");
+    assert!(stderr.contains("iptables.syncPeriod") && stderr.contains("often"), "{stderr}");
+}
+
+/// Real installers' kube-proxy settings (`tests/fixtures/kube-proxy/`) start the agent unchanged and it
+/// serves a ClusterIP: kubeadm's printed `KubeProxyConfiguration` (nulls, "" and 0s everywhere), and the
+/// command line k3s runs kube-proxy with (`--proxy-mode=iptables`, a port-less `--healthz-bind-address`,
+/// a dual-stack `--cluster-cidr`, `0s` conntrack timeouts), plus a DaemonSet's `--v=2`.
+#[test]
+fn real_installer_configurations_start_the_agent_and_serve_a_cluster_ip() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kube-proxy");
+    let k3s: Vec<String> = std::fs::read_to_string(fixtures.join("k3s-args.txt"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        // The lab names each node itself.
+        .filter(|l| !l.starts_with("--hostname-override"))
+        .map(|l| l.replace("--cluster-cidr=10.42.0.0/16", "--cluster-cidr=10.200.0.0/16,fd00:200::/56"))
+        .chain(["--v=2".to_owned()])
+        .collect();
+    let kubeadm = vec!["--config".to_owned(), fixtures.join("kubeadm-init-defaults.yaml").display().to_string()];
+    for (installer, args) in [("kubeadm", kubeadm), ("k3s", k3s)] {
+        let spec = LabSpec {
+            agent_args: [vec!["--mode".into(), proxy_lab::lab::mode()], args].concat(),
+            ..LabSpec::default()
+        };
+        let mut lab = Lab::start(spec).expect("lab");
+        let pod = lab.pod(2, 2).clone();
+        lab.serve(&pod, &[8080], &[]).unwrap();
+        let vip = Ipv4Addr::new(10, 32, 0, 98);
+        let http = vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }];
+        let endpoints = [Endpoint::ready(pod.ip, "node2".into())];
+        lab.write_manifest("svc.yaml", &Svc::new("installer", vip, http).with_endpoints(&endpoints)).unwrap();
+        lab.start_agents().unwrap_or_else(|e| panic!("{installer}: the agent did not start: {e:#}"));
+        let r = request(&lab.pod(1, 1).ns.clone(), Proto::Tcp, SocketAddrV4::new(vip, 80), TIMEOUT)
+            .unwrap_or_else(|e| panic!("{installer}: {e:#}"));
+        assert_eq!(r.backend, "pod-2-2", "{installer}");
+    }
 }
 
 /// Switching modes: the chosen mode is logged and exported; starting in one mode removes what the others
@@ -156,7 +192,7 @@ fn each_mode_removes_the_others_leftovers_and_reports_itself() {
 fn daemonset_capabilities() -> Vec<String> {
     use k8s_openapi::api::apps::v1::DaemonSet;
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/daemonset.yaml");
-    let ds: DaemonSet = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ds: DaemonSet = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let container = ds.spec.unwrap().template.spec.unwrap().containers.into_iter().find(|c| c.name == "proxy-agent");
     let caps =
         container.and_then(|c| c.security_context?.capabilities?.add).expect("the agent container adds capabilities");

@@ -14,13 +14,15 @@ use crate::model::{
     BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable,
 };
 
-/// kube-proxy's masquerade mark.
-pub const MASQ_MARK: u32 = 0x4000;
+/// kube-proxy's default masquerade bit (`--iptables-masquerade-bit`): mark 0x4000.
+pub const DEFAULT_MASQUERADE_BIT: u8 = 14;
 
 /// Node-wide settings that shape the rules.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RuleConfig {
     pub masquerade_all: bool,
+    /// The packet-mark bit that says "masquerade" (kube-proxy's `masqueradeBit`, 14 unless told).
+    pub masquerade_bit: u8,
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
     /// Pod-facing interface patterns (`veth*`): kube-proxy's `InterfaceNamePrefix` local-traffic detection,
     /// so pod traffic to a Local-policy Service's external addresses reaches every endpoint.
@@ -31,7 +33,25 @@ pub struct RuleConfig {
     pub tcp_be_liberal: bool,
 }
 
+impl Default for RuleConfig {
+    fn default() -> Self {
+        Self {
+            masquerade_all: false,
+            masquerade_bit: DEFAULT_MASQUERADE_BIT,
+            cluster_cidr: None,
+            pod_interfaces: Vec::new(),
+            tcp_be_liberal: false,
+        }
+    }
+}
+
 impl RuleConfig {
+    /// The masquerade mark: the bit as a mask.
+    #[must_use]
+    pub fn masq_mark(&self) -> u32 {
+        1 << self.masquerade_bit
+    }
+
     /// The pod interface patterns netfilter can match: exact names and prefixes (a single trailing `*`).
     pub fn pod_interface_patterns(&self) -> impl Iterator<Item = &str> {
         self.pod_interfaces.iter().map(String::as_str).filter(|p| !p.trim_end_matches('*').contains('*'))

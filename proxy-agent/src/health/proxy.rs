@@ -75,23 +75,61 @@ impl ProxyHealth {
     }
 }
 
+/// How long a server whose port was taken waits before trying again (kube-proxy's 5 s).
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Binds `bind` for server `name`. With `hard_fail` (kube-proxy's `bindAddressHardFail`) a failure stops
+/// start-up; otherwise it is logged, the agent goes on serving traffic, and the bind is retried every 5 s
+/// until the port is free, as kube-proxy does.
+async fn bind_listener(
+    name: &'static str,
+    bind: SocketAddr,
+    hard_fail: bool,
+) -> anyhow::Result<impl Future<Output = tokio::net::TcpListener>> {
+    let first = tokio::net::TcpListener::bind(bind).await;
+    if hard_fail {
+        first.as_ref().map_err(|e| anyhow::anyhow!("{name} on {bind}: {e}"))?;
+    }
+    Ok(async move {
+        let mut attempt = first;
+        loop {
+            match attempt {
+                Ok(listener) => return listener,
+                Err(e) => {
+                    tracing::error!(server = name, %bind, error = %e, "cannot bind; retrying in 5 s");
+                    tokio::time::sleep(BIND_RETRY).await;
+                    attempt = tokio::net::TcpListener::bind(bind).await;
+                }
+            }
+        }
+    })
+}
+
 /// Serves `/healthz` and `/livez` on `bind`.
-pub async fn serve_health(bind: SocketAddr, health: Arc<ProxyHealth>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(bind).await.map_err(|e| anyhow::anyhow!("healthz on {bind}: {e}"))?;
+pub async fn serve_health(
+    bind: SocketAddr,
+    hard_fail: bool,
+    health: Arc<ProxyHealth>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = bind_listener("healthz", bind, hard_fail).await?;
     let app = Router::new()
         .route("/healthz", get(|State(h): State<Arc<ProxyHealth>>| async move { h.answer(true) }))
         .route("/livez", get(|State(h): State<Arc<ProxyHealth>>| async move { h.answer(false) }))
         .with_state(health);
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = axum::serve(listener.await, app).await {
             tracing::error!(error = %e, "healthz server failed");
         }
     }))
 }
 
 /// Serves Prometheus metrics at `/metrics` on `bind`.
-pub async fn serve_metrics(bind: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(bind).await.map_err(|e| anyhow::anyhow!("metrics on {bind}: {e}"))?;
+pub async fn serve_metrics(
+    bind: SocketAddr,
+    hard_fail: bool,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = bind_listener("metrics", bind, hard_fail).await?;
     let app = Router::new()
         .route(
             "/metrics",
@@ -101,7 +139,7 @@ pub async fn serve_metrics(bind: SocketAddr, metrics: Arc<Metrics>) -> anyhow::R
         )
         .with_state(metrics);
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = axum::serve(listener.await, app).await {
             tracing::error!(error = %e, "metrics server failed");
         }
     }))

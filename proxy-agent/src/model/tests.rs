@@ -8,11 +8,11 @@ use super::*;
 use crate::store::{ClusterState, ObjectKey};
 
 fn svc(yaml: &str) -> Service {
-    serde_yaml::from_str(yaml).expect("test Service parses")
+    serde_saphyr::from_str(yaml).expect("test Service parses")
 }
 
 fn slice(yaml: &str) -> EndpointSlice {
-    serde_yaml::from_str(yaml).expect("test EndpointSlice parses")
+    serde_saphyr::from_str(yaml).expect("test EndpointSlice parses")
 }
 
 fn state(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
@@ -294,7 +294,7 @@ fn node_ports_follow_node_port_addresses() {
         node_ports(&node(NodePortAddresses::Cidrs(vec![(Ipv4Addr::new(192, 168, 0, 0), 16)])), &state),
         vec![Ipv4Addr::new(192, 168, 9, 1)]
     );
-    let node_obj: k8s_openapi::api::core::v1::Node = serde_yaml::from_str(
+    let node_obj: k8s_openapi::api::core::v1::Node = serde_saphyr::from_str(
         "metadata: {name: node1}\nstatus: {addresses: [{type: InternalIP, address: 192.168.9.1}]}",
     )
     .unwrap();
@@ -387,7 +387,7 @@ fn service_cidrs_join_the_flag_and_every_service_cidr_object() {
         ("extra", "[10.33.0.7/24]"),
         ("broken", "[10.34.0.0/99]"),
     ] {
-        let obj = serde_yaml::from_str(&format!("metadata: {{name: {name}}}\nspec: {{cidrs: {cidrs}}}")).unwrap();
+        let obj = serde_saphyr::from_str(&format!("metadata: {{name: {name}}}\nspec: {{cidrs: {cidrs}}}")).unwrap();
         state.service_cidrs.insert(name.into(), Arc::new(obj));
     }
     let node = NodeIdentity {

@@ -252,7 +252,7 @@ async fn the_api_and_the_manifest_source_give_identical_tables() {
     source.abort();
 
     let dir = tempfile::tempdir().unwrap();
-    let yaml: Vec<String> = objects.iter().map(|o| serde_yaml::to_string(o).unwrap()).collect();
+    let yaml: Vec<String> = objects.iter().map(|o| serde_saphyr::to_string(o).unwrap()).collect();
     std::fs::write(dir.path().join("all.yaml"), yaml.join("---\n")).unwrap();
     let (store, mut rx) = Store::new();
     let manifests = tokio::spawn(
@@ -326,7 +326,7 @@ async fn the_deployed_cluster_role_grants_exactly_what_the_watchers_call() {
     }
 
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/clusterrole.yaml");
-    let role: ClusterRole = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let role: ClusterRole = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut granted = BTreeSet::new();
     for rule in role.rules.unwrap_or_default() {
         for group in rule.api_groups.unwrap_or_default() {

@@ -16,7 +16,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     networking::v1::ServiceCIDR,
 };
-use serde::Deserialize as _;
+use serde_json::Value;
 
 use crate::{
     model::validate,
@@ -84,17 +84,15 @@ enum Document {
 
 impl ParsedFile {
     fn parse(text: &str, stamp: FileStamp) -> Self {
-        let mut documents = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(text) {
-            match serde_yaml::Value::deserialize(doc) {
-                Ok(value) => documents.push(Document::Objects(items(value).into_iter().map(parse_object).collect())),
-                Err(e) => {
-                    // The rest of the file cannot be read reliably after a syntax error.
-                    documents.push(Document::Invalid(e.to_string()));
-                    break;
-                }
-            }
-        }
+        // Each document as JSON first, as Kubernetes reads YAML; a syntax error anywhere makes the whole file
+        // unreadable (its objects are kept as they were).
+        let documents = match serde_saphyr::from_multiple::<Value>(text) {
+            Ok(values) => values
+                .into_iter()
+                .map(|value| Document::Objects(items(value).into_iter().map(parse_object).collect()))
+                .collect(),
+            Err(e) => vec![Document::Invalid(e.to_string())],
+        };
         Self { stamp, documents }
     }
 }
@@ -247,9 +245,9 @@ fn load(dir: &Path, last_good: &mut LastGood) -> anyhow::Result<ClusterState> {
 }
 
 /// A document, or the items of a `kind: List`.
-fn items(value: serde_yaml::Value) -> Vec<serde_yaml::Value> {
-    if value.get("kind").and_then(serde_yaml::Value::as_str) == Some("List")
-        && let Some(serde_yaml::Value::Sequence(items)) = value.get("items")
+fn items(value: Value) -> Vec<Value> {
+    if value.get("kind").and_then(Value::as_str) == Some("List")
+        && let Some(Value::Array(items)) = value.get("items")
     {
         return items.clone();
     }
@@ -258,33 +256,33 @@ fn items(value: serde_yaml::Value) -> Vec<serde_yaml::Value> {
 
 type ParseError = (Option<Identity>, String);
 
-fn parse_object(value: serde_yaml::Value) -> Result<Option<Parsed>, ParseError> {
-    let kind = value.get("kind").and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+fn parse_object(value: Value) -> Result<Option<Parsed>, ParseError> {
+    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
     let meta = value.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(serde_yaml::Value::as_str).unwrap_or_default();
-    let namespace = meta.and_then(|m| m.get("namespace")).and_then(serde_yaml::Value::as_str).unwrap_or("default");
+    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or_default();
+    let namespace = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default");
     let namespaced = format!("{namespace}/{name}");
     match kind.as_str() {
         "Service" => {
             let id = Some(("Service", namespaced));
-            let svc: Service = serde_yaml::from_value(value).map_err(|e| (id.clone(), e.to_string()))?;
+            let svc: Service = serde_json::from_value(value).map_err(|e| (id.clone(), e.to_string()))?;
             validate::service(&svc).map_err(|r| (id, format!("{}: {}", r.field, r.reason)))?;
             Ok(Some(Parsed::Service(ObjectKey::of(&svc.metadata), Arc::new(svc))))
         }
         "EndpointSlice" => {
             let id = Some(("EndpointSlice", namespaced));
-            let slice: EndpointSlice = serde_yaml::from_value(value).map_err(|e| (id.clone(), e.to_string()))?;
+            let slice: EndpointSlice = serde_json::from_value(value).map_err(|e| (id.clone(), e.to_string()))?;
             validate::endpoint_slice(&slice).map_err(|r| (id, format!("{}: {}", r.field, r.reason)))?;
             Ok(Some(Parsed::EndpointSlice(ObjectKey::of(&slice.metadata), Arc::new(slice))))
         }
         "Node" => {
             let id = Some(("Node", name.to_owned()));
-            let node: Node = serde_yaml::from_value(value).map_err(|e| (id, e.to_string()))?;
+            let node: Node = serde_json::from_value(value).map_err(|e| (id, e.to_string()))?;
             Ok(Some(Parsed::Node(node.metadata.name.clone().unwrap_or_default(), Arc::new(node))))
         }
         "ServiceCIDR" => {
             let id = Some(("ServiceCIDR", name.to_owned()));
-            let cidr: ServiceCIDR = serde_yaml::from_value(value).map_err(|e| (id.clone(), e.to_string()))?;
+            let cidr: ServiceCIDR = serde_json::from_value(value).map_err(|e| (id.clone(), e.to_string()))?;
             validate::service_cidr(&cidr).map_err(|r| (id, format!("{}: {}", r.field, r.reason)))?;
             Ok(Some(Parsed::ServiceCidr(cidr.metadata.name.clone().unwrap_or_default(), Arc::new(cidr))))
         }

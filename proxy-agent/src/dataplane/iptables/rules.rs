@@ -13,7 +13,7 @@ use std::{
 
 use super::naming;
 use crate::{
-    dataplane::netfilter::{self, MASQ_MARK, RuleConfig, ServicePort},
+    dataplane::netfilter::{self, RuleConfig, ServicePort},
     model::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable},
 };
 
@@ -130,13 +130,14 @@ impl<'a> Renderer<'a> {
     fn new(config: &'a RuleConfig) -> Self {
         let mut nat: Chains = NAT_FIXED.iter().map(|c| ((*c).to_owned(), Vec::new())).collect();
         let mut filter: Chains = FILTER_FIXED.iter().map(|c| ((*c).to_owned(), Vec::new())).collect();
+        let mark = config.masq_mark();
         // `--or-mark M` and `--xor-mark M` as iptables-save prints them.
         nat.get_mut("KUBE-MARK-MASQ")
             .unwrap()
-            .push(format!("-A KUBE-MARK-MASQ -j MARK --set-xmark {MASQ_MARK:#x}/{MASQ_MARK:#x}"));
+            .push(format!("-A KUBE-MARK-MASQ -j MARK --set-xmark {mark:#x}/{mark:#x}"));
         nat.get_mut("KUBE-POSTROUTING").unwrap().extend([
-            format!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j RETURN"),
-            format!("-A KUBE-POSTROUTING -j MARK --set-xmark {MASQ_MARK:#x}/0x0"),
+            format!("-A KUBE-POSTROUTING -m mark ! --mark {mark:#x}/{mark:#x} -j RETURN"),
+            format!("-A KUBE-POSTROUTING -j MARK --set-xmark {mark:#x}/0x0"),
             "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".to_owned(),
         ]);
         let forward = filter.get_mut("KUBE-FORWARD").unwrap();
@@ -145,7 +146,7 @@ impl<'a> Renderer<'a> {
             forward.push("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP".to_owned());
         }
         forward.extend([
-            format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j ACCEPT"),
+            format!("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark:#x}/{mark:#x} -j ACCEPT"),
             "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
         ]);
         Self {

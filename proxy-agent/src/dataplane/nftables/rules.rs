@@ -15,7 +15,7 @@ use std::{
 
 use super::naming;
 use crate::{
-    dataplane::netfilter::{self, MASQ_MARK, RuleConfig, ServicePort},
+    dataplane::netfilter::{self, RuleConfig, ServicePort},
     model::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind},
 };
 
@@ -129,16 +129,17 @@ impl<'a> Renderer<'a> {
             let rules = rules.iter().filter(wanted).map(|r| (*r).to_owned()).collect();
             out.chains.insert(name.into(), Chain { hook: Some(hook), rules });
         }
+        let mark = config.masq_mark();
         let fixed: [(&str, Vec<String>); 5] = [
             ("services", vec![format!("ip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}")]),
             ("endpoints-check", vec![format!("ip daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}")]),
             ("reject-chain", vec!["reject".into()]),
-            ("mark-for-masquerade", vec![format!("meta mark set meta mark | {MASQ_MARK:#x}")]),
+            ("mark-for-masquerade", vec![format!("meta mark set meta mark | {mark:#x}")]),
             (
                 "masquerading",
                 vec![
-                    format!("meta mark & {MASQ_MARK:#x} == 0 return"),
-                    format!("meta mark set meta mark ^ {MASQ_MARK:#x}"),
+                    format!("meta mark & {mark:#x} == 0 return"),
+                    format!("meta mark set meta mark ^ {mark:#x}"),
                     "masquerade fully-random".into(),
                 ],
             ),
