@@ -229,3 +229,13 @@ fn the_cluster_ip_masquerade_rule_is_in_the_chain_the_cluster_ip_uses() {
         ]
     );
 }
+
+/// kube-proxy's `masqueradeBit` moves the masquerade mark (bit 12: 0x1000) in every rule that uses it.
+#[test]
+fn the_masquerade_bit_sets_the_mark() {
+    let r = render(&ServiceTable::default(), &RuleConfig { masquerade_bit: 12, ..RuleConfig::default() });
+    let text = all_rules(&r);
+    assert!(text.contains("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x1000/0x1000"), "{text}");
+    assert!(text.contains("-m mark ! --mark 0x1000/0x1000 -j RETURN"), "{text}");
+    assert!(!text.contains("0x4000"), "{text}");
+}

@@ -310,3 +310,11 @@ fn every_cluster_ip_is_refused_on_undefined_ports_and_the_service_cidr_drops_the
     let without = render(&t, &RuleConfig::default());
     assert_eq!(without.chains["cluster-ips-check"].rules, ["ip daddr vmap @cluster-ips"], "no CIDR, no drop");
 }
+
+/// kube-proxy's `masqueradeBit` moves the masquerade mark (bit 12: 0x1000).
+#[test]
+fn the_masquerade_bit_sets_the_mark() {
+    let r = render(&ServiceTable::default(), &RuleConfig { masquerade_bit: 12, ..RuleConfig::default() });
+    assert_eq!(r.chains["mark-for-masquerade"].rules, ["meta mark set meta mark | 0x1000"]);
+    assert_eq!(r.chains["masquerading"].rules[0], "meta mark & 0x1000 == 0 return");
+}
