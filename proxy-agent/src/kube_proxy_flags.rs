@@ -163,6 +163,28 @@ mod tests {
         assert_eq!(args.pod_interface_name_prefix.as_deref(), Some("cali"));
     }
 
+    /// The command lines of `tests/fixtures/kube-proxy/*-args.txt` (k3s, kops, GCE, AKS) parse as they are.
+    #[test]
+    fn installers_command_lines_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/kube-proxy");
+        for name in ["k3s", "kops", "gce", "aks"] {
+            let text = std::fs::read_to_string(format!("{dir}/{name}-args.txt")).unwrap();
+            let argv: Vec<&str> =
+                std::iter::once("proxy-agent").chain(text.lines().filter(|l| l.starts_with("--"))).collect();
+            let args = parse(&argv);
+            assert!(args.node_name.is_some() || name != "k3s", "{name}");
+        }
+        let gce = std::fs::read_to_string(format!("{dir}/gce-args.txt")).unwrap();
+        let gce: Vec<&str> =
+            std::iter::once("proxy-agent").chain(gce.lines().filter(|l| l.starts_with("--"))).collect();
+        let args = parse(&gce);
+        assert_eq!(
+            (args.sync_period, args.min_sync_period),
+            (std::time::Duration::from_mins(1), std::time::Duration::from_secs(10))
+        );
+        assert_eq!(args.oom_score_adj, -998);
+    }
+
     #[test]
     fn verbosity_maps_onto_log_levels() {
         assert_eq!(super::level_for_verbosity(0), "info");

@@ -93,24 +93,36 @@ fn an_invalid_config_file_stops_start_up_naming_field_and_value() {
     assert!(stderr.contains("iptables.syncPeriod") && stderr.contains("often"), "{stderr}");
 }
 
-/// Real installers' kube-proxy settings (`tests/fixtures/kube-proxy/`) start the agent unchanged and it
-/// serves a ClusterIP: kubeadm's printed `KubeProxyConfiguration` (nulls, "" and 0s everywhere), and the
-/// command line k3s runs kube-proxy with (`--proxy-mode=iptables`, a port-less `--healthz-bind-address`,
-/// a dual-stack `--cluster-cidr`, `0s` conntrack timeouts), plus a DaemonSet's `--v=2`.
+/// Real installers' kube-proxy settings (`tests/fixtures/kube-proxy/`, each with where it came from) start
+/// the agent unchanged and it serves a ClusterIP: the `KubeProxyConfiguration`s of kubeadm (printed
+/// defaults: nulls, "" and 0s everywhere), kind and the EKS add-on, and the command lines of k3s
+/// (`--proxy-mode=iptables`, a port-less `--healthz-bind-address`, `0s` conntrack timeouts; here with a
+/// dual-stack `--cluster-cidr` and a DaemonSet's `--v=2`), kops, GCE and AKS (an empty
+/// `--pod-interface-name-prefix=`).
 #[test]
 fn real_installer_configurations_start_the_agent_and_serve_a_cluster_ip() {
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kube-proxy");
-    let k3s: Vec<String> = std::fs::read_to_string(fixtures.join("k3s-args.txt"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        // The lab names each node itself.
-        .filter(|l| !l.starts_with("--hostname-override"))
-        .map(|l| l.replace("--cluster-cidr=10.42.0.0/16", "--cluster-cidr=10.200.0.0/16,fd00:200::/56"))
-        .chain(["--v=2".to_owned()])
-        .collect();
-    let kubeadm = vec!["--config".to_owned(), fixtures.join("kubeadm-init-defaults.yaml").display().to_string()];
-    for (installer, args) in [("kubeadm", kubeadm), ("k3s", k3s)] {
+    let config = |file: &str| vec!["--config".to_owned(), fixtures.join(file).display().to_string()];
+    let args = |file: &str| -> Vec<String> {
+        std::fs::read_to_string(fixtures.join(file))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            // The lab names each node itself.
+            .filter(|l| !l.starts_with("--hostname-override"))
+            .map(|l| l.replace("--cluster-cidr=10.42.0.0/16", "--cluster-cidr=10.200.0.0/16,fd00:200::/56"))
+            .collect()
+    };
+    let installers = [
+        ("kubeadm", config("kubeadm-init-defaults.yaml")),
+        ("kind", config("kind.yaml")),
+        ("EKS", config("eks-config.yaml")),
+        ("k3s", [args("k3s-args.txt"), vec!["--v=2".to_owned()]].concat()),
+        ("kops", args("kops-args.txt")),
+        ("GCE", args("gce-args.txt")),
+        ("AKS", args("aks-args.txt")),
+    ];
+    for (installer, args) in installers {
         let spec = LabSpec {
             agent_args: [vec!["--mode".into(), proxy_lab::lab::mode()], args].concat(),
             ..LabSpec::default()

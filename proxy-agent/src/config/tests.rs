@@ -149,3 +149,18 @@ fn the_deployed_config_map_loads_cleanly() {
     assert_eq!(c.healthz_bind_address, Some("0.0.0.0:10256".parse().unwrap()));
     assert!(c.unknown.is_empty() && c.ignored.is_empty(), "{:?} {:?}", c.unknown, c.ignored);
 }
+
+/// kind's and the EKS add-on's files (`tests/fixtures/kube-proxy/`): kind's stray `metadata` is an unknown
+/// field, not an error; EKS's `minSyncPeriod: 0s` is kube-proxy's 1 s.
+#[test]
+fn kind_and_eks_configurations_load() {
+    let kind = parse(include_str!("../../../tests/fixtures/kube-proxy/kind.yaml")).unwrap();
+    assert_eq!(kind.mode.as_deref(), Some("iptables"));
+    assert_eq!(kind.conntrack_max_per_core, Some(0));
+    assert_eq!(kind.unknown, ["metadata"]);
+    let eks = parse(include_str!("../../../tests/fixtures/kube-proxy/eks-config.yaml")).unwrap();
+    assert_eq!(eks.metrics_bind_address, Some("0.0.0.0:10249".parse().unwrap()));
+    assert_eq!((eks.sync_period, eks.min_sync_period), (Some(Duration::from_secs(30)), Some(Duration::from_secs(1))));
+    assert_eq!(eks.kubeconfig, Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig")));
+    assert!(eks.unknown.is_empty() && eks.ignored.is_empty(), "{:?} {:?}", eks.unknown, eks.ignored);
+}
