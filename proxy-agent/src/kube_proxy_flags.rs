@@ -169,10 +169,10 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/kube-proxy");
         for name in ["k3s", "kops", "gce", "aks"] {
             let text = std::fs::read_to_string(format!("{dir}/{name}-args.txt")).unwrap();
-            let argv: Vec<&str> =
+            let command_line: Vec<&str> =
                 std::iter::once("proxy-agent").chain(text.lines().filter(|l| l.starts_with("--"))).collect();
-            let args = parse(&argv);
-            assert!(args.node_name.is_some() || name != "k3s", "{name}");
+            let parsed = parse(&command_line);
+            assert!(parsed.node_name.is_some() || name != "k3s", "{name}");
         }
         let gce = std::fs::read_to_string(format!("{dir}/gce-args.txt")).unwrap();
         let gce: Vec<&str> =
