@@ -176,6 +176,16 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     pub full_resync_period: Duration,
 
+    /// Write the settings in effect (flags over the config file, with kube-proxy's defaults) to FILE as a
+    /// `KubeProxyConfiguration` and exit, like kube-proxy's `--write-config-to`.
+    #[arg(long, value_name = "FILE")]
+    pub write_config_to: Option<PathBuf>,
+
+    /// Apply the kernel settings (conntrack lifetimes, `nf_conntrack_tcp_be_liberal`, the OOM score) and
+    /// exit, like kube-proxy's `--init-only` (for an init container with more privileges).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub init_only: bool,
+
     /// Remove everything this agent left in the kernel (pinned maps and links, which detaches its programs)
     /// and exit, like kube-proxy's `--cleanup`.
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
@@ -386,6 +396,71 @@ pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &cl
     }
 }
 
+/// The `KubeProxyConfiguration` section kube-proxy takes sync periods and masquerading from in `mode`.
+fn mode_section(mode: Mode) -> &'static str {
+    if mode == Mode::Nftables { "nftables" } else { "iptables" }
+}
+
+/// A Go duration as kube-proxy writes one: whole seconds as `30s`, else milliseconds.
+fn go_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
+}
+
+/// The settings in effect as a `KubeProxyConfiguration` (`--write-config-to`): what [`crate::config`]
+/// reads back to the same settings.
+#[must_use]
+pub fn resolved_config(args: &Args) -> String {
+    let mode = match args.mode {
+        Mode::Ebpf => "ebpf",
+        Mode::Iptables => "iptables",
+        Mode::Nftables => "nftables",
+        Mode::Auto => "auto",
+        Mode::Ipvs => "ipvs",
+    };
+    let ct = &args.conntrack;
+    let node_port_addresses: Vec<&str> = args.nodeport_addresses.iter().map(String::as_str).collect();
+    let doc = serde_json::json!({
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "mode": mode,
+        "bindAddress": args.node_ip.map_or_else(|| "0.0.0.0".to_owned(), |ip| ip.to_string()),
+        "bindAddressHardFail": args.bind_address_hard_fail,
+        "healthzBindAddress": args.healthz_bind_address.to_string(),
+        "metricsBindAddress": args.metrics_bind_address.to_string(),
+        "hostnameOverride": args.node_name.clone().unwrap_or_default(),
+        "clusterCIDR": args.cluster_cidr.map(|(a, l)| format!("{a}/{l}")).unwrap_or_default(),
+        "nodePortAddresses": node_port_addresses,
+        "oomScoreAdj": args.oom_score_adj,
+        "clientConnection": { "kubeconfig": args.kubeconfig.as_ref().map(|k| k.display().to_string()).unwrap_or_default() },
+        // The mode's own section carries the sync periods and masquerade settings, as kube-proxy reads them.
+        mode_section(args.mode): {
+            "masqueradeAll": args.masquerade_all,
+            "masqueradeBit": args.iptables_masquerade_bit,
+            "syncPeriod": go_duration(args.sync_period),
+            "minSyncPeriod": go_duration(args.min_sync_period),
+        },
+        "conntrack": {
+            "maxPerCore": ct.conntrack_max_per_core,
+            "min": ct.conntrack_min,
+            "tcpEstablishedTimeout": go_duration(ct.conntrack_tcp_timeout_established),
+            "tcpCloseWaitTimeout": go_duration(ct.conntrack_tcp_timeout_close_wait),
+            "udpTimeout": go_duration(ct.conntrack_udp_timeout),
+            "udpStreamTimeout": go_duration(ct.conntrack_udp_timeout_stream),
+            "tcpBeLiberal": args.conntrack_tcp_be_liberal,
+        },
+        "logging": { "verbosity": args.verbosity.unwrap_or(0), "format": match args.log_format { LogFormat::Text => "text", LogFormat::Json => "json" } },
+    });
+    let mut doc = doc;
+    if args.mode == Mode::Ipvs {
+        // ipvs reads its sync periods from its own section, masquerading from `iptables`.
+        doc["ipvs"] = serde_json::json!({
+            "syncPeriod": go_duration(args.sync_period),
+            "minSyncPeriod": go_duration(args.min_sync_period),
+        });
+    }
+    serde_saphyr::to_string(&doc).unwrap_or_default()
+}
+
 /// What kube-proxy's flags that map onto this agent's settings say, applied to `args` (the flags that
 /// only exist for kube-proxy's sake are warned about by [`crate::kube_proxy_flags`]).
 pub fn apply_kube_proxy_flags(args: &mut Args, config_file: bool) {
@@ -449,5 +524,49 @@ mod tests {
         assert_eq!(args.node_name.as_deref(), Some("n1"));
         assert!(args.masquerade_all);
         assert!(args.conntrack_tcp_be_liberal);
+    }
+
+    /// `--write-config-to` writes what `--config` reads back to the same settings.
+    #[test]
+    fn the_written_config_reads_back_to_the_same_settings() {
+        let given = [
+            "proxy-agent",
+            "--proxy-mode=nftables",
+            "--cluster-cidr=10.200.0.0/16",
+            "--nodeport-addresses=10.240.0.0/24",
+            "--masquerade-all",
+            "--iptables-masquerade-bit=12",
+            "--sync-period=45s",
+            "--min-sync-period=250ms",
+            "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-established=2h",
+            "--healthz-bind-address=127.0.0.1:9256",
+            "--oom-score-adj=-500",
+            "--bind-address=10.240.0.11",
+            "--hostname-override=node7",
+            "--kubeconfig=/etc/kube/config",
+            "-v=3",
+        ];
+        let matches = Args::command().try_get_matches_from(given).unwrap();
+        let mut written = Args::from_arg_matches(&matches).unwrap();
+        apply_kube_proxy_flags(&mut written, false);
+        let text = resolved_config(&written);
+        let file = crate::config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(file.unknown.is_empty() && file.ignored.is_empty(), "{:?} {:?}", file.unknown, file.ignored);
+        let bare = Args::command().try_get_matches_from(["proxy-agent"]).unwrap();
+        let mut read = Args::from_arg_matches(&bare).unwrap();
+        apply_file(&mut read, file.clone(), &bare);
+        assert_eq!(read.mode, Mode::Nftables);
+        assert_eq!(read.cluster_cidr, written.cluster_cidr);
+        assert_eq!(read.nodeport_addresses, written.nodeport_addresses);
+        assert_eq!((read.masquerade_all, read.iptables_masquerade_bit), (true, 12));
+        assert_eq!((read.sync_period, read.min_sync_period), (written.sync_period, written.min_sync_period));
+        assert_eq!(read.conntrack.conntrack_max_per_core, 0);
+        assert_eq!(read.conntrack.conntrack_tcp_timeout_established, Duration::from_hours(2));
+        assert_eq!(read.healthz_bind_address, written.healthz_bind_address);
+        assert_eq!((read.oom_score_adj, read.node_ip), (-500, written.node_ip));
+        assert_eq!(read.node_name.as_deref(), Some("node7"));
+        assert_eq!(read.kubeconfig, written.kubeconfig);
+        assert_eq!(file.log_verbosity, Some(3));
     }
 }

@@ -45,11 +45,15 @@ fn init_logging(format: cli::LogFormat, verbosity: Option<u32>) {
 async fn main() -> anyhow::Result<()> {
     let matches = cli::Args::command().get_matches();
     let args = settings(&matches)?;
+    if one_shot(&args)? {
+        return Ok(());
+    }
     if args.cleanup {
         remove_dataplanes_except(None, &args.bpffs)?;
         tracing::info!(pins = %args.bpffs.display(), "cleaned up: eBPF programs detached, iptables chains and nftables tables removed");
         return Ok(());
     }
+    set_oom_score_adj(args.oom_score_adj);
     let node_name = args.node_name.clone().context("this node's name is needed: --hostname-override or NODE_NAME")?;
     let roles = InterfaceRoles {
         pods: InterfacePatterns::new(args.pod_interfaces.clone()),
@@ -196,14 +200,34 @@ fn settings(matches: &clap::ArgMatches) -> anyhow::Result<cli::Args> {
         tracing::info!(config = %path.display(), "config file loaded");
     }
     cli::apply_kube_proxy_flags(&mut args, config_file);
-    set_oom_score_adj(args.oom_score_adj);
     Ok(args)
+}
+
+/// kube-proxy's one-shot modes: `--write-config-to` writes the settings in effect, `--init-only` applies
+/// the kernel settings. Returns whether one ran (and the agent is done).
+fn one_shot(args: &cli::Args) -> anyhow::Result<bool> {
+    if let Some(path) = &args.write_config_to {
+        std::fs::write(path, cli::resolved_config(args))
+            .with_context(|| format!("--write-config-to {}", path.display()))?;
+        tracing::info!(file = %path.display(), "configuration written");
+        return Ok(true);
+    }
+    if args.init_only {
+        if args.conntrack_tcp_be_liberal {
+            dataplane::netfilter::set_tcp_be_liberal()?;
+        }
+        conntrack_settings::apply_to_kernel(&args.conntrack, mode::choose(args.mode).0);
+        tracing::info!("kernel settings applied (--init-only)");
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// kube-proxy's `oomScoreAdj`: the kernel kills the agent last. A failure (no permission) is logged.
 fn set_oom_score_adj(value: i32) {
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", value.to_string()) {
-        tracing::warn!(value, error = %e, "could not set oom_score_adj");
+        // kube-proxy logs this at V(2) and goes on; so does the agent.
+        tracing::info!(value, error = %e, "could not set oom_score_adj");
     }
 }
 
