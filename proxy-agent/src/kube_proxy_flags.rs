@@ -167,12 +167,15 @@ mod tests {
     #[test]
     fn installers_command_lines_parse() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/kube-proxy");
-        for name in ["k3s", "kops", "gce", "aks"] {
+        // Each with a value only its own flags give.
+        for (name, verbosity, oom) in
+            [("k3s", None, -999), ("kops", Some(2), -998), ("gce", Some(2), -998), ("aks", Some(3), -999)]
+        {
             let text = std::fs::read_to_string(format!("{dir}/{name}-args.txt")).unwrap();
             let command_line: Vec<&str> =
                 std::iter::once("proxy-agent").chain(text.lines().filter(|l| l.starts_with("--"))).collect();
             let parsed = parse(&command_line);
-            assert!(parsed.node_name.is_some() || name != "k3s", "{name}");
+            assert_eq!((parsed.verbosity, parsed.oom_score_adj), (verbosity, oom), "{name}");
         }
         let gce = std::fs::read_to_string(format!("{dir}/gce-args.txt")).unwrap();
         let gce: Vec<&str> =

@@ -66,12 +66,7 @@ async fn main() -> anyhow::Result<()> {
         args.service_cluster_ip_range.iter().all(|(_, len)| *len > 0),
         "--service-cluster-ip-range: a /0 range would cover every address"
     );
-    // Networks, host bits cleared, as the rules print them back.
-    let service_cidrs = args
-        .service_cluster_ip_range
-        .iter()
-        .map(|(addr, len)| (std::net::Ipv4Addr::from(u32::from(*addr) & (u32::MAX << (32 - u32::from(*len)))), *len))
-        .collect();
+    let service_cidrs = args.service_cluster_ip_range.iter().map(|(addr, len)| model::network(*addr, *len)).collect();
     let node = NodeIdentity { name: node_name, addresses, node_port_addresses, service_cidrs };
     let settings = node_settings(&args, &node);
     tracing::info!(node = %node.name, addresses = ?node.addresses, snat = ?settings.snat_addr, version = env!("CARGO_PKG_VERSION"), "starting");

@@ -234,13 +234,7 @@ pub fn attempt_from(
                 socket.connect_timeout(&target.into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
                 tcp_exchange(&socket.into(), target, timeout)
             } else {
-                let socket: UdpSocket = socket.into();
-                socket.connect(target)?;
-                socket.set_read_timeout(Some(timeout))?;
-                socket.send(b"hello\n")?;
-                let mut buf = vec![0u8; MAX_DATAGRAM];
-                let (n, _) = recv_from_retrying(&socket, &mut buf)?;
-                Reply::parse(&String::from_utf8_lossy(&buf[..n]))
+                connected_udp_ask(&socket.into(), target, timeout)
             }
         })())
     })
@@ -412,17 +406,21 @@ pub fn attempt(ns: &str, proto: Proto, target: SocketAddrV4, timeout: Duration) 
 pub fn attempt_here(proto: Proto, target: SocketAddrV4, timeout: Duration) -> Outcome {
     classify(match proto {
         Proto::Tcp => tcp_request_here(target, timeout),
-        Proto::Udp => (|| {
-            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-            socket.connect(target)?;
-            socket.set_read_timeout(Some(timeout))?;
-            socket.send(b"hello\n")?;
-            let mut buf = vec![0u8; MAX_DATAGRAM];
-            let (n, _) = recv_from_retrying(&socket, &mut buf)?;
-            // A connected socket only receives from its peer, as the kernel sees it after recvmsg hooks.
-            Reply::parse(&String::from_utf8_lossy(&buf[..n]))
-        })(),
+        Proto::Udp => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .map_err(anyhow::Error::from)
+            .and_then(|socket| connected_udp_ask(&socket, target, timeout)),
     })
+}
+
+/// One request on `socket` connected to `target`, so an ICMP error about it is reported (ECONNREFUSED). A
+/// connected socket only receives from its peer, as the kernel sees it after the recvmsg hooks.
+fn connected_udp_ask(socket: &UdpSocket, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
+    socket.connect(target)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send(b"hello\n")?;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let (n, _) = recv_from_retrying(socket, &mut buf)?;
+    Reply::parse(&String::from_utf8_lossy(&buf[..n]))
 }
 
 impl Outcome {

@@ -17,7 +17,7 @@ use std::{
 use serde_json::Value;
 use types::{GoDuration, KubeProxyConfiguration};
 
-use crate::model::{NodePortAddresses, sloppy_ip};
+use crate::model::{NodePortAddresses, network, sloppy_ip};
 
 /// The settings a `KubeProxyConfiguration` gives this agent, after kube-proxy's defaulting.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -371,8 +371,7 @@ fn cluster_cidr(text: &str) -> Result<Option<(Ipv4Addr, u8)>, BadValue> {
         };
         families.push(addr.is_ipv4());
         if let IpAddr::V4(a) = addr {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            v4 = Some((Ipv4Addr::from(u32::from(a) & mask), len));
+            v4 = Some(network(a, len));
         }
     }
     if families.len() == 2 && families[0] == families[1] {
@@ -393,10 +392,7 @@ fn node_port_addresses(c: &KubeProxyConfiguration, mode: &str, out: &mut FileCon
             return Ok(());
         }
         match sloppy_ip::parse_cidr(item) {
-            Some((IpAddr::V4(a), len)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                cidrs.push((Ipv4Addr::from(u32::from(a) & mask), len));
-            }
+            Some((IpAddr::V4(a), len)) => cidrs.push(network(a, len)),
             Some((IpAddr::V6(_), _)) => {}
             None => return Err(bad(&format!("nodePortAddresses[{i}]"), item, "must be a valid CIDR")),
         }

@@ -65,11 +65,21 @@ pub enum NodePortAddresses {
     Primary,
 }
 
+/// The mask of a prefix length, host byte order.
+fn prefix_mask(len: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(len.min(32))).unwrap_or(0)
+}
+
 /// Whether `addr` lies in `net/len`.
 #[must_use]
 pub fn in_cidr(addr: Ipv4Addr, (net, len): (Ipv4Addr, u8)) -> bool {
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
-    u32::from(addr) & mask == u32::from(net) & mask
+    u32::from(addr) & prefix_mask(len) == u32::from(net) & prefix_mask(len)
+}
+
+/// `addr/len` as a network: host bits cleared, as kube-proxy's parser returns it and the rules print it.
+#[must_use]
+pub fn network(addr: Ipv4Addr, len: u8) -> (Ipv4Addr, u8) {
+    (Ipv4Addr::from(u32::from(addr) & prefix_mask(len)), len)
 }
 
 impl NodeIdentity {

@@ -315,10 +315,7 @@ fn load_balancer(c: &Checker, svc: &Service, spec: &ServiceSpec) -> Result<LoadB
         let field = format!("spec.loadBalancerSourceRanges[{i}]");
         match sloppy_ip::parse_cidr(range.trim()) {
             // The network, as kube-proxy's parser returns it: host bits cleared.
-            Some((IpAddr::V4(addr), len)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                source_ranges.push((Ipv4Addr::from(u32::from(addr) & mask), len));
-            }
+            Some((IpAddr::V4(addr), len)) => source_ranges.push(super::network(addr, len)),
             Some((IpAddr::V6(_), _)) => {}
             None => return Err(c.reject(field, format!("{range:?} is not a CIDR"))),
         }
@@ -359,10 +356,7 @@ pub fn service_cidr(obj: &ServiceCIDR) -> Result<Vec<(Ipv4Addr, u8)>, Rejection>
     let mut out = Vec::new();
     for (i, cidr) in obj.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten().enumerate() {
         match sloppy_ip::parse_cidr(cidr.trim()) {
-            Some((IpAddr::V4(addr), len)) if len > 0 => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                out.push((Ipv4Addr::from(u32::from(addr) & mask), len));
-            }
+            Some((IpAddr::V4(addr), len)) if len > 0 => out.push(super::network(addr, len)),
             Some((IpAddr::V6(_), _)) => {}
             _ => return Err(c.reject(format!("spec.cidrs[{i}]"), format!("{cidr:?} is not a CIDR"))),
         }
