@@ -4,6 +4,16 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 
+/// The host ends of pods' interfaces as the common pod networks name them: `veth*` (flannel, the reference
+/// `bridge` and `ptp` plugins, kindnet, Weave's `vethwepl*`), `cali*` (Calico), `lxc*` (Cilium), `eni*`
+/// (AWS VPC CNI), `azv*` (Azure CNI), `gke*` (GKE); and the pod bridges `cni*` (flannel, `bridge`) and
+/// `weave`, whose ports face pods (the bridges themselves are never attached: see `InterfaceRoles::assign`).
+/// Overlay devices (`flannel.1`, `vxlan.calico`, `tunl0`) are not pod interfaces: what crosses them was
+/// translated where it entered the node.
+pub const DEFAULT_POD_INTERFACES: &str = "veth*,cali*,lxc*,eni*,azv*,gke*,cni*,weave";
+/// The node's uplinks as Linux names them (classic, predictable and bonded names).
+pub const DEFAULT_HOST_INTERFACES: &str = "eth*,ens*,enp*,eno*,bond*";
+
 #[derive(Debug, Parser)]
 #[command(name = "proxy-agent", version, about = "A kube-proxy replacement whose service dataplane runs in eBPF")]
 // A flag given twice takes its last value, as wrappers that append flags expect.
@@ -40,12 +50,13 @@ pub struct Args {
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/proxy-agent")]
     pub bpffs: PathBuf,
 
-    /// Interfaces that face pods (the host end of each pod's veth); `*` matches any characters.
-    #[arg(long, value_name = "GLOB,...", value_delimiter = ',', default_value = "veth*,cali*,lxc*,cni*")]
+    /// Interfaces that face pods (the host end of each pod's veth, or a bridge whose ports do); `*` matches
+    /// any characters. The default covers the common pod networks (see `DEFAULT_POD_INTERFACES`).
+    #[arg(long, value_name = "GLOB,...", value_delimiter = ',', default_value = DEFAULT_POD_INTERFACES)]
     pub pod_interfaces: Vec<String>,
 
     /// Interfaces towards other nodes and the outside, where NodePort and external traffic arrives.
-    #[arg(long, value_name = "GLOB,...", value_delimiter = ',', default_value = "eth*,ens*,enp*,eno*,bond*")]
+    #[arg(long, value_name = "GLOB,...", value_delimiter = ',', default_value = DEFAULT_HOST_INTERFACES)]
     pub host_interfaces: Vec<String>,
 
     /// Which node addresses NodePorts are served on: CIDRs, or `primary` (the Node's InternalIP). Default:
@@ -185,6 +196,11 @@ pub struct Args {
     /// exit, like kube-proxy's `--init-only` (for an init container with more privileges).
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub init_only: bool,
+
+    /// A netfilter mode that finds the eBPF dataplane running drains it: flows it translated keep their
+    /// translation until they end, or until this long after this mode's rules are in.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
 
     /// Remove everything this agent left in the kernel (pinned maps and links, which detaches its programs)
     /// and exit, like kube-proxy's `--cleanup`.

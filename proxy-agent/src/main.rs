@@ -22,7 +22,10 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _};
 
 use crate::{
-    dataplane::ebpf::{EbpfDataplane, InterfacePatterns, InterfaceRoles, NodeSettings},
+    dataplane::ebpf::{
+        EbpfDataplane, InterfacePatterns, InterfaceRoles, NodeSettings,
+        handover::{Drain, Draining, TakeOver},
+    },
     model::NodeIdentity,
     store::Store,
 };
@@ -49,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if args.cleanup {
-        remove_dataplanes_except(None, &args.bpffs)?;
+        remove_dataplanes_except(None, &args.bpffs, Kept::default())?;
         tracing::info!(pins = %args.bpffs.display(), "cleaned up: eBPF programs detached, iptables chains and nftables tables removed");
         return Ok(());
     }
@@ -75,29 +78,8 @@ async fn main() -> anyhow::Result<()> {
         dataplane::netfilter::set_tcp_be_liberal()?;
     }
     let (mode, reason) = mode::choose(args.mode);
-    // Never two dataplanes on the same packets: remove what the other modes (or kube-proxy) left.
-    remove_dataplanes_except(Some(mode), &args.bpffs)?;
-    let rule_config = dataplane::netfilter::RuleConfig {
-        masquerade_all: args.masquerade_all,
-        masquerade_bit: args.iptables_masquerade_bit,
-        cluster_cidr: args.cluster_cidr,
-        pod_interfaces: args.pod_interfaces.clone(),
-        // As kube-proxy: read after setting it, so a node configured liberal by other means counts too.
-        tcp_be_liberal: dataplane::netfilter::tcp_be_liberal(),
-    };
-    if rule_config.tcp_be_liberal {
-        tracing::info!(set_here = args.conntrack_tcp_be_liberal, "conntrack: nf_conntrack_tcp_be_liberal is 1");
-    }
-    conntrack_settings::apply_to_kernel(&args.conntrack, mode);
     let flow_stats = std::sync::Arc::new(dataplane::ebpf::FlowTableStats::default());
-    let dataplane: Box<dyn dataplane::Dataplane> = match mode {
-        cli::Mode::Iptables => Box::new(dataplane::iptables::IptablesDataplane::start(rule_config)),
-        cli::Mode::Nftables => Box::new(dataplane::nftables::NftablesDataplane::start(rule_config)),
-        cli::Mode::Ebpf | cli::Mode::Auto | cli::Mode::Ipvs => Box::new(
-            EbpfDataplane::start(&args.bpffs, roles, &settings, flow_stats.clone())
-                .context("starting the eBPF dataplane")?,
-        ),
-    };
+    let dataplane = start_dataplane(&args, mode, roles, &settings, flow_stats.clone())?;
     tracing::info!(mode = dataplane.name(), reason, "dataplane started");
     let (store, snapshots) = Store::new();
 
@@ -147,11 +129,66 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Starts the dataplane of `mode`, after removing what the others left: never two dataplanes on the same
+/// packets. The one this mode takes live traffic from stays until no flow needs it (`handover`).
+fn start_dataplane(
+    args: &cli::Args,
+    mode: cli::Mode,
+    roles: InterfaceRoles,
+    settings: &NodeSettings,
+    flow_stats: std::sync::Arc<dataplane::ebpf::FlowTableStats>,
+) -> anyhow::Result<Box<dyn dataplane::Dataplane>> {
+    let ebpf_mode = matches!(mode, cli::Mode::Ebpf | cli::Mode::Auto | cli::Mode::Ipvs);
+    let take_over = if ebpf_mode { TakeOver::needed() } else { None };
+    let drain =
+        if ebpf_mode { None } else { Drain::needed(&args.bpffs, args.conntrack.timeouts(), args.drain_timeout) };
+    let keep = Kept { ebpf: drain.is_some(), netfilter: take_over.is_some() };
+    remove_dataplanes_except(Some(mode), &args.bpffs, keep)?;
+    let rule_config = dataplane::netfilter::RuleConfig {
+        masquerade_all: args.masquerade_all,
+        masquerade_bit: args.iptables_masquerade_bit,
+        cluster_cidr: args.cluster_cidr,
+        pod_interfaces: args.pod_interfaces.clone(),
+        // As kube-proxy: read after setting it, so a node configured liberal by other means counts too.
+        tcp_be_liberal: dataplane::netfilter::tcp_be_liberal(),
+    };
+    if rule_config.tcp_be_liberal {
+        tracing::info!(set_here = args.conntrack_tcp_be_liberal, "conntrack: nf_conntrack_tcp_be_liberal is 1");
+    }
+    conntrack_settings::apply_to_kernel(&args.conntrack, mode);
+    let mut dataplane: Box<dyn dataplane::Dataplane> = match mode {
+        cli::Mode::Iptables => Box::new(dataplane::iptables::IptablesDataplane::start(rule_config)),
+        cli::Mode::Nftables => Box::new(dataplane::nftables::NftablesDataplane::start(rule_config)),
+        cli::Mode::Ebpf | cli::Mode::Auto | cli::Mode::Ipvs => Box::new(
+            EbpfDataplane::start(&args.bpffs, roles, settings, flow_stats, take_over)
+                .context("starting the eBPF dataplane")?,
+        ),
+    };
+    if let Some(drain) = drain {
+        tracing::info!(pins = %args.bpffs.display(), timeout = ?args.drain_timeout, "the eBPF dataplane runs here: it is drained once this mode's rules are in");
+        dataplane = Box::new(Draining::new(dataplane, drain));
+    }
+    Ok(dataplane)
+}
+
+/// Dataplanes left in place at start-up, since the starting one takes live traffic from them.
+#[derive(Clone, Copy, Default)]
+struct Kept {
+    /// The eBPF programs, drained into a netfilter mode's rules.
+    ebpf: bool,
+    /// Netfilter rules, taken over by the eBPF programs.
+    netfilter: bool,
+}
+
 /// kube-proxy's cleanup: removes what each dataplane other than `keep` left in the kernel (all of them for
 /// `None`): the eBPF pins (which detaches the programs), the `KUBE-` iptables chains, the nftables tables.
-fn remove_dataplanes_except(keep: Option<cli::Mode>, bpffs: &std::path::Path) -> anyhow::Result<()> {
-    if keep != Some(cli::Mode::Ebpf) {
+fn remove_dataplanes_except(keep: Option<cli::Mode>, bpffs: &std::path::Path, kept: Kept) -> anyhow::Result<()> {
+    if keep != Some(cli::Mode::Ebpf) && !kept.ebpf {
         dataplane::ebpf::cleanup(bpffs)?;
+        dataplane::ebpf::handover::release_conntrack()?;
+    }
+    if kept.netfilter {
+        return Ok(());
     }
     if keep != Some(cli::Mode::Iptables) {
         let removed = dataplane::iptables::cleanup().context("removing the KUBE- iptables chains")?;

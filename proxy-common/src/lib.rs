@@ -244,6 +244,14 @@ pub mod config {
     /// agent's maps (`PREV_CONNTRACK`, `PREV_SNAT`) and carried over, so no flow loses its state between the
     /// programs' swap and the end of the copy.
     pub const FLAG_MIGRATING: u32 = 2;
+    /// Taking over from the kernel's NAT (kube-proxy's rules, still in place): a packet to a frontend whose
+    /// flow has no entry is left to those rules and its flow recorded as the kernel's
+    /// (`conntrack::FLAG_KERNEL_NAT`), so it stays with them once this flag is cleared. See
+    /// `proxy-agent/src/dataplane/handover.rs`.
+    pub const FLAG_HANDOVER: u32 = 4;
+    /// Handing over to the kernel's NAT (a netfilter mode's rules are in place): flows with an entry keep
+    /// their translation until they end; every other packet, and every new socket, is left to the rules.
+    pub const FLAG_DRAIN: u32 = 8;
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -536,6 +544,10 @@ pub mod conntrack {
     pub const FLAG_SNAT: u16 = 1;
     /// The backend runs on this node.
     pub const FLAG_LOCAL_BACKEND: u16 = 2;
+    /// The kernel's NAT translated this flow (netfilter, before the eBPF dataplane took over) and goes on
+    /// translating it from its own conntrack: the flow's packets pass untouched. A forward entry only; the
+    /// data path sees only the client's side of such a flow.
+    pub const FLAG_KERNEL_NAT: u16 = 4;
 
     /// What has been seen of a flow (forward entries; both directions' packets update it).
     pub mod state {
@@ -640,7 +652,10 @@ pub mod conntrack {
             } else {
                 t.tcp_syn_sent
             }
-        } else if s & state::REPLIED != 0 && value.last_seen.wrapping_sub(value.created) >= STREAM_AFTER_SECS {
+        } else if value.flags & FLAG_KERNEL_NAT != 0
+            || (s & state::REPLIED != 0 && value.last_seen.wrapping_sub(value.created) >= STREAM_AFTER_SECS)
+        {
+            // A flow left to the kernel's NAT shows no replies here; the kernel keeps it as a stream.
             t.udp_stream
         } else {
             t.udp

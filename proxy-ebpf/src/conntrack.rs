@@ -10,7 +10,7 @@ use aya_ebpf::{
 use proxy_common::{
     capacity,
     config::Config,
-    conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, Timeouts, closed, expired, state},
+    conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, FLAG_KERNEL_NAT, Timeouts, closed, expired, state},
     proto, stats,
 };
 
@@ -194,8 +194,8 @@ pub fn lookup_forward(flow: &Flow, tcp_flags: u8, cfg: &Config) -> Known {
     }
     touch(entry, flow.proto, tcp_flags, true, now);
     // A flow that has sent nothing back for a while may have lost its reply entry to the LRU: once a second,
-    // make sure it is there.
-    if value.last_seen != now {
+    // make sure it is there. (A flow left to the kernel's NAT has none.)
+    if value.last_seen != now && value.flags & FLAG_KERNEL_NAT == 0 {
         let rkey = reply_key(&key, &value);
         // SAFETY: only the presence of the value is used.
         if unsafe { CONNTRACK.get(&rkey).is_none() } {
@@ -260,6 +260,57 @@ pub fn record(flow: &Flow, mut value: CtValue, cfg: &Config) -> Result<u16> {
     mirror(&fkey, &value, cfg);
     count(stats::CT_CREATED);
     Ok(value.client_port)
+}
+
+/// Records `flow` as left to the kernel's NAT (see `FLAG_KERNEL_NAT`): a forward entry alone, which only
+/// says "pass". A TCP flow opened by this packet's SYN is recorded as answered, since its SYN-ACK passes
+/// unseen: the client's next ACK then marks it established.
+#[inline(always)]
+pub fn record_kernel(flow: &Flow, tcp_flags: u8, cfg: &Config) -> Result<()> {
+    let now = now();
+    let mut state = initial_state(flow.proto, tcp_flags);
+    if flow.proto == proto::TCP {
+        state |= state::SYN_ACK;
+    }
+    let value = CtValue {
+        nat_addr: flow.dst_addr,
+        nat_port: flow.dst_port,
+        client_port: flow.src_port,
+        backend_id: 0,
+        rev_nat_id: 0,
+        flags: FLAG_KERNEL_NAT,
+        state,
+        created: now,
+        last_seen: now,
+    };
+    let fkey = key(flow, DIR_FORWARD);
+    CONNTRACK.insert(&fkey, &value, u64::from(BPF_ANY)).map_err(|_| CONNTRACK_FULL)?;
+    mirror(&fkey, &value, cfg);
+    count(stats::CT_CREATED);
+    Ok(())
+}
+
+/// Whether a packet on a flow left to the kernel's NAT starts a new connection on its tuple instead: a SYN
+/// once the old connection was established (a retransmitted SYN of a handshake the kernel is answering
+/// still belongs to it). Never while the handover is under way: the kernel's rules take new flows then.
+#[inline(always)]
+pub fn leaves_kernel(flow: &Flow, tcp_flags: u8, ct: &CtValue, cfg: &Config) -> bool {
+    cfg.flags & proxy_common::config::FLAG_HANDOVER == 0
+        && flow.proto == proto::TCP
+        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && ct.state & state::ESTABLISHED != 0
+}
+
+/// Whether a SYN on a flow this dataplane translated opens a new connection on its tuple while the rules
+/// take new flows (`FLAG_DRAIN`): its flow had been answered, so this is not a retransmitted SYN of it.
+/// The rules then translate it from the start; translated here, its packets would meet a kernel conntrack
+/// entry of the old connection, and rules that drop what conntrack calls invalid (kube-proxy's).
+#[inline(always)]
+pub fn reopens_while_draining(flow: &Flow, tcp_flags: u8, ct: &CtValue, cfg: &Config) -> bool {
+    cfg.flags & proxy_common::config::FLAG_DRAIN != 0
+        && flow.proto == proto::TCP
+        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && ct.state & state::SYN_ACK != 0
 }
 
 /// Finds a client port for which the reply tuple `rkey` is free and records `reply` under it. Ports come

@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     backend::{Backend, FLAG_LOCAL},
-    config::{Config, FLAG_MASQUERADE_ALL},
-    conntrack::{CtValue, FLAG_LOCAL_BACKEND, FLAG_SNAT, state},
+    config::{Config, FLAG_DRAIN, FLAG_HANDOVER, FLAG_MASQUERADE_ALL},
+    conntrack::{CtValue, FLAG_KERNEL_NAT, FLAG_LOCAL_BACKEND, FLAG_SNAT, state},
     mark,
     service::flags,
 };
@@ -45,6 +45,9 @@ pub enum Origin {
 pub enum Verdict {
     /// Not addressed to a frontend: leave it alone.
     NotService,
+    /// Addressed to a frontend, but the kernel's NAT (netfilter's rules and conntrack) translates this flow:
+    /// leave it alone (see `config::FLAG_HANDOVER`, `FLAG_DRAIN`).
+    LeftToKernel,
     Drop(Reason),
     /// No usable endpoint anywhere: refuse the client.
     Reject,
@@ -90,10 +93,25 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
         return Ok(Verdict::Drop(SOURCE_RANGE));
     }
     if let Known::Live(ct) = conntrack::lookup_forward(flow, tcp_flags, cfg) {
-        if let Some(backend) = kept_backend(flow, &ct) {
+        if ct.flags & FLAG_KERNEL_NAT != 0 {
+            if !conntrack::leaves_kernel(flow, tcp_flags, &ct, cfg) {
+                return Ok(Verdict::LeftToKernel);
+            }
+        } else if conntrack::reopens_while_draining(flow, tcp_flags, &ct, cfg) {
+            conntrack::forget(flow, &ct);
+            return Ok(Verdict::LeftToKernel);
+        } else if let Some(backend) = kept_backend(flow, &ct) {
             return Ok(Verdict::Forward { backend, snat: ct.flags & FLAG_SNAT != 0, client_port: ct.client_port });
         }
         conntrack::forget(flow, &ct);
+    }
+    // Between two dataplanes, a flow this one has not translated is the kernel's rules' to translate.
+    if cfg.flags & FLAG_HANDOVER != 0 {
+        conntrack::record_kernel(flow, tcp_flags, cfg)?;
+        return Ok(Verdict::LeftToKernel);
+    }
+    if cfg.flags & FLAG_DRAIN != 0 {
+        return Ok(Verdict::LeftToKernel);
     }
     let affinity = svc.value.flags & flags::AFFINITY != 0;
     let chosen = if affinity { lb::affinity_backend(flow, &svc) } else { None };
@@ -232,6 +250,7 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
             }
             Ok(PASS)
         }
+        Verdict::LeftToKernel => Ok(PASS),
         Verdict::Drop(reason) => Ok(dropped(reason)),
         Verdict::Reject => refuse(ctx, &flow, Back::Out),
         Verdict::Forward { backend, snat, client_port } => {

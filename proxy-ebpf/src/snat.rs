@@ -62,9 +62,11 @@ const HALF_CLOSED_IDLE_SECS: u32 = 60;
 const UDP_IDLE_SECS: u32 = 60;
 const TCP_IDLE_SECS: u32 = 86_400;
 
-/// TCP flags that end a flow.
+/// TCP flags that end a flow, and those of a handshake.
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// The kernel's monotonic clock: (seconds, milliseconds wrapping at 2^32).
 #[inline(always)]
@@ -210,7 +212,18 @@ pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Option<SnatValue> 
     if cfg.snat_addr == 0 || flow.dst_addr != cfg.snat_addr {
         return None;
     }
-    let entry = entry(&conntrack::key(flow, DIR_SNAT_IN), cfg)?;
+    let key = conntrack::key(flow, DIR_SNAT_IN);
+    let entry = entry(&key, cfg)?;
+    // A SYN-ACK answers a new connection, never one that has closed: the port is another NAT's now (the
+    // kernel's MASQUERADE, whose random ports can land on one this table used), and the connection's
+    // packets pass untouched from here on.
+    // SAFETY: as in `touch`; a field read.
+    let held = unsafe { (*entry).flags };
+    let closed = held & SNAT_RST != 0 || held & (SNAT_FIN_OUT | SNAT_FIN_IN) == SNAT_FIN_OUT | SNAT_FIN_IN;
+    if closed && flow.proto == proto::TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        let _ = SNAT.remove(&key);
+        return None;
+    }
     touch(entry, tcp_flags, SNAT_FIN_IN);
     // SAFETY: as in `touch`; the value is copied out.
     Some(unsafe { *entry })

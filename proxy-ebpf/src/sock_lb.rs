@@ -121,6 +121,10 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     // The node's own traffic is internal: it reaches every endpoint, whatever the external policy.
     let Some(svc) = lb::lookup_service(&flow, true) else { return ALLOW };
     let cfg = snat::config();
+    // Handing over to the kernel's NAT: its rules translate new sockets (the output hook) from now on.
+    if cfg.flags & proxy_common::config::FLAG_DRAIN != 0 {
+        return ALLOW;
+    }
     // loadBalancerSourceRanges: the node's own connection leaves from its primary address, which must be
     // in the ranges (kube-proxy checks them in its output hook too; it drops, here the call fails at once).
     if svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(&Flow { src_addr: cfg.snat_addr, ..flow }, &svc)

@@ -136,7 +136,7 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32> {
     }
 
     let (backend, snat, client_port) = match decide(&flow, Origin::Host, &cfg, tcp_flags)? {
-        Verdict::NotService => return Ok(xdp_action::XDP_PASS),
+        Verdict::NotService | Verdict::LeftToKernel => return Ok(xdp_action::XDP_PASS),
         Verdict::Drop(reason) => {
             drop::count(reason);
             return Ok(xdp_action::XDP_DROP);

@@ -34,7 +34,8 @@ pub struct AgentConfig {
     pub manifests: PathBuf,
     pub pin_dir: PathBuf,
     pub log: PathBuf,
-    pub pod_interfaces: String,
+    /// `--pod-interfaces`; `None`: the agent's defaults, which must match the lab's pod network.
+    pub pod_interfaces: Option<String>,
     /// Only these capabilities (`setpriv` names), when set.
     pub capabilities: Option<Vec<String>>,
     pub extra_args: Vec<String>,
@@ -77,7 +78,7 @@ impl Agent {
             .args(["--hostname-override", &config.node_name])
             .arg("--bpffs")
             .arg(&config.pin_dir)
-            .args(["--pod-interfaces", &config.pod_interfaces])
+            .args(config.pod_interfaces.iter().flat_map(|p| ["--pod-interfaces", p.as_str()]))
             .args(&config.extra_args)
             .env("RUST_LOG", "info")
             .envs(config.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -5,9 +5,12 @@
 //!                                                                              │
 //!                                                        external ns (10.240.0.100) ── veth ──┘
 //! ```
-//! Pods are routed, not bridged: each pod has a /32 and a default route to 169.254.1.1, which its node
-//! answers ARP for (the node holds that address on lo), and each node routes every other node's pod CIDR
-//! via that node. Nodes run with strict `rp_filter`, as most distributions ship.
+//! Each node routes every other node's pod CIDR (10.200.N.0/24) via that node, and runs with strict
+//! `rp_filter`, as most distributions ship. How pods hang off their node is the [`PodNetwork`]:
+//! - routed (Calico, Cilium, AWS VPC CNI, Azure, GKE, kindnet/`ptp`): each pod has a /32 and a default
+//!   route to 169.254.1.1, which its node answers ARP for (the node holds that address on lo);
+//! - bridged (flannel, the reference `bridge` plugin): pods share the node's /24 on bridge `cni0`, which
+//!   holds their gateway; traffic between two pods of a node is bridged, never routed.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -26,8 +29,10 @@ use crate::{
     echo::{EchoServer, Outcome, Proto},
 };
 
-/// Interface name prefix of the host end of pod veths; the agents attach to these.
+/// Interface name prefix of the host end of pod veths in the default lab; the agents are told it.
 pub const POD_IFACE_PREFIX: &str = "vp";
+/// The pods' bridge in a [`PodNetwork::Bridge`] lab, named as flannel and the `bridge` plugin name it.
+pub const POD_BRIDGE: &str = "cni0";
 /// The address pods use as their gateway; every node answers ARP for it.
 const POD_GATEWAY: &str = "169.254.1.1";
 /// Prefix of every namespace a lab creates; followed by the creating process's pid.
@@ -46,6 +51,42 @@ pub struct LabSpec {
     pub agent_capabilities: Option<Vec<String>>,
     /// Start the agents from this binary instead of the build under test (upgrade tests).
     pub agent_binary: Option<PathBuf>,
+    pub pod_network: PodNetwork,
+}
+
+/// How pods are wired to their node: the two topologies pod networks build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// Each pod a /32 behind a veth whose host end is named `{name}{k}`, taking `names` in turn across a
+    /// node's pods (`cali`, `lxc`, `eni`, …). Only the lab's own [`POD_IFACE_PREFIX`] is given to the agents
+    /// (`--pod-interfaces`); any other name must be matched by the agent's defaults.
+    Routed { names: Vec<&'static str> },
+    /// Bridge [`POD_BRIDGE`] holding 10.200.N.1/24, the pods' gateway; pods at 10.200.N.(10+k)/24 on veth
+    /// ports named as the `bridge` plugin names them (`veth` and 8 hex digits), hairpin on, and
+    /// `bridge-nf-call-iptables` on, as flannel's installation requires. The agents get no
+    /// `--pod-interfaces`: the defaults must find the ports.
+    Bridge,
+}
+
+impl PodNetwork {
+    /// `PROXY_LAB_POD_NETWORK`: `bridge`, or routed with the lab's own names when unset (`routed`).
+    /// `cargo xtask test` runs the behaviour tests once more on the bridge.
+    #[must_use]
+    pub fn from_env() -> Self {
+        match std::env::var("PROXY_LAB_POD_NETWORK").as_deref() {
+            Ok("bridge") => Self::Bridge,
+            Ok("routed") | Err(_) => Self::Routed { names: vec![POD_IFACE_PREFIX] },
+            Ok(other) => panic!("PROXY_LAB_POD_NETWORK={other}: expected bridge or routed"),
+        }
+    }
+
+    /// The agents' `--pod-interfaces`, when the defaults are not what this lab tests.
+    fn pod_interfaces_flag(&self) -> Option<String> {
+        match self {
+            Self::Routed { names } if names == &[POD_IFACE_PREFIX] => Some(format!("{POD_IFACE_PREFIX}*")),
+            _ => None,
+        }
+    }
 }
 
 impl Default for LabSpec {
@@ -58,6 +99,7 @@ impl Default for LabSpec {
             agent_args: vec!["--mode".to_owned(), mode()],
             agent_capabilities: None,
             agent_binary: None,
+            pod_network: PodNetwork::from_env(),
         }
     }
 }
@@ -82,6 +124,8 @@ pub struct PodRef {
     pub node: usize,
     pub ns: String,
     pub ip: Ipv4Addr,
+    /// The node's end of the pod's veth.
+    pub host_end: String,
 }
 
 pub struct Lab {
@@ -199,9 +243,13 @@ impl Lab {
             ] {
                 sysctl_in(&ns, key, value)?;
             }
-            // Link scope: the node never picks the pods' gateway address as a source (masquerade, its own
-            // connections); it only answers ARP for it.
-            ip_in(&ns, &["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo", "scope", "link"])?;
+            if self.spec.pod_network == PodNetwork::Bridge {
+                Self::add_pod_bridge(&ns, n)?;
+            } else {
+                // Link scope: the node never picks the pods' gateway address as a source (masquerade, its
+                // own connections); it only answers ARP for it.
+                ip_in(&ns, &["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo", "scope", "link"])?;
+            }
             // Like a real node, a default route (to the lab's "outside"): traffic for addresses nobody
             // translated goes through the forward path (where a REJECT rule can see it), not straight to
             // "network unreachable".
@@ -261,16 +309,41 @@ impl Lab {
         Ok(())
     }
 
+    /// The node's pod bridge, as flannel's `bridge` plugin sets it up: the gateway address on it, and
+    /// bridged IPv4 traffic handed to netfilter (`br_netfilter`), without which kube-proxy's rules never see
+    /// the replies that one pod of the bridge sends another.
+    fn add_pod_bridge(node_ns: &str, node: usize) -> anyhow::Result<()> {
+        ip_in(node_ns, &["link", "add", POD_BRIDGE, "type", "bridge"])?;
+        ip_in(node_ns, &["addr", "add", &format!("10.200.{node}.1/24"), "dev", POD_BRIDGE])?;
+        ip_in(node_ns, &["link", "set", POD_BRIDGE, "up"])?;
+        sysctl_in(node_ns, "net.bridge.bridge-nf-call-iptables", "1")
+    }
+
     fn add_pod(&mut self, node_ns: &str, node: usize, k: usize) -> anyhow::Result<()> {
         let ns = self.add_ns(&format!("n{node}p{k}"))?;
         let addr = Ipv4Addr::new(10, 200, u8::try_from(node)?, 10 + u8::try_from(k)?);
-        let host_end = format!("{POD_IFACE_PREFIX}{k}");
+        let host_end = match &self.spec.pod_network {
+            PodNetwork::Routed { names } => format!("{}{k}", names[(k - 1) % names.len()]),
+            // Unique per node and pod, and nothing like `vp`: only the agent's defaults can match it.
+            PodNetwork::Bridge => format!("veth{:08x}", 0x5eed_0000_u32 + u32::try_from(node * 256 + k)?),
+        };
         ip_in(node_ns, &["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        ip_in(node_ns, &["link", "set", &host_end, "up"])?;
-        // `src`: the node's own connections to pods come from its address, not from the gateway on lo.
-        let node_addr = node_ip(node).to_string();
-        ip_in(node_ns, &["route", "add", &format!("{addr}/32"), "dev", &host_end, "src", &node_addr])?;
-        ip_in(&ns, &["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+        match self.spec.pod_network {
+            PodNetwork::Routed { .. } => {
+                ip_in(node_ns, &["link", "set", &host_end, "up"])?;
+                // `src`: the node's own connections to pods come from its address, not from the gateway on lo.
+                let node_addr = node_ip(node).to_string();
+                ip_in(node_ns, &["route", "add", &format!("{addr}/32"), "dev", &host_end, "src", &node_addr])?;
+                ip_in(&ns, &["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+            }
+            PodNetwork::Bridge => {
+                ip_in(node_ns, &["link", "set", &host_end, "master", POD_BRIDGE, "up"])?;
+                // The `bridge` plugin's hairpinMode: a pod reaching itself through a Service gets its packets
+                // back out of its own port.
+                ip_in(node_ns, &["link", "set", &host_end, "type", "bridge_slave", "hairpin", "on"])?;
+                ip_in(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            }
+        }
         ip_in(&ns, &["link", "set", "eth0", "up"])?;
         // veth marks packets checksum-verified while rx checksumming is on, so a wrong checksum written by
         // the dataplane would go unnoticed. With it off, the pod's stack verifies every checksum it receives.
@@ -280,9 +353,13 @@ impl Lab {
             // the dataplane's incremental updates must be right on both kinds of packet.
             run("ip", &["netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"])?;
         }
-        ip_in(&ns, &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
-        ip_in(&ns, &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
-        self.pods.push(PodRef { name: format!("pod-{node}-{k}"), node, ns, ip: addr });
+        if self.spec.pod_network == PodNetwork::Bridge {
+            ip_in(&ns, &["route", "add", "default", "via", &format!("10.200.{node}.1"), "dev", "eth0"])?;
+        } else {
+            ip_in(&ns, &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
+            ip_in(&ns, &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+        }
+        self.pods.push(PodRef { name: format!("pod-{node}-{k}"), node, ns, ip: addr, host_end });
         Ok(())
     }
 
@@ -444,7 +521,7 @@ impl Lab {
                 manifests: self.manifest_dir(),
                 pin_dir: self.pin_dir(n),
                 log: self.dir.join(format!("agent-{}.log", node_name(n))),
-                pod_interfaces: format!("{POD_IFACE_PREFIX}*"),
+                pod_interfaces: self.spec.pod_network.pod_interfaces_flag(),
                 capabilities: self.spec.agent_capabilities.clone(),
                 extra_args: [
                     vec!["--cgroup".to_owned(), self.node_cgroup(n).to_string_lossy().into_owned()],

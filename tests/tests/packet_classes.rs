@@ -351,8 +351,7 @@ fn a_tcp_upload_through_a_cluster_ip_completes_over_a_hop_with_a_lower_mtu() {
 fn a_tcp_download_through_a_cluster_ip_completes_over_a_hop_with_a_lower_mtu() {
     let (lab, backend) = bulk_lab();
     let client = lab.pod(1, 1).clone();
-    let (to_client, host_end, src) =
-        (format!("{}/32", client.ip), format!("{}1", proxy_lab::lab::POD_IFACE_PREFIX), node_ip(1).to_string());
+    let (to_client, host_end, src) = (format!("{}/32", client.ip), client.host_end.clone(), node_ip(1).to_string());
     lower_mtu(&lab, &[&to_client, "dev", &host_end, "src", &src], &backend.ns, Metric::Plain);
     let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&backend.ns).unwrap());
     let result = bulk::download(&client.ns, at(vip(120), 80), TRANSFER, TRANSFER_WITHIN);

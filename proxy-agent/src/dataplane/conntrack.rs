@@ -76,6 +76,41 @@ pub fn delete_stale_udp(stale: &BTreeSet<StaleUdp>) -> anyhow::Result<usize> {
     Ok(deleted)
 }
 
+/// A flow the kernel's NAT translated (its replies come from another address or port than the client sent
+/// to: a DNAT, as kube-proxy's rules do), as the client sends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TranslatedFlow {
+    /// `libc::IPPROTO_TCP` or `libc::IPPROTO_UDP`.
+    pub protocol: u8,
+    pub source: (Ipv4Addr, u16),
+    pub destination: (Ipv4Addr, u16),
+}
+
+/// Every IPv4 TCP and UDP flow the kernel's conntrack holds with a destination NAT, in this network
+/// namespace: the flows netfilter rules translated and goes on translating whatever happens to the rules.
+///
+/// # Errors
+/// When netlink cannot be reached or the dump fails.
+pub fn translated_flows() -> anyhow::Result<Vec<TranslatedFlow>> {
+    let socket = open().context("opening a ctnetlink socket")?;
+    Ok(dump(&socket, false)?
+        .into_iter()
+        .filter(|e| e.reply_source != e.destination)
+        .filter_map(|e| {
+            let protocol = match e.protocol {
+                Protocol::Tcp => libc::IPPROTO_TCP,
+                Protocol::Udp => libc::IPPROTO_UDP,
+                _ => return None,
+            };
+            Some(TranslatedFlow {
+                protocol: u8::try_from(protocol).ok()?,
+                source: e.source,
+                destination: e.destination,
+            })
+        })
+        .collect())
+}
+
 fn open() -> std::io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_NETFILTER)?;
     socket.bind_auto()?;

@@ -6,6 +6,8 @@ use std::{
 };
 
 use anyhow::Context as _;
+
+use super::interfaces::Interface;
 use aya::programs::{
     SchedClassifier, TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
@@ -141,16 +143,42 @@ pub struct InterfaceRoles {
 }
 
 impl InterfaceRoles {
-    /// The role of an interface, if any. Pod patterns win over host patterns.
+    /// The role of each interface that gets programs, by index. Pod patterns win over host patterns.
+    ///
+    /// A packet crossing a Linux bridge passes the port it came in by, the bridge, and the port it leaves
+    /// by, so programs on a bridge and on its ports would translate it twice (two SNATs, two port
+    /// allocations). One of the two gets them:
+    /// - a bridge that faces pods (it or its ports match the pod patterns: `cni0` with `veth*` ports) is
+    ///   never attached; its ports are, since only they see traffic between two pods of the bridge, and a
+    ///   bridge matched by the pod patterns (kube-proxy's `--pod-bridge-interface`) lends its ports the
+    ///   pod role;
+    /// - a bridge that holds the uplink (a host pattern matches it or one of its ports: `br0` over `eth0`)
+    ///   is the host interface, as the node's address is on it; its ports are not attached.
     #[must_use]
-    pub fn role_of(&self, name: &str) -> Option<Role> {
-        if self.pods.matches(name) {
-            Some(Role::Pod)
-        } else if self.hosts.matches(name) {
-            Some(Role::Host)
-        } else {
-            None
-        }
+    pub fn assign(&self, interfaces: &[Interface]) -> BTreeMap<u32, (String, Role)> {
+        let host_bridge = |bridge: &str| {
+            self.hosts.matches(bridge)
+                || interfaces.iter().any(|i| i.bridge.as_deref() == Some(bridge) && self.hosts.matches(&i.name))
+        };
+        interfaces
+            .iter()
+            .filter_map(|i| {
+                let role = if i.is_bridge {
+                    (!self.pods.matches(&i.name) && host_bridge(&i.name)).then_some(Role::Host)
+                } else if let Some(bridge) = &i.bridge {
+                    let pod_port =
+                        self.pods.matches(&i.name) || (self.pods.matches(bridge) && !self.hosts.matches(&i.name));
+                    (pod_port && (self.pods.matches(bridge) || !host_bridge(bridge))).then_some(Role::Pod)
+                } else if self.pods.matches(&i.name) {
+                    Some(Role::Pod)
+                } else if self.hosts.matches(&i.name) {
+                    Some(Role::Host)
+                } else {
+                    None
+                };
+                Some((i.index, (i.name.clone(), role?)))
+            })
+            .collect()
     }
 }
 
@@ -207,15 +235,7 @@ impl Attachments {
 
     /// Attaches to new matching interfaces and forgets those that are gone. Returns the names newly attached.
     pub fn refresh(&mut self, ebpf: &mut aya::Ebpf, roles: &InterfaceRoles) -> anyhow::Result<Vec<String>> {
-        let present: BTreeMap<u32, (String, Role)> = nix::net::if_::if_nameindex()
-            .context("listing network interfaces")?
-            .iter()
-            .filter_map(|i| {
-                let name = i.name().to_str().ok()?.to_owned();
-                let role = roles.role_of(&name)?;
-                Some((i.index(), (name, role)))
-            })
-            .collect();
+        let present = roles.assign(&super::interfaces::list()?);
         self.forget_stale_pins(&present);
 
         // A deleted interface took its TCX links with it; drop our handles. An index reused by a new
@@ -305,5 +325,76 @@ mod tests {
         assert!(!p.matches("eth1"));
         assert!(!p.matches("lxcABC"));
         assert!(!p.matches("cali1"));
+    }
+
+    fn iface(index: u32, name: &str, is_bridge: bool, bridge: Option<&str>) -> Interface {
+        Interface { index, name: name.into(), is_bridge, bridge: bridge.map(Into::into) }
+    }
+
+    fn roles(pods: &str, hosts: &str) -> InterfaceRoles {
+        let split = |s: &str| s.split(',').map(str::to_owned).collect();
+        InterfaceRoles { pods: InterfacePatterns::new(split(pods)), hosts: InterfacePatterns::new(split(hosts)) }
+    }
+
+    fn named(assigned: &BTreeMap<u32, (String, Role)>) -> Vec<(String, Role)> {
+        assigned.values().cloned().collect()
+    }
+
+    #[test]
+    fn a_pod_bridge_is_never_attached_its_ports_are() {
+        let node = [
+            iface(1, "eth0", false, None),
+            iface(2, "cni0", true, None),
+            iface(3, "veth1a2b", false, Some("cni0")),
+            iface(4, "veth3c4d", false, Some("cni0")),
+            iface(5, "flannel.1", false, None),
+        ];
+        let default = roles(crate::cli::DEFAULT_POD_INTERFACES, crate::cli::DEFAULT_HOST_INTERFACES);
+        assert_eq!(
+            named(&default.assign(&node)),
+            [("eth0".into(), Role::Host), ("veth1a2b".into(), Role::Pod), ("veth3c4d".into(), Role::Pod)]
+        );
+        // kube-proxy's --pod-bridge-interface alone: the bridge's ports face pods, whatever their names.
+        let bridge_only = roles("cni0", "eth*");
+        assert_eq!(
+            named(&bridge_only.assign(&node)),
+            [("eth0".into(), Role::Host), ("veth1a2b".into(), Role::Pod), ("veth3c4d".into(), Role::Pod)]
+        );
+    }
+
+    #[test]
+    fn a_bridge_over_the_uplink_is_the_host_interface_and_its_ports_are_not_attached() {
+        let node = [
+            iface(1, "br0", true, None),
+            iface(2, "eth0", false, Some("br0")),
+            iface(3, "vethvm", false, Some("br0")),
+            iface(4, "cali12", false, None),
+        ];
+        let default = roles(crate::cli::DEFAULT_POD_INTERFACES, crate::cli::DEFAULT_HOST_INTERFACES);
+        assert_eq!(named(&default.assign(&node)), [("br0".into(), Role::Host), ("cali12".into(), Role::Pod)]);
+    }
+
+    #[test]
+    fn the_default_patterns_cover_the_common_pod_networks() {
+        let default = roles(crate::cli::DEFAULT_POD_INTERFACES, crate::cli::DEFAULT_HOST_INTERFACES);
+        // Calico, Cilium, flannel / bridge / kindnet / Weave, AWS VPC CNI, Azure CNI, GKE.
+        for pod in [
+            "cali0a1b2c3d4e5",
+            "lxc12ab34cd",
+            "veth9f8e7d6c",
+            "vethwepl1234",
+            "eni0a1b2c3d4e5",
+            "azv0a1b2c3d",
+            "gke1a2b3c4d5",
+        ] {
+            assert_eq!(default.assign(&[iface(7, pod, false, None)]).get(&7).map(|r| r.1), Some(Role::Pod), "{pod}");
+        }
+        for host in ["eth0", "ens5", "enp0s3", "eno1", "bond0"] {
+            assert_eq!(default.assign(&[iface(7, host, false, None)]).get(&7).map(|r| r.1), Some(Role::Host), "{host}");
+        }
+        // Overlays and the node's own devices get nothing: traffic through them was translated where it entered.
+        for other in ["flannel.1", "vxlan.calico", "tunl0", "cilium_host", "lo", "docker0", "kube-ipvs0"] {
+            assert!(default.assign(&[iface(7, other, false, None)]).is_empty(), "{other}");
+        }
     }
 }

@@ -25,14 +25,19 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 use proxy_common::{
-    conntrack::{CtKey, CtValue, DIR_FORWARD, DIR_REPLY, DIR_SNAT_IN, SnatValue, Timeouts, expired, snat_expired},
+    conntrack::{
+        CtKey, CtValue, DIR_FORWARD, DIR_REPLY, DIR_SNAT_IN, FLAG_KERNEL_NAT, SnatValue, Timeouts, expired,
+        snat_expired,
+    },
     maps, stats,
 };
 
 /// A pass's counts of `CONNTRACK`.
+#[derive(Clone, Copy)]
 struct Pass {
     entries: u64,
     flows: u64,
+    kernel_flows: u64,
 }
 
 /// Entries looked at per tick.
@@ -53,6 +58,11 @@ pub struct FlowTableStats {
     pub snat_entries: AtomicU64,
     /// Flows (forward entries) alive at the end of the last complete pass.
     pub flows: AtomicU64,
+    /// Of those, flows left to the kernel's NAT (`FLAG_KERNEL_NAT`: translated by netfilter rules before
+    /// the programs took over).
+    pub kernel_flows: AtomicU64,
+    /// Complete passes so far.
+    pub passes: AtomicU64,
     /// Flows removed by the sweep for being past their lifetime.
     pub expired: AtomicU64,
     /// Whether a pass has completed (until then the counts mean nothing).
@@ -185,8 +195,9 @@ pub struct Sweeper {
     timeouts: Timeouts,
     capacity: u64,
     stats: Arc<FlowTableStats>,
-    /// Flows alive so far in this pass of `CONNTRACK`.
+    /// Flows alive so far in this pass of `CONNTRACK`, and of those the kernel's NAT's.
     flows: u64,
+    kernel_flows: u64,
     warned: bool,
 }
 
@@ -194,7 +205,7 @@ impl Sweeper {
     pub fn open(pin_dir: &Path, timeouts: Timeouts, stats: Arc<FlowTableStats>) -> anyhow::Result<Self> {
         let (conntrack, capacity) = Walk::open(pin_dir, maps::CONNTRACK)?;
         let (snat, _) = Walk::open(pin_dir, maps::SNAT)?;
-        Ok(Self { conntrack, snat, timeouts, capacity, stats, flows: 0, warned: false })
+        Ok(Self { conntrack, snat, timeouts, capacity, stats, flows: 0, kernel_flows: 0, warned: false })
     }
 
     /// Looks at up to `limit` entries of each map. Returns whether a pass of `CONNTRACK` completed.
@@ -206,7 +217,7 @@ impl Sweeper {
     pub fn step(&mut self, limit: usize) -> anyhow::Result<bool> {
         let now = now_secs();
         let (t, stats) = (self.timeouts, self.stats.clone());
-        let mut flows = 0;
+        let (mut flows, mut kernel_flows) = (0, 0);
         let pass = self.conntrack.step(limit, |map, k, value| {
             if k.dir == DIR_FORWARD {
                 let ended = expired(&t, k.proto, value, now);
@@ -214,6 +225,7 @@ impl Sweeper {
                     stats.expired.fetch_add(1, Ordering::Relaxed);
                 } else {
                     flows += 1;
+                    kernel_flows += u64::from(value.flags & FLAG_KERNEL_NAT != 0);
                 }
                 return ended;
             }
@@ -222,6 +234,7 @@ impl Sweeper {
             !map.get(&fkey, 0).is_ok_and(|fwd| peer_key(&fkey, &fwd) == *k && !expired(&t, k.proto, &fwd, now))
         })?;
         self.flows += flows;
+        self.kernel_flows += kernel_flows;
         let snat_pass = self.snat.step(limit, |map, k, value| {
             if k.dir == DIR_SNAT_IN {
                 return snat_expired(&t, k.proto, value, now);
@@ -241,15 +254,16 @@ impl Sweeper {
             self.stats.snat_entries.store(kept, Ordering::Relaxed);
         }
         let Some(entries) = pass else { return Ok(false) };
-        let flows = std::mem::take(&mut self.flows);
-        self.finish_pass(entries, flows);
+        let (flows, kernel_flows) = (std::mem::take(&mut self.flows), std::mem::take(&mut self.kernel_flows));
+        self.finish_pass(Pass { entries, flows, kernel_flows });
         Ok(true)
     }
 
-    fn finish_pass(&mut self, entries: u64, flows: u64) {
-        let pass = Pass { entries, flows };
+    fn finish_pass(&mut self, pass: Pass) {
         self.stats.entries.store(pass.entries, Ordering::Relaxed);
         self.stats.flows.store(pass.flows, Ordering::Relaxed);
+        self.stats.kernel_flows.store(pass.kernel_flows, Ordering::Relaxed);
+        self.stats.passes.fetch_add(1, Ordering::Relaxed);
         self.stats.measured.store(true, Ordering::Relaxed);
         #[expect(clippy::cast_precision_loss, reason = "a share, not a count")]
         let share = pass.entries as f64 / self.capacity.max(1) as f64;
@@ -278,6 +292,7 @@ impl Sweeper {
                         self.conntrack.restart();
                         self.snat.restart();
                         self.flows = 0;
+                        self.kernel_flows = 0;
                     }
                     std::thread::sleep(TICK);
                 }

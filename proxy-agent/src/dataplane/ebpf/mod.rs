@@ -4,6 +4,8 @@ mod attach;
 mod drops;
 pub mod flow_table;
 mod frontend_addrs;
+pub mod handover;
+pub mod interfaces;
 mod maglev;
 mod maps;
 pub mod pins;
@@ -37,6 +39,13 @@ pub struct EbpfDataplane {
     upgrading: bool,
     /// What `CONFIG` holds.
     config: proxy_common::config::Config,
+    /// Netfilter rules served Services when this agent started: they keep the flows they translated, and
+    /// go once the first table is in (`handover`).
+    take_over: Option<handover::TakeOver>,
+    /// Flows the kernel's NAT translated may be alive, and `handover::keep_conntrack` keeps conntrack on for
+    /// them: released once a sweep pass after this pass count finds none.
+    kernel_nat: Option<u64>,
+    flow_stats: std::sync::Arc<FlowTableStats>,
 }
 
 /// Node-wide settings of the data path.
@@ -148,6 +157,7 @@ impl EbpfDataplane {
         roles: InterfaceRoles,
         settings: &NodeSettings,
         flow_stats: std::sync::Arc<FlowTableStats>,
+        take_over: Option<handover::TakeOver>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
         let (mut ebpf, created) = load_with_versioned_pins(pin_dir, &flow_table_sizes(settings.max_flows))?;
@@ -168,10 +178,16 @@ impl EbpfDataplane {
         if upgrading {
             config.flags |= proxy_common::config::FLAG_MIGRATING;
         }
+        if take_over.is_some() {
+            config.flags |= proxy_common::config::FLAG_HANDOVER;
+            tracing::info!(
+                "netfilter rules serve Services here: taking over without touching the flows they translated"
+            );
+        }
         write_config(&mut ebpf, &config)?;
         let writer =
             writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?.with_maglev(settings.maglev);
-        flow_table::Sweeper::open(pin_dir, settings.timeouts, flow_stats)?.spawn();
+        flow_table::Sweeper::open(pin_dir, settings.timeouts, flow_stats.clone())?.spawn();
         let addr_map = ebpf
             .take_map(proxy_common::maps::FRONTEND_ADDRS)
             .context("map FRONTEND_ADDRS missing from the eBPF object")?;
@@ -187,6 +203,9 @@ impl EbpfDataplane {
             socket_cgroup: settings.socket_cgroup.clone(),
             upgrading,
             config,
+            kernel_nat: (take_over.is_some() || handover::conntrack_kept()).then_some(0),
+            take_over,
+            flow_stats,
         };
         if !upgrading {
             dataplane.attach_sockets()?;
@@ -247,6 +266,46 @@ impl EbpfDataplane {
         write_config(&mut self.ebpf, &self.config)?;
         pins::drop_previous(&self.pin_dir)?;
         tracing::info!(flow_entries = carried, "upgrade complete: this build's programs and maps serve now");
+        Ok(())
+    }
+
+    /// Once a complete sweep pass finds no flow left to the kernel's NAT, conntrack need not be kept on.
+    fn release_conntrack_when_unused(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(after) = self.kernel_nat else { return };
+        if self.take_over.is_some()
+            || self.flow_stats.passes.load(Relaxed) <= after
+            || self.flow_stats.kernel_flows.load(Relaxed) > 0
+        {
+            return;
+        }
+        match handover::release_conntrack() {
+            Ok(()) => {
+                tracing::info!("no flow the netfilter rules translated is left: conntrack is no longer kept on");
+                self.kernel_nat = None;
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "removing the table that keeps conntrack on"),
+        }
+    }
+
+    /// After the first complete table: the flows the netfilter rules translated are left to them, new
+    /// flows become the programs', and the rules go (see `handover`).
+    fn finish_take_over(&mut self) -> anyhow::Result<()> {
+        if self.upgrading {
+            return Ok(());
+        }
+        let Some(take_over) = &self.take_over else { return Ok(()) };
+        let pin = pins::path(&self.pin_dir, proxy_common::maps::CONNTRACK);
+        let data = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        let mut conntrack = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+        let (ebpf, config) = (&mut self.ebpf, &mut self.config);
+        take_over.finish(&mut conntrack, || {
+            config.flags &= !proxy_common::config::FLAG_HANDOVER;
+            write_config(ebpf, config)
+        })?;
+        self.take_over = None;
+        // Only a pass that starts after the flows were recorded can count them.
+        self.kernel_nat = Some(self.flow_stats.passes.load(std::sync::atomic::Ordering::Relaxed) + 1);
         Ok(())
     }
 }
@@ -333,6 +392,7 @@ impl Dataplane for EbpfDataplane {
         self.frontend_addrs.sync_all(table)?;
         self.sync_service_cidrs(table)?;
         self.finish_upgrade()?;
+        self.finish_take_over()?;
         Ok(stats)
     }
 
@@ -345,6 +405,7 @@ impl Dataplane for EbpfDataplane {
         self.frontend_addrs.sync_changed(table, changed)?;
         self.sync_service_cidrs(table)?;
         self.finish_upgrade()?;
+        self.finish_take_over()?;
         Ok(stats)
     }
 
@@ -354,6 +415,7 @@ impl Dataplane for EbpfDataplane {
         self.frontend_addrs.sync_all(table)?;
         self.sync_service_cidrs(table)?;
         self.finish_upgrade()?;
+        self.finish_take_over()?;
         Ok(stats)
     }
 
@@ -366,6 +428,7 @@ impl Dataplane for EbpfDataplane {
         if self.upgrading {
             return Ok(());
         }
+        self.release_conntrack_when_unused();
         let added = self.attachments.refresh(&mut self.ebpf, &self.roles)?;
         if !added.is_empty() {
             tracing::info!(

@@ -135,6 +135,12 @@ pub fn cleanup() -> anyhow::Result<usize> {
     Ok(removed)
 }
 
+/// Whether kube-proxy's iptables layout (ours or kube-proxy's own) is installed: `KUBE-SERVICES` in the
+/// nat table, which every Service's rules hang off.
+pub fn installed_here() -> bool {
+    Command::new("iptables").args(["-w", "-t", "nat", "-S", "KUBE-SERVICES"]).output().is_ok_and(|o| o.status.success())
+}
+
 impl IptablesDataplane {
     #[must_use]
     pub fn start(config: RuleConfig) -> Self {

@@ -1,0 +1,190 @@
+//! Replacing kube-proxy on a live node, and going back, under sustained traffic with held connections.
+//!
+//! Node 1 runs kube-proxy's iptables layout (the iptables mode writes exactly kube-proxy's chains), and
+//! its agent is replaced by one in eBPF mode; then the other way. New connections from a pod to a
+//! ClusterIP and from outside to a NodePort run back to back throughout, and connections opened before
+//! the switch are held across it: none may fail, and the held ones keep their backends.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    thread,
+    time::{Duration, Instant},
+};
+
+use proxy_common::conntrack::{CtKey, CtValue, DIR_FORWARD, FLAG_KERNEL_NAT};
+use proxy_lab::{
+    Lab, LabSpec,
+    cmd::run,
+    echo::{TcpSession, UdpSession},
+    lab::{node_ip, node_name},
+    manifests::{Endpoint, Port, Svc},
+    traffic::{Bounds, RequestLoops},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 32, 0, 120);
+const NODE_PORT: u16 = 30120;
+
+/// A lab whose agents run `mode`, serving one NodePort Service with a backend on each node.
+fn lab_in(mode: &str) -> Lab {
+    let spec = LabSpec { agent_args: vec!["--mode".into(), mode.into()], ..LabSpec::default() };
+    let mut lab = Lab::start(spec).expect("lab");
+    for (n, k) in [(1, 2), (2, 2)] {
+        let pod = lab.pod(n, k).clone();
+        lab.serve(&pod, &[8080], &[5353]).unwrap();
+    }
+    let mut svc = Svc::new(
+        "moved",
+        VIP,
+        vec![
+            Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 },
+            Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 },
+        ],
+    );
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![NODE_PORT, NODE_PORT + 1];
+    let endpoints =
+        vec![Endpoint::ready(lab.pod(1, 2).ip, node_name(1)), Endpoint::ready(lab.pod(2, 2).ip, node_name(2))];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&endpoints)).unwrap();
+    lab.start_agents().unwrap();
+    lab
+}
+
+/// Connections held across the switch: four from a pod to the ClusterIP, one from outside to node 1's
+/// NodePort, and (when `udp`) a UDP flow from the pod.
+struct Held {
+    tcp: Vec<TcpSession>,
+    udp: Option<UdpSession>,
+}
+
+impl Held {
+    fn open(lab: &Lab, udp: bool) -> Self {
+        let pod_ns = lab.pod(1, 1).ns.clone();
+        let mut tcp: Vec<TcpSession> =
+            (0..4).map(|_| TcpSession::open(&pod_ns, SocketAddrV4::new(VIP, 80), TIMEOUT).unwrap()).collect();
+        tcp.push(TcpSession::open(&lab.external_ns(), SocketAddrV4::new(node_ip(1), NODE_PORT), TIMEOUT).unwrap());
+        let udp = udp.then(|| UdpSession::open(&pod_ns, SocketAddrV4::new(VIP, 53), TIMEOUT).unwrap());
+        Self { tcp, udp }
+    }
+
+    /// Each held flow's backend now; panics naming the flow that failed.
+    fn backends(&self, when: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .tcp
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.ask().unwrap_or_else(|e| panic!("{when}: held connection {i} failed: {e:#}")).backend)
+            .collect();
+        if let Some(udp) = &self.udp {
+            out.push(udp.ask().unwrap_or_else(|e| panic!("{when}: the held UDP flow failed: {e:#}")).backend);
+        }
+        out
+    }
+}
+
+/// New connections from a pod to the ClusterIP and from outside to node 1's NodePort, back to back
+/// (bounded: 60 s and 30000 requests per client).
+fn load(lab: &Lab) -> RequestLoops {
+    let clients = [
+        (lab.pod(1, 1).ns.clone(), SocketAddrV4::new(VIP, 80)),
+        (lab.external_ns(), SocketAddrV4::new(node_ip(1), NODE_PORT)),
+    ];
+    let bounds = Bounds { at_most: Duration::from_secs(60), requests: 30_000, pause: Duration::ZERO, timeout: TIMEOUT };
+    RequestLoops::start(&clients, bounds).unwrap()
+}
+
+/// The kernel conntrack entries of node 1 whose original destination is `dst` and whose replies come
+/// from elsewhere (netfilter DNATed them): `conntrack -L` lines.
+fn kernel_dnat_entries(lab: &Lab, dst: Ipv4Addr) -> Vec<String> {
+    let out = run("ip", &["netns", "exec", &lab.node_ns(1), "conntrack", "-L", "-d", &dst.to_string()]).unwrap();
+    out.lines()
+        .filter(|l| {
+            let srcs: Vec<&str> = l.split_whitespace().filter(|w| w.starts_with("src=")).collect();
+            // The reply tuple's source is a backend, not the address the client asked for.
+            srcs.len() == 2 && srcs[1] != format!("src={dst}")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+fn kube_chains(lab: &Lab) -> Vec<String> {
+    let out = run("ip", &["netns", "exec", &lab.node_ns(1), "iptables-save"]).unwrap();
+    out.lines().filter(|l| l.starts_with(":KUBE-")).map(str::to_owned).collect()
+}
+
+/// Node 1's eBPF flow entries: (left to the kernel's NAT, translated by the programs), forward entries.
+fn ebpf_flows(lab: &Lab) -> (usize, usize) {
+    let map = lab.pinned_map(1, proxy_common::maps::CONNTRACK).unwrap();
+    let map: aya::maps::HashMap<_, CtKey, CtValue> = aya::maps::HashMap::try_from(map).unwrap();
+    let forward: Vec<CtValue> =
+        map.iter().filter_map(Result::ok).filter(|(k, _)| k.dir == DIR_FORWARD).map(|(_, v)| v).collect();
+    let kernel = forward.iter().filter(|v| v.flags & FLAG_KERNEL_NAT != 0).count();
+    (kernel, forward.len() - kernel)
+}
+
+#[test]
+fn the_ebpf_agent_takes_over_from_kube_proxys_iptables_rules_without_a_failed_request() {
+    let mut lab = lab_in("iptables");
+    let held = Held::open(&lab, true);
+    let first = held.backends("before");
+    // The situation: netfilter translated the held flows, and kube-proxy's chains are in place.
+    let dnat = kernel_dnat_entries(&lab, VIP);
+    assert!(dnat.len() >= 5, "the held pod flows are DNATed by netfilter: {dnat:#?}");
+    assert!(kube_chains(&lab).iter().any(|c| c.starts_with(":KUBE-SERVICES")), "kube-proxy's chains are in place");
+
+    let traffic = load(&lab);
+    thread::sleep(Duration::from_millis(700));
+    let before = traffic.answered();
+    lab.restart_agent_with(1, &["--mode", "ebpf"]).unwrap();
+    let log = lab.agent(1).log();
+    assert!(log.contains("took over from the netfilter rules"), "{log}");
+    thread::sleep(Duration::from_millis(1000));
+    assert_eq!(held.backends("after the switch"), first, "held flows keep their backends");
+    let (ok, failed) = traffic.finish();
+    eprintln!("{ok} requests answered, {failed} failed, {} after the switch began", ok - before);
+    assert_eq!(failed, 0, "no request may fail while the eBPF agent takes over:\n{}", lab.agent(1).log());
+    assert!(ok > before, "traffic flowed after the switch");
+
+    // kube-proxy's chains are gone; the held flows are the kernel's NAT's, new ones the programs'.
+    assert_eq!(kube_chains(&lab), Vec::<String>::new(), "the KUBE- chains are removed");
+    let (kernel, translated) = ebpf_flows(&lab);
+    assert!(kernel >= 5, "the held flows are left to the kernel's NAT ({kernel} entries)");
+    assert!(translated > 0, "new flows are translated by the programs");
+    assert_eq!(held.backends("after the chains went"), first, "held flows outlive the rules that made them");
+    lab.assert_no_leaks();
+}
+
+#[test]
+fn an_iptables_agent_drains_the_ebpf_dataplane_without_a_failed_request() {
+    let mut lab = lab_in("ebpf");
+    let held = Held::open(&lab, false);
+    let first = held.backends("before");
+    let (_, translated) = ebpf_flows(&lab);
+    assert!(translated >= 5, "the held flows are the programs' ({translated} entries)");
+
+    let traffic = load(&lab);
+    thread::sleep(Duration::from_millis(700));
+    let before = traffic.answered();
+    lab.restart_agent_with(1, &["--mode", "iptables", "--drain-timeout", "60s"]).unwrap();
+    lab.agent(1).wait_for_log("draining the eBPF dataplane", 0, Duration::from_secs(10)).unwrap();
+    thread::sleep(Duration::from_millis(1000));
+    // The held flows keep the programs' translation, so the drain is still on; new flows are netfilter's.
+    assert_eq!(held.backends("while draining"), first, "held flows keep their backends");
+    assert!(lab.pin_dir(1).exists(), "the programs stay while flows they translated are alive");
+    let dnat = kernel_dnat_entries(&lab, VIP);
+    assert!(!dnat.is_empty(), "new pod connections are DNATed by netfilter now");
+    assert!(kube_chains(&lab).iter().any(|c| c.starts_with(":KUBE-SERVICES")), "kube-proxy's chains are in place");
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lab.pin_dir(1).exists() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!lab.pin_dir(1).exists(), "once its flows ended the eBPF dataplane is removed:\n{}", lab.agent(1).log());
+    thread::sleep(Duration::from_millis(700));
+    let (ok, failed) = traffic.finish();
+    eprintln!("{ok} requests answered, {failed} failed, {} after the switch began", ok - before);
+    assert_eq!(failed, 0, "no request may fail while the eBPF dataplane drains:\n{}", lab.agent(1).log());
+    assert!(ok > before, "traffic flowed after the switch");
+    lab.assert_no_leaks();
+}
