@@ -31,6 +31,7 @@ pub mod maps {
     pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
     pub const FRONTEND_ADDRS: &str = "FRONTEND_ADDRS";
     pub const MAGLEV: &str = "MAGLEV";
+    pub const EGRESS_SNAT: &str = "EGRESS_SNAT";
     /// During an upgrade, the previous agent's maps, which the new programs read on a miss (not pinned).
     pub const PREV_CONNTRACK: &str = "PREV_CONNTRACK";
     pub const PREV_SNAT: &str = "PREV_SNAT";
@@ -38,7 +39,7 @@ pub mod maps {
     /// Every map, with the version of its layout (key, value, type, flags), which its pin name carries
     /// (`NAME_vN`). A build that changes a map's layout bumps its version: the upgraded agent then builds the
     /// new map beside the pinned one, fills it, swaps its programs in, and only then lets the old one go.
-    pub const LAYOUTS: [(&str, u32); 16] = [
+    pub const LAYOUTS: [(&str, u32); 17] = [
         (SERVICES, 1),
         (BACKENDS, 1),
         (CONNTRACK, 1),
@@ -46,7 +47,7 @@ pub mod maps {
         (SNAT, 1),
         (AFFINITY, 1),
         (SOURCE_RANGES, 1),
-        (CONFIG, 2),
+        (CONFIG, 3),
         (SOCK_REVNAT, 1),
         (STATS, 1),
         (IDS, 1),
@@ -55,6 +56,7 @@ pub mod maps {
         (SOCK_FLOWS, 1),
         (FRONTEND_ADDRS, 1),
         (MAGLEV, 1),
+        (EGRESS_SNAT, 1),
     ];
 
     /// Maps that hold the service table: written by the agent from the cluster's state. An upgrade copies
@@ -213,6 +215,8 @@ pub mod capacity {
     pub const SOCK_FLOWS: u32 = 1 << 16;
     /// Addresses that ClusterIPs, external IPs and load-balancer IPs live on (allocated on write).
     pub const FRONTEND_ADDRS: u32 = 1 << 18;
+    /// Interfaces with a SNAT address of their own (`EGRESS_SNAT`).
+    pub const EGRESS_SNAT: u32 = 256;
     /// Maglev table entries, all tables together (allocated on write): 256 tables of 16381, or fewer larger.
     pub const MAGLEV: u32 = 1 << 22;
     /// Entries of an LRU map that must hold `per_flow` × `flows` entries on a node with `cpus` possible
@@ -278,7 +282,15 @@ pub mod config {
         /// dropped, as kube-proxy's nftables mode drops it, so it never leaves by the default route. Unused
         /// entries have mask zero and match nothing (see [`Config::in_service_cidr`]).
         pub service_cidrs: [Ipv4Net; MAX_SERVICE_CIDRS],
+        /// The node's other SNAT addresses (network byte order; zero: unused): those of interfaces that
+        /// masquerade with their own address (`EGRESS_SNAT`), as netfilter's MASQUERADE takes the address of
+        /// the interface a packet leaves by: a pod bridge's, an overlay device's.
+        pub snat_addrs: [u32; MAX_SNAT_ADDRS],
     }
+
+    /// How many SNAT addresses besides `snat_addr` the data path knows (a bridge, an overlay, a second
+    /// uplink); an interface beyond them masquerades with `snat_addr`.
+    pub const MAX_SNAT_ADDRS: usize = 4;
 
     /// How many service CIDRs the data path checks: kube-proxy's clusters have one per family, a few
     /// while a range is being migrated (`ServiceCIDR` objects).
@@ -301,6 +313,26 @@ pub mod config {
             while i < MAX_SERVICE_CIDRS {
                 let net = self.service_cidrs[i];
                 if net.mask != 0 && addr & net.mask == net.addr {
+                    return true;
+                }
+                i += 1;
+            }
+            false
+        }
+
+        /// Whether `addr` (network byte order) is one of the node's SNAT addresses.
+        #[inline]
+        #[must_use]
+        pub fn is_snat_addr(&self, addr: u32) -> bool {
+            if addr == 0 {
+                return false;
+            }
+            if addr == self.snat_addr {
+                return true;
+            }
+            let mut i = 0;
+            while i < MAX_SNAT_ADDRS {
+                if self.snat_addrs[i] == addr {
                     return true;
                 }
                 i += 1;
@@ -873,7 +905,7 @@ mod layout_tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
         assert_eq!(prefix_len(24), 56);
-        assert_eq!(size_of::<Config>(), 96);
+        assert_eq!(size_of::<Config>(), 112);
         assert_eq!(offset_of!(Config, timeouts), 32);
         assert_eq!(offset_of!(Config, service_cidrs), 64);
         assert_eq!(size_of::<super::config::Ipv4Net>(), 8);

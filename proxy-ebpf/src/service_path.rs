@@ -330,9 +330,10 @@ fn egress_with(ctx: &TcContext, host: bool) -> Result<i32> {
         return Ok(PASS);
     }
     if skb::mark(ctx) & mark::SNAT != 0 {
-        let port = snat::port_for(&flow, &cfg, tcp_flags)?;
+        // The address of the interface the packet leaves by, as netfilter's MASQUERADE takes it.
+        let (addr, port) = snat::port_for(&flow, snat::addr_for(skb::ifindex(ctx), &cfg), &cfg, tcp_flags)?;
         frag::remember(&flow);
-        nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
+        nat::rewrite(ctx, &mut flow, Side::Source, addr, port)?;
         return Ok(PASS);
     }
     if host && let Some(verdict) = unserved(ctx, &flow, &cfg, Back::In)? {

@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::map,
-    maps::{Array, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
 };
 use proxy_common::{
     capacity,
@@ -40,6 +40,18 @@ fn entry(key: &CtKey, cfg: &Config) -> Option<*mut SnatValue> {
 #[inline(always)]
 fn mirror(key: &CtKey, value: &SnatValue, cfg: &Config) {
     crate::upgrade::mirror(&PREV_SNAT, key, value, cfg);
+}
+
+/// The address an interface's SNATed flows leave with, by ifindex, where it is not `snat_addr`: its own, or
+/// its bridge's (written by the agent as it attaches).
+#[map(name = "EGRESS_SNAT")]
+static EGRESS_SNAT: HashMap<u32, u32> = HashMap::pinned(capacity::EGRESS_SNAT, 0);
+
+/// The address a flow SNATed on its way out of interface `ifindex` leaves with (zero: none).
+#[inline(always)]
+pub fn addr_for(ifindex: u32, cfg: &Config) -> u32 {
+    // SAFETY: the value is copied out at once.
+    unsafe { EGRESS_SNAT.get(&ifindex).copied() }.unwrap_or(cfg.snat_addr)
 }
 
 #[map(name = "CONFIG")]
@@ -96,12 +108,12 @@ fn reusable(held: &SnatValue, proto_number: u8, (now, now_ms): (u32, u32)) -> bo
     idle >= if proto_number == proto::TCP { TCP_IDLE_SECS } else { UDP_IDLE_SECS }
 }
 
-/// The `DIR_SNAT_IN` key of replies from `flow`'s backend to the node's `port`.
+/// The `DIR_SNAT_IN` key of replies from `flow`'s backend to the node's `addr` and `port`.
 #[inline(always)]
-fn in_key(flow: &Flow, cfg: &Config, port: u16) -> CtKey {
+fn in_key(flow: &Flow, addr: u32, port: u16) -> CtKey {
     CtKey {
         src_addr: flow.dst_addr,
-        dst_addr: cfg.snat_addr,
+        dst_addr: addr,
         src_port: flow.dst_port,
         dst_port: port,
         proto: flow.proto,
@@ -136,34 +148,35 @@ pub fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or_default()
 }
 
-/// The node port a flow (client → backend, after DNAT) leaves with: the one it has, or a new one.
-/// `tcp_flags` is the packet's (0 for other protocols); a FIN or RST marks the flow as ending.
+/// The node address and port a flow (client → backend, after DNAT) leaves with: those it has, or `addr`
+/// (see [`addr_for`]) and a new port. `tcp_flags` is the packet's (0 for other protocols); a FIN or RST
+/// marks the flow as ending.
 #[inline(always)]
-pub fn port_for(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Result<u16> {
-    if cfg.snat_addr == 0 {
-        return Err(SNAT_NO_ADDRESS);
-    }
+pub fn port_for(flow: &Flow, addr: u32, cfg: &Config, tcp_flags: u8) -> Result<(u32, u16)> {
     let out_key = conntrack::key(flow, DIR_SNAT_OUT);
     // SAFETY: the value is copied out at once.
     if let Some(known) = entry(&out_key, cfg).map(|e| unsafe { *e }) {
         if tcp_flags & (TCP_FIN | TCP_RST) != 0
-            && let Some(entry) = SNAT.get_ptr_mut(&in_key(flow, cfg, known.port))
+            && let Some(entry) = SNAT.get_ptr_mut(&in_key(flow, known.addr, known.port))
         {
             touch(entry, tcp_flags, SNAT_FIN_OUT);
         }
-        return Ok(known.port);
+        return Ok((known.addr, known.port));
     }
-    let port = allocate_port(flow, cfg)?;
-    let out = SnatValue { addr: cfg.snat_addr, port, flags: 0, last_seen: 0, last_seen_ms: 0 };
+    if addr == 0 {
+        return Err(SNAT_NO_ADDRESS);
+    }
+    let port = allocate_port(flow, addr, cfg)?;
+    let out = SnatValue { addr, port, flags: 0, last_seen: 0, last_seen_ms: 0 };
     SNAT.insert(&out_key, &out, u64::from(BPF_ANY)).map_err(|_| SNAT_FULL)?;
     mirror(&out_key, &out, cfg);
-    Ok(port)
+    Ok((addr, port))
 }
 
 /// Finds a free node port for a flow to `flow.dst` and records the way back to the client. A port held by
 /// a live flow to the same backend is never taken over; one whose flow ended or went quiet is.
 #[inline(always)]
-fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16> {
+fn allocate_port(flow: &Flow, addr: u32, cfg: &Config) -> Result<u16> {
     let span = u32::from(cfg.snat_port_max.saturating_sub(cfg.snat_port_min)) + 1;
     let now = now();
     let back = SnatValue { addr: flow.src_addr, port: flow.src_port, flags: 0, last_seen: now.0, last_seen_ms: now.1 };
@@ -172,7 +185,7 @@ fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16> {
         let offset = unsafe { bpf_get_prandom_u32() } % span;
         // min + offset <= max, so this always fits.
         let port = u16::try_from(u32::from(cfg.snat_port_min) + offset).unwrap_or(cfg.snat_port_min).to_be();
-        let key = in_key(flow, cfg, port);
+        let key = in_key(flow, addr, port);
         // During an upgrade a port may be held by a flow only the previous table knows yet.
         // SAFETY: the value is copied out at once.
         let held = entry(&key, cfg).map(|e| unsafe { *e });
@@ -209,7 +222,7 @@ fn allocate_port(flow: &Flow, cfg: &Config) -> Result<u16> {
 /// the packet on the entry (`tcp_flags` as in [`port_for`]).
 #[inline(always)]
 pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Option<SnatValue> {
-    if cfg.snat_addr == 0 || flow.dst_addr != cfg.snat_addr {
+    if !cfg.is_snat_addr(flow.dst_addr) {
         return None;
     }
     let key = conntrack::key(flow, DIR_SNAT_IN);
@@ -233,7 +246,7 @@ pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Option<SnatValue> 
 /// for an ICMP error, which says nothing about how far the flow has closed.
 #[inline(always)]
 pub fn lookup_in(flow: &Flow, cfg: &Config) -> Option<SnatValue> {
-    if cfg.snat_addr == 0 || flow.dst_addr != cfg.snat_addr {
+    if !cfg.is_snat_addr(flow.dst_addr) {
         return None;
     }
     // SAFETY: the value is copied out at once.

@@ -161,14 +161,18 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32> {
         count(stats::XDP_FALLBACK);
         return Ok(xdp_action::XDP_PASS);
     }
-    let Some(macs) = same_interface_next_hop(ctx, &flow, cfg.snat_addr, backend.addr) else {
+    // Sent back out of the interface it came in by: that interface's SNAT address.
+    // SAFETY: the context points at the kernel's xdp_md for the whole run.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let addr = snat::addr_for(ifindex, &cfg);
+    let Some(macs) = same_interface_next_hop(ctx, &flow, addr, backend.addr) else {
         count(stats::XDP_FALLBACK);
         return Ok(xdp_action::XDP_PASS);
     };
     let after_dnat = Flow { dst_addr: backend.addr, dst_port: backend.port, src_port: client_port, ..flow };
-    let port = snat::port_for(&after_dnat, &cfg, tcp_flags)?;
+    let (addr, port) = snat::port_for(&after_dnat, addr, &cfg, tcp_flags)?;
     nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
-    nat::rewrite(ctx, &mut flow, Side::Source, cfg.snat_addr, port)?;
+    nat::rewrite(ctx, &mut flow, Side::Source, addr, port)?;
     forward_hop(ctx, &flow)?;
     set_macs(ctx, macs)?;
     count(stats::XDP_TX_FORWARD);

@@ -363,6 +363,26 @@ impl Lab {
         Ok(())
     }
 
+    /// The source address a packet from node `node` has when it reaches a pod of node `pod_node` after
+    /// masquerade (or when the node itself connects): the address of the interface it leaves by, which
+    /// netfilter's MASQUERADE and the kernel's source selection both take. That is the pod bridge's for a
+    /// pod of the node's own bridge, and the node's address otherwise.
+    #[must_use]
+    pub fn source_from_node(&self, node: usize, pod_node: usize) -> Ipv4Addr {
+        if self.spec.pod_network == PodNetwork::Bridge && node == pod_node {
+            Ipv4Addr::new(10, 200, u8::try_from(node).expect("small node number"), 1)
+        } else {
+            node_ip(node)
+        }
+    }
+
+    /// [`Lab::source_from_node`] towards the pod named `backend` (`pod-N-K`).
+    #[must_use]
+    pub fn source_from_node_to(&self, node: usize, backend: &str) -> Ipv4Addr {
+        let pod_node = self.pods.iter().find(|p| p.name == backend).map_or(0, |p| p.node);
+        self.source_from_node(node, pod_node)
+    }
+
     /// Pod `k` (1-based) of node `node` (1-based).
     #[must_use]
     pub fn pod(&self, node: usize, k: usize) -> &PodRef {

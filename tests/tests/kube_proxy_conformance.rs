@@ -179,7 +179,7 @@ fn check(lab: &Lab, case: &Case) -> Result<(), String> {
                     Outcome::Answered(r) => {
                         let source = *r.seen_source.ip();
                         let expected = match (masq, case.from) {
-                            (Yes, _) | (_, Node) => node_ip(1),
+                            (Yes, _) | (_, Node) => lab.source_from_node_to(1, &r.backend),
                             (No, from) => client_addr(lab, from),
                         };
                         if source != expected {
@@ -294,7 +294,8 @@ fn cluster_ip_hairpin() {
     lab.write_manifest("svc1.yaml", &svc1.with_endpoints(&ready(&lab, &[(1, 2)]))).unwrap();
     lab.start_agents().unwrap();
     let r = proxy_lab::echo::request(&lab.pod(1, 2).ns, Proto::Tcp, at(cip(41), 80), TIMEOUT).unwrap();
-    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-1-2", node_ip(1)), "TestClusterIPGeneral / hairpin");
+    let masqueraded = lab.source_from_node(1, 1);
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-1-2", masqueraded), "TestClusterIPGeneral / hairpin");
 }
 
 /// `TestLoadBalancer`: source ranges hold at the load-balancer IPs (for pods too), not at the NodePort; a
@@ -342,7 +343,7 @@ fn load_balancer_source_ranges() {
 }
 
 /// Sends one TCP SYN from `source` (an address the sender does not hold) to `target` from the external
-/// client, and says whether pod `backend` received it on port 80 from node1's address (masqueraded).
+/// client, and says whether pod `backend` received it on port 80 masqueraded by node1.
 fn spoofed_syn_reaches(lab: &Lab, source: Ipv4Addr, target: SocketAddrV4, backend: &str) -> bool {
     use proxy_lab::{
         fuzz::wire::{Datagram, L4},
@@ -351,6 +352,7 @@ fn spoofed_syn_reaches(lab: &Lab, source: Ipv4Addr, target: SocketAddrV4, backen
     const SYN: u8 = 0x02;
     let (n, k) = parse_pod(backend);
     let pod = lab.pod(n, k).clone();
+    let masqueraded = lab.source_from_node(1, n);
     let capture = Capture::start(&pod.ns).unwrap();
     let syn = Datagram {
         src: source,
@@ -366,7 +368,7 @@ fn spoofed_syn_reaches(lab: &Lab, source: Ipv4Addr, target: SocketAddrV4, backen
     capture
         .packets(Duration::from_millis(500))
         .iter()
-        .any(|p| p.len() >= 40 && p[9] == 6 && p[12..16] == node_ip(1).octets() && p[16..20] == pod.ip.octets())
+        .any(|p| p.len() >= 40 && p[9] == 6 && p[12..16] == masqueraded.octets() && p[16..20] == pod.ip.octets())
 }
 
 fn parse_pod(name: &str) -> (usize, usize) {

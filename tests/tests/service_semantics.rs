@@ -83,7 +83,11 @@ fn nodeport_cluster_policy_reaches_local_and_remote_backends_and_masquerades_ext
         let r = request(&ext(&lab), Proto::Tcp, at(node_ip(node), port), TIMEOUT)
             .unwrap_or_else(|e| panic!("node{node}:{port}: {e:#}"));
         assert_eq!(r.backend, backend, "node{node}:{port}");
-        assert_eq!(*r.seen_source.ip(), node_ip(node), "node{node}:{port}: external traffic must be masqueraded");
+        assert_eq!(
+            *r.seen_source.ip(),
+            lab.source_from_node_to(node, backend),
+            "node{node}:{port}: external traffic must be masqueraded"
+        );
     }
     let client = lab.pod(1, 1).clone();
     let r = request(&client.ns, Proto::Tcp, at(node_ip(1), 30081), TIMEOUT).unwrap();
@@ -245,7 +249,7 @@ fn hairpin_a_pod_reaches_itself_through_its_service() {
     lab.start_agents().unwrap();
     let pod = lab.pod(1, 1).clone();
     let r = request(&pod.ns, Proto::Tcp, at(vip(80), 80), TIMEOUT).unwrap();
-    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-1-1", node_ip(1)));
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-1-1", lab.source_from_node(1, 1)));
 }
 
 /// sessionAffinity ClientIP: a client keeps its backend; after timeoutSeconds of inactivity it may move.
@@ -387,7 +391,7 @@ fn the_node_itself_reaches_cluster_ips_and_node_ports() {
         let outcome = lab.request_from_node(node, client, proto, target).unwrap();
         let r = answered(outcome);
         assert_eq!(r.backend, "pod-2-2", "node{node} → {target}");
-        assert_eq!(*r.seen_source.ip(), node_ip(node), "node{node} → {target}");
+        assert_eq!(*r.seen_source.ip(), lab.source_from_node(node, 2), "node{node} → {target}");
     }
 }
 

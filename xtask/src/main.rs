@@ -177,12 +177,19 @@ fn test(root: &Path) -> anyhow::Result<()> {
     let object = build_ebpf(root)?;
     // Built once here, so the lab's test binaries do not each run cargo again.
     run(Command::new("cargo").args(["build", "--package", "proxy-agent"]).current_dir(root))?;
-    let mut totals = cargo_test(root, &object, &["--workspace", "--exclude", "proxy-ebpf"], None)?;
-    // Parity: the lab's behaviour tests again, against each fallback dataplane.
-    for mode in ["iptables", "nftables"] {
-        let (passed, failed) = cargo_test(root, &object, &parity_args(), Some(mode))?;
+    let mut totals = cargo_test(root, &object, &["--workspace", "--exclude", "proxy-ebpf"], &[])?;
+    let mut add = |(passed, failed): (u64, u64)| {
         totals.0 += passed;
         totals.1 += failed;
+    };
+    // Parity: the lab's behaviour tests again, against each fallback dataplane.
+    for mode in ["iptables", "nftables"] {
+        add(cargo_test(root, &object, &parity_args(), &[("PROXY_LAB_MODE", mode)])?);
+    }
+    // The other pod topology: pods on a Linux bridge (flannel, the `bridge` plugin), in every mode.
+    for mode in ["ebpf", "iptables", "nftables"] {
+        let env = [("PROXY_LAB_MODE", mode), ("PROXY_LAB_POD_NETWORK", "bridge")];
+        add(cargo_test(root, &object, &BRIDGE_ARGS, &env)?);
     }
     println!("tests: {} passed, {} failed", totals.0, totals.1);
     if totals.1 > 0 {
@@ -205,6 +212,19 @@ const NOT_PER_MODE: [(&str, &str); 4] = [
     ("an_invalid_config_file_stops_start_up_naming_field_and_value", "it stops before a dataplane starts"),
 ];
 
+/// `cargo test` arguments for the bridge topology's run: the Service behaviour and kube-proxy's own
+/// scenarios (the others exercise the dataplane's handling of packets, which the topology does not change).
+const BRIDGE_ARGS: [&str; 8] = [
+    "--package",
+    "proxy-lab",
+    "--test",
+    "service_semantics",
+    "--test",
+    "kube_proxy_conformance",
+    "--test",
+    "clusterip",
+];
+
 /// `cargo test` arguments for a parity run: the behaviour test binaries, less [`NOT_PER_MODE`].
 fn parity_args() -> Vec<&'static str> {
     let mut args = vec!["--package", "proxy-lab"];
@@ -217,6 +237,7 @@ fn parity_args() -> Vec<&'static str> {
         "real_clients",
         "flow_lifetimes",
         "kube_proxy_conformance",
+        "pod_networks",
     ] {
         args.extend(["--test", test]);
     }
@@ -228,14 +249,12 @@ fn parity_args() -> Vec<&'static str> {
 }
 
 /// Runs the tests, passing their output through; returns the passed and failed counts of every test
-/// binary, which `test` totals on the suite's last line. `lab_mode` runs the lab against another dataplane.
-fn cargo_test(root: &Path, object: &Path, args: &[&str], lab_mode: Option<&str>) -> anyhow::Result<(u64, u64)> {
+/// binary, which `test` totals on the suite's last line. `env` sets the lab's dataplane and topology.
+fn cargo_test(root: &Path, object: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(u64, u64)> {
     use std::io::{BufRead as _, BufReader};
 
     let mut cmd = Command::new("cargo");
-    if let Some(mode) = lab_mode {
-        cmd.env("PROXY_LAB_MODE", mode);
-    }
+    cmd.envs(env.iter().copied());
     cmd.arg("test")
         .args(args)
         .current_dir(root)

@@ -234,8 +234,13 @@ impl Attachments {
     }
 
     /// Attaches to new matching interfaces and forgets those that are gone. Returns the names newly attached.
-    pub fn refresh(&mut self, ebpf: &mut aya::Ebpf, roles: &InterfaceRoles) -> anyhow::Result<Vec<String>> {
-        let present = roles.assign(&super::interfaces::list()?);
+    pub fn refresh(
+        &mut self,
+        ebpf: &mut aya::Ebpf,
+        roles: &InterfaceRoles,
+        interfaces: &[Interface],
+    ) -> anyhow::Result<Vec<String>> {
+        let present = roles.assign(interfaces);
         self.forget_stale_pins(&present);
 
         // A deleted interface took its TCX links with it; drop our handles. An index reused by a new
@@ -288,6 +293,11 @@ impl Attachments {
     #[must_use]
     pub fn len(&self) -> usize {
         self.by_index.len()
+    }
+
+    /// The indexes of the interfaces with programs.
+    pub fn indexes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_index.keys().copied()
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod attach;
 mod drops;
+mod egress_snat;
 pub mod flow_table;
 mod frontend_addrs;
 pub mod handover;
@@ -46,6 +47,8 @@ pub struct EbpfDataplane {
     /// them: released once a sweep pass after this pass count finds none.
     kernel_nat: Option<u64>,
     flow_stats: std::sync::Arc<FlowTableStats>,
+    /// What `EGRESS_SNAT` and `CONFIG.snat_addrs` hold.
+    egress_snat: egress_snat::EgressSnat,
 }
 
 /// Node-wide settings of the data path.
@@ -115,6 +118,8 @@ fn config_value(settings: &NodeSettings) -> anyhow::Result<proxy_common::config:
         timeouts: settings.timeouts,
         // Written with the first table (`EbpfDataplane::sync_service_cidrs`).
         service_cidrs: [proxy_common::config::Ipv4Net::default(); proxy_common::config::MAX_SERVICE_CIDRS],
+        // Written as the interfaces are attached (`EbpfDataplane::sync_egress_snat`).
+        snat_addrs: [0; proxy_common::config::MAX_SNAT_ADDRS],
     })
 }
 
@@ -206,6 +211,7 @@ impl EbpfDataplane {
             kernel_nat: (take_over.is_some() || handover::conntrack_kept()).then_some(0),
             take_over,
             flow_stats,
+            egress_snat: egress_snat::EgressSnat::default(),
         };
         if !upgrading {
             dataplane.attach_sockets()?;
@@ -266,6 +272,47 @@ impl EbpfDataplane {
         write_config(&mut self.ebpf, &self.config)?;
         pins::drop_previous(&self.pin_dir)?;
         tracing::info!(flow_entries = carried, "upgrade complete: this build's programs and maps serve now");
+        Ok(())
+    }
+
+    /// Writes each attached interface's SNAT address (`egress_snat`) where it changed: the addresses into
+    /// `CONFIG` first, so replies to a new one are known before a flow leaves with it.
+    fn sync_egress_snat(&mut self, interfaces: &[interfaces::Interface]) -> anyhow::Result<()> {
+        let snat_addr = (self.config.snat_addr != 0).then(|| std::net::Ipv4Addr::from(self.config.snat_addr.to_ne_bytes()));
+        let wanted =
+            egress_snat::plan(interfaces, self.attachments.indexes(), &egress_snat::addresses()?, snat_addr);
+        if wanted == self.egress_snat {
+            return Ok(());
+        }
+        let slots = |list: &mut dyn Iterator<Item = u32>| {
+            let mut out = [0u32; proxy_common::config::MAX_SNAT_ADDRS];
+            let mut n = 0;
+            for addr in list {
+                if n < out.len() && addr != 0 && !out[..n].contains(&addr) {
+                    out[n] = addr;
+                    n += 1;
+                }
+            }
+            out
+        };
+        let addrs = slots(&mut wanted.addresses.iter().map(|a| u32::from_ne_bytes(a.octets())));
+        // While an interface may still leave with an old address, replies to it stay known: the addresses
+        // are widened before the map changes and narrowed after.
+        self.config.snat_addrs = slots(&mut addrs.into_iter().chain(self.config.snat_addrs));
+        write_config(&mut self.ebpf, &self.config)?;
+        let map = self.ebpf.map_mut(proxy_common::maps::EGRESS_SNAT).context("map EGRESS_SNAT missing")?;
+        let mut map: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(map)?;
+        let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|k| !wanted.by_interface.contains_key(k)).collect();
+        for index in stale {
+            map.remove(&index)?;
+        }
+        for (index, addr) in &wanted.by_interface {
+            map.insert(index, &u32::from_ne_bytes(addr.octets()), 0)?;
+        }
+        self.config.snat_addrs = addrs;
+        write_config(&mut self.ebpf, &self.config)?;
+        tracing::info!(by_interface = ?wanted.by_interface, "SNAT leaves these interfaces with their own (or their bridge's) address");
+        self.egress_snat = wanted;
         Ok(())
     }
 
@@ -429,7 +476,9 @@ impl Dataplane for EbpfDataplane {
             return Ok(());
         }
         self.release_conntrack_when_unused();
-        let added = self.attachments.refresh(&mut self.ebpf, &self.roles)?;
+        let interfaces = interfaces::list()?;
+        let added = self.attachments.refresh(&mut self.ebpf, &self.roles, &interfaces)?;
+        self.sync_egress_snat(&interfaces)?;
         if !added.is_empty() {
             tracing::info!(
                 interfaces = ?added,
