@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod echo;
 pub mod flow_capacity;
 pub mod fuzz;
+pub mod image;
 pub mod lab;
 pub mod leaks;
 pub mod manifests;

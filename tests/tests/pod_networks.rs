@@ -21,8 +21,11 @@ const NAMES: [&str; 6] = ["cali", "lxc", "eni", "azv", "gke", "veth"];
 
 #[test]
 fn every_common_pod_interface_name_is_served_with_the_default_patterns() {
-    let spec =
-        LabSpec { pods_per_node: NAMES.len(), pod_network: PodNetwork::Routed { names: NAMES.to_vec() }, ..LabSpec::default() };
+    let spec = LabSpec {
+        pods_per_node: NAMES.len(),
+        pod_network: PodNetwork::Routed { names: NAMES.to_vec() },
+        ..LabSpec::default()
+    };
     let mut lab = Lab::start(spec).expect("lab");
     let pods: Vec<_> = lab.pods().to_vec();
     for pod in &pods {

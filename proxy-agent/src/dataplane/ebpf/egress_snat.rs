@@ -61,7 +61,12 @@ mod tests {
     use super::*;
 
     fn iface(index: u32, name: &str, bridge: Option<&str>) -> Interface {
-        Interface { index, name: name.into(), is_bridge: bridge.is_none() && name == "cni0", bridge: bridge.map(Into::into) }
+        Interface {
+            index,
+            name: name.into(),
+            is_bridge: bridge.is_none() && name == "cni0",
+            bridge: bridge.map(Into::into),
+        }
     }
 
     #[test]

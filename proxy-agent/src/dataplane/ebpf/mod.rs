@@ -278,9 +278,9 @@ impl EbpfDataplane {
     /// Writes each attached interface's SNAT address (`egress_snat`) where it changed: the addresses into
     /// `CONFIG` first, so replies to a new one are known before a flow leaves with it.
     fn sync_egress_snat(&mut self, interfaces: &[interfaces::Interface]) -> anyhow::Result<()> {
-        let snat_addr = (self.config.snat_addr != 0).then(|| std::net::Ipv4Addr::from(self.config.snat_addr.to_ne_bytes()));
-        let wanted =
-            egress_snat::plan(interfaces, self.attachments.indexes(), &egress_snat::addresses()?, snat_addr);
+        let snat_addr =
+            (self.config.snat_addr != 0).then(|| std::net::Ipv4Addr::from(self.config.snat_addr.to_ne_bytes()));
+        let wanted = egress_snat::plan(interfaces, self.attachments.indexes(), &egress_snat::addresses()?, snat_addr);
         if wanted == self.egress_snat {
             return Ok(());
         }
@@ -302,7 +302,8 @@ impl EbpfDataplane {
         write_config(&mut self.ebpf, &self.config)?;
         let map = self.ebpf.map_mut(proxy_common::maps::EGRESS_SNAT).context("map EGRESS_SNAT missing")?;
         let mut map: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(map)?;
-        let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|k| !wanted.by_interface.contains_key(k)).collect();
+        let stale: Vec<u32> =
+            map.keys().filter_map(Result::ok).filter(|k| !wanted.by_interface.contains_key(k)).collect();
         for index in stale {
             map.remove(&index)?;
         }
