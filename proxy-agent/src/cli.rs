@@ -9,10 +9,11 @@ use clap::Parser;
 /// (AWS VPC CNI), `azv*` (Azure CNI), `gke*` (GKE); and the pod bridges `cni*` (flannel, `bridge`) and
 /// `weave`, whose ports face pods (the bridges themselves are never attached: see `InterfaceRoles::assign`).
 /// Overlay devices (`flannel.1`, `vxlan.calico`, `tunl0`) are not pod interfaces: what crosses them was
-/// translated where it entered the node.
+/// translated where it entered the node (`flannel.*` is a host interface, see below).
 pub const DEFAULT_POD_INTERFACES: &str = "veth*,cali*,lxc*,eni*,azv*,gke*,cni*,weave";
-/// The node's uplinks as Linux names them (classic, predictable and bonded names).
-pub const DEFAULT_HOST_INTERFACES: &str = "eth*,ens*,enp*,eno*,bond*";
+/// The node's uplinks as Linux names them (classic, predictable and bonded names), and flannel's VXLAN device:
+/// a flow SNATed to a pod of another node leaves by it, with its address, as MASQUERADE sends it.
+pub const DEFAULT_HOST_INTERFACES: &str = "eth*,ens*,enp*,eno*,bond*,flannel.*";
 
 #[derive(Debug, Parser)]
 #[command(name = "proxy-agent", version, about = "A kube-proxy replacement whose service dataplane runs in eBPF")]

@@ -329,11 +329,15 @@ fn egress_with(ctx: &TcContext, host: bool) -> Result<i32> {
         }
         return Ok(PASS);
     }
-    if skb::mark(ctx) & mark::SNAT != 0 {
+    let marked = skb::mark(ctx);
+    if marked & mark::SNAT != 0 {
         // The address of the interface the packet leaves by, as netfilter's MASQUERADE takes it.
         let (addr, port) = snat::port_for(&flow, snat::addr_for(skb::ifindex(ctx), &cfg), &cfg, tcp_flags)?;
         frag::remember(&flow);
         nat::rewrite(ctx, &mut flow, Side::Source, addr, port)?;
+        // Consumed: an overlay device (VXLAN) keeps the mark on the packet it wraps this one in, which must
+        // leave the uplink untranslated.
+        ctx.set_mark(marked & !mark::SNAT);
         return Ok(PASS);
     }
     if host && let Some(verdict) = unserved(ctx, &flow, &cfg, Back::In)? {

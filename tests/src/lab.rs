@@ -66,6 +66,11 @@ pub enum PodNetwork {
     /// `bridge-nf-call-iptables` on, as flannel's installation requires. The agents get no
     /// `--pod-interfaces`: the defaults must find the ports.
     Bridge,
+    /// [`PodNetwork::Bridge`], with other nodes' pods reached over a VXLAN overlay as flannel's `vxlan`
+    /// backend builds it: `flannel.1` holding 10.200.N.0/32, a route per node's pod CIDR via that node's
+    /// `flannel.1` address, its MAC as a permanent neighbour and a forwarding entry to its node's address.
+    /// Pods get the overlay's MTU (1450).
+    Vxlan,
 }
 
 impl PodNetwork {
@@ -75,9 +80,16 @@ impl PodNetwork {
     pub fn from_env() -> Self {
         match std::env::var("PROXY_LAB_POD_NETWORK").as_deref() {
             Ok("bridge") => Self::Bridge,
+            Ok("vxlan") => Self::Vxlan,
             Ok("routed") | Err(_) => Self::Routed { names: vec![POD_IFACE_PREFIX] },
-            Ok(other) => panic!("PROXY_LAB_POD_NETWORK={other}: expected bridge or routed"),
+            Ok(other) => panic!("PROXY_LAB_POD_NETWORK={other}: expected bridge, vxlan or routed"),
         }
+    }
+
+    /// Pods on a bridge (with or without an overlay).
+    #[must_use]
+    pub fn bridged(&self) -> bool {
+        matches!(self, Self::Bridge | Self::Vxlan)
     }
 
     /// The agents' `--pod-interfaces`, when the defaults are not what this lab tests.
@@ -243,7 +255,7 @@ impl Lab {
             ] {
                 sysctl_in(&ns, key, value)?;
             }
-            if self.spec.pod_network == PodNetwork::Bridge {
+            if self.spec.pod_network.bridged() {
                 Self::add_pod_bridge(&ns, n)?;
             } else {
                 // Link scope: the node never picks the pods' gateway address as a source (masquerade, its
@@ -254,8 +266,13 @@ impl Lab {
             // translated goes through the forward path (where a REJECT rule can see it), not straight to
             // "network unreachable".
             ip_in(&ns, &["route", "add", "default", "via", &EXTERNAL_IP.to_string()])?;
-            for other in (1..=self.spec.nodes).filter(|o| *o != n) {
-                ip_in(&ns, &["route", "add", &format!("10.200.{other}.0/24"), "via", &node_ip(other).to_string()])?;
+            if self.spec.pod_network == PodNetwork::Vxlan {
+                self.add_overlay(&ns, n)?;
+            } else {
+                for other in (1..=self.spec.nodes).filter(|o| *o != n) {
+                    let via = node_ip(other).to_string();
+                    ip_in(&ns, &["route", "add", &format!("10.200.{other}.0/24"), "via", &via])?;
+                }
             }
             for k in 1..=self.spec.pods_per_node {
                 self.add_pod(&ns, n, k)?;
@@ -319,13 +336,56 @@ impl Lab {
         sysctl_in(node_ns, "net.bridge.bridge-nf-call-iptables", "1")
     }
 
+    /// Node `node`'s end of the VXLAN overlay (see [`PodNetwork::Vxlan`]).
+    fn add_overlay(&self, node_ns: &str, node: usize) -> anyhow::Result<()> {
+        let mac = |n: usize| format!("02:f1:00:00:00:{n:02x}");
+        let local = node_ip(node).to_string();
+        ip_in(
+            node_ns,
+            &[
+                "link",
+                "add",
+                "flannel.1",
+                "address",
+                &mac(node),
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &local,
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            ],
+        )?;
+        ip_in(node_ns, &["addr", "add", &format!("10.200.{node}.0/32"), "dev", "flannel.1"])?;
+        ip_in(node_ns, &["link", "set", "flannel.1", "mtu", "1450", "up"])?;
+        for other in (1..=self.spec.nodes).filter(|o| *o != node) {
+            let gateway = format!("10.200.{other}.0");
+            ip_in(node_ns, &["neigh", "add", &gateway, "lladdr", &mac(other), "dev", "flannel.1", "nud", "permanent"])?;
+            let dst = node_ip(other).to_string();
+            run(
+                "ip",
+                &["netns", "exec", node_ns, "bridge", "fdb", "append", &mac(other), "dev", "flannel.1", "dst", &dst],
+            )?;
+            let cidr = format!("10.200.{other}.0/24");
+            ip_in(node_ns, &["route", "add", &cidr, "via", &gateway, "dev", "flannel.1", "onlink"])?;
+        }
+        Ok(())
+    }
+
     fn add_pod(&mut self, node_ns: &str, node: usize, k: usize) -> anyhow::Result<()> {
         let ns = self.add_ns(&format!("n{node}p{k}"))?;
         let addr = Ipv4Addr::new(10, 200, u8::try_from(node)?, 10 + u8::try_from(k)?);
         let host_end = match &self.spec.pod_network {
             PodNetwork::Routed { names } => format!("{}{k}", names[(k - 1) % names.len()]),
             // Unique per node and pod, and nothing like `vp`: only the agent's defaults can match it.
-            PodNetwork::Bridge => format!("veth{:08x}", 0x5eed_0000_u32 + u32::try_from(node * 256 + k)?),
+            PodNetwork::Bridge | PodNetwork::Vxlan => {
+                format!("veth{:08x}", 0x5eed_0000_u32 + u32::try_from(node * 256 + k)?)
+            }
         };
         ip_in(node_ns, &["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
         match self.spec.pod_network {
@@ -336,7 +396,7 @@ impl Lab {
                 ip_in(node_ns, &["route", "add", &format!("{addr}/32"), "dev", &host_end, "src", &node_addr])?;
                 ip_in(&ns, &["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
             }
-            PodNetwork::Bridge => {
+            PodNetwork::Bridge | PodNetwork::Vxlan => {
                 ip_in(node_ns, &["link", "set", &host_end, "master", POD_BRIDGE, "up"])?;
                 // The `bridge` plugin's hairpinMode: a pod reaching itself through a Service gets its packets
                 // back out of its own port.
@@ -353,7 +413,11 @@ impl Lab {
             // the dataplane's incremental updates must be right on both kinds of packet.
             run("ip", &["netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"])?;
         }
-        if self.spec.pod_network == PodNetwork::Bridge {
+        if self.spec.pod_network == PodNetwork::Vxlan {
+            ip_in(node_ns, &["link", "set", &host_end, "mtu", "1450"])?;
+            ip_in(&ns, &["link", "set", "eth0", "mtu", "1450"])?;
+        }
+        if self.spec.pod_network.bridged() {
             ip_in(&ns, &["route", "add", "default", "via", &format!("10.200.{node}.1"), "dev", "eth0"])?;
         } else {
             ip_in(&ns, &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
@@ -366,13 +430,15 @@ impl Lab {
     /// The source address a packet from node `node` has when it reaches a pod of node `pod_node` after
     /// masquerade (or when the node itself connects): the address of the interface it leaves by, which
     /// netfilter's MASQUERADE and the kernel's source selection both take. That is the pod bridge's for a
-    /// pod of the node's own bridge, and the node's address otherwise.
+    /// pod of the node's own bridge, the overlay device's for a pod across an overlay, and the node's
+    /// address otherwise.
     #[must_use]
     pub fn source_from_node(&self, node: usize, pod_node: usize) -> Ipv4Addr {
-        if self.spec.pod_network == PodNetwork::Bridge && node == pod_node {
-            Ipv4Addr::new(10, 200, u8::try_from(node).expect("small node number"), 1)
-        } else {
-            node_ip(node)
+        let n = u8::try_from(node).expect("small node number");
+        match self.spec.pod_network {
+            PodNetwork::Bridge | PodNetwork::Vxlan if node == pod_node => Ipv4Addr::new(10, 200, n, 1),
+            PodNetwork::Vxlan => Ipv4Addr::new(10, 200, n, 0),
+            _ => node_ip(node),
         }
     }
 

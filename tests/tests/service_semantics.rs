@@ -91,7 +91,7 @@ fn nodeport_cluster_policy_reaches_local_and_remote_backends_and_masquerades_ext
     }
     let client = lab.pod(1, 1).clone();
     let r = request(&client.ns, Proto::Tcp, at(node_ip(1), 30081), TIMEOUT).unwrap();
-    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", node_ip(1)));
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", lab.source_from_node(1, 2)));
 }
 
 /// externalTrafficPolicy Local: external clients reach only endpoints on the node they sent to, and the
@@ -160,7 +160,7 @@ fn external_ips_are_served_like_nodeport_external_traffic() {
     lab.start_agents().unwrap();
 
     let r = request(&ext(&lab), Proto::Tcp, at(external_ip, 80), TIMEOUT).unwrap();
-    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", node_ip(1)));
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", lab.source_from_node(1, 2)));
 }
 
 /// status.loadBalancer.ingress IPs get rules, except with ipMode Proxy. loadBalancerSourceRanges drop other
@@ -334,7 +334,7 @@ fn masquerade_all_snats_pod_traffic() {
     lab.write_manifest("svc.yaml", &Svc::new("m", vip(85), http()).with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
     lab.start_agents().unwrap();
     let r = request(&lab.pod(1, 1).ns.clone(), Proto::Tcp, at(vip(85), 80), TIMEOUT).unwrap();
-    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", node_ip(1)));
+    assert_eq!((r.backend.as_str(), *r.seen_source.ip()), ("pod-2-2", lab.source_from_node(1, 2)));
 }
 
 /// Topology-aware routing: when every endpoint has zone hints, a node uses the endpoints hinted for its zone.

@@ -93,7 +93,13 @@ pub struct Attachments {
 
 /// Where the link of `prog` on interface `idx`/`name` is pinned.
 fn link_pin(dir: &Path, idx: u32, name: &str, prog: &str) -> PathBuf {
-    dir.join(format!("if-{idx}-{name}-{prog}"))
+    dir.join(format!("if-{idx}-{}-{prog}", pin_safe(name)))
+}
+
+/// An interface name as it can stand in a pin's name: bpffs refuses dots, which VLAN (`eth0.100`) and
+/// overlay (`flannel.1`) devices have.
+fn pin_safe(name: &str) -> String {
+    name.replace('.', "_")
 }
 
 /// Attaches `$prog` through the link pinned at `$pin` when there is one (replacing the previous program in
@@ -195,11 +201,9 @@ impl Attachments {
             let file = entry.file_name();
             let Some(rest) = file.to_str().and_then(|f| f.strip_prefix("if-")) else { continue };
             let Some((idx, rest)) = rest.split_once('-') else { continue };
-            let alive = idx
-                .parse::<u32>()
-                .ok()
-                .and_then(|i| present.get(&i))
-                .is_some_and(|(name, _)| rest.strip_prefix(name.as_str()).is_some_and(|p| p.starts_with('-')));
+            let alive = idx.parse::<u32>().ok().and_then(|i| present.get(&i)).is_some_and(|(name, _)| {
+                rest.strip_prefix(pin_safe(name).as_str()).is_some_and(|p| p.starts_with('-'))
+            });
             if !alive {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -362,7 +366,12 @@ mod tests {
         let default = roles(crate::cli::DEFAULT_POD_INTERFACES, crate::cli::DEFAULT_HOST_INTERFACES);
         assert_eq!(
             named(&default.assign(&node)),
-            [("eth0".into(), Role::Host), ("veth1a2b".into(), Role::Pod), ("veth3c4d".into(), Role::Pod)]
+            [
+                ("eth0".into(), Role::Host),
+                ("veth1a2b".into(), Role::Pod),
+                ("veth3c4d".into(), Role::Pod),
+                ("flannel.1".into(), Role::Host)
+            ]
         );
         // kube-proxy's --pod-bridge-interface alone: the bridge's ports face pods, whatever their names.
         let bridge_only = roles("cni0", "eth*");
@@ -399,11 +408,11 @@ mod tests {
         ] {
             assert_eq!(default.assign(&[iface(7, pod, false, None)]).get(&7).map(|r| r.1), Some(Role::Pod), "{pod}");
         }
-        for host in ["eth0", "ens5", "enp0s3", "eno1", "bond0"] {
+        for host in ["eth0", "ens5", "enp0s3", "eno1", "bond0", "flannel.1"] {
             assert_eq!(default.assign(&[iface(7, host, false, None)]).get(&7).map(|r| r.1), Some(Role::Host), "{host}");
         }
-        // Overlays and the node's own devices get nothing: traffic through them was translated where it entered.
-        for other in ["flannel.1", "vxlan.calico", "tunl0", "cilium_host", "lo", "docker0", "kube-ipvs0"] {
+        // The node's own devices get nothing; nor do overlays not tested here.
+        for other in ["vxlan.calico", "tunl0", "cilium_host", "lo", "docker0", "kube-ipvs0"] {
             assert!(default.assign(&[iface(7, other, false, None)]).is_empty(), "{other}");
         }
     }
