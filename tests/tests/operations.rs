@@ -184,14 +184,26 @@ fn each_mode_removes_the_others_leftovers_and_reports_itself() {
     assert_eq!(works(), "pod-2-2");
     assert!(mode_metric().contains("mode=\"nftables\""));
 
+    // eBPF takes over from the nftables mode's table (see tests/tests/migration.rs), removes it, and keeps
+    // conntrack on with a table of its own while flows the table translated may be alive.
     lab.restart_agent_with(1, &["--mode", "ebpf"]).unwrap();
-    assert!(!nft_tables().contains("proxy-agent"), "nftables leftovers must go: {}", nft_tables());
+    let tables = nft_tables();
+    assert!(!tables.lines().any(|l| l == "table ip proxy-agent"), "nftables leftovers must go: {tables}");
+    assert!(tables.lines().any(|l| l == "table ip proxy-agent-conntrack"), "conntrack is kept on: {tables}");
     assert!(xdp_attached(), "the eBPF dataplane is attached");
     assert_eq!(works(), "pod-2-2");
     assert!(mode_metric().contains("mode=\"ebpf\""));
 
+    // The nftables mode drains the eBPF dataplane; with no flow of its left, it goes at once.
     lab.restart_agent_with(1, &["--mode", "nftables"]).unwrap();
+    lab.agent(1).wait_for_log("eBPF dataplane drained and removed", 0, Duration::from_secs(10)).unwrap();
     assert!(!xdp_attached(), "eBPF leftovers must go");
+    assert!(
+        !nft_tables().contains("proxy-agent-conntrack"),
+        "the keeper goes with it: {}\n{}",
+        nft_tables(),
+        lab.agent(1).log()
+    );
     assert_eq!(works(), "pod-2-2");
 
     lab.restart_agent_with(1, &["--mode", "iptables"]).unwrap();

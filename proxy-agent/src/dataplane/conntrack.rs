@@ -14,7 +14,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-    conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple},
+    conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Protocol, Tuple},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
@@ -33,6 +33,8 @@ struct Entry {
     source: (Ipv4Addr, u16),
     destination: (Ipv4Addr, u16),
     reply_source: (Ipv4Addr, u16),
+    /// TCP's conntrack state (`TCP_CONNTRACK_*`), when the entry says.
+    tcp_state: Option<u8>,
 }
 
 impl Entry {
@@ -76,6 +78,10 @@ pub fn delete_stale_udp(stale: &BTreeSet<StaleUdp>) -> anyhow::Result<usize> {
     Ok(deleted)
 }
 
+/// `TCP_CONNTRACK_TIME_WAIT` and `TCP_CONNTRACK_CLOSE` (`linux/netfilter/nf_conntrack_tcp.h`).
+const TCP_CONNTRACK_TIME_WAIT: u8 = 7;
+const TCP_CONNTRACK_CLOSE: u8 = 8;
+
 /// A flow the kernel's NAT translated (its replies come from another address or port than the client sent
 /// to: a DNAT, as kube-proxy's rules do), as the client sends it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +94,7 @@ pub struct TranslatedFlow {
 
 /// Every IPv4 TCP and UDP flow the kernel's conntrack holds with a destination NAT, in this network
 /// namespace: the flows netfilter rules translated and goes on translating whatever happens to the rules.
+/// TCP connections that are over (`TIME_WAIT`, `CLOSE`) are left out.
 ///
 /// # Errors
 /// When netlink cannot be reached or the dump fails.
@@ -96,6 +103,7 @@ pub fn translated_flows() -> anyhow::Result<Vec<TranslatedFlow>> {
     Ok(dump(&socket, false)?
         .into_iter()
         .filter(|e| e.reply_source != e.destination)
+        .filter(|e| !matches!(e.tcp_state, Some(TCP_CONNTRACK_TIME_WAIT | TCP_CONNTRACK_CLOSE)))
         .filter_map(|e| {
             let protocol = match e.protocol {
                 Protocol::Tcp => libc::IPPROTO_TCP,
@@ -232,10 +240,20 @@ fn dump(socket: &Socket, udp_only: bool) -> anyhow::Result<Vec<Entry>> {
 fn entry(attributes: &[ConntrackAttribute]) -> Option<Entry> {
     let mut orig = None;
     let mut reply = None;
+    let mut tcp_state = None;
     for attribute in attributes {
         match attribute {
             ConntrackAttribute::CtaTupleOrig(t) => orig = Some(tuple(t)?),
             ConntrackAttribute::CtaTupleReply(t) => reply = Some(tuple(t)?),
+            ConntrackAttribute::CtaProtoInfo(info) => {
+                tcp_state = info.iter().find_map(|i| match i {
+                    ProtoInfo::TCP(tcp) => tcp.iter().find_map(|t| match t {
+                        ProtoInfoTCP::State(s) => Some(*s),
+                        _ => None,
+                    }),
+                    _ => None,
+                });
+            }
             _ => {}
         }
     }
@@ -245,6 +263,7 @@ fn entry(attributes: &[ConntrackAttribute]) -> Option<Entry> {
         source: (orig.source?, orig.source_port?),
         destination: (orig.destination?, orig.destination_port?),
         reply_source: (reply.source?, reply.source_port?),
+        tcp_state,
     })
 }
 

@@ -248,6 +248,8 @@ impl Drain {
             tracing::warn!(live, "drain timeout: the eBPF dataplane's last flows go to the rules");
         }
         super::cleanup(&self.pin_dir)?;
+        // This mode's rules use conntrack themselves; a take-over's keeper table has no more to do.
+        release_conntrack()?;
         tracing::info!(pins = %self.pin_dir.display(), "eBPF dataplane drained and removed");
         Ok(true)
     }
