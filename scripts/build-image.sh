@@ -27,8 +27,9 @@ if ! podman image exists "$base"; then
     if [ ! -s "$cache/rootfs.tar" ]; then
         rm -rf "$cache/rootfs"
         mkdir -p "$cache"
-        echo "build-image: debootstrap bookworm (minbase) from $(mirror)" >&2
-        debootstrap --variant=minbase bookworm "$cache/rootfs" "$(mirror)" >"$cache/debootstrap.log" 2>&1 \
+        archive="$(mirror)"
+        echo "build-image: debootstrap bookworm (minbase) from $archive" >&2
+        debootstrap --variant=minbase bookworm "$cache/rootfs" "$archive" >"$cache/debootstrap.log" 2>&1 \
             || { tail -n 20 "$cache/debootstrap.log" >&2; exit 1; }
         tar -C "$cache/rootfs" -cf "$cache/rootfs.tar.part" .
         mv "$cache/rootfs.tar.part" "$cache/rootfs.tar"

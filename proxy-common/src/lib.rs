@@ -684,10 +684,12 @@ pub mod conntrack {
             } else {
                 t.tcp_syn_sent
             }
-        } else if value.flags & FLAG_KERNEL_NAT != 0
-            || (s & state::REPLIED != 0 && value.last_seen.wrapping_sub(value.created) >= STREAM_AFTER_SECS)
+        } else if value.flags & FLAG_KERNEL_NAT == 0
+            && s & state::REPLIED != 0
+            && value.last_seen.wrapping_sub(value.created) >= STREAM_AFTER_SECS
         {
-            // A flow left to the kernel's NAT shows no replies here; the kernel keeps it as a stream.
+            // A flow left to the kernel's NAT shows no replies here: it gets the shortest UDP lifetime, so it
+            // never outlives the kernel's entry (its packets would then pass untranslated).
             t.udp_stream
         } else {
             t.udp

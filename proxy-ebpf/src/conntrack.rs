@@ -301,16 +301,22 @@ pub fn leaves_kernel(flow: &Flow, tcp_flags: u8, ct: &CtValue, cfg: &Config) -> 
         && ct.state & state::ESTABLISHED != 0
 }
 
-/// Whether a SYN on a flow this dataplane translated opens a new connection on its tuple while the rules
-/// take new flows (`FLAG_DRAIN`): its flow had been answered, so this is not a retransmitted SYN of it.
-/// The rules then translate it from the start; translated here, its packets would meet a kernel conntrack
-/// entry of the old connection, and rules that drop what conntrack calls invalid (kube-proxy's).
+/// Whether a SYN on a flow this dataplane translated opens a new connection on its tuple (while the rules
+/// take new flows, `FLAG_DRAIN`): its flow had been answered, so this is not a retransmitted SYN of it. The
+/// rules then translate it from the start; translated here, its packets would meet a kernel conntrack entry
+/// of the old connection, and rules that drop what conntrack calls invalid (kube-proxy's).
 #[inline(always)]
-pub fn reopens_while_draining(flow: &Flow, tcp_flags: u8, ct: &CtValue, cfg: &Config) -> bool {
-    cfg.flags & proxy_common::config::FLAG_DRAIN != 0
-        && flow.proto == proto::TCP
-        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-        && ct.state & state::SYN_ACK != 0
+pub fn reopens(flow: &Flow, tcp_flags: u8, ct: &CtValue) -> bool {
+    flow.proto == proto::TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && ct.state & state::SYN_ACK != 0
+}
+
+/// Removes both entries of the flow `flow` had (`ct`).
+#[inline(always)]
+pub fn forget_flow(flow: &Flow, ct: &CtValue) {
+    let fkey = key(flow, DIR_FORWARD);
+    let _ = CONNTRACK.remove(&reply_key(&fkey, ct));
+    let _ = CONNTRACK.remove(&fkey);
+    count(stats::CT_ENDED);
 }
 
 /// Finds a client port for which the reply tuple `rkey` is free and records `reply` under it. Ports come

@@ -87,6 +87,26 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
     let Some(svc) = lb::lookup_service(flow, from_pod) else {
         return Ok(Verdict::NotService);
     };
+    // Handing over to the kernel's rules: nothing updates these tables any more, so only a flow this
+    // dataplane translated (and keeps) is its business; the rules decide everything else, source ranges
+    // included.
+    if cfg.flags & FLAG_DRAIN != 0 {
+        return Ok(match conntrack::lookup_forward(flow, tcp_flags, cfg) {
+            Known::Live(ct) if ct.flags & FLAG_KERNEL_NAT == 0 && !conntrack::reopens(flow, tcp_flags, &ct) => {
+                match kept_backend(flow, &ct) {
+                    Some(backend) => {
+                        Verdict::Forward { backend, snat: ct.flags & FLAG_SNAT != 0, client_port: ct.client_port }
+                    }
+                    None => Verdict::LeftToKernel,
+                }
+            }
+            Known::Live(ct) => {
+                conntrack::forget_flow(flow, &ct);
+                Verdict::LeftToKernel
+            }
+            Known::New => Verdict::LeftToKernel,
+        });
+    }
     // loadBalancerSourceRanges hold for every sender, pods included: kube-proxy checks them before DNAT in
     // prerouting, which pod traffic passes too.
     if svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(flow, &svc) {
@@ -97,9 +117,6 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
             if !conntrack::leaves_kernel(flow, tcp_flags, &ct, cfg) {
                 return Ok(Verdict::LeftToKernel);
             }
-        } else if conntrack::reopens_while_draining(flow, tcp_flags, &ct, cfg) {
-            conntrack::forget(flow, &ct);
-            return Ok(Verdict::LeftToKernel);
         } else if let Some(backend) = kept_backend(flow, &ct) {
             return Ok(Verdict::Forward { backend, snat: ct.flags & FLAG_SNAT != 0, client_port: ct.client_port });
         }
@@ -108,9 +125,6 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
     // Between two dataplanes, a flow this one has not translated is the kernel's rules' to translate.
     if cfg.flags & FLAG_HANDOVER != 0 {
         conntrack::record_kernel(flow, tcp_flags, cfg)?;
-        return Ok(Verdict::LeftToKernel);
-    }
-    if cfg.flags & FLAG_DRAIN != 0 {
         return Ok(Verdict::LeftToKernel);
     }
     let affinity = svc.value.flags & flags::AFFINITY != 0;
@@ -250,7 +264,11 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
             }
             Ok(PASS)
         }
-        Verdict::LeftToKernel => Ok(PASS),
+        Verdict::LeftToKernel => {
+            // Later fragments of the datagram pass the same way.
+            frag::remember(&flow);
+            Ok(PASS)
+        }
         Verdict::Drop(reason) => Ok(dropped(reason)),
         Verdict::Reject => refuse(ctx, &flow, Back::Out),
         Verdict::Forward { backend, snat, client_port } => {
@@ -281,6 +299,10 @@ fn refuse(ctx: &TcContext, flow: &Flow, back: Back) -> Result<i32> {
 /// address. `None`: not the service path's business. No such packet leaves by the default route.
 #[inline(always)]
 fn unserved(ctx: &TcContext, flow: &Flow, cfg: &Config, back: Back) -> Result<Option<i32>> {
+    // While draining, the tables are not kept up to date: the rules judge what they do not hold.
+    if cfg.flags & FLAG_DRAIN != 0 {
+        return Ok(None);
+    }
     Ok(match lb::unserved(flow.dst_addr, cfg) {
         Unserved::Elsewhere => None,
         Unserved::ClusterIpPort => Some(refuse(ctx, flow, back)?),

@@ -156,10 +156,15 @@ pub fn port_for(flow: &Flow, addr: u32, cfg: &Config, tcp_flags: u8) -> Result<(
     let out_key = conntrack::key(flow, DIR_SNAT_OUT);
     // SAFETY: the value is copied out at once.
     if let Some(known) = entry(&out_key, cfg).map(|e| unsafe { *e }) {
-        if tcp_flags & (TCP_FIN | TCP_RST) != 0
-            && let Some(entry) = SNAT.get_ptr_mut(&in_key(flow, known.addr, known.port))
-        {
-            touch(entry, tcp_flags, SNAT_FIN_OUT);
+        if let Some(entry) = SNAT.get_ptr_mut(&in_key(flow, known.addr, known.port)) {
+            if flow.proto == proto::TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                // The client opens a new connection on the tuple: the port's flow starts afresh, so its
+                // SYN-ACK is not taken for another NAT's (see `client_of`).
+                // SAFETY: as in `touch`; a field write.
+                unsafe { (*entry).flags = 0 };
+            } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                touch(entry, tcp_flags, SNAT_FIN_OUT);
+            }
         }
         return Ok((known.addr, known.port));
     }

@@ -124,13 +124,35 @@ fn ebpf_flows(lab: &Lab) -> (usize, usize) {
 
 #[test]
 fn the_ebpf_agent_takes_over_from_kube_proxys_iptables_rules_without_a_failed_request() {
-    let mut lab = lab_in("iptables");
+    takes_over_from("iptables");
+}
+
+/// The same from the nftables mode's table, which goes whole (its NAT chains with it): the agent's own
+/// table keeps conntrack and the NAT hooks on for the flows it translated.
+#[test]
+fn the_ebpf_agent_takes_over_from_an_nftables_table_without_a_failed_request() {
+    takes_over_from("nftables");
+}
+
+fn nft_tables(lab: &Lab) -> String {
+    run("ip", &["netns", "exec", &lab.node_ns(1), "nft", "list", "tables"]).unwrap()
+}
+
+fn takes_over_from(mode: &str) {
+    let mut lab = lab_in(mode);
     let held = Held::open(&lab, true);
     let first = held.backends("before");
-    // The situation: netfilter translated the held flows, and kube-proxy's chains are in place.
+    // The situation: netfilter translated the held flows, and the mode's rules are in place.
     let dnat = kernel_dnat_entries(&lab, VIP);
     assert!(dnat.len() >= 5, "the held pod flows are DNATed by netfilter: {dnat:#?}");
-    assert!(kube_chains(&lab).iter().any(|c| c.starts_with(":KUBE-SERVICES")), "kube-proxy's chains are in place");
+    let rules_in_place = |lab: &Lab| {
+        if mode == "iptables" {
+            kube_chains(lab).iter().any(|c| c.starts_with(":KUBE-SERVICES"))
+        } else {
+            nft_tables(lab).lines().any(|l| l == "table ip proxy-agent")
+        }
+    };
+    assert!(rules_in_place(&lab), "{mode}: the rules are in place");
 
     let traffic = load(&lab);
     thread::sleep(Duration::from_millis(700));
@@ -141,16 +163,18 @@ fn the_ebpf_agent_takes_over_from_kube_proxys_iptables_rules_without_a_failed_re
     thread::sleep(Duration::from_millis(1000));
     assert_eq!(held.backends("after the switch"), first, "held flows keep their backends");
     let (ok, failed) = traffic.finish();
-    eprintln!("{ok} requests answered, {failed} failed, {} after the switch began", ok - before);
+    eprintln!("{mode}: {ok} requests answered, {failed} failed, {} after the switch began", ok - before);
     assert_eq!(failed, 0, "no request may fail while the eBPF agent takes over:\n{}", lab.agent(1).log());
     assert!(ok > before, "traffic flowed after the switch");
 
-    // kube-proxy's chains are gone; the held flows are the kernel's NAT's, new ones the programs'.
-    assert_eq!(kube_chains(&lab), Vec::<String>::new(), "the KUBE- chains are removed");
+    // The rules are gone; the held flows are the kernel's NAT's, new ones the programs'.
+    assert!(!rules_in_place(&lab), "{mode}: the rules are removed");
+    assert_eq!(kube_chains(&lab), Vec::<String>::new(), "no KUBE- chains");
+    assert!(nft_tables(&lab).contains("table ip proxy-agent-conntrack"), "conntrack and NAT are kept on");
     let (kernel, translated) = ebpf_flows(&lab);
     assert!(kernel >= 5, "the held flows are left to the kernel's NAT ({kernel} entries)");
     assert!(translated > 0, "new flows are translated by the programs");
-    assert_eq!(held.backends("after the chains went"), first, "held flows outlive the rules that made them");
+    assert_eq!(held.backends("after the rules went"), first, "held flows outlive the rules that made them");
     lab.assert_no_leaks();
 }
 

@@ -78,9 +78,12 @@ pub fn delete_stale_udp(stale: &BTreeSet<StaleUdp>) -> anyhow::Result<usize> {
     Ok(deleted)
 }
 
-/// `TCP_CONNTRACK_TIME_WAIT` and `TCP_CONNTRACK_CLOSE` (`linux/netfilter/nf_conntrack_tcp.h`).
+/// TCP's conntrack states (`linux/netfilter/nf_conntrack_tcp.h`).
+const TCP_CONNTRACK_SYN_SENT: u8 = 1;
+const TCP_CONNTRACK_SYN_RECV: u8 = 2;
 const TCP_CONNTRACK_TIME_WAIT: u8 = 7;
 const TCP_CONNTRACK_CLOSE: u8 = 8;
+const TCP_CONNTRACK_SYN_SENT2: u8 = 9;
 
 /// A flow the kernel's NAT translated (its replies come from another address or port than the client sent
 /// to: a DNAT, as kube-proxy's rules do), as the client sends it.
@@ -90,6 +93,8 @@ pub struct TranslatedFlow {
     pub protocol: u8,
     pub source: (Ipv4Addr, u16),
     pub destination: (Ipv4Addr, u16),
+    /// TCP still in its handshake (`SYN_SENT`, `SYN_RECV`, `SYN_SENT2`).
+    pub handshake: bool,
 }
 
 /// Every IPv4 TCP and UDP flow the kernel's conntrack holds with a destination NAT, in this network
@@ -110,10 +115,13 @@ pub fn translated_flows() -> anyhow::Result<Vec<TranslatedFlow>> {
                 Protocol::Udp => libc::IPPROTO_UDP,
                 _ => return None,
             };
+            let handshake =
+                matches!(e.tcp_state, Some(TCP_CONNTRACK_SYN_SENT | TCP_CONNTRACK_SYN_RECV | TCP_CONNTRACK_SYN_SENT2));
             Some(TranslatedFlow {
                 protocol: u8::try_from(protocol).ok()?,
                 source: e.source,
                 destination: e.destination,
+                handshake,
             })
         })
         .collect())

@@ -30,7 +30,7 @@ use proxy_common::{
     maps,
 };
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, fmt::Write as _};
 
 use crate::{
     dataplane::{ApplyStats, Dataplane, conntrack::TranslatedFlow},
@@ -64,7 +64,12 @@ fn kernel_entry(flow: &TranslatedFlow, now: u32) -> (CtKey, CtValue) {
         backend_id: 0,
         rev_nat_id: 0,
         flags: FLAG_KERNEL_NAT,
-        state: if tcp { state::SYN | state::SYN_ACK | state::ESTABLISHED } else { 0 },
+        // A handshake the kernel is still answering: a retransmitted SYN stays with it.
+        state: match (tcp, flow.handshake) {
+            (true, false) => state::SYN | state::SYN_ACK | state::ESTABLISHED,
+            (true, true) => state::SYN | state::SYN_ACK,
+            (false, _) => 0,
+        },
         created: now,
         last_seen: now,
     };
@@ -80,8 +85,18 @@ const KEEPER: &str = "proxy-agent-conntrack";
 
 /// Installs [`KEEPER`] (again: the same table, atomically).
 pub fn keep_conntrack() -> anyhow::Result<()> {
+    // The NAT of existing connections is applied by the kernel's NAT hooks, which exist only while some
+    // `nat` chain is registered at the hook: one empty chain per hook keeps them (kube-proxy's nftables
+    // table, removed whole, took its own with it).
+    let mut nat_chains = String::new();
+    for (hook, priority) in [("prerouting", "-100"), ("input", "100"), ("output", "-100"), ("postrouting", "100")] {
+        let _ = writeln!(
+            nat_chains,
+            "  chain nat-{hook} {{\n    type nat hook {hook} priority {priority}; policy accept;\n  }}"
+        );
+    }
     let ruleset = format!(
-        "table ip {KEEPER}\ndelete table ip {KEEPER}\ntable ip {KEEPER} {{\n  chain keep {{\n    type filter hook prerouting priority raw; policy accept;\n    ct state invalid counter comment \"keeps conntrack on for flows kube-proxy's rules translated\"\n  }}\n}}\n"
+        "table ip {KEEPER}\ndelete table ip {KEEPER}\ntable ip {KEEPER} {{\n  chain keep {{\n    type filter hook prerouting priority raw; policy accept;\n    ct state invalid counter comment \"keeps conntrack on for flows kube-proxy's rules translated\"\n  }}\n{nat_chains}}}\n"
     );
     crate::dataplane::netfilter::run_with_input("nft", &["-f", "-"], &ruleset)
         .context("installing the nftables table that keeps conntrack on")
