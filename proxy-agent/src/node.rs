@@ -1,6 +1,6 @@
 //! What this node is, read from the kernel: the addresses of its host interfaces.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use crate::dataplane::ebpf::{InterfaceRoles, Role};
 
@@ -11,15 +11,7 @@ pub fn host_addresses(roles: &InterfaceRoles) -> anyhow::Result<Vec<Ipv4Addr>> {
         .into_values()
         .filter_map(|(name, role)| (role == Role::Host).then_some(name))
         .collect();
-    let mut by_interface: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
-    for ifa in nix::ifaddrs::getifaddrs()? {
-        let Some(addr) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()).map(nix::sys::socket::SockaddrIn::ip)
-        else {
-            continue;
-        };
-        if hosts.contains(&ifa.interface_name) {
-            by_interface.entry(ifa.interface_name.clone()).or_default().push(addr);
-        }
-    }
+    let mut by_interface = crate::dataplane::ebpf::interfaces::addresses()?;
+    by_interface.retain(|name, _| hosts.contains(name));
     Ok(by_interface.into_values().flatten().collect())
 }

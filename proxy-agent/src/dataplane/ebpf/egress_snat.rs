@@ -44,18 +44,6 @@ pub fn plan(
     out
 }
 
-/// The IPv4 addresses of every interface, by name, as the kernel lists them.
-pub fn addresses() -> anyhow::Result<BTreeMap<String, Vec<Ipv4Addr>>> {
-    let mut out: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
-    for ifa in nix::ifaddrs::getifaddrs()? {
-        if let Some(addr) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()).map(nix::sys::socket::SockaddrIn::ip)
-        {
-            out.entry(ifa.interface_name.clone()).or_default().push(addr);
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

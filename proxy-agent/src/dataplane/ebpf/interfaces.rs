@@ -5,7 +5,7 @@
 //! bridge): the kernel's stable interface for exactly these two facts, and visible in the agent's own
 //! network namespace (`ip netns exec` and a host-network pod both mount the namespace's sysfs).
 
-use std::path::Path;
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::Context as _;
 
@@ -38,4 +38,16 @@ pub fn list() -> anyhow::Result<Vec<Interface>> {
             Some(Interface { index: i.index(), name, is_bridge, bridge })
         })
         .collect())
+}
+
+/// The IPv4 addresses of every interface, by name, as the kernel lists them.
+pub fn addresses() -> anyhow::Result<BTreeMap<String, Vec<Ipv4Addr>>> {
+    let mut out: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    for ifa in nix::ifaddrs::getifaddrs()? {
+        if let Some(addr) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()).map(nix::sys::socket::SockaddrIn::ip)
+        {
+            out.entry(ifa.interface_name.clone()).or_default().push(addr);
+        }
+    }
+    Ok(out)
 }

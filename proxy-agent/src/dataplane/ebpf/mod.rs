@@ -280,7 +280,7 @@ impl EbpfDataplane {
     fn sync_egress_snat(&mut self, interfaces: &[interfaces::Interface]) -> anyhow::Result<()> {
         let snat_addr =
             (self.config.snat_addr != 0).then(|| std::net::Ipv4Addr::from(self.config.snat_addr.to_ne_bytes()));
-        let wanted = egress_snat::plan(interfaces, self.attachments.indexes(), &egress_snat::addresses()?, snat_addr);
+        let wanted = egress_snat::plan(interfaces, self.attachments.indexes(), &interfaces::addresses()?, snat_addr);
         if wanted == self.egress_snat {
             return Ok(());
         }
