@@ -3,16 +3,19 @@
 //! the chains that changed.
 
 pub mod naming;
-pub mod rules;
+pub mod print;
 
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use super::netfilter::{self, RuleConfig};
-use super::{ApplyStats, Dataplane};
-use crate::model::ServiceTable;
-use rules::{Chains, Ruleset};
+use super::ApplyStats;
+use super::netfilter::{
+    self,
+    dataplane::{Backend, NetfilterDataplane, Previous},
+    plan::Plan,
+};
+use print::{Chains, Ruleset};
 
 /// Jumps from the built-in chains into kube-proxy's, as kube-proxy installs them. Each is inserted at the top
 /// of its chain, so a chain holds them in the reverse of this order: the ClusterIPs check, listed first,
@@ -57,13 +60,10 @@ const HOOKS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-pub struct IptablesDataplane {
-    config: RuleConfig,
-    /// What the last successful restore installed; `None` until the first one (which rewrites everything).
-    applied: Option<Ruleset>,
-    /// The table of the last successful apply, to find UDP endpoints that went away.
-    last_table: ServiceTable,
-}
+/// kube-proxy's iptables layout, applied with `iptables-restore`.
+pub struct Iptables;
+
+pub type IptablesDataplane = NetfilterDataplane<Iptables>;
 
 fn iptables(args: &[&str]) -> anyhow::Result<bool> {
     let out = Command::new("iptables").arg("-w").args(args).output().context("running iptables (is it installed?)")?;
@@ -141,15 +141,10 @@ pub fn installed_here() -> bool {
     Command::new("iptables").args(["-w", "-t", "nat", "-S", "KUBE-SERVICES"]).output().is_ok_and(|o| o.status.success())
 }
 
-impl IptablesDataplane {
-    #[must_use]
-    pub fn start(config: RuleConfig) -> Self {
-        Self { config, applied: None, last_table: ServiceTable::default() }
-    }
-
+impl Iptables {
     /// Creates kube-proxy's fixed chains if needed and makes sure the built-in chains jump to them.
     fn ensure_hooks() -> anyhow::Result<()> {
-        for (table, chains) in [("nat", &rules::NAT_FIXED[..]), ("filter", &rules::FILTER_FIXED[..])] {
+        for (table, chains) in [("nat", &print::NAT_FIXED[..]), ("filter", &print::FILTER_FIXED[..])] {
             for chain in chains {
                 if !iptables(&["-t", table, "-S", chain])? {
                     iptables(&["-t", table, "-N", chain])?;
@@ -241,46 +236,39 @@ fn restore_input(table: &str, old: Option<&Chains>, new: &Chains, out: &mut Stri
     (written, deleted)
 }
 
-impl Dataplane for IptablesDataplane {
-    fn name(&self) -> &'static str {
-        "iptables"
+impl Backend for Iptables {
+    type Ruleset = Ruleset;
+    /// `iptables-save` gives every rule back as it was printed: what the kernel holds is exact.
+    type Installed = Ruleset;
+    const NAME: &'static str = "iptables";
+
+    fn print(plan: &Plan) -> Ruleset {
+        print::print(plan)
     }
 
-    fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        if self.applied.is_none() {
-            Self::ensure_hooks()?;
-            // Start from what the kernel holds (a previous agent's chains, or drift), not from nothing, so
-            // chains nobody wants any more are deleted.
-            self.applied = Some(Ruleset { nat: installed("nat")?, filter: installed("filter")? });
-        }
-        let wanted = rules::render(table, &self.config);
+    fn installed() -> anyhow::Result<Ruleset> {
+        Self::ensure_hooks()?;
+        Ok(Ruleset { nat: installed("nat")?, filter: installed("filter")? })
+    }
+
+    fn transaction(old: &Previous<'_, Self>, new: &Ruleset) -> (String, ApplyStats) {
+        let (Previous::Applied(old) | Previous::Installed(old)) = old;
         let mut input = String::new();
-        let old = self.applied.as_ref();
-        let (w1, d1) = restore_input("nat", old.map(|o| &o.nat), &wanted.nat, &mut input);
-        let (w2, d2) = restore_input("filter", old.map(|o| &o.filter), &wanted.filter, &mut input);
-        if !input.is_empty() {
-            // On failure nothing changed: iptables-restore commits each table whole or not at all.
-            netfilter::run_with_input("iptables-restore", &["-w", "--noflush"], &input)?;
-        }
-        self.applied = Some(wanted);
-        netfilter::clear_stale_udp(&self.last_table, table);
-        self.last_table = table.clone();
-        Ok(ApplyStats { writes: w1 + w2, deletes: d1 + d2 })
+        let (w1, d1) = restore_input("nat", Some(&old.nat), &new.nat, &mut input);
+        let (w2, d2) = restore_input("filter", Some(&old.filter), &new.filter, &mut input);
+        (input, ApplyStats { writes: w1 + w2, deletes: d1 + d2 })
     }
 
-    fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        // Forget what we believe is installed: everything is rewritten, repairing any drift.
-        self.applied = None;
-        self.apply(table)
+    fn commit(input: &str) -> anyhow::Result<()> {
+        // iptables-restore commits each table whole or not at all.
+        netfilter::run_with_input("iptables-restore", &["-w", "--noflush"], input)
     }
 
-    fn occupancy(&self) -> Vec<(&'static str, usize)> {
-        self.applied.as_ref().map_or_else(Vec::new, |r| {
-            vec![
-                ("iptables-nat-rules", r.nat.values().map(Vec::len).sum()),
-                ("iptables-filter-rules", r.filter.values().map(Vec::len).sum()),
-            ]
-        })
+    fn occupancy(r: &Ruleset) -> Vec<(&'static str, usize)> {
+        vec![
+            ("iptables-nat-rules", r.nat.values().map(Vec::len).sum()),
+            ("iptables-filter-rules", r.filter.values().map(Vec::len).sum()),
+        ]
     }
 }
 

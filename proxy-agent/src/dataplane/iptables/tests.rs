@@ -1,6 +1,6 @@
 use std::net::Ipv4Addr;
 
-use super::{restore_input, rules::*};
+use super::{print::*, restore_input};
 use crate::dataplane::netfilter::RuleConfig;
 use crate::model::{
     BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable,
@@ -238,4 +238,9 @@ fn the_masquerade_bit_sets_the_mark() {
     assert!(text.contains("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x1000/0x1000"), "{text}");
     assert!(text.contains("-m mark ! --mark 0x1000/0x1000 -j RETURN"), "{text}");
     assert!(!text.contains("0x4000"), "{text}");
+}
+
+/// The ruleset of `table`: the plan, printed.
+fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
+    print(&crate::dataplane::netfilter::plan::build(table, config))
 }

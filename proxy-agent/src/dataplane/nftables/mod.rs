@@ -4,31 +4,30 @@
 //! flushed and refilled, chains no longer wanted deleted.
 
 pub mod naming;
-pub mod rules;
+pub mod print;
 
 use std::{collections::BTreeSet, fmt::Write as _, process::Command};
 
 use anyhow::{Context as _, bail};
 
 use super::{
-    ApplyStats, Dataplane,
-    netfilter::{self, RuleConfig},
+    ApplyStats,
+    netfilter::{
+        self,
+        dataplane::{Backend, NetfilterDataplane, Previous},
+        plan::Plan,
+    },
 };
-use crate::model::ServiceTable;
-use rules::{AFFINITY_SET_TYPE, Ruleset, TABLE, TABLE_FAMILY, TABLE_NAME};
+use print::{AFFINITY_SET_TYPE, Ruleset, TABLE, TABLE_FAMILY, TABLE_NAME};
 
 /// Tables removed when another mode starts, and on cleanup: this mode's own, and kube-proxy's nftables-mode
 /// tables.
 const LEFTOVER_TABLES: [(&str, &str); 3] = [(TABLE_FAMILY, TABLE_NAME), ("ip", "kube-proxy"), ("ip6", "kube-proxy")];
 
-pub struct NftablesDataplane {
-    config: RuleConfig,
-    /// What the last successful transaction installed; `None` until the first one, and after a full
-    /// resync is asked for: then what the kernel holds is read and everything is rewritten.
-    applied: Option<Ruleset>,
-    /// The table of the last successful apply, to find UDP endpoints that went away.
-    last_table: ServiceTable,
-}
+/// One table of our own, applied with `nft -f`.
+pub struct Nftables;
+
+pub type NftablesDataplane = NetfilterDataplane<Nftables>;
 
 /// The names of what the table holds now, read from the kernel.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -38,62 +37,51 @@ pub struct Installed {
     pub sets: BTreeSet<String>,
 }
 
-/// What a transaction starts from.
-pub enum Previous<'a> {
-    /// Exactly this ruleset (the agent's own last transaction).
-    Exact(&'a Ruleset),
-    /// Objects with these names, contents unknown: everything wanted is rewritten, the rest deleted.
-    Unknown(&'a Installed),
-}
-
 fn nft(args: &[&str]) -> anyhow::Result<std::process::Output> {
     Command::new("nft").args(args).output().context("running nft (is it installed?)")
 }
 
-/// The names of `kind` (`chain`, `map`, `set`) declared in our table, from a `nft list` dump of a family.
-fn names_in_table(dump: &str, kind: &str) -> BTreeSet<String> {
-    let header = format!("table {TABLE} {{");
-    let mut inside = false;
-    let mut names = BTreeSet::new();
-    for line in dump.lines() {
-        let trimmed = line.trim();
-        if let Some(rest) = trimmed.strip_prefix("table ") {
-            inside = format!("table {rest}") == header;
-        } else if inside && let Some(decl) = trimmed.strip_prefix(kind).and_then(|r| r.strip_prefix(' ')) {
-            names.extend(decl.strip_suffix('{').map(|n| n.trim().to_owned()));
-        }
-    }
-    names
+/// The names of `kind` (`chain`, `map`, `set`) declared in our table, from `nft -j list chains|maps|sets`
+/// of the table's family.
+///
+/// # Errors
+/// When the output is not nft's JSON.
+fn names_in_table(json: &str, kind: &str) -> anyhow::Result<BTreeSet<String>> {
+    let dump: serde_json::Value = serde_json::from_str(json).context("nft -j printed no JSON")?;
+    let objects = dump["nftables"].as_array().context("nft -j: no \"nftables\" array")?;
+    Ok(objects
+        .iter()
+        .filter_map(|o| o.get(kind))
+        .filter(|o| o["family"] == TABLE_FAMILY && o["table"] == TABLE_NAME)
+        .filter_map(|o| o["name"].as_str().map(str::to_owned))
+        .collect())
 }
 
 /// What our table holds now (names only; listing rules and elements would cost as much as the table).
 fn installed() -> anyhow::Result<Installed> {
     let family = TABLE_FAMILY;
-    let mut dumps = Vec::new();
-    for what in ["chains", "sets", "maps"] {
-        let out = nft(&["--terse", "list", what, family])?;
+    let mut names = Vec::new();
+    for (what, kind) in [("chains", "chain"), ("maps", "map"), ("sets", "set")] {
+        let out = nft(&["-j", "--terse", "list", what, family])?;
         if !out.status.success() {
-            bail!("nft list {what} {family} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!("nft -j list {what} {family} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        dumps.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        names.push(names_in_table(&String::from_utf8_lossy(&out.stdout), kind)?);
     }
-    Ok(Installed {
-        chains: names_in_table(&dumps[0], "chain"),
-        sets: names_in_table(&dumps[1], "set"),
-        maps: names_in_table(&dumps[2], "map"),
-    })
+    let [chains, maps, sets] = names.try_into().expect("three lists");
+    Ok(Installed { chains, maps, sets })
 }
 
 /// One `nft -f` transaction that turns `old` into `new`, and what it writes and deletes. Ordered so every
 /// reference is valid at each step: objects are declared before anything refers to them, and deleted
 /// only after the rules and elements that referred to them are gone.
 #[must_use]
-pub fn transaction(old: &Previous<'_>, new: &Ruleset) -> (String, ApplyStats) {
+pub fn transaction(old: &Previous<'_, Nftables>, new: &Ruleset) -> (String, ApplyStats) {
     let mut out = String::new();
     let mut stats = ApplyStats::default();
     let known = match old {
-        Previous::Exact(r) => Some(*r),
-        Previous::Unknown(_) => None,
+        Previous::Applied(r) => Some(*r),
+        Previous::Installed(_) => None,
     };
     let empty = Ruleset::default();
     let before = known.unwrap_or(&empty);
@@ -106,7 +94,7 @@ pub fn transaction(old: &Previous<'_>, new: &Ruleset) -> (String, ApplyStats) {
     }
     for name in new.maps.keys() {
         if known.is_none() || !before.maps.contains_key(name) {
-            let _ = writeln!(out, "add map {TABLE} {name} {{ {} }}", rules::map_type(name));
+            let _ = writeln!(out, "add map {TABLE} {name} {{ {} }}", print::map_type(name));
         }
     }
     for name in &new.sets {
@@ -140,12 +128,12 @@ pub fn transaction(old: &Previous<'_>, new: &Ruleset) -> (String, ApplyStats) {
         stats.writes += chain.rules.len();
     }
     let (gone_chains, gone_maps, gone_sets): (Vec<&String>, Vec<&str>, Vec<&String>) = match old {
-        Previous::Exact(r) => (
+        Previous::Applied(r) => (
             r.chains.keys().filter(|c| !new.chains.contains_key(*c)).collect(),
             r.maps.keys().copied().filter(|m| !new.maps.contains_key(m)).collect(),
             r.sets.iter().filter(|s| !new.sets.contains(*s)).collect(),
         ),
-        Previous::Unknown(installed) => (
+        Previous::Installed(installed) => (
             installed.chains.iter().filter(|c| !new.chains.contains_key(*c)).collect(),
             installed.maps.iter().map(String::as_str).filter(|m| !new.maps.contains_key(m)).collect(),
             installed.sets.iter().filter(|s| !new.sets.contains(*s)).collect(),
@@ -214,45 +202,31 @@ pub fn usable() -> Result<(), String> {
     }
 }
 
-impl NftablesDataplane {
-    #[must_use]
-    pub fn start(config: RuleConfig) -> Self {
-        Self { config, applied: None, last_table: ServiceTable::default() }
-    }
-}
+impl Backend for Nftables {
+    type Ruleset = Ruleset;
+    /// Names only: listing rules and elements would cost as much as writing the table.
+    type Installed = Installed;
+    const NAME: &'static str = "nftables";
 
-impl Dataplane for NftablesDataplane {
-    fn name(&self) -> &'static str {
-        "nftables"
+    fn print(plan: &Plan) -> Ruleset {
+        print::print(plan)
     }
 
-    fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        let wanted = rules::render(table, &self.config);
-        let (script, stats) = match &self.applied {
-            Some(applied) if *applied == wanted => (String::new(), ApplyStats::default()),
-            Some(applied) => transaction(&Previous::Exact(applied), &wanted),
-            None => transaction(&Previous::Unknown(&installed()?), &wanted),
-        };
-        if !script.is_empty() {
-            // On failure nothing changed: the kernel commits an nft transaction whole or not at all.
-            netfilter::run_with_input("nft", &["-f", "-"], &script)?;
-        }
-        self.applied = Some(wanted);
-        netfilter::clear_stale_udp(&self.last_table, table);
-        self.last_table = table.clone();
-        Ok(stats)
+    fn installed() -> anyhow::Result<Installed> {
+        installed()
     }
 
-    fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        // Forget what we believe is installed: everything is rewritten, repairing any drift.
-        self.applied = None;
-        self.apply(table)
+    fn transaction(old: &Previous<'_, Self>, new: &Ruleset) -> (String, ApplyStats) {
+        transaction(old, new)
     }
 
-    fn occupancy(&self) -> Vec<(&'static str, usize)> {
-        self.applied.as_ref().map_or_else(Vec::new, |r| {
-            vec![("nftables-rules", r.rule_count()), ("nftables-map-elements", r.element_count())]
-        })
+    fn commit(input: &str) -> anyhow::Result<()> {
+        // The kernel commits an nft transaction whole or not at all.
+        netfilter::run_with_input("nft", &["-f", "-"], input)
+    }
+
+    fn occupancy(r: &Ruleset) -> Vec<(&'static str, usize)> {
+        vec![("nftables-rules", r.rule_count()), ("nftables-map-elements", r.element_count())]
     }
 }
 

@@ -1,6 +1,7 @@
 use std::net::Ipv4Addr;
 
-use super::{Installed, Previous, rules::*, transaction};
+use super::{Installed, print::*, transaction};
+use crate::dataplane::netfilter::dataplane::Previous;
 use crate::{
     dataplane::netfilter::RuleConfig,
     model::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable},
@@ -104,12 +105,12 @@ fn an_unchanged_ruleset_needs_no_writes_and_a_changed_endpoint_rewrites_only_its
     t.frontends.insert(vip(21), entry("api", FrontendKind::ClusterIp, vec![ep(5, true)], vec![ep(5, true)]));
     let config = RuleConfig::default();
     let before = render(&t, &config);
-    let (_, stats) = transaction(&Previous::Exact(&before), &before);
+    let (_, stats) = transaction(&Previous::Applied(&before), &before);
     assert_eq!((stats.writes, stats.deletes), (0, 0));
 
     t.frontends.insert(vip(20), entry("web", FrontendKind::ClusterIp, vec![ep(3, true)], vec![ep(3, true)]));
     let after = render(&t, &config);
-    let (script, _) = transaction(&Previous::Exact(&before), &after);
+    let (script, _) = transaction(&Previous::Applied(&before), &after);
     assert!(!script.contains("/api/"), "the other Service is untouched:\n{script}");
     let line = |prefix: &str| script.lines().position(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}"));
     assert!(line("add chain ip proxy-agent endpoint-") < line("flush chain ip proxy-agent service-"));
@@ -124,7 +125,7 @@ fn a_full_resync_deletes_what_the_kernel_holds_but_nobody_wants() {
         sets: ["affinity-OLD".to_owned()].into(),
     };
     let (script, _) =
-        transaction(&Previous::Unknown(&installed), &render(&ServiceTable::default(), &RuleConfig::default()));
+        transaction(&Previous::Installed(&installed), &render(&ServiceTable::default(), &RuleConfig::default()));
     for expected in [
         "flush map ip proxy-agent service-ips",
         "flush chain ip proxy-agent services",
@@ -138,8 +139,12 @@ fn a_full_resync_deletes_what_the_kernel_holds_but_nobody_wants() {
 
 #[test]
 fn installed_names_are_read_from_our_table_only() {
-    let dump = "table ip filter {\n\tchain INPUT {\n\t}\n}\ntable ip proxy-agent {\n\tchain services {\n\t}\n\tchain nat-output {\n\t\ttype nat hook output priority dstnat; policy accept;\n\t}\n}\n";
-    let names = super::names_in_table(dump, "chain");
+    let dump = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+        {"chain": {"family": "ip", "table": "filter", "name": "INPUT", "handle": 1}},
+        {"chain": {"family": "ip6", "table": "proxy-agent", "name": "elsewhere", "handle": 1}},
+        {"chain": {"family": "ip", "table": "proxy-agent", "name": "services", "handle": 2}},
+        {"chain": {"family": "ip", "table": "proxy-agent", "name": "nat-output", "handle": 3, "type": "nat"}}]}"#;
+    let names = super::names_in_table(dump, "chain").unwrap();
     assert_eq!(names, ["nat-output", "services"].map(String::from).into());
 }
 
@@ -157,12 +162,12 @@ fn incremental_transactions_converge_to_what_a_fresh_install_holds() {
     for seed in 0..24 {
         let wanted = render(&generated_table(seed), &config);
         let (script, _) = match &previous {
-            Some(p) => transaction(&Previous::Exact(p), &wanted),
-            None => transaction(&Previous::Unknown(&Installed::default()), &wanted),
+            Some(p) => transaction(&Previous::Applied(p), &wanted),
+            None => transaction(&Previous::Installed(&Installed::default()), &wanted),
         };
         live.nft_f(&script).unwrap_or_else(|e| panic!("step {seed}: {e:#}\n{script}"));
         let fresh = Netns::new("nft-fresh");
-        fresh.nft_f(&transaction(&Previous::Unknown(&Installed::default()), &wanted).0).unwrap();
+        fresh.nft_f(&transaction(&Previous::Installed(&Installed::default()), &wanted).0).unwrap();
         assert_eq!(live.normalized_table(), fresh.normalized_table(), "step {seed} diverged");
         previous = Some(wanted);
     }
@@ -171,9 +176,9 @@ fn incremental_transactions_converge_to_what_a_fresh_install_holds() {
     live.nft_f("add chain ip proxy-agent intruder\nflush chain ip proxy-agent services\n").unwrap();
     let installed = live.installed();
     assert!(installed.chains.contains("intruder"));
-    live.nft_f(&transaction(&Previous::Unknown(&installed), &wanted).0).unwrap();
+    live.nft_f(&transaction(&Previous::Installed(&installed), &wanted).0).unwrap();
     let fresh = Netns::new("nft-fresh");
-    fresh.nft_f(&transaction(&Previous::Unknown(&Installed::default()), &wanted).0).unwrap();
+    fresh.nft_f(&transaction(&Previous::Installed(&Installed::default()), &wanted).0).unwrap();
     assert_eq!(live.normalized_table(), fresh.normalized_table());
 }
 
@@ -213,6 +218,8 @@ pub(crate) fn generated_table(seed: u32) -> ServiceTable {
             if next(2) == 0 {
                 let mut node_port = np.clone();
                 node_port.kind = FrontendKind::NodePort;
+                // loadBalancerSourceRanges guard the load-balancer IPs only, as the model builds them.
+                node_port.source_ranges.clear();
                 let port = 30000 + u16::from(svc);
                 t.frontends
                     .insert(Frontend { addr: Ipv4Addr::new(10, 240, 0, 11), port, protocol: Protocol::Tcp }, node_port);
@@ -234,9 +241,9 @@ impl Netns {
 
     fn installed(&self) -> Installed {
         Installed {
-            chains: super::names_in_table(&self.nft(&["--terse", "list", "chains", "ip"]), "chain"),
-            sets: super::names_in_table(&self.nft(&["--terse", "list", "sets", "ip"]), "set"),
-            maps: super::names_in_table(&self.nft(&["--terse", "list", "maps", "ip"]), "map"),
+            chains: super::names_in_table(&self.nft(&["-j", "--terse", "list", "chains", "ip"]), "chain").unwrap(),
+            sets: super::names_in_table(&self.nft(&["-j", "--terse", "list", "sets", "ip"]), "set").unwrap(),
+            maps: super::names_in_table(&self.nft(&["-j", "--terse", "list", "maps", "ip"]), "map").unwrap(),
         }
     }
 
@@ -317,4 +324,9 @@ fn the_masquerade_bit_sets_the_mark() {
     let r = render(&ServiceTable::default(), &RuleConfig { masquerade_bit: 12, ..RuleConfig::default() });
     assert_eq!(r.chains["mark-for-masquerade"].rules, ["meta mark set meta mark | 0x1000"]);
     assert_eq!(r.chains["masquerading"].rules[0], "meta mark & 0x1000 == 0 return");
+}
+
+/// The ruleset of `table`: the plan, printed.
+fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
+    print(&crate::dataplane::netfilter::plan::build(table, config))
 }

@@ -1,6 +1,10 @@
 //! What the two netfilter dataplanes (iptables and nftables) share: the node settings that shape their rules,
-//! the grouping of frontends into kube-proxy's unit of rules (one Service port), the stale-UDP conntrack
-//! cleanup, and feeding a ruleset to a restore tool.
+//! the grouping of frontends into kube-proxy's unit of rules (one Service port), the [`plan`] of rules both
+//! print, the [`dataplane`] that applies either, the stale-UDP conntrack cleanup, and feeding a ruleset to a
+//! restore tool.
+
+pub mod dataplane;
+pub mod plan;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -132,17 +136,6 @@ pub fn service_ports(table: &ServiceTable) -> Vec<ServicePort<'_>> {
         ports.entry((&e.service, f.protocol)).or_default().push((*f, e));
     }
     ports.into_iter().map(|((name, protocol), entries)| ServicePort { name, protocol, entries }).collect()
-}
-
-/// A frontend's label in kube-proxy's rule comments.
-#[must_use]
-pub fn kind_label(kind: FrontendKind) -> &'static str {
-    match kind {
-        FrontendKind::ClusterIp => "cluster IP",
-        FrontendKind::NodePort => "nodePort",
-        FrontendKind::ExternalIp => "external IP",
-        FrontendKind::LoadBalancer => "loadbalancer IP",
-    }
 }
 
 /// UDP flows have no end the kernel can see: conntrack would keep sending a client's packets to an
