@@ -90,9 +90,9 @@ pub struct Args {
 
     /// The pods' CIDR (kube-proxy's `--cluster-cidr`): traffic from it arriving from another node counts as
     /// pod traffic, not external traffic (local-traffic detection).
-    /// A dual-stack pair (`10.42.0.0/16,fd00:42::/56`) is accepted; its IPv4 CIDR applies.
+    /// A dual-stack pair (`10.42.0.0/16,fd00:42::/56`) gives each family its own.
     #[arg(long, value_name = "CIDR[,CIDR]", value_parser = parse_cluster_cidr)]
-    pub cluster_cidr: Option<(std::net::Ipv4Addr, u8)>,
+    pub cluster_cidr: Option<crate::model::ClusterCidrs>,
 
     /// kube-proxy's `--detect-local-mode`: `ClusterCIDR` (by `--cluster-cidr`), `InterfaceNamePrefix` or
     /// `BridgeInterface` (the interface given below joins `--pod-interfaces`). Pod traffic is always also
@@ -146,7 +146,7 @@ pub struct Args {
     /// an address in one that no Service holds is dropped instead of leaving by the node's default route,
     /// as kube-proxy's nftables mode drops it (it learns them from `ServiceCIDR` objects).
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
-    pub service_cluster_ip_range: Vec<(std::net::Ipv4Addr, u8)>,
+    pub service_cluster_ip_range: Vec<crate::model::Cidr>,
 
     /// SNAT all traffic to Services, not only what needs it (kube-proxy's `--masquerade-all`).
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
@@ -280,24 +280,18 @@ fn parse_bind(s: &str, default_port: u16) -> Result<std::net::SocketAddr, String
     Ok(std::net::SocketAddr::new(ip, default_port))
 }
 
-/// `--cluster-cidr`: one CIDR or a dual-stack pair; the IPv4 one applies here.
-fn parse_cluster_cidr(v: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
-    let parts: Vec<&str> = v.split(',').map(str::trim).collect();
-    if parts.len() > 2 {
-        return Err(format!("{v:?}: a single CIDR or a dual-stack pair"));
-    }
-    let v4: Vec<&str> = parts.iter().copied().filter(|p| !p.contains(':')).collect();
-    match v4.as_slice() {
-        [one] => parse_cidr(one),
-        [] => Err(format!("{v:?} has no IPv4 CIDR (IPv6 is not served yet)")),
-        _ => Err(format!("{v:?}: two IPv4 CIDRs; a dual-stack pair has one of each family")),
-    }
+/// `--cluster-cidr`: one CIDR or a dual-stack pair.
+fn parse_cluster_cidr(v: &str) -> Result<crate::model::ClusterCidrs, String> {
+    let cidrs = v.split(',').map(str::trim).map(parse_cidr).collect::<Result<Vec<_>, _>>()?;
+    crate::model::ClusterCidrs::new(&cidrs).map_err(|e| format!("{v:?}: {e}"))
 }
 
-fn parse_cidr(v: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+/// A CIDR of either family.
+fn parse_cidr(v: &str) -> Result<crate::model::Cidr, String> {
     let (addr, len) = v.split_once('/').ok_or_else(|| format!("{v:?} is not a CIDR"))?;
-    let addr = addr.parse().map_err(|_| format!("{v:?} is not an IPv4 CIDR"))?;
-    let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{v:?} has a bad prefix length"))?;
+    let addr: std::net::IpAddr = addr.parse().map_err(|_| format!("{v:?} is not a CIDR"))?;
+    let max = if addr.is_ipv6() { 128 } else { 32 };
+    let len: u8 = len.parse().ok().filter(|l| *l <= max).ok_or_else(|| format!("{v:?} has a bad prefix length"))?;
     Ok((addr, len))
 }
 
@@ -316,13 +310,7 @@ pub fn parse_nodeport_addresses(values: &[String]) -> Result<crate::model::NodeP
     }
     values
         .iter()
-        .map(|v| {
-            let (addr, len) = v.split_once('/').ok_or_else(|| format!("{v:?} is not a CIDR"))?;
-            let addr = addr.parse().map_err(|_| format!("{v:?} is not an IPv4 CIDR"))?;
-            let len: u8 =
-                len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("{v:?} has a bad prefix length"))?;
-            Ok((addr, len))
-        })
+        .map(|v| parse_cidr(v).map(|(a, l)| crate::model::network(a, l)))
         .collect::<Result<Vec<_>, String>>()
         .map(NodePortAddresses::Cidrs)
 }
@@ -445,7 +433,7 @@ pub fn resolved_config(args: &Args) -> String {
         "healthzBindAddress": args.healthz_bind_address.to_string(),
         "metricsBindAddress": args.metrics_bind_address.to_string(),
         "hostnameOverride": args.node_name.clone().unwrap_or_default(),
-        "clusterCIDR": args.cluster_cidr.map(|(a, l)| format!("{a}/{l}")).unwrap_or_default(),
+        "clusterCIDR": args.cluster_cidr.as_ref().map(ToString::to_string).unwrap_or_default(),
         "nodePortAddresses": node_port_addresses,
         "oomScoreAdj": args.oom_score_adj,
         "clientConnection": { "kubeconfig": args.kubeconfig.as_ref().map(|k| k.display().to_string()).unwrap_or_default() },

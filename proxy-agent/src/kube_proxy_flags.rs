@@ -125,7 +125,8 @@ mod tests {
         ]);
         assert_eq!(args.mode, crate::cli::Mode::Iptables);
         assert_eq!(args.healthz_bind_address, "127.0.0.1:10256".parse().unwrap(), "a bare IP gets the port");
-        assert_eq!(args.cluster_cidr, Some(("10.42.0.0".parse().unwrap(), 16)), "the IPv4 one of the pair");
+        let pair = [("10.42.0.0".parse().unwrap(), 16), ("2001:cafe:42::".parse().unwrap(), 56)];
+        assert_eq!(args.cluster_cidr, Some(crate::model::ClusterCidrs::new(&pair).unwrap()), "one per family");
         assert_eq!(args.conntrack.conntrack_max_per_core, 0);
         assert_eq!(args.verbosity, Some(2));
         assert_eq!(args.kube_proxy.given(), ["--alsologtostderr=true", "--log_file=/var/log/kube-proxy.log"]);

@@ -147,7 +147,7 @@ fn start_dataplane(
     let rule_config = dataplane::netfilter::RuleConfig {
         masquerade_all: args.masquerade_all,
         masquerade_bit: args.iptables_masquerade_bit,
-        cluster_cidr: args.cluster_cidr,
+        cluster_cidrs: args.cluster_cidr.clone().unwrap_or_default(),
         pod_interfaces: args.pod_interfaces.clone(),
         // As kube-proxy: read after setting it, so a node configured liberal by other means counts too.
         tcp_be_liberal: dataplane::netfilter::tcp_be_liberal(),
@@ -266,10 +266,19 @@ fn set_oom_score_adj(value: i32) {
 /// The eBPF dataplane's node-wide settings, from the flags and the node's addresses.
 fn node_settings(args: &cli::Args, node: &NodeIdentity) -> NodeSettings {
     NodeSettings {
-        snat_addr: args.node_ip.or_else(|| node.addresses.first().copied()),
+        snat_addr: args.node_ip.or_else(|| {
+            node.addresses.iter().find_map(|a| match a {
+                std::net::IpAddr::V4(v4) => Some(*v4),
+                std::net::IpAddr::V6(_) => None,
+            })
+        }),
         snat_ports: args.snat_ports,
         masquerade_all: args.masquerade_all,
-        cluster_cidr: args.cluster_cidr,
+        cluster_cidr: args
+            .cluster_cidr
+            .as_ref()
+            .and_then(|c| c.of_family(false))
+            .map(|(a, len)| (dataplane::ebpf::ipv4(a), len)),
         xdp: args.xdp,
         timeouts: args.conntrack.timeouts(),
         max_flows: args.conntrack.max_flows(conntrack_settings::cpus()),

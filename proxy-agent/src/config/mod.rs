@@ -25,7 +25,7 @@ pub struct FileConfig {
     /// `ebpf`, `iptables`, `nftables`, `ipvs` (served by eBPF) or `auto`; `None` for `""` (this agent's
     /// default, eBPF).
     pub mode: Option<String>,
-    pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+    pub cluster_cidr: Option<crate::model::ClusterCidrs>,
     pub node_port_addresses: Option<NodePortAddresses>,
     pub masquerade_all: Option<bool>,
     /// The mark bit the netfilter modes masquerade by (`iptables.masqueradeBit`, or `nftables.` in that mode).
@@ -357,27 +357,17 @@ fn detect_local(c: &KubeProxyConfiguration, out: &mut FileConfig) -> Result<(), 
 
 /// `clusterCIDR`: one CIDR or a dual-stack pair, comma-separated (not trimmed, as kube-proxy splits it);
 /// the IPv4 one applies here.
-fn cluster_cidr(text: &str) -> Result<Option<(Ipv4Addr, u8)>, BadValue> {
+fn cluster_cidr(text: &str) -> Result<Option<crate::model::ClusterCidrs>, BadValue> {
     let parts: Vec<&str> = text.split(',').collect();
     let pair_message = "must be a single CIDR or a dual-stack pair of CIDRs (e.g. 10.100.0.0/16,fde4:8dba:82e1::/48)";
-    if parts.len() > 2 {
-        return Err(bad("clusterCIDR", text, pair_message));
-    }
-    let mut v4 = None;
-    let mut families = Vec::new();
+    let mut cidrs = Vec::new();
     for (i, part) in parts.iter().enumerate() {
-        let Some((addr, len)) = sloppy_ip::parse_cidr(part) else {
+        let Some(cidr) = sloppy_ip::parse_cidr(part) else {
             return Err(bad(&format!("clusterCIDR[{i}]"), part, "must be a valid CIDR block (e.g. 10.100.0.0/16)"));
         };
-        families.push(addr.is_ipv4());
-        if let IpAddr::V4(a) = addr {
-            v4 = Some(network(a, len));
-        }
+        cidrs.push(cidr);
     }
-    if families.len() == 2 && families[0] == families[1] {
-        return Err(bad("clusterCIDR", text, pair_message));
-    }
-    Ok(v4)
+    crate::model::ClusterCidrs::new(&cidrs).map(Some).map_err(|_| bad("clusterCIDR", text, pair_message))
 }
 
 fn node_port_addresses(c: &KubeProxyConfiguration, mode: &str, out: &mut FileConfig) -> Result<(), BadValue> {
@@ -392,8 +382,7 @@ fn node_port_addresses(c: &KubeProxyConfiguration, mode: &str, out: &mut FileCon
             return Ok(());
         }
         match sloppy_ip::parse_cidr(item) {
-            Some((IpAddr::V4(a), len)) => cidrs.push(network(a, len)),
-            Some((IpAddr::V6(_), _)) => {}
+            Some((a, len)) => cidrs.push(network(a, len)),
             None => return Err(bad(&format!("nodePortAddresses[{i}]"), item, "must be a valid CIDR")),
         }
     }

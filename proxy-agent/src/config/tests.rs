@@ -26,7 +26,8 @@ someFutureField: 1
 fn a_kube_proxy_configuration_loads_and_unknown_fields_are_listed() {
     let c = parse(KUBE_PROXY_STYLE).unwrap();
     assert_eq!(c.mode, None, "\"\" is this agent's default");
-    assert_eq!(c.cluster_cidr, Some(("10.200.0.0".parse().unwrap(), 16)));
+    let pair = [("10.200.0.0".parse().unwrap(), 16), ("fd00::".parse().unwrap(), 48)];
+    assert_eq!(c.cluster_cidr, Some(crate::model::ClusterCidrs::new(&pair).unwrap()), "one per family");
     assert_eq!(c.node_port_addresses, Some(NodePortAddresses::Cidrs(vec![("10.240.0.0".parse().unwrap(), 24)])));
     assert_eq!(c.masquerade_all, Some(true));
     assert_eq!(c.hostname_override.as_deref(), Some("node7"), "trimmed and lower-cased, as kube-proxy");

@@ -1,6 +1,6 @@
 //! Builds the desired service table from checked objects, following kube-proxy's rules.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::{
     BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, NodeIdentity, ServicePortName,
@@ -22,9 +22,9 @@ pub struct HealthCheck {
 pub(super) struct NodeContext {
     pub name: String,
     pub zone: Option<String>,
-    pub node_port_addrs: Vec<Ipv4Addr>,
-    /// kube-proxy's `nodeIP`: the Node object's InternalIP, else the first local address.
-    pub primary_addr: Option<Ipv4Addr>,
+    pub node_port_addrs: Vec<IpAddr>,
+    /// kube-proxy's `nodeIP` of each family: the Node object's InternalIP, else the first local address.
+    pub primary_addrs: Vec<IpAddr>,
 }
 
 impl NodeContext {
@@ -33,7 +33,7 @@ impl NodeContext {
             name: node.name.clone(),
             zone: node_zone(state, &node.name),
             node_port_addrs: node.node_port_addresses(state),
-            primary_addr: node.primary_address(state),
+            primary_addrs: [false, true].into_iter().filter_map(|ipv6| node.primary_address(state, ipv6)).collect(),
         }
     }
 }
@@ -74,8 +74,8 @@ pub(super) fn service_output(checked: &CheckedService, slices: &[&CheckedSlice],
     let mut out = ServiceOutput::default();
     let mut local_endpoints = 0;
     for (i, port) in checked.ports.iter().enumerate() {
-        let candidates = candidates(port, slices, &node.name);
-        if port.protocol == super::Protocol::Sctp && candidates.iter().any(|c| c.endpoint.port != port.port) {
+        let all_candidates = candidates(port, slices, &node.name);
+        if port.protocol == super::Protocol::Sctp && all_candidates.iter().any(|c| c.endpoint.port != port.port) {
             // SCTP's CRC32c covers the ports but not the addresses: the data path translates addresses
             // only, and would have to recompute the whole checksum to change a port.
             out.rejected.push(Rejection {
@@ -86,15 +86,30 @@ pub(super) fn service_output(checked: &CheckedService, slices: &[&CheckedSlice],
             });
             continue;
         }
-        let sets = Sets::of(&candidates, node.zone.as_deref(), &node.name);
-        // kube-proxy's count (`LocalReadyEndpoints`): ready local endpoints, summed over the Service's
-        // ports. Terminating ones do not count even where they still take traffic, so a load balancer
-        // drains a node whose endpoints are all going away.
-        local_endpoints += candidates.iter().filter(|c| c.endpoint.local && c.ready).count();
-        for (frontend, kind) in frontends_of(checked, port, &node.node_port_addrs) {
-            let entry = entry_for(checked, port, kind, &sets, node);
-            out.claims.push(Claim { frontend, port_index: i, entry });
+        // As kube-proxy's one proxier per family: a family's frontends use that family's endpoints only.
+        let mut local_of_port = 0;
+        for ipv6 in [false, true] {
+            let frontends: Vec<(Frontend, FrontendKind)> = frontends_of(checked, port, &node.node_port_addrs)
+                .into_iter()
+                .filter(|(f, _)| f.addr.is_ipv6() == ipv6)
+                .collect();
+            if frontends.is_empty() {
+                continue;
+            }
+            let candidates: Vec<&Candidate> =
+                all_candidates.iter().filter(|c| c.endpoint.addr.is_ipv6() == ipv6).collect();
+            let sets = Sets::of(&candidates, node.zone.as_deref(), &node.name);
+            // kube-proxy's count (`LocalReadyEndpoints`): ready local endpoints, summed over the Service's
+            // ports. Terminating ones do not count even where they still take traffic, so a load balancer
+            // drains a node whose endpoints are all going away. A dual-stack pod is one endpoint of each
+            // family: the larger family's count is the number of pods.
+            local_of_port = local_of_port.max(candidates.iter().filter(|c| c.endpoint.local && c.ready).count());
+            for (frontend, kind) in frontends {
+                let entry = entry_for(checked, port, kind, &sets, node, ipv6);
+                out.claims.push(Claim { frontend, port_index: i, entry });
+            }
         }
+        local_endpoints += local_of_port;
     }
     if let Some(port) = checked.health_check_node_port
         && checked.external_policy == TrafficPolicy::Local
@@ -115,13 +130,13 @@ fn node_zone(state: &ClusterState, node: &str) -> Option<String> {
 fn frontends_of(
     svc: &CheckedService,
     port: &CheckedServicePort,
-    node_addrs: &[Ipv4Addr],
+    node_addrs: &[IpAddr],
 ) -> Vec<(Frontend, FrontendKind)> {
     if svc.type_ == ServiceType::ExternalName {
         return Vec::new();
     }
     let at =
-        |addr: Ipv4Addr, port_number: u16, kind| (Frontend { addr, port: port_number, protocol: port.protocol }, kind);
+        |addr: IpAddr, port_number: u16, kind| (Frontend { addr, port: port_number, protocol: port.protocol }, kind);
     let mut out: Vec<_> = svc.cluster_ips.iter().map(|a| at(*a, port.port, FrontendKind::ClusterIp)).collect();
     if let Some(node_port) =
         port.node_port.filter(|_| matches!(svc.type_, ServiceType::NodePort | ServiceType::LoadBalancer))
@@ -138,10 +153,14 @@ fn frontends_of(
 /// `loadBalancerSourceRanges` as kube-proxy applies them: when the node's primary address is inside a range,
 /// the load-balancer IPs themselves are allowed too. A load balancer that hairpins a node's own request to
 /// its VIP (or a VIP the node holds as a local address) delivers it with the VIP as its source.
-fn source_ranges(svc: &CheckedService, node: &NodeContext) -> Vec<(Ipv4Addr, u8)> {
-    let mut ranges = svc.source_ranges.clone();
-    if node.primary_addr.is_some_and(|a| ranges.iter().any(|r| super::in_cidr(a, *r))) {
-        ranges.extend(svc.load_balancer_ips.iter().map(|ip| (*ip, 32)));
+/// Per family, as kube-proxy's proxiers: an IPv6 load-balancer IP is guarded by the IPv6 ranges only, so a
+/// Service listing only IPv4 ranges leaves its IPv6 load-balancer IPs open, as with kube-proxy.
+fn source_ranges(svc: &CheckedService, node: &NodeContext, ipv6: bool) -> Vec<super::Cidr> {
+    let mut ranges: Vec<super::Cidr> = svc.source_ranges.iter().copied().filter(|(n, _)| n.is_ipv6() == ipv6).collect();
+    let primary = node.primary_addrs.iter().copied().find(|a| a.is_ipv6() == ipv6);
+    if primary.is_some_and(|a| ranges.iter().any(|r| super::in_cidr(a, *r))) {
+        let host = if ipv6 { 128 } else { 32 };
+        ranges.extend(svc.load_balancer_ips.iter().filter(|ip| ip.is_ipv6() == ipv6).map(|ip| (*ip, host)));
     }
     ranges.sort_unstable();
     ranges.dedup();
@@ -154,6 +173,7 @@ fn entry_for(
     kind: FrontendKind,
     sets: &Sets,
     node: &NodeContext,
+    ipv6: bool,
 ) -> FrontendEntry {
     let service = ServicePortName { namespace: svc.namespace.clone(), name: svc.name.clone(), port: port.name.clone() };
     let cluster_wide = !sets.usable.is_empty();
@@ -180,7 +200,7 @@ fn entry_for(
         masquerade_external: kind == FrontendKind::ClusterIp || svc.external_policy == TrafficPolicy::Cluster,
         affinity_timeout: svc.affinity_timeout,
         lb_algorithm: svc.lb_algorithm,
-        source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges(svc, node) } else { Vec::new() },
+        source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges(svc, node, ipv6) } else { Vec::new() },
     }
 }
 
@@ -230,11 +250,11 @@ struct Sets {
 }
 
 impl Sets {
-    fn of(candidates: &[Candidate], zone: Option<&str>, node: &str) -> Self {
+    fn of(candidates: &[&Candidate], zone: Option<&str>, node: &str) -> Self {
         let pick = |filter: &dyn Fn(&Candidate) -> bool| -> Vec<&Candidate> {
-            let ready: Vec<&Candidate> = candidates.iter().filter(|c| c.ready && filter(c)).collect();
+            let ready: Vec<&Candidate> = candidates.iter().copied().filter(|c| c.ready && filter(c)).collect();
             if ready.is_empty() {
-                candidates.iter().filter(|c| c.serving && c.terminating && filter(c)).collect()
+                candidates.iter().copied().filter(|c| c.serving && c.terminating && filter(c)).collect()
             } else {
                 ready
             }

@@ -9,7 +9,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
     sync::Arc,
 };
 
@@ -30,7 +29,7 @@ use crate::store::{ClusterState, ObjectKey};
 /// Where a claim sits in the order that decides conflicts: Service, port, position within the port.
 type ClaimOrder = (ObjectKey, usize, usize);
 
-type BackendKey = (Ipv4Addr, u16, Protocol);
+type BackendKey = (std::net::IpAddr, u16, Protocol);
 
 pub struct IncrementalModel {
     node: NodeIdentity,

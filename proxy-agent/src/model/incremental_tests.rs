@@ -217,9 +217,9 @@ fn change() -> impl Strategy<Value = Change> {
 fn identity(primary: bool) -> NodeIdentity {
     NodeIdentity {
         name: "node1".into(),
-        addresses: vec![Ipv4Addr::new(172, 18, 0, 2), Ipv4Addr::new(172, 18, 0, 3)],
+        addresses: vec![Ipv4Addr::new(172, 18, 0, 2).into(), Ipv4Addr::new(172, 18, 0, 3).into()],
         node_port_addresses: if primary { NodePortAddresses::Primary } else { NodePortAddresses::All },
-        service_cidrs: vec![(Ipv4Addr::new(10, 32, 0, 0), 16)],
+        service_cidrs: vec![(Ipv4Addr::new(10, 32, 0, 0).into(), 16)],
     }
 }
 

@@ -1,6 +1,9 @@
 //! The desired service table: what the dataplane must make true.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+/// A network: address and prefix length, host bits clear.
+pub type Cidr = (IpAddr, u8);
 
 /// An L4 protocol a Service port can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,21 +64,21 @@ impl fmt::Display for Protocol {
 /// An address clients send to: a Service IP, port and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+        write!(f, "{}/{}", std::net::SocketAddr::new(self.addr, self.port), self.protocol)
     }
 }
 
 /// A backend address: a pod IP and the resolved target port. Its protocol is its frontend's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// The endpoint runs on this node. External traffic to a local endpoint can keep its source address.
     pub local: bool,
@@ -83,7 +86,7 @@ pub struct Endpoint {
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        write!(f, "{}", std::net::SocketAddr::new(self.addr, self.port))
     }
 }
 
@@ -150,7 +153,7 @@ pub struct FrontendEntry {
     /// sessionAffinity ClientIP: a client keeps its backend for this many seconds of inactivity.
     pub affinity_timeout: Option<u32>,
     /// loadBalancerSourceRanges: only these sources may use the frontend (load-balancer IPs only).
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    pub source_ranges: Vec<Cidr>,
     /// The Service's choice of algorithm; `None`: the node's default (`--lb-algorithm`, external frontends).
     pub lb_algorithm: Option<LbAlgorithm>,
 }
@@ -168,10 +171,26 @@ pub struct ServiceTable {
     pub frontends: BTreeMap<Frontend, FrontendEntry>,
     /// The cluster's service CIDRs (`--service-cluster-ip-range` and `ServiceCIDR` objects), sorted: an
     /// address in one that no Service holds is dropped, not routed on.
-    pub service_cidrs: Vec<(Ipv4Addr, u8)>,
+    pub service_cidrs: Vec<Cidr>,
 }
 
 impl ServiceTable {
+    /// The frontends and service CIDRs of one family (`ipv6` or not): what one family's dataplane
+    /// programs, as kube-proxy runs one proxier per family. Frontends and their endpoints never mix
+    /// families (the model builds them so).
+    #[must_use]
+    pub fn family(&self, ipv6: bool) -> Self {
+        Self {
+            frontends: self
+                .frontends
+                .iter()
+                .filter(|(f, _)| f.addr.is_ipv6() == ipv6)
+                .map(|(f, e)| (*f, e.clone()))
+                .collect(),
+            service_cidrs: self.service_cidrs.iter().copied().filter(|(net, _)| net.is_ipv6() == ipv6).collect(),
+        }
+    }
+
     /// How many distinct backends (address, port, protocol) the table uses.
     #[cfg(test)]
     #[must_use]

@@ -56,11 +56,11 @@ endpoints:
 "#;
 
 fn fe(ip: [u8; 4], port: u16, protocol: Protocol) -> Frontend {
-    Frontend { addr: Ipv4Addr::from(ip), port, protocol }
+    Frontend { addr: Ipv4Addr::from(ip).into(), port, protocol }
 }
 
 fn ep(ip: [u8; 4], port: u16) -> Endpoint {
-    Endpoint { addr: Ipv4Addr::from(ip), port, local: false }
+    Endpoint { addr: Ipv4Addr::from(ip).into(), port, local: false }
 }
 
 #[test]
@@ -151,14 +151,71 @@ fn headless_and_external_name_services_have_no_frontends() {
     assert!(d.table.frontends.is_empty() && d.rejected.is_empty(), "{d:?}");
 }
 
+/// A `RequireDualStack` Service as the API server writes it, with one EndpointSlice per family: each
+/// family's frontends (ClusterIP, NodePort on the node's address of that family, load-balancer IP) use that
+/// family's endpoints only, and the load-balancer source ranges of that family only, as kube-proxy's one
+/// proxier per family does.
 #[test]
-fn ipv6_cluster_ips_of_dual_stack_services_are_skipped_not_rejected() {
+fn a_dual_stack_service_has_frontends_of_both_families_each_with_its_own_endpoints() {
     let dual = svc(
-        "metadata: {name: d}\nspec: {clusterIP: 10.32.0.7, clusterIPs: [10.32.0.7, 'fd00::7'], ports: [{port: 80}]}",
+        "metadata: {name: d}\nspec: {type: LoadBalancer, ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv4, IPv6], clusterIP: 10.32.0.7, clusterIPs: [10.32.0.7, 'fd00:32::7'], loadBalancerSourceRanges: [192.0.2.0/24], ports: [{port: 80, nodePort: 30007}]}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.7}, {ip: '2001:db8::7'}]}}",
     );
-    let d = run(vec![dual], vec![]);
-    assert!(d.rejected.is_empty());
-    assert_eq!(d.table.frontends.keys().copied().collect::<Vec<_>>(), vec![fe([10, 32, 0, 7], 80, Protocol::Tcp)]);
+    let v4 = "metadata: {name: d-v4, labels: {kubernetes.io/service-name: d}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.200.1.5], nodeName: n}]";
+    let v6 = "metadata: {name: d-v6, labels: {kubernetes.io/service-name: d}}\naddressType: IPv6\nports: [{port: 8080}]\nendpoints: [{addresses: ['fd00:200:1::5'], nodeName: n}]";
+    let node = NodeIdentity {
+        name: "n".into(),
+        addresses: vec!["10.240.0.11".parse().unwrap(), "fd00:240::11".parse().unwrap()],
+        ..NodeIdentity::default()
+    };
+    let d = desired(&state(vec![dual], vec![slice(v4), slice(v6)]), &node);
+    assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+    let got: Vec<(String, FrontendKind, Vec<String>, usize)> = d
+        .table
+        .frontends
+        .iter()
+        .map(|(f, e)| {
+            let endpoints = e.internal.endpoints.iter().map(ToString::to_string).collect();
+            (f.to_string(), e.kind, endpoints, e.source_ranges.len())
+        })
+        .collect();
+    let v4_ep = vec!["10.200.1.5:8080".to_owned()];
+    let v6_ep = vec!["[fd00:200:1::5]:8080".to_owned()];
+    assert_eq!(
+        got,
+        [
+            ("10.32.0.7:80/TCP".to_owned(), FrontendKind::ClusterIp, v4_ep.clone(), 0),
+            ("10.240.0.11:30007/TCP".to_owned(), FrontendKind::NodePort, v4_ep.clone(), 0),
+            ("203.0.113.7:80/TCP".to_owned(), FrontendKind::LoadBalancer, v4_ep, 1),
+            ("[2001:db8::7]:80/TCP".to_owned(), FrontendKind::LoadBalancer, v6_ep.clone(), 0),
+            ("[fd00:32::7]:80/TCP".to_owned(), FrontendKind::ClusterIp, v6_ep.clone(), 0),
+            ("[fd00:240::11]:30007/TCP".to_owned(), FrontendKind::NodePort, v6_ep, 0),
+        ]
+    );
+}
+
+#[test]
+fn an_address_of_the_other_family_or_a_second_cluster_ip_of_one_family_is_rejected_naming_the_field() {
+    let wrong = "metadata: {name: w-v6, labels: {kubernetes.io/service-name: w}}\naddressType: IPv6\nports: [{port: 8080}]\nendpoints: [{addresses: ['fd00::5', 10.200.1.5]}]";
+    let d = run(
+        vec![svc("metadata: {name: w}\nspec: {clusterIPs: ['fd00:32::9'], ports: [{port: 80}]}")],
+        vec![slice(wrong)],
+    );
+    assert_eq!(d.rejected.len(), 1, "{:?}", d.rejected);
+    assert_eq!((d.rejected[0].kind, d.rejected[0].field.as_str()), ("EndpointSlice", "endpoints[0].addresses[1]"));
+    assert!(d.rejected[0].reason.contains("not an IPv6 address"), "{}", d.rejected[0]);
+    for (spec, field) in [
+        ("{clusterIPs: [10.32.0.8, 10.32.0.9], ports: [{port: 80}]}", "spec.clusterIPs[1]"),
+        ("{clusterIPs: [10.32.0.8], ipFamilies: [IPv6], ports: [{port: 80}]}", "spec.clusterIPs[0]"),
+        (
+            "{clusterIPs: [10.32.0.8, 'fd00:32::8'], ipFamilyPolicy: SingleStack, ports: [{port: 80}]}",
+            "spec.ipFamilyPolicy",
+        ),
+        ("{clusterIPs: [10.32.0.8], ipFamilies: [IPv5], ports: [{port: 80}]}", "spec.ipFamilies[0]"),
+    ] {
+        let d = run(vec![svc(&format!("metadata: {{name: x}}\nspec: {spec}"))], vec![]);
+        assert_eq!(d.rejected.iter().map(|r| r.field.as_str()).collect::<Vec<_>>(), [field], "{spec}");
+        assert!(d.table.frontends.is_empty(), "a rejected Service programs nothing: {spec}");
+    }
 }
 
 #[test]
@@ -233,7 +290,7 @@ fn bad_endpoint_slices_are_rejected_and_their_service_keeps_other_slices() {
 }
 
 #[test]
-fn ipv6_and_fqdn_slices_and_unowned_slices_are_ignored() {
+fn ipv6_slices_do_not_feed_an_ipv4_service_and_fqdn_and_unowned_slices_are_ignored() {
     let v6 = DNS_SLICE.replace("addressType: IPv4", "addressType: IPv6").replace("10.200.1.10", "fd00::1");
     let unowned = DNS_SLICE.replace("labels: {kubernetes.io/service-name: kube-dns}", "labels: {}");
     let d = run(vec![svc(DNS)], vec![slice(&v6), slice(&unowned)]);
@@ -276,11 +333,11 @@ fn node_ports_follow_node_port_addresses() {
     let mut state = state(vec![np], vec![]);
     let node = |addrs: NodePortAddresses| NodeIdentity {
         name: "node1".into(),
-        addresses: vec![Ipv4Addr::new(10, 240, 0, 11), Ipv4Addr::new(192, 168, 9, 1)],
+        addresses: vec![Ipv4Addr::new(10, 240, 0, 11).into(), Ipv4Addr::new(192, 168, 9, 1).into()],
         node_port_addresses: addrs,
         service_cidrs: Vec::new(),
     };
-    let node_ports = |n: &NodeIdentity, s: &ClusterState| -> Vec<Ipv4Addr> {
+    let node_ports = |n: &NodeIdentity, s: &ClusterState| -> Vec<std::net::IpAddr> {
         desired(s, n)
             .table
             .frontends
@@ -291,7 +348,7 @@ fn node_ports_follow_node_port_addresses() {
     };
     assert_eq!(node_ports(&node(NodePortAddresses::All), &state).len(), 2);
     assert_eq!(
-        node_ports(&node(NodePortAddresses::Cidrs(vec![(Ipv4Addr::new(192, 168, 0, 0), 16)])), &state),
+        node_ports(&node(NodePortAddresses::Cidrs(vec![(Ipv4Addr::new(192, 168, 0, 0).into(), 16)])), &state),
         vec![Ipv4Addr::new(192, 168, 9, 1)]
     );
     let node_obj: k8s_openapi::api::core::v1::Node = serde_saphyr::from_str(
@@ -308,9 +365,9 @@ fn load_balancer_ingress_with_ip_mode_proxy_gets_no_frontend() {
         "metadata: {name: lb}\nspec: {type: LoadBalancer, clusterIP: 10.32.0.41, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.5, ipMode: VIP}, {ip: 203.0.113.6, ipMode: Proxy}]}}",
     );
     let d = run(vec![lb], vec![]);
-    let lbs: Vec<Ipv4Addr> =
+    let lbs: Vec<std::net::IpAddr> =
         d.table.frontends.iter().filter(|(_, e)| e.kind == FrontendKind::LoadBalancer).map(|(f, _)| f.addr).collect();
-    assert_eq!(lbs, vec![Ipv4Addr::new(203, 0, 113, 5)]);
+    assert_eq!(lbs, vec![std::net::IpAddr::from(Ipv4Addr::new(203, 0, 113, 5))]);
 }
 
 #[test]
@@ -319,12 +376,12 @@ fn traffic_policies_shape_the_external_and_internal_sets() {
     let sl = "metadata: {name: p-1, labels: {kubernetes.io/service-name: p}}\naddressType: IPv4\nports: [{name: h, port: 8080}]\nendpoints: [{addresses: [10.200.1.5], nodeName: node1}, {addresses: [10.200.2.5], nodeName: node2}]";
     let n = NodeIdentity {
         name: "node1".into(),
-        addresses: vec![Ipv4Addr::new(10, 240, 0, 11)],
+        addresses: vec![Ipv4Addr::new(10, 240, 0, 11).into()],
         ..NodeIdentity::default()
     };
     let d = desired(&state(vec![svc(y)], vec![slice(sl)]), &n);
-    let local = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 5), port: 8080, local: true };
-    let remote = Endpoint { addr: Ipv4Addr::new(10, 200, 2, 5), port: 8080, local: false };
+    let local = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 5).into(), port: 8080, local: true };
+    let remote = Endpoint { addr: Ipv4Addr::new(10, 200, 2, 5).into(), port: 8080, local: false };
     let cluster_ip = &d.table.frontends[&fe([10, 32, 0, 42], 80, Protocol::Tcp)];
     assert_eq!(cluster_ip.internal.endpoints, vec![local], "iTP Local: pods use local endpoints");
     assert_eq!(cluster_ip.external.endpoints, vec![local], "iTP applies to all ClusterIP traffic, as kube-proxy's");
@@ -392,11 +449,15 @@ fn service_cidrs_join_the_flag_and_every_service_cidr_object() {
     }
     let node = NodeIdentity {
         name: "node1".into(),
-        service_cidrs: vec![(Ipv4Addr::new(10, 32, 0, 0), 16)],
+        service_cidrs: vec![(Ipv4Addr::new(10, 32, 0, 0).into(), 16)],
         ..NodeIdentity::default()
     };
     let d = desired(&state, &node);
-    assert_eq!(d.table.service_cidrs, vec![(Ipv4Addr::new(10, 32, 0, 0), 16), (Ipv4Addr::new(10, 33, 0, 0), 24)]);
+    let v6: std::net::IpAddr = "fd00:10:96::".parse().unwrap();
+    assert_eq!(
+        d.table.service_cidrs,
+        vec![(Ipv4Addr::new(10, 32, 0, 0).into(), 16), (Ipv4Addr::new(10, 33, 0, 0).into(), 24), (v6, 112)]
+    );
     assert_eq!(d.rejected.len(), 1, "{:?}", d.rejected);
     let r = &d.rejected[0];
     assert_eq!((r.kind, r.object.as_str(), r.field.as_str()), ("ServiceCIDR", "broken", "spec.cidrs[0]"));

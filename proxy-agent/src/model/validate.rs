@@ -4,7 +4,7 @@
 //! model to skip anything the dataplane cannot honour. Parsing once into typed values means the table
 //! builder never meets a bad address or port.
 
-use std::{fmt, net::IpAddr, net::Ipv4Addr};
+use std::{fmt, net::IpAddr};
 
 use super::sloppy_ip;
 
@@ -78,13 +78,15 @@ pub struct CheckedService {
     pub namespace: String,
     pub name: String,
     pub type_: ServiceType,
-    /// IPv4 cluster IPs; empty for headless and ExternalName Services. IPv6 ones are not handled yet.
-    pub cluster_ips: Vec<Ipv4Addr>,
+    /// The cluster IPs, at most one per family (`spec.clusterIPs`); empty for headless and ExternalName
+    /// Services.
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<CheckedServicePort>,
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip`, except those with `ipMode: Proxy` (the load balancer proxies).
-    pub load_balancer_ips: Vec<Ipv4Addr>,
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// Both families' ranges; each family's frontends use their own.
+    pub source_ranges: Vec<super::Cidr>,
     pub external_policy: TrafficPolicy,
     pub internal_policy: TrafficPolicy,
     pub health_check_node_port: Option<u16>,
@@ -110,7 +112,8 @@ pub struct CheckedSlicePort {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckedEndpoint {
-    pub addresses: Vec<Ipv4Addr>,
+    /// Of the slice's `addressType`.
+    pub addresses: Vec<IpAddr>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -155,12 +158,8 @@ impl Checker {
             .ok_or_else(|| self.reject(field, format!("{value} is not a port number (1-65535)")))
     }
 
-    fn ipv4(&self, field: String, value: &str) -> Result<Option<Ipv4Addr>, Rejection> {
-        match sloppy_ip::parse_ip(value) {
-            Some(IpAddr::V4(v4)) => Ok(Some(v4)),
-            Some(IpAddr::V6(_)) => Ok(None),
-            None => Err(self.reject(field, format!("{value:?} is not an IP address"))),
-        }
+    fn ip(&self, field: String, value: &str) -> Result<IpAddr, Rejection> {
+        sloppy_ip::parse_ip(value).ok_or_else(|| self.reject(field, format!("{value:?} is not an IP address")))
     }
 
     fn policy(&self, field: &str, value: Option<&str>) -> Result<TrafficPolicy, Rejection> {
@@ -201,7 +200,7 @@ pub fn service(svc: &Service) -> Result<CheckedService, Rejection> {
     };
     let mut external_ips = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        external_ips.extend(c.ipv4(format!("spec.externalIPs[{i}]"), ip)?);
+        external_ips.push(c.ip(format!("spec.externalIPs[{i}]"), ip)?);
     }
     let (load_balancer_ips, source_ranges) = load_balancer(&c, svc, spec)?;
     let affinity_timeout = affinity(&c, spec)?;
@@ -237,35 +236,69 @@ pub fn service(svc: &Service) -> Result<CheckedService, Rejection> {
     })
 }
 
-fn cluster_ips(c: &Checker, spec: &ServiceSpec) -> Result<Vec<Ipv4Addr>, Rejection> {
+/// An IP family as the API spells it (`spec.ipFamilies`, `addressType`).
+fn family_name(addr: IpAddr) -> &'static str {
+    if addr.is_ipv6() { "IPv6" } else { "IPv4" }
+}
+
+fn cluster_ips(c: &Checker, spec: &ServiceSpec) -> Result<Vec<IpAddr>, Rejection> {
     let mut cluster_ips = Vec::new();
-    if spec.type_.as_deref() != Some("ExternalName") {
-        let parse = |field: String, ip: &str| -> Result<Option<IpAddr>, Rejection> {
-            match ip {
-                "" | "None" => Ok(None),
-                _ => sloppy_ip::parse_ip(ip)
-                    .map(Some)
-                    .ok_or_else(|| c.reject(field, format!("{ip:?} is not an IP address"))),
-            }
-        };
-        let primary = match &spec.cluster_ip {
-            Some(ip) => parse("spec.clusterIP".into(), ip)?,
-            None => None,
-        };
-        let listed = spec.cluster_ips.as_deref().unwrap_or_default();
-        for (i, ip) in listed.iter().enumerate() {
-            if let Some(IpAddr::V4(v4)) = parse(format!("spec.clusterIPs[{i}]"), ip)? {
-                cluster_ips.push(v4);
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(cluster_ips);
+    }
+    let parse = |field: String, ip: &str| -> Result<Option<IpAddr>, Rejection> {
+        match ip {
+            "" | "None" => Ok(None),
+            _ => {
+                sloppy_ip::parse_ip(ip).map(Some).ok_or_else(|| c.reject(field, format!("{ip:?} is not an IP address")))
             }
         }
-        // The API server keeps clusterIPs[0] equal to clusterIP; a manifest may set either or both.
-        match (primary, listed.first()) {
-            (Some(p), Some(first)) if sloppy_ip::parse_ip(first) != Some(p) => {
-                return Err(c.reject("spec.clusterIP", format!("{p} does not match spec.clusterIPs[0] {first:?}")));
-            }
-            (Some(IpAddr::V4(v4)), None) => cluster_ips.push(v4),
-            _ => {}
+    };
+    let primary = match &spec.cluster_ip {
+        Some(ip) => parse("spec.clusterIP".into(), ip)?,
+        None => None,
+    };
+    let listed = spec.cluster_ips.as_deref().unwrap_or_default();
+    for (i, ip) in listed.iter().enumerate() {
+        cluster_ips.extend(parse(format!("spec.clusterIPs[{i}]"), ip)?);
+    }
+    // The API server keeps clusterIPs[0] equal to clusterIP; a manifest may set either or both.
+    match (primary, listed.first()) {
+        (Some(p), Some(first)) if sloppy_ip::parse_ip(first) != Some(p) => {
+            return Err(c.reject("spec.clusterIP", format!("{p} does not match spec.clusterIPs[0] {first:?}")));
         }
+        (Some(p), None) => cluster_ips.push(p),
+        _ => {}
+    }
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    for (i, family) in families.iter().enumerate() {
+        if family != "IPv4" && family != "IPv6" {
+            return Err(
+                c.reject(format!("spec.ipFamilies[{i}]"), format!("unknown IP family {family:?} (IPv4 or IPv6)"))
+            );
+        }
+    }
+    for (i, ip) in cluster_ips.iter().enumerate() {
+        if let Some(family) = families.get(i).filter(|f| *f != family_name(*ip)) {
+            return Err(c.reject(
+                format!("spec.clusterIPs[{i}]"),
+                format!("{ip} is {} but spec.ipFamilies[{i}] is {family}", family_name(*ip)),
+            ));
+        }
+    }
+    match cluster_ips.as_slice() {
+        [a, b] if a.is_ipv6() == b.is_ipv6() => {
+            return Err(
+                c.reject("spec.clusterIPs[1]", format!("{b} is of the same family as {a}: one cluster IP per family"))
+            );
+        }
+        [_, _] if spec.ip_family_policy.as_deref() == Some("SingleStack") => {
+            return Err(c.reject("spec.ipFamilyPolicy", "SingleStack with two cluster IPs"));
+        }
+        [_, _, extra, ..] => {
+            return Err(c.reject("spec.clusterIPs[2]", format!("{extra}: at most one cluster IP per family")));
+        }
+        _ => {}
     }
     Ok(cluster_ips)
 }
@@ -297,17 +330,17 @@ fn service_ports(c: &Checker, spec: &ServiceSpec) -> Result<Vec<CheckedServicePo
 }
 
 /// `status.loadBalancer.ingress[].ip` (but not those with `ipMode: Proxy`) and `loadBalancerSourceRanges`.
-type LoadBalancerFields = (Vec<Ipv4Addr>, Vec<(Ipv4Addr, u8)>);
+type LoadBalancerFields = (Vec<IpAddr>, Vec<super::Cidr>);
 
 fn load_balancer(c: &Checker, svc: &Service, spec: &ServiceSpec) -> Result<LoadBalancerFields, Rejection> {
     let mut load_balancer_ips = Vec::new();
     let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
     for (i, ing) in ingress.into_iter().flatten().enumerate() {
         let Some(ip) = &ing.ip else { continue };
-        let addr = c.ipv4(format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
+        let addr = c.ip(format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
         // With ipMode Proxy the load balancer terminates traffic itself and forwards to nodes: no rule here.
         if ing.ip_mode.as_deref() != Some("Proxy") {
-            load_balancer_ips.extend(addr);
+            load_balancer_ips.push(addr);
         }
     }
     let mut source_ranges = Vec::new();
@@ -315,8 +348,7 @@ fn load_balancer(c: &Checker, svc: &Service, spec: &ServiceSpec) -> Result<LoadB
         let field = format!("spec.loadBalancerSourceRanges[{i}]");
         match sloppy_ip::parse_cidr(range.trim()) {
             // The network, as kube-proxy's parser returns it: host bits cleared.
-            Some((IpAddr::V4(addr), len)) => source_ranges.push(super::network(addr, len)),
-            Some((IpAddr::V6(_), _)) => {}
+            Some((addr, len)) => source_ranges.push(super::network(addr, len)),
             None => return Err(c.reject(field, format!("{range:?} is not a CIDR"))),
         }
     }
@@ -347,23 +379,23 @@ fn affinity(c: &Checker, spec: &ServiceSpec) -> Result<Option<u32>, Rejection> {
     })
 }
 
-/// Checks an EndpointSlice. Returns `Ok(None)` for slices the proxy ignores: not IPv4, or not owned by a
-/// Service (no `kubernetes.io/service-name` label).
-/// A `ServiceCIDR`'s IPv4 ranges (the IPv6 one of a dual-stack pair is skipped), networks with host bits
-/// cleared. A range that does not parse rejects the object, naming it.
-pub fn service_cidr(obj: &ServiceCIDR) -> Result<Vec<(Ipv4Addr, u8)>, Rejection> {
+/// A `ServiceCIDR`'s ranges (one per family), networks with host bits cleared. A range that does not parse
+/// rejects the object, naming it.
+pub fn service_cidr(obj: &ServiceCIDR) -> Result<Vec<super::Cidr>, Rejection> {
     let c = Checker { kind: "ServiceCIDR", object: obj.metadata.name.clone().unwrap_or_default() };
     let mut out = Vec::new();
     for (i, cidr) in obj.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten().enumerate() {
         match sloppy_ip::parse_cidr(cidr.trim()) {
-            Some((IpAddr::V4(addr), len)) if len > 0 => out.push(super::network(addr, len)),
-            Some((IpAddr::V6(_), _)) => {}
+            Some((addr, len)) if len > 0 => out.push(super::network(addr, len)),
             _ => return Err(c.reject(format!("spec.cidrs[{i}]"), format!("{cidr:?} is not a CIDR"))),
         }
     }
     Ok(out)
 }
 
+/// Checks an EndpointSlice. Returns `Ok(None)` for slices the proxy ignores: FQDN ones, and those not owned
+/// by a Service (no `kubernetes.io/service-name` label). Every address must be of the slice's
+/// `addressType`.
 pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<CheckedSlice>, Rejection> {
     let namespace = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let c = Checker { kind: "EndpointSlice", object: object_name(Some(&namespace), slice.metadata.name.as_ref()) };
@@ -372,11 +404,12 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<CheckedSlice>, Rej
     let Some(service_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned() else {
         return Ok(None);
     };
-    match slice.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" | "FQDN" => return Ok(None),
+    let ipv6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        "FQDN" => return Ok(None),
         other => return Err(c.reject("addressType", format!("unknown address type {other:?} (IPv4, IPv6 or FQDN)"))),
-    }
+    };
 
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
@@ -393,8 +426,10 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<CheckedSlice>, Rej
     for (i, ep) in slice.endpoints.iter().enumerate() {
         let mut addresses = Vec::new();
         for (j, a) in ep.addresses.iter().enumerate() {
-            let Some(IpAddr::V4(addr)) = sloppy_ip::parse_ip(a) else {
-                return Err(c.reject(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IPv4 address")));
+            let family = &slice.address_type;
+            let Some(addr) = sloppy_ip::parse_ip(a).filter(|addr| addr.is_ipv6() == ipv6) else {
+                let reason = format!("{a:?} is not an {family} address (addressType {family})");
+                return Err(c.reject(format!("endpoints[{i}].addresses[{j}]"), reason));
             };
             addresses.push(addr);
         }

@@ -265,7 +265,8 @@ async fn the_api_and_the_manifest_source_give_identical_tables() {
     let node = crate::model::NodeIdentity { name: "node1".into(), ..Default::default() };
     let (api_table, file_table) = (crate::model::desired(&from_api, &node), crate::model::desired(&from_files, &node));
     assert_eq!(api_table.table.frontends.len(), 2);
-    assert_eq!(api_table.table.service_cidrs, vec![(std::net::Ipv4Addr::new(10, 32, 0, 0), 16)]);
+    let v6: std::net::IpAddr = "fd00:10:96::".parse().unwrap();
+    assert_eq!(api_table.table.service_cidrs, vec![(std::net::Ipv4Addr::new(10, 32, 0, 0).into(), 16), (v6, 112)]);
     assert_eq!(api_table, file_table);
 }
 

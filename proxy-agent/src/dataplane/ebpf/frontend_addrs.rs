@@ -74,7 +74,7 @@ impl<M: AddrMap> FrontendAddrs<M> {
         for (frontend, entry) in &table.frontends {
             if counts_for(entry.kind) {
                 counted.insert(*frontend, entry.kind);
-                counts.entry(frontend.addr).or_default().add(entry.kind, 1);
+                counts.entry(crate::dataplane::ebpf::ipv4(frontend.addr)).or_default().add(entry.kind, 1);
             }
         }
         // Until this succeeds, the next incremental sync must not trust the counts.
@@ -102,7 +102,7 @@ impl<M: AddrMap> FrontendAddrs<M> {
             if wanted == held {
                 continue;
             }
-            let addr = frontend.addr;
+            let addr = crate::dataplane::ebpf::ipv4(frontend.addr);
             let before = self.counts.get(&addr).copied().unwrap_or_default();
             let mut after = before;
             if let Some(kind) = held {
@@ -188,7 +188,7 @@ mod tests {
     }
 
     fn frontend(last: u8, port: u16) -> Frontend {
-        Frontend { addr: Ipv4Addr::new(10, 32, 0, last), port, protocol: Protocol::Tcp }
+        Frontend { addr: Ipv4Addr::new(10, 32, 0, last).into(), port, protocol: Protocol::Tcp }
     }
 
     fn table(entries: &[(Frontend, FrontendKind)]) -> ServiceTable {

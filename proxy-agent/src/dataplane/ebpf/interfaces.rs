@@ -51,3 +51,19 @@ pub fn addresses() -> anyhow::Result<BTreeMap<String, Vec<Ipv4Addr>>> {
     }
     Ok(out)
 }
+
+/// The global IPv6 addresses of every interface, by interface name, as the kernel lists them. Link-local
+/// (`fe80::/10`) ones are left out: a NodePort is not served on them, as kube-proxy does not.
+pub fn ipv6_addresses() -> anyhow::Result<BTreeMap<String, Vec<std::net::Ipv6Addr>>> {
+    let mut out: BTreeMap<String, Vec<std::net::Ipv6Addr>> = BTreeMap::new();
+    for ifa in nix::ifaddrs::getifaddrs()? {
+        let Some(addr) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in6()).map(nix::sys::socket::SockaddrIn6::ip)
+        else {
+            continue;
+        };
+        if !addr.is_loopback() && !addr.is_unicast_link_local() {
+            out.entry(ifa.interface_name.clone()).or_default().push(addr);
+        }
+    }
+    Ok(out)
+}

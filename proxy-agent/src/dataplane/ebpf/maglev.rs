@@ -4,7 +4,7 @@
 //! the same table from the same backends, whatever their ids or the order they came in, and a change of one
 //! backend moves about 1/N of the entries.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// Whether `n` is prime (table sizes must be, so every skip visits every entry).
 #[must_use]
@@ -30,8 +30,17 @@ const fn mix(mut z: u64) -> u64 {
 }
 
 /// A backend's (offset, skip) in a table of `size` entries, from its address and port.
-fn preference(addr: Ipv4Addr, port: u16, size: usize) -> (usize, usize) {
-    let name = (u64::from(u32::from(addr)) << 16) | u64::from(port);
+fn preference(addr: IpAddr, port: u16, size: usize) -> (usize, usize) {
+    let folded = match addr {
+        IpAddr::V4(a) => u64::from(u32::from(a)),
+        // Both halves of an IPv6 address count: pods of one node share the upper one.
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            mix(u64::try_from(bits >> 64).expect("64 bits"))
+                ^ u64::try_from(bits & u128::from(u64::MAX)).expect("64 bits")
+        }
+    };
+    let name = (folded << 16) | u64::from(port);
     let below = |v: u64, n: usize| usize::try_from(v % n as u64).expect("a remainder is below its divisor");
     (below(mix(name ^ 0x6f66_6673_6574), size), below(mix(name ^ 0x736b_6970), size - 1) + 1)
 }
@@ -40,7 +49,7 @@ fn preference(addr: Ipv4Addr, port: u16, size: usize) -> (usize, usize) {
 /// be a prime larger than the number of backends; `backends` must not be empty. Backends are ranked by
 /// address and port first, so the input's order does not matter.
 #[must_use]
-pub fn table(backends: &[(Ipv4Addr, u16)], size: u32) -> Vec<usize> {
+pub fn table(backends: &[(IpAddr, u16)], size: u32) -> Vec<usize> {
     assert!(!backends.is_empty() && is_prime(size), "a Maglev table needs backends and a prime size");
     let mut order: Vec<usize> = (0..backends.len()).collect();
     order.sort_by_key(|i| backends[*i]);
@@ -71,13 +80,15 @@ pub fn table(backends: &[(Ipv4Addr, u16)], size: u32) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
-    fn backends(n: u8) -> Vec<(Ipv4Addr, u16)> {
-        (1..=n).map(|i| (Ipv4Addr::new(10, 200, 1, i), 8080)).collect()
+    fn backends(n: u8) -> Vec<(IpAddr, u16)> {
+        (1..=n).map(|i| (Ipv4Addr::new(10, 200, 1, i).into(), 8080)).collect()
     }
 
-    fn names(t: &[usize], b: &[(Ipv4Addr, u16)]) -> Vec<(Ipv4Addr, u16)> {
+    fn names(t: &[usize], b: &[(IpAddr, u16)]) -> Vec<(IpAddr, u16)> {
         t.iter().map(|i| b[*i]).collect()
     }
 
@@ -127,7 +138,7 @@ mod tests {
             assert!(extra * 100 <= 16_381 * 3, "n={n}: {extra} entries of staying backends moved");
             assert!(before.iter().zip(&after).all(|(x, y)| *x != gone || y != &gone));
 
-            let more: Vec<_> = b.iter().copied().chain([(Ipv4Addr::new(10, 200, 2, 1), 8080)]).collect();
+            let more: Vec<_> = b.iter().copied().chain([(Ipv4Addr::new(10, 200, 2, 1).into(), 8080)]).collect();
             let grown = names(&table(&more, 16_381), &more);
             let taken = before.iter().zip(&grown).filter(|(x, y)| x != y).count();
             let share = 16_381 / (usize::from(n) + 1);

@@ -29,7 +29,7 @@ pub struct AyaServiceMaps {
 fn range_key(rev_nat_id: u32, (addr, len): Cidr) -> Key<SourceRangeKey> {
     Key::new(
         prefix_len(len),
-        SourceRangeKey { rev_nat_id: rev_nat_id.to_be(), addr: u32::from_ne_bytes(addr.octets()) },
+        SourceRangeKey { rev_nat_id: rev_nat_id.to_be(), addr: u32::from_ne_bytes(super::ipv4(addr).octets()) },
     )
 }
 
@@ -131,7 +131,7 @@ impl ServiceMaps for AyaServiceMaps {
             let len = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(32);
             let data = key.data();
             source_ranges
-                .push((u32::from_be(data.rev_nat_id), (std::net::Ipv4Addr::from(data.addr.to_ne_bytes()), len)));
+                .push((u32::from_be(data.rev_nat_id), (std::net::Ipv4Addr::from(data.addr.to_ne_bytes()).into(), len)));
         }
         Ok(Contents {
             services: self.services.iter().collect::<Result<_, _>>().context("reading SERVICES")?,

@@ -49,6 +49,8 @@ pub struct EbpfDataplane {
     flow_stats: std::sync::Arc<FlowTableStats>,
     /// What `EGRESS_SNAT` and `CONFIG.snat_addrs` hold.
     egress_snat: egress_snat::EgressSnat,
+    /// How many IPv6 frontends the last warning named ([`ipv4_half`]).
+    ipv6_warned: usize,
 }
 
 /// Node-wide settings of the data path.
@@ -128,7 +130,7 @@ fn config_value(settings: &NodeSettings) -> anyhow::Result<proxy_common::config:
 ///
 /// [`MAX_SERVICE_CIDRS`]: proxy_common::config::MAX_SERVICE_CIDRS
 fn service_cidrs(
-    cidrs: &[(std::net::Ipv4Addr, u8)],
+    cidrs: &[crate::model::Cidr],
 ) -> [proxy_common::config::Ipv4Net; proxy_common::config::MAX_SERVICE_CIDRS] {
     use proxy_common::config::{Ipv4Net, MAX_SERVICE_CIDRS};
     if cidrs.len() > MAX_SERVICE_CIDRS {
@@ -141,9 +143,39 @@ fn service_cidrs(
     // A /0 would be "every address": the model never lets one through (`validate::service_cidr`, the flag).
     for (slot, (addr, len)) in out.iter_mut().zip(cidrs.iter().filter(|(_, len)| *len > 0)) {
         let mask = prefix_mask(*len);
-        *slot = Ipv4Net { addr: u32::from_ne_bytes(addr.octets()) & mask, mask };
+        *slot = Ipv4Net { addr: u32::from_ne_bytes(ipv4(*addr).octets()) & mask, mask };
     }
     out
+}
+
+/// An address of the IPv4 half of the table. The eBPF programs serve IPv4 only so far: the dataplane is
+/// handed [`ServiceTable::family`]`(false)` ([`ipv4_half`]), so every address the writer meets is IPv4; an
+/// IPv6 one would be a bug above, and becomes the unspecified address, which no packet is sent to.
+pub(crate) fn ipv4(addr: std::net::IpAddr) -> std::net::Ipv4Addr {
+    match addr {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => {
+            debug_assert!(false, "IPv6 address {a} reached the IPv4 eBPF writer");
+            std::net::Ipv4Addr::UNSPECIFIED
+        }
+    }
+}
+
+/// The IPv4 half of `table`, and a warning naming how many IPv6 frontends the eBPF mode leaves unserved
+/// (said when that number changes, not on every sync).
+fn ipv4_half(table: &ServiceTable, warned: &mut usize) -> ServiceTable {
+    let half = table.family(false);
+    let ipv6 = table.frontends.len() - half.frontends.len();
+    if ipv6 != *warned {
+        if ipv6 > 0 {
+            tracing::warn!(
+                ipv6_frontends = ipv6,
+                "the eBPF dataplane serves IPv4 only so far: IPv6 frontends are not programmed (the iptables and nftables modes serve both families)"
+            );
+        }
+        *warned = ipv6;
+    }
+    half
 }
 
 fn write_config(ebpf: &mut aya::Ebpf, value: &proxy_common::config::Config) -> anyhow::Result<()> {
@@ -212,6 +244,7 @@ impl EbpfDataplane {
             take_over,
             flow_stats,
             egress_snat: egress_snat::EgressSnat::default(),
+            ipv6_warned: 0,
         };
         if !upgrading {
             dataplane.attach_sockets()?;
@@ -436,6 +469,7 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
+        let table = &ipv4_half(table, &mut self.ipv6_warned);
         let stats = self.writer.apply(table)?;
         self.frontend_addrs.sync_all(table)?;
         self.sync_service_cidrs(table)?;
@@ -449,6 +483,8 @@ impl Dataplane for EbpfDataplane {
         table: &ServiceTable,
         changed: &std::collections::BTreeSet<crate::model::Frontend>,
     ) -> anyhow::Result<ApplyStats> {
+        let table = &ipv4_half(table, &mut self.ipv6_warned);
+        let changed = &changed.iter().copied().filter(|f| f.addr.is_ipv4()).collect();
         let stats = self.writer.apply_changes(table, changed)?;
         self.frontend_addrs.sync_changed(table, changed)?;
         self.sync_service_cidrs(table)?;
@@ -458,6 +494,7 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
+        let table = &ipv4_half(table, &mut self.ipv6_warned);
         self.writer.reread()?;
         let stats = self.writer.apply(table)?;
         self.frontend_addrs.sync_all(table)?;

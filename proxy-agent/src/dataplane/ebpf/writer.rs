@@ -17,7 +17,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 // Seeded per process, so keys taken from cluster objects cannot be chosen to collide; several times faster
@@ -39,7 +39,7 @@ use crate::model::{
 use super::ApplyStats;
 
 /// A source range: address and prefix length.
-pub type Cidr = (Ipv4Addr, u8);
+pub use crate::model::Cidr;
 
 /// Everything in the service maps, as read back at start-up.
 #[derive(Clone, Debug, Default)]
@@ -96,7 +96,7 @@ struct Wanted {
     slot0: ServiceValue,
     backend_ids: Vec<u32>,
     /// For a Maglev scope: its backends' addresses and ports, in slot order (the table is built from them).
-    maglev: Option<Vec<(Ipv4Addr, u16)>>,
+    maglev: Option<Vec<(IpAddr, u16)>>,
 }
 
 /// How the writer builds Maglev tables: the node's default for external frontends, and the table size.
@@ -118,10 +118,10 @@ impl Default for MaglevSettings {
 type Group = u32;
 
 /// A backend of one Service port: the group, and the endpoint's address, port and protocol.
-type BackendKey = (Group, Ipv4Addr, u16, Protocol);
+type BackendKey = (Group, IpAddr, u16, Protocol);
 
 /// A backend id found in the maps, by a frontend whose slots name it and the endpoint it holds.
-type AdoptedKey = (Frontend, Ipv4Addr, u16, Protocol);
+type AdoptedKey = (Frontend, IpAddr, u16, Protocol);
 
 pub struct TableWriter<M> {
     maps: M,
@@ -138,7 +138,7 @@ pub struct TableWriter<M> {
     unclaimed: HashMap<u32, Backend>,
     adopted: HashMap<AdoptedKey, u32>,
     /// Ids found in the maps that no slot names (a terminating endpoint's, or one a crash left), by endpoint.
-    adopted_unslotted: HashMap<(Ipv4Addr, u16, Protocol), u32>,
+    adopted_unslotted: HashMap<(IpAddr, u16, Protocol), u32>,
     next_backend_id: u32,
     next_rev_nat_id: u32,
     maglev: MaglevSettings,
@@ -220,12 +220,12 @@ impl Usage {
     }
 }
 
-fn be_addr(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
+fn be_addr(addr: IpAddr) -> u32 {
+    u32::from_ne_bytes(super::ipv4(addr).octets())
 }
 
-fn from_be_addr(addr: u32) -> Ipv4Addr {
-    Ipv4Addr::from(addr.to_ne_bytes())
+fn from_be_addr(addr: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(addr.to_ne_bytes()))
 }
 
 fn service_key((f, scope): ScopedFrontend, slot: u16) -> ServiceKey {
@@ -746,7 +746,7 @@ struct Known {
     source_ranges: BTreeMap<u32, BTreeSet<Cidr>>,
     backends: HashMap<u32, Backend>,
     adopted: HashMap<AdoptedKey, u32>,
-    adopted_unslotted: HashMap<(Ipv4Addr, u16, Protocol), u32>,
+    adopted_unslotted: HashMap<(IpAddr, u16, Protocol), u32>,
     /// Maglev table ids the slot 0s name.
     maglev_tables: BTreeSet<u32>,
     orphan_rev_nat: BTreeSet<u32>,

@@ -84,7 +84,7 @@ impl CheckedMaps {
                 .map(|slot| {
                     let b = self.backends[&self.services[&ServiceKey { slot, ..*key }].backend_id];
                     Endpoint {
-                        addr: Ipv4Addr::from(b.addr.to_ne_bytes()),
+                        addr: Ipv4Addr::from(b.addr.to_ne_bytes()).into(),
                         port: u16::from_be(b.port),
                         local: b.flags & FLAG_LOCAL != 0,
                     }
@@ -96,7 +96,7 @@ impl CheckedMaps {
         let mut out = BTreeMap::new();
         for (key, value) in self.services.iter().filter(|(k, _)| k.slot == 0 && k.scope == SCOPE_EXTERNAL) {
             let frontend = Frontend {
-                addr: Ipv4Addr::from(key.addr.to_ne_bytes()),
+                addr: Ipv4Addr::from(key.addr.to_ne_bytes()).into(),
                 port: u16::from_be(key.port),
                 protocol: Protocol::from_number(key.proto).unwrap(),
             };
@@ -116,8 +116,11 @@ impl CheckedMaps {
     fn assert_no_garbage(&self, table: &ServiceTable) {
         let mut used_backends = BTreeSet::new();
         let mut used_revnat = BTreeSet::new();
-        let terminating: BTreeSet<(Ipv4Addr, u16)> =
-            table.frontends.values().flat_map(|e| e.terminating.iter().map(|t| (t.addr, t.port))).collect();
+        let terminating: BTreeSet<(Ipv4Addr, u16)> = table
+            .frontends
+            .values()
+            .flat_map(|e| e.terminating.iter().map(|t| (crate::dataplane::ebpf::ipv4(t.addr), t.port)))
+            .collect();
         for (key, value) in &self.services {
             if key.slot == 0 {
                 used_revnat.insert(value.rev_nat_id);
@@ -269,10 +272,10 @@ fn entry(name: String, external: Vec<Endpoint>, internal: Option<Vec<Endpoint>>)
 /// Small universes, so tables overlap a lot and every kind of change happens.
 fn table_strategy() -> impl Strategy<Value = ServiceTable> {
     let frontend = (0u8..4, prop_oneof![Just(80u16), Just(53)], prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)])
-        .prop_map(|(ip, port, protocol)| Frontend { addr: Ipv4Addr::new(10, 32, 0, 1 + ip), port, protocol });
+        .prop_map(|(ip, port, protocol)| Frontend { addr: Ipv4Addr::new(10, 32, 0, 1 + ip).into(), port, protocol });
     // Locality follows the address, as it does in a cluster: an endpoint lives on one node.
     let endpoint = (0u8..6, prop_oneof![Just(8080u16), Just(53)]).prop_map(|(ip, port)| Endpoint {
-        addr: Ipv4Addr::new(10, 200, 1, 1 + ip),
+        addr: Ipv4Addr::new(10, 200, 1, 1 + ip).into(),
         port,
         local: ip % 2 == 0,
     });
@@ -287,7 +290,7 @@ fn table_strategy() -> impl Strategy<Value = ServiceTable> {
             e.masquerade_external = masq;
             e.affinity_timeout = affinity;
             e.source_ranges =
-                (0..ranges).map(|i| (Ipv4Addr::new(192, 0, 2, 0), 24 + u8::try_from(i).unwrap())).collect();
+                (0..ranges).map(|i| (Ipv4Addr::new(192, 0, 2, 0).into(), 24 + u8::try_from(i).unwrap())).collect();
             e
         },
     );
@@ -374,9 +377,9 @@ type TableSpec<'a> = &'a [([u8; 4], u16, &'a [[u8; 4]])];
 fn table(entries: TableSpec<'_>) -> ServiceTable {
     let mut t = ServiceTable::default();
     for (ip, port, backends) in entries {
-        let f = Frontend { addr: Ipv4Addr::from(*ip), port: *port, protocol: Protocol::Tcp };
+        let f = Frontend { addr: Ipv4Addr::from(*ip).into(), port: *port, protocol: Protocol::Tcp };
         let backends =
-            backends.iter().map(|b| Endpoint { addr: Ipv4Addr::from(*b), port: 8080, local: false }).collect();
+            backends.iter().map(|b| Endpoint { addr: Ipv4Addr::from(*b).into(), port: 8080, local: false }).collect();
         t.frontends.insert(f, entry("web".into(), backends, None));
     }
     t
@@ -421,10 +424,10 @@ fn backend_ids_are_not_reused_even_across_a_restart() {
 /// that Service's id (its flows move on) and leaves the other's; a restarted writer keeps both ids.
 #[test]
 fn each_service_port_has_its_own_backend_ids() {
-    let pod = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 1), port: 53, local: false };
-    let other = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 2), port: 53, local: false };
-    let fa = Frontend { addr: Ipv4Addr::new(10, 32, 0, 10), port: 53, protocol: Protocol::Udp };
-    let fb = Frontend { addr: Ipv4Addr::new(10, 32, 0, 11), port: 53, protocol: Protocol::Udp };
+    let pod = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 1).into(), port: 53, local: false };
+    let other = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 2).into(), port: 53, local: false };
+    let fa = Frontend { addr: Ipv4Addr::new(10, 32, 0, 10).into(), port: 53, protocol: Protocol::Udp };
+    let fb = Frontend { addr: Ipv4Addr::new(10, 32, 0, 11).into(), port: 53, protocol: Protocol::Udp };
     let both = |a: Vec<Endpoint>| {
         let mut t = ServiceTable::default();
         t.frontends.insert(fa, entry("dns".into(), a, None));
@@ -436,7 +439,13 @@ fn each_service_port_has_its_own_backend_ids() {
     writer.apply(&both(vec![pod])).unwrap();
     assert_eq!(writer.maps.backends.len(), 2, "one id per Service for the same pod");
     let id_of = |maps: &CheckedMaps, f: Frontend| {
-        let key = ServiceKey::new(u32::from_ne_bytes(f.addr.octets()), f.port.to_be(), 17, SCOPE_EXTERNAL, 1);
+        let key = ServiceKey::new(
+            u32::from_ne_bytes(crate::dataplane::ebpf::ipv4(f.addr).octets()),
+            f.port.to_be(),
+            17,
+            SCOPE_EXTERNAL,
+            1,
+        );
         maps.services[&key].backend_id
     };
     let (a_before, b_before) = (id_of(writer.maps, fa), id_of(writer.maps, fb));
@@ -460,9 +469,10 @@ fn each_service_port_has_its_own_backend_ids() {
 #[test]
 fn a_maglev_table_is_swapped_whole() {
     let settings = MaglevSettings { external_default: LbAlgorithm::Maglev, table_size: 251 };
-    let lb = Frontend { addr: Ipv4Addr::new(192, 0, 2, 10), port: 80, protocol: Protocol::Tcp };
-    let eps =
-        |n: u8| (1..=n).map(|i| Endpoint { addr: Ipv4Addr::new(10, 200, 1, i), port: 8080, local: false }).collect();
+    let lb = Frontend { addr: Ipv4Addr::new(192, 0, 2, 10).into(), port: 80, protocol: Protocol::Tcp };
+    let eps = |n: u8| {
+        (1..=n).map(|i| Endpoint { addr: Ipv4Addr::new(10, 200, 1, i).into(), port: 8080, local: false }).collect()
+    };
     let with = |n: u8| {
         let mut e = entry("web".into(), eps(n), None);
         e.kind = FrontendKind::LoadBalancer;
@@ -507,8 +517,8 @@ fn backend_ids_are_not_reused_after_a_backend_is_removed() {
 fn a_table_larger_than_the_maps_is_refused_before_any_write() {
     let mut big = ServiceTable::default();
     for i in 0..=capacity::REVNAT {
-        let f = Frontend { addr: Ipv4Addr::from(0x0a20_0000 + i), port: 80, protocol: Protocol::Tcp };
-        let backend = Endpoint { addr: Ipv4Addr::from(0x0a00_0000 + i), port: 80, local: false };
+        let f = Frontend { addr: Ipv4Addr::from(0x0a20_0000 + i).into(), port: 80, protocol: Protocol::Tcp };
+        let backend = Endpoint { addr: Ipv4Addr::from(0x0a00_0000 + i).into(), port: 80, local: false };
         big.frontends.insert(f, entry("big".into(), vec![backend], None));
     }
     let mut maps = CheckedMaps::default();
@@ -590,9 +600,12 @@ impl ServiceMaps for NullMaps {
 fn writer_at_scale() {
     let mut t = ServiceTable::default();
     for i in 0..100_000u32 {
-        let f = Frontend { addr: Ipv4Addr::from(0x0a60_0000 + i), port: 80, protocol: Protocol::Tcp };
-        let eps =
-            (0..10).map(|k| Endpoint { addr: Ipv4Addr::from(0x0a40_0000 + i * 16 + k), port: 8080, local: false });
+        let f = Frontend { addr: Ipv4Addr::from(0x0a60_0000 + i).into(), port: 80, protocol: Protocol::Tcp };
+        let eps = (0..10).map(|k| Endpoint {
+            addr: Ipv4Addr::from(0x0a40_0000 + i * 16 + k).into(),
+            port: 8080,
+            local: false,
+        });
         t.frontends.insert(f, entry(format!("svc-{i}"), eps.collect(), None));
     }
     let before = crate::testing::resident_mib();

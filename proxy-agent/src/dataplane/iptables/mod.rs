@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 
 use super::ApplyStats;
 use super::netfilter::{
-    self,
+    self, Family,
     dataplane::{Backend, NetfilterDataplane, Previous},
     plan::Plan,
 };
@@ -65,16 +65,27 @@ pub struct Iptables;
 
 pub type IptablesDataplane = NetfilterDataplane<Iptables>;
 
-fn iptables(args: &[&str]) -> anyhow::Result<bool> {
-    let out = Command::new("iptables").arg("-w").args(args).output().context("running iptables (is it installed?)")?;
+/// The family's tool: `iptables`, `iptables-save`, `iptables-restore`, or their `ip6tables` twins.
+fn tool(family: Family, suffix: &str) -> String {
+    format!("{}{suffix}", if family.is_ipv6() { "ip6tables" } else { "iptables" })
+}
+
+fn iptables(family: Family, args: &[&str]) -> anyhow::Result<bool> {
+    let program = tool(family, "");
+    let out = Command::new(&program)
+        .arg("-w")
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} (is it installed?)"))?;
     Ok(out.status.success())
 }
 
-/// kube-proxy's chains as installed now, from `iptables-save`.
-fn installed(table: &str) -> anyhow::Result<Chains> {
-    let out = Command::new("iptables-save").args(["-t", table]).output().context("running iptables-save")?;
+/// kube-proxy's chains as installed now, from `iptables-save` (or `ip6tables-save`).
+fn installed(family: Family, table: &str) -> anyhow::Result<Chains> {
+    let program = tool(family, "-save");
+    let out = Command::new(&program).args(["-t", table]).output().with_context(|| format!("running {program}"))?;
     if !out.status.success() {
-        bail!("iptables-save -t {table} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("{program} -t {table} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(parse_save(&String::from_utf8_lossy(&out.stdout)))
 }
@@ -102,20 +113,28 @@ fn parse_save(dump: &str) -> Chains {
 /// Used when another mode starts, so two dataplanes never translate the same packets. Missing iptables or
 /// missing chains are not errors.
 pub fn cleanup() -> anyhow::Result<usize> {
+    let mut removed = 0;
+    for family in Family::ALL {
+        removed += cleanup_family(family)?;
+    }
+    Ok(removed)
+}
+
+fn cleanup_family(family: Family) -> anyhow::Result<usize> {
     use std::fmt::Write as _;
-    if Command::new("iptables").arg("--version").output().is_err() {
+    if Iptables::usable(family).is_err() {
         return Ok(0);
     }
     for (table, chain, rule) in HOOKS {
         let words = shell_words(rule);
         let mut delete = vec!["-t", table, "-D", chain];
         delete.extend(words.iter().map(String::as_str));
-        while iptables(&delete)? {}
+        while iptables(family, &delete)? {}
     }
     let mut input = String::new();
     let mut removed = 0;
     for table in ["nat", "filter"] {
-        let chains = installed(table)?;
+        let chains = installed(family, table)?;
         if chains.is_empty() {
             continue;
         }
@@ -130,7 +149,7 @@ pub fn cleanup() -> anyhow::Result<usize> {
         removed += chains.len();
     }
     if removed > 0 {
-        netfilter::run_with_input("iptables-restore", &["-w", "--noflush"], &input)?;
+        Iptables::commit(family, &input)?;
     }
     Ok(removed)
 }
@@ -143,11 +162,11 @@ pub fn installed_here() -> bool {
 
 impl Iptables {
     /// Creates kube-proxy's fixed chains if needed and makes sure the built-in chains jump to them.
-    fn ensure_hooks() -> anyhow::Result<()> {
+    fn ensure_hooks(family: Family) -> anyhow::Result<()> {
         for (table, chains) in [("nat", &print::NAT_FIXED[..]), ("filter", &print::FILTER_FIXED[..])] {
             for chain in chains {
-                if !iptables(&["-t", table, "-S", chain])? {
-                    iptables(&["-t", table, "-N", chain])?;
+                if !iptables(family, &["-t", table, "-S", chain])? {
+                    iptables(family, &["-t", table, "-N", chain])?;
                 }
             }
         }
@@ -156,7 +175,7 @@ impl Iptables {
             let mut check = vec!["-t", table, "-C", chain];
             let words = shell_words(rule);
             check.extend(words.iter().map(String::as_str));
-            missing |= !iptables(&check)?;
+            missing |= !iptables(family, &check)?;
         }
         if !missing {
             return Ok(());
@@ -167,14 +186,14 @@ impl Iptables {
             let words = shell_words(rule);
             let mut delete = vec!["-t", table, "-D", chain];
             delete.extend(words.iter().map(String::as_str));
-            while iptables(&delete)? {}
+            while iptables(family, &delete)? {}
         }
         for (table, chain, rule) in HOOKS {
             let words = shell_words(rule);
             let mut insert = vec!["-t", table, "-I", chain];
             insert.extend(words.iter().map(String::as_str));
-            if !iptables(&insert)? {
-                bail!("could not hook {table}/{chain}: iptables -t {table} -I {chain} {rule}");
+            if !iptables(family, &insert)? {
+                bail!("could not hook {table}/{chain}: {} -t {table} -I {chain} {rule}", tool(family, ""));
             }
         }
         Ok(())
@@ -246,12 +265,21 @@ impl Backend for Iptables {
         print::print(plan)
     }
 
-    fn installed() -> anyhow::Result<Ruleset> {
-        Self::ensure_hooks()?;
-        Ok(Ruleset { nat: installed("nat")?, filter: installed("filter")? })
+    fn usable(family: Family) -> Result<(), String> {
+        let program = tool(family, "");
+        match Command::new(&program).args(["-w", "-t", "nat", "-S", "POSTROUTING"]).output() {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(format!("{program} -t nat failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
+            Err(e) => Err(format!("running {program}: {e}")),
+        }
     }
 
-    fn transaction(old: &Previous<'_, Self>, new: &Ruleset) -> (String, ApplyStats) {
+    fn installed(family: Family) -> anyhow::Result<Ruleset> {
+        Self::ensure_hooks(family)?;
+        Ok(Ruleset { nat: installed(family, "nat")?, filter: installed(family, "filter")? })
+    }
+
+    fn transaction(_: Family, old: &Previous<'_, Self>, new: &Ruleset) -> (String, ApplyStats) {
         let (Previous::Applied(old) | Previous::Installed(old)) = old;
         let mut input = String::new();
         let (w1, d1) = restore_input("nat", Some(&old.nat), &new.nat, &mut input);
@@ -259,9 +287,9 @@ impl Backend for Iptables {
         (input, ApplyStats { writes: w1 + w2, deletes: d1 + d2 })
     }
 
-    fn commit(input: &str) -> anyhow::Result<()> {
+    fn commit(family: Family, input: &str) -> anyhow::Result<()> {
         // iptables-restore commits each table whole or not at all.
-        netfilter::run_with_input("iptables-restore", &["-w", "--noflush"], input)
+        netfilter::run_with_input(&tool(family, "-restore"), &["-w", "--noflush"], input)
     }
 
     fn occupancy(r: &Ruleset) -> Vec<(&'static str, usize)> {

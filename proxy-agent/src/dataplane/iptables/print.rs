@@ -9,12 +9,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use super::naming;
 use crate::{
-    dataplane::netfilter::plan::{self, Match, Plan, PortChain, PortPlan, Rule, Verdict},
+    dataplane::netfilter::{
+        Family,
+        plan::{self, Match, Plan, PortChain, PortPlan, Rule, Verdict},
+    },
     model::{Frontend, FrontendKind},
 };
 
@@ -58,7 +61,21 @@ fn line(chain: &str, head: &str, comment: Option<&str>, tail: &str, target: &str
 /// A frontend as a rule's `head` and `tail`: destination and protocol, then the port match.
 fn frontend(f: Frontend) -> (String, String) {
     let p = f.protocol.lower();
-    (format!(" -d {}/32 -p {p}", f.addr), format!(" -m {p} --dport {}", f.port))
+    (format!(" -d {} -p {p}", host(f.addr)), format!(" -m {p} --dport {}", f.port))
+}
+
+/// One address as iptables-save prints it: `/32`, or `/128` for IPv6.
+fn host(addr: IpAddr) -> String {
+    format!("{addr}/{}", if addr.is_ipv6() { 128 } else { 32 })
+}
+
+/// The family's REJECT that tells the client the port is closed.
+fn reject(family: Family) -> &'static str {
+    if family.is_ipv6() {
+        "REJECT --reject-with icmp6-port-unreachable"
+    } else {
+        "REJECT --reject-with icmp-port-unreachable"
+    }
 }
 
 /// A probability as the statistic match stores it (a 31-bit fraction) and `iptables-save` prints it.
@@ -84,10 +101,12 @@ fn chain_name(port: &PortPlan, chain: PortChain) -> String {
     }
 }
 
-/// The `recent` list session affinity keeps for an endpoint: named after its chain, as kube-proxy does.
+/// The `recent` list session affinity keeps for an endpoint: named after its chain, as kube-proxy does,
+/// keyed by the whole client address.
 fn recent(port: &PortPlan, what: &str, endpoint: crate::model::Endpoint) -> String {
     let name = chain_name(port, PortChain::Endpoint(endpoint));
-    format!(" -m recent {what} --name {name} --mask 255.255.255.255 --rsource")
+    let mask = if endpoint.addr.is_ipv6() { "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" } else { "255.255.255.255" };
+    format!(" -m recent {what} --name {name} --mask {mask} --rsource")
 }
 
 /// One of kube-proxy's fixed chains.
@@ -115,7 +134,7 @@ impl Printer<'_> {
             match m {
                 Match::Frontend(f) => {
                     let p = f.protocol.lower();
-                    head.push((1, format!(" -d {}/32", f.addr)));
+                    head.push((1, format!(" -d {}", host(f.addr))));
                     head.push((3, format!(" -p {p}")));
                     let _ = write!(tail, " -m {p} --dport {}", f.port);
                 }
@@ -202,7 +221,7 @@ impl Printer<'_> {
     /// `KUBE-SERVICES` and `KUBE-NODEPORTS`: where each frontend's new packets go first; node ports last.
     fn dispatch(&mut self) {
         let mut services = Vec::new();
-        let mut node_port_addrs = BTreeSet::<Ipv4Addr>::new();
+        let mut node_port_addrs = BTreeSet::<IpAddr>::new();
         for d in &self.plan.dispatch {
             let port = &self.plan.ports[d.port];
             let (head, tail) = frontend(d.frontend);
@@ -218,7 +237,7 @@ impl Printer<'_> {
         }
         let comment = "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
         for addr in node_port_addrs {
-            services.push(line("KUBE-SERVICES", &format!(" -d {addr}/32"), Some(comment), "", "KUBE-NODEPORTS"));
+            services.push(line("KUBE-SERVICES", &format!(" -d {}", host(addr)), Some(comment), "", "KUBE-NODEPORTS"));
         }
         fixed(&mut self.nat, "KUBE-SERVICES").extend(services);
     }
@@ -228,7 +247,7 @@ impl Printer<'_> {
         for n in &self.plan.no_endpoints {
             let port = &self.plan.ports[n.port];
             let (why, verdict) = if n.reject {
-                ("has no endpoints", "REJECT --reject-with icmp-port-unreachable")
+                ("has no endpoints", reject(self.plan.family))
             } else {
                 ("has no local endpoints", "DROP")
             };
@@ -255,7 +274,7 @@ impl Printer<'_> {
             .keys()
             .map(|addr| {
                 let comment = Some("Reject traffic to invalid ports of ClusterIPs");
-                line(CLUSTER_IPS, &format!(" -d {addr}/32"), comment, "", "REJECT --reject-with icmp-port-unreachable")
+                line(CLUSTER_IPS, &format!(" -d {}", host(*addr)), comment, "", reject(self.plan.family))
             })
             .collect();
         if !cidrs.is_empty() {

@@ -7,7 +7,7 @@ use crate::model::{
 };
 
 fn ep(last: u8, local: bool) -> Endpoint {
-    Endpoint { addr: Ipv4Addr::new(10, 200, 1, last), port: 8080, local }
+    Endpoint { addr: Ipv4Addr::new(10, 200, 1, last).into(), port: 8080, local }
 }
 
 fn entry(kind: FrontendKind, external: Vec<Endpoint>, internal: Vec<Endpoint>) -> FrontendEntry {
@@ -31,7 +31,7 @@ fn all_rules(r: &Ruleset) -> String {
 #[test]
 fn a_cluster_ip_with_two_endpoints_renders_kube_proxys_chains() {
     let mut t = ServiceTable::default();
-    let f = Frontend { addr: Ipv4Addr::new(10, 32, 0, 20), port: 80, protocol: Protocol::Tcp };
+    let f = Frontend { addr: Ipv4Addr::new(10, 32, 0, 20).into(), port: 80, protocol: Protocol::Tcp };
     t.frontends
         .insert(f, entry(FrontendKind::ClusterIp, vec![ep(2, true), ep(3, false)], vec![ep(2, true), ep(3, false)]));
     let r = render(&t, &RuleConfig::default());
@@ -59,7 +59,7 @@ fn a_cluster_ip_with_two_endpoints_renders_kube_proxys_chains() {
 #[test]
 fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
     let mut t = ServiceTable::default();
-    let vip = Frontend { addr: Ipv4Addr::new(10, 32, 0, 21), port: 80, protocol: Protocol::Tcp };
+    let vip = Frontend { addr: Ipv4Addr::new(10, 32, 0, 21).into(), port: 80, protocol: Protocol::Tcp };
     t.frontends.insert(vip, entry(FrontendKind::ClusterIp, vec![], vec![]));
     let r = render(&t, &RuleConfig::default());
     assert!(all_rules(&r).contains(
@@ -67,7 +67,7 @@ fn no_endpoints_reject_and_local_policy_without_local_endpoints_drops() {
     ));
 
     let mut t = ServiceTable::default();
-    let np = Frontend { addr: Ipv4Addr::new(10, 240, 0, 11), port: 30080, protocol: Protocol::Tcp };
+    let np = Frontend { addr: Ipv4Addr::new(10, 240, 0, 11).into(), port: 30080, protocol: Protocol::Tcp };
     let mut e = entry(FrontendKind::NodePort, vec![], vec![ep(3, false)]);
     e.external.reject_when_empty = false;
     e.masquerade_external = false;
@@ -134,7 +134,7 @@ fn iptables_save_prints_back_exactly_what_was_rendered() {
     let configs = [
         RuleConfig { pod_interfaces: vec!["veth*".into()], ..Default::default() },
         RuleConfig {
-            cluster_cidr: Some((Ipv4Addr::new(10, 200, 0, 0), 16)),
+            cluster_cidrs: crate::model::ClusterCidrs::new(&[(Ipv4Addr::new(10, 200, 0, 0).into(), 16)]).unwrap(),
             masquerade_all: true,
             ..Default::default()
         },
@@ -188,9 +188,9 @@ fn iptables_save_prints_back_exactly_what_was_rendered() {
 #[test]
 fn cluster_ips_are_refused_on_undefined_ports_and_the_service_cidr_drops_the_rest() {
     let mut t = ServiceTable::default();
-    let f = Frontend { addr: Ipv4Addr::new(10, 32, 0, 20), port: 80, protocol: Protocol::Tcp };
+    let f = Frontend { addr: Ipv4Addr::new(10, 32, 0, 20).into(), port: 80, protocol: Protocol::Tcp };
     t.frontends.insert(f, entry(FrontendKind::ClusterIp, vec![ep(2, true)], vec![ep(2, true)]));
-    t.service_cidrs = vec![(Ipv4Addr::new(10, 32, 0, 0), 16)];
+    t.service_cidrs = vec![(Ipv4Addr::new(10, 32, 0, 0).into(), 16)];
     let r = render(&t, &RuleConfig::default());
     assert_eq!(r.filter["KUBE-CLUSTER-IPS-CHECK"], ["-A KUBE-CLUSTER-IPS-CHECK -d 10.32.0.0/16 -j KUBE-CLUSTER-IPS"]);
     assert_eq!(
@@ -211,8 +211,8 @@ fn cluster_ips_are_refused_on_undefined_ports_and_the_service_cidr_drops_the_res
 #[test]
 fn the_cluster_ip_masquerade_rule_is_in_the_chain_the_cluster_ip_uses() {
     let mut t = ServiceTable::default();
-    let f = Frontend { addr: Ipv4Addr::new(10, 32, 0, 20), port: 80, protocol: Protocol::Tcp };
-    let node_port = Frontend { addr: Ipv4Addr::new(10, 240, 0, 11), port: 30080, protocol: Protocol::Tcp };
+    let f = Frontend { addr: Ipv4Addr::new(10, 32, 0, 20).into(), port: 80, protocol: Protocol::Tcp };
+    let node_port = Frontend { addr: Ipv4Addr::new(10, 240, 0, 11).into(), port: 30080, protocol: Protocol::Tcp };
     let all = vec![ep(2, true), ep(3, false)];
     t.frontends.insert(f, entry(FrontendKind::ClusterIp, vec![ep(2, true)], vec![ep(2, true)]));
     t.frontends.insert(node_port, entry(FrontendKind::NodePort, all.clone(), all));
@@ -242,5 +242,5 @@ fn the_masquerade_bit_sets_the_mark() {
 
 /// The ruleset of `table`: the plan, printed.
 fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
-    print(&crate::dataplane::netfilter::plan::build(table, config))
+    print(&crate::dataplane::netfilter::plan::build(table, config, crate::dataplane::netfilter::Family::V4))
 }

@@ -1,10 +1,11 @@
-//! One dataplane for both netfilter backends: build the [`plan`](super::plan), print it with the backend,
-//! diff the printed ruleset against what was applied (or, at the start and on a full resync, against what
-//! the kernel holds), and commit the difference in one atomic transaction.
+//! One dataplane for both netfilter backends and both families: per family, build the
+//! [`plan`](super::plan), print it with the backend, diff the printed ruleset against what was applied (or,
+//! at the start and on a full resync, against what the kernel holds), and commit the difference in one
+//! atomic transaction.
 
-use std::marker::PhantomData;
+use std::{collections::BTreeMap, marker::PhantomData};
 
-use super::{RuleConfig, plan};
+use super::{Family, RuleConfig, plan};
 use crate::{
     dataplane::{ApplyStats, Dataplane},
     model::ServiceTable,
@@ -29,24 +30,30 @@ pub trait Backend: Send + 'static {
 
     fn print(plan: &plan::Plan) -> Self::Ruleset;
 
-    /// Makes the kernel ready for a first or full transaction (hooks, fixed chains) and reads back what it
-    /// holds now.
+    /// Whether the backend can serve `family` here (its tool runs and the kernel has its NAT).
+    ///
+    /// # Errors
+    /// What the tool or the kernel said.
+    fn usable(family: Family) -> Result<(), String>;
+
+    /// Makes the kernel ready for a first or full transaction of `family` (hooks, fixed chains) and reads
+    /// back what it holds now.
     ///
     /// # Errors
     /// When the tool cannot run or the kernel refuses.
-    fn installed() -> anyhow::Result<Self::Installed>;
+    fn installed(family: Family) -> anyhow::Result<Self::Installed>;
 
-    /// The input of one transaction that turns `old` into `new`, and what it writes and deletes; empty when
-    /// nothing changes.
-    fn transaction(old: &Previous<'_, Self>, new: &Self::Ruleset) -> (String, ApplyStats)
+    /// The input of one transaction of `family` that turns `old` into `new`, and what it writes and
+    /// deletes; empty when nothing changes.
+    fn transaction(family: Family, old: &Previous<'_, Self>, new: &Self::Ruleset) -> (String, ApplyStats)
     where
         Self: Sized;
 
-    /// Commits a transaction whole, or nothing of it.
+    /// Commits a transaction of `family` whole, or nothing of it.
     ///
     /// # Errors
     /// The tool's own message when it refuses the input.
-    fn commit(input: &str) -> anyhow::Result<()>;
+    fn commit(family: Family, input: &str) -> anyhow::Result<()>;
 
     /// Rules and elements in use, for the occupancy metrics.
     fn occupancy(applied: &Self::Ruleset) -> Vec<(&'static str, usize)>;
@@ -54,18 +61,42 @@ pub trait Backend: Send + 'static {
 
 pub struct NetfilterDataplane<B: Backend> {
     config: RuleConfig,
-    /// What the last successful transaction installed; `None` until the first one, and after a full
-    /// resync is asked for: then what the kernel holds is read and everything differing is rewritten.
-    applied: Option<B::Ruleset>,
+    /// The families served: IPv4, and IPv6 where the backend can serve it here.
+    families: Vec<Family>,
+    /// Per family, what the last successful transaction installed; absent until the first one, and after
+    /// a full resync is asked for: then what the kernel holds is read and everything differing is rewritten.
+    applied: BTreeMap<Family, B::Ruleset>,
     /// The table of the last successful apply, to find UDP endpoints that went away.
     last_table: ServiceTable,
     backend: PhantomData<B>,
 }
 
 impl<B: Backend> NetfilterDataplane<B> {
+    /// Serves IPv4, and IPv6 too unless the backend cannot here (then it says why, once).
     #[must_use]
     pub fn start(config: RuleConfig) -> Self {
-        Self { config, applied: None, last_table: ServiceTable::default(), backend: PhantomData }
+        let mut families = vec![Family::V4];
+        match B::usable(Family::V6) {
+            Ok(()) => families.push(Family::V6),
+            Err(why) => tracing::warn!(mode = B::NAME, reason = why, "IPv6 cannot be served here: IPv4 only"),
+        }
+        Self { config, families, applied: BTreeMap::new(), last_table: ServiceTable::default(), backend: PhantomData }
+    }
+
+    fn apply_family(&mut self, table: &ServiceTable, family: Family) -> anyhow::Result<ApplyStats> {
+        let wanted = B::print(&plan::build(table, &self.config, family));
+        let (input, stats) = match self.applied.get(&family) {
+            Some(applied) if *applied == wanted => (String::new(), ApplyStats::default()),
+            Some(applied) => B::transaction(family, &Previous::Applied(applied), &wanted),
+            None => B::transaction(family, &Previous::Installed(&B::installed(family)?), &wanted),
+        };
+        if !input.is_empty() {
+            // On failure nothing of this family changed: both backends commit a transaction whole or not at
+            // all. The other family's state is its own.
+            B::commit(family, &input)?;
+        }
+        self.applied.insert(family, wanted);
+        Ok(stats)
     }
 }
 
@@ -75,17 +106,12 @@ impl<B: Backend> Dataplane for NetfilterDataplane<B> {
     }
 
     fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        let wanted = B::print(&plan::build(table, &self.config));
-        let (input, stats) = match &self.applied {
-            Some(applied) if *applied == wanted => (String::new(), ApplyStats::default()),
-            Some(applied) => B::transaction(&Previous::Applied(applied), &wanted),
-            None => B::transaction(&Previous::Installed(&B::installed()?), &wanted),
-        };
-        if !input.is_empty() {
-            // On failure nothing changed: both backends commit a transaction whole or not at all.
-            B::commit(&input)?;
+        let mut stats = ApplyStats::default();
+        for family in self.families.clone() {
+            let of_family = self.apply_family(table, family)?;
+            stats.writes += of_family.writes;
+            stats.deletes += of_family.deletes;
         }
-        self.applied = Some(wanted);
         super::clear_stale_udp(&self.last_table, table);
         self.last_table = table.clone();
         Ok(stats)
@@ -93,11 +119,18 @@ impl<B: Backend> Dataplane for NetfilterDataplane<B> {
 
     fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
         // Forget what we believe is installed: what the kernel holds is read back, repairing any drift.
-        self.applied = None;
+        self.applied.clear();
         self.apply(table)
     }
 
     fn occupancy(&self) -> Vec<(&'static str, usize)> {
-        self.applied.as_ref().map_or_else(Vec::new, B::occupancy)
+        // Both families' rules in one figure per kind.
+        let mut total: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for applied in self.applied.values() {
+            for (name, n) in B::occupancy(applied) {
+                *total.entry(name).or_default() += n;
+            }
+        }
+        total.into_iter().collect()
     }
 }

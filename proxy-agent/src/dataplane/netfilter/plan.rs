@@ -8,15 +8,13 @@
 //! endpoint with its DNAT. Node-wide it holds where each frontend's new packets go first, the frontends
 //! without an endpoint (reject or drop), and the ClusterIPs and service CIDRs for the cluster-IPs check.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
-use super::{RuleConfig, ServicePort};
+use super::{Family, RuleConfig, ServicePort};
+pub use crate::model::Cidr;
 use crate::model::{
     BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable,
 };
-
-/// A network: address and prefix length.
-pub type Cidr = (Ipv4Addr, u8);
 
 /// One chain of a Service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -114,9 +112,11 @@ pub struct NoEndpoint {
     pub reject: bool,
 }
 
-/// Everything the netfilter modes install, decided.
+/// Everything the netfilter modes install for one family, decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
+    /// Every address in the plan is of this family.
+    pub family: Family,
     pub ports: Vec<PortPlan>,
     /// In kube-proxy's rule order: Service ports in order, each one's frontends in order.
     pub dispatch: Vec<Dispatch>,
@@ -124,7 +124,7 @@ pub struct Plan {
     pub no_endpoints: Vec<NoEndpoint>,
     /// Every ClusterIP, with the first Service port that holds it: a new packet still addressed to one
     /// after DNAT used a port or protocol no Service defines, and is refused.
-    pub cluster_ips: BTreeMap<Ipv4Addr, usize>,
+    pub cluster_ips: BTreeMap<IpAddr, usize>,
     /// Addresses in these networks that no Service holds are dropped, not routed.
     pub service_cidrs: Vec<Cidr>,
     /// The packet-mark bit that asks for masquerade, as a mask.
@@ -154,10 +154,12 @@ pub fn kind_label(kind: FrontendKind) -> &'static str {
     }
 }
 
-/// Builds the plan for `table`.
+/// Builds the plan of `family`'s half of `table`.
 #[must_use]
-pub fn build(table: &ServiceTable, config: &RuleConfig) -> Plan {
+pub fn build(table: &ServiceTable, config: &RuleConfig, family: Family) -> Plan {
+    let table = &table.family(family.is_ipv6());
     let mut plan = Plan {
+        family,
         ports: Vec::new(),
         dispatch: Vec::new(),
         no_endpoints: Vec::new(),
@@ -169,7 +171,8 @@ pub fn build(table: &ServiceTable, config: &RuleConfig) -> Plan {
     };
     for sp in &super::service_ports(table) {
         let index = plan.ports.len();
-        let mut builder = PortBuilder { config, sp, index, plan: &mut plan, chains: BTreeMap::new() };
+        let cluster_cidr = config.cluster_cidrs.of_family(family.is_ipv6());
+        let mut builder = PortBuilder { config, cluster_cidr, sp, index, plan: &mut plan, chains: BTreeMap::new() };
         builder.build();
         let chains = builder.chains;
         plan.ports.push(PortPlan { name: sp.name.clone(), protocol: sp.protocol, chains });
@@ -180,6 +183,8 @@ pub fn build(table: &ServiceTable, config: &RuleConfig) -> Plan {
 /// Decides one Service port's chains and its frontends' dispatch.
 struct PortBuilder<'a, 'p> {
     config: &'a RuleConfig,
+    /// The pods' network of the plan's family.
+    cluster_cidr: Option<Cidr>,
     sp: &'a ServicePort<'a>,
     index: usize,
     plan: &'p mut Plan,
@@ -196,10 +201,11 @@ impl PortBuilder<'_, '_> {
             self.balancing(PortChain::Local, &sp.local_endpoints(), affinity);
         }
         let comment = sp.name.to_string();
+        let host = self.plan.family.host_len();
         for ep in sp.all_endpoints() {
             let rules = vec![
                 // Hairpin: an endpoint reaching itself through the Service must see the node, not itself.
-                Rule::new(vec![Match::Source((ep.addr, 32))], Verdict::MarkMasquerade, comment.clone()),
+                Rule::new(vec![Match::Source((ep.addr, host))], Verdict::MarkMasquerade, comment.clone()),
                 Rule::new(
                     vec![Match::Protocol(sp.protocol)],
                     Verdict::Dnat { endpoint: ep, affinity },
@@ -259,7 +265,7 @@ impl PortBuilder<'_, '_> {
         // (Without a cluster CIDR or pod interfaces nothing tells pod traffic apart: none is masqueraded.)
         let not_from_pods = if self.config.masquerade_all {
             Some(None)
-        } else if let Some(cidr) = self.config.cluster_cidr {
+        } else if let Some(cidr) = self.cluster_cidr {
             Some(Some(Match::NotSource(cidr)))
         } else if !self.plan.pod_interfaces.is_empty() {
             Some(Some(Match::NotFromPodInterface))
@@ -308,7 +314,7 @@ impl PortBuilder<'_, '_> {
             rules.push(Rule::new(Vec::new(), service, None));
         } else {
             let pods = format!("pod traffic for {spn} external destinations");
-            if let Some(cidr) = self.config.cluster_cidr {
+            if let Some(cidr) = self.cluster_cidr {
                 rules.push(Rule::new(vec![Match::Source(cidr)], service, pods.clone()));
             }
             for pattern in &self.plan.pod_interfaces {
@@ -329,10 +335,11 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+    use crate::model::ClusterCidrs;
     use crate::model::{BackendSet, Endpoint};
 
     fn ep(last: u8, local: bool) -> Endpoint {
-        Endpoint { addr: Ipv4Addr::new(10, 200, 1, last), port: 8080, local }
+        Endpoint { addr: Ipv4Addr::new(10, 200, 1, last).into(), port: 8080, local }
     }
 
     fn set(endpoints: Vec<Endpoint>) -> BackendSet {
@@ -354,7 +361,7 @@ mod tests {
     }
 
     fn frontend(a: u8, b: u8, port: u16) -> Frontend {
-        Frontend { addr: Ipv4Addr::new(10, a, 0, b), port, protocol: Protocol::Tcp }
+        Frontend { addr: Ipv4Addr::new(10, a, 0, b).into(), port, protocol: Protocol::Tcp }
     }
 
     /// kube-proxy's decisions for one port with every frontend kind: an internalTrafficPolicy Local
@@ -369,23 +376,21 @@ mod tests {
         external.masquerade_external = false;
         t.frontends.insert(np, external.clone());
         external.kind = FrontendKind::LoadBalancer;
-        external.source_ranges = vec![(Ipv4Addr::new(192, 0, 2, 0), 24)];
+        external.source_ranges = vec![(Ipv4Addr::new(192, 0, 2, 0).into(), 24)];
         t.frontends.insert(lb, external);
-        let config = RuleConfig { cluster_cidr: Some((Ipv4Addr::new(10, 200, 0, 0), 16)), ..RuleConfig::default() };
-        let plan = build(&t, &config);
+        let pods: Cidr = (Ipv4Addr::new(10, 200, 0, 0).into(), 16);
+        let config = RuleConfig { cluster_cidrs: ClusterCidrs::new(&[pods]).unwrap(), ..RuleConfig::default() };
+        let plan = build(&t, &config, Family::V4);
         assert_eq!(plan.ports.len(), 1);
         let chains = &plan.ports[0].chains;
         let targets: Vec<(Frontend, PortChain)> = plan.dispatch.iter().map(|d| (d.frontend, d.target)).collect();
         assert_eq!(targets, [(cip, PortChain::Local), (np, PortChain::External), (lb, PortChain::Firewall)]);
         // The ClusterIP's masquerade rule heads the chain its traffic goes to.
-        assert_eq!(
-            chains[&PortChain::Local][0].matches,
-            [Match::Frontend(cip), Match::NotSource((Ipv4Addr::new(10, 200, 0, 0), 16))]
-        );
+        assert_eq!(chains[&PortChain::Local][0].matches, [Match::Frontend(cip), Match::NotSource(pods)]);
         assert_eq!(chains[&PortChain::Service].len(), 2, "every endpoint");
         assert_eq!(chains[&PortChain::Local].len(), 2, "the masquerade rule and the one local endpoint");
         let external = &chains[&PortChain::External];
-        assert_eq!(external.first().unwrap().matches, [Match::Source((Ipv4Addr::new(10, 200, 0, 0), 16))]);
+        assert_eq!(external.first().unwrap().matches, [Match::Source(pods)]);
         assert_eq!(external.last().unwrap().verdict, Verdict::Goto(PortChain::Local), "outside traffic: local only");
         let firewall = &chains[&PortChain::Firewall];
         assert_eq!(firewall[0].verdict, Verdict::Goto(PortChain::External));
@@ -407,7 +412,7 @@ mod tests {
         np.external.reject_when_empty = false;
         np.masquerade_external = false;
         t.frontends.insert(frontend(240, 11, 30080), np);
-        let plan = build(&t, &RuleConfig::default());
+        let plan = build(&t, &RuleConfig::default(), Family::V4);
         let verdicts: Vec<(FrontendKind, bool)> = plan.no_endpoints.iter().map(|n| (n.kind, n.reject)).collect();
         assert_eq!(verdicts, [(FrontendKind::ClusterIp, true), (FrontendKind::NodePort, false)]);
         let kinds: Vec<FrontendKind> = plan.dispatch.iter().map(|d| d.kind).collect();

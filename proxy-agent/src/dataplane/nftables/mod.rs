@@ -13,16 +13,17 @@ use anyhow::{Context as _, bail};
 use super::{
     ApplyStats,
     netfilter::{
-        self,
+        self, Family,
         dataplane::{Backend, NetfilterDataplane, Previous},
         plan::Plan,
     },
 };
-use print::{AFFINITY_SET_TYPE, Ruleset, TABLE, TABLE_FAMILY, TABLE_NAME};
+use print::{Ruleset, TABLE_NAME, nft_family};
 
 /// Tables removed when another mode starts, and on cleanup: this mode's own, and kube-proxy's nftables-mode
 /// tables.
-const LEFTOVER_TABLES: [(&str, &str); 3] = [(TABLE_FAMILY, TABLE_NAME), ("ip", "kube-proxy"), ("ip6", "kube-proxy")];
+const LEFTOVER_TABLES: [(&str, &str); 4] =
+    [("ip", TABLE_NAME), ("ip6", TABLE_NAME), ("ip", "kube-proxy"), ("ip6", "kube-proxy")];
 
 /// One table of our own, applied with `nft -f`.
 pub struct Nftables;
@@ -46,27 +47,27 @@ fn nft(args: &[&str]) -> anyhow::Result<std::process::Output> {
 ///
 /// # Errors
 /// When the output is not nft's JSON.
-fn names_in_table(json: &str, kind: &str) -> anyhow::Result<BTreeSet<String>> {
+fn names_in_table(json: &str, family: Family, kind: &str) -> anyhow::Result<BTreeSet<String>> {
     let dump: serde_json::Value = serde_json::from_str(json).context("nft -j printed no JSON")?;
     let objects = dump["nftables"].as_array().context("nft -j: no \"nftables\" array")?;
     Ok(objects
         .iter()
         .filter_map(|o| o.get(kind))
-        .filter(|o| o["family"] == TABLE_FAMILY && o["table"] == TABLE_NAME)
+        .filter(|o| o["family"] == nft_family(family) && o["table"] == TABLE_NAME)
         .filter_map(|o| o["name"].as_str().map(str::to_owned))
         .collect())
 }
 
 /// What our table holds now (names only; listing rules and elements would cost as much as the table).
-fn installed() -> anyhow::Result<Installed> {
-    let family = TABLE_FAMILY;
+fn installed(family: Family) -> anyhow::Result<Installed> {
+    let nft_family = nft_family(family);
     let mut names = Vec::new();
     for (what, kind) in [("chains", "chain"), ("maps", "map"), ("sets", "set")] {
-        let out = nft(&["-j", "--terse", "list", what, family])?;
+        let out = nft(&["-j", "--terse", "list", what, nft_family])?;
         if !out.status.success() {
-            bail!("nft -j list {what} {family} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!("nft -j list {what} {nft_family} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        names.push(names_in_table(&String::from_utf8_lossy(&out.stdout), kind)?);
+        names.push(names_in_table(&String::from_utf8_lossy(&out.stdout), family, kind)?);
     }
     let [chains, maps, sets] = names.try_into().expect("three lists");
     Ok(Installed { chains, maps, sets })
@@ -76,7 +77,9 @@ fn installed() -> anyhow::Result<Installed> {
 /// reference is valid at each step: objects are declared before anything refers to them, and deleted
 /// only after the rules and elements that referred to them are gone.
 #[must_use]
-pub fn transaction(old: &Previous<'_, Nftables>, new: &Ruleset) -> (String, ApplyStats) {
+pub fn transaction(family: Family, old: &Previous<'_, Nftables>, new: &Ruleset) -> (String, ApplyStats) {
+    #[expect(non_snake_case, reason = "reads as the constant it replaced in every command below")]
+    let TABLE = print::table(family);
     let mut out = String::new();
     let mut stats = ApplyStats::default();
     let known = match old {
@@ -94,12 +97,12 @@ pub fn transaction(old: &Previous<'_, Nftables>, new: &Ruleset) -> (String, Appl
     }
     for name in new.maps.keys() {
         if known.is_none() || !before.maps.contains_key(name) {
-            let _ = writeln!(out, "add map {TABLE} {name} {{ {} }}", print::map_type(name));
+            let _ = writeln!(out, "add map {TABLE} {name} {{ {} }}", print::map_type(family, name));
         }
     }
     for name in &new.sets {
         if known.is_none() || !before.sets.contains(name) {
-            let _ = writeln!(out, "add set {TABLE} {name} {{ {AFFINITY_SET_TYPE} }}");
+            let _ = writeln!(out, "add set {TABLE} {name} {{ {} }}", print::affinity_set_type(family));
         }
     }
     // Elements out first: they may point at chains deleted below.
@@ -212,15 +215,20 @@ impl Backend for Nftables {
         print::print(plan)
     }
 
-    fn installed() -> anyhow::Result<Installed> {
-        installed()
+    fn usable(_: Family) -> Result<(), String> {
+        // One nft serves both families; the kernel's ip6 NAT comes with its nftables.
+        usable()
     }
 
-    fn transaction(old: &Previous<'_, Self>, new: &Ruleset) -> (String, ApplyStats) {
-        transaction(old, new)
+    fn installed(family: Family) -> anyhow::Result<Installed> {
+        installed(family)
     }
 
-    fn commit(input: &str) -> anyhow::Result<()> {
+    fn transaction(family: Family, old: &Previous<'_, Self>, new: &Ruleset) -> (String, ApplyStats) {
+        transaction(family, old, new)
+    }
+
+    fn commit(_: Family, input: &str) -> anyhow::Result<()> {
         // The kernel commits an nft transaction whole or not at all.
         netfilter::run_with_input("nft", &["-f", "-"], input)
     }

@@ -77,8 +77,8 @@ mod tests {
         assert_eq!(svc.len(), "service-".len() + 8 + "-default/web/tcp/http".len());
         assert_eq!(svc, service_chain(&spn, Protocol::Tcp));
         assert_ne!(svc, service_chain(&spn, Protocol::Udp));
-        let a = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 2), port: 8080, local: true };
-        let b = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 3), port: 8080, local: true };
+        let a = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 2).into(), port: 8080, local: true };
+        let b = Endpoint { addr: Ipv4Addr::new(10, 200, 1, 3).into(), port: 8080, local: true };
         let ep = endpoint_chain(&spn, Protocol::Tcp, a);
         assert!(ep.ends_with("-default/web/tcp/http__10.200.1.2/8080"), "{ep}");
         assert_ne!(ep, endpoint_chain(&spn, Protocol::Tcp, b));
@@ -90,8 +90,12 @@ mod tests {
         let spn = ServicePortName { namespace: "n".repeat(63), name: "s".repeat(63), port: "p".repeat(15) };
         let long = ServicePortName { namespace: "x".repeat(200), ..spn };
         assert!(
-            endpoint_chain(&long, Protocol::Sctp, Endpoint { addr: Ipv4Addr::BROADCAST, port: 65535, local: false })
-                .len()
+            endpoint_chain(
+                &long,
+                Protocol::Sctp,
+                Endpoint { addr: Ipv4Addr::BROADCAST.into(), port: 65535, local: false }
+            )
+            .len()
                 <= MAX_NAME
         );
     }

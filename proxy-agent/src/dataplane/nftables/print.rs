@@ -11,14 +11,31 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::naming;
 use crate::{
-    dataplane::netfilter::plan::{self, Match, Plan, PortChain, PortPlan, Rule, Verdict},
+    dataplane::netfilter::{
+        Family,
+        plan::{self, Match, Plan, PortChain, PortPlan, Rule, Verdict},
+    },
     model::{Frontend, FrontendKind},
 };
 
-/// The table's family and name, as nft commands take them.
-pub const TABLE: &str = "ip proxy-agent";
-pub const TABLE_FAMILY: &str = "ip";
+/// The table's name, in the family's nftables family (`ip`, `ip6`).
 pub const TABLE_NAME: &str = "proxy-agent";
+
+/// nftables' family of an IP family: `ip` or `ip6`. Also the prefix of address matches (`ip6 daddr`).
+#[must_use]
+pub fn nft_family(family: Family) -> &'static str {
+    if family.is_ipv6() { "ip6" } else { "ip" }
+}
+
+/// The table as nft commands take it: `ip proxy-agent`, `ip6 proxy-agent`.
+#[must_use]
+pub fn table(family: Family) -> String {
+    format!("{} {TABLE_NAME}", nft_family(family))
+}
+
+fn addr_type(family: Family) -> &'static str {
+    if family.is_ipv6() { "ipv6_addr" } else { "ipv4_addr" }
+}
 
 /// Frontends with somewhere to go.
 pub const SERVICE_IPS: &str = "service-ips";
@@ -27,16 +44,23 @@ pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 /// Every ClusterIP, whatever its ports: kube-proxy's `cluster-ips` set, as a verdict map here so it shares
 /// the maps' element bookkeeping. A new packet still addressed to one after DNAT is refused.
 pub const CLUSTER_IPS: &str = "cluster-ips";
-/// The frontend maps' declaration.
-pub const MAP_TYPE: &str = "type ipv4_addr . inet_proto . inet_service : verdict;";
-
-/// The declaration of map `name`.
+/// The declaration of map `name`: frontends (`address . protocol . port`) to verdicts, or ClusterIPs to
+/// verdicts.
 #[must_use]
-pub fn map_type(name: &str) -> &'static str {
-    if name == CLUSTER_IPS { "type ipv4_addr : verdict;" } else { MAP_TYPE }
+pub fn map_type(family: Family, name: &str) -> String {
+    let addr = addr_type(family);
+    if name == CLUSTER_IPS {
+        format!("type {addr} : verdict;")
+    } else {
+        format!("type {addr} . inet_proto . inet_service : verdict;")
+    }
 }
+
 /// An affinity set's declaration: client addresses, each forgotten after its own timeout.
-pub const AFFINITY_SET_TYPE: &str = "type ipv4_addr; flags dynamic,timeout;";
+#[must_use]
+pub fn affinity_set_type(family: Family) -> String {
+    format!("type {}; flags dynamic,timeout;", addr_type(family))
+}
 
 /// One chain: its hook declaration if it is a base chain, and its rules in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,6 +120,7 @@ const BASE_CHAINS: [(&str, &str, &[&str]); 6] = [
 
 /// A frontend as a map key.
 fn key(f: Frontend) -> String {
+    // `fd00::1 . tcp . 80`: nft reads an IPv6 address in a concatenation as it is.
     format!("{} . {} . {}", f.addr, f.protocol.lower(), f.port)
 }
 
@@ -121,6 +146,11 @@ struct Printer<'a> {
 }
 
 impl Printer<'_> {
+    /// The address-match prefix: `ip` or `ip6`.
+    fn ip(&self) -> &'static str {
+        nft_family(self.plan.family)
+    }
+
     /// The rules of one plan rule: one, or two when a DNAT also records an affinity client.
     fn rule(&mut self, port: &PortPlan, rule: &Rule) -> Vec<String> {
         let mut words: Vec<String> = rule.matches.iter().map(|m| self.matches(port, m)).collect();
@@ -132,10 +162,10 @@ impl Printer<'_> {
             Verdict::Dnat { endpoint, affinity } => {
                 if let Some(seconds) = affinity {
                     let set = naming::affinity_set(&port.name, port.protocol, endpoint);
-                    before.push(format!("update @{set} {{ ip saddr timeout {seconds}s }}"));
+                    before.push(format!("update @{set} {{ {} saddr timeout {seconds}s }}", self.ip()));
                     self.out.sets.insert(set);
                 }
-                format!("dnat to {}:{}", endpoint.addr, endpoint.port)
+                format!("dnat to {}", std::net::SocketAddr::new(endpoint.addr, endpoint.port))
             }
         });
         before.push(words.join(" "));
@@ -162,7 +192,7 @@ impl Printer<'_> {
             Match::SourceLocal => "fib saddr type local".to_owned(),
             Match::OneIn(n) => format!("numgen random mod {n} 0"),
             Match::AffinityHit { endpoint, .. } => {
-                format!("ip saddr @{}", naming::affinity_set(&port.name, port.protocol, *endpoint))
+                format!("{} saddr @{}", self.ip(), naming::affinity_set(&port.name, port.protocol, *endpoint))
             }
         }
     }
@@ -185,9 +215,10 @@ impl Printer<'_> {
             self.out.chains.insert(name.into(), Chain { hook: Some(hook), rules });
         }
         let mark = self.plan.masquerade_mark;
+        let ip = self.ip();
         let fixed: [(&str, Vec<String>); 5] = [
-            ("services", vec![format!("ip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}")]),
-            ("endpoints-check", vec![format!("ip daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}")]),
+            ("services", vec![format!("{ip} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}")]),
+            ("endpoints-check", vec![format!("{ip} daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}")]),
             ("reject-chain", vec!["reject".into()]),
             ("mark-for-masquerade", vec![format!("meta mark set meta mark | {mark:#x}")]),
             (
@@ -230,10 +261,11 @@ impl Printer<'_> {
     /// to a ClusterIP used a port or protocol no Service defines (refused, by [`CLUSTER_IPS`]); an address of
     /// the service CIDRs that no Service holds is dropped. Neither leaves by the default route.
     fn cluster_ips_check(&mut self) {
-        let mut rules = vec![format!("ip daddr vmap @{CLUSTER_IPS}")];
+        let ip = self.ip();
+        let mut rules = vec![format!("{ip} daddr vmap @{CLUSTER_IPS}")];
         if !self.plan.service_cidrs.is_empty() {
             let cidrs: Vec<String> = self.plan.service_cidrs.iter().map(|c| cidr(*c)).collect();
-            rules.push(format!("ip daddr {{ {} }} drop", cidrs.join(", ")));
+            rules.push(format!("{ip} daddr {{ {} }} drop", cidrs.join(", ")));
         }
         self.out.chains.insert("cluster-ips-check".into(), Chain { hook: None, rules });
     }

@@ -9,7 +9,7 @@ use crate::{
 };
 
 fn ep(last: u8, local: bool) -> Endpoint {
-    Endpoint { addr: Ipv4Addr::new(10, 200, 1, last), port: 8080, local }
+    Endpoint { addr: Ipv4Addr::new(10, 200, 1, last).into(), port: 8080, local }
 }
 
 fn set(endpoints: Vec<Endpoint>) -> BackendSet {
@@ -31,7 +31,7 @@ fn entry(name: &str, kind: FrontendKind, external: Vec<Endpoint>, internal: Vec<
 }
 
 fn vip(last: u8) -> Frontend {
-    Frontend { addr: Ipv4Addr::new(10, 32, 0, last), port: 80, protocol: Protocol::Tcp }
+    Frontend { addr: Ipv4Addr::new(10, 32, 0, last).into(), port: 80, protocol: Protocol::Tcp }
 }
 
 #[test]
@@ -60,12 +60,18 @@ fn a_cluster_ip_is_one_map_element_and_its_endpoints_are_chosen_by_a_numgen_casc
 fn no_endpoints_reject_and_a_local_policy_without_local_endpoints_drops() {
     let mut t = ServiceTable::default();
     t.frontends.insert(vip(21), entry("empty", FrontendKind::ClusterIp, vec![], vec![]));
-    let node_port = Frontend { addr: Ipv4Addr::new(10, 240, 0, 11), port: 30080, protocol: Protocol::Udp };
+    let node_port = Frontend { addr: Ipv4Addr::new(10, 240, 0, 11).into(), port: 30080, protocol: Protocol::Udp };
     let mut local = entry("local", FrontendKind::NodePort, vec![], vec![ep(9, false)]);
     local.external.reject_when_empty = false;
     local.masquerade_external = false;
     t.frontends.insert(node_port, local);
-    let r = render(&t, &RuleConfig { cluster_cidr: Some((Ipv4Addr::new(10, 200, 0, 0), 16)), ..Default::default() });
+    let r = render(
+        &t,
+        &RuleConfig {
+            cluster_cidrs: crate::model::ClusterCidrs::new(&[(Ipv4Addr::new(10, 200, 0, 0).into(), 16)]).unwrap(),
+            ..Default::default()
+        },
+    );
     let no_ep = &r.maps[NO_ENDPOINT_SERVICES];
     assert_eq!(no_ep["10.32.0.21 . tcp . 80"], "comment \"default/empty:http has no endpoints\" : goto reject-chain");
     assert_eq!(no_ep["10.240.0.11 . udp . 30080"], "comment \"default/local:http has no local endpoints\" : drop");
@@ -78,10 +84,10 @@ fn no_endpoints_reject_and_a_local_policy_without_local_endpoints_drops() {
 #[test]
 fn affinity_source_ranges_and_masquerade_all_render_as_sets_firewall_chains_and_marks() {
     let mut t = ServiceTable::default();
-    let lb = Frontend { addr: Ipv4Addr::new(192, 0, 2, 10), port: 443, protocol: Protocol::Tcp };
+    let lb = Frontend { addr: Ipv4Addr::new(192, 0, 2, 10).into(), port: 443, protocol: Protocol::Tcp };
     let mut e = entry("lb", FrontendKind::LoadBalancer, vec![ep(2, true)], vec![ep(2, true)]);
     e.affinity_timeout = Some(600);
-    e.source_ranges = vec![(Ipv4Addr::new(10, 240, 0, 0), 24)];
+    e.source_ranges = vec![(Ipv4Addr::new(10, 240, 0, 0).into(), 24)];
     t.frontends.insert(lb, e);
     let mut cip = entry("lb", FrontendKind::ClusterIp, vec![ep(2, true)], vec![ep(2, true)]);
     cip.affinity_timeout = Some(600);
@@ -105,12 +111,12 @@ fn an_unchanged_ruleset_needs_no_writes_and_a_changed_endpoint_rewrites_only_its
     t.frontends.insert(vip(21), entry("api", FrontendKind::ClusterIp, vec![ep(5, true)], vec![ep(5, true)]));
     let config = RuleConfig::default();
     let before = render(&t, &config);
-    let (_, stats) = transaction(&Previous::Applied(&before), &before);
+    let (_, stats) = transaction(crate::dataplane::netfilter::Family::V4, &Previous::Applied(&before), &before);
     assert_eq!((stats.writes, stats.deletes), (0, 0));
 
     t.frontends.insert(vip(20), entry("web", FrontendKind::ClusterIp, vec![ep(3, true)], vec![ep(3, true)]));
     let after = render(&t, &config);
-    let (script, _) = transaction(&Previous::Applied(&before), &after);
+    let (script, _) = transaction(crate::dataplane::netfilter::Family::V4, &Previous::Applied(&before), &after);
     assert!(!script.contains("/api/"), "the other Service is untouched:\n{script}");
     let line = |prefix: &str| script.lines().position(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}"));
     assert!(line("add chain ip proxy-agent endpoint-") < line("flush chain ip proxy-agent service-"));
@@ -124,8 +130,11 @@ fn a_full_resync_deletes_what_the_kernel_holds_but_nobody_wants() {
         maps: [SERVICE_IPS.to_owned(), "stale-map".to_owned()].into(),
         sets: ["affinity-OLD".to_owned()].into(),
     };
-    let (script, _) =
-        transaction(&Previous::Installed(&installed), &render(&ServiceTable::default(), &RuleConfig::default()));
+    let (script, _) = transaction(
+        crate::dataplane::netfilter::Family::V4,
+        &Previous::Installed(&installed),
+        &render(&ServiceTable::default(), &RuleConfig::default()),
+    );
     for expected in [
         "flush map ip proxy-agent service-ips",
         "flush chain ip proxy-agent services",
@@ -144,7 +153,7 @@ fn installed_names_are_read_from_our_table_only() {
         {"chain": {"family": "ip6", "table": "proxy-agent", "name": "elsewhere", "handle": 1}},
         {"chain": {"family": "ip", "table": "proxy-agent", "name": "services", "handle": 2}},
         {"chain": {"family": "ip", "table": "proxy-agent", "name": "nat-output", "handle": 3, "type": "nat"}}]}"#;
-    let names = super::names_in_table(dump, "chain").unwrap();
+    let names = super::names_in_table(dump, crate::dataplane::netfilter::Family::V4, "chain").unwrap();
     assert_eq!(names, ["nat-output", "services"].map(String::from).into());
 }
 
@@ -154,7 +163,7 @@ fn installed_names_are_read_from_our_table_only() {
 fn incremental_transactions_converge_to_what_a_fresh_install_holds() {
     let live = Netns::new("nft-live");
     let config = RuleConfig {
-        cluster_cidr: Some((Ipv4Addr::new(10, 200, 0, 0), 16)),
+        cluster_cidrs: crate::model::ClusterCidrs::new(&[(Ipv4Addr::new(10, 200, 0, 0).into(), 16)]).unwrap(),
         pod_interfaces: vec!["veth*".into()],
         ..Default::default()
     };
@@ -162,12 +171,25 @@ fn incremental_transactions_converge_to_what_a_fresh_install_holds() {
     for seed in 0..24 {
         let wanted = render(&generated_table(seed), &config);
         let (script, _) = match &previous {
-            Some(p) => transaction(&Previous::Applied(p), &wanted),
-            None => transaction(&Previous::Installed(&Installed::default()), &wanted),
+            Some(p) => transaction(crate::dataplane::netfilter::Family::V4, &Previous::Applied(p), &wanted),
+            None => transaction(
+                crate::dataplane::netfilter::Family::V4,
+                &Previous::Installed(&Installed::default()),
+                &wanted,
+            ),
         };
         live.nft_f(&script).unwrap_or_else(|e| panic!("step {seed}: {e:#}\n{script}"));
         let fresh = Netns::new("nft-fresh");
-        fresh.nft_f(&transaction(&Previous::Installed(&Installed::default()), &wanted).0).unwrap();
+        fresh
+            .nft_f(
+                &transaction(
+                    crate::dataplane::netfilter::Family::V4,
+                    &Previous::Installed(&Installed::default()),
+                    &wanted,
+                )
+                .0,
+            )
+            .unwrap();
         assert_eq!(live.normalized_table(), fresh.normalized_table(), "step {seed} diverged");
         previous = Some(wanted);
     }
@@ -176,9 +198,15 @@ fn incremental_transactions_converge_to_what_a_fresh_install_holds() {
     live.nft_f("add chain ip proxy-agent intruder\nflush chain ip proxy-agent services\n").unwrap();
     let installed = live.installed();
     assert!(installed.chains.contains("intruder"));
-    live.nft_f(&transaction(&Previous::Installed(&installed), &wanted).0).unwrap();
+    live.nft_f(&transaction(crate::dataplane::netfilter::Family::V4, &Previous::Installed(&installed), &wanted).0)
+        .unwrap();
     let fresh = Netns::new("nft-fresh");
-    fresh.nft_f(&transaction(&Previous::Installed(&Installed::default()), &wanted).0).unwrap();
+    fresh
+        .nft_f(
+            &transaction(crate::dataplane::netfilter::Family::V4, &Previous::Installed(&Installed::default()), &wanted)
+                .0,
+        )
+        .unwrap();
     assert_eq!(live.normalized_table(), fresh.normalized_table());
 }
 
@@ -213,7 +241,8 @@ pub(crate) fn generated_table(seed: u32) -> ServiceTable {
             np.masquerade_external = !local_policy;
             np.affinity_timeout = affinity;
             if next(2) == 0 {
-                np.source_ranges = vec![(Ipv4Addr::new(10, 240, 0, 0), 24), (Ipv4Addr::new(192, 0, 2, 0), 24)];
+                np.source_ranges =
+                    vec![(Ipv4Addr::new(10, 240, 0, 0).into(), 24), (Ipv4Addr::new(192, 0, 2, 0).into(), 24)];
             }
             if next(2) == 0 {
                 let mut node_port = np.clone();
@@ -221,10 +250,13 @@ pub(crate) fn generated_table(seed: u32) -> ServiceTable {
                 // loadBalancerSourceRanges guard the load-balancer IPs only, as the model builds them.
                 node_port.source_ranges.clear();
                 let port = 30000 + u16::from(svc);
-                t.frontends
-                    .insert(Frontend { addr: Ipv4Addr::new(10, 240, 0, 11), port, protocol: Protocol::Tcp }, node_port);
+                t.frontends.insert(
+                    Frontend { addr: Ipv4Addr::new(10, 240, 0, 11).into(), port, protocol: Protocol::Tcp },
+                    node_port,
+                );
             }
-            t.frontends.insert(Frontend { addr: Ipv4Addr::new(192, 0, 2, svc), port: 80, protocol: Protocol::Tcp }, np);
+            t.frontends
+                .insert(Frontend { addr: Ipv4Addr::new(192, 0, 2, svc).into(), port: 80, protocol: Protocol::Tcp }, np);
         }
     }
     t
@@ -241,9 +273,24 @@ impl Netns {
 
     fn installed(&self) -> Installed {
         Installed {
-            chains: super::names_in_table(&self.nft(&["-j", "--terse", "list", "chains", "ip"]), "chain").unwrap(),
-            sets: super::names_in_table(&self.nft(&["-j", "--terse", "list", "sets", "ip"]), "set").unwrap(),
-            maps: super::names_in_table(&self.nft(&["-j", "--terse", "list", "maps", "ip"]), "map").unwrap(),
+            chains: super::names_in_table(
+                &self.nft(&["-j", "--terse", "list", "chains", "ip"]),
+                crate::dataplane::netfilter::Family::V4,
+                "chain",
+            )
+            .unwrap(),
+            sets: super::names_in_table(
+                &self.nft(&["-j", "--terse", "list", "sets", "ip"]),
+                crate::dataplane::netfilter::Family::V4,
+                "set",
+            )
+            .unwrap(),
+            maps: super::names_in_table(
+                &self.nft(&["-j", "--terse", "list", "maps", "ip"]),
+                crate::dataplane::netfilter::Family::V4,
+                "map",
+            )
+            .unwrap(),
         }
     }
 
@@ -301,9 +348,9 @@ fn every_cluster_ip_is_refused_on_undefined_ports_and_the_service_cidr_drops_the
     let mut t = ServiceTable::default();
     t.frontends.insert(vip(20), entry("web", FrontendKind::ClusterIp, vec![ep(2, true)], vec![ep(2, true)]));
     t.frontends.insert(vip(21), entry("empty", FrontendKind::ClusterIp, Vec::new(), Vec::new()));
-    let external = Frontend { addr: Ipv4Addr::new(10, 250, 0, 1), port: 80, protocol: Protocol::Tcp };
+    let external = Frontend { addr: Ipv4Addr::new(10, 250, 0, 1).into(), port: 80, protocol: Protocol::Tcp };
     t.frontends.insert(external, entry("web", FrontendKind::ExternalIp, vec![ep(2, true)], vec![ep(2, true)]));
-    t.service_cidrs = vec![(Ipv4Addr::new(10, 32, 0, 0), 16)];
+    t.service_cidrs = vec![(Ipv4Addr::new(10, 32, 0, 0).into(), 16)];
     let r = render(&t, &RuleConfig::default());
     let keys: Vec<&String> = r.maps[CLUSTER_IPS].keys().collect();
     assert_eq!(keys, ["10.32.0.20", "10.32.0.21"], "ClusterIPs only, not external IPs");
@@ -312,7 +359,7 @@ fn every_cluster_ip_is_refused_on_undefined_ports_and_the_service_cidr_drops_the
     for hook in ["filter-forward", "filter-output"] {
         assert_eq!(r.chains[hook].rules.last().unwrap(), "ct state new jump cluster-ips-check", "{hook}");
     }
-    assert_eq!(map_type(CLUSTER_IPS), "type ipv4_addr : verdict;");
+    assert_eq!(map_type(crate::dataplane::netfilter::Family::V4, CLUSTER_IPS), "type ipv4_addr : verdict;");
     t.service_cidrs.clear();
     let without = render(&t, &RuleConfig::default());
     assert_eq!(without.chains["cluster-ips-check"].rules, ["ip daddr vmap @cluster-ips"], "no CIDR, no drop");
@@ -328,5 +375,5 @@ fn the_masquerade_bit_sets_the_mark() {
 
 /// The ruleset of `table`: the plan, printed.
 fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
-    print(&crate::dataplane::netfilter::plan::build(table, config))
+    print(&crate::dataplane::netfilter::plan::build(table, config, crate::dataplane::netfilter::Family::V4))
 }
