@@ -1,5 +1,6 @@
 //! The model, tested without a cluster or a kernel: objects in, table out.
 
+use std::net::IpAddr;
 use std::{fmt::Write as _, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -337,7 +338,7 @@ fn node_ports_follow_node_port_addresses() {
         node_port_addresses: addrs,
         service_cidrs: Vec::new(),
     };
-    let node_ports = |n: &NodeIdentity, s: &ClusterState| -> Vec<std::net::IpAddr> {
+    let node_ports = |n: &NodeIdentity, s: &ClusterState| -> Vec<IpAddr> {
         desired(s, n)
             .table
             .frontends
@@ -365,9 +366,9 @@ fn load_balancer_ingress_with_ip_mode_proxy_gets_no_frontend() {
         "metadata: {name: lb}\nspec: {type: LoadBalancer, clusterIP: 10.32.0.41, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.5, ipMode: VIP}, {ip: 203.0.113.6, ipMode: Proxy}]}}",
     );
     let d = run(vec![lb], vec![]);
-    let lbs: Vec<std::net::IpAddr> =
+    let lbs: Vec<IpAddr> =
         d.table.frontends.iter().filter(|(_, e)| e.kind == FrontendKind::LoadBalancer).map(|(f, _)| f.addr).collect();
-    assert_eq!(lbs, vec![std::net::IpAddr::from(Ipv4Addr::new(203, 0, 113, 5))]);
+    assert_eq!(lbs, vec![IpAddr::from(Ipv4Addr::new(203, 0, 113, 5))]);
 }
 
 #[test]
@@ -453,7 +454,7 @@ fn service_cidrs_join_the_flag_and_every_service_cidr_object() {
         ..NodeIdentity::default()
     };
     let d = desired(&state, &node);
-    let v6: std::net::IpAddr = "fd00:10:96::".parse().unwrap();
+    let v6: IpAddr = "fd00:10:96::".parse().unwrap();
     assert_eq!(
         d.table.service_cidrs,
         vec![(Ipv4Addr::new(10, 32, 0, 0).into(), 16), (Ipv4Addr::new(10, 33, 0, 0).into(), 24), (v6, 112)]

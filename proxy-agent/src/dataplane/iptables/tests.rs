@@ -130,51 +130,67 @@ fn invalid_forwarded_packets_are_dropped_unless_conntrack_is_liberal() {
 /// periodic resync then rewrite nothing), for a run of varied tables and both local-traffic settings.
 #[test]
 fn iptables_save_prints_back_exactly_what_was_rendered() {
+    use crate::dataplane::netfilter::Family;
     let ns = crate::testing::Netns::new("ipt-canon");
+    let pods_v6: std::net::IpAddr = "fd00:200::".parse().unwrap();
     let configs = [
         RuleConfig { pod_interfaces: vec!["veth*".into()], ..Default::default() },
         RuleConfig {
-            cluster_cidrs: crate::model::ClusterCidrs::new(&[(Ipv4Addr::new(10, 200, 0, 0).into(), 16)]).unwrap(),
+            cluster_cidrs: crate::model::ClusterCidrs::new(&[(Ipv4Addr::new(10, 200, 0, 0).into(), 16), (pods_v6, 64)])
+                .unwrap(),
             masquerade_all: true,
             ..Default::default()
         },
     ];
     let mut differences = Vec::new();
-    for (c, config) in configs.iter().enumerate() {
-        for seed in 0..12 {
-            let wanted = render(&crate::dataplane::nftables::tests::generated_table(seed), config);
-            let mut input = String::new();
-            restore_input("nat", None, &wanted.nat, &mut input);
-            restore_input("filter", None, &wanted.filter, &mut input);
-            crate::dataplane::netfilter::run_with_input(
-                "ip",
-                &["netns", "exec", ns.name(), "iptables-restore", "-w", "--noflush"],
-                &input,
-            )
-            .unwrap();
-            for (table, chains) in [("nat", &wanted.nat), ("filter", &wanted.filter)] {
-                let saved = super::parse_save(&ns.exec(&["iptables-save", "-t", table]));
-                for (name, rules) in chains {
-                    let back = saved.get(name).cloned().unwrap_or_default();
-                    for (want, got) in rules.iter().zip(&back) {
-                        if want != got {
-                            differences.push(format!("config {c} seed {seed}\n  rendered {want}\n  saved    {got}"));
+    for family in Family::ALL {
+        let (restore, save, iptables) = if family.is_ipv6() {
+            ("ip6tables-restore", "ip6tables-save", "ip6tables")
+        } else {
+            ("iptables-restore", "iptables-save", "iptables")
+        };
+        for (c, config) in configs.iter().enumerate() {
+            for seed in 0..12 {
+                let mut table = crate::dataplane::nftables::tests::generated_table(seed);
+                if family.is_ipv6() {
+                    table = crate::dataplane::nftables::tests::as_ipv6(&table);
+                }
+                let wanted = print(&crate::dataplane::netfilter::plan::build(&table, config, family));
+                let mut input = String::new();
+                restore_input("nat", None, &wanted.nat, &mut input);
+                restore_input("filter", None, &wanted.filter, &mut input);
+                crate::dataplane::netfilter::run_with_input(
+                    "ip",
+                    &["netns", "exec", ns.name(), restore, "-w", "--noflush"],
+                    &input,
+                )
+                .unwrap_or_else(|e| panic!("{family:?} config {c} seed {seed}: {e:#}"));
+                for (table, chains) in [("nat", &wanted.nat), ("filter", &wanted.filter)] {
+                    let saved = super::parse_save(&ns.exec(&[save, "-t", table]));
+                    for (name, rules) in chains {
+                        let back = saved.get(name).cloned().unwrap_or_default();
+                        for (want, got) in rules.iter().zip(&back) {
+                            if want != got {
+                                differences.push(format!(
+                                    "{family:?} config {c} seed {seed}\n  rendered {want}\n  saved    {got}"
+                                ));
+                            }
+                        }
+                        if rules.len() != back.len() {
+                            differences.push(format!(
+                                "{family:?} config {c} seed {seed} {name}: {} rules, {} back",
+                                rules.len(),
+                                back.len()
+                            ));
                         }
                     }
-                    if rules.len() != back.len() {
-                        differences.push(format!(
-                            "config {c} seed {seed} {name}: {} rules, {} back",
-                            rules.len(),
-                            back.len()
-                        ));
-                    }
+                }
+                // Empty the namespace's chains for the next table.
+                for table in ["nat", "filter"] {
+                    let _ = ns.exec(&[iptables, "-t", table, "-F"]);
+                    let _ = ns.exec(&[iptables, "-t", table, "-X"]);
                 }
             }
-            // Empty the namespace's chains for the next table.
-            let _ = ns.exec(&["iptables", "-t", "nat", "-F"]);
-            let _ = ns.exec(&["iptables", "-t", "nat", "-X"]);
-            let _ = ns.exec(&["iptables", "-t", "filter", "-F"]);
-            let _ = ns.exec(&["iptables", "-t", "filter", "-X"]);
         }
     }
     differences.sort();

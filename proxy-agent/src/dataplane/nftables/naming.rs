@@ -23,8 +23,11 @@ fn base(name: &ServicePortName, protocol: Protocol) -> String {
     format!("{}/{}/{}/{}", name.namespace, name.name, protocol.lower(), name.port)
 }
 
+/// `…__10.180.0.1/80`; an IPv6 address with its colons as dots (`fd00..1`), as kube-proxy spells it: nft
+/// names cannot hold colons.
 fn endpoint_base(name: &ServicePortName, protocol: Protocol, endpoint: Endpoint) -> String {
-    format!("{}__{}/{}", base(name, protocol), endpoint.addr, endpoint.port)
+    let addr = endpoint.addr.to_string().replace(':', ".");
+    format!("{}__{addr}/{}", base(name, protocol), endpoint.port)
 }
 
 /// Every usable endpoint of a Service port.
@@ -83,6 +86,8 @@ mod tests {
         assert!(ep.ends_with("-default/web/tcp/http__10.200.1.2/8080"), "{ep}");
         assert_ne!(ep, endpoint_chain(&spn, Protocol::Tcp, b));
         assert!(affinity_set(&spn, Protocol::Tcp, a).starts_with("affinity-"));
+        let v6 = Endpoint { addr: "fd00::a:c8:1:2".parse().unwrap(), port: 8080, local: true };
+        assert!(endpoint_chain(&spn, Protocol::Tcp, v6).ends_with("__fd00..a.c8.1.2/8080"));
     }
 
     #[test]

@@ -173,16 +173,17 @@ impl Printer<'_> {
     }
 
     fn matches(&self, port: &PortPlan, m: &Match) -> String {
+        let ip = self.ip();
         match m {
             Match::Frontend(f) => {
-                format!("ip daddr {} meta l4proto {} th dport {}", f.addr, f.protocol.lower(), f.port)
+                format!("{ip} daddr {} meta l4proto {} th dport {}", f.addr, f.protocol.lower(), f.port)
             }
             Match::Protocol(p) => format!("meta l4proto {}", p.lower()),
-            Match::Source((addr, 32)) => format!("ip saddr {addr}"),
-            Match::Source(c) => format!("ip saddr {}", cidr(*c)),
-            Match::NotSource(c) => format!("ip saddr != {}", cidr(*c)),
+            Match::Source((addr, len)) if *len == self.plan.family.host_len() => format!("{ip} saddr {addr}"),
+            Match::Source(c) => format!("{ip} saddr {}", cidr(*c)),
+            Match::NotSource(c) => format!("{ip} saddr != {}", cidr(*c)),
             Match::SourceIn(cidrs) => {
-                format!("ip saddr {{ {} }}", cidrs.iter().map(|c| cidr(*c)).collect::<Vec<_>>().join(", "))
+                format!("{ip} saddr {{ {} }}", cidrs.iter().map(|c| cidr(*c)).collect::<Vec<_>>().join(", "))
             }
             // nftables spells "any suffix" with a trailing `*`, as the flag does.
             Match::InInterface(pattern) => format!("iifname \"{pattern}\""),

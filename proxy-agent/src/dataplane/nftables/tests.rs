@@ -1,7 +1,7 @@
 use std::net::Ipv4Addr;
 
 use super::{Installed, print::*, transaction};
-use crate::dataplane::netfilter::dataplane::Previous;
+use crate::dataplane::netfilter::{Family, dataplane::Previous};
 use crate::{
     dataplane::netfilter::RuleConfig,
     model::{BackendSet, Endpoint, Frontend, FrontendEntry, FrontendKind, Protocol, ServicePortName, ServiceTable},
@@ -111,12 +111,12 @@ fn an_unchanged_ruleset_needs_no_writes_and_a_changed_endpoint_rewrites_only_its
     t.frontends.insert(vip(21), entry("api", FrontendKind::ClusterIp, vec![ep(5, true)], vec![ep(5, true)]));
     let config = RuleConfig::default();
     let before = render(&t, &config);
-    let (_, stats) = transaction(crate::dataplane::netfilter::Family::V4, &Previous::Applied(&before), &before);
+    let (_, stats) = transaction(Family::V4, &Previous::Applied(&before), &before);
     assert_eq!((stats.writes, stats.deletes), (0, 0));
 
     t.frontends.insert(vip(20), entry("web", FrontendKind::ClusterIp, vec![ep(3, true)], vec![ep(3, true)]));
     let after = render(&t, &config);
-    let (script, _) = transaction(crate::dataplane::netfilter::Family::V4, &Previous::Applied(&before), &after);
+    let (script, _) = transaction(Family::V4, &Previous::Applied(&before), &after);
     assert!(!script.contains("/api/"), "the other Service is untouched:\n{script}");
     let line = |prefix: &str| script.lines().position(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}"));
     assert!(line("add chain ip proxy-agent endpoint-") < line("flush chain ip proxy-agent service-"));
@@ -131,7 +131,7 @@ fn a_full_resync_deletes_what_the_kernel_holds_but_nobody_wants() {
         sets: ["affinity-OLD".to_owned()].into(),
     };
     let (script, _) = transaction(
-        crate::dataplane::netfilter::Family::V4,
+        Family::V4,
         &Previous::Installed(&installed),
         &render(&ServiceTable::default(), &RuleConfig::default()),
     );
@@ -153,7 +153,7 @@ fn installed_names_are_read_from_our_table_only() {
         {"chain": {"family": "ip6", "table": "proxy-agent", "name": "elsewhere", "handle": 1}},
         {"chain": {"family": "ip", "table": "proxy-agent", "name": "services", "handle": 2}},
         {"chain": {"family": "ip", "table": "proxy-agent", "name": "nat-output", "handle": 3, "type": "nat"}}]}"#;
-    let names = super::names_in_table(dump, crate::dataplane::netfilter::Family::V4, "chain").unwrap();
+    let names = super::names_in_table(dump, Family::V4, "chain").unwrap();
     assert_eq!(names, ["nat-output", "services"].map(String::from).into());
 }
 
@@ -161,53 +161,47 @@ fn installed_names_are_read_from_our_table_only() {
 /// nothing installs, for each intermediate table (in a network namespace of the test's own).
 #[test]
 fn incremental_transactions_converge_to_what_a_fresh_install_holds() {
+    for family in Family::ALL {
+        converge(family);
+    }
+}
+
+fn converge(family: Family) {
     let live = Netns::new("nft-live");
+    let pods_v6: std::net::IpAddr = "fd00:200::".parse().unwrap();
     let config = RuleConfig {
-        cluster_cidrs: crate::model::ClusterCidrs::new(&[(Ipv4Addr::new(10, 200, 0, 0).into(), 16)]).unwrap(),
+        cluster_cidrs: crate::model::ClusterCidrs::new(&[(Ipv4Addr::new(10, 200, 0, 0).into(), 16), (pods_v6, 64)])
+            .unwrap(),
         pod_interfaces: vec!["veth*".into()],
         ..Default::default()
     };
+    let table_of = |seed| {
+        let t = generated_table(seed);
+        if family.is_ipv6() { as_ipv6(&t) } else { t }
+    };
     let mut previous: Option<Ruleset> = None;
     for seed in 0..24 {
-        let wanted = render(&generated_table(seed), &config);
+        let wanted = print(&crate::dataplane::netfilter::plan::build(&table_of(seed), &config, family));
         let (script, _) = match &previous {
-            Some(p) => transaction(crate::dataplane::netfilter::Family::V4, &Previous::Applied(p), &wanted),
-            None => transaction(
-                crate::dataplane::netfilter::Family::V4,
-                &Previous::Installed(&Installed::default()),
-                &wanted,
-            ),
+            Some(p) => transaction(family, &Previous::Applied(p), &wanted),
+            None => transaction(family, &Previous::Installed(&Installed::default()), &wanted),
         };
-        live.nft_f(&script).unwrap_or_else(|e| panic!("step {seed}: {e:#}\n{script}"));
+        live.nft_f(&script).unwrap_or_else(|e| panic!("{family:?} step {seed}: {e:#}\n{script}"));
         let fresh = Netns::new("nft-fresh");
-        fresh
-            .nft_f(
-                &transaction(
-                    crate::dataplane::netfilter::Family::V4,
-                    &Previous::Installed(&Installed::default()),
-                    &wanted,
-                )
-                .0,
-            )
-            .unwrap();
-        assert_eq!(live.normalized_table(), fresh.normalized_table(), "step {seed} diverged");
+        fresh.nft_f(&transaction(family, &Previous::Installed(&Installed::default()), &wanted).0).unwrap();
+        assert_eq!(live.normalized_table(family), fresh.normalized_table(family), "{family:?} step {seed} diverged");
         previous = Some(wanted);
     }
     // And a full resync over a table someone edited by hand repairs it.
     let wanted = previous.unwrap();
-    live.nft_f("add chain ip proxy-agent intruder\nflush chain ip proxy-agent services\n").unwrap();
-    let installed = live.installed();
+    let table = table(family);
+    live.nft_f(&format!("add chain {table} intruder\nflush chain {table} services\n")).unwrap();
+    let installed = live.installed(family);
     assert!(installed.chains.contains("intruder"));
-    live.nft_f(&transaction(crate::dataplane::netfilter::Family::V4, &Previous::Installed(&installed), &wanted).0)
-        .unwrap();
+    live.nft_f(&transaction(family, &Previous::Installed(&installed), &wanted).0).unwrap();
     let fresh = Netns::new("nft-fresh");
-    fresh
-        .nft_f(
-            &transaction(crate::dataplane::netfilter::Family::V4, &Previous::Installed(&Installed::default()), &wanted)
-                .0,
-        )
-        .unwrap();
-    assert_eq!(live.normalized_table(), fresh.normalized_table());
+    fresh.nft_f(&transaction(family, &Previous::Installed(&Installed::default()), &wanted).0).unwrap();
+    assert_eq!(live.normalized_table(family), fresh.normalized_table(family));
 }
 
 /// A varied table from a seed: Services appear, change endpoints and policies, gain and lose load-balancer
@@ -262,6 +256,35 @@ pub(crate) fn generated_table(seed: u32) -> ServiceTable {
     t
 }
 
+/// `table` moved to IPv6: every address `a.b.c.d` becomes `fd00::a:b:c:d` and every prefix grows by 96,
+/// so the same decisions are made over IPv6 addresses.
+pub(crate) fn as_ipv6(table: &ServiceTable) -> ServiceTable {
+    use std::net::{IpAddr, Ipv6Addr};
+    let v6 = |a: IpAddr| match a {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets().map(u16::from);
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, a, b, c, d))
+        }
+        IpAddr::V6(_) => a,
+    };
+    let endpoints =
+        |eps: &[Endpoint]| -> Vec<Endpoint> { eps.iter().map(|e| Endpoint { addr: v6(e.addr), ..*e }).collect() };
+    let frontends = table
+        .frontends
+        .iter()
+        .map(|(f, e)| {
+            let mut e = e.clone();
+            e.external.endpoints = endpoints(&e.external.endpoints);
+            e.internal.endpoints = endpoints(&e.internal.endpoints);
+            e.terminating = endpoints(&e.terminating);
+            e.source_ranges = e.source_ranges.iter().map(|(a, len)| (v6(*a), len + 96)).collect();
+            (Frontend { addr: v6(f.addr), ..*f }, e)
+        })
+        .collect();
+    let service_cidrs = table.service_cidrs.iter().map(|(a, len)| (v6(*a), len + 96)).collect();
+    ServiceTable { frontends, service_cidrs }
+}
+
 impl Netns {
     fn nft_f(&self, script: &str) -> anyhow::Result<()> {
         crate::dataplane::netfilter::run_with_input("ip", &["netns", "exec", self.name(), "nft", "-f", "-"], script)
@@ -271,34 +294,20 @@ impl Netns {
         self.exec(&[&["nft"], args].concat())
     }
 
-    fn installed(&self) -> Installed {
-        Installed {
-            chains: super::names_in_table(
-                &self.nft(&["-j", "--terse", "list", "chains", "ip"]),
-                crate::dataplane::netfilter::Family::V4,
-                "chain",
-            )
-            .unwrap(),
-            sets: super::names_in_table(
-                &self.nft(&["-j", "--terse", "list", "sets", "ip"]),
-                crate::dataplane::netfilter::Family::V4,
-                "set",
-            )
-            .unwrap(),
-            maps: super::names_in_table(
-                &self.nft(&["-j", "--terse", "list", "maps", "ip"]),
-                crate::dataplane::netfilter::Family::V4,
-                "map",
-            )
-            .unwrap(),
-        }
+    fn installed(&self, family: Family) -> Installed {
+        let f = nft_family(family);
+        let names = |what: &str, kind: &str| {
+            super::names_in_table(&self.nft(&["-j", "--terse", "list", what, f]), family, kind).unwrap()
+        };
+        Installed { chains: names("chains", "chain"), maps: names("maps", "map"), sets: names("sets", "set") }
     }
 
     /// The table as sorted JSON objects without handles, map elements sorted: equal for equal content
     /// whatever order it was built in.
-    fn normalized_table(&self) -> Vec<String> {
+    fn normalized_table(&self, family: Family) -> Vec<String> {
+        let f = nft_family(family);
         let json: serde_json::Value =
-            serde_json::from_str(&self.nft(&["-j", "list", "table", "ip", "proxy-agent"])).unwrap();
+            serde_json::from_str(&self.nft(&["-j", "list", "table", f, "proxy-agent"])).unwrap();
         let mut objects: Vec<String> = json["nftables"]
             .as_array()
             .unwrap()
@@ -359,7 +368,7 @@ fn every_cluster_ip_is_refused_on_undefined_ports_and_the_service_cidr_drops_the
     for hook in ["filter-forward", "filter-output"] {
         assert_eq!(r.chains[hook].rules.last().unwrap(), "ct state new jump cluster-ips-check", "{hook}");
     }
-    assert_eq!(map_type(crate::dataplane::netfilter::Family::V4, CLUSTER_IPS), "type ipv4_addr : verdict;");
+    assert_eq!(map_type(Family::V4, CLUSTER_IPS), "type ipv4_addr : verdict;");
     t.service_cidrs.clear();
     let without = render(&t, &RuleConfig::default());
     assert_eq!(without.chains["cluster-ips-check"].rules, ["ip daddr vmap @cluster-ips"], "no CIDR, no drop");
@@ -375,5 +384,5 @@ fn the_masquerade_bit_sets_the_mark() {
 
 /// The ruleset of `table`: the plan, printed.
 fn render(table: &ServiceTable, config: &RuleConfig) -> Ruleset {
-    print(&crate::dataplane::netfilter::plan::build(table, config, crate::dataplane::netfilter::Family::V4))
+    print(&crate::dataplane::netfilter::plan::build(table, config, Family::V4))
 }
