@@ -11,9 +11,15 @@
 //!   route to 169.254.1.1, which its node answers ARP for (the node holds that address on lo);
 //! - bridged (flannel, the reference `bridge` plugin): pods share the node's /24 on bridge `cni0`, which
 //!   holds their gateway; traffic between two pods of a node is bridged, never routed.
+//!
+//! The routed and bridged labs are dual-stack, with unique-local addresses that exist only inside the lab:
+//! nodes at `fd00:240::1N/64` ([`node_ip6`]), the external client at `fd00:240::64`, pods at
+//! `fd00:200:N::K/128` behind a link-local gateway `fe80::1` (routed) or `fd00:200:N::(10+K)/64` on the
+//! bridge at `fd00:200:N::1` (bridged), each node's pod prefix `fd00:200:N::/64` routed via that node. The
+//! VXLAN lab stays IPv4-only, as flannel's IPv4 backend.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -136,6 +142,8 @@ pub struct PodRef {
     pub node: usize,
     pub ns: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, in a dual-stack lab.
+    pub ip6: Option<Ipv6Addr>,
     /// The node's end of the pod's veth.
     pub host_end: String,
 }
@@ -176,6 +184,30 @@ pub fn node_name(node: usize) -> String {
 
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 100);
 
+/// Node `node`'s IPv6 address on the lab's network, in a dual-stack lab.
+#[must_use]
+pub fn node_ip6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, 0x10 + u16::try_from(node).expect("small node number"))
+}
+
+pub const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, 0x64);
+
+/// A routed pod's IPv6 gateway: the link-local address every pod veth's node end holds.
+const POD_GATEWAY6: &str = "fe80::1";
+
+/// Pod `k` of node `node`'s IPv6 address (see the module's description).
+fn pod_ip6(node: usize, k: usize, bridged: bool) -> Ipv6Addr {
+    let n = u16::try_from(node).expect("small node number");
+    let k = u16::try_from(k).expect("small pod number");
+    Ipv6Addr::new(0xfd00, 0x200, n, 0, 0, 0, 0, if bridged { 10 + k } else { k })
+}
+
+/// `ip -6 addr add … nodad`: usable at once, without duplicate address detection's second of waiting.
+fn add_ip6(ns: &str, addr: &str, dev: &str) -> anyhow::Result<()> {
+    ip_in(ns, &["-6", "addr", "add", addr, "dev", dev, "nodad"])?;
+    Ok(())
+}
+
 impl Lab {
     /// Builds the topology: underlay, nodes, pods and the external client. Agents start separately.
     pub fn start(spec: LabSpec) -> anyhow::Result<Self> {
@@ -214,6 +246,11 @@ impl Lab {
         ip(&["netns", "add", &name])?;
         self.namespaces.push(name.clone());
         ip_in(&name, &["link", "set", "lo", "up"])?;
+        // Links made here (and veth ends moved here) get usable link-local addresses at once: duplicate
+        // address detection would hold them tentative for a second, and IPv6 neighbours with them.
+        for key in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
+            sysctl_in(&name, key, "0")?;
+        }
         Ok(name)
     }
 
@@ -235,6 +272,7 @@ impl Lab {
             std::fs::create_dir_all(self.node_cgroup(n))?;
         }
 
+        let dual_stack = self.dual_stack();
         let underlay = self.add_ns("ul")?;
         ip_in(&underlay, &["link", "add", "br0", "type", "bridge"])?;
         ip_in(&underlay, &["link", "set", "br0", "up"])?;
@@ -242,6 +280,10 @@ impl Lab {
         for n in 1..=self.spec.nodes {
             let ns = self.add_ns(&format!("n{n}"))?;
             Self::plug_into_underlay(&underlay, &ns, &format!("n{n}"), node_ip(n))?;
+            if dual_stack {
+                add_ip6(&ns, &format!("{}/64", node_ip6(n)), "eth0")?;
+                sysctl_in(&ns, "net.ipv6.conf.all.forwarding", "1")?;
+            }
             for (key, value) in [
                 ("net.ipv4.ip_forward", "1"),
                 ("net.ipv4.conf.all.rp_filter", "1"),
@@ -266,12 +308,19 @@ impl Lab {
             // translated goes through the forward path (where a REJECT rule can see it), not straight to
             // "network unreachable".
             ip_in(&ns, &["route", "add", "default", "via", &EXTERNAL_IP.to_string()])?;
+            if dual_stack {
+                ip_in(&ns, &["-6", "route", "add", "default", "via", &EXTERNAL_IP6.to_string()])?;
+            }
             if self.spec.pod_network == PodNetwork::Vxlan {
                 self.add_overlay(&ns, n)?;
             } else {
                 for other in (1..=self.spec.nodes).filter(|o| *o != n) {
                     let via = node_ip(other).to_string();
                     ip_in(&ns, &["route", "add", &format!("10.200.{other}.0/24"), "via", &via])?;
+                    if dual_stack {
+                        let via = node_ip6(other).to_string();
+                        ip_in(&ns, &["-6", "route", "add", &format!("fd00:200:{other}::/64"), "via", &via])?;
+                    }
                 }
             }
             for k in 1..=self.spec.pods_per_node {
@@ -281,6 +330,9 @@ impl Lab {
 
         let external = self.add_ns("ext")?;
         Self::plug_into_underlay(&underlay, &external, "ext", EXTERNAL_IP)?;
+        if dual_stack {
+            add_ip6(&external, &format!("{EXTERNAL_IP6}/64"), "eth0")?;
+        }
         crate::leaks::watch(&external)?;
         self.attach_underlay_xdp(&underlay)?;
 
@@ -289,6 +341,12 @@ impl Lab {
             (1..=self.spec.nodes).map(|n| crate::manifests::node(&node_name(n), node_ip(n), node_zone(n))).collect();
         self.write_manifest("nodes.yaml", &nodes.join("---\n"))?;
         Ok(())
+    }
+
+    /// Whether this lab has IPv6 addresses too (all but the VXLAN overlay).
+    #[must_use]
+    pub fn dual_stack(&self) -> bool {
+        self.spec.pod_network != PodNetwork::Vxlan
     }
 
     /// Native-mode `XDP_TX` on a node's uplink (a veth) delivers only if the underlay end runs an XDP program
@@ -332,8 +390,10 @@ impl Lab {
     fn add_pod_bridge(node_ns: &str, node: usize) -> anyhow::Result<()> {
         ip_in(node_ns, &["link", "add", POD_BRIDGE, "type", "bridge"])?;
         ip_in(node_ns, &["addr", "add", &format!("10.200.{node}.1/24"), "dev", POD_BRIDGE])?;
+        add_ip6(node_ns, &format!("fd00:200:{node}::1/64"), POD_BRIDGE)?;
         ip_in(node_ns, &["link", "set", POD_BRIDGE, "up"])?;
-        sysctl_in(node_ns, "net.bridge.bridge-nf-call-iptables", "1")
+        sysctl_in(node_ns, "net.bridge.bridge-nf-call-iptables", "1")?;
+        sysctl_in(node_ns, "net.bridge.bridge-nf-call-ip6tables", "1")
     }
 
     /// Node `node`'s end of the VXLAN overlay (see [`PodNetwork::Vxlan`]).
@@ -395,6 +455,11 @@ impl Lab {
                 let node_addr = node_ip(node).to_string();
                 ip_in(node_ns, &["route", "add", &format!("{addr}/32"), "dev", &host_end, "src", &node_addr])?;
                 ip_in(&ns, &["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+                let ip6 = pod_ip6(node, k, false);
+                add_ip6(node_ns, &format!("{POD_GATEWAY6}/64"), &host_end)?;
+                let node_addr = node_ip6(node).to_string();
+                ip_in(node_ns, &["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_end, "src", &node_addr])?;
+                add_ip6(&ns, &format!("{ip6}/128"), "eth0")?;
             }
             PodNetwork::Bridge | PodNetwork::Vxlan => {
                 ip_in(node_ns, &["link", "set", &host_end, "master", POD_BRIDGE, "up"])?;
@@ -402,6 +467,9 @@ impl Lab {
                 // back out of its own port.
                 ip_in(node_ns, &["link", "set", &host_end, "type", "bridge_slave", "hairpin", "on"])?;
                 ip_in(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+                if self.dual_stack() {
+                    add_ip6(&ns, &format!("{}/64", pod_ip6(node, k, true)), "eth0")?;
+                }
             }
         }
         ip_in(&ns, &["link", "set", "eth0", "up"])?;
@@ -423,7 +491,12 @@ impl Lab {
             ip_in(&ns, &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
             ip_in(&ns, &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
         }
-        self.pods.push(PodRef { name: format!("pod-{node}-{k}"), node, ns, ip: addr, host_end });
+        let ip6 = self.dual_stack().then(|| pod_ip6(node, k, self.spec.pod_network.bridged()));
+        if ip6.is_some() {
+            let gateway = if self.spec.pod_network.bridged() { format!("fd00:200:{node}::1") } else { POD_GATEWAY6.into() };
+            ip_in(&ns, &["-6", "route", "add", "default", "via", &gateway, "dev", "eth0"])?;
+        }
+        self.pods.push(PodRef { name: format!("pod-{node}-{k}"), node, ns, ip: addr, ip6, host_end });
         Ok(())
     }
 
@@ -477,6 +550,14 @@ impl Lab {
     /// in front of the cluster would (external IPs and load-balancer IPs are not on any interface).
     pub fn route_external_via(&self, addr: Ipv4Addr, node: usize) -> anyhow::Result<()> {
         ip_in(&self.external_ns(), &["route", "replace", &format!("{addr}/32"), "via", &node_ip(node).to_string()])?;
+        Ok(())
+    }
+
+    /// Routes the IPv6 `addr` from the external client's namespace via node `node` (see
+    /// [`Lab::route_external_via`]).
+    pub fn route_external6_via(&self, addr: Ipv6Addr, node: usize) -> anyhow::Result<()> {
+        let via = node_ip6(node).to_string();
+        ip_in(&self.external_ns(), &["-6", "route", "replace", &format!("{addr}/128"), "via", &via])?;
         Ok(())
     }
 

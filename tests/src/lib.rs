@@ -14,6 +14,7 @@ pub mod bulk;
 pub mod cmd;
 pub mod daemon;
 pub mod echo;
+pub mod echo6;
 pub mod flow_capacity;
 pub mod fuzz;
 pub mod image;

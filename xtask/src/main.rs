@@ -217,7 +217,7 @@ const NOT_PER_MODE: [(&str, &str); 4] = [
 
 /// `cargo test` arguments for the bridge topology's run: the Service behaviour and kube-proxy's own
 /// scenarios (the others exercise the dataplane's handling of packets, which the topology does not change).
-const BRIDGE_ARGS: [&str; 8] = [
+const BRIDGE_ARGS: [&str; 10] = [
     "--package",
     "proxy-lab",
     "--test",
@@ -226,6 +226,8 @@ const BRIDGE_ARGS: [&str; 8] = [
     "kube_proxy_conformance",
     "--test",
     "clusterip",
+    "--test",
+    "dual_stack",
 ];
 
 /// `cargo test` arguments for the overlay's run: the Service behaviour suite, less two eBPF-only tests that
@@ -257,6 +259,7 @@ fn parity_args() -> Vec<&'static str> {
         "flow_lifetimes",
         "kube_proxy_conformance",
         "pod_networks",
+        "dual_stack",
     ] {
         args.extend(["--test", test]);
     }

@@ -1,0 +1,157 @@
+//! The IPv6 half of the lab's echo, for the dual-stack tests: a server on `[::]:PORT` (IPv6 only, beside
+//! the IPv4 [`crate::echo::EchoServer`] on the same port) answering every TCP line and UDP datagram with
+//! `NAME [PEER]:PORT`, and one-shot clients that return who answered and the source it saw.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::netns::in_netns;
+
+/// How often a server thread looks at its stop flag.
+const POLL: Duration = Duration::from_millis(50);
+
+/// What one request got back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply6 {
+    /// The name of the backend that answered.
+    pub backend: String,
+    /// The client address the backend saw.
+    pub seen_source: SocketAddrV6,
+}
+
+impl Reply6 {
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        let line = text.lines().next().unwrap_or_default().trim();
+        let mut words = line.split_whitespace();
+        let (Some(name), Some(peer)) = (words.next(), words.next()) else { bail!("malformed reply {line:?}") };
+        let seen_source = peer.parse().with_context(|| format!("malformed peer in {line:?}"))?;
+        Ok(Self { backend: name.to_owned(), seen_source })
+    }
+}
+
+/// TCP and UDP echo on `[::]:port` in a namespace; stops when dropped.
+pub struct Echo6 {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// An IPv6-only socket bound to `[::]:port`, so the IPv4 echo can hold the same port.
+fn bound(kind: Type, protocol: Protocol, port: u16) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV6, kind, Some(protocol))?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    Ok(socket)
+}
+
+impl Echo6 {
+    /// Serves `name` on TCP and UDP `port` inside namespace `ns`.
+    pub fn start(ns: &str, name: &str, port: u16) -> anyhow::Result<Self> {
+        let listener: TcpListener = in_netns(ns, move || {
+            let socket = bound(Type::STREAM, Protocol::TCP, port)?;
+            socket.listen(128)?;
+            std::io::Result::Ok(socket.into())
+        })?
+        .with_context(|| format!("binding TCP [::]:{port} in {ns}"))?;
+        let udp: UdpSocket = in_netns(ns, move || bound(Type::DGRAM, Protocol::UDP, port).map(Into::into))?
+            .with_context(|| format!("binding UDP [::]:{port} in {ns}"))?;
+        listener.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(POLL))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tcp_stop, tcp_name) = (stop.clone(), name.to_owned());
+        let (udp_stop, udp_name) = (stop.clone(), name.to_owned());
+        let threads = vec![
+            thread::spawn(move || serve_tcp(&listener, &tcp_name, &tcp_stop)),
+            thread::spawn(move || serve_udp(&udp, &udp_name, &udp_stop)),
+        ];
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for Echo6 {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let name = name.to_owned();
+                thread::spawn(move || answer_tcp(&stream, &name, peer));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Answers every line until the client closes (or is idle for 10 s).
+fn answer_tcp(stream: &TcpStream, name: &str, peer: SocketAddr) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream);
+    let mut writer = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        writer.write_all(format!("{name} {peer}\n").as_bytes())?;
+    }
+}
+
+fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+        }
+    }
+}
+
+/// One TCP request to `target` from namespace `ns`.
+///
+/// # Errors
+/// No connection, no answer within `timeout`, or an answer that does not parse.
+pub fn tcp(ns: &str, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
+    in_netns(ns, move || -> anyhow::Result<Reply6> {
+        let stream = TcpStream::connect_timeout(&target.into(), timeout)
+            .with_context(|| format!("TCP connect to {target}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        (&stream).write_all(b"hello\n")?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).with_context(|| format!("TCP answer from {target}"))?;
+        Reply6::parse(&line)
+    })?
+}
+
+/// One UDP request to `target` from namespace `ns`.
+///
+/// # Errors
+/// No answer within `timeout` (or an ICMPv6 error), or an answer that does not parse.
+pub fn udp(ns: &str, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
+    in_netns(ns, move || -> anyhow::Result<Reply6> {
+        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.connect(target)?;
+        socket.send(b"hello\n").with_context(|| format!("UDP send to {target}"))?;
+        let mut buf = [0u8; 2048];
+        let n = socket.recv(&mut buf).with_context(|| format!("UDP answer from {target}"))?;
+        Reply6::parse(&String::from_utf8_lossy(&buf[..n]))
+    })?
+}
