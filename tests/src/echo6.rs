@@ -130,8 +130,8 @@ fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
 /// No connection, no answer within `timeout`, or an answer that does not parse.
 pub fn tcp(ns: &str, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
     in_netns(ns, move || -> anyhow::Result<Reply6> {
-        let stream = TcpStream::connect_timeout(&target.into(), timeout)
-            .with_context(|| format!("TCP connect to {target}"))?;
+        let stream =
+            TcpStream::connect_timeout(&target.into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
         stream.set_read_timeout(Some(timeout))?;
         (&stream).write_all(b"hello\n")?;
         let mut line = String::new();
@@ -143,7 +143,7 @@ pub fn tcp(ns: &str, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<
 /// One UDP request to `target` from namespace `ns`.
 ///
 /// # Errors
-/// No answer within `timeout` (or an ICMPv6 error), or an answer that does not parse.
+/// No answer within `timeout` (or an `ICMPv6` error), or an answer that does not parse.
 pub fn udp(ns: &str, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
     in_netns(ns, move || -> anyhow::Result<Reply6> {
         let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;

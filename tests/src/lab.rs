@@ -493,7 +493,8 @@ impl Lab {
         }
         let ip6 = self.dual_stack().then(|| pod_ip6(node, k, self.spec.pod_network.bridged()));
         if ip6.is_some() {
-            let gateway = if self.spec.pod_network.bridged() { format!("fd00:200:{node}::1") } else { POD_GATEWAY6.into() };
+            let gateway =
+                if self.spec.pod_network.bridged() { format!("fd00:200:{node}::1") } else { POD_GATEWAY6.into() };
             ip_in(&ns, &["-6", "route", "add", "default", "via", &gateway, "dev", "eth0"])?;
         }
         self.pods.push(PodRef { name: format!("pod-{node}-{k}"), node, ns, ip: addr, ip6, host_end });

@@ -7,6 +7,7 @@
 //! so the day IPv6 lands in the programs this test says so.
 
 use std::{
+    fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
@@ -30,7 +31,7 @@ fn slice(name: &str, family: &str, endpoints: &[(IpAddr, String)]) -> String {
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: dual\naddressType: {family}\nports:\n- name: http\n  port: 8080\n  protocol: TCP\n- name: dns\n  port: 8080\n  protocol: UDP\nendpoints:\n"
     );
     for (addr, node) in endpoints {
-        y.push_str(&format!("- addresses: ['{addr}']\n  nodeName: {node}\n  conditions: {{ready: true}}\n"));
+        let _ = writeln!(y, "- addresses: ['{addr}']\n  nodeName: {node}\n  conditions: {{ready: true}}");
     }
     y
 }
@@ -104,8 +105,12 @@ fn a_dual_stack_service_answers_on_both_families() {
         ("TCP", SocketAddrV6::new(LB_IP6, 80, 0, 0)),
         ("UDP", SocketAddrV6::new(LB_IP6, 53, 0, 0)),
     ] {
-        let reply = if proto == "TCP" { echo6::tcp(&external, target, TIMEOUT) } else { echo6::udp(&external, target, TIMEOUT) }
-            .unwrap_or_else(|e| panic!("{proto} {target} from outside: {e:#}"));
+        let reply = if proto == "TCP" {
+            echo6::tcp(&external, target, TIMEOUT)
+        } else {
+            echo6::udp(&external, target, TIMEOUT)
+        }
+        .unwrap_or_else(|e| panic!("{proto} {target} from outside: {e:#}"));
         assert!(names.contains(&reply.backend.as_str()), "{reply:?}");
         assert_ne!(*reply.seen_source.ip(), EXTERNAL_IP6, "Cluster policy masquerades: {reply:?}");
         assert!(node1_addrs.contains(&IpAddr::V6(*reply.seen_source.ip())), "masqueraded to node 1: {reply:?}");
