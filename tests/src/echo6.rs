@@ -129,15 +129,46 @@ fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
 /// # Errors
 /// No connection, no answer within `timeout`, or an answer that does not parse.
 pub fn tcp(ns: &str, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
+    tcp_from(ns, None, target, timeout)
+}
+
+/// [`tcp`] from the address `source` of the namespace, or from the one the kernel picks.
+///
+/// # Errors
+/// As [`tcp`]; [`refused`] and [`timed_out`] tell a refusal from silence.
+pub fn tcp_from(ns: &str, source: Option<Ipv6Addr>, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
     in_netns(ns, move || -> anyhow::Result<Reply6> {
-        let stream =
-            TcpStream::connect_timeout(&target.into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+        if let Some(source) = source {
+            socket.bind(&SocketAddr::from((source, 0)).into())?;
+        }
+        socket
+            .connect_timeout(&SocketAddr::V6(target).into(), timeout)
+            .with_context(|| format!("TCP connect to {target}"))?;
+        let stream: TcpStream = socket.into();
         stream.set_read_timeout(Some(timeout))?;
         (&stream).write_all(b"hello\n")?;
         let mut line = String::new();
         BufReader::new(&stream).read_line(&mut line).with_context(|| format!("TCP answer from {target}"))?;
         Reply6::parse(&line)
     })?
+}
+
+/// Whether a request's error is a refusal (an `ICMPv6` port unreachable, or a TCP reset), not silence.
+#[must_use]
+pub fn refused(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused))
+}
+
+/// Whether a request's error is silence: no answer within the timeout.
+#[must_use]
+pub fn timed_out(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+    })
 }
 
 /// One UDP request to `target` from namespace `ns`.

@@ -569,6 +569,11 @@ impl Lab {
         Ok(())
     }
 
+    /// Gives the external client a second IPv6 address on the lab's network (`addr`/64), in a dual-stack lab.
+    pub fn add_external_address6(&self, addr: Ipv6Addr) -> anyhow::Result<()> {
+        add_ip6(&self.external_ns(), &format!("{addr}/64"), "eth0")
+    }
+
     /// Gives node `node` a secondary address (`addr`/24) on its uplink, before its agent starts (agents
     /// read the node's addresses at start): an address `--nodeport-addresses` can leave out.
     pub fn add_node_address(&self, node: usize, addr: Ipv4Addr) -> anyhow::Result<()> {

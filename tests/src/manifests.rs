@@ -1,6 +1,9 @@
 //! Writing the Kubernetes objects the lab's agents read: the YAML a user would `kubectl apply`.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 /// One port of a Service, with the EndpointSlice port it resolves to.
 #[derive(Clone, Debug)]
@@ -30,7 +33,8 @@ pub fn service(namespace: &str, name: &str, cluster_ip: Ipv4Addr, ports: &[Port]
 /// An endpoint of an EndpointSlice: a pod address, its node, and its conditions.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    /// IPv4 or IPv6; a slice's endpoints are of one family, its `addressType`.
+    pub addr: IpAddr,
     pub node: String,
     pub ready: bool,
     pub serving: bool,
@@ -47,14 +51,14 @@ impl Endpoint {
     }
 
     #[must_use]
-    pub fn ready(addr: Ipv4Addr, node: String) -> Self {
-        Self { addr, node, ready: true, serving: true, terminating: false, zone_hint: None }
+    pub fn ready(addr: impl Into<IpAddr>, node: String) -> Self {
+        Self { addr: addr.into(), node, ready: true, serving: true, terminating: false, zone_hint: None }
     }
 
     /// Being deleted but still serving: established flows continue, new ones go elsewhere.
     #[must_use]
-    pub fn terminating(addr: Ipv4Addr, node: String) -> Self {
-        Self { addr, node, ready: false, serving: true, terminating: true, zone_hint: None }
+    pub fn terminating(addr: impl Into<IpAddr>, node: String) -> Self {
+        Self { addr: addr.into(), node, ready: false, serving: true, terminating: true, zone_hint: None }
     }
 }
 
@@ -76,13 +80,15 @@ fn utc_now_rfc3339() -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
 }
 
-/// The EndpointSlice of Service `service`, with every port's target port.
+/// The EndpointSlice of Service `service`, with every port's target port: `addressType` IPv6 if its
+/// endpoints are, else IPv4.
 #[must_use]
 pub fn endpoint_slice(namespace: &str, name: &str, service: &str, ports: &[Port], endpoints: &[Endpoint]) -> String {
     // As the EndpointSlice controller does: when the change that produced this slice happened.
     let now = utc_now_rfc3339();
+    let family = if endpoints.first().is_some_and(|e| e.addr.is_ipv6()) { "IPv6" } else { "IPv4" };
     let mut y = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    kubernetes.io/service-name: {service}\n  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{}\"\naddressType: IPv4\nports:\n",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    kubernetes.io/service-name: {service}\n  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{}\"\naddressType: {family}\nports:\n",
         now.trim()
     );
     for p in ports {
@@ -130,12 +136,17 @@ pub struct Svc {
     /// ClusterIP, NodePort or LoadBalancer.
     pub type_: &'static str,
     pub cluster_ip: Ipv4Addr,
+    /// A second cluster IP: the Service is `RequireDualStack`.
+    pub cluster_ip6: Option<Ipv6Addr>,
     pub ports: Vec<Port>,
     /// `nodePort` of each entry of `ports`, in order; missing entries have none.
     pub node_ports: Vec<u16>,
     pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips6: Vec<Ipv6Addr>,
     /// `status.loadBalancer.ingress`: IP and `ipMode` (`VIP` or `Proxy`).
     pub lb_ingress: Vec<(Ipv4Addr, &'static str)>,
+    /// IPv6 `status.loadBalancer.ingress` IPs (`ipMode: VIP`).
+    pub lb_ingress6: Vec<Ipv6Addr>,
     pub source_ranges: Vec<&'static str>,
     pub external_policy: &'static str,
     pub internal_policy: &'static str,
@@ -151,10 +162,13 @@ impl Svc {
             name,
             type_: "ClusterIP",
             cluster_ip,
+            cluster_ip6: None,
             ports,
             node_ports: Vec::new(),
             external_ips: Vec::new(),
+            external_ips6: Vec::new(),
             lb_ingress: Vec::new(),
+            lb_ingress6: Vec::new(),
             source_ranges: Vec::new(),
             external_policy: "Cluster",
             internal_policy: "Cluster",
@@ -169,6 +183,13 @@ impl Svc {
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  type: {}\n  clusterIP: {}\n  externalTrafficPolicy: {}\n  internalTrafficPolicy: {}\n",
             self.name, self.namespace, self.type_, self.cluster_ip, self.external_policy, self.internal_policy
         );
+        if let Some(v6) = self.cluster_ip6 {
+            let _ = writeln!(
+                y,
+                "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [{}, '{v6}']",
+                self.cluster_ip
+            );
+        }
         if let Some(t) = self.affinity_timeout {
             let _ = writeln!(
                 y,
@@ -178,8 +199,9 @@ impl Svc {
         if let Some(p) = self.health_check_node_port {
             let _ = writeln!(y, "  healthCheckNodePort: {p}");
         }
-        if !self.external_ips.is_empty() {
-            let ips: Vec<String> = self.external_ips.iter().map(ToString::to_string).collect();
+        if !self.external_ips.is_empty() || !self.external_ips6.is_empty() {
+            let v6 = self.external_ips6.iter().map(|ip| format!("'{ip}'"));
+            let ips: Vec<String> = self.external_ips.iter().map(ToString::to_string).chain(v6).collect();
             let _ = writeln!(y, "  externalIPs: [{}]", ips.join(", "));
         }
         if !self.source_ranges.is_empty() {
@@ -196,13 +218,25 @@ impl Svc {
                 let _ = writeln!(y, "    nodePort: {np}");
             }
         }
-        if !self.lb_ingress.is_empty() {
+        if !self.lb_ingress.is_empty() || !self.lb_ingress6.is_empty() {
             y.push_str("status:\n  loadBalancer:\n    ingress:\n");
             for (ip, mode) in &self.lb_ingress {
                 let _ = writeln!(y, "    - ip: {ip}\n      ipMode: {mode}");
             }
+            for ip in &self.lb_ingress6 {
+                let _ = writeln!(y, "    - ip: '{ip}'\n      ipMode: VIP");
+            }
         }
         y
+    }
+
+    /// The Service and one EndpointSlice per family, in one file.
+    #[must_use]
+    pub fn with_endpoints_of_both_families(&self, v4: &[Endpoint], v6: &[Endpoint]) -> String {
+        let slice6 = endpoint_slice(self.namespace, &format!("{}-slice-v6", self.name), self.name, &self.ports, v6);
+        // An empty IPv6 slice still says so.
+        let slice6 = if v6.is_empty() { slice6.replace("addressType: IPv4", "addressType: IPv6") } else { slice6 };
+        format!("{}---\n{slice6}", self.with_endpoints(v4))
     }
 
     /// The Service and its EndpointSlice, in one file.

@@ -6,11 +6,16 @@
 //! The table is built so that each probe has one right answer (a single eligible endpoint, or session
 //! affinity), which makes verdicts comparable without statistics; load spreading is checked per mode by
 //! the behaviour tests.
+//!
+//! Every Service is dual-stack, with one EndpointSlice per family, and every probe is sent over IPv6 too
+//! (to the Service's IPv6 address, the node's IPv6 address, the IPv6 external or load-balancer IP): in the
+//! netfilter modes its verdict must be the IPv4 one. The eBPF mode serves IPv4 only so far: no IPv6 probe
+//! may be answered there (when one is, the programs serve IPv6 and this test must compare them too).
 
 use std::{
     collections::BTreeMap,
     fmt::{self, Write as _},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     path::Path,
     time::Duration,
 };
@@ -18,7 +23,8 @@ use std::{
 use proxy_lab::{
     Lab, LabSpec,
     echo::{Outcome, Proto, attempt},
-    lab::{EXTERNAL_IP, node_ip, node_name},
+    echo6::{self, Echo6},
+    lab::{EXTERNAL_IP, EXTERNAL_IP6, node_ip, node_ip6, node_name},
     manifests::{Endpoint, Port, Svc},
 };
 
@@ -96,6 +102,18 @@ const EXTERNAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 20);
 const LB_OPEN: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 21);
 const LB_RANGED: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 22);
 
+/// The IPv6 twin of a lab IPv4 address: a Service address `10.x.0.N` becomes `fd00:x::N` (hex digits
+/// read as written), a node's address its IPv6 one.
+fn v6(addr: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, _, d] = addr.octets();
+    if let Some(n) = (1..=2).find(|n| node_ip(*n) == addr) {
+        return node_ip6(n);
+    }
+    let hex = |v: u8| u16::from_str_radix(&v.to_string(), 16).expect("decimal digits read as hex");
+    assert_eq!(a, 10, "a lab address");
+    Ipv6Addr::new(0xfd00, hex(b), 0, 0, 0, 0, 0, hex(d))
+}
+
 /// One manifest set exercising every kind of frontend and policy.
 fn write_table(lab: &Lab) {
     let tcp_udp = || {
@@ -106,6 +124,7 @@ fn write_table(lab: &Lab) {
     };
     let http = || vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }];
     let on = |n: usize, k: usize| Endpoint::ready(lab.pod(n, k).ip, node_name(n));
+    let on6 = |n: usize, k: usize| Endpoint::ready(lab.pod(n, k).ip6.expect("a dual-stack pod"), node_name(n));
 
     let cip = Svc::new("cip", vip(30), tcp_udp());
     let empty = Svc::new("empty", vip(31), tcp_udp());
@@ -118,16 +137,19 @@ fn write_table(lab: &Lab) {
     np_local.external_policy = "Local";
     let mut external = Svc::new("external", vip(34), http());
     external.external_ips = vec![EXTERNAL_VIP];
+    external.external_ips6 = vec![v6(EXTERNAL_VIP)];
     let mut lb = Svc::new("lb", vip(35), http());
     lb.type_ = "LoadBalancer";
     lb.node_ports = vec![30112];
     lb.lb_ingress = vec![(LB_OPEN, "VIP")];
-    lb.source_ranges = vec!["10.240.0.100/32"];
+    lb.lb_ingress6 = vec![v6(LB_OPEN)];
+    lb.source_ranges = vec!["10.240.0.100/32", "'fd00:240::64/128'"];
     let mut lb_ranged = Svc::new("lb-ranged", vip(36), http());
     lb_ranged.type_ = "LoadBalancer";
     lb_ranged.node_ports = vec![30113];
     lb_ranged.lb_ingress = vec![(LB_RANGED, "VIP")];
-    lb_ranged.source_ranges = vec!["192.0.2.0/24"];
+    lb_ranged.lb_ingress6 = vec![v6(LB_RANGED)];
+    lb_ranged.source_ranges = vec!["192.0.2.0/24", "'fd00:192::/64'"];
     let mut itp_local = Svc::new("itp-local", vip(37), http());
     itp_local.internal_policy = "Local";
     let hairpin = Svc::new("hairpin", vip(38), http());
@@ -135,18 +157,21 @@ fn write_table(lab: &Lab) {
     sticky.affinity_timeout = Some(300);
 
     for (svc, endpoints) in [
-        (&cip, vec![on(2, 2)]),
-        (&empty, vec![]),
-        (&np_cluster, vec![on(2, 2)]),
-        (&np_local, vec![on(1, 2)]),
-        (&external, vec![on(2, 2)]),
-        (&lb, vec![on(1, 2)]),
-        (&lb_ranged, vec![on(1, 2)]),
-        (&itp_local, vec![on(2, 2)]),
-        (&hairpin, vec![on(1, 2)]),
-        (&sticky, vec![on(1, 2), on(2, 2)]),
+        (cip, vec![(2, 2)]),
+        (empty, vec![]),
+        (np_cluster, vec![(2, 2)]),
+        (np_local, vec![(1, 2)]),
+        (external, vec![(2, 2)]),
+        (lb, vec![(1, 2)]),
+        (lb_ranged, vec![(1, 2)]),
+        (itp_local, vec![(2, 2)]),
+        (hairpin, vec![(1, 2)]),
+        (sticky, vec![(1, 2), (2, 2)]),
     ] {
-        lab.write_manifest(&format!("{}.yaml", svc.name), &svc.with_endpoints(&endpoints)).unwrap();
+        let svc = Svc { cluster_ip6: Some(v6(svc.cluster_ip)), ..svc };
+        let v4: Vec<Endpoint> = endpoints.iter().map(|&(n, k)| on(n, k)).collect();
+        let v6: Vec<Endpoint> = endpoints.iter().map(|&(n, k)| on6(n, k)).collect();
+        lab.write_manifest(&format!("{}.yaml", svc.name), &svc.with_endpoints_of_both_families(&v4, &v6)).unwrap();
     }
 }
 
@@ -193,36 +218,22 @@ fn probes() -> Vec<Probe> {
     ]
 }
 
-/// Names the addresses a backend may see, so verdicts read well.
-fn source_name(lab: &Lab, addr: Ipv4Addr) -> String {
-    if addr == EXTERNAL_IP {
+/// Names the addresses a backend may see, so verdicts read well and compare across families.
+fn source_name(lab: &Lab, addr: IpAddr) -> String {
+    if addr == EXTERNAL_IP || addr == EXTERNAL_IP6 {
         return "the external client".into();
     }
     for n in 1..=2 {
-        if addr == node_ip(n) {
+        if addr == node_ip(n) || addr == node_ip6(n) {
             return format!("node{n}");
         }
     }
-    lab.pods().iter().find(|p| p.ip == addr).map_or_else(|| addr.to_string(), |p| p.name.clone())
+    let pod = lab.pods().iter().find(|p| IpAddr::V4(p.ip) == addr || p.ip6.map(IpAddr::V6) == Some(addr));
+    pod.map_or_else(|| addr.to_string(), |p| p.name.clone())
 }
 
-fn send(lab: &Lab, client_bin: &Path, probe: &Probe) -> Verdict {
-    let once = || {
-        let outcome = match probe.client {
-            Client::Pod(n, k) => attempt(&lab.pod(n, k).ns.clone(), probe.proto, probe.target, WAIT),
-            Client::External => attempt(&lab.external_ns(), probe.proto, probe.target, WAIT),
-            Client::Node(n) => lab.request_from_node(n, client_bin, probe.proto, probe.target),
-        };
-        match outcome {
-            Ok(Outcome::Answered(r)) => {
-                Verdict::Answered { backend: r.backend, source: source_name(lab, *r.seen_source.ip()) }
-            }
-            Ok(Outcome::Refused) => Verdict::Refused,
-            Ok(Outcome::TimedOut) => Verdict::Dropped,
-            Ok(Outcome::Failed(e)) => Verdict::Failed(errno(&e)),
-            Err(e) => Verdict::Failed(format!("{e:#}")),
-        }
-    };
+/// Asks `probe.repeat` times; all answers must be the same (session affinity).
+fn repeated(probe: &Probe, once: impl Fn() -> Verdict) -> Verdict {
     let first = once();
     for _ in 1..probe.repeat {
         let next = once();
@@ -236,6 +247,51 @@ fn send(lab: &Lab, client_bin: &Path, probe: &Probe) -> Verdict {
         }
         v => v,
     }
+}
+
+/// The probe over IPv6, to its target's IPv6 twin. The node's own client runs in the node's namespace:
+/// the netfilter modes see it in their output hooks.
+fn send6(lab: &Lab, probe: &Probe) -> Verdict {
+    let target = SocketAddrV6::new(v6(*probe.target.ip()), probe.target.port(), 0, 0);
+    let ns = match probe.client {
+        Client::Pod(n, k) => lab.pod(n, k).ns.clone(),
+        Client::External => lab.external_ns(),
+        Client::Node(n) => lab.node_ns(n),
+    };
+    repeated(probe, || {
+        let result = match probe.proto {
+            Proto::Tcp => echo6::tcp(&ns, target, WAIT),
+            Proto::Udp => echo6::udp(&ns, target, WAIT),
+        };
+        match result {
+            Ok(r) => {
+                Verdict::Answered { backend: r.backend, source: source_name(lab, IpAddr::V6(*r.seen_source.ip())) }
+            }
+            Err(e) if echo6::refused(&e) => Verdict::Refused,
+            Err(e) if echo6::timed_out(&e) => Verdict::Dropped,
+            Err(e) => Verdict::Failed(errno(&format!("{e:#}"))),
+        }
+    })
+}
+
+fn send(lab: &Lab, client_bin: &Path, probe: &Probe) -> Verdict {
+    let once = || {
+        let outcome = match probe.client {
+            Client::Pod(n, k) => attempt(&lab.pod(n, k).ns.clone(), probe.proto, probe.target, WAIT),
+            Client::External => attempt(&lab.external_ns(), probe.proto, probe.target, WAIT),
+            Client::Node(n) => lab.request_from_node(n, client_bin, probe.proto, probe.target),
+        };
+        match outcome {
+            Ok(Outcome::Answered(r)) => {
+                Verdict::Answered { backend: r.backend, source: source_name(lab, IpAddr::V4(*r.seen_source.ip())) }
+            }
+            Ok(Outcome::Refused) => Verdict::Refused,
+            Ok(Outcome::TimedOut) => Verdict::Dropped,
+            Ok(Outcome::Failed(e)) => Verdict::Failed(errno(&e)),
+            Err(e) => Verdict::Failed(format!("{e:#}")),
+        }
+    };
+    repeated(probe, once)
 }
 
 fn meets(verdict: &Verdict, expect: Expect) -> bool {
@@ -252,18 +308,24 @@ fn every_mode_gives_every_probe_the_same_verdict() {
     let client_bin = Path::new(env!("CARGO_BIN_EXE_lab-client"));
     let spec = LabSpec { agent_args: vec!["--mode".into(), MODES[0].into()], ..LabSpec::default() };
     let mut lab = Lab::start(spec).expect("lab");
+    let mut echoes = Vec::new();
     for (n, k) in [(1, 2), (2, 2)] {
         let pod = lab.pod(n, k).clone();
         lab.serve(&pod, &[8080], &[5353]).unwrap();
+        for port in [8080, 5353] {
+            echoes.push(Echo6::start(&pod.ns, &pod.name, port).unwrap());
+        }
     }
     write_table(&lab);
     for addr in [EXTERNAL_VIP, LB_OPEN, LB_RANGED] {
         lab.route_external_via(addr, 1).unwrap();
+        lab.route_external6_via(v6(addr), 1).unwrap();
     }
     lab.start_agents().unwrap();
 
     let probes = probes();
     let mut verdicts: BTreeMap<&str, Vec<Verdict>> = BTreeMap::new();
+    let mut verdicts_ipv6: BTreeMap<&str, Vec<Verdict>> = BTreeMap::new();
     for (i, mode) in MODES.iter().enumerate() {
         if i > 0 {
             for node in 1..=2 {
@@ -271,6 +333,7 @@ fn every_mode_gives_every_probe_the_same_verdict() {
             }
         }
         verdicts.insert(mode, probes.iter().map(|p| send(&lab, client_bin, p)).collect());
+        verdicts_ipv6.insert(mode, probes.iter().map(|p| send6(&lab, p)).collect());
     }
 
     let mut report = format!("{:<42}", "probe");
@@ -293,7 +356,21 @@ fn every_mode_gives_every_probe_the_same_verdict() {
                 ));
             }
         }
+        let _ = write!(report, "\n{:<42}", "  over IPv6");
+        for mode in MODES {
+            let over_ipv6 = &verdicts_ipv6[mode][i];
+            let _ = write!(report, " | {:<34}", over_ipv6.to_string());
+            if mode == "ebpf" {
+                if matches!(over_ipv6, Verdict::Answered { .. }) {
+                    wrong
+                        .push(format!("ebpf: {} over IPv6 was answered: compare the eBPF mode's IPv6 too", probe.what));
+                }
+            } else if over_ipv6 != &verdicts[mode][i] {
+                wrong.push(format!("{mode}: {} over IPv6: {over_ipv6}, over IPv4: {}", probe.what, verdicts[mode][i]));
+            }
+        }
     }
+    drop(echoes);
     eprintln!("{report}");
     assert!(wrong.is_empty(), "modes disagree or break kube-proxy's behaviour:\n{}\n\n{report}", wrong.join("\n"));
 }

@@ -117,3 +117,94 @@ fn a_dual_stack_service_answers_on_both_families() {
     }
     drop(echoes);
 }
+
+/// An IPv6-only Service `name` at `fd00:32::LAST`, port 80 → 8080, with more `spec` lines, a NodePort and a
+/// `status`.
+fn v6_service(name: &str, last: u16, extra_spec: &str, node_port: Option<u16>, status: &str) -> String {
+    let cluster_ip = Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, last);
+    let node_port = node_port.map(|p| format!("    nodePort: {p}\n")).unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n  clusterIP: '{cluster_ip}'\n  clusterIPs: ['{cluster_ip}']\n{extra_spec}  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    targetPort: 8080\n{node_port}{status}"
+    )
+}
+
+fn v6_slice(service: &str, pods: &[&proxy_lab::PodRef]) -> String {
+    let mut y = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-v6\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv6\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n"
+    );
+    for pod in pods {
+        let _ = writeln!(
+            y,
+            "- addresses: ['{}']\n  nodeName: {}\n  conditions: {{ready: true}}",
+            pod.ip6.unwrap(),
+            node_name(pod.node)
+        );
+    }
+    y
+}
+
+/// kube-proxy's policies over IPv6 (IPv6-only Services, as an IPv6-only cluster has): externalTrafficPolicy
+/// Local keeps the client's address and drops where no endpoint is local; loadBalancerSourceRanges of the
+/// family let a client in or drop it; a Service without endpoints is refused (`ICMPv6` port unreachable);
+/// session affinity keeps a client on one endpoint; the node itself reaches a ClusterIP.
+#[test]
+fn ipv6_policies_source_ranges_refusals_and_affinity() {
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    assert!(lab.dual_stack(), "this topology has no IPv6 (PROXY_LAB_POD_NETWORK=vxlan)");
+    let (a, b) = (lab.pod(1, 2).clone(), lab.pod(2, 1).clone());
+    let echoes = [Echo6::start(&a.ns, &a.name, 8080).unwrap(), Echo6::start(&b.ns, &b.name, 8080).unwrap()];
+    let lb = Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, 0x62);
+    let outsider = Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, 0x65);
+    let local = "  type: NodePort\n  externalTrafficPolicy: Local\n";
+    lab.write_manifest("local6.yaml", &v6_service("local6", 0x61, local, Some(30670), "")).unwrap();
+    lab.write_manifest("local6-v6.yaml", &v6_slice("local6", &[&b])).unwrap();
+    let ranges = format!("  type: LoadBalancer\n  loadBalancerSourceRanges: ['{EXTERNAL_IP6}/128', 192.0.2.0/24]\n");
+    let status = format!("status:\n  loadBalancer:\n    ingress:\n    - ip: '{lb}'\n");
+    lab.write_manifest("ranges6.yaml", &v6_service("ranges6", 0x62, &ranges, None, &status)).unwrap();
+    lab.write_manifest("ranges6-v6.yaml", &v6_slice("ranges6", &[&b])).unwrap();
+    lab.write_manifest("empty6.yaml", &v6_service("empty6", 0x63, "", None, "")).unwrap();
+    let sticky = "  sessionAffinity: ClientIP\n";
+    lab.write_manifest("sticky6.yaml", &v6_service("sticky6", 0x64, sticky, None, "")).unwrap();
+    lab.write_manifest("sticky6-v6.yaml", &v6_slice("sticky6", &[&a, &b])).unwrap();
+    lab.route_external6_via(lb, 1).unwrap();
+    lab.add_external_address6(outsider).unwrap();
+    lab.start_agents().unwrap();
+    let client = lab.pod(1, 1).clone();
+    let vip = |last| SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, last), 80, 0, 0);
+
+    let empty = echo6::tcp(&client.ns, vip(0x63), TIMEOUT).expect_err("a Service without endpoints answered");
+    if mode() == "ebpf" {
+        // Not served by the eBPF programs yet: nothing refuses the packet, it is routed on.
+        assert!(!echo6::refused(&empty), "the eBPF mode now refuses over IPv6: {empty:#}");
+        return;
+    }
+    assert!(echo6::refused(&empty), "no endpoints: refused at once (ICMPv6 port unreachable), got {empty:#}");
+
+    // externalTrafficPolicy Local: the client's own address on the node with the endpoint; dropped (not
+    // refused) on the node without one.
+    let external = lab.external_ns();
+    let at = |node, port| SocketAddrV6::new(node_ip6(node), port, 0, 0);
+    let from_client = |target| echo6::tcp_from(&external, Some(EXTERNAL_IP6), target, TIMEOUT);
+    let kept = from_client(at(2, 30670)).unwrap_or_else(|e| panic!("Local policy, node 2: {e:#}"));
+    assert_eq!((kept.backend.as_str(), *kept.seen_source.ip()), (b.name.as_str(), EXTERNAL_IP6), "{kept:?}");
+    let dropped = from_client(at(1, 30670)).expect_err("node 1 has no local endpoint");
+    assert!(!echo6::refused(&dropped), "a Local policy without local endpoints drops: {dropped:#}");
+
+    // loadBalancerSourceRanges: the listed client gets in, another address of the same client is dropped.
+    let target = SocketAddrV6::new(lb, 80, 0, 0);
+    let inside =
+        echo6::tcp_from(&external, Some(EXTERNAL_IP6), target, TIMEOUT).unwrap_or_else(|e| panic!("in range: {e:#}"));
+    assert_eq!(inside.backend, b.name);
+    let outside = echo6::tcp_from(&external, Some(outsider), target, TIMEOUT).expect_err("outside the source ranges");
+    assert!(!echo6::refused(&outside), "outside the ranges: dropped, {outside:#}");
+
+    // Session affinity: one client, one endpoint, from a pod and from the node itself.
+    for ns in [client.ns.clone(), lab.node_ns(1)] {
+        let first = echo6::tcp(&ns, vip(0x64), TIMEOUT).unwrap_or_else(|e| panic!("{ns}: {e:#}"));
+        for _ in 0..11 {
+            let next = echo6::tcp(&ns, vip(0x64), TIMEOUT).unwrap();
+            assert_eq!(next.backend, first.backend, "affinity keeps {ns} on one endpoint");
+        }
+    }
+    drop(echoes);
+}

@@ -22,17 +22,17 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 /// port: an endpoint whose port was renumbered is a different endpoint).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StaleUdp {
-    pub frontend: (Ipv4Addr, u16),
-    pub backend: (Ipv4Addr, u16),
+    pub frontend: (IpAddr, u16),
+    pub backend: (IpAddr, u16),
 }
 
-/// One IPv4 entry with ports as the dump shows it: its original tuple, and where replies come from.
+/// One entry with ports as the dump shows it: its original tuple, and where replies come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     protocol: Protocol,
-    source: (Ipv4Addr, u16),
-    destination: (Ipv4Addr, u16),
-    reply_source: (Ipv4Addr, u16),
+    source: (IpAddr, u16),
+    destination: (IpAddr, u16),
+    reply_source: (IpAddr, u16),
     /// TCP's conntrack state (`TCP_CONNTRACK_*`), when the entry says.
     tcp_state: Option<u8>,
 }
@@ -44,29 +44,42 @@ impl Entry {
     }
 }
 
-/// Deletes the UDP conntrack entries of every stale pair, in this network namespace. Returns how many went.
+/// Deletes the UDP conntrack entries of every stale pair, in this network namespace, IPv4 and IPv6.
+/// Returns how many went.
 ///
 /// # Errors
 /// When netlink cannot be reached or the dump fails; an entry that vanished before its delete is not one.
 pub fn delete_stale_udp(stale: &BTreeSet<StaleUdp>) -> anyhow::Result<usize> {
-    if stale.is_empty() {
-        return Ok(0);
+    let mut deleted = 0;
+    for ipv6 in [false, true] {
+        if stale.iter().any(|s| s.frontend.0.is_ipv6() == ipv6) {
+            deleted += delete_stale_udp_of(stale, family(ipv6))?;
+        }
     }
+    Ok(deleted)
+}
+
+fn family(ipv6: bool) -> NetfilterProtoFamily {
+    if ipv6 { NetfilterProtoFamily::IPv6 } else { NetfilterProtoFamily::IPv4 }
+}
+
+/// [`delete_stale_udp`] for one family's table (a ctnetlink dump lists one family).
+fn delete_stale_udp_of(stale: &BTreeSet<StaleUdp>, family: NetfilterProtoFamily) -> anyhow::Result<usize> {
     // The dump first, deletes after: deleting while the kernel walks the table could skip entries. A kernel
     // without dump filters (before 5.8) refuses the filtered dump and gets the whole table on a fresh
     // socket; the entries are checked here either way.
     let socket = open().context("opening a ctnetlink socket")?;
-    let (socket, entries) = if let Ok(entries) = dump(&socket, true) {
+    let (socket, entries) = if let Ok(entries) = dump(&socket, true, family) {
         (socket, entries)
     } else {
         let socket = open().context("opening a ctnetlink socket")?;
-        let entries = dump(&socket, false)?;
+        let entries = dump(&socket, false, family)?;
         (socket, entries)
     };
     let doomed: Vec<Entry> = entries.into_iter().filter(|e| e.is_stale(stale)).collect();
     let mut deleted = 0;
     for entry in &doomed {
-        match request(&socket, ConntrackMessage::Delete(vec![orig_tuple(entry)]), NLM_F_REQUEST | NLM_F_ACK)? {
+        match request(&socket, ConntrackMessage::Delete(vec![orig_tuple(entry)]), NLM_F_REQUEST | NLM_F_ACK, family)? {
             Ack::Ok => deleted += 1,
             // Expired or deleted by someone else since the dump.
             Ack::Error(code) if code == -libc::ENOENT => {}
@@ -105,7 +118,11 @@ pub struct TranslatedFlow {
 /// When netlink cannot be reached or the dump fails.
 pub fn translated_flows() -> anyhow::Result<Vec<TranslatedFlow>> {
     let socket = open().context("opening a ctnetlink socket")?;
-    Ok(dump(&socket, false)?
+    let v4 = |(addr, port): (IpAddr, u16)| match addr {
+        IpAddr::V4(a) => Some((a, port)),
+        IpAddr::V6(_) => None,
+    };
+    Ok(dump(&socket, false, NetfilterProtoFamily::IPv4)?
         .into_iter()
         .filter(|e| e.reply_source != e.destination)
         .filter(|e| !matches!(e.tcp_state, Some(TCP_CONNTRACK_TIME_WAIT | TCP_CONNTRACK_CLOSE)))
@@ -119,8 +136,8 @@ pub fn translated_flows() -> anyhow::Result<Vec<TranslatedFlow>> {
                 matches!(e.tcp_state, Some(TCP_CONNTRACK_SYN_SENT | TCP_CONNTRACK_SYN_RECV | TCP_CONNTRACK_SYN_SENT2));
             Some(TranslatedFlow {
                 protocol: u8::try_from(protocol).ok()?,
-                source: e.source,
-                destination: e.destination,
+                source: v4(e.source)?,
+                destination: v4(e.destination)?,
                 handshake,
             })
         })
@@ -140,12 +157,12 @@ fn open() -> std::io::Result<Socket> {
 /// Far longer than a dump of a full table takes (the kernel answers each read at once).
 const RECEIVE_TIMEOUT_SECONDS: i64 = 10;
 
-fn message(inner: ConntrackMessage, flags: u16) -> Vec<u8> {
+fn message(inner: ConntrackMessage, flags: u16, family: NetfilterProtoFamily) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = flags;
     let mut packet = NetlinkMessage::new(
         header,
-        NetlinkPayload::from(NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0), inner)),
+        NetlinkPayload::from(NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), inner)),
     );
     packet.finalize();
     let mut buf = vec![0; packet.buffer_len()];
@@ -159,8 +176,8 @@ enum Ack {
 }
 
 /// Sends one request and reads its acknowledgment.
-fn request(socket: &Socket, inner: ConntrackMessage, flags: u16) -> anyhow::Result<Ack> {
-    socket.send(&message(inner, flags), 0)?;
+fn request(socket: &Socket, inner: ConntrackMessage, flags: u16, family: NetfilterProtoFamily) -> anyhow::Result<Ack> {
+    socket.send(&message(inner, flags, family), 0)?;
     let mut buf = vec![0u8; 8192];
     let n = socket.recv(&mut &mut buf[..], 0)?;
     let reply = <NetlinkMessage<NetfilterMessage>>::deserialize(&buf[..n]).context("parsing a ctnetlink reply")?;
@@ -209,10 +226,11 @@ fn mark_filter_nested(request: &mut [u8]) {
     }
 }
 
-/// The table's IPv4 entries with ports, from one dump; `udp_only` asks the kernel for UDP entries only.
-fn dump(socket: &Socket, udp_only: bool) -> anyhow::Result<Vec<Entry>> {
+/// The table's entries of `family` with ports, from one dump; `udp_only` asks the kernel for UDP entries
+/// only.
+fn dump(socket: &Socket, udp_only: bool, family: NetfilterProtoFamily) -> anyhow::Result<Vec<Entry>> {
     let filter = if udp_only { udp_filter() } else { Vec::new() };
-    let mut request = message(ConntrackMessage::Get(filter), NLM_F_REQUEST | NLM_F_DUMP);
+    let mut request = message(ConntrackMessage::Get(filter), NLM_F_REQUEST | NLM_F_DUMP, family);
     mark_filter_nested(&mut request);
     socket.send(&request, 0)?;
     let mut entries = Vec::new();
@@ -244,15 +262,15 @@ fn dump(socket: &Socket, udp_only: bool) -> anyhow::Result<Vec<Entry>> {
     }
 }
 
-/// The entry's tuples, if it is IPv4 with ports.
+/// The entry's tuples, if it has ports.
 fn entry(attributes: &[ConntrackAttribute]) -> Option<Entry> {
     let mut orig = None;
     let mut reply = None;
     let mut tcp_state = None;
     for attribute in attributes {
         match attribute {
-            ConntrackAttribute::CtaTupleOrig(t) => orig = Some(tuple(t)?),
-            ConntrackAttribute::CtaTupleReply(t) => reply = Some(tuple(t)?),
+            ConntrackAttribute::CtaTupleOrig(t) => orig = Some(tuple(t)),
+            ConntrackAttribute::CtaTupleReply(t) => reply = Some(tuple(t)),
             ConntrackAttribute::CtaProtoInfo(info) => {
                 tcp_state = info.iter().find_map(|i| match i {
                     ProtoInfo::TCP(tcp) => tcp.iter().find_map(|t| match t {
@@ -277,26 +295,23 @@ fn entry(attributes: &[ConntrackAttribute]) -> Option<Entry> {
 
 #[derive(Default)]
 struct Parsed {
-    source: Option<Ipv4Addr>,
-    destination: Option<Ipv4Addr>,
+    source: Option<IpAddr>,
+    destination: Option<IpAddr>,
     protocol: Option<Protocol>,
     source_port: Option<u16>,
     destination_port: Option<u16>,
 }
 
-/// Reads one tuple; `None` for an IPv6 one.
-fn tuple(parts: &[Tuple]) -> Option<Parsed> {
+/// Reads one tuple.
+fn tuple(parts: &[Tuple]) -> Parsed {
     let mut out = Parsed::default();
     for part in parts {
         match part {
             Tuple::Ip(ips) => {
                 for ip in ips {
                     match ip {
-                        IPTuple::SourceAddress(IpAddr::V4(a)) => out.source = Some(*a),
-                        IPTuple::DestinationAddress(IpAddr::V4(a)) => out.destination = Some(*a),
-                        IPTuple::SourceAddress(IpAddr::V6(_)) | IPTuple::DestinationAddress(IpAddr::V6(_)) => {
-                            return None;
-                        }
+                        IPTuple::SourceAddress(a) => out.source = Some(*a),
+                        IPTuple::DestinationAddress(a) => out.destination = Some(*a),
                         _ => {}
                     }
                 }
@@ -314,16 +329,13 @@ fn tuple(parts: &[Tuple]) -> Option<Parsed> {
             _ => {}
         }
     }
-    Some(out)
+    out
 }
 
 /// The original tuple that names `entry` in a delete request.
 fn orig_tuple(entry: &Entry) -> ConntrackAttribute {
     ConntrackAttribute::CtaTupleOrig(vec![
-        Tuple::Ip(vec![
-            IPTuple::SourceAddress(IpAddr::V4(entry.source.0)),
-            IPTuple::DestinationAddress(IpAddr::V4(entry.destination.0)),
-        ]),
+        Tuple::Ip(vec![IPTuple::SourceAddress(entry.source.0), IPTuple::DestinationAddress(entry.destination.0)]),
         Tuple::Proto(vec![
             ProtoTuple::Protocol(entry.protocol),
             ProtoTuple::SourcePort(entry.source.1),

@@ -1,7 +1,14 @@
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use super::{StaleUdp, delete_stale_udp};
 use crate::testing::Netns;
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    Ipv4Addr::new(a, b, c, d).into()
+}
 
 /// One DNATed entry in `conntrack -R` syntax: `10.200.1.11:client_port` sent to `frontend`, answered by
 /// `backend`.
@@ -51,11 +58,11 @@ fn only_the_udp_entries_of_stale_pairs_are_deleted() {
     load(&ns, &entries);
 
     let stale = BTreeSet::from([
-        StaleUdp { frontend: (Ipv4Addr::new(10, 32, 0, 10), 53), backend: (Ipv4Addr::new(10, 200, 2, 12), 5353) },
+        StaleUdp { frontend: (v4(10, 32, 0, 10), 53), backend: (v4(10, 200, 2, 12), 5353) },
         // Nothing matches these: not an error. (The second is the stale backend's address on another port:
         // its renumbered endpoint, whose entries stay.)
-        StaleUdp { frontend: (Ipv4Addr::new(10, 32, 0, 10), 53), backend: (Ipv4Addr::new(10, 200, 2, 77), 5353) },
-        StaleUdp { frontend: (Ipv4Addr::new(10, 32, 0, 10), 53), backend: (Ipv4Addr::new(10, 200, 2, 13), 53) },
+        StaleUdp { frontend: (v4(10, 32, 0, 10), 53), backend: (v4(10, 200, 2, 77), 5353) },
+        StaleUdp { frontend: (v4(10, 32, 0, 10), 53), backend: (v4(10, 200, 2, 13), 53) },
     ]);
     let deleted = ns.run(|| delete_stale_udp(&stale)).unwrap();
 
@@ -84,9 +91,42 @@ fn the_kernel_filters_the_dump_to_udp() {
     load(&ns, &entries);
     let (filtered, unfiltered) = ns.run(|| {
         let socket = super::open().unwrap();
-        (super::dump(&socket, true).unwrap(), super::dump(&socket, false).unwrap())
+        let v4 = super::NetfilterProtoFamily::IPv4;
+        (super::dump(&socket, true, v4).unwrap(), super::dump(&socket, false, v4).unwrap())
     });
     assert_eq!(filtered.len(), 20);
     assert!(filtered.iter().all(|e| e.protocol == super::Protocol::Udp));
     assert_eq!(unfiltered.len(), 70, "without the filter the TCP entries come too");
+}
+
+/// The IPv6 table is its own: a stale IPv6 pair's UDP entries go, the IPv4 ones of the same ports stay.
+#[test]
+fn stale_ipv6_udp_entries_are_deleted_from_the_ipv6_table() {
+    let ns = Netns::new("ct6");
+    let v6 = |port: u16, backend: &str| {
+        format!(
+            "-I -p udp -s fd00:200:1::11 -d fd00:32::10 --sport {port} --dport 53 --reply-src {backend} \
+             --reply-dst fd00:200:1::11 --reply-port-src 5353 --reply-port-dst {port} -t 120\n"
+        )
+    };
+    let entries = [
+        v6(40001, "fd00:200:2::12"),
+        v6(40002, "fd00:200:2::13"),
+        entry("udp", 40003, ("10.32.0.10", 53), "10.200.2.12"),
+    ]
+    .concat();
+    load(&ns, &entries);
+    let stale = BTreeSet::from([StaleUdp {
+        frontend: ("fd00:32::10".parse().unwrap(), 53),
+        backend: ("fd00:200:2::12".parse().unwrap(), 5353),
+    }]);
+    assert_eq!(ns.run(|| delete_stale_udp(&stale)).unwrap(), 1);
+    let left_of = |family: &str| -> BTreeSet<u16> {
+        ns.exec(&["conntrack", "-L", "-f", family, "-p", "udp"])
+            .lines()
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("sport=")).and_then(|p| p.parse().ok()))
+            .collect()
+    };
+    assert_eq!(left_of("ipv6"), BTreeSet::from([40002]), "the live backend's entry stays");
+    assert_eq!(left_of("ipv4"), BTreeSet::from([40003]), "IPv4 untouched");
 }

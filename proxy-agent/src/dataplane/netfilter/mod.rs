@@ -9,7 +9,6 @@ pub mod plan;
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write as _,
-    net::Ipv4Addr,
     process::{Command, Stdio},
 };
 
@@ -184,30 +183,21 @@ pub fn clear_stale_udp(old: &ServiceTable, new: &ServiceTable) {
 /// The (UDP frontend, endpoint) pairs of `old` whose endpoint `new` no longer has for that frontend.
 fn stale_udp(old: &ServiceTable, new: &ServiceTable) -> BTreeSet<StaleUdp> {
     let mut stale = BTreeSet::new();
-    // IPv6 entries are not flushed yet: the ctnetlink dump reads the IPv4 table (a known gap, see the
-    // dual-stack issue).
-    for (frontend, entry) in old.frontends.iter().filter(|(f, _)| f.protocol == Protocol::Udp && f.addr.is_ipv4()) {
+    for (frontend, entry) in old.frontends.iter().filter(|(f, _)| f.protocol == Protocol::Udp) {
         let keep: BTreeSet<_> = new
             .frontends
             .get(frontend)
-            .map(|e| e.all_endpoints().filter_map(|ep| Some((v4(ep.addr)?, ep.port))).collect())
+            .map(|e| e.all_endpoints().map(|ep| (ep.addr, ep.port)).collect())
             .unwrap_or_default();
         stale.extend(
             entry
                 .all_endpoints()
-                .filter_map(|ep| Some((v4(ep.addr)?, ep.port)))
+                .map(|ep| (ep.addr, ep.port))
                 .filter(|a| !keep.contains(a))
-                .filter_map(|backend| Some(StaleUdp { frontend: (v4(frontend.addr)?, frontend.port), backend })),
+                .map(|backend| StaleUdp { frontend: (frontend.addr, frontend.port), backend }),
         );
     }
     stale
-}
-
-fn v4(addr: std::net::IpAddr) -> Option<Ipv4Addr> {
-    match addr {
-        std::net::IpAddr::V4(a) => Some(a),
-        std::net::IpAddr::V6(_) => None,
-    }
 }
 
 /// The kernel setting behind `--conntrack-tcp-be-liberal`, for this network namespace.
