@@ -574,6 +574,11 @@ impl Lab {
         add_ip6(&self.external_ns(), &format!("{addr}/64"), "eth0")
     }
 
+    /// Gives node `node` a secondary IPv6 address (`addr`/64) on its uplink, before its agent starts.
+    pub fn add_node_address6(&self, node: usize, addr: Ipv6Addr) -> anyhow::Result<()> {
+        add_ip6(&self.node_ns(node), &format!("{addr}/64"), "eth0")
+    }
+
     /// Gives node `node` a secondary address (`addr`/24) on its uplink, before its agent starts (agents
     /// read the node's addresses at start): an address `--nodeport-addresses` can leave out.
     pub fn add_node_address(&self, node: usize, addr: Ipv4Addr) -> anyhow::Result<()> {

@@ -89,6 +89,12 @@ pub(super) fn service_output(checked: &CheckedService, slices: &[&CheckedSlice],
         // As kube-proxy's one proxier per family: a family's frontends use that family's endpoints only.
         let mut local_of_port = 0;
         for ipv6 in [false, true] {
+            // A family's proxier serves only Services with a cluster IP of that family
+            // (`GetClusterIPByFamily`): an IPv4-only Service gets no NodePort on the node's IPv6 addresses,
+            // and an IPv6 external or load-balancer IP of it is ignored.
+            if !checked.cluster_ips.iter().any(|ip| ip.is_ipv6() == ipv6) {
+                continue;
+            }
             let frontends: Vec<(Frontend, FrontendKind)> = frontends_of(checked, port, &node.node_port_addrs)
                 .into_iter()
                 .filter(|(f, _)| f.addr.is_ipv6() == ipv6)

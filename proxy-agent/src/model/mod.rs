@@ -94,7 +94,7 @@ pub enum NodePortAddresses {
     /// Every address of the node (kube-proxy's iptables-mode default).
     #[default]
     All,
-    /// Addresses within these CIDRs.
+    /// Addresses within these CIDRs; all addresses of a family none of them is of.
     Cidrs(Vec<Cidr>),
     /// The node's primary address of each family: the Node object's InternalIP, else its first address.
     Primary,
@@ -140,9 +140,17 @@ impl NodeIdentity {
     pub fn node_port_addresses(&self, state: &ClusterState) -> Vec<IpAddr> {
         match &self.node_port_addresses {
             NodePortAddresses::All => self.addresses.clone(),
-            NodePortAddresses::Cidrs(cidrs) => {
-                self.addresses.iter().copied().filter(|a| cidrs.iter().any(|c| in_cidr(*a, *c))).collect()
-            }
+            // Per family, as kube-proxy's `NewNodePortAddresses`: a family none of the CIDRs is of serves
+            // NodePorts on all its addresses (`0.0.0.0/0` or `::/0`).
+            NodePortAddresses::Cidrs(cidrs) => self
+                .addresses
+                .iter()
+                .copied()
+                .filter(|a| {
+                    let mut of_family = cidrs.iter().filter(|(net, _)| net.is_ipv6() == a.is_ipv6()).peekable();
+                    of_family.peek().is_none() || of_family.any(|c| in_cidr(*a, *c))
+                })
+                .collect(),
             NodePortAddresses::Primary => {
                 [false, true].into_iter().filter_map(|ipv6| self.primary_address(state, ipv6)).collect()
             }

@@ -360,6 +360,65 @@ fn node_ports_follow_node_port_addresses() {
     assert_eq!(node_ports(&node(NodePortAddresses::Primary), &state), vec![Ipv4Addr::new(192, 168, 9, 1)]);
 }
 
+/// kube-proxy runs one proxier per family, and each serves only the Services with a cluster IP of its
+/// family: on a dual-stack node an IPv4-only Service has no NodePort on the IPv6 addresses and its IPv6
+/// external IP is ignored; `nodePortAddresses` CIDRs of one family leave the other family on every address.
+#[test]
+fn families_follow_the_services_cluster_ips_and_node_port_addresses_per_family() {
+    let np = svc(
+        "metadata: {name: np}\nspec: {type: NodePort, clusterIP: 10.32.0.40, externalIPs: ['fd00:250::40'], ports: [{port: 80, nodePort: 30080}]}",
+    );
+    let dual = svc(
+        "metadata: {name: dual}\nspec: {type: NodePort, clusterIPs: [10.32.0.41, 'fd00:32::41'], ports: [{port: 81, nodePort: 30081}]}",
+    );
+    let state = state(vec![np, dual], vec![]);
+    let node = |addrs: NodePortAddresses| NodeIdentity {
+        name: "node1".into(),
+        addresses: vec![
+            "10.240.0.11".parse().unwrap(),
+            "192.168.9.1".parse().unwrap(),
+            "fd00:240::11".parse().unwrap(),
+            "fd00:9::1".parse().unwrap(),
+        ],
+        node_port_addresses: addrs,
+        service_cidrs: Vec::new(),
+    };
+    let frontends = |n: &NodeIdentity| -> Vec<String> {
+        desired(&state, n)
+            .table
+            .frontends
+            .keys()
+            .filter(|f| f.port >= 30000 || f.addr.is_ipv6())
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert_eq!(
+        frontends(&node(NodePortAddresses::All)),
+        [
+            "10.240.0.11:30080/TCP",
+            "10.240.0.11:30081/TCP",
+            "192.168.9.1:30080/TCP",
+            "192.168.9.1:30081/TCP",
+            "[fd00:9::1]:30081/TCP",
+            "[fd00:32::41]:81/TCP",
+            "[fd00:240::11]:30081/TCP",
+        ]
+    );
+    let v6_only: IpAddr = "fd00:240::".parse().unwrap();
+    assert_eq!(
+        frontends(&node(NodePortAddresses::Cidrs(vec![(v6_only, 64)]))),
+        [
+            "10.240.0.11:30080/TCP",
+            "10.240.0.11:30081/TCP",
+            "192.168.9.1:30080/TCP",
+            "192.168.9.1:30081/TCP",
+            "[fd00:32::41]:81/TCP",
+            "[fd00:240::11]:30081/TCP",
+        ],
+        "IPv6 CIDRs narrow IPv6 only"
+    );
+}
+
 #[test]
 fn load_balancer_ingress_with_ip_mode_proxy_gets_no_frontend() {
     let lb = svc(
