@@ -208,3 +208,54 @@ fn ipv6_policies_source_ranges_refusals_and_affinity() {
     }
     drop(echoes);
 }
+
+/// kube-proxy's masquerade decisions over IPv6: `masqueradeAll` masquerades pod traffic to a ClusterIP;
+/// with a dual-stack `clusterCIDR` pod traffic (from either node) keeps its source and traffic from outside
+/// the pods' IPv6 network is masqueraded; a Service whose only endpoint is terminating but serving still
+/// takes new connections (kube-proxy's fallback), in the IPv6 table as in the IPv4 one.
+#[test]
+fn ipv6_masquerade_all_cluster_cidr_detection_and_terminating_fallback() {
+    let cases: [(&[&str], bool); 2] =
+        [(&["--masquerade-all"], true), (&["--cluster-cidr", "10.200.0.0/16,fd00:200::/32"], false)];
+    for (flags, masquerade_all) in cases {
+        let mut spec = LabSpec::default();
+        spec.agent_args.extend(flags.iter().map(|f| (*f).to_owned()));
+        let mut lab = Lab::start(spec).expect("lab");
+        let backend = lab.pod(1, 2).clone();
+        let echo = Echo6::start(&backend.ns, &backend.name, 8080).unwrap();
+        lab.write_manifest("web6.yaml", &v6_service("web6", 0x71, "", None, "")).unwrap();
+        lab.write_manifest("web6-v6.yaml", &v6_slice("web6", &[&backend])).unwrap();
+        // The only endpoint terminating but still serving.
+        let draining = v6_slice("draining6", &[&backend])
+            .replace("{ready: true}", "{ready: false, serving: true, terminating: true}");
+        lab.write_manifest("draining6.yaml", &v6_service("draining6", 0x72, "", None, "")).unwrap();
+        lab.write_manifest("draining6-v6.yaml", &draining).unwrap();
+        // A static route to the Service range through node 1, which kube-proxy supports (and masquerades).
+        ip_route_external6(&lab, "fd00:32::/64", 1);
+        lab.start_agents().unwrap();
+        let vip = |last| SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, last), 80, 0, 0);
+        if mode() == "ebpf" {
+            // Not served by the eBPF programs yet (see the module's description).
+            assert!(echo6::tcp(&lab.pod(1, 1).ns, vip(0x71), TIMEOUT).is_err(), "the eBPF mode now serves IPv6");
+            return;
+        }
+        for client in [lab.pod(1, 1).clone(), lab.pod(2, 1).clone()] {
+            let reply = echo6::tcp(&client.ns, vip(0x71), TIMEOUT).unwrap_or_else(|e| panic!("{}: {e:#}", client.name));
+            let kept = *reply.seen_source.ip() == client.ip6.unwrap();
+            assert_eq!(kept, !masquerade_all, "{flags:?}: {} to the ClusterIP: {reply:?}", client.name);
+        }
+        if !masquerade_all {
+            let reply =
+                echo6::tcp(&lab.external_ns(), vip(0x71), TIMEOUT).unwrap_or_else(|e| panic!("external: {e:#}"));
+            assert_ne!(*reply.seen_source.ip(), EXTERNAL_IP6, "outside the pods' network: masqueraded, {reply:?}");
+        }
+        let reply = echo6::tcp(&lab.pod(2, 1).ns, vip(0x72), TIMEOUT).unwrap_or_else(|e| panic!("terminating: {e:#}"));
+        assert_eq!(reply.backend, backend.name, "serving-and-terminating endpoints take traffic when none is ready");
+        drop(echo);
+    }
+}
+
+fn ip_route_external6(lab: &Lab, cidr: &str, node: usize) {
+    let via = node_ip6(node).to_string();
+    proxy_lab::cmd::ip_in(&lab.external_ns(), &["-6", "route", "replace", cidr, "via", &via]).unwrap();
+}
