@@ -142,6 +142,11 @@ fn start_dataplane(
     let take_over = if ebpf_mode { TakeOver::needed() } else { None };
     let drain =
         if ebpf_mode { None } else { Drain::needed(&args.bpffs, args.conntrack.timeouts(), args.drain_timeout) };
+    if ebpf_mode && (dataplane::iptables::ipv6_installed_here() || dataplane::nftables::ipv6_installed_here()) {
+        tracing::warn!(
+            "IPv6 Service rules are installed (kube-proxy's or a netfilter mode's): the eBPF mode serves IPv4 only so far and removes them, so this node stops serving IPv6 Services; on a dual-stack or IPv6-only cluster run --mode nftables or --mode iptables"
+        );
+    }
     let keep = Kept { ebpf: drain.is_some(), netfilter: take_over.is_some() };
     remove_dataplanes_except(Some(mode), &args.bpffs, keep)?;
     let rule_config = dataplane::netfilter::RuleConfig {

@@ -166,7 +166,7 @@ pub struct Lab {
     /// Real servers (dnsmasq, nginx) started in pods.
     daemons: Vec<Daemon>,
     /// Destinations a test expects to leave a node by its default route (see [`Lab::expect_leaks_to`]).
-    expected_leaks: Vec<Ipv4Addr>,
+    expected_leaks: Vec<std::net::IpAddr>,
     /// `xdp_pass` on the underlay ends of the nodes' uplinks (see [`Lab::attach_underlay_xdp`]), and the
     /// bpffs its object's maps are pinned in. Dropped before the namespaces go.
     underlay_xdp: Option<(aya::Ebpf, crate::bpf::PrivateBpffs)>,
@@ -298,7 +298,7 @@ impl Lab {
                 sysctl_in(&ns, key, value)?;
             }
             if self.spec.pod_network.bridged() {
-                Self::add_pod_bridge(&ns, n)?;
+                Self::add_pod_bridge(&ns, n, dual_stack)?;
             } else {
                 // Link scope: the node never picks the pods' gateway address as a source (masquerade, its
                 // own connections); it only answers ARP for it.
@@ -387,10 +387,12 @@ impl Lab {
     /// The node's pod bridge, as flannel's `bridge` plugin sets it up: the gateway address on it, and
     /// bridged IPv4 traffic handed to netfilter (`br_netfilter`), without which kube-proxy's rules never see
     /// the replies that one pod of the bridge sends another.
-    fn add_pod_bridge(node_ns: &str, node: usize) -> anyhow::Result<()> {
+    fn add_pod_bridge(node_ns: &str, node: usize, dual_stack: bool) -> anyhow::Result<()> {
         ip_in(node_ns, &["link", "add", POD_BRIDGE, "type", "bridge"])?;
         ip_in(node_ns, &["addr", "add", &format!("10.200.{node}.1/24"), "dev", POD_BRIDGE])?;
-        add_ip6(node_ns, &format!("fd00:200:{node}::1/64"), POD_BRIDGE)?;
+        if dual_stack {
+            add_ip6(node_ns, &format!("fd00:200:{node}::1/64"), POD_BRIDGE)?;
+        }
         ip_in(node_ns, &["link", "set", POD_BRIDGE, "up"])?;
         sysctl_in(node_ns, "net.bridge.bridge-nf-call-iptables", "1")?;
         sysctl_in(node_ns, "net.bridge.bridge-nf-call-ip6tables", "1")
@@ -861,8 +863,13 @@ impl Lab {
 
     /// Declares that packets to `addr` may leave a node by its default route in this test (an address
     /// the dataplane deliberately leaves alone, as kube-proxy does).
-    pub fn expect_leaks_to(&mut self, addr: Ipv4Addr) {
-        self.expected_leaks.push(addr);
+    pub fn expect_leaks_to(&mut self, addr: impl Into<std::net::IpAddr>) {
+        self.expected_leaks.push(addr.into());
+    }
+
+    /// Forgets the leaks recorded so far (a test that switches modes checks each mode's on its own).
+    pub fn forget_leaks(&self) -> anyhow::Result<()> {
+        crate::leaks::forget(&self.external_ns())
     }
 }
 

@@ -3,10 +3,11 @@
 //! Every node's default route points at the external client's namespace, the lab's "outside". A packet a
 //! dataplane should have translated, rejected or dropped but let through is routed there, where the kernel
 //! quietly discards it (the namespace does not forward) — so a missing DROP would look like a pass. An
-//! nftables set in that namespace records the destination and protocol of every IPv4 packet arriving there
-//! for an address that is not its own; the lab fails a test that leaves an entry it did not expect.
+//! nftables set per family in that namespace records the destination and protocol of every IPv4 and IPv6
+//! packet arriving there for an address that is not its own; the lab fails a test that leaves an entry it
+//! did not expect.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::Context as _;
 
@@ -17,19 +18,27 @@ const TABLE: &str = "lab_leaks";
 /// One leaked destination: an address and IP protocol number.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Leak {
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub proto: u8,
 }
 
 /// Starts recording in namespace `ns` (the lab's external client).
 pub fn watch(ns: &str) -> anyhow::Result<()> {
-    // `fib daddr type`: not one of this namespace's addresses, nor broadcast or multicast (ARP is not IPv4).
+    // `fib daddr type`: not one of this namespace's addresses, nor broadcast or multicast (ARP is not IPv4;
+    // neighbour discovery goes to multicast or to this namespace's own addresses).
     let script = format!(
         "table ip {TABLE} {{
   set leaked {{ type ipv4_addr . inet_proto; flags dynamic; size 4096; }}
   chain prerouting {{
     type filter hook prerouting priority -300; policy accept;
     fib daddr type != {{ local, broadcast, multicast }} update @leaked {{ ip daddr . meta l4proto }}
+  }}
+}}
+table ip6 {TABLE} {{
+  set leaked {{ type ipv6_addr . inet_proto; flags dynamic; size 4096; }}
+  chain prerouting {{
+    type filter hook prerouting priority -300; policy accept;
+    fib daddr type != {{ local, multicast }} update @leaked {{ ip6 daddr . meta l4proto }}
   }}
 }}
 "
@@ -42,10 +51,22 @@ pub fn watch(ns: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What namespace `ns` has recorded so far.
+/// What namespace `ns` has recorded so far, both families.
 pub fn read(ns: &str) -> anyhow::Result<Vec<Leak>> {
-    let out = run("ip", &["netns", "exec", ns, "nft", "-j", "list", "set", "ip", TABLE, "leaked"])?;
-    parse(&out)
+    let mut leaks = Vec::new();
+    for family in ["ip", "ip6"] {
+        let out = run("ip", &["netns", "exec", ns, "nft", "-j", "list", "set", family, TABLE, "leaked"])?;
+        leaks.extend(parse(&out)?);
+    }
+    Ok(leaks)
+}
+
+/// Forgets what namespace `ns` has recorded (a test that changes mode mid-way starts a new record).
+pub fn forget(ns: &str) -> anyhow::Result<()> {
+    for family in ["ip", "ip6"] {
+        run("ip", &["netns", "exec", ns, "nft", "flush", "set", family, TABLE, "leaked"])?;
+    }
+    Ok(())
 }
 
 /// The elements of the set in `nft -j list set` output: `{"elem": [{"concat": ["10.32.0.9", 17]}]}` (the
@@ -73,6 +94,7 @@ fn parse(json: &str) -> anyhow::Result<Vec<Leak>> {
 fn protocol_number(name: &str) -> u8 {
     match name {
         "icmp" => 1,
+        "ipv6-icmp" | "icmpv6" => 58,
         "tcp" => 6,
         "udp" => 17,
         "sctp" => 132,
@@ -91,8 +113,8 @@ mod tests {
         assert_eq!(
             parse(json).unwrap(),
             vec![
-                Leak { dst: Ipv4Addr::new(10, 32, 0, 9), proto: 17 },
-                Leak { dst: Ipv4Addr::new(10, 250, 0, 11), proto: 6 }
+                Leak { dst: std::net::Ipv4Addr::new(10, 32, 0, 9).into(), proto: 17 },
+                Leak { dst: std::net::Ipv4Addr::new(10, 250, 0, 11).into(), proto: 6 }
             ]
         );
         let empty =

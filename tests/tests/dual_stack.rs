@@ -77,7 +77,10 @@ fn a_dual_stack_service_answers_on_both_families() {
     let cluster_ip6 = |port| SocketAddrV6::new(CLUSTER_IP6, port, 0, 0);
     if mode() == "ebpf" {
         // Not served by the eBPF programs yet: the packet is routed on, and the client hears nothing.
+        lab.expect_leaks_to(CLUSTER_IP6);
         assert!(echo6::tcp(&client.ns, cluster_ip6(80), TIMEOUT).is_err(), "the eBPF mode now serves IPv6");
+        let leaks = lab.leaks().unwrap();
+        assert!(leaks.iter().any(|l| l.dst == IpAddr::V6(CLUSTER_IP6)), "the IPv6 leak recorder saw it: {leaks:?}");
         return;
     }
 
@@ -172,6 +175,9 @@ fn ipv6_policies_source_ranges_refusals_and_affinity() {
     let client = lab.pod(1, 1).clone();
     let vip = |last| SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, last), 80, 0, 0);
 
+    if mode() == "ebpf" {
+        lab.expect_leaks_to(*vip(0x63).ip());
+    }
     let empty = echo6::tcp(&client.ns, vip(0x63), TIMEOUT).expect_err("a Service without endpoints answered");
     if mode() == "ebpf" {
         // Not served by the eBPF programs yet: nothing refuses the packet, it is routed on.
@@ -236,6 +242,7 @@ fn ipv6_masquerade_all_cluster_cidr_detection_and_terminating_fallback() {
         let vip = |last| SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, last), 80, 0, 0);
         if mode() == "ebpf" {
             // Not served by the eBPF programs yet (see the module's description).
+            lab.expect_leaks_to(*vip(0x71).ip());
             assert!(echo6::tcp(&lab.pod(1, 1).ns, vip(0x71), TIMEOUT).is_err(), "the eBPF mode now serves IPv6");
             return;
         }

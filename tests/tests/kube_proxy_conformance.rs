@@ -429,6 +429,7 @@ fn node_ports_on_selected_addresses_ipv6() {
         let mut spec = LabSpec::default();
         spec.agent_args.extend(["--nodeport-addresses".to_owned(), addresses.to_owned()]);
         let mut lab = Lab::start(spec).expect("lab");
+        assert!(lab.dual_stack(), "this topology has no IPv6 (PROXY_LAB_POD_NETWORK=vxlan)");
         lab.add_node_address6(1, secondary).unwrap();
         let backends = [lab.pod(2, 2).clone(), lab.pod(1, 2).clone()];
         let echoes: Vec<Echo6> = backends.iter().map(|p| Echo6::start(&p.ns, &p.name, 80).unwrap()).collect();

@@ -356,7 +356,7 @@ fn detect_local(c: &KubeProxyConfiguration, out: &mut FileConfig) -> Result<(), 
 }
 
 /// `clusterCIDR`: one CIDR or a dual-stack pair, comma-separated (not trimmed, as kube-proxy splits it);
-/// the IPv4 one applies here.
+/// each family's applies to that family.
 fn cluster_cidr(text: &str) -> Result<Option<crate::model::ClusterCidrs>, BadValue> {
     let parts: Vec<&str> = text.split(',').collect();
     let pair_message = "must be a single CIDR or a dual-stack pair of CIDRs (e.g. 10.100.0.0/16,fde4:8dba:82e1::/48)";

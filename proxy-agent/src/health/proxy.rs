@@ -86,7 +86,7 @@ async fn bind_listener(
     bind: SocketAddr,
     hard_fail: bool,
 ) -> anyhow::Result<impl Future<Output = tokio::net::TcpListener>> {
-    let first = tokio::net::TcpListener::bind(bind).await;
+    let first = super::listen(bind).await;
     if hard_fail {
         first.as_ref().map_err(|e| anyhow::anyhow!("{name} on {bind}: {e}"))?;
     }
@@ -98,7 +98,7 @@ async fn bind_listener(
                 Err(e) => {
                     tracing::error!(server = name, %bind, error = %e, "cannot bind; retrying in 5 s");
                     tokio::time::sleep(BIND_RETRY).await;
-                    attempt = tokio::net::TcpListener::bind(bind).await;
+                    attempt = super::listen(bind).await;
                 }
             }
         }

@@ -56,7 +56,7 @@ impl ServiceHealthServers {
                 continue;
             }
             let addr = SocketAddr::from((self.bind.unwrap_or(Ipv4Addr::UNSPECIFIED), port));
-            let listener = match tokio::net::TcpListener::bind(addr).await {
+            let listener = match super::listen(addr).await {
                 Ok(l) => l,
                 Err(e) => {
                     // kube-proxy logs and goes on; the next sync tries again.

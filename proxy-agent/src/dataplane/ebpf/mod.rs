@@ -162,10 +162,10 @@ pub(crate) fn ipv4(addr: std::net::IpAddr) -> std::net::Ipv4Addr {
 }
 
 /// The IPv4 half of `table`, and a warning naming how many IPv6 frontends the eBPF mode leaves unserved
-/// (said when that number changes, not on every sync).
-fn ipv4_half(table: &ServiceTable, warned: &mut usize) -> ServiceTable {
-    let half = table.family(false);
-    let ipv6 = table.frontends.len() - half.frontends.len();
+/// (said when that number changes, not on every sync). A table without IPv6 is passed through, not copied:
+/// an incremental sync at 100k Services must not clone the whole table.
+fn ipv4_half<'t>(table: &'t ServiceTable, warned: &mut usize) -> std::borrow::Cow<'t, ServiceTable> {
+    let ipv6 = table.frontends.keys().filter(|f| f.addr.is_ipv6()).count();
     if ipv6 != *warned {
         if ipv6 > 0 {
             tracing::warn!(
@@ -175,7 +175,11 @@ fn ipv4_half(table: &ServiceTable, warned: &mut usize) -> ServiceTable {
         }
         *warned = ipv6;
     }
-    half
+    if ipv6 == 0 && table.service_cidrs.iter().all(|(net, _)| net.is_ipv4()) {
+        std::borrow::Cow::Borrowed(table)
+    } else {
+        std::borrow::Cow::Owned(table.family(false))
+    }
 }
 
 fn write_config(ebpf: &mut aya::Ebpf, value: &proxy_common::config::Config) -> anyhow::Result<()> {
@@ -469,7 +473,8 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        let table = &ipv4_half(table, &mut self.ipv6_warned);
+        let half = ipv4_half(table, &mut self.ipv6_warned);
+        let table = &*half;
         let stats = self.writer.apply(table)?;
         self.frontend_addrs.sync_all(table)?;
         self.sync_service_cidrs(table)?;
@@ -483,7 +488,8 @@ impl Dataplane for EbpfDataplane {
         table: &ServiceTable,
         changed: &std::collections::BTreeSet<crate::model::Frontend>,
     ) -> anyhow::Result<ApplyStats> {
-        let table = &ipv4_half(table, &mut self.ipv6_warned);
+        let half = ipv4_half(table, &mut self.ipv6_warned);
+        let table = &*half;
         let changed = &changed.iter().copied().filter(|f| f.addr.is_ipv4()).collect();
         let stats = self.writer.apply_changes(table, changed)?;
         self.frontend_addrs.sync_changed(table, changed)?;
@@ -494,7 +500,8 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        let table = &ipv4_half(table, &mut self.ipv6_warned);
+        let half = ipv4_half(table, &mut self.ipv6_warned);
+        let table = &*half;
         self.writer.reread()?;
         let stats = self.writer.apply(table)?;
         self.frontend_addrs.sync_all(table)?;

@@ -90,13 +90,13 @@ fn installed(family: Family, table: &str) -> anyhow::Result<Chains> {
     Ok(parse_save(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// The `KUBE-` chains of an `iptables-save` dump and their rules.
+/// The chains of an `iptables-save` dump this mode owns ([`print::is_owned`]), and their rules.
 fn parse_save(dump: &str) -> Chains {
     let mut chains = Chains::new();
     for line in dump.lines() {
         if let Some(decl) = line.strip_prefix(':') {
             let name = decl.split_whitespace().next().unwrap_or_default();
-            if name.starts_with("KUBE-") {
+            if print::is_owned(name) {
                 chains.entry(name.to_owned()).or_default();
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
@@ -109,7 +109,8 @@ fn parse_save(dump: &str) -> Chains {
     chains
 }
 
-/// kube-proxy's cleanup for iptables: removes the jumps from the built-in chains and every `KUBE-` chain.
+/// kube-proxy's cleanup for iptables: removes the jumps from the built-in chains and every chain it owns
+/// ([`print::is_owned`]; kubelet's `KUBE-` chains stay).
 /// Used when another mode starts, so two dataplanes never translate the same packets. Missing iptables or
 /// missing chains are not errors.
 pub fn cleanup() -> anyhow::Result<usize> {
@@ -158,6 +159,14 @@ fn cleanup_family(family: Family) -> anyhow::Result<usize> {
 /// nat table, which every Service's rules hang off.
 pub fn installed_here() -> bool {
     Command::new("iptables").args(["-w", "-t", "nat", "-S", "KUBE-SERVICES"]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Whether kube-proxy's IPv6 iptables layout (ours or kube-proxy's own) is installed.
+pub fn ipv6_installed_here() -> bool {
+    Command::new("ip6tables")
+        .args(["-w", "-t", "nat", "-S", "KUBE-SERVICES"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 impl Iptables {

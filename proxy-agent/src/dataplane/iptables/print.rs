@@ -49,6 +49,20 @@ const MASQ_UNLESS_POD: &str = "KUBE-PROXY-MASQ-UNLESS-POD";
 /// The mark a nat-table drop sets, for the filter table's `KUBE-PROXY-FIREWALL` to drop (kube-proxy's).
 const DROP_MARK: &str = "0x8000/0x8000";
 
+/// Prefixes of the per-Service-port chains (and kube-proxy's older `KUBE-XLB-`).
+const PORT_CHAIN_PREFIXES: [&str; 6] = ["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-", "KUBE-XLB-"];
+
+/// Whether chain `name` is one this mode (or kube-proxy's iptables mode) owns, and so may rewrite or
+/// delete. Other `KUBE-` chains are someone else's: kubelet's `KUBE-KUBELET-CANARY` and `KUBE-FIREWALL`
+/// (which `INPUT` jumps to, so deleting it would fail the whole restore), as kube-proxy leaves them.
+#[must_use]
+pub fn is_owned(name: &str) -> bool {
+    NAT_FIXED.contains(&name)
+        || FILTER_FIXED.contains(&name)
+        || [MASQ_UNLESS_POD, "KUBE-MARK-DROP", "KUBE-PROXY-CANARY"].contains(&name)
+        || PORT_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// One rule in the form `iptables-save` prints back: addresses, interface and protocol (`head`), then the
 /// comment, then the other matches (`tail`), then the target. Printing that form makes the kernel's chains
 /// compare equal to the wanted ones, so a restarted agent and the periodic resync rewrite nothing that has

@@ -107,7 +107,8 @@ fn restore_input_rewrites_only_changed_chains_and_deletes_gone_ones() {
 
 #[test]
 fn iptables_save_dumps_are_read_back() {
-    let dump = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-X - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -d 10.32.0.1/32 -j KUBE-SVC-X\nCOMMIT\n";
+    // kubelet's chains are not ours to rewrite or delete: INPUT jumps to KUBE-FIREWALL.
+    let dump = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-X - [0:0]\n:KUBE-KUBELET-CANARY - [0:0]\n:KUBE-FIREWALL - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -d 10.32.0.1/32 -j KUBE-SVC-X\n-A KUBE-FIREWALL -j DROP\nCOMMIT\n";
     let chains = super::parse_save(dump);
     assert_eq!(chains.keys().collect::<Vec<_>>(), ["KUBE-SERVICES", "KUBE-SVC-X"]);
     assert_eq!(chains["KUBE-SERVICES"], vec!["-A KUBE-SERVICES -d 10.32.0.1/32 -j KUBE-SVC-X".to_owned()]);

@@ -66,8 +66,9 @@ pub struct NetfilterDataplane<B: Backend> {
     /// Per family, what the last successful transaction installed; absent until the first one, and after
     /// a full resync is asked for: then what the kernel holds is read and everything differing is rewritten.
     applied: BTreeMap<Family, B::Ruleset>,
-    /// The table of the last successful apply, to find UDP endpoints that went away.
-    last_table: ServiceTable,
+    /// Per family, the half of the table its last successful apply installed, to find UDP endpoints that
+    /// went away.
+    last_tables: BTreeMap<Family, ServiceTable>,
     backend: PhantomData<B>,
 }
 
@@ -80,7 +81,7 @@ impl<B: Backend> NetfilterDataplane<B> {
             Ok(()) => families.push(Family::V6),
             Err(why) => tracing::warn!(mode = B::NAME, reason = why, "IPv6 cannot be served here: IPv4 only"),
         }
-        Self { config, families, applied: BTreeMap::new(), last_table: ServiceTable::default(), backend: PhantomData }
+        Self { config, families, applied: BTreeMap::new(), last_tables: BTreeMap::new(), backend: PhantomData }
     }
 
     fn apply_family(&mut self, table: &ServiceTable, family: Family) -> anyhow::Result<ApplyStats> {
@@ -91,11 +92,14 @@ impl<B: Backend> NetfilterDataplane<B> {
             None => B::transaction(family, &Previous::Installed(&B::installed(family)?), &wanted),
         };
         if !input.is_empty() {
-            // On failure nothing of this family changed: both backends commit a transaction whole or not at
-            // all. The other family's state is its own.
+            // A failed commit leaves this family consistent (nftables commits a transaction whole;
+            // iptables-restore commits each table whole), and the next apply, from what is known, converges.
             B::commit(family, &input)?;
         }
         self.applied.insert(family, wanted);
+        let half = table.family(family.is_ipv6());
+        super::clear_stale_udp(self.last_tables.get(&family).unwrap_or(&ServiceTable::default()), &half);
+        self.last_tables.insert(family, half);
         Ok(stats)
     }
 }
@@ -105,16 +109,21 @@ impl<B: Backend> Dataplane for NetfilterDataplane<B> {
         B::NAME
     }
 
+    /// Each family on its own, as kube-proxy's proxiers: one failing does not hold up the other's rules or
+    /// its stale-UDP cleanup; the error names the family.
     fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
         let mut stats = ApplyStats::default();
+        let mut failed = Vec::new();
         for family in self.families.clone() {
-            let of_family = self.apply_family(table, family)?;
-            stats.writes += of_family.writes;
-            stats.deletes += of_family.deletes;
+            match self.apply_family(table, family) {
+                Ok(of_family) => {
+                    stats.writes += of_family.writes;
+                    stats.deletes += of_family.deletes;
+                }
+                Err(e) => failed.push(format!("{family:?}: {e:#}")),
+            }
         }
-        super::clear_stale_udp(&self.last_table, table);
-        self.last_table = table.clone();
-        Ok(stats)
+        if failed.is_empty() { Ok(stats) } else { anyhow::bail!("{} rules: {}", B::NAME, failed.join("; ")) }
     }
 
     fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {

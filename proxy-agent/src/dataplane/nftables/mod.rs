@@ -196,6 +196,15 @@ pub fn installed_here() -> bool {
             .any(|(family, name)| nft(&["--terse", "list", "table", family, name]).is_ok_and(|o| o.status.success()))
 }
 
+/// Whether an IPv6 nftables Service table (this mode's, or kube-proxy's nftables mode's) is installed.
+pub fn ipv6_installed_here() -> bool {
+    Command::new("nft").arg("--version").output().is_ok()
+        && LEFTOVER_TABLES
+            .iter()
+            .filter(|(family, _)| *family == "ip6")
+            .any(|(family, name)| nft(&["--terse", "list", "table", family, name]).is_ok_and(|o| o.status.success()))
+}
+
 /// Whether nftables works here: the `nft` tool runs and the kernel answers it.
 pub fn usable() -> Result<(), String> {
     match nft(&["list", "tables"]) {
@@ -215,9 +224,15 @@ impl Backend for Nftables {
         print::print(plan)
     }
 
-    fn usable(_: Family) -> Result<(), String> {
-        // One nft serves both families; the kernel's ip6 NAT comes with its nftables.
-        usable()
+    fn usable(family: Family) -> Result<(), String> {
+        usable()?;
+        // The family's NAT: a kernel booted without IPv6 (or without its NAT) refuses the chain. `--check`
+        // has the kernel validate the transaction, then drops it.
+        let table = format!("{} proxy-agent-probe", nft_family(family));
+        let probe = format!(
+            "add table {table}\nadd chain {table} probe {{ type nat hook postrouting priority 100; policy accept; }}\n"
+        );
+        netfilter::run_with_input("nft", &["--check", "-f", "-"], &probe).map_err(|e| format!("{e:#}"))
     }
 
     fn installed(family: Family) -> anyhow::Result<Installed> {
