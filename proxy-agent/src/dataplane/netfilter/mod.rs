@@ -151,11 +151,11 @@ impl ServicePort<'_> {
     }
 }
 
-/// The table's frontends grouped by Service port and protocol, in a stable order.
+/// The frontends of `family` grouped by Service port and protocol, in a stable order.
 #[must_use]
-pub fn service_ports(table: &ServiceTable) -> Vec<ServicePort<'_>> {
+pub fn service_ports(table: &ServiceTable, family: Family) -> Vec<ServicePort<'_>> {
     let mut ports: BTreeMap<(&ServicePortName, Protocol), Vec<(Frontend, &FrontendEntry)>> = BTreeMap::new();
-    for (f, e) in &table.frontends {
+    for (f, e) in table.frontends.iter().filter(|(f, _)| f.addr.is_ipv6() == family.is_ipv6()) {
         ports.entry((&e.service, f.protocol)).or_default().push((*f, e));
     }
     ports.into_iter().map(|((name, protocol), entries)| ServicePort { name, protocol, entries }).collect()

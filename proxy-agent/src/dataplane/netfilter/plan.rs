@@ -157,19 +157,23 @@ pub fn kind_label(kind: FrontendKind) -> &'static str {
 /// Builds the plan of `family`'s half of `table`.
 #[must_use]
 pub fn build(table: &ServiceTable, config: &RuleConfig, family: Family) -> Plan {
-    let table = &table.family(family.is_ipv6());
     let mut plan = Plan {
         family,
         ports: Vec::new(),
         dispatch: Vec::new(),
         no_endpoints: Vec::new(),
         cluster_ips: BTreeMap::new(),
-        service_cidrs: table.service_cidrs.clone(),
+        service_cidrs: table
+            .service_cidrs
+            .iter()
+            .copied()
+            .filter(|(net, _)| net.is_ipv6() == family.is_ipv6())
+            .collect(),
         masquerade_mark: config.masq_mark(),
         drop_invalid: !config.tcp_be_liberal,
         pod_interfaces: config.pod_interface_patterns().map(str::to_owned).collect(),
     };
-    for sp in &super::service_ports(table) {
+    for sp in &super::service_ports(table, family) {
         let index = plan.ports.len();
         let cluster_cidr = config.cluster_cidrs.of_family(family.is_ipv6());
         let mut builder = PortBuilder { config, cluster_cidr, sp, index, plan: &mut plan, chains: BTreeMap::new() };
