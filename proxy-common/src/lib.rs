@@ -13,6 +13,88 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
+/// How the maps hold addresses. IPv4: a `u32` holding the address's four bytes as they sit in the packet
+/// (`u32::from_ne_bytes(octets)`). IPv6: [`addr::In6`], four such words. Each family has maps of its own
+/// (`SERVICES` and `SERVICES6`, ...), whose keys and values are the same generic types (`ServiceKey<u32>`,
+/// `ServiceKey<In6>`): the IPv4 path keeps its small keys, and neither family's lookups pay for the other.
+pub mod addr {
+    /// An IPv6 address as four words in packet order (`u32::from_ne_bytes` of each 4 octets).
+    ///
+    /// A type of its own rather than `[u32; 4]`: an array's `==` compiles to a `memcmp` call, which BPF
+    /// programs cannot make (the BPF backend of LLVM crashes on it). This one compares word by word.
+    #[repr(transparent)]
+    #[derive(Clone, Copy, Debug, Default, Hash)]
+    pub struct In6(pub [u32; 4]);
+
+    impl PartialEq for In6 {
+        #[inline(always)]
+        fn eq(&self, other: &Self) -> bool {
+            let (a, b) = (&self.0, &other.0);
+            (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+        }
+    }
+
+    impl Eq for In6 {}
+
+    impl PartialOrd for In6 {
+        fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+
+    impl Ord for In6 {
+        fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+            let mut i = 0;
+            while i < 4 {
+                let (a, b) = (u32::from_be(self.0[i]), u32::from_be(other.0[i]));
+                if a != b {
+                    return if a < b { core::cmp::Ordering::Less } else { core::cmp::Ordering::Greater };
+                }
+                i += 1;
+            }
+            core::cmp::Ordering::Equal
+        }
+    }
+
+    impl In6 {
+        pub const UNSPECIFIED: Self = Self([0; 4]);
+
+        /// The address from its 16 octets.
+        #[must_use]
+        pub const fn from_octets(o: [u8; 16]) -> Self {
+            Self([
+                u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+                u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+                u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+                u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+            ])
+        }
+
+        /// Its 16 octets.
+        #[must_use]
+        pub const fn octets(&self) -> [u8; 16] {
+            let [a, b, c, d] = self.0;
+            let (a, b, c, d) = (a.to_ne_bytes(), b.to_ne_bytes(), c.to_ne_bytes(), d.to_ne_bytes());
+            [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
+        }
+
+        /// Whether every word is zero (the unspecified address `::`, "none" in the maps).
+        #[inline(always)]
+        #[must_use]
+        pub const fn is_zero(&self) -> bool {
+            self.0[0] | self.0[1] | self.0[2] | self.0[3] == 0
+        }
+
+        /// `self & mask == net`, word by word.
+        #[inline(always)]
+        #[must_use]
+        pub const fn masked_eq(&self, mask: &Self, net: &Self) -> bool {
+            let (a, m, n) = (&self.0, &mask.0, &net.0);
+            ((a[0] & m[0]) ^ n[0]) | ((a[1] & m[1]) ^ n[1]) | ((a[2] & m[2]) ^ n[2]) | ((a[3] & m[3]) ^ n[3]) == 0
+        }
+    }
+}
+
 /// Names of the maps, as the agent finds them in the object and pins them.
 pub mod maps {
     pub const SERVICES: &str = "SERVICES";
@@ -32,14 +114,28 @@ pub mod maps {
     pub const FRONTEND_ADDRS: &str = "FRONTEND_ADDRS";
     pub const MAGLEV: &str = "MAGLEV";
     pub const EGRESS_SNAT: &str = "EGRESS_SNAT";
+    /// IPv6's maps: the same roles, keyed and valued by the IPv6 forms of the same types. Backend ids,
+    /// reverse-NAT ids and Maglev tables are numbered across both families (`IDS`, `MAGLEV` are shared).
+    pub const SERVICES6: &str = "SERVICES6";
+    pub const BACKENDS6: &str = "BACKENDS6";
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+    pub const REVNAT6: &str = "REVNAT6";
+    pub const SNAT6: &str = "SNAT6";
+    pub const AFFINITY6: &str = "AFFINITY6";
+    pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
+    pub const CONFIG6: &str = "CONFIG6";
+    pub const FRAGS6: &str = "FRAGS6";
+    pub const FRONTEND_ADDRS6: &str = "FRONTEND_ADDRS6";
     /// During an upgrade, the previous agent's maps, which the new programs read on a miss (not pinned).
     pub const PREV_CONNTRACK: &str = "PREV_CONNTRACK";
     pub const PREV_SNAT: &str = "PREV_SNAT";
+    pub const PREV_CONNTRACK6: &str = "PREV_CONNTRACK6";
+    pub const PREV_SNAT6: &str = "PREV_SNAT6";
 
     /// Every map, with the version of its layout (key, value, type, flags), which its pin name carries
     /// (`NAME_vN`). A build that changes a map's layout bumps its version: the upgraded agent then builds the
     /// new map beside the pinned one, fills it, swaps its programs in, and only then lets the old one go.
-    pub const LAYOUTS: [(&str, u32); 17] = [
+    pub const LAYOUTS: [(&str, u32); 27] = [
         (SERVICES, 1),
         (BACKENDS, 1),
         (CONNTRACK, 1),
@@ -57,14 +153,38 @@ pub mod maps {
         (FRONTEND_ADDRS, 1),
         (MAGLEV, 1),
         (EGRESS_SNAT, 1),
+        (SERVICES6, 1),
+        (BACKENDS6, 1),
+        (CONNTRACK6, 1),
+        (REVNAT6, 1),
+        (SNAT6, 1),
+        (AFFINITY6, 1),
+        (SOURCE_RANGES6, 1),
+        (CONFIG6, 1),
+        (FRAGS6, 1),
+        (FRONTEND_ADDRS6, 1),
     ];
 
     /// Maps that hold the service table: written by the agent from the cluster's state. An upgrade copies
     /// them into their new versions at start (where the layout allows), so the first sync writes only what
     /// changed.
-    pub const SERVICE_STATE: [&str; 7] = [SERVICES, BACKENDS, REVNAT, SOURCE_RANGES, IDS, MAGLEV, FRONTEND_ADDRS];
+    pub const SERVICE_STATE: [&str; 12] = [
+        SERVICES,
+        BACKENDS,
+        REVNAT,
+        SOURCE_RANGES,
+        IDS,
+        MAGLEV,
+        FRONTEND_ADDRS,
+        SERVICES6,
+        BACKENDS6,
+        REVNAT6,
+        SOURCE_RANGES6,
+        FRONTEND_ADDRS6,
+    ];
     /// Maps the data path writes (flows, counters): an upgrade copies them last, just before the swap.
-    pub const FLOW_STATE: [&str; 8] = [CONNTRACK, SNAT, AFFINITY, SOCK_REVNAT, SOCK_FLOWS, FRAGS, STATS, DROPS];
+    pub const FLOW_STATE: [&str; 12] =
+        [CONNTRACK, SNAT, AFFINITY, SOCK_REVNAT, SOCK_FLOWS, FRAGS, STATS, DROPS, CONNTRACK6, SNAT6, AFFINITY6, FRAGS6];
 }
 
 /// The agent's id counters, kept in the single entry of the `IDS` array so a restarted agent never hands
@@ -191,6 +311,18 @@ pub mod frag {
         pub seen: u32,
     }
 
+    /// An IPv6 datagram's fragments (`FRAGS6`): the Fragment header's identification is 32 bits.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct FragKey6 {
+        pub src_addr: crate::addr::In6,
+        pub dst_addr: crate::addr::In6,
+        /// The Fragment header's identification, network byte order.
+        pub id: u32,
+        pub proto: u8,
+        pub pad: [u8; 3],
+    }
+
     /// How long later fragments are matched to a first fragment: the kernel's `ipfrag_time` default.
     pub const LIFETIME_SECS: u32 = 30;
 }
@@ -242,6 +374,8 @@ pub mod mark {
 
 /// Node-wide settings, in the single entry of the `CONFIG` array.
 pub mod config {
+    use crate::addr::In6;
+
     /// Traffic from pods to a Service is always SNATed (kube-proxy's `masqueradeAll`).
     pub const FLAG_MASQUERADE_ALL: u32 = 1;
     /// An upgrade is under way: a flow not found in `CONNTRACK` or `SNAT` is looked up in the previous
@@ -286,6 +420,71 @@ pub mod config {
         /// masquerade with their own address (`EGRESS_SNAT`), as netfilter's MASQUERADE takes the address of
         /// the interface a packet leaves by: a pod bridge's, an overlay device's.
         pub snat_addrs: [u32; MAX_SNAT_ADDRS],
+    }
+
+    /// IPv6's node-wide settings, in the single entry of the `CONFIG6` array: the address-bearing fields of
+    /// [`Config`] for IPv6 (flags, ports, timeouts and the rest hold for both families and stay there). A
+    /// map of its own keeps the IPv4 path's `Config` small enough to copy onto the stack.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Config6 {
+        /// The node's primary IPv6, which SNATed IPv6 flows leave with. Zero: none.
+        pub snat_addr: In6,
+        /// `clusterCIDR`'s IPv6 CIDR for local-traffic detection; mask zero: unset.
+        pub cluster: Ipv6Net,
+        pub service_cidrs: [Ipv6Net; MAX_SERVICE_CIDRS],
+    }
+
+    /// An IPv6 network, address and mask in network byte order. A zero mask is "unset".
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Ipv6Net {
+        pub addr: In6,
+        pub mask: In6,
+    }
+
+    impl Ipv6Net {
+        #[inline]
+        #[must_use]
+        pub const fn is_set(&self) -> bool {
+            !self.mask.is_zero()
+        }
+
+        #[inline]
+        #[must_use]
+        pub const fn contains(&self, addr: &In6) -> bool {
+            self.is_set() && addr.masked_eq(&self.mask, &self.addr)
+        }
+    }
+
+    impl Config6 {
+        /// Whether `addr` is in one of the IPv6 service CIDRs.
+        #[inline]
+        #[must_use]
+        pub fn in_service_cidr(&self, addr: &In6) -> bool {
+            let mut i = 0;
+            while i < MAX_SERVICE_CIDRS {
+                if self.service_cidrs[i].contains(addr) {
+                    return true;
+                }
+                i += 1;
+            }
+            false
+        }
+
+        #[inline]
+        #[must_use]
+        pub fn has_service_cidrs(&self) -> bool {
+            self.service_cidrs[0].is_set()
+        }
+
+        /// Whether `addr` is the node's IPv6 SNAT address. IPv6 has one per node, the primary's: every
+        /// link routes replies to it back here, so no interface needs its own (as IPv4's bridges do).
+        #[inline]
+        #[must_use]
+        pub fn is_snat_addr(&self, addr: &In6) -> bool {
+            !addr.is_zero() && *addr == self.snat_addr
+        }
     }
 
     /// How many SNAT addresses besides `snat_addr` the data path knows (a bridge, an overlay, a second
@@ -439,9 +638,9 @@ pub mod service {
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-    pub struct ServiceKey {
-        /// IPv4 address, network byte order.
-        pub addr: u32,
+    pub struct ServiceKey<A = u32> {
+        /// The address ([`crate::addr`]), network byte order.
+        pub addr: A,
         /// Port, network byte order.
         pub port: u16,
         pub proto: u8,
@@ -466,10 +665,19 @@ pub mod service {
         pub affinity_timeout: u32,
     }
 
-    impl ServiceKey {
+    /// The key of an IPv6 frontend's entries (`SERVICES6`).
+    pub type ServiceKey6 = ServiceKey<crate::addr::In6>;
+
+    impl<A: Copy> ServiceKey<A> {
         #[must_use]
-        pub const fn new(addr: u32, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
+        pub const fn new(addr: A, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
             Self { addr, port, proto, scope, slot, pad: 0 }
+        }
+
+        /// The same key with its address converted (the agent's family-neutral form to a map's).
+        #[must_use]
+        pub fn with_addr<B>(self, addr: B) -> ServiceKey<B> {
+            ServiceKey { addr, port: self.port, proto: self.proto, scope: self.scope, slot: self.slot, pad: 0 }
         }
     }
 }
@@ -481,13 +689,24 @@ pub mod backend {
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-    pub struct Backend {
-        /// IPv4 address, network byte order.
-        pub addr: u32,
+    pub struct Backend<A = u32> {
+        /// The address ([`crate::addr`]), network byte order.
+        pub addr: A,
         /// Port, network byte order.
         pub port: u16,
         pub proto: u8,
         pub flags: u8,
+    }
+
+    /// An IPv6 backend (`BACKENDS6`).
+    pub type Backend6 = Backend<crate::addr::In6>;
+
+    impl<A> Backend<A> {
+        /// The same backend with its address converted.
+        #[must_use]
+        pub fn with_addr<B>(self, addr: B) -> Backend<B> {
+            Backend { addr, port: self.port, proto: self.proto, flags: self.flags }
+        }
     }
 }
 
@@ -514,15 +733,39 @@ pub mod maglev {
 #[must_use]
 #[inline]
 pub const fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
-    const fn mix(h: u32, k: u32) -> u32 {
-        let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-        (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let mut h = HASH_SEED;
+    h = hash_mix(h, src_addr);
+    h = hash_mix(h, dst_addr);
+    hash_finish(h, src_port, dst_port, proto)
+}
+
+/// [`flow_hash`] of an IPv6 5-tuple: every word of both addresses is mixed in.
+#[must_use]
+#[inline]
+pub const fn flow_hash6(src_addr: &addr::In6, dst_addr: &addr::In6, src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    let mut h = HASH_SEED;
+    let mut i = 0;
+    while i < 4 {
+        h = hash_mix(h, src_addr.0[i]);
+        i += 1;
     }
-    let mut h = 0x9747_b28c;
-    h = mix(h, src_addr);
-    h = mix(h, dst_addr);
-    h = mix(h, ((src_port as u32) << 16) | dst_port as u32);
-    h = mix(h, proto as u32);
+    while i < 8 {
+        h = hash_mix(h, dst_addr.0[i - 4]);
+        i += 1;
+    }
+    hash_finish(h, src_port, dst_port, proto)
+}
+
+const HASH_SEED: u32 = 0x9747_b28c;
+
+const fn hash_mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+const fn hash_finish(mut h: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    h = hash_mix(h, ((src_port as u32) << 16) | dst_port as u32);
+    h = hash_mix(h, proto as u32);
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -534,13 +777,16 @@ pub const fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u1
 pub mod revnat {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-    pub struct RevNat {
-        /// IPv4 address, network byte order.
-        pub addr: u32,
+    pub struct RevNat<A = u32> {
+        /// The address ([`crate::addr`]), network byte order.
+        pub addr: A,
         /// Port, network byte order.
         pub port: u16,
         pub pad: u16,
     }
+
+    /// An IPv6 frontend's record (`REVNAT6`).
+    pub type RevNat6 = RevNat<crate::addr::In6>;
 }
 
 /// The connection-tracking map (LRU): each translated flow is two entries that name each other.
@@ -562,9 +808,9 @@ pub mod conntrack {
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-    pub struct CtKey {
-        pub src_addr: u32,
-        pub dst_addr: u32,
+    pub struct CtKey<A = u32> {
+        pub src_addr: A,
+        pub dst_addr: A,
         pub src_port: u16,
         pub dst_port: u16,
         pub proto: u8,
@@ -601,9 +847,9 @@ pub mod conntrack {
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-    pub struct CtValue {
+    pub struct CtValue<A = u32> {
         /// Forward entry: the backend's address and port. Reply entry: the frontend's. Network byte order.
-        pub nat_addr: u32,
+        pub nat_addr: A,
         pub nat_port: u16,
         /// Forward entry: the client port the backend sees. Reply entry: the client's own port.
         pub client_port: u16,
@@ -668,7 +914,7 @@ pub mod conntrack {
     /// How long a flow in `state` lives without packets: the data path and the agent's sweep both ask this.
     #[inline]
     #[must_use]
-    pub fn lifetime(t: &Timeouts, proto: u8, value: &CtValue) -> u32 {
+    pub fn lifetime<A>(t: &Timeouts, proto: u8, value: &CtValue<A>) -> u32 {
         let s = value.state;
         if proto == super::proto::TCP {
             if s & state::RST != 0 {
@@ -699,14 +945,14 @@ pub mod conntrack {
     /// Whether a forward entry's flow has ended: idle past its lifetime at `now` (seconds, same clock).
     #[inline]
     #[must_use]
-    pub fn expired(t: &Timeouts, proto: u8, value: &CtValue, now: u32) -> bool {
+    pub fn expired<A>(t: &Timeouts, proto: u8, value: &CtValue<A>, now: u32) -> bool {
         now.saturating_sub(value.last_seen) > lifetime(t, proto, value)
     }
 
     /// Whether a TCP flow is over (both FINs, or a RST): a new SYN on its tuple is a new connection.
     #[inline]
     #[must_use]
-    pub fn closed(value: &CtValue) -> bool {
+    pub fn closed<A>(value: &CtValue<A>) -> bool {
         value.state & state::RST != 0
             || value.state & (state::FIN_FORWARD | state::FIN_REPLY) == state::FIN_FORWARD | state::FIN_REPLY
     }
@@ -716,7 +962,7 @@ pub mod conntrack {
     /// its own terms, sooner: see `proxy-ebpf/src/snat.rs`.)
     #[inline]
     #[must_use]
-    pub fn snat_expired(t: &Timeouts, proto: u8, held: &SnatValue, now: u32) -> bool {
+    pub fn snat_expired<A>(t: &Timeouts, proto: u8, held: &SnatValue<A>, now: u32) -> bool {
         let closed =
             held.flags & SNAT_RST != 0 || held.flags & (SNAT_FIN_OUT | SNAT_FIN_IN) == SNAT_FIN_OUT | SNAT_FIN_IN;
         let lifetime = if proto != super::proto::TCP {
@@ -739,9 +985,9 @@ pub mod conntrack {
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-    pub struct SnatValue {
+    pub struct SnatValue<A = u32> {
         /// Network byte order.
-        pub addr: u32,
+        pub addr: A,
         /// Network byte order.
         pub port: u16,
         /// `SNAT_*` bits: how far the flow has closed (kept up to date on `DIR_SNAT_IN` entries).
@@ -753,6 +999,11 @@ pub mod conntrack {
         /// long ago.
         pub last_seen_ms: u32,
     }
+
+    /// IPv6 flows' entries (`CONNTRACK6`, `SNAT6`): the same layout with 16-byte addresses.
+    pub type CtKey6 = CtKey<crate::addr::In6>;
+    pub type CtValue6 = CtValue<crate::addr::In6>;
+    pub type SnatValue6 = SnatValue<crate::addr::In6>;
 
     /// The SNATed TCP flow has seen a FIN or RST.
     pub const SNAT_CLOSING: u16 = 1;
@@ -768,10 +1019,12 @@ pub mod conntrack {
 pub mod affinity {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-    pub struct AffinityKey {
-        pub client_addr: u32,
+    pub struct AffinityKey<A = u32> {
+        pub client_addr: A,
         pub rev_nat_id: u32,
     }
+
+    pub type AffinityKey6 = AffinityKey<crate::addr::In6>;
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -787,12 +1040,14 @@ pub mod affinity {
 pub mod source_range {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-    pub struct SourceRangeKey {
+    pub struct SourceRangeKey<A = u32> {
         /// Network byte order, so the trie matches its bits first and in full.
         pub rev_nat_id: u32,
         /// Network byte order.
-        pub addr: u32,
+        pub addr: A,
     }
+
+    pub type SourceRangeKey6 = SourceRangeKey<crate::addr::In6>;
 
     /// The prefix length of an entry for a CIDR of `len` bits: the whole id, then the address bits.
     #[must_use]
@@ -808,16 +1063,27 @@ mod pod {
     // SAFETY: each type is repr(C), Copy, made of integers only, and has no padding (see the layout tests),
     // so every bit pattern is valid and no uninitialised byte is ever read.
     unsafe impl aya::Pod for service::ServiceKey {}
+    unsafe impl aya::Pod for service::ServiceKey6 {}
     unsafe impl aya::Pod for service::ServiceValue {}
     unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for super::backend::Backend6 {}
     unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for super::revnat::RevNat6 {}
     unsafe impl aya::Pod for conntrack::CtKey {}
     unsafe impl aya::Pod for conntrack::CtValue {}
     unsafe impl aya::Pod for conntrack::SnatValue {}
+    unsafe impl aya::Pod for conntrack::CtKey6 {}
+    unsafe impl aya::Pod for conntrack::CtValue6 {}
+    unsafe impl aya::Pod for conntrack::SnatValue6 {}
     unsafe impl aya::Pod for affinity::AffinityKey {}
+    unsafe impl aya::Pod for affinity::AffinityKey6 {}
     unsafe impl aya::Pod for affinity::AffinityValue {}
     unsafe impl aya::Pod for source_range::SourceRangeKey {}
+    unsafe impl aya::Pod for source_range::SourceRangeKey6 {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for super::config::Config6 {}
+    unsafe impl aya::Pod for super::addr::In6 {}
+    unsafe impl aya::Pod for super::frag::FragKey6 {}
     unsafe impl aya::Pod for super::ids::NextIds {}
     unsafe impl aya::Pod for super::sock::SockKey {}
     unsafe impl aya::Pod for super::sock::SockFrontend {}
@@ -896,6 +1162,65 @@ mod layout_tests {
         assert_eq!(offset_of!(SnatValue, flags), 6);
         assert_eq!(offset_of!(SnatValue, last_seen), 8);
         assert_eq!(offset_of!(SnatValue, last_seen_ms), 12);
+    }
+
+    #[test]
+    fn ipv6_layouts_have_no_padding() {
+        use super::{backend::Backend6, frag::FragKey6, revnat::RevNat6};
+        assert_eq!(size_of::<ServiceKey6>(), 24);
+        assert_eq!(offset_of!(ServiceKey6, port), 16);
+        assert_eq!(offset_of!(ServiceKey6, slot), 20);
+        assert_eq!(offset_of!(ServiceKey6, pad), 22);
+        assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(offset_of!(Backend6, flags), 19);
+        assert_eq!(size_of::<RevNat6>(), 20);
+        assert_eq!(size_of::<CtKey6>(), 40);
+        assert_eq!(offset_of!(CtKey6, src_port), 32);
+        assert_eq!(offset_of!(CtKey6, pad), 38);
+        assert_eq!(size_of::<CtValue6>(), 40);
+        assert_eq!(offset_of!(CtValue6, last_seen), 36);
+        assert_eq!(size_of::<SnatValue6>(), 28);
+        assert_eq!(offset_of!(SnatValue6, last_seen_ms), 24);
+        assert_eq!(size_of::<AffinityKey6>(), 20);
+        assert_eq!(size_of::<SourceRangeKey6>(), 20);
+        assert_eq!(offset_of!(SourceRangeKey6, addr), 4);
+        assert_eq!(size_of::<FragKey6>(), 40);
+        assert_eq!(offset_of!(FragKey6, pad), 37);
+        assert_eq!(size_of::<super::config::Config6>(), 16 + 32 + 4 * 32);
+    }
+
+    #[test]
+    fn flow_hash_of_ipv4_is_unchanged_and_ipv6_mixes_every_word() {
+        // Pinned (murmur3's finaliser computed independently): every node and every build, and an upgraded
+        // agent's programs, pick the same backend for the same tuple.
+        assert_eq!(super::flow_hash(1, 2, 3, 4, 6), 0xcc3d_ddd1);
+        let a = super::addr::In6([1, 2, 3, 4]);
+        let mut b = a;
+        b.0[3] = 5;
+        assert_ne!(super::flow_hash6(&a, &a, 1, 2, 6), super::flow_hash6(&a, &b, 1, 2, 6));
+        assert_ne!(super::flow_hash6(&a, &b, 1, 2, 6), super::flow_hash6(&b, &a, 1, 2, 6));
+    }
+
+    #[test]
+    fn ipv6_networks_match_by_mask() {
+        use super::{
+            addr::In6,
+            config::{Config6, Ipv6Net},
+        };
+        let net = Ipv6Net { addr: In6([0xfd, 0, 0, 0]), mask: In6([0xffff_ffff, 0, 0, 0]) };
+        assert!(net.contains(&In6([0xfd, 7, 8, 9])));
+        assert!(!net.contains(&In6([0xfe, 0, 0, 0])));
+        assert!(!Ipv6Net::default().contains(&In6::UNSPECIFIED), "an unset network matches nothing");
+        let mut cfg = Config6::default();
+        assert!(!cfg.is_snat_addr(&In6::UNSPECIFIED));
+        cfg.snat_addr = In6([1, 2, 3, 4]);
+        assert!(cfg.is_snat_addr(&In6([1, 2, 3, 4])));
+        assert!(!cfg.is_snat_addr(&In6([1, 2, 3, 5])));
+        cfg.service_cidrs[0] = net;
+        assert!(cfg.has_service_cidrs() && cfg.in_service_cidr(&In6([0xfd, 1, 1, 1])));
+        let addr: core::net::Ipv6Addr = "fd00:10:96::a".parse().unwrap();
+        assert_eq!(In6::from_octets(addr.octets()).octets(), addr.octets());
+        assert!(In6::from_octets([0; 16]) < In6::from_octets(addr.octets()));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! IPv4 fragments of Service datagrams. Only a datagram's first fragment carries its ports, so the first
+//! IPv4 and IPv6 fragments of Service datagrams. Only a datagram's first fragment carries its ports, so the first
 //! fragment records them (keyed by source, destination, IP id and protocol, as this hook sees it), and the
 //! later fragments are translated as their first fragment was: same conntrack entry, same backend, same
 //! addresses; their payload is never touched (the first fragment's L4 checksum covers the whole datagram).
@@ -11,8 +11,9 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns, macros::map, maps::LruHashMap};
 use proxy_common::{
+    addr::In6,
     capacity,
-    frag::{FragKey, FragValue, LIFETIME_SECS},
+    frag::{FragKey, FragKey6, FragValue, LIFETIME_SECS},
 };
 
 use crate::packet::{Flow, Fragment};
@@ -20,9 +21,45 @@ use crate::packet::{Flow, Fragment};
 #[map(name = "FRAGS")]
 static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGS, 0);
 
-#[inline(always)]
-fn key(flow: &Flow) -> FragKey {
-    FragKey { src_addr: flow.src_addr, dst_addr: flow.dst_addr, id: flow.ip_id, proto: flow.proto, pad: 0 }
+#[map(name = "FRAGS6")]
+static FRAGS6: LruHashMap<FragKey6, FragValue> = LruHashMap::pinned(capacity::FRAGS, 0);
+
+/// A family's fragment records: its map and how a datagram is keyed in it.
+pub trait Maps: Sized + 'static {
+    type Key: 'static;
+    fn frags() -> &'static LruHashMap<Self::Key, FragValue>;
+    fn key(flow: &Flow<Self>) -> Self::Key;
+}
+
+impl Maps for u32 {
+    type Key = FragKey;
+
+    #[inline(always)]
+    fn frags() -> &'static LruHashMap<FragKey, FragValue> {
+        &FRAGS
+    }
+
+    #[inline(always)]
+    fn key(flow: &Flow<Self>) -> FragKey {
+        // IPv4's identification is 16 bits (`Flow::ip_id` holds it widened).
+        #[expect(clippy::cast_possible_truncation, reason = "the value came from a 16-bit field")]
+        let id = flow.ip_id as u16;
+        FragKey { src_addr: flow.src_addr, dst_addr: flow.dst_addr, id, proto: flow.proto, pad: 0 }
+    }
+}
+
+impl Maps for In6 {
+    type Key = FragKey6;
+
+    #[inline(always)]
+    fn frags() -> &'static LruHashMap<FragKey6, FragValue> {
+        &FRAGS6
+    }
+
+    #[inline(always)]
+    fn key(flow: &Flow<Self>) -> FragKey6 {
+        FragKey6 { src_addr: flow.src_addr, dst_addr: flow.dst_addr, id: flow.ip_id, proto: flow.proto, pad: [0; 3] }
+    }
 }
 
 #[inline(always)]
@@ -36,20 +73,20 @@ fn now_secs() -> u32 {
 /// about to be translated, before it is, so the key is what the later fragments will carry here and the
 /// map holds Service datagrams only.
 #[inline(always)]
-pub fn remember(flow: &Flow) {
+pub fn remember<A: Maps + Copy>(flow: &Flow<A>) {
     if flow.fragment != Fragment::First {
         return;
     }
     let value = FragValue { src_port: flow.src_port, dst_port: flow.dst_port, seen: now_secs() };
     // An LRU insert fails only if the kernel cannot allocate; the later fragments then pass untracked.
-    let _ = FRAGS.insert(&key(flow), &value, u64::from(BPF_ANY));
+    let _ = A::frags().insert(&A::key(flow), &value, u64::from(BPF_ANY));
 }
 
 /// The ports of a later fragment's datagram, if its first fragment was seen here recently.
 #[inline(always)]
-pub fn ports(flow: &Flow) -> Option<(u16, u16)> {
+pub fn ports<A: Maps + Copy>(flow: &Flow<A>) -> Option<(u16, u16)> {
     // SAFETY: the value is copied out at once.
-    let entry = unsafe { FRAGS.get(&key(flow)).copied() }?;
+    let entry = unsafe { A::frags().get(&A::key(flow)).copied() }?;
     if now_secs().saturating_sub(entry.seen) > LIFETIME_SECS {
         return None;
     }

@@ -83,11 +83,11 @@ fn translate_port<P: Packet>(pkt: &P, quote: &Quote, end: QuotedEnd, port: u16) 
         return Err(crate::drop::SCTP_PORT_CHANGE);
     }
     let icmp_csum = quote.icmp_off + ICMP_CSUM_OFF;
-    pkt.store(inner.l4_off + port_off, &port)?;
+    pkt.store(inner.l4() + port_off, &port)?;
     csum_replace(pkt, icmp_csum, u32::from(old_port), u32::from(port), 2, false)?;
     let l4_csum = match inner.proto {
-        proto::UDP => Some((inner.l4_off + 6, true)),
-        proto::TCP => Some((inner.l4_off + 16, false)),
+        proto::UDP => Some((inner.l4() + 6, true)),
+        proto::TCP => Some((inner.l4() + 16, false)),
         _ => None,
     };
     if let Some((off, udp)) = l4_csum
@@ -119,8 +119,8 @@ fn translate<P: Packet>(pkt: &P, quote: &Quote, end: QuotedEnd, addr: u32, port:
     let icmp_csum = quote.icmp_off + ICMP_CSUM_OFF;
     // The quoted L4 checksum, if the quote is long enough to hold it (a router may quote only 8 bytes).
     let l4_csum = match inner.proto {
-        proto::UDP => Some((inner.l4_off + 6, true)),
-        proto::TCP => Some((inner.l4_off + 16, false)),
+        proto::UDP => Some((inner.l4() + 6, true)),
+        proto::TCP => Some((inner.l4() + 16, false)),
         _ => None,
     };
     let (l4_csum, l4_before) = match l4_csum.map(|(off, udp)| (off, udp, pkt.load::<u16>(off))) {
@@ -129,11 +129,11 @@ fn translate<P: Packet>(pkt: &P, quote: &Quote, end: QuotedEnd, addr: u32, port:
     };
 
     if old_addr != addr {
-        let ip_csum_off = inner.l3_off + IP_CSUM_OFF;
+        let ip_csum_off = inner.l3() + IP_CSUM_OFF;
         let ip_csum_before: u16 = pkt.load(ip_csum_off)?;
         csum_replace(pkt, ip_csum_off, old_addr, addr, 4, false)?;
         let ip_csum_after: u16 = pkt.load(ip_csum_off)?;
-        pkt.store(inner.l3_off + addr_off, &addr)?;
+        pkt.store(inner.l3() + addr_off, &addr)?;
         if let Some((off, udp)) = l4_csum {
             csum_replace(pkt, off, old_addr, addr, 4, udp)?;
         }
@@ -142,7 +142,7 @@ fn translate<P: Packet>(pkt: &P, quote: &Quote, end: QuotedEnd, addr: u32, port:
         csum_replace(pkt, icmp_csum, u32::from(ip_csum_before), u32::from(ip_csum_after), 2, false)?;
     }
     if old_port != port {
-        pkt.store(inner.l4_off + port_off, &port)?;
+        pkt.store(inner.l4() + port_off, &port)?;
         if let Some((off, udp)) = l4_csum {
             csum_replace(pkt, off, u32::from(old_port), u32::from(port), 2, udp)?;
         }

@@ -7,18 +7,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
 };
 use proxy_common::{
-    affinity::{AffinityKey, AffinityValue},
-    backend::Backend,
+    addr::In6,
+    affinity::{AffinityKey, AffinityKey6, AffinityValue},
+    backend::{Backend, Backend6},
     capacity,
     config::Config,
-    flow_hash,
     ids::NextIds,
     maglev::MaglevKey,
-    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, flags},
-    source_range::{SourceRangeKey, prefix_len},
+    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceKey6, ServiceValue, flags},
+    source_range::{SourceRangeKey, SourceRangeKey6, prefix_len},
 };
 
-use crate::packet::Flow;
+use crate::{family::Family, packet::Flow};
 
 #[map(name = "SERVICES")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, capacity::NO_PREALLOC);
@@ -41,9 +41,9 @@ static FRONTEND_ADDRS: HashMap<u32, u32> = HashMap::pinned(capacity::FRONTEND_AD
 
 /// Whether `addr` (network byte order) is a Service address that is not the node's own.
 #[inline(always)]
-pub fn is_service_addr(addr: u32) -> bool {
+pub fn is_service_addr<A: Maps>(addr: A) -> bool {
     // SAFETY: only the presence of the value is used.
-    unsafe { FRONTEND_ADDRS.get(&addr).is_some() }
+    unsafe { A::frontend_addrs().get(&addr).is_some() }
 }
 
 /// What a packet addressed to no frontend meets, by its destination.
@@ -59,13 +59,13 @@ pub enum Unserved {
 /// kube-proxy's nftables `cluster-ips-check`, for a packet that matched no frontend. With service CIDRs
 /// set, an address outside them costs no map lookup (every ClusterIP is inside one).
 #[inline(always)]
-pub fn unserved(addr: u32, cfg: &Config) -> Unserved {
-    let in_cidr = cfg.in_service_cidr(addr);
-    if cfg.has_service_cidrs() && !in_cidr {
+pub fn unserved<A: Family>(addr: A, cfg: &Config) -> Unserved {
+    let in_cidr = addr.in_service_cidr(cfg);
+    if A::has_service_cidrs(cfg) && !in_cidr {
         return Unserved::Elsewhere;
     }
     // SAFETY: the value is copied out at once.
-    let bits = unsafe { FRONTEND_ADDRS.get(&addr).copied() }.unwrap_or(0);
+    let bits = unsafe { A::frontend_addrs().get(&addr).copied() }.unwrap_or(0);
     if bits & proxy_common::frontend_addr::CLUSTER_IP != 0 {
         Unserved::ClusterIpPort
     } else if in_cidr && bits == 0 {
@@ -78,6 +78,86 @@ pub fn unserved(addr: u32, cfg: &Config) -> Unserved {
 #[map(name = "SOURCE_RANGES")]
 static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
+/// IPv6 frontends' maps, as their IPv4 namesakes. Backend and reverse-NAT ids, and Maglev tables, are
+/// numbered across both families, so `MAGLEV` and `IDS` serve both.
+#[map(name = "SERVICES6")]
+static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(capacity::SERVICES, capacity::NO_PREALLOC);
+
+#[map(name = "BACKENDS6")]
+static BACKENDS6: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACKENDS, capacity::NO_PREALLOC);
+
+#[map(name = "AFFINITY6")]
+static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
+
+#[map(name = "FRONTEND_ADDRS6")]
+static FRONTEND_ADDRS6: HashMap<In6, u32> = HashMap::pinned(capacity::FRONTEND_ADDRS, capacity::NO_PREALLOC);
+
+#[map(name = "SOURCE_RANGES6")]
+static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u32> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+
+/// A family's service-side maps.
+pub trait Maps: Copy + Eq + 'static {
+    fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue>;
+    fn backends() -> &'static HashMap<u32, Backend<Self>>;
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue>;
+    fn frontend_addrs() -> &'static HashMap<Self, u32>;
+    fn source_ranges() -> &'static LpmTrie<SourceRangeKey<Self>, u32>;
+}
+
+impl Maps for u32 {
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey, ServiceValue> {
+        &SERVICES
+    }
+
+    #[inline(always)]
+    fn backends() -> &'static HashMap<u32, Backend> {
+        &BACKENDS
+    }
+
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey, AffinityValue> {
+        &AFFINITY
+    }
+
+    #[inline(always)]
+    fn frontend_addrs() -> &'static HashMap<u32, u32> {
+        &FRONTEND_ADDRS
+    }
+
+    #[inline(always)]
+    fn source_ranges() -> &'static LpmTrie<SourceRangeKey, u32> {
+        &SOURCE_RANGES
+    }
+}
+
+impl Maps for In6 {
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey6, ServiceValue> {
+        &SERVICES6
+    }
+
+    #[inline(always)]
+    fn backends() -> &'static HashMap<u32, Backend6> {
+        &BACKENDS6
+    }
+
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey6, AffinityValue> {
+        &AFFINITY6
+    }
+
+    #[inline(always)]
+    fn frontend_addrs() -> &'static HashMap<In6, u32> {
+        &FRONTEND_ADDRS6
+    }
+
+    #[inline(always)]
+    fn source_ranges() -> &'static LpmTrie<SourceRangeKey6, u32> {
+        &SOURCE_RANGES6
+    }
+}
+
 /// A frontend as found for one packet: the slot-0 entry of the scope that applies, and that scope.
 #[derive(Clone, Copy)]
 pub struct Service {
@@ -88,16 +168,16 @@ pub struct Service {
 }
 
 #[inline(always)]
-fn get(key: &ServiceKey) -> Option<ServiceValue> {
+fn get<A: Maps>(key: &ServiceKey<A>) -> Option<ServiceValue> {
     // SAFETY: values are plain integers copied out at once; a concurrent update can at worst give a
     // torn-but-valid value, which the agent's write order makes harmless (count is written last).
-    unsafe { SERVICES.get(key).copied() }
+    unsafe { A::services().get(key).copied() }
 }
 
 /// The frontend a packet is addressed to. Traffic from the node's pods (`internal`) uses the internal scope
 /// where the frontend has one (a Local policy), and the external one otherwise.
 #[inline(always)]
-pub fn lookup_service(flow: &Flow, internal: bool) -> Option<Service> {
+pub fn lookup_service<A: Maps>(flow: &Flow<A>, internal: bool) -> Option<Service> {
     let ext = get(&ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, SCOPE_EXTERNAL, 0))?;
     if internal && ext.flags & flags::HAS_INTERNAL_SCOPE != 0 {
         let int = get(&ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, SCOPE_INTERNAL, 0))?;
@@ -108,9 +188,9 @@ pub fn lookup_service(flow: &Flow, internal: bool) -> Option<Service> {
 
 /// A backend by id, if it still exists.
 #[inline(always)]
-pub fn backend(id: u32) -> Option<Backend> {
+pub fn backend<A: Maps>(id: u32) -> Option<Backend<A>> {
     // SAFETY: as in `get`.
-    unsafe { BACKENDS.get(&id).copied() }
+    unsafe { A::backends().get(&id).copied() }
 }
 
 #[map(name = "MAGLEV")]
@@ -134,12 +214,17 @@ pub enum Asker {
 /// it was this flow's). Client ports make the hash spread flows as evenly as kube-proxy's random choice.
 /// A node socket's call has no source port yet: it picks at random.
 #[inline(always)]
-pub fn select_backend(flow: &Flow, svc: &Service, asker: Asker, cfg: &Config) -> Option<(u32, Backend)> {
+pub fn select_backend<A: Family>(
+    flow: &Flow<A>,
+    svc: &Service,
+    asker: Asker,
+    cfg: &Config,
+) -> Option<(u32, Backend<A>)> {
     let count = u32::from(svc.value.count);
     if count == 0 {
         return None;
     }
-    let hash = || flow_hash(flow.src_addr, flow.dst_addr, flow.src_port, flow.dst_port, flow.proto);
+    let hash = || A::hash(flow);
     if asker == Asker::Packet && svc.value.flags & flags::MAGLEV != 0 && cfg.maglev_table_size != 0 {
         let key = MaglevKey { table: svc.value.backend_id, index: hash() % cfg.maglev_table_size };
         // SAFETY: the value is copied out at once.
@@ -159,10 +244,10 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// sessionAffinity ClientIP: the backend this client used within the timeout, if it still exists.
 #[inline(always)]
-pub fn affinity_backend(flow: &Flow, svc: &Service) -> Option<(u32, Backend)> {
+pub fn affinity_backend<A: Maps>(flow: &Flow<A>, svc: &Service) -> Option<(u32, Backend<A>)> {
     let key = AffinityKey { client_addr: flow.src_addr, rev_nat_id: svc.value.rev_nat_id };
     // SAFETY: the value is copied out at once.
-    let entry = unsafe { AFFINITY.get(&key).copied() }?;
+    let entry = unsafe { A::affinity().get(&key).copied() }?;
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if now.saturating_sub(entry.last_seen_ns) > u64::from(svc.value.affinity_timeout) * NS_PER_SEC {
@@ -173,19 +258,19 @@ pub fn affinity_backend(flow: &Flow, svc: &Service) -> Option<(u32, Backend)> {
 
 /// Records (or refreshes) a client's affinity to a backend.
 #[inline(always)]
-pub fn remember_affinity(flow: &Flow, svc: &Service, backend_id: u32) {
+pub fn remember_affinity<A: Maps>(flow: &Flow<A>, svc: &Service, backend_id: u32) {
     let key = AffinityKey { client_addr: flow.src_addr, rev_nat_id: svc.value.rev_nat_id };
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let value = AffinityValue { backend_id, pad: 0, last_seen_ns: now };
     // An LRU insert only fails on allocation failure; affinity then falls back to a random pick.
-    let _ = AFFINITY.insert(&key, &value, u64::from(BPF_ANY));
+    let _ = A::affinity().insert(&key, &value, u64::from(BPF_ANY));
 }
 
 /// loadBalancerSourceRanges: whether the packet's source may use this frontend.
 #[inline(always)]
-pub fn source_allowed(flow: &Flow, svc: &Service) -> bool {
+pub fn source_allowed<A: Family>(flow: &Flow<A>, svc: &Service) -> bool {
     let key =
-        Key::new(prefix_len(32), SourceRangeKey { rev_nat_id: svc.value.rev_nat_id.to_be(), addr: flow.src_addr });
-    SOURCE_RANGES.get(&key).is_some()
+        Key::new(prefix_len(A::BITS), SourceRangeKey { rev_nat_id: svc.value.rev_nat_id.to_be(), addr: flow.src_addr });
+    A::source_ranges().get(&key).is_some()
 }

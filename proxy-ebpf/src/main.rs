@@ -13,6 +13,7 @@
 
 mod conntrack;
 mod drop;
+mod family;
 mod frag;
 mod icmp;
 mod lb;

@@ -1,12 +1,12 @@
 //! Reading and writing packets from TC and XDP alike, and parsing the headers the service path needs:
-//! Ethernet, IPv4 (with options and fragments), the ports of TCP, UDP and SCTP, and the packet an ICMP
-//! error quotes.
+//! Ethernet, IPv4 (with options and fragments), IPv6 (with its extension headers and fragments), the ports
+//! of TCP, UDP and SCTP, and the packet an ICMP error quotes.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use proxy_common::proto;
+use proxy_common::{addr::In6, proto};
 
 use crate::{
     drop::{PACKET_TOO_SHORT, REWRITE_FAILED, Result},
@@ -14,7 +14,22 @@ use crate::{
 };
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// The fixed IPv6 header, and where its addresses sit in it.
+pub const IP6_HLEN: usize = 40;
+pub const IP6_SRC_OFF: usize = 8;
+pub const IP6_DST_OFF: usize = 24;
+/// IPv6 extension headers the parser walks (RFC 8200 section 4): hop-by-hop options, routing, fragment,
+/// destination options, authentication. Any other next header ends the walk.
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// How many extension headers are walked before giving up on a packet (passed untouched): the verifier
+/// needs a bound, and real traffic carries one or two.
+const MAX_EXT_HEADERS: usize = 6;
 /// Offset of the IPv4 header checksum from the start of the IPv4 header.
 pub const IP_CSUM_OFF: usize = 10;
 pub const IP_SRC_OFF: usize = 12;
@@ -166,23 +181,40 @@ pub enum Fragment {
     Later,
 }
 
-/// The parts of an IPv4 packet the proxy reads and rewrites. Addresses and ports stay in network byte order.
+/// The parts of an IP packet the proxy reads and rewrites, of either family (`A`: `u32` for IPv4, `In6`
+/// for IPv6, see `family`). Addresses and ports stay in network byte order.
 #[derive(Clone, Copy)]
-pub struct Flow {
-    pub l3_off: usize,
-    pub l4_off: usize,
-    pub src_addr: u32,
-    pub dst_addr: u32,
+pub struct Flow<A = u32> {
+    /// Where the IP and L4 headers start (see [`Flow::l3`]): 16 bits, as every offset in a packet the
+    /// service path reads fits, so an IPv6 flow's copies cost less of the 512-byte stack.
+    pub l3_off: u16,
+    pub l4_off: u16,
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
+    /// IPv4's TTL, IPv6's hop limit.
     pub ttl: u8,
-    /// The IP identification field (network byte order), which ties fragments together.
-    pub ip_id: u16,
+    /// What ties fragments together (network byte order): IPv4's 16-bit identification, or the IPv6
+    /// Fragment header's 32-bit one.
+    pub ip_id: u32,
     pub fragment: Fragment,
 }
 
-impl Flow {
+impl<A: Copy> Flow<A> {
+    /// The offset of the IP header.
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        usize::from(self.l3_off)
+    }
+
+    /// The offset of the L4 header.
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        usize::from(self.l4_off)
+    }
+
     /// Where this flow's L4 checksum is, if this packet has one that covers addresses and ports. SCTP's
     /// `CRC32c` covers neither address, and a port change would need a full recompute; a later fragment
     /// has no L4 header at all (the first fragment's checksum covers the whole datagram).
@@ -192,8 +224,8 @@ impl Flow {
             return None;
         }
         match self.proto {
-            proto::TCP => Some(L4Csum { off: self.l4_off + 16, udp: false }),
-            proto::UDP => Some(L4Csum { off: self.l4_off + 6, udp: true }),
+            proto::TCP => Some(L4Csum { off: self.l4() + 16, udp: false }),
+            proto::UDP => Some(L4Csum { off: self.l4() + 6, udp: true }),
             _ => None,
         }
     }
@@ -230,17 +262,18 @@ pub struct Quote {
 }
 
 /// What a packet is to the service path.
-pub enum Parsed {
+pub enum Parsed<A = u32> {
     /// Not something the proxy translates: other ethertypes and protocols, ICMP other than errors about
-    /// TCP/UDP/SCTP, malformed headers. Passes untouched.
+    /// TCP/UDP/SCTP, malformed headers, and (so far) every ICMPv6 message. Passes untouched.
     Other,
-    Flow(Flow),
+    Flow(Flow<A>),
+    /// An ICMP error about a flow (IPv4).
     IcmpError(Quote),
     /// A later fragment whose datagram's first fragment was not recorded here (see [`frag`]): no ports to
     /// translate it by. Its addresses, network byte order.
     UntrackedFragment {
-        src: u32,
-        dst: u32,
+        src: A,
+        dst: A,
     },
 }
 
@@ -259,6 +292,12 @@ struct Ipv4Head {
     dst: u32,
 }
 
+/// An offset into the packet as [`Flow`] holds it (headers past 64 KiB are not parsed).
+#[inline(always)]
+fn offset(off: usize) -> Option<u16> {
+    u16::try_from(off).ok()
+}
+
 #[inline(always)]
 fn is_translated_proto(p: u8) -> bool {
     matches!(p, proto::TCP | proto::UDP | proto::SCTP)
@@ -275,19 +314,103 @@ fn ipv4_at<P: Packet>(pkt: &P, l3_off: usize) -> Option<(Ipv4Head, usize)> {
     Some((ip, ihl))
 }
 
-/// Parses an Ethernet frame carrying IPv4.
+/// The frame's ethertype (host order), 0 if unreadable.
+#[inline(always)]
+pub fn ethertype<P: Packet>(pkt: &P) -> u16 {
+    pkt.load::<u16>(12).map_or(0, u16::from_be)
+}
+
+/// Parses an Ethernet frame carrying IPv4 (anything else is [`Parsed::Other`]).
 ///
 /// A later fragment is a [`Parsed::Flow`] with the ports its first fragment recorded (see [`frag`]), or
 /// [`Parsed::UntrackedFragment`] when there is no record.
 #[inline(always)]
-pub fn parse<P: Packet>(pkt: &P) -> Parsed {
+pub fn parse4<P: Packet>(pkt: &P) -> Parsed {
     parse_ipv4(pkt).unwrap_or(Parsed::Other)
+}
+
+/// Parses an Ethernet frame carrying IPv6 (the caller checked the ethertype; the version is checked here):
+/// the fixed header, then the
+/// extension headers up to the upper-layer header, at most [`MAX_EXT_HEADERS`] of them. Fragments as for
+/// [`parse4`].
+#[inline(always)]
+pub fn parse6<P: Packet>(pkt: &P) -> Parsed<In6> {
+    parse_ipv6(pkt).unwrap_or(Parsed::Other)
+}
+
+#[inline(always)]
+fn parse_ipv6<P: Packet>(pkt: &P) -> Option<Parsed<In6>> {
+    let l3_off = ETH_HLEN;
+    let [version, _, _, _, _, _, mut next, hop_limit]: [u8; 8] = pkt.load(l3_off).ok()?;
+    if version >> 4 != 6 {
+        return None;
+    }
+    let src_addr = In6(pkt.load(l3_off + IP6_SRC_OFF).ok()?);
+    let dst_addr = In6(pkt.load(l3_off + IP6_DST_OFF).ok()?);
+    let mut off = l3_off + IP6_HLEN;
+    let mut fragment = Fragment::Whole;
+    let mut ip_id = 0;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let [nh, len]: [u8; 2] = pkt.load(off).ok()?;
+                next = nh;
+                off += (usize::from(len) + 1) * 8;
+            }
+            NEXTHDR_AUTH => {
+                let [nh, len]: [u8; 2] = pkt.load(off).ok()?;
+                next = nh;
+                off += (usize::from(len) + 2) * 4;
+            }
+            NEXTHDR_FRAGMENT => {
+                let [nh, _, off_hi, off_lo]: [u8; 4] = pkt.load(off).ok()?;
+                let id: u32 = pkt.load(off + 4).ok()?;
+                let offset_flags = u16::from_be_bytes([off_hi, off_lo]);
+                fragment = if offset_flags & 0xfff8 != 0 {
+                    Fragment::Later
+                } else if offset_flags & 1 != 0 {
+                    Fragment::First
+                } else {
+                    // An atomic fragment (RFC 6946): a whole datagram.
+                    Fragment::Whole
+                };
+                ip_id = id;
+                next = nh;
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    if !is_translated_proto(next) {
+        return None;
+    }
+    let mut flow = Flow {
+        l3_off: offset(l3_off)?,
+        l4_off: offset(off)?,
+        src_addr,
+        dst_addr,
+        src_port: 0,
+        dst_port: 0,
+        proto: next,
+        ttl: hop_limit,
+        ip_id,
+        fragment,
+    };
+    if fragment == Fragment::Later {
+        let Some((src_port, dst_port)) = frag::ports(&flow) else {
+            return Some(Parsed::UntrackedFragment { src: flow.src_addr, dst: flow.dst_addr });
+        };
+        (flow.src_port, flow.dst_port) = (src_port, dst_port);
+    } else {
+        let ports: [u16; 2] = pkt.load(off).ok()?;
+        (flow.src_port, flow.dst_port) = (ports[0], ports[1]);
+    }
+    Some(Parsed::Flow(flow))
 }
 
 #[inline(always)]
 fn parse_ipv4<P: Packet>(pkt: &P) -> Option<Parsed> {
-    let ethertype = u16::from_be(pkt.load::<u16>(12).ok()?);
-    if ethertype != ETH_P_IP {
+    if ethertype(pkt) != ETH_P_IP {
         return None;
     }
     let l3_off = ETH_HLEN;
@@ -308,15 +431,15 @@ fn parse_ipv4<P: Packet>(pkt: &P) -> Option<Parsed> {
         return None;
     }
     let mut flow = Flow {
-        l3_off,
-        l4_off,
+        l3_off: offset(l3_off)?,
+        l4_off: offset(l4_off)?,
         src_addr: ip.src,
         dst_addr: ip.dst,
         src_port: 0,
         dst_port: 0,
         proto: ip.proto,
         ttl: ip.ttl,
-        ip_id: ip.id,
+        ip_id: u32::from(ip.id),
         fragment,
     };
     if fragment == Fragment::Later {
@@ -352,15 +475,15 @@ fn parse_icmp_error<P: Packet>(pkt: &P, l3_off: usize, icmp_off: usize, ip: &Ipv
         outer_src: ip.src,
         outer_dst: ip.dst,
         inner: Flow {
-            l3_off: inner_l3,
-            l4_off: inner_l4,
+            l3_off: offset(inner_l3)?,
+            l4_off: offset(inner_l4)?,
             src_addr: inner.src,
             dst_addr: inner.dst,
             src_port: ports[0],
             dst_port: ports[1],
             proto: inner.proto,
             ttl: inner.ttl,
-            ip_id: inner.id,
+            ip_id: u32::from(inner.id),
             fragment: Fragment::Whole,
         },
     })
@@ -368,10 +491,10 @@ fn parse_icmp_error<P: Packet>(pkt: &P, l3_off: usize, icmp_off: usize, ip: &Ipv
 
 /// The TCP flags byte of a packet (0 for other protocols, later fragments, or if unreadable).
 #[inline(always)]
-pub fn tcp_flags<P: Packet>(pkt: &P, flow: &Flow) -> u8 {
+pub fn tcp_flags<P: Packet, A: Copy>(pkt: &P, flow: &Flow<A>) -> u8 {
     const TCP_FLAGS_OFF: usize = 13;
     if flow.proto != proto::TCP || !flow.has_l4_header() {
         return 0;
     }
-    pkt.load::<u8>(flow.l4_off + TCP_FLAGS_OFF).unwrap_or(0)
+    pkt.load::<u8>(flow.l4() + TCP_FLAGS_OFF).unwrap_or(0)
 }

@@ -5,12 +5,17 @@
 //! kernel routes every packet by its final destination, and strict `rp_filter` never sees a spoofed-looking
 //! source. ICMP errors about translated flows follow the same split (`icmp`), and later fragments of a
 //! datagram take the path of its first fragment (`frag`).
+//!
+//! The path is written once over [`Family`]: each program runs it for IPv4 or IPv6 by the packet's
+//! ethertype, against that family's maps. ICMP errors are translated for IPv4 only so far (ICMPv6 passes
+//! untouched, neighbour discovery included).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use proxy_common::{
+    addr::In6,
     backend::{Backend, FLAG_LOCAL},
     config::{Config, FLAG_DRAIN, FLAG_HANDOVER, FLAG_MASQUERADE_ALL},
     conntrack::{CtValue, FLAG_KERNEL_NAT, FLAG_LOCAL_BACKEND, FLAG_SNAT, state},
@@ -21,11 +26,12 @@ use proxy_common::{
 use crate::{
     conntrack::{self, Known},
     drop::{self, FRAG_WITHOUT_FIRST, NO_ENDPOINTS, REJECTED, Reason, Result, SOURCE_RANGE, UNALLOCATED_SERVICE_IP},
+    family::Family,
     frag, icmp,
     lb::{self, Unserved},
     nat::{self, Side},
-    packet::{self, Flow, Parsed},
-    reject::{self, Back},
+    packet::{self, ETH_P_IP, ETH_P_IPV6, Flow, Parsed},
+    reject::Back,
     skb, snat,
 };
 
@@ -42,7 +48,7 @@ pub enum Origin {
 }
 
 /// What to do with a packet addressed somewhere.
-pub enum Verdict {
+pub enum Verdict<A = u32> {
     /// Not addressed to a frontend: leave it alone.
     NotService,
     /// Addressed to a frontend, but the kernel's NAT (netfilter's rules and conntrack) translates this flow:
@@ -54,7 +60,7 @@ pub enum Verdict {
     /// Send it to this backend; `snat` if it must also leave with the node's address; `client_port` is the
     /// source port the backend sees (the client's own unless it had to be remapped, see `conntrack`).
     Forward {
-        backend: Backend,
+        backend: Backend<A>,
         snat: bool,
         client_port: u16,
     },
@@ -66,9 +72,9 @@ pub enum Verdict {
 /// is still one of this Service's (backend ids are per Service), so they move off a pod that left it as
 /// kube-proxy's conntrack cleanup moves them.
 #[inline(always)]
-fn kept_backend(flow: &Flow, ct: &CtValue) -> Option<Backend> {
+fn kept_backend<A: Family>(flow: &Flow<A>, ct: &CtValue<A>) -> Option<Backend<A>> {
     let answered_tcp = flow.proto == proxy_common::proto::TCP && ct.state & state::SYN_ACK != 0;
-    if !answered_tcp && lb::backend(ct.backend_id).is_none() {
+    if !answered_tcp && lb::backend::<A>(ct.backend_id).is_none() {
         return None;
     }
     let flags = if ct.flags & FLAG_LOCAL_BACKEND != 0 { FLAG_LOCAL } else { 0 };
@@ -79,11 +85,10 @@ fn kept_backend(flow: &Flow, ct: &CtValue) -> Option<Backend> {
 /// [`kept_backend`]), else the client's affinity, else a random pick. Records new flows in conntrack.
 /// `tcp_flags` is the packet's (0 for other protocols).
 #[inline(always)]
-pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Result<Verdict> {
+pub fn decide<A: Family>(flow: &Flow<A>, origin: Origin, cfg: &Config, tcp_flags: u8) -> Result<Verdict<A>> {
     // kube-proxy's local-traffic detection by cluster CIDR: a pod of another node is pod traffic, not
     // external traffic, even when it arrives on a host interface.
-    let from_pod =
-        origin == Origin::Pod || (cfg.cluster_mask != 0 && flow.src_addr & cfg.cluster_mask == cfg.cluster_addr);
+    let from_pod = origin == Origin::Pod || flow.src_addr.from_cluster(cfg);
     let Some(svc) = lb::lookup_service(flow, from_pod) else {
         return Ok(Verdict::NotService);
     };
@@ -92,8 +97,8 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
     // included.
     if cfg.flags & FLAG_DRAIN != 0 {
         return Ok(match conntrack::lookup_forward(flow, tcp_flags, cfg) {
-            Known::Live(ct) if ct.flags & FLAG_KERNEL_NAT == 0 && !conntrack::reopens(flow, tcp_flags, &ct) => {
-                match kept_backend(flow, &ct) {
+            Known::Live(ct) if ct.flags & FLAG_KERNEL_NAT == 0 && !conntrack::reopens(flow, tcp_flags, ct) => {
+                match kept_backend(flow, ct) {
                     Some(backend) => {
                         Verdict::Forward { backend, snat: ct.flags & FLAG_SNAT != 0, client_port: ct.client_port }
                     }
@@ -101,7 +106,7 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
                 }
             }
             Known::Live(ct) => {
-                conntrack::forget_flow(flow, &ct);
+                conntrack::forget_flow(flow, ct);
                 Verdict::LeftToKernel
             }
             Known::New => Verdict::LeftToKernel,
@@ -114,13 +119,13 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
     }
     if let Known::Live(ct) = conntrack::lookup_forward(flow, tcp_flags, cfg) {
         if ct.flags & FLAG_KERNEL_NAT != 0 {
-            if !conntrack::leaves_kernel(flow, tcp_flags, &ct, cfg) {
+            if !conntrack::leaves_kernel(flow, tcp_flags, ct, cfg) {
                 return Ok(Verdict::LeftToKernel);
             }
-        } else if let Some(backend) = kept_backend(flow, &ct) {
+        } else if let Some(backend) = kept_backend(flow, ct) {
             return Ok(Verdict::Forward { backend, snat: ct.flags & FLAG_SNAT != 0, client_port: ct.client_port });
         }
-        conntrack::forget(flow, &ct);
+        conntrack::forget(flow, ct);
     }
     // Between two dataplanes, a flow this one has not translated is the kernel's rules' to translate.
     if cfg.flags & FLAG_HANDOVER != 0 {
@@ -179,7 +184,7 @@ pub fn decide(flow: &Flow, origin: Origin, cfg: &Config, tcp_flags: u8) -> Resul
 /// Whether a packet not addressed to a Service may start a new flow on a reused tuple: a TCP SYN (without
 /// ACK), or any UDP datagram (UDP has no start). Only these pay for a conntrack lookup.
 #[inline(always)]
-fn opens_flow(flow: &Flow, tcp_flags: u8) -> bool {
+fn opens_flow<A: Copy>(flow: &Flow<A>, tcp_flags: u8) -> bool {
     match flow.proto {
         proxy_common::proto::TCP => tcp_flags & (conntrack::TCP_SYN | conntrack::TCP_ACK) == conntrack::TCP_SYN,
         proxy_common::proto::UDP => flow.has_l4_header(),
@@ -201,7 +206,7 @@ pub fn dropped(reason: Reason) -> i32 {
 /// the default route); any other passes, so the node's other traffic (fragments of flows that are not a
 /// Service's, reordered or not) still reassembles, also on an external IP that is the node's own address.
 #[inline(always)]
-fn untracked_fragment(ctx: &TcContext, src: u32, dst: u32) -> i32 {
+fn untracked_fragment<A: Family>(ctx: &TcContext, src: A, dst: A) -> i32 {
     if lb::is_service_addr(dst) && would_forward(ctx, src, dst) {
         return dropped(FRAG_WITHOUT_FIRST);
     }
@@ -212,7 +217,7 @@ fn untracked_fragment(ctx: &TcContext, src: u32, dst: u32) -> i32 {
 /// Whether the node would route a packet from `src` to `dst` arriving here on to somewhere else (not
 /// deliver it locally), by the kernel's FIB.
 #[inline(always)]
-fn would_forward(ctx: &TcContext, src: u32, dst: u32) -> bool {
+fn would_forward<A: Family>(ctx: &TcContext, src: A, dst: A) -> bool {
     use aya_ebpf::{
         EbpfContext as _,
         bindings::{
@@ -221,13 +226,11 @@ fn would_forward(ctx: &TcContext, src: u32, dst: u32) -> bool {
         },
         helpers::bpf_fib_lookup,
     };
-    const AF_INET: u8 = 2;
     // SAFETY: an all-zero bpf_fib_lookup is a valid value of this plain C struct.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+    params.family = A::AF;
     params.ifindex = skb::ifindex(ctx);
-    params.__bindgen_anon_3.ipv4_src = src;
-    params.__bindgen_anon_4.ipv4_dst = dst;
+    A::set_fib_addrs(&mut params, src, dst);
     let len = i32::try_from(size_of::<FibParams>()).unwrap_or(0);
     // SAFETY: `params` is a valid bpf_fib_lookup on the stack and its size is passed.
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut params, len, 0) };
@@ -236,31 +239,49 @@ fn would_forward(ctx: &TcContext, src: u32, dst: u32) -> bool {
         .any(|r| rc == i64::from(*r))
 }
 
+/// TC ingress on a pod or host interface: DNAT of Service traffic, un-SNAT of replies.
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
-    let mut flow = match packet::parse(ctx) {
+    match packet::ethertype(ctx) {
+        ETH_P_IP => ingress_of::<u32>(ctx, origin),
+        ETH_P_IPV6 => Ok(to_ipv6(ctx, if origin == Origin::Pod { ipv6::POD_INGRESS } else { ipv6::HOST_INGRESS })),
+        _ => Ok(PASS),
+    }
+}
+
+/// The IPv6 path of [`ingress`], run by the IPv6 programs (`tc_*6`).
+#[inline(always)]
+pub fn ingress6(ctx: &TcContext, origin: Origin) -> Result<i32> {
+    ingress_of::<In6>(ctx, origin)
+}
+
+#[inline(always)]
+fn ingress_of<A: Family>(ctx: &TcContext, origin: Origin) -> Result<i32> {
+    let mut flow = match A::parse(ctx) {
         Parsed::Other => return Ok(PASS),
         Parsed::UntrackedFragment { src, dst } => return Ok(untracked_fragment(ctx, src, dst)),
         Parsed::IcmpError(quote) => {
-            icmp::ingress(ctx, &quote, &snat::config())?;
+            if let Some(cfg) = snat::config() {
+                icmp::ingress(ctx, &quote, cfg)?;
+            }
             return Ok(PASS);
         }
         Parsed::Flow(flow) => flow,
     };
-    let cfg = snat::config();
+    let Some(cfg) = snat::config() else { return Ok(PASS) };
     let tcp_flags = packet::tcp_flags(ctx, &flow);
-    if let Some(client) = snat::client_of(&flow, &cfg, tcp_flags) {
+    if let Some(client) = snat::client_of(&flow, cfg, tcp_flags) {
         frag::remember(&flow);
         nat::rewrite(ctx, &mut flow, Side::Destination, client.addr, client.port)?;
         return Ok(PASS);
     }
-    match decide(&flow, origin, &cfg, tcp_flags)? {
+    match decide(&flow, origin, cfg, tcp_flags)? {
         Verdict::NotService => {
-            if let Some(verdict) = unserved(ctx, &flow, &cfg, Back::Out)? {
+            if let Some(verdict) = unserved(ctx, &flow, cfg, Back::Out)? {
                 return Ok(verdict);
             }
             if opens_flow(&flow, tcp_flags) {
-                conntrack::forget_ended_reply(&flow, &cfg);
+                conntrack::forget_ended_reply(&flow, cfg);
             }
             Ok(PASS)
         }
@@ -288,8 +309,8 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32> {
 
 /// Refuses the sender of `flow` (ICMP port unreachable), counted as a refusal.
 #[inline(always)]
-fn refuse(ctx: &TcContext, flow: &Flow, back: Back) -> Result<i32> {
-    let verdict = reject::reject(ctx, flow, back)?;
+fn refuse<A: Family>(ctx: &TcContext, flow: &Flow<A>, back: Back) -> Result<i32> {
+    let verdict = A::reject(ctx, flow, back)?;
     drop::count(REJECTED);
     Ok(verdict)
 }
@@ -298,7 +319,7 @@ fn refuse(ctx: &TcContext, flow: &Flow, back: Back) -> Result<i32> {
 /// (`lb::unserved`): refused if it is for a ClusterIP's undefined port, dropped if no Service holds the
 /// address. `None`: not the service path's business. No such packet leaves by the default route.
 #[inline(always)]
-fn unserved(ctx: &TcContext, flow: &Flow, cfg: &Config, back: Back) -> Result<Option<i32>> {
+fn unserved<A: Family>(ctx: &TcContext, flow: &Flow<A>, cfg: &Config, back: Back) -> Result<Option<i32>> {
     // While draining, the tables are not kept up to date: the rules judge what they do not hold.
     if cfg.flags & FLAG_DRAIN != 0 {
         return Ok(None);
@@ -328,7 +349,43 @@ pub fn host_egress(ctx: &TcContext) -> Result<i32> {
 
 #[inline(always)]
 fn egress_with(ctx: &TcContext, host: bool) -> Result<i32> {
-    let mut flow = match packet::parse(ctx) {
+    match packet::ethertype(ctx) {
+        ETH_P_IP => egress_of::<u32>(ctx, host),
+        ETH_P_IPV6 => Ok(to_ipv6(ctx, if host { ipv6::HOST_EGRESS } else { ipv6::POD_EGRESS })),
+        _ => Ok(PASS),
+    }
+}
+
+/// The IPv6 path of [`egress`] (`host`: of [`host_egress`]), run by the IPv6 programs (`tc_*6`).
+#[inline(always)]
+pub fn egress6(ctx: &TcContext, host: bool) -> Result<i32> {
+    egress_of::<In6>(ctx, host)
+}
+
+/// IPv6 packets go on to the IPv6 program of the same hook by a tail call: each family's path then has
+/// the whole 512-byte BPF stack to itself (the two together do not fit in one program), and the IPv4
+/// path pays nothing for IPv6. The agent fills [`IPV6_PROGRAMS`] as it loads the object; a slot it has
+/// not filled (an object loaded by something else) passes the packet untouched.
+pub mod ipv6 {
+    pub const POD_INGRESS: u32 = 0;
+    pub const POD_EGRESS: u32 = 1;
+    pub const HOST_INGRESS: u32 = 2;
+    pub const HOST_EGRESS: u32 = 3;
+}
+
+#[aya_ebpf::macros::map(name = "IPV6_PROGRAMS")]
+static IPV6_PROGRAMS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::pinned(4, 0);
+
+#[inline(always)]
+fn to_ipv6(ctx: &TcContext, slot: u32) -> i32 {
+    // SAFETY: the tail call replaces this program with one of the same type on the same context.
+    let _ = unsafe { IPV6_PROGRAMS.tail_call(ctx, slot) };
+    PASS
+}
+
+#[inline(always)]
+fn egress_of<A: Family>(ctx: &TcContext, host: bool) -> Result<i32> {
+    let mut flow = match A::parse(ctx) {
         Parsed::Other => return Ok(PASS),
         Parsed::UntrackedFragment { .. } => {
             crate::stats::count(proxy_common::stats::FRAG_UNTRACKED);
@@ -340,9 +397,9 @@ fn egress_with(ctx: &TcContext, host: bool) -> Result<i32> {
         }
         Parsed::Flow(flow) => flow,
     };
-    let cfg = snat::config();
+    let Some(cfg) = snat::config() else { return Ok(PASS) };
     let tcp_flags = packet::tcp_flags(ctx, &flow);
-    if let Some(original) = conntrack::lookup_reply(&flow, tcp_flags, &cfg) {
+    if let Some(original) = conntrack::lookup_reply(&flow, tcp_flags, cfg) {
         frag::remember(&flow);
         nat::rewrite(ctx, &mut flow, Side::Source, original.nat_addr, original.nat_port)?;
         if original.client_port != flow.dst_port {
@@ -354,7 +411,7 @@ fn egress_with(ctx: &TcContext, host: bool) -> Result<i32> {
     let marked = skb::mark(ctx);
     if marked & mark::SNAT != 0 {
         // The address of the interface the packet leaves by, as netfilter's MASQUERADE takes it.
-        let (addr, port) = snat::port_for(&flow, snat::addr_for(skb::ifindex(ctx), &cfg), &cfg, tcp_flags)?;
+        let (addr, port) = snat::port_for(&flow, A::snat_addr_for(skb::ifindex(ctx), cfg), cfg, tcp_flags)?;
         frag::remember(&flow);
         nat::rewrite(ctx, &mut flow, Side::Source, addr, port)?;
         // Consumed: an overlay device (VXLAN) keeps the mark on the packet it wraps this one in, which must
@@ -362,7 +419,7 @@ fn egress_with(ctx: &TcContext, host: bool) -> Result<i32> {
         ctx.set_mark(marked & !mark::SNAT);
         return Ok(PASS);
     }
-    if host && let Some(verdict) = unserved(ctx, &flow, &cfg, Back::In)? {
+    if host && let Some(verdict) = unserved(ctx, &flow, cfg, Back::In)? {
         return Ok(verdict);
     }
     Ok(PASS)

@@ -12,15 +12,19 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap},
 };
 use proxy_common::{
+    addr::In6,
     capacity,
-    config::Config,
-    conntrack::{CtKey, DIR_SNAT_IN, DIR_SNAT_OUT, SNAT_CLOSING, SNAT_FIN_IN, SNAT_FIN_OUT, SNAT_RST, SnatValue},
+    config::{Config, Config6},
+    conntrack::{
+        CtKey, CtKey6, DIR_SNAT_IN, DIR_SNAT_OUT, SNAT_CLOSING, SNAT_FIN_IN, SNAT_FIN_OUT, SNAT_RST, SnatValue, SnatValue6,
+    },
     proto,
 };
 
 use crate::{
     conntrack,
     drop::{Result, SNAT_FULL, SNAT_NO_ADDRESS, SNAT_PORTS_EXHAUSTED},
+    family::Family,
     packet::Flow,
 };
 
@@ -31,15 +35,52 @@ static SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::pinned(capacity::SNAT, 0
 #[map(name = "PREV_SNAT")]
 static PREV_SNAT: LruHashMap<CtKey, SnatValue> = LruHashMap::with_max_entries(1, 0);
 
+/// IPv6 flows, as `SNAT` and `PREV_SNAT`.
+#[map(name = "SNAT6")]
+static SNAT6: LruHashMap<CtKey6, SnatValue6> = LruHashMap::pinned(capacity::SNAT, 0);
+
+#[map(name = "PREV_SNAT6")]
+static PREV_SNAT6: LruHashMap<CtKey6, SnatValue6> = LruHashMap::with_max_entries(1, 0);
+
+/// A family's SNAT table and, during an upgrade, its predecessor.
+pub trait Maps: Copy + Eq + 'static {
+    fn snat() -> &'static LruHashMap<CtKey<Self>, SnatValue<Self>>;
+    fn prev_snat() -> &'static LruHashMap<CtKey<Self>, SnatValue<Self>>;
+}
+
+impl Maps for u32 {
+    #[inline(always)]
+    fn snat() -> &'static LruHashMap<CtKey, SnatValue> {
+        &SNAT
+    }
+
+    #[inline(always)]
+    fn prev_snat() -> &'static LruHashMap<CtKey, SnatValue> {
+        &PREV_SNAT
+    }
+}
+
+impl Maps for In6 {
+    #[inline(always)]
+    fn snat() -> &'static LruHashMap<CtKey6, SnatValue6> {
+        &SNAT6
+    }
+
+    #[inline(always)]
+    fn prev_snat() -> &'static LruHashMap<CtKey6, SnatValue6> {
+        &PREV_SNAT6
+    }
+}
+
 /// The SNAT entry of `key` (see `upgrade::entry`).
 #[inline(always)]
-fn entry(key: &CtKey, cfg: &Config) -> Option<*mut SnatValue> {
-    crate::upgrade::entry(&SNAT, &PREV_SNAT, key, cfg)
+fn entry<A: Maps>(key: &CtKey<A>, cfg: &Config) -> Option<*mut SnatValue<A>> {
+    crate::upgrade::entry(A::snat(), A::prev_snat(), key, cfg)
 }
 
 #[inline(always)]
-fn mirror(key: &CtKey, value: &SnatValue, cfg: &Config) {
-    crate::upgrade::mirror(&PREV_SNAT, key, value, cfg);
+fn mirror<A: Maps>(key: &CtKey<A>, value: &SnatValue<A>, cfg: &Config) {
+    crate::upgrade::mirror(A::prev_snat(), key, value, cfg);
 }
 
 /// The address an interface's SNATed flows leave with, by ifindex, where it is not `snat_addr`: its own, or
@@ -56,6 +97,16 @@ pub fn addr_for(ifindex: u32, cfg: &Config) -> u32 {
 
 #[map(name = "CONFIG")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// IPv6's node-wide settings (`Config6`), read where they are needed rather than copied.
+#[map(name = "CONFIG6")]
+static CONFIG6: Array<Config6> = Array::pinned(1, 0);
+
+/// IPv6's node-wide settings the agent wrote.
+#[inline(always)]
+pub fn config6() -> Option<&'static Config6> {
+    CONFIG6.get(0)
+}
 
 /// How many random ports to try before giving up on a new SNATed flow (its SYN is then dropped, and TCP
 /// retries in a second). With a third of the range held, 8 tries failed once in ~25k new flows; 32 make it
@@ -94,7 +145,7 @@ fn now() -> (u32, u32) {
 /// Whether the flow holding a port (its `DIR_SNAT_IN` entry) has ended or gone quiet long enough for the
 /// port to serve a new flow.
 #[inline(always)]
-fn reusable(held: &SnatValue, proto_number: u8, (now, now_ms): (u32, u32)) -> bool {
+fn reusable<A>(held: &SnatValue<A>, proto_number: u8, (now, now_ms): (u32, u32)) -> bool {
     let idle = now.saturating_sub(held.last_seen);
     if held.flags & SNAT_RST != 0 {
         return true;
@@ -110,7 +161,7 @@ fn reusable(held: &SnatValue, proto_number: u8, (now, now_ms): (u32, u32)) -> bo
 
 /// The `DIR_SNAT_IN` key of replies from `flow`'s backend to the node's `addr` and `port`.
 #[inline(always)]
-fn in_key(flow: &Flow, addr: u32, port: u16) -> CtKey {
+fn in_key<A: Copy>(flow: &Flow<A>, addr: A, port: u16) -> CtKey<A> {
     CtKey {
         src_addr: flow.dst_addr,
         dst_addr: addr,
@@ -125,7 +176,7 @@ fn in_key(flow: &Flow, addr: u32, port: u16) -> CtKey {
 /// Notes a packet of the flow behind a `DIR_SNAT_IN` entry: when, and how far it closes the flow. `fin` is
 /// the bit a FIN from this packet's side sets.
 #[inline(always)]
-fn touch(entry: *mut SnatValue, tcp_flags: u8, fin: u16) {
+fn touch<A>(entry: *mut SnatValue<A>, tcp_flags: u8, fin: u16) {
     let (secs, ms) = now();
     let mut closing = 0;
     if tcp_flags & TCP_FIN != 0 {
@@ -142,21 +193,22 @@ fn touch(entry: *mut SnatValue, tcp_flags: u8, fin: u16) {
     }
 }
 
-/// The node-wide settings the agent wrote.
+/// The node-wide settings the agent wrote, in place: a copy would take 112 bytes of the 512-byte stack.
+/// (Index 0 of a one-entry array always exists; `None` only satisfies the verifier.)
 #[inline(always)]
-pub fn config() -> Config {
-    CONFIG.get(0).copied().unwrap_or_default()
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
 }
 
 /// The node address and port a flow (client → backend, after DNAT) leaves with: those it has, or `addr`
 /// (see [`addr_for`]) and a new port. `tcp_flags` is the packet's (0 for other protocols); a FIN or RST
 /// marks the flow as ending.
 #[inline(always)]
-pub fn port_for(flow: &Flow, addr: u32, cfg: &Config, tcp_flags: u8) -> Result<(u32, u16)> {
+pub fn port_for<A: Family>(flow: &Flow<A>, addr: A, cfg: &Config, tcp_flags: u8) -> Result<(A, u16)> {
     let out_key = conntrack::key(flow, DIR_SNAT_OUT);
     // SAFETY: the value is copied out at once.
     if let Some(known) = entry(&out_key, cfg).map(|e| unsafe { *e }) {
-        if let Some(entry) = SNAT.get_ptr_mut(&in_key(flow, known.addr, known.port)) {
+        if let Some(entry) = A::snat().get_ptr_mut(&in_key(flow, known.addr, known.port)) {
             if flow.proto == proto::TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
                 // The client opens a new connection on the tuple: the port's flow starts afresh, so its
                 // SYN-ACK is not taken for another NAT's (see `client_of`).
@@ -168,12 +220,12 @@ pub fn port_for(flow: &Flow, addr: u32, cfg: &Config, tcp_flags: u8) -> Result<(
         }
         return Ok((known.addr, known.port));
     }
-    if addr == 0 {
+    if addr == A::default() {
         return Err(SNAT_NO_ADDRESS);
     }
     let port = allocate_port(flow, addr, cfg)?;
     let out = SnatValue { addr, port, flags: 0, last_seen: 0, last_seen_ms: 0 };
-    SNAT.insert(&out_key, &out, u64::from(BPF_ANY)).map_err(|_| SNAT_FULL)?;
+    A::snat().insert(&out_key, &out, u64::from(BPF_ANY)).map_err(|_| SNAT_FULL)?;
     mirror(&out_key, &out, cfg);
     Ok((addr, port))
 }
@@ -181,7 +233,7 @@ pub fn port_for(flow: &Flow, addr: u32, cfg: &Config, tcp_flags: u8) -> Result<(
 /// Finds a free node port for a flow to `flow.dst` and records the way back to the client. A port held by
 /// a live flow to the same backend is never taken over; one whose flow ended or went quiet is.
 #[inline(always)]
-fn allocate_port(flow: &Flow, addr: u32, cfg: &Config) -> Result<u16> {
+fn allocate_port<A: Family>(flow: &Flow<A>, addr: A, cfg: &Config) -> Result<u16> {
     let span = u32::from(cfg.snat_port_max.saturating_sub(cfg.snat_port_min)) + 1;
     let now = now();
     let back = SnatValue { addr: flow.src_addr, port: flow.src_port, flags: 0, last_seen: now.0, last_seen_ms: now.1 };
@@ -194,12 +246,12 @@ fn allocate_port(flow: &Flow, addr: u32, cfg: &Config) -> Result<u16> {
         // During an upgrade a port may be held by a flow only the previous table knows yet.
         // SAFETY: the value is copied out at once.
         let held = entry(&key, cfg).map(|e| unsafe { *e });
-        if held.is_none() && SNAT.insert(&key, &back, u64::from(BPF_NOEXIST)).is_ok() {
+        if held.is_none() && A::snat().insert(&key, &back, u64::from(BPF_NOEXIST)).is_ok() {
             mirror(&key, &back, cfg);
             return Ok(port);
         }
         // SAFETY: the value is copied out at once.
-        let Some(held) = held.or_else(|| unsafe { SNAT.get(&key).copied() }) else { continue };
+        let Some(held) = held.or_else(|| unsafe { A::snat().get(&key).copied() }) else { continue };
         if !reusable(&held, flow.proto, now) {
             continue;
         }
@@ -214,8 +266,8 @@ fn allocate_port(flow: &Flow, addr: u32, cfg: &Config) -> Result<u16> {
             dir: DIR_SNAT_OUT,
             pad: 0,
         };
-        let _ = SNAT.remove(&old_out);
-        if SNAT.insert(&key, &back, u64::from(BPF_ANY)).is_ok() {
+        let _ = A::snat().remove(&old_out);
+        if A::snat().insert(&key, &back, u64::from(BPF_ANY)).is_ok() {
             mirror(&key, &back, cfg);
             return Ok(port);
         }
@@ -226,8 +278,8 @@ fn allocate_port(flow: &Flow, addr: u32, cfg: &Config) -> Result<u16> {
 /// For a reply to a SNATed flow (backend → node address and SNAT port): the client it belongs to. Notes
 /// the packet on the entry (`tcp_flags` as in [`port_for`]).
 #[inline(always)]
-pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Option<SnatValue> {
-    if !cfg.is_snat_addr(flow.dst_addr) {
+pub fn client_of<A: Family>(flow: &Flow<A>, cfg: &Config, tcp_flags: u8) -> Option<SnatValue<A>> {
+    if !flow.dst_addr.is_snat_addr(cfg) {
         return None;
     }
     let key = conntrack::key(flow, DIR_SNAT_IN);
@@ -239,7 +291,7 @@ pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Option<SnatValue> 
     let held = unsafe { (*entry).flags };
     let closed = held & SNAT_RST != 0 || held & (SNAT_FIN_OUT | SNAT_FIN_IN) == SNAT_FIN_OUT | SNAT_FIN_IN;
     if closed && flow.proto == proto::TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
-        let _ = SNAT.remove(&key);
+        let _ = A::snat().remove(&key);
         return None;
     }
     touch(entry, tcp_flags, SNAT_FIN_IN);
@@ -250,17 +302,17 @@ pub fn client_of(flow: &Flow, cfg: &Config, tcp_flags: u8) -> Option<SnatValue> 
 /// The client behind a SNAT reply tuple (backend → node address and SNAT port), without noting a packet:
 /// for an ICMP error, which says nothing about how far the flow has closed.
 #[inline(always)]
-pub fn lookup_in(flow: &Flow, cfg: &Config) -> Option<SnatValue> {
-    if !cfg.is_snat_addr(flow.dst_addr) {
+pub fn lookup_in<A: Family>(flow: &Flow<A>, cfg: &Config) -> Option<SnatValue<A>> {
+    if !flow.dst_addr.is_snat_addr(cfg) {
         return None;
     }
     // SAFETY: the value is copied out at once.
-    unsafe { SNAT.get(&conntrack::key(flow, DIR_SNAT_IN)).copied() }
+    unsafe { A::snat().get(&conntrack::key(flow, DIR_SNAT_IN)).copied() }
 }
 
 /// The node address and port a SNATed flow (client → backend, after DNAT) leaves with, if it has one.
 #[inline(always)]
-pub fn lookup_out(flow: &Flow) -> Option<SnatValue> {
+pub fn lookup_out<A: Maps>(flow: &Flow<A>) -> Option<SnatValue<A>> {
     // SAFETY: the value is copied out at once.
-    unsafe { SNAT.get(&conntrack::key(flow, DIR_SNAT_OUT)).copied() }
+    unsafe { A::snat().get(&conntrack::key(flow, DIR_SNAT_OUT)).copied() }
 }

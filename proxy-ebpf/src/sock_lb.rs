@@ -68,8 +68,7 @@ fn refuse(proto: u8) -> i32 {
 fn ours(ctx: &SockAddrContext) -> bool {
     // SAFETY: the helper only reads the context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let cfg = snat::config();
-    cfg.netns_cookie != 0 && cookie == cfg.netns_cookie
+    snat::config().is_some_and(|cfg| cfg.netns_cookie != 0 && cookie == cfg.netns_cookie)
 }
 
 #[inline(always)]
@@ -120,7 +119,7 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     };
     // The node's own traffic is internal: it reaches every endpoint, whatever the external policy.
     let Some(svc) = lb::lookup_service(&flow, true) else { return ALLOW };
-    let cfg = snat::config();
+    let Some(cfg) = snat::config() else { return ALLOW };
     // Handing over to the kernel's NAT: its rules translate new sockets (the output hook) from now on.
     if cfg.flags & proxy_common::config::FLAG_DRAIN != 0 {
         return ALLOW;
@@ -140,7 +139,7 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     let backend = if let Some(backend) = known {
         backend
     } else {
-        let Some((backend_id, backend)) = lb::select_backend(&flow, &svc, lb::Asker::Socket, &cfg) else {
+        let Some((backend_id, backend)) = lb::select_backend(&flow, &svc, lb::Asker::Socket, cfg) else {
             // No usable endpoint: refuse at once rather than leave the client to time out.
             return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { refuse(proto) } else { ALLOW };
         };

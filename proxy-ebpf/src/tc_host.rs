@@ -21,3 +21,17 @@ pub fn tc_host_ingress(ctx: TcContext) -> i32 {
 pub fn tc_host_egress(ctx: TcContext) -> i32 {
     service_path::host_egress(&ctx).unwrap_or_else(dropped)
 }
+
+/// IPv6 packets of `tc_host_ingress`, by tail call (`service_path::ipv6`).
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
+pub fn tc_host_ingress6(ctx: TcContext) -> i32 {
+    service_path::ingress6(&ctx, Origin::Host).unwrap_or_else(dropped)
+}
+
+/// IPv6 packets of `tc_host_egress`.
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
+pub fn tc_host_egress6(ctx: TcContext) -> i32 {
+    service_path::egress6(&ctx, true).unwrap_or_else(dropped)
+}

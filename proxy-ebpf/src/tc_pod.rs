@@ -19,3 +19,17 @@ pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
     service_path::egress(&ctx).unwrap_or_else(dropped)
 }
+
+/// IPv6 packets of `tc_pod_ingress`, by tail call (`service_path::ipv6`).
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
+pub fn tc_pod_ingress6(ctx: TcContext) -> i32 {
+    service_path::ingress6(&ctx, Origin::Pod).unwrap_or_else(dropped)
+}
+
+/// IPv6 packets of `tc_pod_egress`.
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "#[classifier] fixes the signature")]
+pub fn tc_pod_egress6(ctx: TcContext) -> i32 {
+    service_path::egress6(&ctx, false).unwrap_or_else(dropped)
+}

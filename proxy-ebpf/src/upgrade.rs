@@ -7,17 +7,14 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     maps::LruHashMap,
 };
-use proxy_common::{
-    config::{Config, FLAG_MIGRATING},
-    conntrack::CtKey,
-};
+use proxy_common::config::{Config, FLAG_MIGRATING};
 
 /// The entry of `key` in `table`, or during an upgrade the one in `previous`, carried over on the way.
 #[inline(always)]
-pub fn entry<V: Copy>(
-    table: &LruHashMap<CtKey, V>,
-    previous: &LruHashMap<CtKey, V>,
-    key: &CtKey,
+pub fn entry<K, V: Copy>(
+    table: &LruHashMap<K, V>,
+    previous: &LruHashMap<K, V>,
+    key: &K,
     cfg: &Config,
 ) -> Option<*mut V> {
     if let Some(entry) = table.get_ptr_mut(key) {
@@ -34,7 +31,7 @@ pub fn entry<V: Copy>(
 
 /// During an upgrade, writes a new entry to `previous` as well.
 #[inline(always)]
-pub fn mirror<V>(previous: &LruHashMap<CtKey, V>, key: &CtKey, value: &V, cfg: &Config) {
+pub fn mirror<K, V>(previous: &LruHashMap<K, V>, key: &K, value: &V, cfg: &Config) {
     if cfg.flags & FLAG_MIGRATING != 0 {
         let _ = previous.insert(key, value, u64::from(BPF_ANY));
     }

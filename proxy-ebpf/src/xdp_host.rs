@@ -48,13 +48,13 @@ pub fn xdp_host(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn forward_hop(ctx: &XdpContext, flow: &Flow) -> Result<()> {
     // TTL and protocol share one 16-bit word of the checksummed header.
-    let off = flow.l3_off + IP_TTL_OFF;
+    let off = flow.l3() + IP_TTL_OFF;
     let before: [u8; 2] = ctx.load(off)?;
     let after = [before[0].saturating_sub(1), before[1]];
     ctx.store(off, &after)?;
     packet::csum_replace(
         ctx,
-        flow.l3_off + IP_CSUM_OFF,
+        flow.l3() + IP_CSUM_OFF,
         u32::from(u16::from_ne_bytes(before)),
         u32::from(u16::from_ne_bytes(after)),
         2,
@@ -78,7 +78,7 @@ fn same_interface_next_hop(ctx: &XdpContext, flow: &Flow, src: u32, dst: u32) ->
     params.__bindgen_anon_3.ipv4_src = src;
     params.__bindgen_anon_4.ipv4_dst = dst;
     // The packet's IPv4 total length (host order), which the lookup checks against the route's MTU.
-    params.__bindgen_anon_1.tot_len = u16::from_be(ctx.load::<u16>(flow.l3_off + IP_TOT_LEN_OFF).ok()?);
+    params.__bindgen_anon_1.tot_len = u16::from_be(ctx.load::<u16>(flow.l3() + IP_TOT_LEN_OFF).ok()?);
     // SAFETY: `params` is a valid bpf_fib_lookup on the stack and its size is passed.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &raw mut params, FIB_PARAMS_LEN, 0) };
     if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
@@ -103,7 +103,7 @@ fn set_macs(ctx: &XdpContext, (dmac, smac): ([u8; 6], [u8; 6])) -> Result<()> {
 fn try_xdp_host(ctx: &XdpContext) -> Result<u32> {
     // ICMP errors and fragments need the TC programs' two halves (or their fragment records, which the
     // first fragment writes there).
-    let Parsed::Flow(mut flow) = packet::parse(ctx) else {
+    let Parsed::Flow(mut flow) = packet::parse4(ctx) else {
         return Ok(xdp_action::XDP_PASS);
     };
     if flow.fragment != Fragment::Whole {
@@ -114,13 +114,13 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32> {
         count(stats::XDP_TTL_EXPIRED);
         return Ok(xdp_action::XDP_PASS);
     }
-    let cfg = snat::config();
+    let Some(cfg) = snat::config() else { return Ok(xdp_action::XDP_PASS) };
     let tcp_flags = packet::tcp_flags(ctx, &flow);
 
     // A reply to a flow SNATed here: back to the client, from the frontend, in one go.
-    if let Some(client) = snat::client_of(&flow, &cfg, tcp_flags) {
+    if let Some(client) = snat::client_of(&flow, cfg, tcp_flags) {
         let reply = Flow { dst_addr: client.addr, dst_port: client.port, ..flow };
-        let Some(original) = conntrack::lookup_reply(&reply, tcp_flags, &cfg) else {
+        let Some(original) = conntrack::lookup_reply(&reply, tcp_flags, cfg) else {
             return Ok(xdp_action::XDP_PASS);
         };
         let Some(macs) = same_interface_next_hop(ctx, &flow, original.nat_addr, client.addr) else {
@@ -135,7 +135,7 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32> {
         return Ok(xdp_action::XDP_TX);
     }
 
-    let (backend, snat, client_port) = match decide(&flow, Origin::Host, &cfg, tcp_flags)? {
+    let (backend, snat, client_port) = match decide(&flow, Origin::Host, cfg, tcp_flags)? {
         Verdict::NotService | Verdict::LeftToKernel => return Ok(xdp_action::XDP_PASS),
         Verdict::Drop(reason) => {
             drop::count(reason);
@@ -164,13 +164,13 @@ fn try_xdp_host(ctx: &XdpContext) -> Result<u32> {
     // Sent back out of the interface it came in by: that interface's SNAT address.
     // SAFETY: the context points at the kernel's xdp_md for the whole run.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    let addr = snat::addr_for(ifindex, &cfg);
+    let addr = snat::addr_for(ifindex, cfg);
     let Some(macs) = same_interface_next_hop(ctx, &flow, addr, backend.addr) else {
         count(stats::XDP_FALLBACK);
         return Ok(xdp_action::XDP_PASS);
     };
     let after_dnat = Flow { dst_addr: backend.addr, dst_port: backend.port, src_port: client_port, ..flow };
-    let (addr, port) = snat::port_for(&after_dnat, addr, &cfg, tcp_flags)?;
+    let (addr, port) = snat::port_for(&after_dnat, addr, cfg, tcp_flags)?;
     nat::rewrite(ctx, &mut flow, Side::Destination, backend.addr, backend.port)?;
     nat::rewrite(ctx, &mut flow, Side::Source, addr, port)?;
     forward_hop(ctx, &flow)?;
