@@ -142,11 +142,6 @@ fn start_dataplane(
     let take_over = if ebpf_mode { TakeOver::needed() } else { None };
     let drain =
         if ebpf_mode { None } else { Drain::needed(&args.bpffs, args.conntrack.timeouts(), args.drain_timeout) };
-    if ebpf_mode && (dataplane::iptables::ipv6_installed_here() || dataplane::nftables::ipv6_installed_here()) {
-        tracing::warn!(
-            "IPv6 Service rules are installed (kube-proxy's or a netfilter mode's): the eBPF mode serves IPv4 only so far and removes them, so this node stops serving IPv6 Services; on a dual-stack or IPv6-only cluster run --mode nftables or --mode iptables"
-        );
-    }
     let keep = Kept { ebpf: drain.is_some(), netfilter: take_over.is_some() };
     remove_dataplanes_except(Some(mode), &args.bpffs, keep)?;
     let rule_config = dataplane::netfilter::RuleConfig {
@@ -279,11 +274,18 @@ fn node_settings(args: &cli::Args, node: &NodeIdentity) -> NodeSettings {
         }),
         snat_ports: args.snat_ports,
         masquerade_all: args.masquerade_all,
-        cluster_cidr: args
-            .cluster_cidr
-            .as_ref()
-            .and_then(|c| c.of_family(false))
-            .map(|(a, len)| (dataplane::ebpf::ipv4(a), len)),
+        snat_addr6: node.addresses.iter().find_map(|a| match a {
+            std::net::IpAddr::V6(v6) => Some(*v6),
+            std::net::IpAddr::V4(_) => None,
+        }),
+        cluster_cidr: args.cluster_cidr.as_ref().and_then(|c| c.of_family(false)).and_then(|(a, len)| match a {
+            std::net::IpAddr::V4(a) => Some((a, len)),
+            std::net::IpAddr::V6(_) => None,
+        }),
+        cluster_cidr6: args.cluster_cidr.as_ref().and_then(|c| c.of_family(true)).and_then(|(a, len)| match a {
+            std::net::IpAddr::V6(a) => Some((a, len)),
+            std::net::IpAddr::V4(_) => None,
+        }),
         xdp: args.xdp,
         timeouts: args.conntrack.timeouts(),
         max_flows: args.conntrack.max_flows(conntrack_settings::cpus()),

@@ -1057,29 +1057,27 @@ pub mod source_range {
 }
 
 #[cfg(feature = "user")]
-mod pod {
+pub mod pod {
     use super::{affinity, backend::Backend, config::Config, conntrack, revnat::RevNat, service, source_range};
 
     // SAFETY: each type is repr(C), Copy, made of integers only, and has no padding (see the layout tests),
     // so every bit pattern is valid and no uninitialised byte is ever read.
-    unsafe impl aya::Pod for service::ServiceKey {}
-    unsafe impl aya::Pod for service::ServiceKey6 {}
+    /// The address types the maps hold (`u32`, `In6`): with either, every generic key and value below has
+    /// no padding (the layout tests check both).
+    pub trait MapAddress: aya::Pod {}
+    impl MapAddress for u32 {}
+    impl MapAddress for super::addr::In6 {}
+
+    unsafe impl<A: MapAddress> aya::Pod for service::ServiceKey<A> {}
     unsafe impl aya::Pod for service::ServiceValue {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for super::backend::Backend6 {}
-    unsafe impl aya::Pod for RevNat {}
-    unsafe impl aya::Pod for super::revnat::RevNat6 {}
-    unsafe impl aya::Pod for conntrack::CtKey {}
-    unsafe impl aya::Pod for conntrack::CtValue {}
-    unsafe impl aya::Pod for conntrack::SnatValue {}
-    unsafe impl aya::Pod for conntrack::CtKey6 {}
-    unsafe impl aya::Pod for conntrack::CtValue6 {}
-    unsafe impl aya::Pod for conntrack::SnatValue6 {}
-    unsafe impl aya::Pod for affinity::AffinityKey {}
-    unsafe impl aya::Pod for affinity::AffinityKey6 {}
+    unsafe impl<A: MapAddress> aya::Pod for Backend<A> {}
+    unsafe impl<A: MapAddress> aya::Pod for RevNat<A> {}
+    unsafe impl<A: MapAddress> aya::Pod for conntrack::CtKey<A> {}
+    unsafe impl<A: MapAddress> aya::Pod for conntrack::CtValue<A> {}
+    unsafe impl<A: MapAddress> aya::Pod for conntrack::SnatValue<A> {}
+    unsafe impl<A: MapAddress> aya::Pod for affinity::AffinityKey<A> {}
     unsafe impl aya::Pod for affinity::AffinityValue {}
-    unsafe impl aya::Pod for source_range::SourceRangeKey {}
-    unsafe impl aya::Pod for source_range::SourceRangeKey6 {}
+    unsafe impl<A: MapAddress> aya::Pod for source_range::SourceRangeKey<A> {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for super::config::Config6 {}
     unsafe impl aya::Pod for super::addr::In6 {}

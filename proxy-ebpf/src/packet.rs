@@ -29,7 +29,14 @@ const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 /// How many extension headers are walked before giving up on a packet (passed untouched): the verifier
 /// needs a bound, and real traffic carries one or two.
-const MAX_EXT_HEADERS: usize = 6;
+const MAX_EXT_HEADERS: usize = 4;
+
+/// Where the walk over a packet's extension headers leaves its result (next header, L4 offset, fragment
+/// kind, fragment id), to be read back at once. Read back from a map, those are values the verifier cannot
+/// know, so every way through the walk joins into one state: verified with what it found, the rest of the
+/// IPv6 path would be verified once per combination of headers, past the verifier's million instructions.
+#[aya_ebpf::macros::map(name = "EXT_HEADERS6")]
+static EXT_HEADERS6: aya_ebpf::maps::PerCpuArray<[u32; 4]> = aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
 /// Offset of the IPv4 header checksum from the start of the IPv4 header.
 pub const IP_CSUM_OFF: usize = 10;
 pub const IP_SRC_OFF: usize = 12;
@@ -350,6 +357,44 @@ fn parse_ipv6<P: Packet>(pkt: &P) -> Option<Parsed<In6>> {
     let mut off = l3_off + IP6_HLEN;
     let mut fragment = Fragment::Whole;
     let mut ip_id = 0;
+    if !is_translated_proto(next) {
+        (next, off, fragment, ip_id) = ext_headers(pkt, next, off)?;
+    }
+    // Every packet, with extension headers or without, goes on from one verifier state (`EXT_HEADERS6`).
+    (next, off, fragment, ip_id) = launder(next, off, fragment, ip_id)?;
+    if !is_translated_proto(next) {
+        return None;
+    }
+    let mut flow = Flow {
+        l3_off: offset(l3_off)?,
+        l4_off: offset(off)?,
+        src_addr,
+        dst_addr,
+        src_port: 0,
+        dst_port: 0,
+        proto: next,
+        ttl: hop_limit,
+        ip_id,
+        fragment,
+    };
+    if fragment == Fragment::Later {
+        let Some((src_port, dst_port)) = frag::ports(&flow) else {
+            return Some(Parsed::UntrackedFragment { src: flow.src_addr, dst: flow.dst_addr });
+        };
+        (flow.src_port, flow.dst_port) = (src_port, dst_port);
+    } else {
+        let ports: [u16; 2] = pkt.load(off).ok()?;
+        (flow.src_port, flow.dst_port) = (ports[0], ports[1]);
+    }
+    Some(Parsed::Flow(flow))
+}
+
+/// Walks the extension headers from `next` at `off` (see [`MAX_EXT_HEADERS`]): the upper-layer protocol,
+/// its offset, and the Fragment header's kind and id if there is one.
+#[inline(always)]
+fn ext_headers<P: Packet>(pkt: &P, mut next: u8, mut off: usize) -> Option<(u8, usize, Fragment, u32)> {
+    let mut fragment = Fragment::Whole;
+    let mut ip_id = 0;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
@@ -381,31 +426,30 @@ fn parse_ipv6<P: Packet>(pkt: &P) -> Option<Parsed<In6>> {
             _ => break,
         }
     }
-    if !is_translated_proto(next) {
-        return None;
-    }
-    let mut flow = Flow {
-        l3_off: offset(l3_off)?,
-        l4_off: offset(off)?,
-        src_addr,
-        dst_addr,
-        src_port: 0,
-        dst_port: 0,
-        proto: next,
-        ttl: hop_limit,
-        ip_id,
-        fragment,
+    Some((next, off, fragment, ip_id))
+}
+
+/// The parse's result through [`EXT_HEADERS6`] and back.
+#[inline(always)]
+fn launder(next: u8, off: usize, fragment: Fragment, ip_id: u32) -> Option<(u8, usize, Fragment, u32)> {
+    let kind = match fragment {
+        Fragment::Whole => 0,
+        Fragment::First => 1,
+        Fragment::Later => 2,
     };
-    if fragment == Fragment::Later {
-        let Some((src_port, dst_port)) = frag::ports(&flow) else {
-            return Some(Parsed::UntrackedFragment { src: flow.src_addr, dst: flow.dst_addr });
-        };
-        (flow.src_port, flow.dst_port) = (src_port, dst_port);
-    } else {
-        let ports: [u16; 2] = pkt.load(off).ok()?;
-        (flow.src_port, flow.dst_port) = (ports[0], ports[1]);
-    }
-    Some(Parsed::Flow(flow))
+    let slot = EXT_HEADERS6.get_ptr_mut(0)?;
+    // SAFETY: `slot` is this CPU's entry of the map, valid for the program run; volatile, so the compiler
+    // keeps the round trip that hides the values from the verifier.
+    let [next, off, kind, ip_id] = unsafe {
+        core::ptr::write_volatile(slot, [u32::from(next), u32::try_from(off).ok()?, kind, ip_id]);
+        core::ptr::read_volatile(slot)
+    };
+    let fragment = match kind {
+        0 => Fragment::Whole,
+        1 => Fragment::First,
+        _ => Fragment::Later,
+    };
+    Some((u8::try_from(next).ok()?, usize::try_from(off).ok()?, fragment, ip_id))
 }
 
 #[inline(always)]

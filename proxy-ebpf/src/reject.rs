@@ -121,10 +121,17 @@ pub fn reject6(ctx: &TcContext, flow: &Flow<In6>, back: Back) -> Result<i32> {
     let macs: [u8; 12] = ctx.load(0).map_err(|_| REJECT_FAILED)?;
     // The quote is read straight into the ICMPv6 message that carries it (the stack is tight here).
     let mut icmp = [0u32; (ICMP_HLEN + QUOTE6_LEN) / 4];
-    {
-        // SAFETY: `icmp` is a plain array of words; its bytes from 8 on are the quote's place.
-        let bytes: &mut [u8; ICMP_HLEN + QUOTE6_LEN] = unsafe { &mut *icmp.as_mut_ptr().cast() };
-        ctx.load_bytes(ETH_HLEN, &mut bytes[ICMP_HLEN..]).map_err(|_| REJECT_FAILED)?;
+    // SAFETY: `icmp[2..]` is `QUOTE6_LEN` bytes of stack, the exact (constant) length read into it.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            aya_ebpf::EbpfContext::as_ptr(ctx),
+            ETH_HLEN as u32,
+            icmp.as_mut_ptr().add(ICMP_HLEN / 4).cast(),
+            QUOTE6_LEN as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(REJECT_FAILED);
     }
 
     let [len_hi, len_lo] = REPLY6_PAYLOAD_LEN.to_be_bytes();

@@ -374,7 +374,7 @@ pub mod ipv6 {
 }
 
 #[aya_ebpf::macros::map(name = "IPV6_PROGRAMS")]
-static IPV6_PROGRAMS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::pinned(4, 0);
+static IPV6_PROGRAMS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::with_max_entries(4, 0);
 
 #[inline(always)]
 fn to_ipv6(ctx: &TcContext, slot: u32) -> i32 {

@@ -2,9 +2,8 @@
 //! as the API server and the EndpointSlice controller write them, answers over IPv6 and IPv4 through its
 //! ClusterIPs, NodePorts and load-balancer IPs, TCP and UDP; each family reaches that family's pods only.
 //!
-//! The netfilter modes serve both families. The eBPF mode serves the IPv4 half so far: there the test
-//! asserts that the IPv4 half answers and the IPv6 ClusterIP does not (the state docs/semantics.md gives),
-//! so the day IPv6 lands in the programs this test says so.
+//! Every mode serves both families: the netfilter modes with their ip6 tables, the eBPF mode with its
+//! IPv6 programs (TC, tail-called from each hook's program).
 
 use std::{
     fmt::Write as _,
@@ -75,14 +74,6 @@ fn a_dual_stack_service_answers_on_both_families() {
     }
 
     let cluster_ip6 = |port| SocketAddrV6::new(CLUSTER_IP6, port, 0, 0);
-    if mode() == "ebpf" {
-        // Not served by the eBPF programs yet: the packet is routed on, and the client hears nothing.
-        lab.expect_leaks_to(CLUSTER_IP6);
-        assert!(echo6::tcp(&client.ns, cluster_ip6(80), TIMEOUT).is_err(), "the eBPF mode now serves IPv6");
-        let leaks = lab.leaks().unwrap();
-        assert!(leaks.iter().any(|l| l.dst == IpAddr::V6(CLUSTER_IP6)), "the IPv6 leak recorder saw it: {leaks:?}");
-        return;
-    }
 
     // Pod to the IPv6 ClusterIP: an IPv6 backend answers and sees the client pod's own address.
     let mut seen = std::collections::BTreeSet::new();
@@ -175,15 +166,7 @@ fn ipv6_policies_source_ranges_refusals_and_affinity() {
     let client = lab.pod(1, 1).clone();
     let vip = |last| SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, last), 80, 0, 0);
 
-    if mode() == "ebpf" {
-        lab.expect_leaks_to(*vip(0x63).ip());
-    }
     let empty = echo6::tcp(&client.ns, vip(0x63), TIMEOUT).expect_err("a Service without endpoints answered");
-    if mode() == "ebpf" {
-        // Not served by the eBPF programs yet: nothing refuses the packet, it is routed on.
-        assert!(!echo6::refused(&empty), "the eBPF mode now refuses over IPv6: {empty:#}");
-        return;
-    }
     assert!(echo6::refused(&empty), "no endpoints: refused at once (ICMPv6 port unreachable), got {empty:#}");
 
     // externalTrafficPolicy Local: the client's own address on the node with the endpoint; dropped (not
@@ -240,12 +223,6 @@ fn ipv6_masquerade_all_cluster_cidr_detection_and_terminating_fallback() {
         ip_route_external6(&lab, "fd00:32::/64", 1);
         lab.start_agents().unwrap();
         let vip = |last| SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, last), 80, 0, 0);
-        if mode() == "ebpf" {
-            // Not served by the eBPF programs yet (see the module's description).
-            lab.expect_leaks_to(*vip(0x71).ip());
-            assert!(echo6::tcp(&lab.pod(1, 1).ns, vip(0x71), TIMEOUT).is_err(), "the eBPF mode now serves IPv6");
-            return;
-        }
         for client in [lab.pod(1, 1).clone(), lab.pod(2, 1).clone()] {
             let reply = echo6::tcp(&client.ns, vip(0x71), TIMEOUT).unwrap_or_else(|e| panic!("{}: {e:#}", client.name));
             let kept = *reply.seen_source.ip() == client.ip6.unwrap();

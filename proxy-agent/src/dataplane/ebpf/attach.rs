@@ -312,9 +312,10 @@ fn program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> anyhow::Result<&'a mut Sc
         .with_context(|| format!("program {name} is not a TC classifier"))
 }
 
-/// Loads every TC program into the kernel (the verifier runs here; its log is part of the error).
+/// Loads every TC program into the kernel (the IPv6 ones too, which are tail-called, not attached) (the verifier runs here; its log is part of the error).
 pub fn load_programs(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
-    for name in PROGRAMS {
+    let ipv6 = super::ipv6_programs::PROGRAMS.map(|(_, name)| name);
+    for name in PROGRAMS.iter().chain(&ipv6) {
         program(ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
     }
     let xdp: &mut Xdp = ebpf

@@ -1,4 +1,5 @@
-//! The per-flow tables' housekeeping: a bounded background sweep of `CONNTRACK` that removes flows past their
+//! The per-flow tables' housekeeping, for each family's tables (`CONNTRACK` and `CONNTRACK6`, `SNAT` and
+//! `SNAT6`): a bounded background sweep of the connection table that removes flows past their
 //! lifetime (the data path also refuses them on lookup) and reply entries whose flow is gone, and of `SNAT`
 //! (ports of flows idle past their lifetime, and client entries whose port moved on), and the
 //! metrics that tell an operator how full the tables are:
@@ -25,6 +26,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 use proxy_common::{
+    addr::In6,
     conntrack::{
         CtKey, CtValue, DIR_FORWARD, DIR_REPLY, DIR_SNAT_IN, FLAG_KERNEL_NAT, SnatValue, Timeouts, expired,
         snat_expired,
@@ -32,8 +34,10 @@ use proxy_common::{
     maps, stats,
 };
 
-/// A pass's counts of `CONNTRACK`.
-#[derive(Clone, Copy)]
+use super::maps::MapAddr;
+
+/// A pass's counts of a connection table.
+#[derive(Clone, Copy, Default)]
 struct Pass {
     entries: u64,
     flows: u64,
@@ -56,6 +60,9 @@ pub struct FlowTableStats {
     pub entries: AtomicU64,
     /// `SNAT` entries at the end of its last complete pass.
     pub snat_entries: AtomicU64,
+    /// The same of `CONNTRACK6` and `SNAT6`.
+    pub entries6: AtomicU64,
+    pub snat_entries6: AtomicU64,
     /// Flows (forward entries) alive at the end of the last complete pass.
     pub flows: AtomicU64,
     /// Of those, flows left to the kernel's NAT (`FLAG_KERNEL_NAT`: translated by netfilter rules before
@@ -70,7 +77,7 @@ pub struct FlowTableStats {
 }
 
 /// `BPF_MAP_GET_NEXT_KEY` from `key` (the first key when `None`); aya's iterators always start at the first.
-fn next_key(fd: BorrowedFd<'_>, key: Option<&CtKey>) -> std::io::Result<Option<CtKey>> {
+fn next_key<A: MapAddr>(fd: BorrowedFd<'_>, key: Option<&CtKey<A>>) -> std::io::Result<Option<CtKey<A>>> {
     #[repr(C)]
     struct Attr {
         map_fd: u32,
@@ -80,7 +87,7 @@ fn next_key(fd: BorrowedFd<'_>, key: Option<&CtKey>) -> std::io::Result<Option<C
         flags: u64,
     }
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let mut next = std::mem::MaybeUninit::<CtKey>::uninit();
+    let mut next = std::mem::MaybeUninit::<CtKey<A>>::uninit();
     let attr = Attr {
         map_fd: u32::try_from(fd.as_raw_fd()).unwrap_or_default(),
         pad: 0,
@@ -109,7 +116,7 @@ pub(super) fn now_secs() -> u32 {
 }
 
 /// The key of the other entry of a flow: a forward entry's reply entry, or a reply entry's forward entry.
-fn peer_key(key: &CtKey, value: &CtValue) -> CtKey {
+fn peer_key<A: MapAddr>(key: &CtKey<A>, value: &CtValue<A>) -> CtKey<A> {
     if key.dir == DIR_FORWARD {
         CtKey {
             src_addr: value.nat_addr,
@@ -138,16 +145,16 @@ fn peer_key(key: &CtKey, value: &CtValue) -> CtKey {
 /// Only the entry at hand is ever deleted, after the walk has read the key that follows it: the kernel
 /// restarts a walk from the first key when asked for the successor of a key that is gone, which would count
 /// entries twice.
-struct Walk<V: aya::Pod> {
-    map: aya::maps::HashMap<aya::maps::MapData, CtKey, V>,
+struct Walk<A: MapAddr, V: aya::Pod> {
+    map: aya::maps::HashMap<aya::maps::MapData, CtKey<A>, V>,
     /// The same map, opened again for the resumable walk (aya's map keeps its descriptor to itself).
     keys: aya::maps::MapData,
-    cursor: Option<CtKey>,
+    cursor: Option<CtKey<A>>,
     /// Entries kept so far in this pass.
     kept: u64,
 }
 
-impl<V: aya::Pod> Walk<V> {
+impl<A: MapAddr, V: aya::Pod> Walk<A, V> {
     fn open(pin_dir: &Path, name: &str) -> anyhow::Result<(Self, u64)> {
         let pin = super::pins::path(pin_dir, name);
         let open = || aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()));
@@ -162,7 +169,7 @@ impl<V: aya::Pod> Walk<V> {
     fn step(
         &mut self,
         limit: usize,
-        mut ended: impl FnMut(&aya::maps::HashMap<aya::maps::MapData, CtKey, V>, &CtKey, &V) -> bool,
+        mut ended: impl FnMut(&aya::maps::HashMap<aya::maps::MapData, CtKey<A>, V>, &CtKey<A>, &V) -> bool,
     ) -> anyhow::Result<Option<u64>> {
         let mut key = match self.cursor.take() {
             Some(k) => Some(k),
@@ -188,35 +195,30 @@ impl<V: aya::Pod> Walk<V> {
     }
 }
 
-/// Sweeps the `CONNTRACK` and `SNAT` maps pinned in a directory.
-pub struct Sweeper {
-    conntrack: Walk<CtValue>,
-    snat: Walk<SnatValue>,
-    timeouts: Timeouts,
-    capacity: u64,
-    stats: Arc<FlowTableStats>,
-    /// Flows alive so far in this pass of `CONNTRACK`, and of those the kernel's NAT's.
+/// One family's connection and SNAT tables, and the counts of the pass under way.
+struct Tables<A: MapAddr> {
+    conntrack: Walk<A, CtValue<A>>,
+    snat: Walk<A, SnatValue<A>>,
     flows: u64,
     kernel_flows: u64,
-    warned: bool,
 }
 
-impl Sweeper {
-    pub fn open(pin_dir: &Path, timeouts: Timeouts, stats: Arc<FlowTableStats>) -> anyhow::Result<Self> {
-        let (conntrack, capacity) = Walk::open(pin_dir, maps::CONNTRACK)?;
-        let (snat, _) = Walk::open(pin_dir, maps::SNAT)?;
-        Ok(Self { conntrack, snat, timeouts, capacity, stats, flows: 0, kernel_flows: 0, warned: false })
+impl<A: MapAddr> Tables<A> {
+    fn open(pin_dir: &Path, conntrack: &str, snat: &str) -> anyhow::Result<(Self, u64)> {
+        let (conntrack, capacity) = Walk::open(pin_dir, conntrack)?;
+        let (snat, _) = Walk::open(pin_dir, snat)?;
+        Ok((Self { conntrack, snat, flows: 0, kernel_flows: 0 }, capacity))
     }
 
-    /// Looks at up to `limit` entries of each map. Returns whether a pass of `CONNTRACK` completed.
-    ///
-    /// `CONNTRACK`: an expired flow's forward entry goes when the walk meets it, and its reply entry when
-    /// the walk meets that (its flow expired, or gone). `SNAT`: a port's entry (backend → node port) goes
-    /// when its flow has been idle past its lifetime, and a client's entry when the port's entry no longer
-    /// names it.
-    pub fn step(&mut self, limit: usize) -> anyhow::Result<bool> {
-        let now = now_secs();
-        let (t, stats) = (self.timeouts, self.stats.clone());
+    /// Looks at up to `limit` entries of each table (see [`Sweeper::step`]). Returns the connection
+    /// table's pass and the SNAT table's kept entries, for the passes this call completed.
+    fn step(
+        &mut self,
+        limit: usize,
+        now: u32,
+        t: Timeouts,
+        stats: &FlowTableStats,
+    ) -> anyhow::Result<(Option<Pass>, Option<u64>)> {
         let (mut flows, mut kernel_flows) = (0, 0);
         let pass = self.conntrack.step(limit, |map, k, value| {
             if k.dir == DIR_FORWARD {
@@ -250,12 +252,69 @@ impl Sweeper {
             };
             !map.get(&in_key, 0).is_ok_and(|back| back.addr == k.src_addr && back.port == k.src_port)
         })?;
-        if let Some(kept) = snat_pass {
-            self.stats.snat_entries.store(kept, Ordering::Relaxed);
+        let pass = pass.map(|entries| Pass {
+            entries,
+            flows: std::mem::take(&mut self.flows),
+            kernel_flows: std::mem::take(&mut self.kernel_flows),
+        });
+        Ok((pass, snat_pass))
+    }
+
+    fn restart(&mut self) {
+        self.conntrack.restart();
+        self.snat.restart();
+        self.flows = 0;
+        self.kernel_flows = 0;
+    }
+}
+
+/// Sweeps both families' `CONNTRACK` and `SNAT` maps pinned in a directory.
+pub struct Sweeper {
+    v4: Tables<u32>,
+    v6: Tables<In6>,
+    /// `CONNTRACK6`'s last complete pass: its flows count with IPv4's.
+    last6: Pass,
+    timeouts: Timeouts,
+    capacity: u64,
+    stats: Arc<FlowTableStats>,
+    warned: bool,
+}
+
+impl Sweeper {
+    pub fn open(pin_dir: &Path, timeouts: Timeouts, stats: Arc<FlowTableStats>) -> anyhow::Result<Self> {
+        let (v4, capacity) = Tables::open(pin_dir, maps::CONNTRACK, maps::SNAT)?;
+        let (v6, _) = Tables::open(pin_dir, maps::CONNTRACK6, maps::SNAT6)?;
+        Ok(Self { v4, v6, last6: Pass::default(), timeouts, capacity, stats, warned: false })
+    }
+
+    /// Looks at up to `limit` entries of each map. Returns whether a pass of `CONNTRACK` completed.
+    ///
+    /// A connection table: an expired flow's forward entry goes when the walk meets it, and its reply
+    /// entry when the walk meets that (its flow expired, or gone). A SNAT table: a port's entry (backend →
+    /// node port) goes when its flow has been idle past its lifetime, and a client's entry when the port's
+    /// entry no longer names it.
+    pub fn step(&mut self, limit: usize) -> anyhow::Result<bool> {
+        let now = now_secs();
+        let stats = self.stats.clone();
+        let (pass6, snat6) = self.v6.step(limit, now, self.timeouts, &stats)?;
+        if let Some(pass) = pass6 {
+            self.last6 = pass;
+            stats.entries6.store(pass.entries, Ordering::Relaxed);
         }
-        let Some(entries) = pass else { return Ok(false) };
-        let (flows, kernel_flows) = (std::mem::take(&mut self.flows), std::mem::take(&mut self.kernel_flows));
-        self.finish_pass(Pass { entries, flows, kernel_flows });
+        if let Some(kept) = snat6 {
+            stats.snat_entries6.store(kept, Ordering::Relaxed);
+        }
+        let (pass, snat) = self.v4.step(limit, now, self.timeouts, &stats)?;
+        if let Some(kept) = snat {
+            stats.snat_entries.store(kept, Ordering::Relaxed);
+        }
+        let Some(pass) = pass else { return Ok(false) };
+        let both = Pass {
+            entries: pass.entries,
+            flows: pass.flows + self.last6.flows,
+            kernel_flows: pass.kernel_flows + self.last6.kernel_flows,
+        };
+        self.finish_pass(both);
         Ok(true)
     }
 
@@ -289,10 +348,8 @@ impl Sweeper {
                 loop {
                     if let Err(e) = self.step(CHUNK) {
                         tracing::warn!(error = %format!("{e:#}"), "conntrack sweep failed; retrying");
-                        self.conntrack.restart();
-                        self.snat.restart();
-                        self.flows = 0;
-                        self.kernel_flows = 0;
+                        self.v4.restart();
+                        self.v6.restart();
                     }
                     std::thread::sleep(TICK);
                 }
@@ -351,7 +408,17 @@ impl Collector for FlowTableMetrics {
             None,
             MetricType::Gauge,
         )?;
-        for map in [maps::CONNTRACK, maps::SNAT, maps::FRAGS, maps::AFFINITY, maps::SOCK_FLOWS] {
+        for map in [
+            maps::CONNTRACK,
+            maps::SNAT,
+            maps::FRAGS,
+            maps::AFFINITY,
+            maps::SOCK_FLOWS,
+            maps::CONNTRACK6,
+            maps::SNAT6,
+            maps::FRAGS6,
+            maps::AFFINITY6,
+        ] {
             if let Some(c) = self.capacity(map) {
                 ConstGauge::new(i64::try_from(c).unwrap_or(i64::MAX))
                     .encode(capacity.encode_family(&MapLabel { map })?)?;
@@ -366,7 +433,12 @@ impl Collector for FlowTableMetrics {
             None,
             MetricType::Gauge,
         )?;
-        for (map, n) in [(maps::CONNTRACK, &self.stats.entries), (maps::SNAT, &self.stats.snat_entries)] {
+        for (map, n) in [
+            (maps::CONNTRACK, &self.stats.entries),
+            (maps::SNAT, &self.stats.snat_entries),
+            (maps::CONNTRACK6, &self.stats.entries6),
+            (maps::SNAT6, &self.stats.snat_entries6),
+        ] {
             let n = i64::try_from(n.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
             ConstGauge::new(n).encode(entries.encode_family(&MapLabel { map })?)?;
         }

@@ -1,4 +1,4 @@
-//! The `FRONTEND_ADDRS` map: every address a ClusterIP, external IP or load-balancer IP lives on, with what
+//! The `FRONTEND_ADDRS` and `FRONTEND_ADDRS6` maps: every address a ClusterIP, external IP or load-balancer IP lives on, with what
 //! lives there (`proxy_common::frontend_addr`). The data path uses it twice. A later IPv4 fragment that
 //! arrived before its first and is bound for a Service is dropped (without ports it cannot be translated,
 //! and it must not leave by the default route), while the node's other fragments pass. And a packet to a
@@ -13,7 +13,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use anyhow::Context as _;
@@ -23,9 +23,9 @@ use crate::model::{Frontend, FrontendKind, ServiceTable};
 
 /// The addresses the map holds, each with its `proxy_common::frontend_addr` bits.
 pub trait AddrMap {
-    fn put(&mut self, addr: Ipv4Addr, bits: u32) -> anyhow::Result<()>;
-    fn delete(&mut self, addr: Ipv4Addr) -> anyhow::Result<()>;
-    fn entries(&self) -> anyhow::Result<Vec<(Ipv4Addr, u32)>>;
+    fn put(&mut self, addr: IpAddr, bits: u32) -> anyhow::Result<()>;
+    fn delete(&mut self, addr: IpAddr) -> anyhow::Result<()>;
+    fn entries(&self) -> anyhow::Result<Vec<(IpAddr, u32)>>;
 }
 
 /// How many counted frontends an address has, and how many of them are ClusterIPs.
@@ -53,7 +53,7 @@ pub struct FrontendAddrs<M> {
     map: M,
     /// Frontends counted (with their kind), and each address's counts, as the map holds them.
     counted: HashMap<Frontend, FrontendKind>,
-    counts: HashMap<Ipv4Addr, Count>,
+    counts: HashMap<IpAddr, Count>,
 }
 
 fn counts_for(kind: FrontendKind) -> bool {
@@ -69,18 +69,18 @@ impl<M: AddrMap> FrontendAddrs<M> {
     /// After a whole table was applied: the map is read back and made to hold exactly the table's
     /// addresses and bits, whatever it held (left by a previous agent, or by a sync that failed part-way).
     pub fn sync_all(&mut self, table: &ServiceTable) -> anyhow::Result<()> {
-        let mut counts: HashMap<Ipv4Addr, Count> = HashMap::new();
+        let mut counts: HashMap<IpAddr, Count> = HashMap::new();
         let mut counted = HashMap::new();
         for (frontend, entry) in &table.frontends {
             if counts_for(entry.kind) {
                 counted.insert(*frontend, entry.kind);
-                counts.entry(crate::dataplane::ebpf::ipv4(frontend.addr)).or_default().add(entry.kind, 1);
+                counts.entry(frontend.addr).or_default().add(entry.kind, 1);
             }
         }
         // Until this succeeds, the next incremental sync must not trust the counts.
         self.counted.clear();
         self.counts.clear();
-        let held: BTreeMap<Ipv4Addr, u32> = self.map.entries()?.into_iter().collect();
+        let held: BTreeMap<IpAddr, u32> = self.map.entries()?.into_iter().collect();
         for (addr, count) in &counts {
             if held.get(addr) != Some(&count.bits()) {
                 self.map.put(*addr, count.bits())?;
@@ -102,7 +102,7 @@ impl<M: AddrMap> FrontendAddrs<M> {
             if wanted == held {
                 continue;
             }
-            let addr = crate::dataplane::ebpf::ipv4(frontend.addr);
+            let addr = frontend.addr;
             let before = self.counts.get(&addr).copied().unwrap_or_default();
             let mut after = before;
             if let Some(kind) = held {
@@ -134,55 +134,74 @@ impl<M: AddrMap> FrontendAddrs<M> {
     }
 }
 
-/// The pinned map.
-pub struct AyaAddrMap(pub aya::maps::HashMap<aya::maps::MapData, u32, u32>);
+/// The pinned maps, one per family.
+pub struct AyaAddrMap {
+    pub v4: aya::maps::HashMap<aya::maps::MapData, u32, u32>,
+    pub v6: aya::maps::HashMap<aya::maps::MapData, proxy_common::addr::In6, u32>,
+}
 
-fn be(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
+fn absent_ok(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 impl AddrMap for AyaAddrMap {
-    fn put(&mut self, addr: Ipv4Addr, bits: u32) -> anyhow::Result<()> {
-        self.0.insert(&be(addr), &bits, 0).with_context(|| format!("writing {addr} to FRONTEND_ADDRS"))
-    }
-
-    fn delete(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
-        match self.0.remove(&be(addr)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("deleting {addr} from FRONTEND_ADDRS")),
+    fn put(&mut self, addr: IpAddr, bits: u32) -> anyhow::Result<()> {
+        use super::maps::MapAddr as _;
+        match addr {
+            IpAddr::V4(_) => self.v4.insert(&u32::from_ip(addr).unwrap_or_default(), &bits, 0),
+            IpAddr::V6(_) => self.v6.insert(&proxy_common::addr::In6::from_ip(addr).unwrap_or_default(), &bits, 0),
         }
+        .with_context(|| format!("writing {addr} to the frontend-address map"))
     }
 
-    fn entries(&self) -> anyhow::Result<Vec<(Ipv4Addr, u32)>> {
-        self.0
-            .iter()
-            .map(|e| {
-                let (k, v) = e.context("reading FRONTEND_ADDRS")?;
-                Ok((Ipv4Addr::from(k.to_ne_bytes()), v))
-            })
-            .collect()
+    fn delete(&mut self, addr: IpAddr) -> anyhow::Result<()> {
+        use super::maps::MapAddr as _;
+        match addr {
+            IpAddr::V4(_) => absent_ok(self.v4.remove(&u32::from_ip(addr).unwrap_or_default())),
+            IpAddr::V6(_) => absent_ok(self.v6.remove(&proxy_common::addr::In6::from_ip(addr).unwrap_or_default())),
+        }
+        .with_context(|| format!("deleting {addr} from the frontend-address map"))
+    }
+
+    fn entries(&self) -> anyhow::Result<Vec<(IpAddr, u32)>> {
+        use super::maps::MapAddr as _;
+        let mut out = Vec::new();
+        for e in self.v4.iter() {
+            let (k, v) = e.context("reading FRONTEND_ADDRS")?;
+            out.push((k.to_ip(), v));
+        }
+        for e in self.v6.iter() {
+            let (k, v) = e.context("reading FRONTEND_ADDRS6")?;
+            out.push((k.to_ip(), v));
+        }
+        Ok(out)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::model::{BackendSet, FrontendEntry, Protocol, ServicePortName};
 
     #[derive(Default)]
-    struct Memory(BTreeMap<Ipv4Addr, u32>);
+    struct Memory(BTreeMap<IpAddr, u32>);
 
     impl AddrMap for Memory {
-        fn put(&mut self, addr: Ipv4Addr, bits: u32) -> anyhow::Result<()> {
+        fn put(&mut self, addr: IpAddr, bits: u32) -> anyhow::Result<()> {
             self.0.insert(addr, bits);
             Ok(())
         }
-        fn delete(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
+        fn delete(&mut self, addr: IpAddr) -> anyhow::Result<()> {
             self.0.remove(&addr);
             Ok(())
         }
-        fn entries(&self) -> anyhow::Result<Vec<(Ipv4Addr, u32)>> {
+        fn entries(&self) -> anyhow::Result<Vec<(IpAddr, u32)>> {
             Ok(self.0.iter().map(|(a, b)| (*a, *b)).collect())
         }
     }
@@ -210,8 +229,15 @@ mod tests {
         t
     }
 
+    fn last_octet(addr: &IpAddr) -> u8 {
+        match addr {
+            IpAddr::V4(a) => a.octets()[3],
+            IpAddr::V6(a) => a.octets()[15],
+        }
+    }
+
     fn held(addrs: &FrontendAddrs<Memory>) -> Vec<u8> {
-        addrs.map().0.keys().map(|a| a.octets()[3]).collect()
+        addrs.map().0.keys().map(last_octet).collect()
     }
 
     #[test]
@@ -242,7 +268,7 @@ mod tests {
     #[test]
     fn an_address_is_marked_a_cluster_ip_while_one_of_its_frontends_is() {
         let (cip, ext) = (frontend(1, 80), frontend(1, 443));
-        let bits = |addrs: &FrontendAddrs<Memory>| addrs.map().0.get(&Ipv4Addr::new(10, 32, 0, 1)).copied();
+        let bits = |addrs: &FrontendAddrs<Memory>| addrs.map().0.get(&IpAddr::from([10, 32, 0, 1])).copied();
         let mut addrs = FrontendAddrs::new(Memory::default());
         addrs.sync_all(&table(&[(ext, FrontendKind::ExternalIp)])).unwrap();
         assert_eq!(bits(&addrs), Some(frontend_addr::SERVICE));
@@ -258,13 +284,13 @@ mod tests {
     #[test]
     fn a_restarted_agent_keeps_what_it_finds_until_a_whole_table_says_otherwise() {
         let mut left = Memory::default();
-        left.put(Ipv4Addr::new(10, 32, 0, 1), frontend_addr::SERVICE).unwrap();
-        left.put(Ipv4Addr::new(10, 32, 0, 7), frontend_addr::SERVICE).unwrap();
+        left.put(IpAddr::from([10, 32, 0, 1]), frontend_addr::SERVICE).unwrap();
+        left.put(IpAddr::from([10, 32, 0, 7]), frontend_addr::SERVICE).unwrap();
         let mut addrs = FrontendAddrs::new(left);
         addrs.sync_all(&table(&[(frontend(1, 80), FrontendKind::ClusterIp)])).unwrap();
         assert_eq!(held(&addrs), [1], "the stale 10.32.0.7 goes, 10.32.0.1 stays");
         assert_eq!(
-            addrs.map().0[&Ipv4Addr::new(10, 32, 0, 1)],
+            addrs.map().0[&IpAddr::from([10, 32, 0, 1])],
             frontend_addr::SERVICE | frontend_addr::CLUSTER_IP,
             "and gets the bits it lacked"
         );
@@ -278,19 +304,19 @@ mod tests {
     }
 
     impl AddrMap for Flaky {
-        fn put(&mut self, addr: Ipv4Addr, bits: u32) -> anyhow::Result<()> {
+        fn put(&mut self, addr: IpAddr, bits: u32) -> anyhow::Result<()> {
             if std::mem::take(&mut self.fail_next) {
                 anyhow::bail!("injected failure");
             }
             self.inner.put(addr, bits)
         }
-        fn delete(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
+        fn delete(&mut self, addr: IpAddr) -> anyhow::Result<()> {
             if std::mem::take(&mut self.fail_next) {
                 anyhow::bail!("injected failure");
             }
             self.inner.delete(addr)
         }
-        fn entries(&self) -> anyhow::Result<Vec<(Ipv4Addr, u32)>> {
+        fn entries(&self) -> anyhow::Result<Vec<(IpAddr, u32)>> {
             self.inner.entries()
         }
     }
@@ -305,10 +331,10 @@ mod tests {
         assert!(addrs.sync_changed(&both, &[b].into()).is_err());
         // The sync loop answers a failure with a whole-table sync.
         addrs.sync_all(&both).unwrap();
-        assert_eq!(addrs.map().inner.0.keys().map(|a| a.octets()[3]).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(addrs.map().inner.0.keys().map(last_octet).collect::<Vec<_>>(), [1, 2]);
         addrs.map.fail_next = true;
         assert!(addrs.sync_changed(&table(&[(b, FrontendKind::ClusterIp)]), &[a].into()).is_err());
         addrs.sync_all(&table(&[(b, FrontendKind::ClusterIp)])).unwrap();
-        assert_eq!(addrs.map().inner.0.keys().map(|a| a.octets()[3]).collect::<Vec<_>>(), [2]);
+        assert_eq!(addrs.map().inner.0.keys().map(last_octet).collect::<Vec<_>>(), [2]);
     }
 }

@@ -7,6 +7,7 @@ pub mod flow_table;
 mod frontend_addrs;
 pub mod handover;
 pub mod interfaces;
+mod ipv6_programs;
 mod maglev;
 mod maps;
 pub mod pins;
@@ -49,8 +50,10 @@ pub struct EbpfDataplane {
     flow_stats: std::sync::Arc<FlowTableStats>,
     /// What `EGRESS_SNAT` and `CONFIG.snat_addrs` hold.
     egress_snat: egress_snat::EgressSnat,
-    /// How many IPv6 frontends the last warning named ([`ipv4_half`]).
-    ipv6_warned: usize,
+    /// What `CONFIG6` holds.
+    config6: proxy_common::config::Config6,
+    /// The IPv6 programs' tail-call table, pinned once this build's programs serve (`ipv6_programs`).
+    ipv6_programs: ipv6_programs::Ipv6Programs,
 }
 
 /// Node-wide settings of the data path.
@@ -58,6 +61,8 @@ pub struct EbpfDataplane {
 pub struct NodeSettings {
     /// The address SNATed flows leave with: the node's primary IPv4.
     pub snat_addr: Option<std::net::Ipv4Addr>,
+    /// The address SNATed IPv6 flows leave with: the node's primary IPv6.
+    pub snat_addr6: Option<std::net::Ipv6Addr>,
     /// SNAT ports, above the kernel's default ephemeral range (32768–60999) so they never collide with the
     /// node's own sockets.
     pub snat_ports: (u16, u16),
@@ -65,6 +70,8 @@ pub struct NodeSettings {
     pub masquerade_all: bool,
     /// kube-proxy's `clusterCIDR`, for local-traffic detection.
     pub cluster_cidr: Option<(std::net::Ipv4Addr, u8)>,
+    /// Its IPv6 CIDR, on a dual-stack or IPv6 cluster.
+    pub cluster_cidr6: Option<(std::net::Ipv6Addr, u8)>,
     /// The cgroup (v2) whose processes' sockets get Service translation (the node's own traffic).
     pub socket_cgroup: Option<PathBuf>,
     pub xdp: XdpSetting,
@@ -78,15 +85,22 @@ pub struct NodeSettings {
 
 /// The sizes of the per-flow maps for a table of `max_flows` flows: two conntrack entries per flow (forward
 /// and reply), two SNAT entries per SNATed flow (out and in), and fragment records for one datagram in
-/// sixteen flows being in pieces at once (never fewer than the build's default).
+/// sixteen flows being in pieces at once (never fewer than the build's default). IPv6's tables get the
+/// same sizes on a node with an IPv6 address (`ipv6`), and the least the kernel's LRU works with on one
+/// without: those maps are allocated whole (~30 MiB each at the default size), and a node gaining IPv6
+/// later resizes them at its next start, as any resize.
 #[must_use]
-pub fn flow_table_sizes(max_flows: u32) -> [(&'static str, u32); 3] {
+pub fn flow_table_sizes(max_flows: u32, ipv6: bool) -> [(&'static str, u32); 6] {
     use proxy_common::{capacity, maps};
     let cpus = crate::conntrack_settings::cpus();
+    let flows6 = if ipv6 { max_flows } else { 0 };
     [
         (maps::CONNTRACK, capacity::lru_entries(max_flows, 2, cpus)),
         (maps::SNAT, capacity::lru_entries(max_flows, 2, cpus)),
         (maps::FRAGS, (max_flows / 16).max(capacity::FRAGS)),
+        (maps::CONNTRACK6, capacity::lru_entries(flows6, 2, cpus)),
+        (maps::SNAT6, capacity::lru_entries(flows6, 2, cpus)),
+        (maps::FRAGS6, if ipv6 { (max_flows / 16).max(capacity::FRAGS) } else { cpus * 256 }),
     ]
 }
 
@@ -125,61 +139,77 @@ fn config_value(settings: &NodeSettings) -> anyhow::Result<proxy_common::config:
     })
 }
 
-/// The service CIDRs as `CONFIG` holds them: the first [`MAX_SERVICE_CIDRS`] (a cluster has one per family,
-/// a few while a range migrates); a longer list is cut, with a warning, and the rest are not dropped.
+/// An IPv6 prefix length as a mask, in the maps' form.
+fn prefix_mask6(len: u8) -> proxy_common::addr::In6 {
+    let bits = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+    proxy_common::addr::In6::from_octets(bits.to_be_bytes())
+}
+
+fn ipv6_net(addr: std::net::Ipv6Addr, len: u8) -> proxy_common::config::Ipv6Net {
+    let mask = prefix_mask6(len);
+    let net = proxy_common::addr::In6::from_octets(addr.octets());
+    let masked = proxy_common::addr::In6([
+        net.0[0] & mask.0[0],
+        net.0[1] & mask.0[1],
+        net.0[2] & mask.0[2],
+        net.0[3] & mask.0[3],
+    ]);
+    proxy_common::config::Ipv6Net { addr: masked, mask }
+}
+
+/// The `CONFIG6` entry for `settings` (its service CIDRs are written with the first table).
+fn config6_value(settings: &NodeSettings) -> proxy_common::config::Config6 {
+    proxy_common::config::Config6 {
+        snat_addr: settings
+            .snat_addr6
+            .map_or(proxy_common::addr::In6::UNSPECIFIED, |a| proxy_common::addr::In6::from_octets(a.octets())),
+        cluster: settings.cluster_cidr6.map_or_else(Default::default, |(a, len)| ipv6_net(a, len)),
+        service_cidrs: Default::default(),
+    }
+}
+
+/// The service CIDRs as `CONFIG` and `CONFIG6` hold them: the first [`MAX_SERVICE_CIDRS`] of each family
+/// (a cluster has one per family, a few while a range migrates); a longer list is cut, with a warning,
+/// and the rest are not dropped.
 ///
 /// [`MAX_SERVICE_CIDRS`]: proxy_common::config::MAX_SERVICE_CIDRS
 fn service_cidrs(
     cidrs: &[crate::model::Cidr],
-) -> [proxy_common::config::Ipv4Net; proxy_common::config::MAX_SERVICE_CIDRS] {
-    use proxy_common::config::{Ipv4Net, MAX_SERVICE_CIDRS};
-    if cidrs.len() > MAX_SERVICE_CIDRS {
-        tracing::warn!(
-            cidrs = ?cidrs,
-            "more service CIDRs than the eBPF data path checks ({MAX_SERVICE_CIDRS}): addresses of the others that no Service holds are routed on"
-        );
-    }
-    let mut out = [Ipv4Net::default(); MAX_SERVICE_CIDRS];
+) -> (
+    [proxy_common::config::Ipv4Net; proxy_common::config::MAX_SERVICE_CIDRS],
+    [proxy_common::config::Ipv6Net; proxy_common::config::MAX_SERVICE_CIDRS],
+) {
+    use proxy_common::config::{Ipv4Net, Ipv6Net, MAX_SERVICE_CIDRS};
+    use std::net::IpAddr;
+    let mut v4 = [Ipv4Net::default(); MAX_SERVICE_CIDRS];
+    let mut v6 = [Ipv6Net::default(); MAX_SERVICE_CIDRS];
+    let (mut n4, mut n6) = (0, 0);
     // A /0 would be "every address": the model never lets one through (`validate::service_cidr`, the flag).
-    for (slot, (addr, len)) in out.iter_mut().zip(cidrs.iter().filter(|(_, len)| *len > 0)) {
-        let mask = prefix_mask(*len);
-        *slot = Ipv4Net { addr: u32::from_ne_bytes(ipv4(*addr).octets()) & mask, mask };
-    }
-    out
-}
-
-/// An address of the IPv4 half of the table. The eBPF programs serve IPv4 only so far: the dataplane is
-/// handed [`ServiceTable::family`]`(false)` ([`ipv4_half`]), so every address the writer meets is IPv4; an
-/// IPv6 one would be a bug above, and becomes the unspecified address, which no packet is sent to.
-pub(crate) fn ipv4(addr: std::net::IpAddr) -> std::net::Ipv4Addr {
-    match addr {
-        std::net::IpAddr::V4(a) => a,
-        std::net::IpAddr::V6(a) => {
-            debug_assert!(false, "IPv6 address {a} reached the IPv4 eBPF writer");
-            std::net::Ipv4Addr::UNSPECIFIED
+    for (addr, len) in cidrs.iter().filter(|(_, len)| *len > 0) {
+        match addr {
+            IpAddr::V4(a) if n4 < MAX_SERVICE_CIDRS => {
+                let mask = prefix_mask(*len);
+                v4[n4] = Ipv4Net { addr: u32::from_ne_bytes(a.octets()) & mask, mask };
+                n4 += 1;
+            }
+            IpAddr::V6(a) if n6 < MAX_SERVICE_CIDRS => {
+                v6[n6] = ipv6_net(*a, *len);
+                n6 += 1;
+            }
+            _ => tracing::warn!(
+                cidr = %format!("{addr}/{len}"),
+                "more service CIDRs of one family than the eBPF data path checks ({MAX_SERVICE_CIDRS}): addresses of the others that no Service holds are routed on"
+            ),
         }
     }
+    (v4, v6)
 }
 
-/// The IPv4 half of `table`, and a warning naming how many IPv6 frontends the eBPF mode leaves unserved
-/// (said when that number changes, not on every sync). A table without IPv6 is passed through, not copied:
-/// an incremental sync at 100k Services must not clone the whole table.
-fn ipv4_half<'t>(table: &'t ServiceTable, warned: &mut usize) -> std::borrow::Cow<'t, ServiceTable> {
-    let ipv6 = table.frontends.keys().filter(|f| f.addr.is_ipv6()).count();
-    if ipv6 != *warned {
-        if ipv6 > 0 {
-            tracing::warn!(
-                ipv6_frontends = ipv6,
-                "the eBPF dataplane serves IPv4 only so far: IPv6 frontends are not programmed (the iptables and nftables modes serve both families)"
-            );
-        }
-        *warned = ipv6;
-    }
-    if ipv6 == 0 && table.service_cidrs.iter().all(|(net, _)| net.is_ipv4()) {
-        std::borrow::Cow::Borrowed(table)
-    } else {
-        std::borrow::Cow::Owned(table.family(false))
-    }
+fn write_config6(ebpf: &mut aya::Ebpf, value: &proxy_common::config::Config6) -> anyhow::Result<()> {
+    let map = ebpf.map_mut(proxy_common::maps::CONFIG6).context("map CONFIG6 missing from the eBPF object")?;
+    let mut config: aya::maps::Array<_, proxy_common::config::Config6> =
+        aya::maps::Array::try_from(map).context("map CONFIG6 has an unexpected type")?;
+    config.set(0, value, 0).context("writing CONFIG6")
 }
 
 fn write_config(ebpf: &mut aya::Ebpf, value: &proxy_common::config::Config) -> anyhow::Result<()> {
@@ -201,7 +231,7 @@ impl EbpfDataplane {
         take_over: Option<handover::TakeOver>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        let (mut ebpf, created) = load_with_versioned_pins(pin_dir, &flow_table_sizes(settings.max_flows))?;
+        let (mut ebpf, created) = load_with_versioned_pins(pin_dir, &flow_table_sizes(settings.max_flows, settings.snat_addr6.is_some()))?;
         let upgrading = pins::upgrade_pending(pin_dir);
         if upgrading {
             // The service state first, into maps nothing uses yet, so the writer adopts it and the first sync
@@ -215,6 +245,9 @@ impl EbpfDataplane {
             );
         }
         attach::load_programs(&mut ebpf)?;
+        let ipv6_programs = ipv6_programs::Ipv6Programs::fill(&mut ebpf)?;
+        let config6 = config6_value(settings);
+        write_config6(&mut ebpf, &config6)?;
         let mut config = config_value(settings)?;
         if upgrading {
             config.flags |= proxy_common::config::FLAG_MIGRATING;
@@ -229,11 +262,18 @@ impl EbpfDataplane {
         let writer =
             writer::TableWriter::adopt(maps::AyaServiceMaps::take_from(&mut ebpf)?)?.with_maglev(settings.maglev);
         flow_table::Sweeper::open(pin_dir, settings.timeouts, flow_stats.clone())?.spawn();
-        let addr_map = ebpf
-            .take_map(proxy_common::maps::FRONTEND_ADDRS)
-            .context("map FRONTEND_ADDRS missing from the eBPF object")?;
-        let addr_map = aya::maps::HashMap::try_from(addr_map).context("map FRONTEND_ADDRS has an unexpected type")?;
-        let frontend_addrs = frontend_addrs::FrontendAddrs::new(frontend_addrs::AyaAddrMap(addr_map));
+        let mut addr_map = |name: &str| -> anyhow::Result<aya::maps::MapData> {
+            let map = ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+            match map {
+                aya::maps::Map::HashMap(data) => Ok(data),
+                _ => anyhow::bail!("map {name} has an unexpected type"),
+            }
+        };
+        let v4 = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(addr_map(proxy_common::maps::FRONTEND_ADDRS)?))
+            .context("map FRONTEND_ADDRS has an unexpected key or value size")?;
+        let v6 = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(addr_map(proxy_common::maps::FRONTEND_ADDRS6)?))
+            .context("map FRONTEND_ADDRS6 has an unexpected key or value size")?;
+        let frontend_addrs = frontend_addrs::FrontendAddrs::new(frontend_addrs::AyaAddrMap { v4, v6 });
         let mut dataplane = Self {
             ebpf,
             writer,
@@ -248,11 +288,13 @@ impl EbpfDataplane {
             take_over,
             flow_stats,
             egress_snat: egress_snat::EgressSnat::default(),
-            ipv6_warned: 0,
+            config6,
+            ipv6_programs,
         };
         if !upgrading {
             dataplane.attach_sockets()?;
             dataplane.housekeeping()?;
+            dataplane.ipv6_programs.pin(&dataplane.pin_dir)?;
         }
         Ok(dataplane)
     }
@@ -272,9 +314,11 @@ impl EbpfDataplane {
     /// Writes the table's service CIDRs into `CONFIG` when they changed (after the frontends, so a new
     /// ClusterIP is a frontend before its range drops what matches no frontend).
     fn sync_service_cidrs(&mut self, table: &ServiceTable) -> anyhow::Result<()> {
-        let wanted = service_cidrs(&table.service_cidrs);
-        if wanted != self.config.service_cidrs {
-            self.config.service_cidrs = wanted;
+        let (v4, v6) = service_cidrs(&table.service_cidrs);
+        if v4 != self.config.service_cidrs || v6 != self.config6.service_cidrs {
+            self.config.service_cidrs = v4;
+            self.config6.service_cidrs = v6;
+            write_config6(&mut self.ebpf, &self.config6)?;
             write_config(&mut self.ebpf, &self.config)?;
             tracing::info!(service_cidrs = ?table.service_cidrs, "service CIDRs: unallocated addresses are dropped");
         }
@@ -304,6 +348,7 @@ impl EbpfDataplane {
         self.upgrading = false;
         self.attach_sockets()?;
         self.housekeeping()?;
+        self.ipv6_programs.pin(&self.pin_dir)?;
         carried += pins::migrate(&self.pin_dir, &proxy_common::maps::FLOW_STATE, pins::Overwrite::No)?;
         self.config.flags &= !proxy_common::config::FLAG_MIGRATING;
         write_config(&mut self.ebpf, &self.config)?;
@@ -426,7 +471,16 @@ fn load_with_versioned_pins(
         }
         match loader.load(OBJECT) {
             Ok(ebpf) => {
-                let versioned = |name: &str| paths.iter().any(|(n, _)| *n == name) || name.starts_with("PREV_");
+                // The IPv6 programs' table is this build's own, pinned once its programs serve (`ipv6_programs`);
+                // a per-packet scratch map (`EXT_HEADERS6`) and the compiler's constant pools (`.rodata*`)
+                // hold nothing that outlives a packet or this object, and are never pinned.
+                let versioned = |name: &str| {
+                    paths.iter().any(|(n, _)| *n == name)
+                        || name.starts_with("PREV_")
+                        || name == ipv6_programs::MAP
+                        || name == "EXT_HEADERS6"
+                        || name.starts_with(".rodata")
+                };
                 if let Some((name, _)) = ebpf.maps().find(|(name, _)| !versioned(name)) {
                     anyhow::bail!("map {name} of the eBPF object has no layout version (proxy_common::maps::LAYOUTS)");
                 }
@@ -473,8 +527,6 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn apply(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        let half = ipv4_half(table, &mut self.ipv6_warned);
-        let table = &*half;
         let stats = self.writer.apply(table)?;
         self.frontend_addrs.sync_all(table)?;
         self.sync_service_cidrs(table)?;
@@ -488,9 +540,6 @@ impl Dataplane for EbpfDataplane {
         table: &ServiceTable,
         changed: &std::collections::BTreeSet<crate::model::Frontend>,
     ) -> anyhow::Result<ApplyStats> {
-        let half = ipv4_half(table, &mut self.ipv6_warned);
-        let table = &*half;
-        let changed = &changed.iter().copied().filter(|f| f.addr.is_ipv4()).collect();
         let stats = self.writer.apply_changes(table, changed)?;
         self.frontend_addrs.sync_changed(table, changed)?;
         self.sync_service_cidrs(table)?;
@@ -500,8 +549,6 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn apply_full(&mut self, table: &ServiceTable) -> anyhow::Result<ApplyStats> {
-        let half = ipv4_half(table, &mut self.ipv6_warned);
-        let table = &*half;
         self.writer.reread()?;
         let stats = self.writer.apply(table)?;
         self.frontend_addrs.sync_all(table)?;

@@ -103,17 +103,19 @@ pub fn retire(dir: &Path, name: &str, pin: &Path, why: &str) -> anyhow::Result<(
 /// fallback map in the object, previous pin, its size), for those whose key and value are this build's.
 #[must_use]
 pub fn previous_for_fallback(dir: &Path) -> Vec<(&'static str, PathBuf, u32)> {
-    use proxy_common::conntrack::{CtKey, CtValue, SnatValue};
+    use proxy_common::conntrack::{CtKey, CtKey6, CtValue, CtValue6, SnatValue, SnatValue6};
     let wanted = [
-        (maps::PREV_CONNTRACK, maps::CONNTRACK, size_of::<CtValue>()),
-        (maps::PREV_SNAT, maps::SNAT, size_of::<SnatValue>()),
+        (maps::PREV_CONNTRACK, maps::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>()),
+        (maps::PREV_SNAT, maps::SNAT, size_of::<CtKey>(), size_of::<SnatValue>()),
+        (maps::PREV_CONNTRACK6, maps::CONNTRACK6, size_of::<CtKey6>(), size_of::<CtValue6>()),
+        (maps::PREV_SNAT6, maps::SNAT6, size_of::<CtKey6>(), size_of::<SnatValue6>()),
     ];
     wanted
         .into_iter()
-        .filter_map(|(fallback, name, value_size)| {
+        .filter_map(|(fallback, name, key_size, value_size)| {
             let pin = previous(dir, name)?;
             let info = MapData::from_pin(&pin).ok()?.info().ok()?;
-            let fits = info.key_size() as usize == size_of::<CtKey>() && info.value_size() as usize == value_size;
+            let fits = info.key_size() as usize == key_size && info.value_size() as usize == value_size;
             fits.then(|| (fallback, pin, info.max_entries()))
         })
         .collect()

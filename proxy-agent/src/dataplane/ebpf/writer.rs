@@ -17,7 +17,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 // Seeded per process, so keys taken from cluster objects cannot be chosen to collide; several times faster
@@ -25,11 +25,10 @@ use std::{
 use foldhash::{HashMap, HashMapExt as _};
 
 use proxy_common::{
-    backend::{Backend, FLAG_LOCAL},
+    backend::FLAG_LOCAL,
     capacity,
     ids::NextIds,
-    revnat::RevNat,
-    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, flags},
+    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceValue, flags},
 };
 
 use crate::model::{
@@ -40,6 +39,13 @@ use super::ApplyStats;
 
 /// A source range: address and prefix length.
 pub use crate::model::Cidr;
+
+/// The maps' keys and values as the writer deals in them: with an address of either family. The maps
+/// ([`ServiceMaps`]) write each into its family's map (`SERVICES` or `SERVICES6`, ...), so the writer's
+/// ordering rules and id numbering hold for both families at once.
+pub type ServiceKey = proxy_common::service::ServiceKey<IpAddr>;
+pub type Backend = proxy_common::backend::Backend<IpAddr>;
+pub type RevNat = proxy_common::revnat::RevNat<IpAddr>;
 
 /// Everything in the service maps, as read back at start-up.
 #[derive(Clone, Debug, Default)]
@@ -220,21 +226,13 @@ impl Usage {
     }
 }
 
-fn be_addr(addr: IpAddr) -> u32 {
-    u32::from_ne_bytes(super::ipv4(addr).octets())
-}
-
-fn from_be_addr(addr: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(addr.to_ne_bytes()))
-}
-
 fn service_key((f, scope): ScopedFrontend, slot: u16) -> ServiceKey {
-    ServiceKey::new(be_addr(f.addr), f.port.to_be(), f.protocol.number(), scope, slot)
+    ServiceKey::new(f.addr, f.port.to_be(), f.protocol.number(), scope, slot)
 }
 
 fn backend_value(ep: Endpoint, protocol: Protocol) -> Backend {
     Backend {
-        addr: be_addr(ep.addr),
+        addr: ep.addr,
         port: ep.port.to_be(),
         proto: protocol.number(),
         flags: if ep.local { FLAG_LOCAL } else { 0 },
@@ -646,7 +644,7 @@ impl<M: ServiceMaps> TableWriter<M> {
             return Ok(*id);
         }
         let id = self.next_rev_nat_id;
-        self.maps.put_revnat(id, RevNat { addr: be_addr(frontend.addr), port: frontend.port.to_be(), pad: 0 })?;
+        self.maps.put_revnat(id, RevNat { addr: frontend.addr, port: frontend.port.to_be(), pad: 0 })?;
         self.next_rev_nat_id += 1;
         self.rev_nat_ids.insert(frontend, id);
         stats.writes += 1;
@@ -765,7 +763,7 @@ impl Known {
         let mut rev_nat_ids = BTreeMap::new();
         for (key, value) in &contents.services {
             let Some(protocol) = Protocol::from_number(key.proto) else { continue };
-            let frontend = Frontend { addr: from_be_addr(key.addr), port: u16::from_be(key.port), protocol };
+            let frontend = Frontend { addr: key.addr, port: u16::from_be(key.port), protocol };
             let p = scopes.entry((frontend, key.scope)).or_default();
             if key.slot == 0 {
                 p.slot0 = Some(*value);
@@ -780,7 +778,7 @@ impl Known {
         for ((frontend, _), p) in &scopes {
             for id in p.slots.values() {
                 if let Some(b) = backends.get(id) {
-                    adopted.insert((*frontend, from_be_addr(b.addr), u16::from_be(b.port), frontend.protocol), *id);
+                    adopted.insert((*frontend, b.addr, u16::from_be(b.port), frontend.protocol), *id);
                     slotted.insert(*id);
                 }
             }
@@ -789,7 +787,7 @@ impl Known {
             .iter()
             .filter(|(id, _)| !slotted.contains(*id))
             .filter_map(|(id, b)| {
-                Some(((from_be_addr(b.addr), u16::from_be(b.port), Protocol::from_number(b.proto)?), *id))
+                Some(((b.addr, u16::from_be(b.port), Protocol::from_number(b.proto)?), *id))
             })
             .collect();
         let mut source_ranges: BTreeMap<u32, BTreeSet<Cidr>> = BTreeMap::new();

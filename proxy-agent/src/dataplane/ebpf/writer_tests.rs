@@ -2,7 +2,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use proptest::prelude::*;
@@ -84,7 +84,7 @@ impl CheckedMaps {
                 .map(|slot| {
                     let b = self.backends[&self.services[&ServiceKey { slot, ..*key }].backend_id];
                     Endpoint {
-                        addr: Ipv4Addr::from(b.addr.to_ne_bytes()).into(),
+                        addr: b.addr,
                         port: u16::from_be(b.port),
                         local: b.flags & FLAG_LOCAL != 0,
                     }
@@ -96,7 +96,7 @@ impl CheckedMaps {
         let mut out = BTreeMap::new();
         for (key, value) in self.services.iter().filter(|(k, _)| k.slot == 0 && k.scope == SCOPE_EXTERNAL) {
             let frontend = Frontend {
-                addr: Ipv4Addr::from(key.addr.to_ne_bytes()).into(),
+                addr: key.addr,
                 port: u16::from_be(key.port),
                 protocol: Protocol::from_number(key.proto).unwrap(),
             };
@@ -116,10 +116,10 @@ impl CheckedMaps {
     fn assert_no_garbage(&self, table: &ServiceTable) {
         let mut used_backends = BTreeSet::new();
         let mut used_revnat = BTreeSet::new();
-        let terminating: BTreeSet<(Ipv4Addr, u16)> = table
+        let terminating: BTreeSet<(IpAddr, u16)> = table
             .frontends
             .values()
-            .flat_map(|e| e.terminating.iter().map(|t| (crate::dataplane::ebpf::ipv4(t.addr), t.port)))
+            .flat_map(|e| e.terminating.iter().map(|t| (t.addr, t.port)))
             .collect();
         for (key, value) in &self.services {
             if key.slot == 0 {
@@ -135,7 +135,7 @@ impl CheckedMaps {
             }
         }
         for (id, b) in &self.backends {
-            let addr = (Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port));
+            let addr = (b.addr, u16::from_be(b.port));
             assert!(used_backends.contains(id) || terminating.contains(&addr), "unused backend {id} remains");
         }
         assert_eq!(self.revnat.keys().copied().collect::<BTreeSet<_>>(), used_revnat, "unused reverse-NAT entries");
@@ -440,7 +440,7 @@ fn each_service_port_has_its_own_backend_ids() {
     assert_eq!(writer.maps.backends.len(), 2, "one id per Service for the same pod");
     let id_of = |maps: &CheckedMaps, f: Frontend| {
         let key = ServiceKey::new(
-            u32::from_ne_bytes(crate::dataplane::ebpf::ipv4(f.addr).octets()),
+            f.addr,
             f.port.to_be(),
             17,
             SCOPE_EXTERNAL,
@@ -538,10 +538,10 @@ fn a_full_reconcile_repairs_entries_removed_behind_the_writers_back() {
     writer
         .maps
         .services
-        .get_mut(&ServiceKey::new(u32::from_ne_bytes([10, 32, 0, 1]), 80u16.to_be(), 6, SCOPE_EXTERNAL, 0))
+        .get_mut(&ServiceKey::new(Ipv4Addr::new(10, 32, 0, 1).into(), 80u16.to_be(), 6, SCOPE_EXTERNAL, 0))
         .unwrap()
         .count = 1;
-    writer.maps.backends.insert(999, Backend { addr: 1, port: 1, proto: 6, flags: 0 });
+    writer.maps.backends.insert(999, Backend { addr: Ipv4Addr::new(1, 0, 0, 0).into(), port: 1, proto: 6, flags: 0 });
     assert_eq!(writer.apply(&t).unwrap(), ApplyStats::default(), "a plain apply trusts its memory");
     writer.reread().unwrap();
     let stats = writer.apply(&t).unwrap();
