@@ -126,6 +126,8 @@ pub mod maps {
     pub const CONFIG6: &str = "CONFIG6";
     pub const FRAGS6: &str = "FRAGS6";
     pub const FRONTEND_ADDRS6: &str = "FRONTEND_ADDRS6";
+    pub const SOCK_REVNAT6: &str = "SOCK_REVNAT6";
+    pub const SOCK_FLOWS6: &str = "SOCK_FLOWS6";
     /// During an upgrade, the previous agent's maps, which the new programs read on a miss (not pinned).
     pub const PREV_CONNTRACK: &str = "PREV_CONNTRACK";
     pub const PREV_SNAT: &str = "PREV_SNAT";
@@ -135,7 +137,7 @@ pub mod maps {
     /// Every map, with the version of its layout (key, value, type, flags), which its pin name carries
     /// (`NAME_vN`). A build that changes a map's layout bumps its version: the upgraded agent then builds the
     /// new map beside the pinned one, fills it, swaps its programs in, and only then lets the old one go.
-    pub const LAYOUTS: [(&str, u32); 27] = [
+    pub const LAYOUTS: [(&str, u32); 29] = [
         (SERVICES, 1),
         (BACKENDS, 1),
         (CONNTRACK, 1),
@@ -163,6 +165,8 @@ pub mod maps {
         (CONFIG6, 1),
         (FRAGS6, 1),
         (FRONTEND_ADDRS6, 1),
+        (SOCK_REVNAT6, 1),
+        (SOCK_FLOWS6, 1),
     ];
 
     /// Maps that hold the service table: written by the agent from the cluster's state. An upgrade copies
@@ -183,8 +187,22 @@ pub mod maps {
         FRONTEND_ADDRS6,
     ];
     /// Maps the data path writes (flows, counters): an upgrade copies them last, just before the swap.
-    pub const FLOW_STATE: [&str; 12] =
-        [CONNTRACK, SNAT, AFFINITY, SOCK_REVNAT, SOCK_FLOWS, FRAGS, STATS, DROPS, CONNTRACK6, SNAT6, AFFINITY6, FRAGS6];
+    pub const FLOW_STATE: [&str; 14] = [
+        CONNTRACK,
+        SNAT,
+        AFFINITY,
+        SOCK_REVNAT,
+        SOCK_FLOWS,
+        FRAGS,
+        STATS,
+        DROPS,
+        CONNTRACK6,
+        SNAT6,
+        AFFINITY6,
+        FRAGS6,
+        SOCK_REVNAT6,
+        SOCK_FLOWS6,
+    ];
 }
 
 /// The agent's id counters, kept in the single entry of the `IDS` array so a restarted agent never hands
@@ -600,6 +618,35 @@ pub mod sock {
         pub pad: u32,
         /// `bpf_ktime_get_ns` of the last datagram.
         pub last_seen_ns: u64,
+    }
+
+    /// IPv6 sockets' entries (`SOCK_REVNAT6`, `SOCK_FLOWS6`): the same fields with an IPv6 address, padded
+    /// out explicitly to the 8-byte alignment the cookie gives them.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct SockKey6 {
+        pub cookie: u64,
+        pub addr: crate::addr::In6,
+        pub port: u16,
+        pub pad: [u16; 3],
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct SockFrontend6 {
+        pub addr: crate::addr::In6,
+        pub port: u16,
+        pub pad: u16,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct SockFlowKey6 {
+        pub cookie: u64,
+        pub addr: crate::addr::In6,
+        pub port: u16,
+        pub proto: u8,
+        pub pad: [u8; 5],
     }
 
     /// An idle socket picks afresh after this long: netfilter's UDP timeout (`nf_conntrack_udp_timeout`).
@@ -1082,6 +1129,9 @@ pub mod pod {
     unsafe impl aya::Pod for super::config::Config6 {}
     unsafe impl aya::Pod for super::addr::In6 {}
     unsafe impl aya::Pod for super::frag::FragKey6 {}
+    unsafe impl aya::Pod for super::sock::SockKey6 {}
+    unsafe impl aya::Pod for super::sock::SockFrontend6 {}
+    unsafe impl aya::Pod for super::sock::SockFlowKey6 {}
     unsafe impl aya::Pod for super::ids::NextIds {}
     unsafe impl aya::Pod for super::sock::SockKey {}
     unsafe impl aya::Pod for super::sock::SockFrontend {}
@@ -1185,6 +1235,14 @@ mod layout_tests {
         assert_eq!(size_of::<FragKey6>(), 40);
         assert_eq!(offset_of!(FragKey6, pad), 37);
         assert_eq!(size_of::<super::config::Config6>(), 16 + 32 + 4 * 32);
+        use super::sock::{SockFlowKey6, SockFrontend6, SockKey6};
+        assert_eq!(size_of::<SockKey6>(), 32);
+        assert_eq!(offset_of!(SockKey6, port), 24);
+        assert_eq!(offset_of!(SockKey6, pad), 26);
+        assert_eq!(size_of::<SockFrontend6>(), 20);
+        assert_eq!(size_of::<SockFlowKey6>(), 32);
+        assert_eq!(offset_of!(SockFlowKey6, proto), 26);
+        assert_eq!(offset_of!(SockFlowKey6, pad), 27);
     }
 
     #[test]

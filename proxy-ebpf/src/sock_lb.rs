@@ -9,21 +9,23 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_ANY,
+    bindings::{BPF_ANY, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     macros::{cgroup_sock_addr, map},
     maps::LruHashMap,
     programs::SockAddrContext,
 };
 use proxy_common::{
+    addr::In6,
     backend::Backend,
     capacity,
     service::flags,
-    sock::{FLOW_IDLE_SECS, SockFlow, SockFlowKey, SockFrontend, SockKey},
+    sock::{FLOW_IDLE_SECS, SockFlow, SockFlowKey, SockFlowKey6, SockFrontend, SockFrontend6, SockKey, SockKey6},
 };
 
 use crate::{
     drop::{self, SOCK_MAP_FULL, SOCK_REFUSED},
+    family::Family,
     lb,
     packet::{Flow, Fragment},
     snat,
@@ -34,6 +36,131 @@ static SOCK_REVNAT: LruHashMap<SockKey, SockFrontend> = LruHashMap::pinned(capac
 
 #[map(name = "SOCK_FLOWS")]
 static SOCK_FLOWS: LruHashMap<SockFlowKey, SockFlow> = LruHashMap::pinned(capacity::SOCK_FLOWS, 0);
+
+#[map(name = "SOCK_REVNAT6")]
+static SOCK_REVNAT6: LruHashMap<SockKey6, SockFrontend6> = LruHashMap::pinned(capacity::SOCK_REVNAT, 0);
+
+#[map(name = "SOCK_FLOWS6")]
+static SOCK_FLOWS6: LruHashMap<SockFlowKey6, SockFlow> = LruHashMap::pinned(capacity::SOCK_FLOWS, 0);
+
+/// A family as the socket hooks see it: where `bpf_sock_addr` holds its address (`user_ip4`, `user_ip6`),
+/// and its socket maps.
+trait SockFamily: Family {
+    type RevKey: 'static;
+    type Front: Copy + 'static;
+    type FlowKey: 'static;
+    fn revnat() -> &'static LruHashMap<Self::RevKey, Self::Front>;
+    fn flows() -> &'static LruHashMap<Self::FlowKey, SockFlow>;
+    /// The call's address. SAFETY: `sa` is the program's `bpf_sock_addr`, and the hook is this family's.
+    unsafe fn user_addr(sa: *mut bpf_sock_addr) -> Self;
+    /// SAFETY: as [`SockFamily::user_addr`], from a hook that may write it.
+    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: Self);
+    fn rev_key(cookie: u64, addr: Self, port: u16) -> Self::RevKey;
+    fn front(addr: Self, port: u16) -> Self::Front;
+    fn front_parts(front: Self::Front) -> (Self, u16);
+    fn flow_key(cookie: u64, addr: Self, port: u16, proto: u8) -> Self::FlowKey;
+}
+
+impl SockFamily for u32 {
+    type RevKey = SockKey;
+    type Front = SockFrontend;
+    type FlowKey = SockFlowKey;
+
+    #[inline(always)]
+    fn revnat() -> &'static LruHashMap<SockKey, SockFrontend> {
+        &SOCK_REVNAT
+    }
+
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<SockFlowKey, SockFlow> {
+        &SOCK_FLOWS
+    }
+
+    #[inline(always)]
+    unsafe fn user_addr(sa: *mut bpf_sock_addr) -> Self {
+        // SAFETY: the caller's.
+        unsafe { (*sa).user_ip4 }
+    }
+
+    #[inline(always)]
+    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: Self) {
+        // SAFETY: the caller's.
+        unsafe { (*sa).user_ip4 = addr };
+    }
+
+    #[inline(always)]
+    fn rev_key(cookie: u64, addr: Self, port: u16) -> SockKey {
+        SockKey { cookie, addr, port, pad: 0 }
+    }
+
+    #[inline(always)]
+    fn front(addr: Self, port: u16) -> SockFrontend {
+        SockFrontend { addr, port, pad: 0 }
+    }
+
+    #[inline(always)]
+    fn front_parts(front: SockFrontend) -> (Self, u16) {
+        (front.addr, front.port)
+    }
+
+    #[inline(always)]
+    fn flow_key(cookie: u64, addr: Self, port: u16, proto: u8) -> SockFlowKey {
+        SockFlowKey { cookie, addr, port, proto, pad: 0 }
+    }
+}
+
+impl SockFamily for In6 {
+    type RevKey = SockKey6;
+    type Front = SockFrontend6;
+    type FlowKey = SockFlowKey6;
+
+    #[inline(always)]
+    fn revnat() -> &'static LruHashMap<SockKey6, SockFrontend6> {
+        &SOCK_REVNAT6
+    }
+
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<SockFlowKey6, SockFlow> {
+        &SOCK_FLOWS6
+    }
+
+    #[inline(always)]
+    unsafe fn user_addr(sa: *mut bpf_sock_addr) -> Self {
+        // SAFETY: the caller's; the verifier wants the words read one at a time.
+        unsafe { In6([(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]]) }
+    }
+
+    #[inline(always)]
+    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: Self) {
+        // SAFETY: the caller's; written a word at a time, as the verifier allows.
+        unsafe {
+            (*sa).user_ip6[0] = addr.0[0];
+            (*sa).user_ip6[1] = addr.0[1];
+            (*sa).user_ip6[2] = addr.0[2];
+            (*sa).user_ip6[3] = addr.0[3];
+        }
+    }
+
+    #[inline(always)]
+    fn rev_key(cookie: u64, addr: Self, port: u16) -> SockKey6 {
+        SockKey6 { cookie, addr, port, pad: [0; 3] }
+    }
+
+    #[inline(always)]
+    fn front(addr: Self, port: u16) -> SockFrontend6 {
+        SockFrontend6 { addr, port, pad: 0 }
+    }
+
+    #[inline(always)]
+    fn front_parts(front: SockFrontend6) -> (Self, u16) {
+        (front.addr, front.port)
+    }
+
+    #[inline(always)]
+    fn flow_key(cookie: u64, addr: Self, port: u16, proto: u8) -> SockFlowKey6 {
+        SockFlowKey6 { cookie, addr, port, proto, pad: [0; 5] }
+    }
+}
 
 /// Which hook a translation runs in.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -80,8 +207,8 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
 /// The backend this socket's earlier datagrams to the frontend went to, if it still exists and the socket
 /// sent within [`FLOW_IDLE_SECS`]; refreshed on every datagram.
 #[inline(always)]
-fn sticky_backend(key: &SockFlowKey, now: u64) -> Option<Backend> {
-    let entry = SOCK_FLOWS.get_ptr_mut(key)?;
+fn sticky_backend<A: SockFamily>(key: &A::FlowKey, now: u64) -> Option<Backend<A>> {
+    let entry = A::flows().get_ptr_mut(key)?;
     // SAFETY: `entry` points into the map's value, valid for this program run; plain field accesses.
     let (backend_id, last_seen) = unsafe { ((*entry).backend_id, (*entry).last_seen_ns) };
     if now.saturating_sub(last_seen) > FLOW_IDLE_SECS * 1_000_000_000 {
@@ -95,20 +222,20 @@ fn sticky_backend(key: &SockFlowKey, now: u64) -> Option<Backend> {
 
 /// Points the socket at a backend if it is addressed to a frontend.
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
+fn translate<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
     if !ours(ctx) {
         return ALLOW;
     }
     let sa = ctx.sock_addr;
     // SAFETY: the context points at the kernel's bpf_sock_addr for the whole run; these fields are readable.
-    let (addr, user_port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    let (addr, user_port, protocol) = unsafe { (A::user_addr(sa), (*sa).user_port, (*sa).protocol) };
     let Ok(proto) = u8::try_from(protocol) else { return ALLOW };
     // user_port holds the port in network byte order in its low 16 bits.
     let port = (user_port & 0xffff) as u16;
     let flow = Flow {
         l3_off: 0,
         l4_off: 0,
-        src_addr: 0,
+        src_addr: A::default(),
         dst_addr: addr,
         src_port: 0,
         dst_port: port,
@@ -126,40 +253,50 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     }
     // loadBalancerSourceRanges: the node's own connection leaves from its primary address, which must be
     // in the ranges (kube-proxy checks them in its output hook too; it drops, here the call fails at once).
-    if svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(&Flow { src_addr: cfg.snat_addr, ..flow }, &svc)
+    if svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(&Flow { src_addr: A::snat_addr_for(0, cfg), ..flow }, &svc)
     {
         drop::count(drop::SOURCE_RANGE);
         return DENY;
     }
     let cookie = socket_cookie(ctx);
-    let flow_key = SockFlowKey { cookie, addr, port, proto, pad: 0 };
+    let flow_key = A::flow_key(cookie, addr, port, proto);
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let known = if call == Call::SendTo { sticky_backend(&flow_key, now) } else { None };
+    let known = if call == Call::SendTo { sticky_backend::<A>(&flow_key, now) } else { None };
     let backend = if let Some(backend) = known {
         backend
     } else {
-        let Some((backend_id, backend)) = lb::select_backend(&flow, &svc, lb::Asker::Socket, cfg) else {
+        // sessionAffinity ClientIP holds for the node's own connections too (kube-proxy's affinity rules sit
+        // in the output path as well): the client is the node's address, which they leave from.
+        let affinity = svc.value.flags & flags::AFFINITY != 0;
+        let node = Flow { src_addr: A::snat_addr_for(0, cfg), ..flow };
+        let chosen = if affinity { lb::affinity_backend(&node, &svc) } else { None };
+        let Some((backend_id, backend)) =
+            chosen.or_else(|| lb::select_backend(&flow, &svc, lb::Asker::Socket, cfg))
+        else {
             // No usable endpoint: refuse at once rather than leave the client to time out.
             return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { refuse(proto) } else { ALLOW };
         };
+        if affinity {
+            lb::remember_affinity(&node, &svc, backend_id);
+        }
         if call == Call::SendTo {
             let value = SockFlow { backend_id, pad: 0, last_seen_ns: now };
             // Without the entry the next datagram picks again, as before; not worth refusing for.
-            let _ = SOCK_FLOWS.insert(&flow_key, &value, u64::from(BPF_ANY));
+            let _ = A::flows().insert(&flow_key, &value, u64::from(BPF_ANY));
         }
         backend
     };
-    let key = SockKey { cookie, addr: backend.addr, port: backend.port, pad: 0 };
-    let frontend = SockFrontend { addr, port, pad: 0 };
+    let key = A::rev_key(cookie, backend.addr, backend.port);
+    let frontend = A::front(addr, port);
     // Without the entry, replies would show the backend's address; better to refuse than to confuse.
-    if SOCK_REVNAT.insert(&key, &frontend, u64::from(BPF_ANY)).is_err() {
+    if A::revnat().insert(&key, &frontend, u64::from(BPF_ANY)).is_err() {
         drop::count(SOCK_MAP_FULL);
         return DENY;
     }
-    // SAFETY: as above; these fields are writable from connect4 and sendmsg4.
+    // SAFETY: as above; these fields are writable from connect and sendmsg hooks.
     unsafe {
-        (*sa).user_ip4 = backend.addr;
+        A::set_user_addr(sa, backend.addr);
         (*sa).user_port = u32::from(backend.port);
     }
     ALLOW
@@ -167,20 +304,21 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
 
 /// Shows the frontend instead of the backend a socket was pointed at.
 #[inline(always)]
-fn restore(ctx: &SockAddrContext) -> i32 {
+fn restore<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
     if !ours(ctx) {
         return ALLOW;
     }
     let sa = ctx.sock_addr;
     // SAFETY: as in `translate`.
-    let (addr, user_port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    let key = SockKey { cookie: socket_cookie(ctx), addr, port: (user_port & 0xffff) as u16, pad: 0 };
+    let (addr, user_port) = unsafe { (A::user_addr(sa), (*sa).user_port) };
+    let key = A::rev_key(socket_cookie(ctx), addr, (user_port & 0xffff) as u16);
     // SAFETY: the value is copied out at once.
-    if let Some(frontend) = unsafe { SOCK_REVNAT.get(&key).copied() } {
-        // SAFETY: these fields are writable from recvmsg4 and getpeername4.
+    if let Some(frontend) = unsafe { A::revnat().get(&key).copied() } {
+        let (addr, port) = A::front_parts(frontend);
+        // SAFETY: these fields are writable from recvmsg and getpeername hooks.
         unsafe {
-            (*sa).user_ip4 = frontend.addr;
-            (*sa).user_port = u32::from(frontend.port);
+            A::set_user_addr(sa, addr);
+            (*sa).user_port = u32::from(port);
         }
     }
     ALLOW
@@ -189,23 +327,47 @@ fn restore(ctx: &SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect4)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Call::Connect)
+    translate::<u32>(&ctx, Call::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Call::SendTo)
+    translate::<u32>(&ctx, Call::SendTo)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore(&ctx)
+    restore::<u32>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    restore(&ctx)
+    restore::<u32>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+#[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    translate::<In6>(&ctx, Call::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+#[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    translate::<In6>(&ctx, Call::SendTo)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+#[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore::<In6>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+#[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore::<In6>(&ctx)
 }

@@ -137,21 +137,25 @@ pub fn tcp(ns: &str, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<
 /// # Errors
 /// As [`tcp`]; [`refused`] and [`timed_out`] tell a refusal from silence.
 pub fn tcp_from(ns: &str, source: Option<Ipv6Addr>, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
-    in_netns(ns, move || -> anyhow::Result<Reply6> {
-        let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
-        if let Some(source) = source {
-            socket.bind(&SocketAddr::from((source, 0)).into())?;
-        }
-        socket
-            .connect_timeout(&SocketAddr::V6(target).into(), timeout)
-            .with_context(|| format!("TCP connect to {target}"))?;
-        let stream: TcpStream = socket.into();
-        stream.set_read_timeout(Some(timeout))?;
-        (&stream).write_all(b"hello\n")?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line).with_context(|| format!("TCP answer from {target}"))?;
-        Reply6::parse(&line)
-    })?
+    in_netns(ns, move || tcp_here(source, target, timeout))?
+}
+
+/// [`tcp_from`] in the calling process's own namespace and cgroup (the `lab-client` binary on a node).
+///
+/// # Errors
+/// As [`tcp`].
+pub fn tcp_here(source: Option<Ipv6Addr>, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(source) = source {
+        socket.bind(&SocketAddr::from((source, 0)).into())?;
+    }
+    socket.connect_timeout(&SocketAddr::V6(target).into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(timeout))?;
+    (&stream).write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).with_context(|| format!("TCP answer from {target}"))?;
+    Reply6::parse(&line)
 }
 
 /// Whether a request's error is a refusal (an `ICMPv6` port unreachable, or a TCP reset), not silence.
@@ -176,13 +180,20 @@ pub fn timed_out(error: &anyhow::Error) -> bool {
 /// # Errors
 /// No answer within `timeout` (or an `ICMPv6` error), or an answer that does not parse.
 pub fn udp(ns: &str, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
-    in_netns(ns, move || -> anyhow::Result<Reply6> {
-        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
-        socket.set_read_timeout(Some(timeout))?;
-        socket.connect(target)?;
-        socket.send(b"hello\n").with_context(|| format!("UDP send to {target}"))?;
-        let mut buf = [0u8; 2048];
-        let n = socket.recv(&mut buf).with_context(|| format!("UDP answer from {target}"))?;
-        Reply6::parse(&String::from_utf8_lossy(&buf[..n]))
-    })?
+    in_netns(ns, move || udp_here(target, timeout))?
+}
+
+/// [`udp`] from the calling process's own namespace and cgroup, on an unconnected socket (`sendto`,
+/// `recvfrom`): the answer must come from the address sent to.
+///
+/// # Errors
+/// As [`udp`], and an answer from another address.
+pub fn udp_here(target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
+    let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"hello\n", target).with_context(|| format!("UDP send to {target}"))?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket.recv_from(&mut buf).with_context(|| format!("UDP answer from {target}"))?;
+    anyhow::ensure!(from == SocketAddr::V6(target), "UDP answer from {from}, not {target}");
+    Reply6::parse(&String::from_utf8_lossy(&buf[..n]))
 }

@@ -15,7 +15,7 @@ use proxy_lab::{
     Lab, LabSpec,
     echo::{Proto, request},
     echo6::{self, Echo6},
-    lab::{EXTERNAL_IP6, mode, node_ip6, node_name},
+    lab::{EXTERNAL_IP6, node_ip6, node_name},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -187,13 +187,23 @@ fn ipv6_policies_source_ranges_refusals_and_affinity() {
     let outside = echo6::tcp_from(&external, Some(outsider), target, TIMEOUT).expect_err("outside the source ranges");
     assert!(!echo6::refused(&outside), "outside the ranges: dropped, {outside:#}");
 
-    // Session affinity: one client, one endpoint, from a pod and from the node itself.
-    for ns in [client.ns.clone(), lab.node_ns(1)] {
-        let first = echo6::tcp(&ns, vip(0x64), TIMEOUT).unwrap_or_else(|e| panic!("{ns}: {e:#}"));
-        for _ in 0..11 {
-            let next = echo6::tcp(&ns, vip(0x64), TIMEOUT).unwrap();
-            assert_eq!(next.backend, first.backend, "affinity keeps {ns} on one endpoint");
-        }
+    // Session affinity: one client, one endpoint, from a pod and from a process of the node itself (in the
+    // node's namespace and cgroup, where the eBPF mode's socket programs see it).
+    let first = echo6::tcp(&client.ns, vip(0x64), TIMEOUT).unwrap_or_else(|e| panic!("pod: {e:#}"));
+    for _ in 0..11 {
+        let next = echo6::tcp(&client.ns, vip(0x64), TIMEOUT).unwrap();
+        assert_eq!(next.backend, first.backend, "affinity keeps the pod on one endpoint");
+    }
+    let lab_client = std::path::Path::new(env!("CARGO_BIN_EXE_lab-client"));
+    let from_node = |proto: &str| {
+        let out = lab.run_on_node(1, lab_client, &[proto, &vip(0x64).to_string(), "2000"]).unwrap();
+        let line = out.trim().strip_prefix("OK ").unwrap_or_else(|| panic!("node 1, {proto}: {out}")).to_owned();
+        line.split_whitespace().next().unwrap_or_default().to_owned()
+    };
+    let node_first = from_node("tcp");
+    assert!([a.name.as_str(), b.name.as_str()].contains(&node_first.as_str()), "{node_first}");
+    for _ in 0..5 {
+        assert_eq!(from_node("tcp"), node_first, "affinity keeps the node on one endpoint");
     }
     drop(echoes);
 }

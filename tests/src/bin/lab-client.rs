@@ -2,17 +2,21 @@
 //! test the node's own traffic. Prints `OK <backend> <seen source>` or `ERR <kind> <detail>`, one line per
 //! request.
 //!
-//! - `tcp|udp ADDR:PORT TIMEOUT_MS`: one request (UDP: on a fresh unconnected socket).
+//! - `tcp|udp ADDR:PORT TIMEOUT_MS`: one request (UDP: on a fresh unconnected socket); an IPv6 target is
+//!   written `[ADDR]:PORT`.
 //! - `udp-flow ADDR:PORT TIMEOUT_MS COUNT`: COUNT requests on ONE unconnected UDP socket (`sendto` each
 //!   time), so all of them are one flow; stops at the first failure.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6, UdpSocket},
     process::ExitCode,
     time::Duration,
 };
 
-use proxy_lab::echo::{Outcome, Proto, attempt_here, udp_ask, udp_request_here};
+use proxy_lab::{
+    echo::{Outcome, Proto, attempt_here, udp_ask, udp_request_here},
+    echo6,
+};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -26,6 +30,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let (Ok(target), Ok(ms)) = (target.parse::<SocketAddrV6>(), timeout_ms.parse::<u64>()) {
+        let timeout = Duration::from_millis(ms);
+        let reply = if mode == "udp" { echo6::udp_here(target, timeout) } else { echo6::tcp_here(None, target, timeout) };
+        match reply {
+            Ok(r) => println!("OK {} {}", r.backend, r.seen_source),
+            Err(e) if echo6::refused(&e) => println!("ERR refused"),
+            Err(e) if echo6::timed_out(&e) => println!("ERR timeout"),
+            Err(e) => println!("ERR failed {e:#}"),
+        }
+        return ExitCode::SUCCESS;
+    }
     let (Ok(target), Ok(ms), Ok(count)) = (target.parse::<SocketAddrV4>(), timeout_ms.parse::<u64>(), count.parse())
     else {
         eprintln!("bad target, timeout or count");
