@@ -180,11 +180,20 @@ pub fn timed_out(error: &anyhow::Error) -> bool {
 /// # Errors
 /// No answer within `timeout` (or an `ICMPv6` error), or an answer that does not parse.
 pub fn udp(ns: &str, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
-    in_netns(ns, move || udp_here(target, timeout))?
+    in_netns(ns, move || -> anyhow::Result<Reply6> {
+        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.connect(target)?;
+        socket.send(b"hello\n").with_context(|| format!("UDP send to {target}"))?;
+        let mut buf = [0u8; 2048];
+        let n = socket.recv(&mut buf).with_context(|| format!("UDP answer from {target}"))?;
+        Reply6::parse(&String::from_utf8_lossy(&buf[..n]))
+    })?
 }
 
-/// [`udp`] from the calling process's own namespace and cgroup, on an unconnected socket (`sendto`,
-/// `recvfrom`): the answer must come from the address sent to.
+/// One UDP request from the calling process's own namespace and cgroup (the `lab-client` binary on a
+/// node), on an unconnected socket (`sendto`, `recvfrom`), as the IPv4 client does: the answer must come
+/// from the address sent to.
 ///
 /// # Errors
 /// As [`udp`], and an answer from another address.
