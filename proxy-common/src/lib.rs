@@ -23,11 +23,11 @@ pub mod addr {
     /// A type of its own rather than `[u32; 4]`: an array's `==` compiles to a `memcmp` call, which BPF
     /// programs cannot make (the BPF backend of LLVM crashes on it). This one compares word by word.
     #[repr(transparent)]
-    #[derive(Clone, Copy, Debug, Default, Hash)]
+    #[derive(Clone, Copy, Debug, Default)]
     pub struct In6(pub [u32; 4]);
 
     impl PartialEq for In6 {
-        #[inline(always)]
+        #[inline]
         fn eq(&self, other: &Self) -> bool {
             let (a, b) = (&self.0, &other.0);
             (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
@@ -35,6 +35,13 @@ pub mod addr {
     }
 
     impl Eq for In6 {}
+
+    // Equal addresses have equal words, so hashing the words agrees with `eq`.
+    impl core::hash::Hash for In6 {
+        fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+            self.0.hash(state);
+        }
+    }
 
     impl PartialOrd for In6 {
         fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
@@ -79,14 +86,14 @@ pub mod addr {
         }
 
         /// Whether every word is zero (the unspecified address `::`, "none" in the maps).
-        #[inline(always)]
+        #[inline]
         #[must_use]
         pub const fn is_zero(&self) -> bool {
             self.0[0] | self.0[1] | self.0[2] | self.0[3] == 0
         }
 
         /// `self & mask == net`, word by word.
-        #[inline(always)]
+        #[inline]
         #[must_use]
         pub const fn masked_eq(&self, mask: &Self, net: &Self) -> bool {
             let (a, m, n) = (&self.0, &mask.0, &net.0);
@@ -1235,14 +1242,13 @@ mod layout_tests {
         assert_eq!(size_of::<FragKey6>(), 40);
         assert_eq!(offset_of!(FragKey6, pad), 37);
         assert_eq!(size_of::<super::config::Config6>(), 16 + 32 + 4 * 32);
-        use super::sock::{SockFlowKey6, SockFrontend6, SockKey6};
-        assert_eq!(size_of::<SockKey6>(), 32);
-        assert_eq!(offset_of!(SockKey6, port), 24);
-        assert_eq!(offset_of!(SockKey6, pad), 26);
-        assert_eq!(size_of::<SockFrontend6>(), 20);
-        assert_eq!(size_of::<SockFlowKey6>(), 32);
-        assert_eq!(offset_of!(SockFlowKey6, proto), 26);
-        assert_eq!(offset_of!(SockFlowKey6, pad), 27);
+        assert_eq!(size_of::<super::sock::SockKey6>(), 32);
+        assert_eq!(offset_of!(super::sock::SockKey6, port), 24);
+        assert_eq!(offset_of!(super::sock::SockKey6, pad), 26);
+        assert_eq!(size_of::<super::sock::SockFrontend6>(), 20);
+        assert_eq!(size_of::<super::sock::SockFlowKey6>(), 32);
+        assert_eq!(offset_of!(super::sock::SockFlowKey6, proto), 26);
+        assert_eq!(offset_of!(super::sock::SockFlowKey6, pad), 27);
     }
 
     #[test]

@@ -54,7 +54,6 @@ impl Maps for u32 {
     fn prev_conntrack() -> &'static LruHashMap<CtKey, CtValue> {
         &PREV_CONNTRACK
     }
-
 }
 
 impl Maps for In6 {
@@ -67,9 +66,7 @@ impl Maps for In6 {
     fn prev_conntrack() -> &'static LruHashMap<CtKey6, CtValue6> {
         &PREV_CONNTRACK6
     }
-
 }
-
 
 /// The entry of `key` (see `upgrade::entry`).
 #[inline(always)]

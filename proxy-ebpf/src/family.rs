@@ -9,8 +9,9 @@ use aya_ebpf::{bindings::bpf_fib_lookup, programs::TcContext};
 use proxy_common::{addr::In6, config::Config};
 
 use crate::{
-    conntrack, frag, lb,
+    conntrack,
     drop::Result,
+    frag, lb,
     nat::{self, Side},
     packet::{self, Flow, L4Csum, Packet, Parsed},
     reject::{self, Back},
@@ -25,7 +26,7 @@ pub trait Family: lb::Maps + conntrack::Maps + snat::Maps + frag::Maps + Copy + 
     const AF: u8;
 
     /// Whether the address is in kube-proxy's `clusterCIDR` of this family (local-traffic detection).
-    fn from_cluster(&self, cfg: &Config) -> bool;
+    fn in_cluster_cidr(&self, cfg: &Config) -> bool;
     /// Whether the address is one of the node's SNAT addresses of this family.
     fn is_snat_addr(&self, cfg: &Config) -> bool;
     /// Whether the address is in a service CIDR of this family, and whether any is set.
@@ -37,8 +38,14 @@ pub trait Family: lb::Maps + conntrack::Maps + snat::Maps + frag::Maps + Copy + 
     fn hash(flow: &Flow<Self>) -> u32;
     /// Writes `to` over the address at `side` of the packet (which holds `from`), with the checksums that
     /// cover it (`l4_csum`, where the packet has one).
-    fn write_addr<P: Packet>(pkt: &P, flow: &Flow<Self>, side: Side, from: Self, to: Self, l4_csum: Option<L4Csum>)
-    -> Result<()>;
+    fn write_addr<P: Packet>(
+        pkt: &P,
+        flow: &Flow<Self>,
+        side: Side,
+        from: Self,
+        to: Self,
+        l4_csum: Option<L4Csum>,
+    ) -> Result<()>;
     /// Parses a frame of this family (`packet::parse4`, `packet::parse6`).
     fn parse<P: Packet>(pkt: &P) -> Parsed<Self>;
     /// Sets the source and destination of a FIB lookup.
@@ -52,7 +59,7 @@ impl Family for u32 {
     const AF: u8 = 2;
 
     #[inline(always)]
-    fn from_cluster(&self, cfg: &Config) -> bool {
+    fn in_cluster_cidr(&self, cfg: &Config) -> bool {
         cfg.cluster_mask != 0 && *self & cfg.cluster_mask == cfg.cluster_addr
     }
 
@@ -115,7 +122,7 @@ impl Family for In6 {
     const AF: u8 = 10;
 
     #[inline(always)]
-    fn from_cluster(&self, _cfg: &Config) -> bool {
+    fn in_cluster_cidr(&self, _cfg: &Config) -> bool {
         snat::config6().is_some_and(|c| c.cluster.contains(self))
     }
 

@@ -10,7 +10,9 @@ use proxy_common::{
 use crate::{
     drop::{Result, SCTP_PORT_CHANGE},
     family::Family,
-    packet::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_DST_OFF, L4_SRC_OFF, L4Csum, Packet},
+    packet::{
+        Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_DST_OFF, L4_SRC_OFF, L4Csum, Packet,
+    },
 };
 
 /// Reverse-NAT id → frontend. The data path no longer reads it (a flow's reply entry holds its frontend,

@@ -271,7 +271,7 @@ pub struct Quote {
 /// What a packet is to the service path.
 pub enum Parsed<A = u32> {
     /// Not something the proxy translates: other ethertypes and protocols, ICMP other than errors about
-    /// TCP/UDP/SCTP, malformed headers, and (so far) every ICMPv6 message. Passes untouched.
+    /// TCP/UDP/SCTP, malformed headers, and (so far) every `ICMPv6` message. Passes untouched.
     Other,
     Flow(Flow<A>),
     /// An ICMP error about a flow (IPv4).

@@ -1,5 +1,5 @@
 //! Refusing a client at once (a Service without usable endpoints, a ClusterIP's undefined port): the packet
-//! is turned, in place, into an ICMP "port unreachable" (ICMPv6 destination unreachable, code 4, for IPv6)
+//! is turned, in place, into an ICMP "port unreachable" (`ICMPv6` destination unreachable, code 4, for IPv6)
 //! from the address it was sent to and sent back to the sender. This is what kube-proxy's REJECT rule does
 //! (`icmp-port-unreachable`, `icmp6-port-unreachable`); TCP clients see ECONNREFUSED, connected UDP
 //! sockets too.
@@ -27,12 +27,16 @@ const REPLY_FRAME_LEN: u32 = 70;
 const _: () = assert!(REPLY_IP_LEN as usize == IP_HLEN + ICMP_HLEN + QUOTE_LEN);
 const _: () = assert!(REPLY_FRAME_LEN as usize == ETH_HLEN + REPLY_IP_LEN as usize);
 
-/// ICMPv6 (RFC 4443): destination unreachable, code 4 "port unreachable". The quote is the offending IPv6
+/// `ICMPv6` (RFC 4443): destination unreachable, code 4 "port unreachable". The quote is the offending IPv6
 /// header and the first 8 bytes of its payload, which name the socket (a receiver needs no more).
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
 const IPPROTO_ICMPV6: u8 = 58;
 const QUOTE6_LEN: usize = IP6_HLEN + 8;
+/// The helper's forms of where the quote starts and how long it is.
+const QUOTE6_OFF: u32 = 14;
+const QUOTE6_BYTES: u32 = 48;
+const _: () = assert!(QUOTE6_OFF as usize == ETH_HLEN && QUOTE6_BYTES as usize == QUOTE6_LEN);
 /// The reply's IPv6 payload length, and its length on the wire.
 const REPLY6_PAYLOAD_LEN: u16 = 56;
 const REPLY6_FRAME_LEN: u32 = 110;
@@ -111,7 +115,7 @@ pub fn reject4(ctx: &TcContext, flow: &Flow, back: Back) -> Result<i32> {
     send_back(ctx, &macs, back)
 }
 
-/// Rewrites the packet into an ICMPv6 port unreachable for `flow` and redirects it back to the sender.
+/// Rewrites the packet into an `ICMPv6` port unreachable for `flow` and redirects it back to the sender.
 /// A packet with extension headers, or a later fragment, is only dropped (as for IPv4 options).
 #[inline(always)]
 pub fn reject6(ctx: &TcContext, flow: &Flow<In6>, back: Back) -> Result<i32> {
@@ -125,9 +129,9 @@ pub fn reject6(ctx: &TcContext, flow: &Flow<In6>, back: Back) -> Result<i32> {
     let rc = unsafe {
         aya_ebpf::helpers::bpf_skb_load_bytes(
             aya_ebpf::EbpfContext::as_ptr(ctx),
-            ETH_HLEN as u32,
+            QUOTE6_OFF,
             icmp.as_mut_ptr().add(ICMP_HLEN / 4).cast(),
-            QUOTE6_LEN as u32,
+            QUOTE6_BYTES,
         )
     };
     if rc != 0 {

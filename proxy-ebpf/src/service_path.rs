@@ -7,7 +7,7 @@
 //! datagram take the path of its first fragment (`frag`).
 //!
 //! The path is written once over [`Family`]: each program runs it for IPv4 or IPv6 by the packet's
-//! ethertype, against that family's maps. ICMP errors are translated for IPv4 only so far (ICMPv6 passes
+//! ethertype, against that family's maps. ICMP errors are translated for IPv4 only so far (`ICMPv6` passes
 //! untouched, neighbour discovery included).
 
 use aya_ebpf::{
@@ -88,7 +88,7 @@ fn kept_backend<A: Family>(flow: &Flow<A>, ct: &CtValue<A>) -> Option<Backend<A>
 pub fn decide<A: Family>(flow: &Flow<A>, origin: Origin, cfg: &Config, tcp_flags: u8) -> Result<Verdict<A>> {
     // kube-proxy's local-traffic detection by cluster CIDR: a pod of another node is pod traffic, not
     // external traffic, even when it arrives on a host interface.
-    let from_pod = origin == Origin::Pod || flow.src_addr.from_cluster(cfg);
+    let from_pod = origin == Origin::Pod || flow.src_addr.in_cluster_cidr(cfg);
     let Some(svc) = lb::lookup_service(flow, from_pod) else {
         return Ok(Verdict::NotService);
     };
@@ -378,8 +378,9 @@ static IPV6_PROGRAMS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArra
 
 #[inline(always)]
 fn to_ipv6(ctx: &TcContext, slot: u32) -> i32 {
-    // SAFETY: the tail call replaces this program with one of the same type on the same context.
-    let _ = unsafe { IPV6_PROGRAMS.tail_call(ctx, slot) };
+    // SAFETY: the tail call replaces this program with one of the same type on the same context; when
+    // the slot is empty it returns, and the packet passes.
+    unsafe { IPV6_PROGRAMS.tail_call(ctx, slot) };
     PASS
 }
 

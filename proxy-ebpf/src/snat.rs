@@ -16,7 +16,8 @@ use proxy_common::{
     capacity,
     config::{Config, Config6},
     conntrack::{
-        CtKey, CtKey6, DIR_SNAT_IN, DIR_SNAT_OUT, SNAT_CLOSING, SNAT_FIN_IN, SNAT_FIN_OUT, SNAT_RST, SnatValue, SnatValue6,
+        CtKey, CtKey6, DIR_SNAT_IN, DIR_SNAT_OUT, SNAT_CLOSING, SNAT_FIN_IN, SNAT_FIN_OUT, SNAT_RST, SnatValue,
+        SnatValue6,
     },
     proto,
 };

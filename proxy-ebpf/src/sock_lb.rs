@@ -253,7 +253,8 @@ fn translate<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
     }
     // loadBalancerSourceRanges: the node's own connection leaves from its primary address, which must be
     // in the ranges (kube-proxy checks them in its output hook too; it drops, here the call fails at once).
-    if svc.ext_flags & flags::SOURCE_RANGES != 0 && !lb::source_allowed(&Flow { src_addr: A::snat_addr_for(0, cfg), ..flow }, &svc)
+    if svc.ext_flags & flags::SOURCE_RANGES != 0
+        && !lb::source_allowed(&Flow { src_addr: A::snat_addr_for(0, cfg), ..flow }, &svc)
     {
         drop::count(drop::SOURCE_RANGE);
         return DENY;
@@ -271,8 +272,7 @@ fn translate<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
         let affinity = svc.value.flags & flags::AFFINITY != 0;
         let node = Flow { src_addr: A::snat_addr_for(0, cfg), ..flow };
         let chosen = if affinity { lb::affinity_backend(&node, &svc) } else { None };
-        let Some((backend_id, backend)) =
-            chosen.or_else(|| lb::select_backend(&flow, &svc, lb::Asker::Socket, cfg))
+        let Some((backend_id, backend)) = chosen.or_else(|| lb::select_backend(&flow, &svc, lb::Asker::Socket, cfg))
         else {
             // No usable endpoint: refuse at once rather than leave the client to time out.
             return if svc.value.flags & flags::REJECT_WHEN_EMPTY != 0 { refuse(proto) } else { ALLOW };

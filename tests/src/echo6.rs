@@ -149,7 +149,9 @@ pub fn tcp_here(source: Option<Ipv6Addr>, target: SocketAddrV6, timeout: Duratio
     if let Some(source) = source {
         socket.bind(&SocketAddr::from((source, 0)).into())?;
     }
-    socket.connect_timeout(&SocketAddr::V6(target).into(), timeout).with_context(|| format!("TCP connect to {target}"))?;
+    socket
+        .connect_timeout(&SocketAddr::V6(target).into(), timeout)
+        .with_context(|| format!("TCP connect to {target}"))?;
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(timeout))?;
     (&stream).write_all(b"hello\n")?;

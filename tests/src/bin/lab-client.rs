@@ -32,7 +32,8 @@ fn main() -> ExitCode {
     };
     if let (Ok(target), Ok(ms)) = (target.parse::<SocketAddrV6>(), timeout_ms.parse::<u64>()) {
         let timeout = Duration::from_millis(ms);
-        let reply = if mode == "udp" { echo6::udp_here(target, timeout) } else { echo6::tcp_here(None, target, timeout) };
+        let reply =
+            if mode == "udp" { echo6::udp_here(target, timeout) } else { echo6::tcp_here(None, target, timeout) };
         match reply {
             Ok(r) => println!("OK {} {}", r.backend, r.seen_source),
             Err(e) if echo6::refused(&e) => println!("ERR refused"),

@@ -170,11 +170,11 @@ impl AddrMap for AyaAddrMap {
     fn entries(&self) -> anyhow::Result<Vec<(IpAddr, u32)>> {
         use super::maps::MapAddr as _;
         let mut out = Vec::new();
-        for e in self.v4.iter() {
+        for e in &self.v4 {
             let (k, v) = e.context("reading FRONTEND_ADDRS")?;
             out.push((k.to_ip(), v));
         }
-        for e in self.v6.iter() {
+        for e in &self.v6 {
             let (k, v) = e.context("reading FRONTEND_ADDRS6")?;
             out.push((k.to_ip(), v));
         }

@@ -27,7 +27,8 @@ impl Ipv6Programs {
     /// Takes the table from the loaded object and fills it with the loaded IPv6 programs.
     pub fn fill(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
         let map = ebpf.take_map(MAP).with_context(|| format!("map {MAP} missing from the eBPF object"))?;
-        let mut map = aya::maps::ProgramArray::try_from(map).with_context(|| format!("map {MAP} has an unexpected type"))?;
+        let mut map =
+            aya::maps::ProgramArray::try_from(map).with_context(|| format!("map {MAP} has an unexpected type"))?;
         for (slot, name) in PROGRAMS {
             let prog: &aya::programs::SchedClassifier = ebpf
                 .program(name)

@@ -71,22 +71,24 @@ impl<A: MapAddr> FamilyMaps<A> {
             backends: take(ebpf, backends)?,
             revnat: take(ebpf, revnat)?,
             source_ranges: {
-                let map = ebpf.take_map(ranges).with_context(|| format!("map {ranges} missing from the eBPF object"))?;
-                LpmTrie::try_from(map).with_context(|| format!("map {ranges} has an unexpected type or key/value size"))?
+                let map =
+                    ebpf.take_map(ranges).with_context(|| format!("map {ranges} missing from the eBPF object"))?;
+                LpmTrie::try_from(map)
+                    .with_context(|| format!("map {ranges} has an unexpected type or key/value size"))?
             },
         })
     }
 
     fn dump_into(&self, contents: &mut Contents) -> anyhow::Result<()> {
-        for entry in self.services.iter() {
+        for entry in &self.services {
             let (key, value) = entry.context("reading the services map")?;
             contents.services.push((key.with_addr(key.addr.to_ip()), value));
         }
-        for entry in self.backends.iter() {
+        for entry in &self.backends {
             let (id, b) = entry.context("reading the backends map")?;
             contents.backends.push((id, b.with_addr(b.addr.to_ip())));
         }
-        for entry in self.revnat.iter() {
+        for entry in &self.revnat {
             let (id, r) = entry.context("reading the reverse-NAT map")?;
             contents.revnat.push((id, writer::RevNat { addr: r.addr.to_ip(), port: r.port, pad: 0 }));
         }

@@ -231,7 +231,8 @@ impl EbpfDataplane {
         take_over: Option<handover::TakeOver>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        let (mut ebpf, created) = load_with_versioned_pins(pin_dir, &flow_table_sizes(settings.max_flows, settings.snat_addr6.is_some()))?;
+        let (mut ebpf, created) =
+            load_with_versioned_pins(pin_dir, &flow_table_sizes(settings.max_flows, settings.snat_addr6.is_some()))?;
         let upgrading = pins::upgrade_pending(pin_dir);
         if upgrading {
             // The service state first, into maps nothing uses yet, so the writer adopts it and the first sync

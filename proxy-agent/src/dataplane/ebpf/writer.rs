@@ -786,9 +786,7 @@ impl Known {
         let adopted_unslotted = backends
             .iter()
             .filter(|(id, _)| !slotted.contains(*id))
-            .filter_map(|(id, b)| {
-                Some(((b.addr, u16::from_be(b.port), Protocol::from_number(b.proto)?), *id))
-            })
+            .filter_map(|(id, b)| Some(((b.addr, u16::from_be(b.port), Protocol::from_number(b.proto)?), *id)))
             .collect();
         let mut source_ranges: BTreeMap<u32, BTreeSet<Cidr>> = BTreeMap::new();
         for (id, range) in &contents.source_ranges {

@@ -83,11 +83,7 @@ impl CheckedMaps {
             let mut eps: Vec<Endpoint> = (1..=count)
                 .map(|slot| {
                     let b = self.backends[&self.services[&ServiceKey { slot, ..*key }].backend_id];
-                    Endpoint {
-                        addr: b.addr,
-                        port: u16::from_be(b.port),
-                        local: b.flags & FLAG_LOCAL != 0,
-                    }
+                    Endpoint { addr: b.addr, port: u16::from_be(b.port), local: b.flags & FLAG_LOCAL != 0 }
                 })
                 .collect();
             eps.sort();
@@ -116,11 +112,8 @@ impl CheckedMaps {
     fn assert_no_garbage(&self, table: &ServiceTable) {
         let mut used_backends = BTreeSet::new();
         let mut used_revnat = BTreeSet::new();
-        let terminating: BTreeSet<(IpAddr, u16)> = table
-            .frontends
-            .values()
-            .flat_map(|e| e.terminating.iter().map(|t| (t.addr, t.port)))
-            .collect();
+        let terminating: BTreeSet<(IpAddr, u16)> =
+            table.frontends.values().flat_map(|e| e.terminating.iter().map(|t| (t.addr, t.port))).collect();
         for (key, value) in &self.services {
             if key.slot == 0 {
                 used_revnat.insert(value.rev_nat_id);
@@ -439,13 +432,7 @@ fn each_service_port_has_its_own_backend_ids() {
     writer.apply(&both(vec![pod])).unwrap();
     assert_eq!(writer.maps.backends.len(), 2, "one id per Service for the same pod");
     let id_of = |maps: &CheckedMaps, f: Frontend| {
-        let key = ServiceKey::new(
-            f.addr,
-            f.port.to_be(),
-            17,
-            SCOPE_EXTERNAL,
-            1,
-        );
+        let key = ServiceKey::new(f.addr, f.port.to_be(), 17, SCOPE_EXTERNAL, 1);
         maps.services[&key].backend_id
     };
     let (a_before, b_before) = (id_of(writer.maps, fa), id_of(writer.maps, fb));
