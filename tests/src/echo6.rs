@@ -28,6 +28,8 @@ pub struct Reply6 {
     pub backend: String,
     /// The client address the backend saw.
     pub seen_source: SocketAddrV6,
+    /// UDP: how many bytes the backend received (the datagram whole, however it was fragmented).
+    pub len: Option<usize>,
 }
 
 impl Reply6 {
@@ -36,7 +38,8 @@ impl Reply6 {
         let mut words = line.split_whitespace();
         let (Some(name), Some(peer)) = (words.next(), words.next()) else { bail!("malformed reply {line:?}") };
         let seen_source = peer.parse().with_context(|| format!("malformed peer in {line:?}"))?;
-        Ok(Self { backend: name.to_owned(), seen_source })
+        let len = words.next().and_then(|w| w.strip_prefix("len=")?.parse().ok());
+        Ok(Self { backend: name.to_owned(), seen_source, len })
     }
 }
 
@@ -116,10 +119,10 @@ fn answer_tcp(stream: &TcpStream, name: &str, peer: SocketAddr) -> std::io::Resu
 }
 
 fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+        if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(format!("{name} {peer} len={n}\n").as_bytes(), peer);
         }
     }
 }
@@ -182,11 +185,22 @@ pub fn timed_out(error: &anyhow::Error) -> bool {
 /// # Errors
 /// No answer within `timeout` (or an `ICMPv6` error), or an answer that does not parse.
 pub fn udp(ns: &str, target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
+    udp_sized(ns, target, 6, timeout)
+}
+
+/// [`udp`] with a datagram of `size` bytes (at least 6): one bigger than the path MTU leaves the client
+/// as IPv6 fragments.
+///
+/// # Errors
+/// As [`udp`].
+pub fn udp_sized(ns: &str, target: SocketAddrV6, size: usize, timeout: Duration) -> anyhow::Result<Reply6> {
     in_netns(ns, move || -> anyhow::Result<Reply6> {
         let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
         socket.set_read_timeout(Some(timeout))?;
         socket.connect(target)?;
-        socket.send(b"hello\n").with_context(|| format!("UDP send to {target}"))?;
+        let mut payload = b"hello\n".to_vec();
+        payload.resize(size.max(payload.len()), b'.');
+        socket.send(&payload).with_context(|| format!("UDP send to {target}"))?;
         let mut buf = [0u8; 2048];
         let n = socket.recv(&mut buf).with_context(|| format!("UDP answer from {target}"))?;
         Reply6::parse(&String::from_utf8_lossy(&buf[..n]))

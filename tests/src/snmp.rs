@@ -1,4 +1,4 @@
-//! The kernel's SNMP counters of one namespace (`/proc/net/snmp`): what a test reads to prove that a
+//! The kernel's SNMP counters of one namespace (`/proc/net/snmp`, and IPv6's `/proc/net/snmp6`): what a test reads to prove that a
 //! packet class really occurred — a datagram fragmented and reassembled, an ICMP error sent and received —
 //! before it judges what the client got.
 
@@ -8,12 +8,26 @@ use anyhow::Context as _;
 
 use crate::cmd::run;
 
-/// Counters keyed `Group:Name`, as `Ip:FragCreates` or `Icmp:InDestUnreachs`.
+/// Counters keyed `Group:Name`, as `Ip:FragCreates` or `Icmp:InDestUnreachs`; IPv6's by their own names,
+/// which carry their group (`Ip6FragCreates`, `Icmp6InDestUnreachs`).
 pub type Counters = BTreeMap<String, u64>;
 
-/// Every counter of `/proc/net/snmp` in namespace `ns`.
+/// Every counter of `/proc/net/snmp` and `/proc/net/snmp6` in namespace `ns`.
 pub fn read(ns: &str) -> anyhow::Result<Counters> {
-    parse(&run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"])?)
+    let mut counters = parse(&run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"])?)?;
+    counters.extend(parse6(&run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp6"])?));
+    Ok(counters)
+}
+
+/// Parses `/proc/net/snmp6`: one `Name value` pair a line.
+#[must_use]
+pub fn parse6(text: &str) -> Counters {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            Some((words.next()?.to_owned(), words.next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Parses `/proc/net/snmp`: each group is a line of names and a line of values, both led by `Group:`.
@@ -72,6 +86,10 @@ mod tests {
         let counters = super::parse(&std::fs::read_to_string("/proc/net/snmp").unwrap()).unwrap();
         for key in ["Ip:FragCreates", "Ip:ReasmOKs", "Icmp:InDestUnreachs", "Icmp:OutDestUnreachs"] {
             assert!(counters.contains_key(key), "{key} missing: {counters:?}");
+        }
+        let counters6 = super::parse6(&std::fs::read_to_string("/proc/net/snmp6").unwrap());
+        for key in ["Ip6FragCreates", "Ip6ReasmOKs", "Icmp6InDestUnreachs"] {
+            assert!(counters6.contains_key(key), "{key} missing: {counters6:?}");
         }
     }
 }

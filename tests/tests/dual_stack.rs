@@ -253,3 +253,38 @@ fn ip_route_external6(lab: &Lab, cidr: &str, node: usize) {
     let via = node_ip6(node).to_string();
     proxy_lab::cmd::ip_in(&lab.external_ns(), &["-6", "route", "replace", cidr, "via", &via]).unwrap();
 }
+
+/// An IPv6 datagram bigger than the MTU leaves the client as fragments (IPv6 routers never fragment: only
+/// the sender does, behind a Fragment extension header), and only the first carries the UDP header.
+/// Through an IPv6 ClusterIP it must arrive whole, at a backend on another node and at one on the client's
+/// own node: every fragment translated to the same backend. The test first proves the client's kernel
+/// fragmented it and the backend's reassembled it.
+#[test]
+fn an_ipv6_datagram_fragmented_by_the_client_arrives_whole() {
+    const BIG: usize = 4000;
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    assert!(lab.dual_stack(), "this topology has no IPv6 (PROXY_LAB_POD_NETWORK=vxlan)");
+    let (remote, local) = (lab.pod(2, 2).clone(), lab.pod(1, 2).clone());
+    let echoes =
+        [Echo6::start(&remote.ns, &remote.name, 8080).unwrap(), Echo6::start(&local.ns, &local.name, 8080).unwrap()];
+    let udp = |yaml: String| yaml.replace("protocol: TCP", "protocol: UDP");
+    lab.write_manifest("remote6.yaml", &udp(v6_service("remote6", 0x81, "", None, ""))).unwrap();
+    lab.write_manifest("remote6-v6.yaml", &udp(v6_slice("remote6", &[&remote]))).unwrap();
+    lab.write_manifest("local6.yaml", &udp(v6_service("local6", 0x82, "", None, ""))).unwrap();
+    lab.write_manifest("local6-v6.yaml", &udp(v6_slice("local6", &[&local]))).unwrap();
+    lab.start_agents().unwrap();
+    let client = lab.pod(1, 1).clone();
+    for (last, backend) in [(0x81, &remote), (0x82, &local)] {
+        let target = SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, last), 80, 0, 0);
+        let sender = proxy_lab::snmp::Snapshot::take(&client.ns).unwrap();
+        let receiver = proxy_lab::snmp::Snapshot::take(&backend.ns).unwrap();
+        let reply = echo6::udp_sized(&client.ns, target, BIG, TIMEOUT);
+        let fragments = sender.rise("Ip6FragCreates").unwrap();
+        assert!(fragments >= 3, "{target}: the client's kernel did not fragment ({fragments} fragments)");
+        let reply = reply.unwrap_or_else(|e| panic!("{target} → {}: a {BIG}-byte datagram: {e:#}", backend.name));
+        assert_eq!(reply.backend, backend.name, "{target}");
+        assert_eq!(reply.len, Some(BIG), "{target}: the backend must receive the datagram whole");
+        assert!(receiver.rise("Ip6ReasmOKs").unwrap() >= 1, "{target}: the backend reassembled no datagram");
+    }
+    drop(echoes);
+}

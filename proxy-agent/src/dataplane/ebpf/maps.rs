@@ -256,3 +256,24 @@ impl ServiceMaps for AyaServiceMaps {
         Ok(contents)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::MapAddr;
+    use proxy_common::addr::In6;
+
+    #[test]
+    fn addresses_round_trip_through_their_family_only() {
+        let v4: IpAddr = Ipv4Addr::new(10, 32, 0, 1).into();
+        let v6: IpAddr = "fd00:32::1".parse::<Ipv6Addr>().unwrap().into();
+        // IPv4 keeps the packet's byte order: the first octet is the first byte in memory.
+        assert_eq!(u32::from_ip(v4).unwrap().to_ne_bytes(), [10, 32, 0, 1]);
+        assert_eq!(u32::from_ip(v4).unwrap().to_ip(), v4);
+        assert_eq!(In6::from_ip(v6).unwrap().to_ip(), v6);
+        assert_eq!(In6::from_ip(v6).unwrap().octets()[..2], [0xfd, 0x00]);
+        assert_eq!(u32::from_ip(v6), None, "an IPv6 address never reaches an IPv4 map");
+        assert_eq!(In6::from_ip(v4), None, "nor the reverse");
+    }
+}

@@ -583,3 +583,35 @@ impl Dataplane for EbpfDataplane {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::{prefix_mask6, service_cidrs};
+    use proxy_common::addr::In6;
+
+    #[test]
+    fn ipv6_masks_cover_their_prefix_only() {
+        assert_eq!(prefix_mask6(0), In6::UNSPECIFIED);
+        assert_eq!(prefix_mask6(128).octets(), [0xff; 16]);
+        let m = prefix_mask6(60).octets();
+        assert_eq!(m[..7], [0xff; 7]);
+        assert_eq!(m[7], 0xf0);
+        assert_eq!(m[8..], [0; 8]);
+    }
+
+    #[test]
+    fn service_cidrs_go_to_their_family_masked() {
+        let cidrs = [
+            (IpAddr::V6("fd00:32::1".parse::<Ipv6Addr>().unwrap()), 108),
+            (IpAddr::V4(Ipv4Addr::new(10, 32, 0, 9)), 16),
+        ];
+        let (v4, v6) = service_cidrs(&cidrs);
+        assert_eq!(v4[0].addr.to_ne_bytes(), [10, 32, 0, 0]);
+        assert_eq!(v4[1].mask, 0, "one IPv4 range");
+        assert!(v6[0].contains(&In6::from_octets("fd00:32::ab".parse::<Ipv6Addr>().unwrap().octets())));
+        assert!(!v6[0].contains(&In6::from_octets("fd00:33::1".parse::<Ipv6Addr>().unwrap().octets())));
+        assert!(!v6[1].is_set(), "one IPv6 range");
+    }
+}
