@@ -210,7 +210,8 @@ pub fn forget<A: Maps>(flow: &Flow<A>, ct: &CtValue<A>) {
 /// What a client's packet to a frontend finds of its flow.
 pub enum Known<'m, A = u32> {
     /// A live flow: keep its translation. The entry in the map, not a copy (an IPv6 entry is 40 bytes of
-    /// the 512-byte stack); valid for the program run, as every map value is.
+    /// the IPv6 program's 512-byte stack, which is nearly all used). Read it before inserting into the map:
+    /// an LRU insert may evict and reuse any element, this one included.
     Live(&'m CtValue<A>),
     /// No flow, or one that has ended (expired, closed and now reopened by a SYN): pick afresh.
     New,
@@ -247,6 +248,10 @@ pub fn lookup_forward<'m, A: Maps>(flow: &Flow<A>, tcp_flags: u8, cfg: &Config) 
         // SAFETY: only the presence of the value is used.
         if unsafe { A::conntrack().get(&rkey).is_none() } {
             let _ = A::conntrack().insert(&rkey, &reply_value(flow, value), u64::from(BPF_NOEXIST));
+            // The insert may have evicted and reused this flow's own element: look it up again.
+            let Some(entry) = A::conntrack().get_ptr_mut(&key) else { return Known::New };
+            // SAFETY: as above, for the element found now.
+            return Known::Live(unsafe { &*entry });
         }
     }
     Known::Live(value)

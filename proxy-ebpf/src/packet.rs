@@ -422,6 +422,10 @@ fn ext_headers<P: Packet>(pkt: &P, mut next: u8, mut off: usize) -> Option<(u8, 
                 ip_id = id;
                 next = nh;
                 off += 8;
+                // A later fragment carries payload, not headers, after its Fragment header.
+                if fragment == Fragment::Later {
+                    break;
+                }
             }
             _ => break,
         }

@@ -415,8 +415,8 @@ fn node_ports_on_selected_addresses() {
 /// `TestNodePorts` (IPv6 sub-tests), on an IPv6-only Service: upstream's `2001:db8::1/128` and
 /// `2001:db8::/64` are the lab's node address `fd00:240::11/128` and its `/64`, the secondary address
 /// `fd00:240::21`. Each case reaches both endpoints over enough connections (the chance of missing one in 16
-/// is 2^-15 per case), masqueraded or not as upstream says. The eBPF mode serves IPv4 only so far: there
-/// the node port is not served (the node's own stack refuses it).
+/// is 2^-15 per case), masqueraded or not as upstream says (the node's own case, from a node process, checks
+/// the endpoints only), in every mode.
 #[test]
 fn node_ports_on_selected_addresses_ipv6() {
     use proxy_lab::echo6::{self, Echo6};

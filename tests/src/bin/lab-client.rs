@@ -31,6 +31,10 @@ fn main() -> ExitCode {
         }
     };
     if let (Ok(target), Ok(ms)) = (target.parse::<SocketAddrV6>(), timeout_ms.parse::<u64>()) {
+        if mode != "tcp" && mode != "udp" {
+            eprintln!("{mode} takes an IPv4 target only");
+            return ExitCode::from(2);
+        }
         let timeout = Duration::from_millis(ms);
         let reply =
             if mode == "udp" { echo6::udp_here(target, timeout) } else { echo6::tcp_here(None, target, timeout) };

@@ -272,8 +272,11 @@ impl<A: MapAddr> Tables<A> {
 pub struct Sweeper {
     v4: Tables<u32>,
     v6: Tables<In6>,
-    /// `CONNTRACK6`'s last complete pass: its flows count with IPv4's.
-    last6: Pass,
+    /// Complete passes of each family's connection table not yet reported together: a pass is reported
+    /// (and counted in `passes`, which the conntrack keeper waits on) only once both tables have completed
+    /// one since the last report, so neither family's flows go uncounted.
+    pass4: Option<Pass>,
+    pass6: Option<Pass>,
     timeouts: Timeouts,
     capacity: u64,
     stats: Arc<FlowTableStats>,
@@ -284,10 +287,10 @@ impl Sweeper {
     pub fn open(pin_dir: &Path, timeouts: Timeouts, stats: Arc<FlowTableStats>) -> anyhow::Result<Self> {
         let (v4, capacity) = Tables::open(pin_dir, maps::CONNTRACK, maps::SNAT)?;
         let (v6, _) = Tables::open(pin_dir, maps::CONNTRACK6, maps::SNAT6)?;
-        Ok(Self { v4, v6, last6: Pass::default(), timeouts, capacity, stats, warned: false })
+        Ok(Self { v4, v6, pass4: None, pass6: None, timeouts, capacity, stats, warned: false })
     }
 
-    /// Looks at up to `limit` entries of each map. Returns whether a pass of `CONNTRACK` completed.
+    /// Looks at up to `limit` entries of each map. Returns whether a pass of both connection tables completed.
     ///
     /// A connection table: an expired flow's forward entry goes when the walk meets it, and its reply
     /// entry when the walk meets that (its flow expired, or gone). A SNAT table: a port's entry (backend →
@@ -298,7 +301,7 @@ impl Sweeper {
         let stats = self.stats.clone();
         let (pass6, snat6) = self.v6.step(limit, now, self.timeouts, &stats)?;
         if let Some(pass) = pass6 {
-            self.last6 = pass;
+            self.pass6 = Some(pass);
             stats.entries6.store(pass.entries, Ordering::Relaxed);
         }
         if let Some(kept) = snat6 {
@@ -308,12 +311,13 @@ impl Sweeper {
         if let Some(kept) = snat {
             stats.snat_entries.store(kept, Ordering::Relaxed);
         }
-        let Some(pass) = pass else { return Ok(false) };
-        let both = Pass {
-            entries: pass.entries,
-            flows: pass.flows + self.last6.flows,
-            kernel_flows: pass.kernel_flows + self.last6.kernel_flows,
-        };
+        if let Some(pass) = pass {
+            self.pass4 = Some(pass);
+        }
+        let (Some(p4), Some(p6)) = (self.pass4, self.pass6) else { return Ok(false) };
+        (self.pass4, self.pass6) = (None, None);
+        let both =
+            Pass { entries: p4.entries, flows: p4.flows + p6.flows, kernel_flows: p4.kernel_flows + p6.kernel_flows };
         self.finish_pass(both);
         Ok(true)
     }
@@ -350,6 +354,7 @@ impl Sweeper {
                         tracing::warn!(error = %format!("{e:#}"), "conntrack sweep failed; retrying");
                         self.v4.restart();
                         self.v6.restart();
+                        (self.pass4, self.pass6) = (None, None);
                     }
                     std::thread::sleep(TICK);
                 }

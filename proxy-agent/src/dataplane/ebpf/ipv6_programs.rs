@@ -3,9 +3,9 @@
 //!
 //! The kernel empties a program array once no file descriptor or pin refers to it, so the table must be
 //! pinned to outlive the agent (the pinned links keep the programs running). It is this build's own: it is
-//! filled at load, and pinned in place of the previous agent's table only once this build's programs are
-//! on the interfaces (at start, or when an upgrade swaps them in), so the previous programs keep sending
-//! IPv6 packets to the previous IPv6 programs and maps until then.
+//! filled at load and pinned beside the previous agent's table, and takes that table's pin only once this
+//! build's programs are on the interfaces (at start, or when an upgrade swaps them in), so the previous
+//! programs keep sending IPv6 packets to the previous IPv6 programs and maps until then.
 
 use std::path::Path;
 
@@ -19,13 +19,16 @@ pub const PROGRAMS: [(u32, &str); 4] =
     [(0, "tc_pod_ingress6"), (1, "tc_pod_egress6"), (2, "tc_host_ingress6"), (3, "tc_host_egress6")];
 
 pub struct Ipv6Programs {
-    /// Until pinned: pinning hands the map to its pin.
-    map: Option<aya::maps::ProgramArray<aya::maps::MapData>>,
+    /// Where the table is pinned until this build's programs serve.
+    staged: std::path::PathBuf,
+    pinned: bool,
 }
 
 impl Ipv6Programs {
-    /// Takes the table from the loaded object and fills it with the loaded IPv6 programs.
-    pub fn fill(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+    /// Takes the table from the loaded object, fills it with the loaded IPv6 programs, and pins it beside
+    /// the previous agent's table (`IPV6_PROGRAMS_new`): from here on a failed start cannot leave programs
+    /// on an interface whose IPv6 table the kernel has emptied.
+    pub fn fill(ebpf: &mut aya::Ebpf, dir: &Path) -> anyhow::Result<Self> {
         let map = ebpf.take_map(MAP).with_context(|| format!("map {MAP} missing from the eBPF object"))?;
         let mut map =
             aya::maps::ProgramArray::try_from(map).with_context(|| format!("map {MAP} has an unexpected type"))?;
@@ -38,18 +41,23 @@ impl Ipv6Programs {
             let fd = prog.fd().with_context(|| format!("program {name} is not loaded"))?;
             map.set(slot, fd, 0).with_context(|| format!("putting {name} into {MAP}"))?;
         }
-        Ok(Self { map: Some(map) })
+        // bpffs refuses dots in names.
+        let staged = dir.join(format!("{MAP}_new"));
+        let _ = std::fs::remove_file(&staged);
+        map.pin(&staged).with_context(|| format!("pinning {MAP} at {}", staged.display()))?;
+        Ok(Self { staged, pinned: false })
     }
 
-    /// Pins the table at `<dir>/IPV6_PROGRAMS`, replacing the previous agent's (once per agent).
+    /// Once this build's programs are on the interfaces: the table takes the place of the previous
+    /// agent's (a rename, which replaces that pin at once). Retried on the next call if it fails.
     pub fn pin(&mut self, dir: &Path) -> anyhow::Result<()> {
-        let Some(map) = self.map.take() else { return Ok(()) };
+        if self.pinned {
+            return Ok(());
+        }
         let path = dir.join(MAP);
-        // Pinned beside, then renamed over: the previous table stays referenced until this one replaces it.
-        let fresh = dir.join(format!("{MAP}_new"));
-        let _ = std::fs::remove_file(&fresh);
-        map.pin(&fresh).with_context(|| format!("pinning {MAP} at {}", fresh.display()))?;
-        std::fs::rename(&fresh, &path).with_context(|| format!("moving {} to {}", fresh.display(), path.display()))?;
+        std::fs::rename(&self.staged, &path)
+            .with_context(|| format!("moving {} to {}", self.staged.display(), path.display()))?;
+        self.pinned = true;
         Ok(())
     }
 }

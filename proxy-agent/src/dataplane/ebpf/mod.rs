@@ -86,8 +86,8 @@ pub struct NodeSettings {
 /// The sizes of the per-flow maps for a table of `max_flows` flows: two conntrack entries per flow (forward
 /// and reply), two SNAT entries per SNATed flow (out and in), and fragment records for one datagram in
 /// sixteen flows being in pieces at once (never fewer than the build's default). IPv6's tables get the
-/// same sizes on a node with an IPv6 address (`ipv6`), and the least the kernel's LRU works with on one
-/// without: those maps are allocated whole (~30 MiB each at the default size), and a node gaining IPv6
+/// same sizes on a node with an IPv6 address or an IPv6 `clusterCIDR` (`ipv6`), and the least the kernel's
+/// LRU works with otherwise: those maps are allocated whole (~30 MiB each at the default size), and a node gaining IPv6
 /// later resizes them at its next start, as any resize.
 #[must_use]
 pub fn flow_table_sizes(max_flows: u32, ipv6: bool) -> [(&'static str, u32); 6] {
@@ -231,8 +231,10 @@ impl EbpfDataplane {
         take_over: Option<handover::TakeOver>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        let (mut ebpf, created) =
-            load_with_versioned_pins(pin_dir, &flow_table_sizes(settings.max_flows, settings.snat_addr6.is_some()))?;
+        let (mut ebpf, created) = load_with_versioned_pins(
+            pin_dir,
+            &flow_table_sizes(settings.max_flows, settings.snat_addr6.is_some() || settings.cluster_cidr6.is_some()),
+        )?;
         let upgrading = pins::upgrade_pending(pin_dir);
         if upgrading {
             // The service state first, into maps nothing uses yet, so the writer adopts it and the first sync
@@ -246,7 +248,7 @@ impl EbpfDataplane {
             );
         }
         attach::load_programs(&mut ebpf)?;
-        let ipv6_programs = ipv6_programs::Ipv6Programs::fill(&mut ebpf)?;
+        let ipv6_programs = ipv6_programs::Ipv6Programs::fill(&mut ebpf, pin_dir)?;
         let config6 = config6_value(settings);
         write_config6(&mut ebpf, &config6)?;
         let mut config = config_value(settings)?;

@@ -161,6 +161,14 @@ pub fn installed_here() -> bool {
     Command::new("iptables").args(["-w", "-t", "nat", "-S", "KUBE-SERVICES"]).output().is_ok_and(|o| o.status.success())
 }
 
+/// Whether kube-proxy's IPv6 iptables layout (ours or kube-proxy's own) is installed.
+pub fn ipv6_installed_here() -> bool {
+    Command::new("ip6tables")
+        .args(["-w", "-t", "nat", "-S", "KUBE-SERVICES"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 impl Iptables {
     /// Creates kube-proxy's fixed chains if needed and makes sure the built-in chains jump to them.
     fn ensure_hooks(family: Family) -> anyhow::Result<()> {

@@ -196,6 +196,15 @@ pub fn installed_here() -> bool {
             .any(|(family, name)| nft(&["--terse", "list", "table", family, name]).is_ok_and(|o| o.status.success()))
 }
 
+/// Whether an IPv6 nftables Service table (this mode's, or kube-proxy's nftables mode's) is installed.
+pub fn ipv6_installed_here() -> bool {
+    Command::new("nft").arg("--version").output().is_ok()
+        && LEFTOVER_TABLES
+            .iter()
+            .filter(|(family, _)| *family == "ip6")
+            .any(|(family, name)| nft(&["--terse", "list", "table", family, name]).is_ok_and(|o| o.status.success()))
+}
+
 /// Whether nftables works here: the `nft` tool runs and the kernel answers it.
 pub fn usable() -> Result<(), String> {
     match nft(&["list", "tables"]) {
