@@ -365,7 +365,7 @@ fn parse_ipv6<P: Packet>(pkt: &P) -> Option<Parsed<In6>> {
     if !is_translated_proto(next) {
         return None;
     }
-    let mut flow = Flow {
+    let flow = Flow {
         l3_off: offset(l3_off)?,
         l4_off: offset(off)?,
         src_addr,
@@ -377,16 +377,7 @@ fn parse_ipv6<P: Packet>(pkt: &P) -> Option<Parsed<In6>> {
         ip_id,
         fragment,
     };
-    if fragment == Fragment::Later {
-        let Some((src_port, dst_port)) = frag::ports(&flow) else {
-            return Some(Parsed::UntrackedFragment { src: flow.src_addr, dst: flow.dst_addr });
-        };
-        (flow.src_port, flow.dst_port) = (src_port, dst_port);
-    } else {
-        let ports: [u16; 2] = pkt.load(off).ok()?;
-        (flow.src_port, flow.dst_port) = (ports[0], ports[1]);
-    }
-    Some(Parsed::Flow(flow))
+    with_ports(pkt, flow)
 }
 
 /// Walks the extension headers from `next` at `off` (see [`MAX_EXT_HEADERS`]): the upper-layer protocol,
@@ -478,7 +469,7 @@ fn parse_ipv4<P: Packet>(pkt: &P) -> Option<Parsed> {
     if !is_translated_proto(ip.proto) {
         return None;
     }
-    let mut flow = Flow {
+    let flow = Flow {
         l3_off: offset(l3_off)?,
         l4_off: offset(l4_off)?,
         src_addr: ip.src,
@@ -490,13 +481,20 @@ fn parse_ipv4<P: Packet>(pkt: &P) -> Option<Parsed> {
         ip_id: u32::from(ip.id),
         fragment,
     };
-    if fragment == Fragment::Later {
+    with_ports(pkt, flow)
+}
+
+/// The flow with its ports: from the L4 header, or for a later fragment from its first fragment's record
+/// ([`Parsed::UntrackedFragment`] when there is none).
+#[inline(always)]
+fn with_ports<P: Packet, A: frag::Maps + Copy>(pkt: &P, mut flow: Flow<A>) -> Option<Parsed<A>> {
+    if flow.fragment == Fragment::Later {
         let Some((src_port, dst_port)) = frag::ports(&flow) else {
             return Some(Parsed::UntrackedFragment { src: flow.src_addr, dst: flow.dst_addr });
         };
         (flow.src_port, flow.dst_port) = (src_port, dst_port);
     } else {
-        let ports: [u16; 2] = pkt.load(l4_off).ok()?;
+        let ports: [u16; 2] = pkt.load(flow.l4()).ok()?;
         (flow.src_port, flow.dst_port) = (ports[0], ports[1]);
     }
     Some(Parsed::Flow(flow))
