@@ -11,7 +11,7 @@ use proxy_common::{addr::In6, config::Config};
 use crate::{
     conntrack,
     drop::Result,
-    frag, lb,
+    frag, icmp, lb,
     nat::{self, Side},
     packet::{self, Flow, L4Csum, Packet, Parsed},
     reject::{self, Back},
@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// An address family, by its address type as the maps hold it.
-pub trait Family: lb::Maps + conntrack::Maps + snat::Maps + frag::Maps + Copy + Eq + Default {
+pub trait Family: lb::Maps + conntrack::Maps + snat::Maps + frag::Maps + icmp::Quoted + Copy + Eq + Default {
     /// Bits in an address (the longest source range).
     const BITS: u8;
     /// `AF_INET` or `AF_INET6`, for the kernel's FIB lookup.

@@ -7,8 +7,8 @@
 //! datagram take the path of its first fragment (`frag`).
 //!
 //! The path is written once over [`Family`]: each program runs it for IPv4 or IPv6 by the packet's
-//! ethertype, against that family's maps. ICMP errors are translated for IPv4 only so far (`ICMPv6` passes
-//! untouched, neighbour discovery included).
+//! ethertype, against that family's maps. ICMP errors are translated in both families (`ICMPv6` other
+//! than errors, neighbour discovery included, passes untouched).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},

@@ -5,11 +5,11 @@
 //!
 //! Protocol: the client's first line is `upload` (then its data, then its half-close; the server answers
 //! `NAME PEER len=BYTES_RECEIVED`) or `download N` (the server answers `NAME PEER`, then N bytes, then
-//! closes).
+//! closes). The server listens on both families.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{echo::Reply, netns::in_netns};
+use crate::netns::in_netns;
 
 /// How long a server thread sleeps between checks of its stop flag.
 const POLL: Duration = Duration::from_millis(20);
@@ -37,9 +37,10 @@ pub struct BulkServer {
 }
 
 impl BulkServer {
-    /// Starts serving `name` on TCP `port` inside namespace `ns`.
+    /// Starts serving `name` on TCP `port` inside namespace `ns`, IPv4 and IPv6 (one socket on `[::]`,
+    /// which takes IPv4 too unless the namespace sets `bindv6only`).
     pub fn start(ns: &str, name: &str, port: u16) -> anyhow::Result<Self> {
-        let listener = in_netns(ns, move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?
+        let listener = in_netns(ns, move || TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))?
             .with_context(|| format!("binding TCP port {port} in {ns}"))?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -47,11 +48,12 @@ impl BulkServer {
         let thread = thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, SocketAddr::V4(peer))) => {
+                    Ok((stream, peer)) => {
                         let name = name.clone();
+                        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                         thread::spawn(move || serve(&stream, &name, peer));
                     }
-                    Ok(_) | Err(_) => thread::sleep(POLL),
+                    Err(_) => thread::sleep(POLL),
                 }
             }
         });
@@ -68,7 +70,7 @@ impl Drop for BulkServer {
     }
 }
 
-fn serve(stream: &TcpStream, name: &str, peer: SocketAddrV4) -> std::io::Result<()> {
+fn serve(stream: &TcpStream, name: &str, peer: SocketAddr) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IDLE))?;
     stream.set_write_timeout(Some(IDLE))?;
@@ -102,10 +104,26 @@ fn left(deadline: Instant, what: impl FnOnce() -> String) -> anyhow::Result<Dura
     Ok(left)
 }
 
-fn connect(target: SocketAddrV4, deadline: Instant) -> anyhow::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&target.into(), left(deadline, || "connecting".to_owned())?)
+/// What one transfer moved: the server that answered, and how many bytes arrived (at the server for an
+/// upload, by its own account; at the client for a download).
+#[derive(Debug)]
+pub struct Transfer {
+    pub backend: String,
+    pub bytes: u64,
+}
+
+/// The server's line `NAME PEER [len=N]`: its name, and `len` if given.
+fn account(line: &str) -> anyhow::Result<(String, Option<u64>)> {
+    let mut words = line.split_whitespace();
+    let (Some(name), Some(_peer)) = (words.next(), words.next()) else { bail!("malformed account {line:?}") };
+    let len = words.find_map(|w| w.strip_prefix("len=")).map(str::parse).transpose();
+    Ok((name.to_owned(), len.with_context(|| format!("malformed len in {line:?}"))?))
+}
+
+fn connect(target: SocketAddr, deadline: Instant) -> anyhow::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&target, left(deadline, || "connecting".to_owned())?)
         .with_context(|| format!("TCP connect to {target}"))?;
-    if stream.peer_addr()? != SocketAddr::V4(target) {
+    if stream.peer_addr()? != target {
         bail!("TCP peer is {}, not {target}", stream.peer_addr()?);
     }
     // Until a step sets its own: no call blocks past the deadline.
@@ -116,8 +134,9 @@ fn connect(target: SocketAddrV4, deadline: Instant) -> anyhow::Result<TcpStream>
 }
 
 /// Uploads `bytes` bytes to the bulk server at `target` from namespace `ns`, all within `within`. Returns
-/// the server's account: its `len` is how many bytes reached it.
-pub fn upload(ns: &str, target: SocketAddrV4, bytes: u64, within: Duration) -> anyhow::Result<Reply> {
+/// the server's account of how many bytes reached it.
+pub fn upload(ns: &str, target: impl Into<SocketAddr>, bytes: u64, within: Duration) -> anyhow::Result<Transfer> {
+    let target = target.into();
     in_netns(ns, move || {
         let deadline = Instant::now() + within;
         let stream = connect(target, deadline)?;
@@ -140,13 +159,16 @@ pub fn upload(ns: &str, target: SocketAddrV4, bytes: u64, within: Duration) -> a
         BufReader::new(&stream)
             .read_line(&mut line)
             .with_context(|| format!("the server's account of the upload of {bytes} bytes"))?;
-        Reply::parse(&line)
+        let (backend, len) = account(&line)?;
+        let bytes = len.with_context(|| format!("no len in the server's account {line:?}"))?;
+        Ok(Transfer { backend, bytes })
     })?
 }
 
 /// Downloads `bytes` bytes from the bulk server at `target` into namespace `ns`, within `within`. Returns
 /// who answered and how many bytes arrived before the server closed.
-pub fn download(ns: &str, target: SocketAddrV4, bytes: u64, within: Duration) -> anyhow::Result<(Reply, u64)> {
+pub fn download(ns: &str, target: impl Into<SocketAddr>, bytes: u64, within: Duration) -> anyhow::Result<Transfer> {
+    let target = target.into();
     in_netns(ns, move || {
         let deadline = Instant::now() + within;
         let stream = connect(target, deadline)?;
@@ -155,13 +177,13 @@ pub fn download(ns: &str, target: SocketAddrV4, bytes: u64, within: Duration) ->
         stream.set_read_timeout(Some(left(deadline, || "no answer yet".to_owned())?))?;
         let mut line = String::new();
         reader.read_line(&mut line).context("the server's first line")?;
-        let reply = Reply::parse(&line)?;
+        let (backend, _) = account(&line)?;
         let mut buf = vec![0u8; CHUNK];
         let mut received = 0u64;
         loop {
             stream.set_read_timeout(Some(left(deadline, || format!("{received} of {bytes} bytes read"))?))?;
             match reader.read(&mut buf) {
-                Ok(0) => return Ok((reply, received)),
+                Ok(0) => return Ok(Transfer { backend, bytes: received }),
                 Ok(n) => received += n as u64,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {

@@ -1,6 +1,6 @@
 //! Packet classes real networks carry, through Services, with real traffic in the lab: IP fragments, ICMP
-//! errors (port unreachable, fragmentation needed), IPv4 options, TTLs, and a node's own unconnected UDP
-//! socket.
+//! errors (port unreachable, fragmentation needed; in IPv6 too: port unreachable, Packet Too Big), IPv4
+//! options, TTLs, and a node's own unconnected UDP socket.
 //!
 //! Each test first proves that its situation really happened — from the kernel's own SNMP counters
 //! (`/proc/net/snmp`) in the namespaces concerned, a packet capture, or the data path's counters — and only
@@ -12,7 +12,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
@@ -20,7 +20,8 @@ use proxy_lab::{
     Lab, LabSpec, PodRef, bulk,
     cmd::{ip_in, sysctl_in},
     echo::{self, Outcome, Proto},
-    lab::{EXTERNAL_IP, node_ip, node_name},
+    echo6,
+    lab::{EXTERNAL_IP, EXTERNAL_IP6, node_ip, node_ip6, node_name},
     manifests::{Endpoint, Port, Svc},
     rawtcp::Capture,
     snmp::{self, Snapshot},
@@ -45,6 +46,10 @@ const BULK_PORT: u16 = 9000;
 
 fn vip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 32, 0, last)
+}
+
+fn vip6(last: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, u16::from(last))
 }
 
 fn at(addr: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -73,18 +78,26 @@ fn no_redirects(lab: &Lab) {
     }
 }
 
-/// A lab serving UDP on `UDP_PORT` in `serving`, with ClusterIP Services `udp-remote` at `vip(remote.0)`
-/// backed by pod 2-2 and `udp-local` at `vip(local.0)` backed by pod 1-2.
+/// A lab serving UDP on `UDP_PORT` in `serving`, with ClusterIP Services `udp-remote` at `vip(remote)`
+/// backed by pod 2-2 and `udp-local` at `vip(local)` backed by pod 1-2, each with its IPv6 ClusterIP
+/// `vip6(..)` where the lab is dual-stack.
 fn two_udp_services(serving: &[(usize, usize)], remote: u8, local: u8) -> Lab {
     let mut lab = Lab::start(LabSpec::default()).expect("lab");
     for &(n, k) in serving {
         let pod = lab.pod(n, k).clone();
         lab.serve(&pod, &[], &[UDP_PORT]).unwrap();
     }
-    let remote_svc = Svc::new("udp-remote", vip(remote), dns()).with_endpoints(&eps(&lab, &[(2, 2)]));
-    let local_svc = Svc::new("udp-local", vip(local), dns()).with_endpoints(&eps(&lab, &[(1, 2)]));
-    lab.write_manifest("remote.yaml", &remote_svc).unwrap();
-    lab.write_manifest("local.yaml", &local_svc).unwrap();
+    for (name, last, pod) in [("udp-remote", remote, (2, 2)), ("udp-local", local, (1, 2))] {
+        let mut svc = Svc::new(name, vip(last), dns());
+        let manifest = match lab.pod(pod.0, pod.1).ip6 {
+            Some(ip6) => {
+                svc.cluster_ip6 = Some(vip6(last));
+                svc.with_endpoints_of_both_families(&eps(&lab, &[pod]), &[Endpoint::ready(ip6, node_name(pod.0))])
+            }
+            None => svc.with_endpoints(&eps(&lab, &[pod])),
+        };
+        lab.write_manifest(&format!("{name}.yaml"), &manifest).unwrap();
+    }
     lab.start_agents().unwrap();
     lab
 }
@@ -187,7 +200,7 @@ fn a_later_fragment_before_its_first_never_leaves_the_node_untranslated() {
         // reordering never reaches the node; only the outcome is checked.
         assert!(!offsets.is_empty(), "the client sent nothing to {service}");
         let (n, from) = answer.unwrap_or_else(|e| panic!("netfilter reassembles first, so the datagram arrives: {e}"));
-        assert_eq!(from, std::net::SocketAddr::V4(at(service, 53)), "answered from the ClusterIP ({n} bytes)");
+        assert_eq!(from, SocketAddr::V4(at(service, 53)), "answered from the ClusterIP ({n} bytes)");
     }
 }
 
@@ -246,11 +259,32 @@ fn a_backend_without_a_listener_refuses_a_udp_client_through_its_icmp_error() {
             "{service}: the ICMP error never reached the client"
         );
     }
+    if !lab.dual_stack() {
+        return;
+    }
+    // IPv6: the backend's ICMPv6 destination unreachable (port unreachable), translated the same way.
+    for (service, backend) in [(vip6(110), lab.pod(2, 2).clone()), (vip6(111), lab.pod(1, 2).clone())] {
+        let (backend_counters, client_counters) =
+            (Snapshot::take(&backend.ns).unwrap(), Snapshot::take(&client.ns).unwrap());
+        let result = echo6::udp(&client.ns, SocketAddrV6::new(service, 53, 0, 0), TIMEOUT);
+        assert!(
+            rose(&backend_counters, "Icmp6OutDestUnreachs") >= 1,
+            "{service}: {} sent no port unreachable (did the datagram reach it?); the client got {result:?}",
+            backend.name
+        );
+        let error = result.expect_err("nothing listens: no answer can come");
+        assert!(echo6::refused(&error), "{service}: expected ECONNREFUSED, got {error:#}");
+        assert!(
+            rose(&client_counters, "Icmp6InDestUnreachs") >= 1,
+            "{service}: the ICMPv6 error never reached the client"
+        );
+    }
 }
 
 /// A lab whose pod 2-2 runs a bulk TCP server on `BULK_PORT` behind Service `bulk`: ClusterIP
-/// 10.32.0.120:80 and NodePort 30120 with externalTrafficPolicy Cluster (so NodePort clients are
-/// masqueraded to the node's address). No node sends redirects (see [`no_redirects`]).
+/// 10.32.0.120:80 (and `fd00:32::120` where the lab is dual-stack) and NodePort 30120 with
+/// externalTrafficPolicy Cluster (so NodePort clients are masqueraded to the node's address). No node sends
+/// redirects (see [`no_redirects`]).
 fn bulk_lab() -> (Lab, PodRef) {
     let mut lab = Lab::start(LabSpec::default()).expect("lab");
     no_redirects(&lab);
@@ -260,102 +294,200 @@ fn bulk_lab() -> (Lab, PodRef) {
         Svc::new("bulk", vip(120), vec![Port { name: "bulk", port: 80, protocol: "TCP", target_port: BULK_PORT }]);
     svc.type_ = "NodePort";
     svc.node_ports = vec![30120];
-    lab.write_manifest("bulk.yaml", &svc.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    let v4 = eps(&lab, &[(2, 2)]);
+    let manifest = match backend.ip6 {
+        Some(ip6) => {
+            svc.cluster_ip6 = Some(VIP6);
+            svc.with_endpoints_of_both_families(&v4, &[Endpoint::ready(ip6, node_name(2))])
+        }
+        None => svc.with_endpoints(&v4),
+    };
+    lab.write_manifest("bulk.yaml", &manifest).unwrap();
     lab.start_agents().unwrap();
     (lab, backend)
 }
 
-/// Gives node 1's route `route` (as `ip route` arguments, the same route the lab made) the lower MTU, then
-/// flushes the route caches of node 1 and of `sender`, so that no MTU learnt earlier hides the ICMP.
-/// How a route's lower MTU is set. The kernel's forwarding honours both; the FIB lookup XDP asks before
+/// The bulk Service's IPv6 ClusterIP.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, 0x120);
+
+/// How a route's lower MTU is set. IPv4 forwarding honours both; the FIB lookup XDP asks before
 /// forwarding a packet itself (`bpf_fib_lookup` with the packet's length) honours a route's MTU only when
 /// it is locked (or with `net.ipv4.ip_forward_use_pmtu`), besides device MTUs and learnt path MTUs: a
-/// documented limit of the eBPF mode's XDP path (docs/semantics.md). The NodePort tests, whose packets XDP
-/// forwards, lock it; the ClusterIP tests, whose packets the kernel forwards, do not.
+/// documented limit of the eBPF mode's XDP path (docs/semantics.md). The IPv4 NodePort tests, whose packets
+/// XDP forwards, lock it; the ClusterIP tests, whose packets the kernel forwards, do not. IPv6 forwarding
+/// itself honours only a locked route MTU (the kernel's `ip6_dst_mtu_maybe_forward`), so every IPv6 case
+/// locks it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Metric {
     Plain,
     Locked,
 }
 
-fn lower_mtu(lab: &Lab, route: &[&str], sender: &str, metric: Metric) {
-    let node = lab.node_ns(1);
-    let mut args = vec!["route", "replace"];
-    args.extend_from_slice(route);
-    args.push("mtu");
-    if metric == Metric::Locked {
-        args.push("lock");
+/// The family a path-MTU case runs in: its addresses and the SNMP counters that prove the error.
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The families this lab has: IPv6 too unless the topology is IPv4-only (VXLAN).
+    fn of(lab: &Lab) -> Vec<Self> {
+        if lab.dual_stack() { vec![Self::V4, Self::V6] } else { vec![Self::V4] }
     }
-    args.push(LOW_MTU);
-    ip_in(&node, &args).unwrap();
-    for ns in [node.as_str(), sender] {
-        ip_in(ns, &["route", "flush", "cache"]).unwrap();
+
+    fn vip(self) -> IpAddr {
+        match self {
+            Self::V4 => vip(120).into(),
+            Self::V6 => VIP6.into(),
+        }
+    }
+
+    fn node(self, n: usize) -> IpAddr {
+        match self {
+            Self::V4 => node_ip(n).into(),
+            Self::V6 => node_ip6(n).into(),
+        }
+    }
+
+    fn external(self) -> IpAddr {
+        match self {
+            Self::V4 => EXTERNAL_IP.into(),
+            Self::V6 => EXTERNAL_IP6.into(),
+        }
+    }
+
+    fn pod(self, pod: &PodRef) -> IpAddr {
+        match self {
+            Self::V4 => pod.ip.into(),
+            Self::V6 => pod.ip6.expect("a dual-stack lab's pod has an IPv6 address").into(),
+        }
+    }
+
+    /// Node 2's pod prefix.
+    fn node2_pods(self) -> &'static str {
+        match self {
+            Self::V4 => "10.200.2.0/24",
+            Self::V6 => "fd00:200:2::/64",
+        }
+    }
+
+    fn host_prefix(self) -> u8 {
+        match self {
+            Self::V4 => 32,
+            Self::V6 => 128,
+        }
+    }
+
+    /// The counters of the error the hop sends and the sender receives: "fragmentation needed" is one of
+    /// IPv4's destination-unreachable errors; IPv6 has Packet Too Big of its own.
+    fn error_counters(self) -> (&'static str, &'static str) {
+        match self {
+            Self::V4 => ("Icmp:OutDestUnreachs", "Icmp:InDestUnreachs"),
+            Self::V6 => ("Icmp6OutPktTooBigs", "Icmp6InPktTooBigs"),
+        }
+    }
+
+    fn metric(self, v4: Metric) -> Metric {
+        match self {
+            Self::V4 => v4,
+            Self::V6 => Metric::Locked,
+        }
+    }
+
+    fn ip_args(self, args: &[&str]) -> Vec<String> {
+        let family = match self {
+            Self::V4 => "-4",
+            Self::V6 => "-6",
+        };
+        std::iter::once(family).chain(args.iter().copied()).map(str::to_owned).collect()
     }
 }
 
-/// What one transfer over the lower-MTU hop must show, in order: node 1 (the hop) sent "fragmentation
-/// needed", the sender of the big segments received an ICMP error, and then every byte arrived, at (or
-/// from) `backend`. `peer` is the address the sender sends to; its learnt route is printed on failure.
+/// Gives node 1's route `route` (as `ip route` arguments, the same route the lab made, or a new more
+/// specific one) the lower MTU, then flushes the route caches of node 1 and of `sender`, so that no MTU
+/// learnt earlier hides the ICMP.
+fn lower_mtu(lab: &Lab, family: Family, route: &[String], sender: &str, metric: Metric) {
+    let node = lab.node_ns(1);
+    let mut args: Vec<String> = family.ip_args(&["route", "replace"]);
+    args.extend_from_slice(route);
+    args.push("mtu".into());
+    if family.metric(metric) == Metric::Locked {
+        args.push("lock".into());
+    }
+    args.push(LOW_MTU.into());
+    ip_in(&node, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    for ns in [node.as_str(), sender] {
+        let flush = family.ip_args(&["route", "flush", "cache"]);
+        ip_in(ns, &flush.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    }
+}
+
+/// What one transfer over the lower-MTU hop must show, in order: node 1 (the hop) sent the error
+/// ("fragmentation needed", or IPv6's Packet Too Big), the sender of the big segments received an ICMP
+/// error, and then every byte arrived, at (or from) `backend`. `peer` is the address the sender sends to;
+/// its learnt route is printed on failure.
 fn assert_pmtu_transfer(
     lab: &Lab,
+    family: Family,
     (hop, sender): (&Snapshot, &Snapshot),
-    (sender_ns, peer): (&str, Ipv4Addr),
-    result: anyhow::Result<(String, u64)>,
+    (sender_ns, peer): (&str, IpAddr),
+    result: anyhow::Result<bulk::Transfer>,
     backend: &PodRef,
 ) {
     let learnt = ip_in(sender_ns, &["route", "get", &peer.to_string()]).unwrap_or_else(|e| format!("{e:#}"));
     let node1 = snmp::read(&lab.node_ns(1)).unwrap();
     let limited = (node1.get("Icmp:OutRateLimitHost"), node1.get("Icmp:OutRateLimitGlobal"));
+    let (sent, received) = family.error_counters();
     assert!(
-        rose(hop, "Icmp:OutDestUnreachs") >= 1,
-        "node 1 sent no ICMP error: the big segments did not meet its {LOW_MTU}-byte route (rate-limited: {limited:?}); the transfer: {result:?}"
+        rose(hop, sent) >= 1,
+        "node 1 sent no {sent}: the big segments to {peer} did not meet its {LOW_MTU}-byte route (rate-limited: {limited:?}); the transfer: {result:?}"
     );
     assert!(
-        rose(sender, "Icmp:InDestUnreachs") >= 1,
-        "the sender of the big segments never got node 1's ICMP error; its route to {peer}: {learnt}; the transfer: {result:?}"
+        rose(sender, received) >= 1,
+        "the sender of the big segments to {peer} never got node 1's ICMP error; its route: {learnt}; the transfer: {result:?}"
     );
-    let (answered_by, bytes) = result
-        .unwrap_or_else(|e| panic!("the transfer did not complete: {e:#}; the sender's route to {peer}: {learnt}"));
-    assert_eq!(answered_by, backend.name);
-    assert_eq!(bytes, TRANSFER, "every byte must arrive");
-}
-
-fn uploaded(result: anyhow::Result<echo::Reply>) -> anyhow::Result<(String, u64)> {
-    let reply = result?;
-    let len = reply.len.ok_or_else(|| anyhow::anyhow!("no len in the sink's account"))?;
-    Ok((reply.backend, len as u64))
-}
-
-fn downloaded(result: anyhow::Result<(echo::Reply, u64)>) -> anyhow::Result<(String, u64)> {
-    result.map(|(reply, bytes)| (reply.backend, bytes))
+    let transfer = result
+        .unwrap_or_else(|e| panic!("the transfer to {peer} did not complete: {e:#}; the sender's route: {learnt}"));
+    assert_eq!(transfer.backend, backend.name, "{peer}");
+    assert_eq!(transfer.bytes, TRANSFER, "{peer}: every byte must arrive");
 }
 
 /// Path MTU discovery through a ClusterIP, client to backend: node 1's route to node 2's pods has a lower
-/// MTU, so node 1 answers the client pod's full-size segments with "fragmentation needed". That ICMP
-/// quotes the translated segment (to the backend's address); the client's socket only recognises it if it
-/// quotes the ClusterIP. Without PMTU the upload stalls.
+/// MTU, so node 1 answers the client pod's full-size segments with "fragmentation needed" (IPv6: Packet Too
+/// Big, the only way an IPv6 sender learns a path MTU). That ICMP quotes the translated segment (to the
+/// backend's address); the client's socket only recognises it if it quotes the ClusterIP. Without PMTU
+/// the upload stalls. Both families, one after the other.
 #[test]
 fn a_tcp_upload_through_a_cluster_ip_completes_over_a_hop_with_a_lower_mtu() {
     let (lab, backend) = bulk_lab();
     let client = lab.pod(1, 1).clone();
-    lower_mtu(&lab, &["10.200.2.0/24", "via", &node_ip(2).to_string()], &client.ns, Metric::Plain);
-    let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&client.ns).unwrap());
-    let result = bulk::upload(&client.ns, at(vip(120), 80), TRANSFER, TRANSFER_WITHIN);
-    assert_pmtu_transfer(&lab, (&hop, &sender), (&client.ns, vip(120)), uploaded(result), &backend);
+    for family in Family::of(&lab) {
+        let route = [family.node2_pods().to_owned(), "via".into(), family.node(2).to_string()];
+        lower_mtu(&lab, family, &route, &client.ns, Metric::Plain);
+        let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&client.ns).unwrap());
+        let target = SocketAddr::new(family.vip(), 80);
+        let result = bulk::upload(&client.ns, target, TRANSFER, TRANSFER_WITHIN);
+        assert_pmtu_transfer(&lab, family, (&hop, &sender), (&client.ns, family.vip()), result, &backend);
+    }
 }
 
 /// The same, backend to client: node 1's route to the client pod has the lower MTU, so the backend's
-/// segments (the replies of a translated flow) draw the "fragmentation needed", which must reach the
-/// backend quoting the segment as the backend sent it.
+/// segments (the replies of a translated flow) draw the error, which must reach the backend quoting the
+/// segment as the backend sent it.
 #[test]
 fn a_tcp_download_through_a_cluster_ip_completes_over_a_hop_with_a_lower_mtu() {
     let (lab, backend) = bulk_lab();
     let client = lab.pod(1, 1).clone();
-    let (to_client, host_end, src) = (format!("{}/32", client.ip), client.host_end.clone(), node_ip(1).to_string());
-    lower_mtu(&lab, &[&to_client, "dev", &host_end, "src", &src], &backend.ns, Metric::Plain);
-    let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&backend.ns).unwrap());
-    let result = bulk::download(&client.ns, at(vip(120), 80), TRANSFER, TRANSFER_WITHIN);
-    assert_pmtu_transfer(&lab, (&hop, &sender), (&backend.ns, client.ip), downloaded(result), &backend);
+    for family in Family::of(&lab) {
+        let to_client = format!("{}/{}", family.pod(&client), family.host_prefix());
+        let route = [to_client, "dev".into(), client.host_end.clone(), "src".into(), family.node(1).to_string()];
+        lower_mtu(&lab, family, &route, &backend.ns, Metric::Plain);
+        let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&backend.ns).unwrap());
+        let result = bulk::download(&client.ns, SocketAddr::new(family.vip(), 80), TRANSFER, TRANSFER_WITHIN);
+        let peer = family.pod(&client);
+        assert_pmtu_transfer(&lab, family, (&hop, &sender), (&backend.ns, peer), result, &backend);
+    }
 }
 
 /// Path MTU discovery for an external client's upload to a NodePort (DNAT to a backend on another node,
@@ -365,23 +497,30 @@ fn a_tcp_download_through_a_cluster_ip_completes_over_a_hop_with_a_lower_mtu() {
 fn a_tcp_upload_to_a_node_port_completes_over_a_hop_with_a_lower_mtu() {
     let (lab, backend) = bulk_lab();
     let external = lab.external_ns();
-    lower_mtu(&lab, &["10.200.2.0/24", "via", &node_ip(2).to_string()], &external, Metric::Locked);
-    let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&external).unwrap());
-    let result = bulk::upload(&external, at(node_ip(1), 30120), TRANSFER, TRANSFER_WITHIN);
-    assert_pmtu_transfer(&lab, (&hop, &sender), (&external, node_ip(1)), uploaded(result), &backend);
+    for family in Family::of(&lab) {
+        let route = [family.node2_pods().to_owned(), "via".into(), family.node(2).to_string()];
+        lower_mtu(&lab, family, &route, &external, Metric::Locked);
+        let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&external).unwrap());
+        let result = bulk::upload(&external, SocketAddr::new(family.node(1), 30120), TRANSFER, TRANSFER_WITHIN);
+        assert_pmtu_transfer(&lab, family, (&hop, &sender), (&external, family.node(1)), result, &backend);
+    }
 }
 
 /// A NodePort download to the external client: node 1's route to the client has the lower MTU, so the
-/// backend's segments (after reverse NAT, on their way out) draw the "fragmentation needed", which must
-/// reach the backend quoting the segment as the backend sent it (to node 1's address).
+/// backend's segments (after reverse NAT, on their way out) draw the error, which must reach the backend
+/// quoting the segment as the backend sent it (to node 1's address).
 #[test]
 fn a_tcp_download_from_a_node_port_completes_over_a_hop_with_a_lower_mtu() {
     let (lab, backend) = bulk_lab();
-    let (to_external, src) = (format!("{EXTERNAL_IP}/32"), node_ip(1).to_string());
-    lower_mtu(&lab, &[&to_external, "dev", "eth0", "src", &src], &backend.ns, Metric::Locked);
-    let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&backend.ns).unwrap());
-    let result = bulk::download(&lab.external_ns(), at(node_ip(1), 30120), TRANSFER, TRANSFER_WITHIN);
-    assert_pmtu_transfer(&lab, (&hop, &sender), (&backend.ns, node_ip(1)), downloaded(result), &backend);
+    for family in Family::of(&lab) {
+        let to_external = format!("{}/{}", family.external(), family.host_prefix());
+        let route = [to_external, "dev".into(), "eth0".into(), "src".into(), family.node(1).to_string()];
+        lower_mtu(&lab, family, &route, &backend.ns, Metric::Locked);
+        let (hop, sender) = (Snapshot::take(&lab.node_ns(1)).unwrap(), Snapshot::take(&backend.ns).unwrap());
+        let target = SocketAddr::new(family.node(1), 30120);
+        let result = bulk::download(&lab.external_ns(), target, TRANSFER, TRANSFER_WITHIN);
+        assert_pmtu_transfer(&lab, family, (&hop, &sender), (&backend.ns, family.node(1)), result, &backend);
+    }
 }
 
 /// IPv4 options move the TCP header: a dataplane that takes the IP header to be 20 bytes reads ports and
