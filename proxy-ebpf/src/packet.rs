@@ -149,14 +149,28 @@ impl Packet for TcContext {
     }
 }
 
+/// Above the furthest into a frame XDP reads: the Ethernet and IPv6 headers, 4 extension headers of the
+/// largest size (2 KiB each), and the L4 header. A mask (all ones).
+const MAX_XDP_OFF: usize = 0x3fff;
+
 /// A bounds-checked pointer into an XDP packet, the form the verifier accepts for direct access.
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*mut T> {
-    let start = ctx.data();
-    if start + off + size_of::<T>() > ctx.data_end() {
+    // The verifier grants a packet pointer a range only if its variable offset, with the access's own, is
+    // known to stay within 64 KiB (`MAX_PACKET_OFF`); an IPv6 flow's offsets come through a map round trip
+    // (`EXT_HEADERS6`), so nothing bounds them. A mask does, on the very register the pointer is made
+    // from (a comparison is not enough: LLVM tests a transformed copy of the value, which tells the
+    // verifier nothing). No offset XDP reads reaches it (see `MAX_XDP_OFF`), so it changes none.
+    let off = off & MAX_XDP_OFF;
+    let start = ctx.data() as *mut u8;
+    let end = ctx.data_end() as *const u8;
+    // Pointers, not integers: compared as integers, LLVM reassociates the test into arithmetic on the end
+    // pointer, which the verifier refuses.
+    let ptr = start.wrapping_add(off);
+    if ptr.wrapping_add(size_of::<T>()).cast_const() > end {
         return Err(PACKET_TOO_SHORT);
     }
-    Ok((start + off) as *mut T)
+    Ok(ptr.cast())
 }
 
 /// One's-complement incremental update (RFC 1624, eqn. 3) of a checksum for a value changing from `from`

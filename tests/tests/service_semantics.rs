@@ -3,12 +3,18 @@
 //! Lab addresses: node N is 10.240.0.1N, pod K of node N is 10.200.N.(10+K), the external client is
 //! 10.240.0.100. Backends answer with their name and the source address they saw.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, net::SocketAddrV4, thread, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    thread,
+    time::Duration,
+};
 
 use proxy_lab::{
     Lab, LabSpec,
     echo::{Outcome, Proto, TcpSession, UdpSession, attempt, http_get, request, requests},
-    lab::{EXTERNAL_IP, node_ip, node_name},
+    echo6::{self, Echo6},
+    lab::{EXTERNAL_IP, EXTERNAL_IP6, node_ip, node_ip6, node_name},
     manifests::{Endpoint, Port, Svc},
 };
 
@@ -18,6 +24,10 @@ const DROP_WAIT: Duration = Duration::from_millis(1500);
 
 fn vip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 32, 0, last)
+}
+
+fn vip6(last: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, u16::from(last))
 }
 
 fn http() -> Vec<Port> {
@@ -397,6 +407,7 @@ fn the_node_itself_reaches_cluster_ips_and_node_ports() {
 
 /// XDP NodePort acceleration: the XDP path and the TC path give identical results (same backends, same
 /// source seen), in native and in generic mode, and with XDP on, the XDP counters show it did the work.
+/// Both families: IPv6 first (its counters read before any IPv4 request), then IPv4.
 #[test]
 fn xdp_and_tc_paths_give_identical_results_for_external_traffic() {
     use proxy_common::stats;
@@ -405,16 +416,43 @@ fn xdp_and_tc_paths_give_identical_results_for_external_traffic() {
         let spec =
             LabSpec { agent_args: ["--mode", "ebpf", "--xdp", xdp].map(String::from).into(), ..LabSpec::default() };
         let mut lab = lab(spec, &[(1, 2), (2, 2)]);
-        let mut cluster = Svc::new("np-cluster", vip(90), http());
-        cluster.type_ = "NodePort";
-        cluster.node_ports = vec![30100];
-        let mut local = Svc::new("np-local", vip(91), http());
-        local.type_ = "NodePort";
-        local.node_ports = vec![30101];
-        local.external_policy = "Local";
-        lab.write_manifest("cluster.yaml", &cluster.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
-        lab.write_manifest("local.yaml", &local.with_endpoints(&eps(&lab, &[(1, 2)]))).unwrap();
+        let dual = lab.dual_stack();
+        let echoes: Vec<Echo6> = if dual {
+            [(1, 2), (2, 2)]
+                .iter()
+                .map(|&(n, k)| lab.pod(n, k))
+                .map(|p| Echo6::start(&p.ns, &p.name, 8080).unwrap())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (name, last, port, policy, pod) in
+            [("np-cluster", 90, 30100, "Cluster", (2, 2)), ("np-local", 91, 30101, "Local", (1, 2))]
+        {
+            let mut svc = Svc::new(name, vip(last), http());
+            svc.type_ = "NodePort";
+            svc.node_ports = vec![port];
+            svc.external_policy = policy;
+            let manifest = if dual {
+                svc.cluster_ip6 = Some(vip6(last));
+                let v6 = Endpoint::ready(lab.pod(pod.0, pod.1).ip6.unwrap(), node_name(pod.0));
+                svc.with_endpoints_of_both_families(&eps(&lab, &[pod]), &[v6])
+            } else {
+                svc.with_endpoints(&eps(&lab, &[pod]))
+            };
+            lab.write_manifest(&format!("{name}.yaml"), &manifest).unwrap();
+        }
         lab.start_agents().unwrap();
+        let mut seen6 = Vec::new();
+        for port in [30100, 30101].into_iter().filter(|_| dual) {
+            for i in 0..5 {
+                let target = SocketAddrV6::new(node_ip6(1), port, 0, 0);
+                let r = echo6::tcp(&ext(&lab), target, TIMEOUT)
+                    .unwrap_or_else(|e| panic!("xdp {xdp}, {target}, request {i}: {e:#}; counters {:?}", lab.stats(1)));
+                seen6.push((port, r.backend, *r.seen_source.ip()));
+            }
+        }
+        let counters6 = lab.stats(1).unwrap();
         let mut seen = Vec::new();
         for port in [30100, 30101] {
             for (i, r) in
@@ -426,20 +464,34 @@ fn xdp_and_tc_paths_give_identical_results_for_external_traffic() {
                 seen.push((port, r.backend, *r.seen_source.ip()));
             }
         }
-        (seen, lab.stats(1).unwrap())
+        drop(echoes);
+        (seen, seen6, counters6, lab.stats(1).unwrap())
     };
-    let (with_xdp, counters) = run("native");
-    let (with_generic, generic_counters) = run("generic");
-    let (with_tc, tc_counters) = run("off");
+    let (with_xdp, with_xdp6, counters6, counters) = run("native");
+    let (with_generic, with_generic6, generic_counters6, generic_counters) = run("generic");
+    let (with_tc, with_tc6, _, tc_counters) = run("off");
     assert_eq!(with_xdp, with_tc, "the XDP and TC paths must answer alike");
     assert_eq!(with_generic, with_tc, "generic XDP and TC must answer alike");
+    assert_eq!(with_xdp6, with_tc6, "IPv6: the XDP and TC paths must answer alike");
+    assert_eq!(with_generic6, with_tc6, "IPv6: generic XDP and TC must answer alike");
     assert!(generic_counters[stats::XDP_TX_FORWARD as usize] > 0, "generic XDP never forwarded: {generic_counters:?}");
     assert!(with_xdp.iter().any(|(p, _, src)| *p == 30100 && *src == node_ip(1)), "{with_xdp:?}");
     assert!(with_xdp.iter().any(|(p, _, src)| *p == 30101 && *src == EXTERNAL_IP), "{with_xdp:?}");
-    eprintln!("XDP counters on node1: {counters:?}");
+    eprintln!("XDP counters on node1: after IPv6 {counters6:?}, at the end {counters:?}");
     assert!(counters[stats::XDP_TX_FORWARD as usize] > 0, "XDP never forwarded: {counters:?}");
     assert!(counters[stats::XDP_TX_REPLY as usize] > 0, "XDP never answered: {counters:?}");
     assert!(counters[stats::XDP_DNAT_PASS as usize] > 0, "XDP never did a DNAT: {counters:?}");
+    if !with_tc6.is_empty() {
+        assert!(with_xdp6.iter().any(|(p, _, src)| *p == 30100 && *src == node_ip6(1)), "{with_xdp6:?}");
+        assert!(with_xdp6.iter().any(|(p, _, src)| *p == 30101 && *src == EXTERNAL_IP6), "{with_xdp6:?}");
+        for (what, at) in
+            [("forwarded", stats::XDP_TX_FORWARD), ("answered", stats::XDP_TX_REPLY), ("DNATed", stats::XDP_DNAT_PASS)]
+        {
+            assert!(counters6[at as usize] > 0, "XDP never {what} an IPv6 packet: {counters6:?}");
+        }
+        let forwarded = generic_counters6[stats::XDP_TX_FORWARD as usize];
+        assert!(forwarded > 0, "generic XDP never forwarded an IPv6 packet: {generic_counters6:?}");
+    }
     let xdp_counters = [
         stats::XDP_TX_FORWARD,
         stats::XDP_TX_REPLY,

@@ -4,7 +4,8 @@
 //! (`llvm-objdump -d`, deepest `r10 - N`); this is the other budget a change to the data path spends.
 //!
 //! `cargo run -p proxy-lab --bin verifier-report [OBJECT]` (default: the object `cargo xtask build-ebpf`
-//! writes, or `PROXY_EBPF_OBJECT`).
+//! writes, or `PROXY_EBPF_OBJECT`); `VERIFIER_LOG=PROGRAM` prints that program's whole log if it is
+//! refused.
 
 use std::process::ExitCode;
 
@@ -50,7 +51,10 @@ fn main() -> anyhow::Result<ExitCode> {
             Err(e) => {
                 refused += 1;
                 let text = format!("{e:#}");
-                let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+                if std::env::var_os("VERIFIER_LOG").is_some_and(|want| want == name) {
+                    eprintln!("{text}");
+                }
+                let tail: String = text.lines().rev().take(14).collect::<Vec<_>>().join(" | ");
                 rows.push((u32::MAX, format!("  REFUSED          {name}: {tail}")));
             }
         }

@@ -312,18 +312,22 @@ fn program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> anyhow::Result<&'a mut Sc
         .with_context(|| format!("program {name} is not a TC classifier"))
 }
 
-/// Loads every TC program into the kernel (the IPv6 ones too, which are tail-called, not attached) (the verifier runs here; its log is part of the error).
+/// Loads every program into the kernel, the IPv6 ones too (tail-called, not attached); the verifier runs
+/// here, and its log is part of the error.
 pub fn load_programs(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
-    let ipv6 = super::ipv6_programs::PROGRAMS.map(|(_, name)| name);
-    for name in PROGRAMS.iter().chain(&ipv6) {
+    use super::ipv6_programs::{TC, XDP, programs};
+    for name in PROGRAMS.iter().copied().chain(programs(TC)) {
         program(ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
     }
-    let xdp: &mut Xdp = ebpf
-        .program_mut(XDP_PROGRAM)
-        .with_context(|| format!("program {XDP_PROGRAM} missing from the eBPF object"))?
-        .try_into()
-        .with_context(|| format!("program {XDP_PROGRAM} is not an XDP program"))?;
-    xdp.load().with_context(|| format!("loading {XDP_PROGRAM}"))
+    for name in std::iter::once(XDP_PROGRAM).chain(programs(XDP)) {
+        let xdp: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not an XDP program"))?;
+        xdp.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

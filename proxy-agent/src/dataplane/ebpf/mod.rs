@@ -52,7 +52,7 @@ pub struct EbpfDataplane {
     egress_snat: egress_snat::EgressSnat,
     /// What `CONFIG6` holds.
     config6: proxy_common::config::Config6,
-    /// The IPv6 programs' tail-call table, pinned once this build's programs serve (`ipv6_programs`).
+    /// The IPv6 programs' tail-call tables, pinned once this build's programs serve (`ipv6_programs`).
     ipv6_programs: ipv6_programs::Ipv6Programs,
 }
 
@@ -297,7 +297,7 @@ impl EbpfDataplane {
         if !upgrading {
             dataplane.attach_sockets()?;
             dataplane.housekeeping()?;
-            dataplane.ipv6_programs.pin(&dataplane.pin_dir)?;
+            dataplane.ipv6_programs.pin()?;
         }
         Ok(dataplane)
     }
@@ -351,7 +351,7 @@ impl EbpfDataplane {
         self.upgrading = false;
         self.attach_sockets()?;
         self.housekeeping()?;
-        self.ipv6_programs.pin(&self.pin_dir)?;
+        self.ipv6_programs.pin()?;
         carried += pins::migrate(&self.pin_dir, &proxy_common::maps::FLOW_STATE, pins::Overwrite::No)?;
         self.config.flags &= !proxy_common::config::FLAG_MIGRATING;
         write_config(&mut self.ebpf, &self.config)?;
@@ -474,14 +474,15 @@ fn load_with_versioned_pins(
         }
         match loader.load(OBJECT) {
             Ok(ebpf) => {
-                // The IPv6 programs' table is this build's own, pinned once its programs serve (`ipv6_programs`);
-                // a per-packet scratch map (`EXT_HEADERS6`) and the compiler's constant pools (`.rodata*`)
+                // The IPv6 programs' tables are this build's own, pinned once its programs serve (`ipv6_programs`);
+                // per-packet scratch maps (`EXT_HEADERS6`, `XDP_SNAT_STEP6`) and the compiler's constant pools (`.rodata*`)
                 // hold nothing that outlives a packet or this object, and are never pinned.
                 let versioned = |name: &str| {
                     paths.iter().any(|(n, _)| *n == name)
                         || name.starts_with("PREV_")
-                        || name == ipv6_programs::MAP
+                        || ipv6_programs::is_table(name)
                         || name == "EXT_HEADERS6"
+                        || name == "XDP_SNAT_STEP6"
                         || name.starts_with(".rodata")
                 };
                 if let Some((name, _)) = ebpf.maps().find(|(name, _)| !versioned(name)) {
