@@ -108,7 +108,8 @@ impl Drop for EchoServer {
     }
 }
 
-fn wait_readable(listener: &TcpListener, timeout: Duration) {
+/// Waits until `listener` has a connection to accept, or `timeout` passes.
+pub(crate) fn wait_readable(listener: &TcpListener, timeout: Duration) {
     use std::os::fd::AsFd as _;
     let mut fds = [nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN)];
     let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);

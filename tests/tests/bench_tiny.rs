@@ -2,26 +2,38 @@
 //! report and the plots. Figures are not judged here (timing in tests flakes); only that each was measured
 //! through a working path and reported.
 
-use proxy_lab::bench::{self, BenchConfig, report};
+use proxy_lab::bench::{self, BenchConfig, Family, report};
 
 #[test]
 fn the_benchmark_measures_every_mode_and_writes_its_report() {
     let config = BenchConfig::tiny();
     let results = bench::run(&config).expect("benchmark");
     assert!(results.skipped.is_empty(), "{:?}", results.skipped);
-    assert_eq!(results.data.len(), config.modes.len() * config.scales.len());
+    // Both families where the lab is dual-stack (every topology but VXLAN).
+    let families = [Family::V4, Family::V6];
+    assert_eq!(results.data.len(), config.modes.len() * config.scales.len() * families.len());
+    for family in families {
+        assert_eq!(
+            results.data.iter().filter(|r| r.family == family).count(),
+            config.modes.len() * config.scales.len()
+        );
+    }
     for row in &results.data {
         let pair = row.connections[0];
-        assert!(pair.service > 0.0 && pair.direct > 0.0, "{} at {}: {pair:?}", row.mode, row.services);
-        assert!(row.requests[0].service > 0.0, "{} at {}", row.mode, row.services);
+        let what = format!("{} at {} over {}", row.mode, row.services, row.family.name());
+        assert!(pair.service > 0.0 && pair.direct > 0.0, "{what}: {pair:?}");
+        assert!(row.requests[0].service > 0.0, "{what}");
     }
     for row in &results.control {
         assert_eq!(row.change_ms.len(), config.endpoint_changes, "{}", row.mode);
         assert!(row.full_sync_ms > 0.0 && row.peak_rss_kib > 0, "{row:?}");
         assert_eq!(row.bpf_map_kib.is_some_and(|k| k > 0), row.mode == "ebpf", "{row:?}");
     }
-    let paths: Vec<&str> = results.node_port.iter().map(|r| r.path.as_str()).collect();
-    assert_eq!(paths, ["eBPF, XDP", "eBPF, TC (XDP off)", "nftables", "iptables"]);
+    for family in families {
+        let paths: Vec<&str> =
+            results.node_port.iter().filter(|r| r.family == family).map(|r| r.path.as_str()).collect();
+        assert_eq!(paths, ["eBPF, XDP", "eBPF, TC (XDP off)", "nftables", "iptables"], "{}", family.name());
+    }
     assert!(
         results
             .node_port
@@ -35,6 +47,10 @@ fn the_benchmark_measures_every_mode_and_writes_its_report() {
         assert!(text.contains(&format!("| {mode} | 20 |")), "{mode} row missing:\n{text}");
     }
     assert!(text.contains("## Against the targets"));
+    assert!(
+        text.contains("### IPv6 beside IPv4") && text.contains("| eBPF, XDP, IPv6 |"),
+        "IPv6 figures missing:\n{text}"
+    );
     for plot in ["clusterip-ratio.svg", "full-sync.svg", "nodeport.svg"] {
         let svg = std::fs::read_to_string(dir.path().join(plot)).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("<text"), "{plot} is not a plot with labels");

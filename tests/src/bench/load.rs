@@ -1,9 +1,9 @@
 //! The load generators: one client thread inside a namespace, for a fixed time, against the lab's echo
-//! servers (one line in, one line out). Each stops by itself after its duration.
+//! servers (one line in, one line out), over either family. Each stops by itself after its duration.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -18,13 +18,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 ///
 /// # Errors
 /// When a request fails: a benchmark of a broken path is not a measurement.
-pub fn connections_per_second(ns: &str, target: SocketAddrV4, duration: Duration) -> anyhow::Result<f64> {
+pub fn connections_per_second(ns: &str, target: SocketAddr, duration: Duration) -> anyhow::Result<f64> {
     in_netns(ns, move || {
         let started = Instant::now();
         let mut done = 0u64;
         while started.elapsed() < duration {
-            crate::echo::tcp_request_here(target, REQUEST_TIMEOUT)
-                .with_context(|| format!("connection {done} to {target}"))?;
+            match target {
+                SocketAddr::V4(v4) => crate::echo::tcp_request_here(v4, REQUEST_TIMEOUT).map(drop),
+                SocketAddr::V6(v6) => crate::echo6::tcp_here(None, v6, REQUEST_TIMEOUT).map(drop),
+            }
+            .with_context(|| format!("connection {done} to {target}"))?;
             done += 1;
         }
         Ok(rate(done, started.elapsed()))
@@ -35,10 +38,10 @@ pub fn connections_per_second(ns: &str, target: SocketAddrV4, duration: Duration
 ///
 /// # Errors
 /// When the connection or a request fails.
-pub fn requests_per_second(ns: &str, target: SocketAddrV4, duration: Duration) -> anyhow::Result<f64> {
+pub fn requests_per_second(ns: &str, target: SocketAddr, duration: Duration) -> anyhow::Result<f64> {
     in_netns(ns, move || {
-        let stream = TcpStream::connect_timeout(&target.into(), REQUEST_TIMEOUT)
-            .with_context(|| format!("connecting to {target}"))?;
+        let stream =
+            TcpStream::connect_timeout(&target, REQUEST_TIMEOUT).with_context(|| format!("connecting to {target}"))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
         let mut reader = BufReader::new(&stream);
@@ -61,9 +64,9 @@ pub fn requests_per_second(ns: &str, target: SocketAddrV4, duration: Duration) -
 ///
 /// # Errors
 /// When no answer comes within the timeout.
-pub fn udp_exchanges_per_second(ns: &str, target: SocketAddrV4, duration: Duration) -> anyhow::Result<f64> {
+pub fn udp_exchanges_per_second(ns: &str, target: SocketAddr, duration: Duration) -> anyhow::Result<f64> {
     in_netns(ns, move || {
-        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+        let socket = UdpSocket::bind(unspecified(target, 0))?;
         socket.connect(target)?;
         socket.set_read_timeout(Some(REQUEST_TIMEOUT))?;
         let mut buf = [0u8; 256];
@@ -94,13 +97,13 @@ pub struct Flood {
 /// When nothing arrives at all: the path is broken, and a rate of zero would be a false measurement.
 pub fn udp_flood(
     ns: &str,
-    target: SocketAddrV4,
+    target: SocketAddr,
     (sink_ns, sink_port): (&str, u16),
     duration: Duration,
 ) -> anyhow::Result<Flood> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let sink = crate::netns::spawn_in_netns(sink_ns, move || -> anyhow::Result<u64> {
-        let socket = UdpSocket::bind(("0.0.0.0", sink_port))?;
+        let socket = UdpSocket::bind(unspecified(target, sink_port))?;
         socket.set_read_timeout(Some(Duration::from_millis(500)))?;
         ready_tx.send(()).ok();
         let mut buf = [0u8; 64];
@@ -123,7 +126,7 @@ pub fn udp_flood(
     })?;
     ready_rx.recv_timeout(REQUEST_TIMEOUT).context("the UDP sink did not start")?;
     let (sent, elapsed) = in_netns(ns, move || -> anyhow::Result<(u64, Duration)> {
-        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+        let socket = UdpSocket::bind(unspecified(target, 0))?;
         socket.connect(target)?;
         let payload = [0u8; 16];
         let started = Instant::now();
@@ -143,6 +146,14 @@ pub fn udp_flood(
         anyhow::bail!("none of {sent} datagrams to {target} reached the backend");
     }
     Ok(Flood { sent: rate(sent, elapsed), delivered: rate(delivered, elapsed) })
+}
+
+/// The unspecified address of `target`'s family, with `port`.
+fn unspecified(target: SocketAddr, port: u16) -> SocketAddr {
+    match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, port).into(),
+    }
 }
 
 #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]

@@ -8,15 +8,16 @@ pub mod report;
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
 use crate::{
-    Lab, LabSpec,
-    lab::node_ip,
+    Lab, LabSpec, PodRef,
+    echo6::Echo6,
+    lab::{node_ip, node_ip6},
     manifests::{self, Endpoint, Port, Svc},
 };
 
@@ -88,11 +89,56 @@ impl Pair {
     }
 }
 
-/// The ClusterIP data path of one mode at one scale.
+/// The address family a figure was measured over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+impl Family {
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+
+    /// The families a lab serves: IPv6 too where it is dual-stack.
+    fn of(lab: &Lab) -> Vec<Self> {
+        if lab.dual_stack() { vec![Self::V4, Self::V6] } else { vec![Self::V4] }
+    }
+
+    fn pod(self, pod: &PodRef) -> IpAddr {
+        match self {
+            Self::V4 => pod.ip.into(),
+            Self::V6 => pod.ip6.expect("a dual-stack lab's pod has an IPv6 address").into(),
+        }
+    }
+
+    fn vip(self) -> IpAddr {
+        match self {
+            Self::V4 => TARGET_VIP.into(),
+            Self::V6 => TARGET_VIP6.into(),
+        }
+    }
+
+    fn node(self, n: usize) -> IpAddr {
+        match self {
+            Self::V4 => node_ip(n).into(),
+            Self::V6 => node_ip6(n).into(),
+        }
+    }
+}
+
+/// The ClusterIP data path of one mode at one scale, over one family.
 #[derive(Clone, Debug)]
 pub struct DataRow {
     pub mode: String,
     pub services: usize,
+    pub family: Family,
     /// New connections per second.
     pub connections: Vec<Pair>,
     /// Requests per second over one connection.
@@ -114,10 +160,11 @@ pub struct ControlRow {
     pub bpf_map_kib: Option<u64>,
 }
 
-/// NodePort traffic from the external client through one path.
+/// NodePort traffic from the external client through one path, over one family.
 #[derive(Clone, Debug, Default)]
 pub struct NodePortRow {
     pub path: String,
+    pub family: Family,
     pub connections: Vec<f64>,
     pub udp_exchanges: Vec<f64>,
     /// Datagrams per second a flood delivered to the backend.
@@ -136,6 +183,8 @@ pub struct Results {
 }
 
 const TARGET_VIP: Ipv4Addr = Ipv4Addr::new(10, 32, 0, 200);
+/// The measured Service's IPv6 ClusterIP (the filler Services are IPv4-only).
+const TARGET_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, 0x200);
 const TARGET_PORT: u16 = 80;
 const NODE_PORT: u16 = 30200;
 const SERVER_PORT: u16 = 8080;
@@ -184,7 +233,15 @@ fn target_manifest(lab: &Lab, backend: (usize, usize)) -> String {
     svc.type_ = "NodePort";
     svc.node_ports = vec![NODE_PORT, NODE_PORT + 1, NODE_PORT + 2];
     let pod = lab.pod(backend.0, backend.1);
-    svc.with_endpoints(&[Endpoint::ready(pod.ip, crate::lab::node_name(backend.0))])
+    let node = crate::lab::node_name(backend.0);
+    let v4 = [Endpoint::ready(pod.ip, node.clone())];
+    match pod.ip6 {
+        Some(ip6) => {
+            svc.cluster_ip6 = Some(TARGET_VIP6);
+            svc.with_endpoints_of_both_families(&v4, &[Endpoint::ready(ip6, node)])
+        }
+        None => svc.with_endpoints(&v4),
+    }
 }
 
 /// The `elapsed_ms` of the agent's `index`th "service table applied" line.
@@ -221,32 +278,41 @@ fn bpf_map_kib(pid: u32) -> anyhow::Result<u64> {
     Ok(bytes / 1024)
 }
 
-fn lab_for(mode: &str, extra: &[&str]) -> anyhow::Result<Lab> {
+/// A lab in `mode` whose pods 2-2 and 2-3 serve TCP on `SERVER_PORT` and UDP on `UDP_SERVER_PORT`, over
+/// IPv6 too (the servers returned) where the lab is dual-stack.
+fn lab_for(mode: &str, extra: &[&str]) -> anyhow::Result<(Lab, Vec<Echo6>)> {
     let mut args = vec!["--mode".to_owned(), mode.to_owned(), "--sync-period".to_owned(), "10m".to_owned()];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let mut lab = Lab::start(LabSpec { agent_args: args, ..LabSpec::default() })?;
+    let mut servers6 = Vec::new();
     for (n, k) in [(2, 2), (2, 3)] {
         let pod = lab.pod(n, k).clone();
         lab.serve(&pod, &[SERVER_PORT], &[UDP_SERVER_PORT])?;
+        if lab.dual_stack() {
+            for port in [SERVER_PORT, UDP_SERVER_PORT] {
+                servers6.push(Echo6::start(&pod.ns, &pod.name, port)?);
+            }
+        }
     }
     for client in [lab.pod(1, 1).ns.clone(), lab.external_ns()] {
         reuse_time_wait_ports(&client)?;
     }
-    Ok(lab)
+    Ok((lab, servers6))
 }
 
 /// A load client opens thousands of connections a second and closes each first, so each leaves its port in
 /// `TIME_WAIT` for a minute; a run of a few seconds then exhausts the ephemeral range, and `connect()` slows to
 /// a crawl searching it, which measured the client, not the path. `tcp_tw_reuse` lets a new connection take
-/// a `TIME_WAIT` port after a second, as busy client hosts are set up to do.
+/// a `TIME_WAIT` port after a second, as busy client hosts are set up to do (the `ipv4` sysctl covers IPv6
+/// sockets too).
 fn reuse_time_wait_ports(ns: &str) -> anyhow::Result<()> {
     crate::netns::in_netns(ns, || std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1"))?
         .with_context(|| format!("setting tcp_tw_reuse in {ns}"))
 }
 
-/// One mode at one scale: data path and control plane.
-fn measure_scale(config: &BenchConfig, mode: &str, services: usize) -> anyhow::Result<(DataRow, ControlRow)> {
-    let mut lab = lab_for(mode, &[])?;
+/// One mode at one scale: data path (a row per family) and control plane.
+fn measure_scale(config: &BenchConfig, mode: &str, services: usize) -> anyhow::Result<(Vec<DataRow>, ControlRow)> {
+    let (mut lab, _servers6) = lab_for(mode, &[])?;
     if services > 1 {
         lab.write_manifest("filler.yaml", &filler_manifest(services - 1, config.endpoints_per_service))?;
     }
@@ -263,25 +329,30 @@ fn measure_scale(config: &BenchConfig, mode: &str, services: usize) -> anyhow::R
     let full_sync_ms = applied_ms(&lab.agent(1).log(), 0)?;
 
     let client = lab.pod(1, 1).ns.clone();
-    let service = SocketAddrV4::new(TARGET_VIP, TARGET_PORT);
-    let direct = SocketAddrV4::new(lab.pod(2, 2).ip, SERVER_PORT);
-    let mut data = DataRow { mode: mode.to_owned(), services, connections: Vec::new(), requests: Vec::new() };
-    for r in 0..config.repeats {
-        // Alternate which goes first, so a drift in the machine's speed does not favour one side.
-        let order = if r % 2 == 0 { [service, direct] } else { [direct, service] };
-        let mut connections = Pair::default();
-        let mut requests = Pair::default();
-        for target in order {
-            let c = load::connections_per_second(&client, target, config.duration)?;
-            let q = load::requests_per_second(&client, target, config.duration)?;
-            if target == service {
-                (connections.service, requests.service) = (c, q);
-            } else {
-                (connections.direct, requests.direct) = (c, q);
+    let mut data = Vec::new();
+    for family in Family::of(&lab) {
+        let service = SocketAddr::new(family.vip(), TARGET_PORT);
+        let direct = SocketAddr::new(family.pod(lab.pod(2, 2)), SERVER_PORT);
+        let mut row =
+            DataRow { mode: mode.to_owned(), services, family, connections: Vec::new(), requests: Vec::new() };
+        for r in 0..config.repeats {
+            // Alternate which goes first, so a drift in the machine's speed does not favour one side.
+            let order = if r % 2 == 0 { [service, direct] } else { [direct, service] };
+            let mut connections = Pair::default();
+            let mut requests = Pair::default();
+            for target in order {
+                let c = load::connections_per_second(&client, target, config.duration)?;
+                let q = load::requests_per_second(&client, target, config.duration)?;
+                if target == service {
+                    (connections.service, requests.service) = (c, q);
+                } else {
+                    (connections.direct, requests.direct) = (c, q);
+                }
             }
+            row.connections.push(connections);
+            row.requests.push(requests);
         }
-        data.connections.push(connections);
-        data.requests.push(requests);
+        data.push(row);
     }
 
     // One endpoint changes, back and forth; each change is its own sync.
@@ -322,24 +393,25 @@ fn measure_node_port(config: &BenchConfig) -> anyhow::Result<Vec<NodePortRow>> {
         if !config.modes.iter().any(|m| m == mode) {
             continue;
         }
-        let mut lab = lab_for(mode, extra)?;
+        let (mut lab, _servers6) = lab_for(mode, extra)?;
         lab.write_manifest("target.yaml", &target_manifest(&lab, (2, 2)))?;
         lab.start_agents_within(config.sync_budget)?;
         let ext = lab.external_ns();
-        let tcp = SocketAddrV4::new(node_ip(1), NODE_PORT);
-        let udp = SocketAddrV4::new(node_ip(1), NODE_PORT + 1);
-        let flood = SocketAddrV4::new(node_ip(1), NODE_PORT + 2);
         let sink_ns = lab.pod(2, 2).ns.clone();
-        let mut row = NodePortRow { path: path.to_owned(), ..NodePortRow::default() };
-        for _ in 0..config.repeats {
-            row.connections.push(load::connections_per_second(&ext, tcp, config.duration)?);
-            row.udp_exchanges.push(load::udp_exchanges_per_second(&ext, udp, config.duration)?);
-            let rates = load::udp_flood(&ext, flood, (&sink_ns, SINK_PORT), config.duration)?;
-            row.udp_delivered.push(rates.delivered);
-            row.udp_sent.push(rates.sent);
+        for family in Family::of(&lab) {
+            let at = |port| SocketAddr::new(family.node(1), port);
+            let (tcp, udp, flood) = (at(NODE_PORT), at(NODE_PORT + 1), at(NODE_PORT + 2));
+            let mut row = NodePortRow { path: path.to_owned(), family, ..NodePortRow::default() };
+            for _ in 0..config.repeats {
+                row.connections.push(load::connections_per_second(&ext, tcp, config.duration)?);
+                row.udp_exchanges.push(load::udp_exchanges_per_second(&ext, udp, config.duration)?);
+                let rates = load::udp_flood(&ext, flood, (&sink_ns, SINK_PORT), config.duration)?;
+                row.udp_delivered.push(rates.delivered);
+                row.udp_sent.push(rates.sent);
+            }
+            eprintln!("bench: NodePort via {path} measured over {}", family.name());
+            rows.push(row);
         }
-        eprintln!("bench: NodePort via {path} measured");
-        rows.push(row);
     }
     Ok(rows)
 }
@@ -365,7 +437,7 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<Results> {
         for &services in &config.scales {
             match measure_scale(config, mode, services) {
                 Ok((data, control)) => {
-                    results.data.push(data);
+                    results.data.extend(data);
                     results.control.push(control);
                 }
                 Err(e) if e.downcast_ref::<SyncMissed>().is_some() => {

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::Context as _;
 use plotters::prelude::*;
 
-use super::{BenchConfig, DataRow, NodePortRow, Pair, Results};
+use super::{BenchConfig, DataRow, Family, NodePortRow, Pair, Results};
 
 /// Median and range of a set of figures.
 #[derive(Clone, Copy, Debug)]
@@ -49,8 +49,22 @@ fn fmt_spread(s: Option<Spread>, digits: usize) -> String {
     s.map_or_else(|| "–".into(), |s| format!("{:.digits$} ({:.digits$}–{:.digits$})", s.median, s.min, s.max))
 }
 
-fn row_for<'a>(rows: &'a [DataRow], mode: &str, services: usize) -> Option<&'a DataRow> {
-    rows.iter().find(|r| r.mode == mode && r.services == services)
+fn row_for<'a>(rows: &'a [DataRow], mode: &str, services: usize, family: Family) -> Option<&'a DataRow> {
+    rows.iter().find(|r| r.mode == mode && r.services == services && r.family == family)
+}
+
+/// The median rate through the Service.
+fn service_median(pairs: &[Pair]) -> Option<f64> {
+    Some(spread(&pairs.iter().map(|p| p.service).collect::<Vec<_>>())?.median)
+}
+
+/// The IPv4 rows, which the plots and the targets are about.
+fn ipv4_data(results: &Results) -> Vec<DataRow> {
+    results.data.iter().filter(|r| r.family == Family::V4).cloned().collect()
+}
+
+fn ipv4_node_port(results: &Results) -> Vec<NodePortRow> {
+    results.node_port.iter().filter(|r| r.family == Family::V4).cloned().collect()
 }
 
 /// Writes `report.md` and the plots into `dir`; returns the report's text.
@@ -88,6 +102,7 @@ pub fn markdown(config: &BenchConfig, results: &Results) -> String {
     );
 
     data_section(&mut md, results);
+    ipv6_section(&mut md, results);
     node_port_section(&mut md, results);
     control_section(&mut md, config, results);
     let _ = writeln!(md, "\n## Against the targets\n");
@@ -116,14 +131,11 @@ fn data_section(md: &mut String, results: &Results) {
         "| mode | Services | connections ratio | requests ratio | direct conn/s | direct req/s | conn/s ÷ eBPF |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
-    for row in &results.data {
+    for row in results.data.iter().filter(|r| r.family == Family::V4) {
         let direct_c = spread(&row.connections.iter().map(|p| p.direct).collect::<Vec<_>>());
         let direct_q = spread(&row.requests.iter().map(|p| p.direct).collect::<Vec<_>>());
-        let vs_ebpf = row_for(&results.data, "ebpf", row.services).and_then(|e| {
-            let ours = spread(&row.connections.iter().map(|p| p.service).collect::<Vec<_>>())?.median;
-            let theirs = spread(&e.connections.iter().map(|p| p.service).collect::<Vec<_>>())?.median;
-            Some(ours / theirs)
-        });
+        let vs_ebpf = row_for(&results.data, "ebpf", row.services, Family::V4)
+            .and_then(|e| Some(service_median(&row.connections)? / service_median(&e.connections)?));
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {:.0} | {:.0} | {} |",
@@ -138,32 +150,73 @@ fn data_section(md: &mut String, results: &Results) {
     }
 }
 
+/// The IPv6 figures beside the IPv4 ones of the same mode and scale.
+fn ipv6_section(md: &mut String, results: &Results) {
+    let rows: Vec<&DataRow> = results.data.iter().filter(|r| r.family == Family::V6).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n### IPv6 beside IPv4\n");
+    let _ = writeln!(
+        md,
+        "The same Service's IPv6 ClusterIP and the same pod's IPv6 address, measured in the same lab right after \
+         the IPv4 figures (the filler Services are IPv4-only: the IPv6 table holds this one Service).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| mode | Services | IPv6 connections ratio | IPv6 requests ratio | Service conn/s IPv6 ÷ IPv4 | Service req/s IPv6 ÷ IPv4 |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    for row in rows {
+        let v4 = row_for(&results.data, &row.mode, row.services, Family::V4);
+        let over = |pick: fn(&DataRow) -> &[Pair]| {
+            v4.and_then(|v4| Some(service_median(pick(row))? / service_median(pick(v4))?))
+                .map_or_else(|| "–".into(), |r| format!("{r:.3}"))
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            row.mode,
+            row.services,
+            fmt_spread(spread(&ratios(&row.connections)), 3),
+            fmt_spread(spread(&ratios(&row.requests)), 3),
+            over(|r| &r.connections),
+            over(|r| &r.requests),
+        );
+    }
+}
+
 fn node_port_section(md: &mut String, results: &Results) {
     let _ = writeln!(md, "\n## NodePort from the external client\n");
     let _ = writeln!(
         md,
         "To a backend on the other node. UDP exchanges: request/answer pairs from one socket (latency-bound). \
          UDP flood: one client sends 16-byte datagrams as fast as it can; the backend counts what arrives \
-         (the path's packet rate; the client's send rate in brackets).\n"
+         (the path's packet rate; the client's send rate in brackets). IPv6 rows: the same paths to the node's \
+         IPv6 address, against the iptables mode's IPv6 figures.\n"
     );
     let _ = writeln!(
         md,
         "| path | TCP conn/s | ÷ iptables | UDP exchanges/s | ÷ iptables | UDP flood delivered/s (sent/s) | ÷ iptables |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
-    let baseline = results.node_port.iter().find(|r| r.path == "iptables");
     let over = |mine: Option<Spread>, base: Option<Spread>| match (mine, base) {
         (Some(m), Some(b)) => format!("{:.2}", m.median / b.median),
         _ => "–".into(),
     };
     for row in &results.node_port {
+        let baseline = results.node_port.iter().find(|r| r.path == "iptables" && r.family == row.family);
+        let path = match row.family {
+            Family::V4 => row.path.clone(),
+            Family::V6 => format!("{}, IPv6", row.path),
+        };
         let c = spread(&row.connections);
         let u = spread(&row.udp_exchanges);
         let d = spread(&row.udp_delivered);
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} ({}) | {} |",
-            row.path,
+            path,
             fmt_spread(c, 0),
             over(c, baseline.and_then(|b| spread(&b.connections))),
             fmt_spread(u, 0),
@@ -227,7 +280,7 @@ fn judge(value: f64, target: f64, at_most: bool) -> String {
 
 fn targets(results: &Results) -> Vec<String> {
     let mut out = Vec::new();
-    for row in results.data.iter().filter(|r| r.mode == "ebpf") {
+    for row in results.data.iter().filter(|r| r.mode == "ebpf" && r.family == Family::V4) {
         if let Some(s) = spread(&ratios(&row.connections)) {
             out.push(format!(
                 "eBPF ClusterIP ≥ 0.97 × direct at {} Services: connections {:.3} ({})",
@@ -261,8 +314,9 @@ fn targets(results: &Results) -> Vec<String> {
             at_scale(judge(megabytes, 300.0, true))
         ));
     }
-    let xdp = results.node_port.iter().find(|r| r.path.contains("XDP")).and_then(|r| spread(&r.udp_delivered));
-    let ipt = results.node_port.iter().find(|r| r.path == "iptables").and_then(|r| spread(&r.udp_delivered));
+    let node_port = ipv4_node_port(results);
+    let xdp = node_port.iter().find(|r| r.path.contains("XDP")).and_then(|r| spread(&r.udp_delivered));
+    let ipt = node_port.iter().find(|r| r.path == "iptables").and_then(|r| spread(&r.udp_delivered));
     if let (Some(x), Some(i)) = (xdp, ipt) {
         let ratio = x.median / i.median;
         out.push(format!(
@@ -330,12 +384,13 @@ fn services_axis(max: usize) -> LogCoord<f64> {
     (1f64..max.max(10) as f64 * 2.0).log_scale().into()
 }
 
-/// Service ÷ direct connection rate against the number of Services, one line per mode.
+/// Service ÷ direct connection rate against the number of Services, one line per mode (IPv4).
 fn plot_ratios(path: &Path, results: &Results) -> anyhow::Result<()> {
     font()?;
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE)?;
-    let max_n = results.data.iter().map(|r| r.services).max().unwrap_or(1);
+    let data = ipv4_data(results);
+    let max_n = data.iter().map(|r| r.services).max().unwrap_or(1);
     let mut chart = ChartBuilder::on(&root)
         .caption("ClusterIP new connections: Service ÷ direct", ("sans-serif", 22))
         .margin(15)
@@ -344,8 +399,7 @@ fn plot_ratios(path: &Path, results: &Results) -> anyhow::Result<()> {
         .build_cartesian_2d(services_axis(max_n), 0f64..1.2f64)?;
     chart.configure_mesh().x_desc("Services in the table").y_desc("ratio").draw()?;
     #[expect(clippy::cast_precision_loss, reason = "Service counts far below 2^52")]
-    let series =
-        per_mode(&results.data, |r| &r.mode, |r| Some((r.services as f64, spread(&ratios(&r.connections))?.median)));
+    let series = per_mode(&data, |r| &r.mode, |r| Some((r.services as f64, spread(&ratios(&r.connections))?.median)));
     draw_lines(&mut chart, series)?;
     root.present()?;
     Ok(())
@@ -372,17 +426,17 @@ fn plot_sync(path: &Path, results: &Results) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// NodePort rates per path relative to the iptables path, three bars per path.
+/// NodePort rates per path relative to the iptables path, three bars per path (IPv4).
 fn plot_node_port(path: &Path, results: &Results) -> anyhow::Result<()> {
     font()?;
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let median = |v: &[f64]| spread(v).map_or(0.0, |s| s.median);
-    let baseline = results.node_port.iter().find(|r| r.path == "iptables");
+    let node_port = ipv4_node_port(results);
+    let baseline = node_port.iter().find(|r| r.path == "iptables");
     let base = |f: fn(&NodePortRow) -> &[f64]| baseline.map_or(0.0, |b| median(f(b)));
     let metrics: [fn(&NodePortRow) -> &[f64]; 3] = [|r| &r.connections, |r| &r.udp_exchanges, |r| &r.udp_delivered];
-    let rows: Vec<(String, [f64; 3])> = results
-        .node_port
+    let rows: Vec<(String, [f64; 3])> = node_port
         .iter()
         .map(|r| {
             let ratio = |i: usize| {
