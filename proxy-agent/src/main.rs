@@ -142,11 +142,6 @@ fn start_dataplane(
     let take_over = if ebpf_mode { TakeOver::needed() } else { None };
     let drain =
         if ebpf_mode { None } else { Drain::needed(&args.bpffs, args.conntrack.timeouts(), args.drain_timeout) };
-    if ebpf_mode && (dataplane::iptables::ipv6_installed_here() || dataplane::nftables::ipv6_installed_here()) {
-        tracing::warn!(
-            "IPv6 Service rules are installed (kube-proxy's or a netfilter mode's): the eBPF mode serves IPv6 itself but hands over IPv4 flows only, so IPv6 connections those rules translated break when they are removed; new IPv6 connections are served"
-        );
-    }
     let keep = Kept { ebpf: drain.is_some(), netfilter: take_over.is_some() };
     remove_dataplanes_except(Some(mode), &args.bpffs, keep)?;
     let rule_config = dataplane::netfilter::RuleConfig {

@@ -440,16 +440,44 @@ impl Outcome {
     }
 }
 
-/// A TCP connection held open in a pod namespace; each `ask` is one request on it.
-pub struct TcpSession {
-    tx: std::sync::mpsc::Sender<std::sync::mpsc::Sender<anyhow::Result<Reply>>>,
+/// An echo server's answer, in either family's form ([`Reply`], [`crate::echo6::Reply6`]).
+pub trait Answer: Sized + Send + 'static {
+    /// Parses the answer's first line.
+    ///
+    /// # Errors
+    /// A malformed line.
+    fn parse_answer(text: &str) -> anyhow::Result<Self>;
+}
+
+impl Answer for Reply {
+    fn parse_answer(text: &str) -> anyhow::Result<Self> {
+        Self::parse(text)
+    }
+}
+
+/// A TCP connection held open in a pod namespace; each `ask` is one request on it. IPv4 by
+/// [`TcpSession::open`], IPv6 by [`TcpSession::open6`].
+pub struct TcpSession<R = Reply> {
+    tx: std::sync::mpsc::Sender<std::sync::mpsc::Sender<anyhow::Result<R>>>,
 }
 
 impl TcpSession {
     pub fn open(ns: &str, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Self> {
-        let stream = in_netns(ns, move || TcpStream::connect_timeout(&target.into(), timeout))??;
+        Self::start(ns, target.into(), timeout)
+    }
+}
+
+impl TcpSession<crate::echo6::Reply6> {
+    pub fn open6(ns: &str, target: std::net::SocketAddrV6, timeout: Duration) -> anyhow::Result<Self> {
+        Self::start(ns, target.into(), timeout)
+    }
+}
+
+impl<R: Answer> TcpSession<R> {
+    fn start(ns: &str, target: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+        let stream = in_netns(ns, move || TcpStream::connect_timeout(&target, timeout))??;
         stream.set_read_timeout(Some(timeout))?;
-        let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<anyhow::Result<Reply>>>();
+        let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<anyhow::Result<R>>>();
         thread::spawn(move || {
             let mut reader = BufReader::new(&stream);
             for answer in rx {
@@ -459,7 +487,7 @@ impl TcpSession {
                     if reader.read_line(&mut line)? == 0 {
                         bail!("connection closed");
                     }
-                    Reply::parse(&line)
+                    R::parse_answer(&line)
                 })();
                 let _ = answer.send(result);
             }
@@ -467,7 +495,7 @@ impl TcpSession {
         Ok(Self { tx })
     }
 
-    pub fn ask(&self) -> anyhow::Result<Reply> {
+    pub fn ask(&self) -> anyhow::Result<R> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.tx.send(tx).map_err(|_| anyhow::anyhow!("session thread gone"))?;
         rx.recv().map_err(|_| anyhow::anyhow!("session thread gone"))?

@@ -32,6 +32,12 @@ pub struct Reply6 {
     pub len: Option<usize>,
 }
 
+impl crate::echo::Answer for Reply6 {
+    fn parse_answer(text: &str) -> anyhow::Result<Self> {
+        Self::parse(text)
+    }
+}
+
 impl Reply6 {
     fn parse(text: &str) -> anyhow::Result<Self> {
         let line = text.lines().next().unwrap_or_default().trim();

@@ -6,7 +6,7 @@
 //! 60 ms apiece on a busy node, most of a sync. Here one dump per sync finds every stale entry, and each is
 //! then deleted by its tuple.
 
-use std::{collections::BTreeSet, net::IpAddr, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::{Context as _, bail};
 use netlink_packet_core::{
@@ -99,49 +99,53 @@ const TCP_CONNTRACK_CLOSE: u8 = 8;
 const TCP_CONNTRACK_SYN_SENT2: u8 = 9;
 
 /// A flow the kernel's NAT translated (its replies come from another address or port than the client sent
-/// to: a DNAT, as kube-proxy's rules do), as the client sends it.
+/// to: a DNAT, as kube-proxy's rules do), as the client sends it. Both ends are of one family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TranslatedFlow {
     /// `libc::IPPROTO_TCP` or `libc::IPPROTO_UDP`.
     pub protocol: u8,
-    pub source: (Ipv4Addr, u16),
-    pub destination: (Ipv4Addr, u16),
+    pub source: (IpAddr, u16),
+    pub destination: (IpAddr, u16),
     /// TCP still in its handshake (`SYN_SENT`, `SYN_RECV`, `SYN_SENT2`).
     pub handshake: bool,
 }
 
-/// Every IPv4 TCP and UDP flow the kernel's conntrack holds with a destination NAT, in this network
-/// namespace: the flows netfilter rules translated and goes on translating whatever happens to the rules.
-/// TCP connections that are over (`TIME_WAIT`, `CLOSE`) are left out.
+/// Every TCP and UDP flow of either family the kernel's conntrack holds with a destination NAT, in this
+/// network namespace: the flows netfilter rules translated and goes on translating whatever happens to
+/// the rules. TCP connections that are over (`TIME_WAIT`, `CLOSE`) are left out.
 ///
 /// # Errors
-/// When netlink cannot be reached or the dump fails.
+/// When netlink cannot be reached or a dump fails.
 pub fn translated_flows() -> anyhow::Result<Vec<TranslatedFlow>> {
     let socket = open().context("opening a ctnetlink socket")?;
-    let v4 = |(addr, port): (IpAddr, u16)| match addr {
-        IpAddr::V4(a) => Some((a, port)),
-        IpAddr::V6(_) => None,
-    };
-    Ok(dump(&socket, false, NetfilterProtoFamily::IPv4)?
-        .into_iter()
-        .filter(|e| e.reply_source != e.destination)
-        .filter(|e| !matches!(e.tcp_state, Some(TCP_CONNTRACK_TIME_WAIT | TCP_CONNTRACK_CLOSE)))
-        .filter_map(|e| {
-            let protocol = match e.protocol {
-                Protocol::Tcp => libc::IPPROTO_TCP,
-                Protocol::Udp => libc::IPPROTO_UDP,
-                _ => return None,
-            };
-            let handshake =
-                matches!(e.tcp_state, Some(TCP_CONNTRACK_SYN_SENT | TCP_CONNTRACK_SYN_RECV | TCP_CONNTRACK_SYN_SENT2));
-            Some(TranslatedFlow {
-                protocol: u8::try_from(protocol).ok()?,
-                source: v4(e.source)?,
-                destination: v4(e.destination)?,
-                handshake,
-            })
-        })
-        .collect())
+    let mut flows = Vec::new();
+    for family in [NetfilterProtoFamily::IPv4, NetfilterProtoFamily::IPv6] {
+        flows.extend(
+            dump(&socket, false, family)?
+                .into_iter()
+                .filter(|e| e.reply_source != e.destination)
+                .filter(|e| !matches!(e.tcp_state, Some(TCP_CONNTRACK_TIME_WAIT | TCP_CONNTRACK_CLOSE)))
+                .filter(|e| e.source.0.is_ipv4() == e.destination.0.is_ipv4())
+                .filter_map(|e| {
+                    let protocol = match e.protocol {
+                        Protocol::Tcp => libc::IPPROTO_TCP,
+                        Protocol::Udp => libc::IPPROTO_UDP,
+                        _ => return None,
+                    };
+                    let handshake = matches!(
+                        e.tcp_state,
+                        Some(TCP_CONNTRACK_SYN_SENT | TCP_CONNTRACK_SYN_RECV | TCP_CONNTRACK_SYN_SENT2)
+                    );
+                    Some(TranslatedFlow {
+                        protocol: u8::try_from(protocol).ok()?,
+                        source: e.source,
+                        destination: e.destination,
+                        handshake,
+                    })
+                }),
+        );
+    }
+    Ok(flows)
 }
 
 fn open() -> std::io::Result<Socket> {

@@ -18,17 +18,19 @@
 //!   timeout, the pins go and the programs with them.
 
 use std::{
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use proxy_common::{
+    addr::In6,
     config::{Config, FLAG_DRAIN},
     conntrack::{CtKey, CtValue, DIR_FORWARD, FLAG_KERNEL_NAT, Timeouts, closed, expired, state},
     maps,
 };
+
+use super::maps::MapAddr;
 
 use std::{collections::BTreeSet, fmt::Write as _};
 
@@ -40,16 +42,16 @@ use crate::{
 /// `BPF_NOEXIST`: create, never overwrite.
 const BPF_NOEXIST: u64 = 1;
 
-fn be(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
-}
+/// A family's flow table, as the agent opens it.
+type FlowTable<A> = aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>;
 
-/// The forward entry that leaves `flow` to the kernel's NAT, stamped `now` (seconds of `CLOCK_MONOTONIC`).
-/// Recorded as established: a SYN on its tuple is a new connection, the programs'.
-fn kernel_entry(flow: &TranslatedFlow, now: u32) -> (CtKey, CtValue) {
+/// The forward entry that leaves `flow` to the kernel's NAT, stamped `now` (seconds of `CLOCK_MONOTONIC`),
+/// if `flow` is of family `A`. Recorded as established: a SYN on its tuple is a new connection, the
+/// programs'.
+fn kernel_entry<A: MapAddr>(flow: &TranslatedFlow, now: u32) -> Option<(CtKey<A>, CtValue<A>)> {
     let key = CtKey {
-        src_addr: be(flow.source.0),
-        dst_addr: be(flow.destination.0),
+        src_addr: A::from_ip(flow.source.0)?,
+        dst_addr: A::from_ip(flow.destination.0)?,
         src_port: flow.source.1.to_be(),
         dst_port: flow.destination.1.to_be(),
         proto: flow.protocol,
@@ -73,15 +75,35 @@ fn kernel_entry(flow: &TranslatedFlow, now: u32) -> (CtKey, CtValue) {
         created: now,
         last_seen: now,
     };
-    (key, value)
+    Some((key, value))
 }
 
-/// The nftables table that keeps the kernel's connection tracking on in this network namespace while flows
-/// its NAT translated may be alive. The kernel tracks connections only while some rule uses conntrack; on a
-/// node where kube-proxy's rules were the last such users, removing them stops conntrack, and with it the
-/// NAT of every flow they translated. This table's one rule (a counter of invalid packets, which changes
-/// nothing) keeps it on until no such flow is left.
+/// Records each of `flows` of family `A` in `table` as the kernel's; returns how many were new to it.
+fn record<A: MapAddr>(table: &mut FlowTable<A>, flows: &[TranslatedFlow], now: u32) -> usize {
+    let mut recorded = 0;
+    for (flow, (key, value)) in flows.iter().filter_map(|f| Some((f, kernel_entry::<A>(f, now)?))) {
+        // BPF_NOEXIST: a flow the programs already know (recorded since they attached) keeps its entry.
+        match table.insert(&key, &value, BPF_NOEXIST) {
+            Ok(()) => recorded += 1,
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                // A full table: the flow is picked afresh by the programs on its next packet (its
+                // connection resets); every other flow is still handed over.
+                tracing::warn!(flow = ?flow, error = %e, "could not leave a flow to the kernel's NAT");
+            }
+        }
+    }
+    recorded
+}
+
+/// The nftables tables (one per family: conntrack and its NAT hooks are registered per family) that keep
+/// the kernel's connection tracking on in this network namespace while flows its NAT translated may be
+/// alive. The kernel tracks connections only while some rule uses conntrack; on a node where kube-proxy's
+/// rules were the last such users, removing them stops conntrack, and with it the NAT of every flow they
+/// translated. Each table's one rule (a counter of invalid packets, which changes nothing) keeps it on
+/// until no such flow is left.
 const KEEPER: &str = "proxy-agent-conntrack";
+const KEEPER_FAMILIES: [&str; 2] = ["ip", "ip6"];
 
 /// Installs [`KEEPER`] (again: the same table, atomically).
 pub fn keep_conntrack() -> anyhow::Result<()> {
@@ -95,26 +117,49 @@ pub fn keep_conntrack() -> anyhow::Result<()> {
             "  chain nat-{hook} {{\n    type nat hook {hook} priority {priority}; policy accept;\n  }}"
         );
     }
-    let ruleset = format!(
-        "table ip {KEEPER}\ndelete table ip {KEEPER}\ntable ip {KEEPER} {{\n  chain keep {{\n    type filter hook prerouting priority raw; policy accept;\n    ct state invalid counter comment \"keeps conntrack on for flows kube-proxy's rules translated\"\n  }}\n{nat_chains}}}\n"
-    );
-    crate::dataplane::netfilter::run_with_input("nft", &["-f", "-"], &ruleset)
-        .context("installing the nftables table that keeps conntrack on")
+    // One transaction per family: a kernel without IPv6 refuses the ip6 table, and IPv4's must not go
+    // with it.
+    let mut failed = Vec::new();
+    for family in KEEPER_FAMILIES {
+        let ruleset = format!(
+            "table {family} {KEEPER}\ndelete table {family} {KEEPER}\ntable {family} {KEEPER} {{\n  chain keep {{\n    type filter hook prerouting priority raw; policy accept;\n    ct state invalid counter comment \"keeps conntrack on for flows kube-proxy's rules translated\"\n  }}\n{nat_chains}}}\n"
+        );
+        if let Err(e) = crate::dataplane::netfilter::run_with_input("nft", &["-f", "-"], &ruleset) {
+            failed.push(format!("{family}: {e:#}"));
+        }
+    }
+    anyhow::ensure!(failed.is_empty(), "installing the nftables tables that keep conntrack on: {}", failed.join("; "));
+    Ok(())
 }
 
-/// Whether [`KEEPER`] is installed (by this agent or a previous one).
+/// The [`KEEPER`] tables installed (by this agent or a previous one), by family.
+fn kept_families() -> Vec<&'static str> {
+    KEEPER_FAMILIES
+        .into_iter()
+        .filter(|family| {
+            std::process::Command::new("nft")
+                .args(["--terse", "list", "table", family, KEEPER])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect()
+}
+
+/// Whether a [`KEEPER`] table is installed (by this agent or a previous one, which may have kept IPv4's
+/// only).
 #[must_use]
 pub fn conntrack_kept() -> bool {
-    std::process::Command::new("nft")
-        .args(["--terse", "list", "table", "ip", KEEPER])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    !kept_families().is_empty()
 }
 
-/// Removes [`KEEPER`] if it is there.
+/// Removes the [`KEEPER`] tables that are there.
 pub fn release_conntrack() -> anyhow::Result<()> {
-    if conntrack_kept() {
-        crate::dataplane::netfilter::run_with_input("nft", &["-f", "-"], &format!("delete table ip {KEEPER}\n"))?;
+    let mut script = String::new();
+    for family in kept_families() {
+        let _ = writeln!(script, "delete table {family} {KEEPER}");
+    }
+    if !script.is_empty() {
+        crate::dataplane::netfilter::run_with_input("nft", &["-f", "-"], &script)?;
     }
     Ok(())
 }
@@ -131,35 +176,24 @@ impl TakeOver {
     /// and nothing needs handing over.
     #[must_use]
     pub fn needed() -> Option<Self> {
-        let iptables = crate::dataplane::iptables::installed_here();
-        let nftables = crate::dataplane::nftables::installed_here();
+        use crate::dataplane::{iptables, nftables};
+        let iptables = iptables::installed_here() || iptables::ipv6_installed_here();
+        let nftables = nftables::installed_here() || nftables::ipv6_installed_here();
         (iptables || nftables).then_some(Self { iptables, nftables })
     }
 
-    /// Records every flow the kernel's conntrack holds translated as the kernel's (the programs already
-    /// record those that sent a packet since they attached), then, with `finish_handover` (which clears
-    /// `FLAG_HANDOVER`), lets new flows be the programs', and removes the rules. Returns the flows recorded.
+    /// Records every flow the kernel's conntrack holds translated as the kernel's, each family in its own
+    /// table (the programs already record those that sent a packet since they attached), then, with
+    /// `finish_handover` (which clears `FLAG_HANDOVER`), lets new flows be the programs', and removes the
+    /// rules. Returns the flows recorded.
     pub fn finish(
         &self,
-        conntrack: &mut aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue>,
+        (conntrack, conntrack6): (&mut FlowTable<u32>, &mut FlowTable<In6>),
         finish_handover: impl FnOnce() -> anyhow::Result<()>,
     ) -> anyhow::Result<usize> {
         let flows = crate::dataplane::conntrack::translated_flows().context("reading the kernel's conntrack")?;
         let now = super::flow_table::now_secs();
-        let mut recorded = 0;
-        for flow in &flows {
-            let (key, value) = kernel_entry(flow, now);
-            // BPF_NOEXIST: a flow the programs already know (recorded since they attached) keeps its entry.
-            match conntrack.insert(&key, &value, BPF_NOEXIST) {
-                Ok(()) => recorded += 1,
-                Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => {
-                    // A full table: the flow is picked afresh by the programs on its next packet (its
-                    // connection resets); every other flow is still handed over.
-                    tracing::warn!(flow = ?flow, error = %e, "could not leave a flow to the kernel's NAT");
-                }
-            }
-        }
+        let recorded = record(conntrack, &flows, now) + record(conntrack6, &flows, now);
         finish_handover()?;
         // Before the rules go: they may be what keeps conntrack, and so their flows' NAT, running.
         if let Err(e) = keep_conntrack() {
@@ -231,12 +265,19 @@ impl Drain {
         self.started
     }
 
-    /// Flows the programs translated that are still alive.
+    /// Flows the programs translated that are still alive, of both families.
     pub fn live_flows(&self) -> anyhow::Result<usize> {
-        let pin = super::pins::path(&self.pin_dir, maps::CONNTRACK);
+        Ok(self.live_flows_of::<u32>(maps::CONNTRACK)? + self.live_flows_of::<In6>(maps::CONNTRACK6)?)
+    }
+
+    fn live_flows_of<A: MapAddr>(&self, name: &str) -> anyhow::Result<usize> {
+        let pin = super::pins::path(&self.pin_dir, name);
+        if !pin.exists() && name == maps::CONNTRACK6 {
+            // Programs of a version without IPv6 flow tables.
+            return Ok(0);
+        }
         let data = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-        let map: aya::maps::HashMap<_, CtKey, CtValue> =
-            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+        let map: FlowTable<A> = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
         let now = super::flow_table::now_secs();
         Ok(map
             .iter()

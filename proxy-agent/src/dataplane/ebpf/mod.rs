@@ -428,11 +428,16 @@ impl EbpfDataplane {
             return Ok(());
         }
         let Some(take_over) = &self.take_over else { return Ok(()) };
-        let pin = pins::path(&self.pin_dir, proxy_common::maps::CONNTRACK);
-        let data = aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
-        let mut conntrack = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+        let table = |name: &str| -> anyhow::Result<aya::maps::MapData> {
+            let pin = pins::path(&self.pin_dir, name);
+            aya::maps::MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))
+        };
+        let mut conntrack =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(table(proxy_common::maps::CONNTRACK)?))?;
+        let mut conntrack6 =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(table(proxy_common::maps::CONNTRACK6)?))?;
         let (ebpf, config) = (&mut self.ebpf, &mut self.config);
-        take_over.finish(&mut conntrack, || {
+        take_over.finish((&mut conntrack, &mut conntrack6), || {
             config.flags &= !proxy_common::config::FLAG_HANDOVER;
             write_config(ebpf, config)
         })?;
