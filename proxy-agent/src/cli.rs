@@ -65,9 +65,10 @@ pub struct Args {
     #[arg(long, value_name = "CIDR,...|primary", value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
 
-    /// The address SNATed traffic leaves with. Default: the first address of the first host interface.
-    #[arg(long, value_name = "IPV4")]
-    pub node_ip: Option<std::net::Ipv4Addr>,
+    /// The addresses SNATed traffic leaves with, at most one per family (`10.240.0.11,fd00:240::11`).
+    /// Default, for each family not given: the node's first address of that family.
+    #[arg(long, value_name = "IP[,IP]", value_delimiter = ',')]
+    pub node_ip: Vec<std::net::IpAddr>,
 
     /// Source ports for SNATed flows; keep this outside the kernel's ephemeral port range.
     #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535", value_parser = parse_port_range)]
@@ -316,6 +317,42 @@ pub fn parse_nodeport_addresses(values: &[String]) -> Result<crate::model::NodeP
 }
 
 /// Fills in, from the config file, every setting the command line did not give.
+/// `--node-ip`'s addresses, at most one per family.
+pub fn check_node_ips(ips: &[std::net::IpAddr]) -> Result<(), String> {
+    for v6 in [false, true] {
+        let of_family: Vec<String> = ips.iter().filter(|ip| ip.is_ipv6() == v6).map(ToString::to_string).collect();
+        if of_family.len() > 1 {
+            let family = if v6 { "IPv6" } else { "IPv4" };
+            return Err(format!(
+                "{} {family} addresses ({}): give at most one per family",
+                of_family.len(),
+                of_family.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Args {
+    /// The IPv4 address of `--node-ip` (or kube-proxy's bindAddress), if given.
+    #[must_use]
+    pub fn node_ip4(&self) -> Option<std::net::Ipv4Addr> {
+        self.node_ip.iter().find_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(*v4),
+            std::net::IpAddr::V6(_) => None,
+        })
+    }
+
+    /// The IPv6 address of `--node-ip` (or kube-proxy's bindAddress), if given.
+    #[must_use]
+    pub fn node_ip6(&self) -> Option<std::net::Ipv6Addr> {
+        self.node_ip.iter().find_map(|ip| match ip {
+            std::net::IpAddr::V6(v6) => Some(*v6),
+            std::net::IpAddr::V4(_) => None,
+        })
+    }
+}
+
 pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &clap::ArgMatches) {
     use clap::parser::ValueSource;
     let from_flags =
@@ -381,7 +418,7 @@ pub fn apply_file(args: &mut Args, file: crate::config::FileConfig, matches: &cl
         args.iptables_masquerade_bit = v;
     }
     if let Some(ip) = file.node_ip.filter(|_| !from_flags("node_ip") && !from_flags("bind_address")) {
-        args.node_ip = Some(ip);
+        args.node_ip = vec![ip];
     }
     if let Some(v) = file.oom_score_adj.filter(|_| !from_flags("oom_score_adj")) {
         args.oom_score_adj = v;
@@ -428,7 +465,9 @@ pub fn resolved_config(args: &Args) -> String {
         "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
         "kind": "KubeProxyConfiguration",
         "mode": mode,
-        "bindAddress": args.node_ip.map_or_else(|| "0.0.0.0".to_owned(), |ip| ip.to_string()),
+        // kube-proxy's bindAddress holds one address: the primary family's (IPv4's when both are given).
+        "bindAddress": args.node_ip4().map(std::net::IpAddr::V4).or(args.node_ip6().map(std::net::IpAddr::V6))
+            .map_or_else(|| "0.0.0.0".to_owned(), |ip| ip.to_string()),
         "bindAddressHardFail": args.bind_address_hard_fail,
         "healthzBindAddress": args.healthz_bind_address.to_string(),
         "metricsBindAddress": args.metrics_bind_address.to_string(),
@@ -469,11 +508,12 @@ pub fn resolved_config(args: &Args) -> String {
 /// What kube-proxy's flags that map onto this agent's settings say, applied to `args` (the flags that
 /// only exist for kube-proxy's sake are warned about by [`crate::kube_proxy_flags`]).
 pub fn apply_kube_proxy_flags(args: &mut Args, config_file: bool) {
-    if let Some(ip) = args.bind_address {
-        match ip {
-            std::net::IpAddr::V4(v4) if !v4.is_unspecified() && args.node_ip.is_none() => args.node_ip = Some(v4),
-            _ => {}
-        }
+    // kube-proxy's bindAddress overrides the node IP of its family (IPv6 too); `--node-ip` wins.
+    if let Some(ip) = args.bind_address
+        && !ip.is_unspecified()
+        && !args.node_ip.iter().any(|n| n.is_ipv4() == ip.is_ipv4())
+    {
+        args.node_ip.push(ip);
     }
     // kube-proxy folds the deprecated ports in only without a config file.
     for (port, addr, name) in [
@@ -508,6 +548,29 @@ pub fn apply_kube_proxy_flags(args: &mut Args, config_file: bool) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn node_ip_takes_one_address_per_family_and_bind_address_fills_the_other() {
+        let parse = |argv: &[&str]| {
+            let matches = Args::command().try_get_matches_from(argv).unwrap();
+            let mut args = Args::from_arg_matches(&matches).unwrap();
+            apply_kube_proxy_flags(&mut args, false);
+            args
+        };
+        let both = parse(&["proxy-agent", "--node-ip", "10.240.0.11,fd00:240::11"]);
+        assert_eq!(both.node_ip4(), Some("10.240.0.11".parse().unwrap()));
+        assert_eq!(both.node_ip6(), Some("fd00:240::11".parse().unwrap()));
+        assert!(check_node_ips(&both.node_ip).is_ok());
+        let v6 = parse(&["proxy-agent", "--bind-address", "fd00:240::12"]);
+        assert_eq!((v6.node_ip4(), v6.node_ip6()), (None, Some("fd00:240::12".parse().unwrap())));
+        let flag_wins = parse(&["proxy-agent", "--node-ip", "fd00:240::11", "--bind-address", "fd00:240::12"]);
+        assert_eq!(flag_wins.node_ip, vec!["fd00:240::11".parse::<std::net::IpAddr>().unwrap()]);
+        let unspecified = parse(&["proxy-agent", "--bind-address", "::"]);
+        assert!(unspecified.node_ip.is_empty(), "`::` means the Node's own addresses");
+        let two = parse(&["proxy-agent", "--node-ip", "10.240.0.11,10.240.0.12"]);
+        let error = check_node_ips(&two.node_ip).unwrap_err();
+        assert!(error.contains("2 IPv4 addresses (10.240.0.11, 10.240.0.12)"), "{error}");
+    }
+
     use clap::{CommandFactory as _, FromArgMatches as _};
 
     use super::*;

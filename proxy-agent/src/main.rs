@@ -64,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let node_port_addresses = cli::parse_nodeport_addresses(&args.nodeport_addresses)
         .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
+    cli::check_node_ips(&args.node_ip).map_err(|e| anyhow::anyhow!("--node-ip: {e}"))?;
     let addresses = node::host_addresses(&roles).context("reading this node's addresses")?;
     anyhow::ensure!(
         args.service_cluster_ip_range.iter().all(|(_, len)| *len > 0),
@@ -266,7 +267,7 @@ fn set_oom_score_adj(value: i32) {
 /// The eBPF dataplane's node-wide settings, from the flags and the node's addresses.
 fn node_settings(args: &cli::Args, node: &NodeIdentity) -> NodeSettings {
     NodeSettings {
-        snat_addr: args.node_ip.or_else(|| {
+        snat_addr: args.node_ip4().or_else(|| {
             node.addresses.iter().find_map(|a| match a {
                 std::net::IpAddr::V4(v4) => Some(*v4),
                 std::net::IpAddr::V6(_) => None,
@@ -274,9 +275,11 @@ fn node_settings(args: &cli::Args, node: &NodeIdentity) -> NodeSettings {
         }),
         snat_ports: args.snat_ports,
         masquerade_all: args.masquerade_all,
-        snat_addr6: node.addresses.iter().find_map(|a| match a {
-            std::net::IpAddr::V6(v6) => Some(*v6),
-            std::net::IpAddr::V4(_) => None,
+        snat_addr6: args.node_ip6().or_else(|| {
+            node.addresses.iter().find_map(|a| match a {
+                std::net::IpAddr::V6(v6) => Some(*v6),
+                std::net::IpAddr::V4(_) => None,
+            })
         }),
         cluster_cidr: args.cluster_cidr.as_ref().and_then(|c| c.of_family(false)).and_then(|(a, len)| match a {
             std::net::IpAddr::V4(a) => Some((a, len)),

@@ -401,6 +401,10 @@ fn parse_ipv6<P: Packet>(pkt: &P) -> Option<Parsed<In6>> {
     if next == NEXTHDR_ICMP6 {
         // The fragment check only on this path: made before the branch, it would split every flow's
         // verifier state by fragment kind, and the IPv6 egress programs past the verifier's limit.
+        // (An error that carries a Routing header of its own is not told apart: its checksum's pseudo-header
+        // holds the final destination, not the address in the header (RFC 8200 8.1), so translating it
+        // leaves a wrong checksum. Checking for it here takes the IPv6 egress programs past the verifier's
+        // limit; routers do not source-route the errors they send.)
         if fragment != Fragment::Whole {
             return None;
         }

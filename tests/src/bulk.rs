@@ -9,7 +9,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -40,8 +40,12 @@ impl BulkServer {
     /// Starts serving `name` on TCP `port` inside namespace `ns`, IPv4 and IPv6 (one socket on `[::]`,
     /// which takes IPv4 too unless the namespace sets `bindv6only`).
     pub fn start(ns: &str, name: &str, port: u16) -> anyhow::Result<Self> {
-        let listener = in_netns(ns, move || TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))?
-            .with_context(|| format!("binding TCP port {port} in {ns}"))?;
+        // A host booted without IPv6 refuses the `[::]` socket: IPv4 alone then.
+        let listener = in_netns(ns, move || {
+            TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+                .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
+        })?
+        .with_context(|| format!("binding TCP port {port} in {ns}"))?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, name) = (stop.clone(), name.to_owned());

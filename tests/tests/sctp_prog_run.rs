@@ -6,11 +6,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, ProgramArray},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
-};
+use aya::{Ebpf, maps::HashMap, programs::SchedClassifier};
 use proxy_common::{
     addr::In6,
     backend::{Backend, Backend6},
@@ -18,7 +14,7 @@ use proxy_common::{
     revnat::{RevNat, RevNat6},
     service::{SCOPE_EXTERNAL, ServiceKey, ServiceKey6, ServiceValue},
 };
-use proxy_lab::bpf::{PrivateBpffs, crc32c, inet_checksum, object};
+use proxy_lab::bpf::{crc32c, inet_checksum, load_tc, run_once};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 11);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 32, 0, 30);
@@ -32,9 +28,6 @@ const TC_ACT_OK: u32 = 0;
 /// The frontend's reverse-NAT id and its backend's id in the maps.
 const REV_NAT_ID: u32 = 7;
 const BACKEND_ID: u32 = 3;
-/// The IPv6 programs' slots in `IPV6_PROGRAMS` (`proxy-ebpf/src/service_path.rs`, `ipv6`).
-const IPV6_POD_INGRESS: u32 = 0;
-const IPV6_POD_EGRESS: u32 = 1;
 
 fn be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
@@ -110,24 +103,7 @@ fn parse(frame: &[u8]) -> Parsed {
 }
 
 fn run(prog: &SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 64];
-    let result = prog
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
-
-/// The object loaded with `programs` loaded, in a bpffs of its own.
-fn load(programs: &[&str]) -> (Ebpf, PrivateBpffs) {
-    let object = object().expect("eBPF object");
-    let pins = PrivateBpffs::mount().expect("bpffs");
-    let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins.path()).load_file(&object).expect("load object");
-    for name in programs {
-        let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        prog.load().unwrap_or_else(|e| panic!("loading {name}: {e}"));
-    }
-    (ebpf, pins)
+    run_once(prog, frame).expect("BPF_PROG_TEST_RUN")
 }
 
 /// A ClusterIP's frontend with one backend (slot 1), as the agent writes slots: slot 0 last.
@@ -174,7 +150,7 @@ fn translated_both_ways(
 
 #[test]
 fn sctp_to_a_cluster_ip_is_translated_both_ways_with_valid_checksums() {
-    let (mut ebpf, _pins) = load(&["tc_pod_ingress", "tc_pod_egress"]);
+    let (mut ebpf, _pins) = load_tc(&["tc_pod_ingress", "tc_pod_egress"]).expect("object");
     {
         let mut services: HashMap<_, ServiceKey, ServiceValue> =
             HashMap::try_from(ebpf.map_mut("SERVICES").unwrap()).unwrap();
@@ -202,22 +178,11 @@ fn sctp_to_a_cluster_ip_is_translated_both_ways_with_valid_checksums() {
 
 #[test]
 fn sctp_to_an_ipv6_cluster_ip_is_translated_both_ways_with_a_valid_crc() {
-    let (mut ebpf, _pins) = load(&["tc_pod_ingress", "tc_pod_egress", "tc_pod_ingress6", "tc_pod_egress6"]);
+    // `load_tc` fills the IPv6 programs' table as the agent does: the IPv4 programs hand IPv6 frames on to them.
+    let (mut ebpf, _pins) =
+        load_tc(&["tc_pod_ingress", "tc_pod_egress", "tc_pod_ingress6", "tc_pod_egress6"]).expect("object");
     let in6 = |a: Ipv6Addr| In6::from_octets(a.octets());
     {
-        // As the agent fills it: the IPv4 programs hand IPv6 frames on by a tail call through this table.
-        let fds: Vec<_> = ["tc_pod_ingress6", "tc_pod_egress6"]
-            .iter()
-            .map(|name| {
-                let prog: &SchedClassifier = ebpf.program(name).unwrap().try_into().unwrap();
-                prog.fd().unwrap().try_clone().unwrap()
-            })
-            .collect();
-        let mut table = ProgramArray::try_from(ebpf.map_mut("IPV6_PROGRAMS").unwrap()).unwrap();
-        for (slot, fd) in [(IPV6_POD_INGRESS, &fds[0]), (IPV6_POD_EGRESS, &fds[1])] {
-            table.set(slot, fd, 0).unwrap();
-        }
-
         let mut services: HashMap<_, ServiceKey6, ServiceValue> =
             HashMap::try_from(ebpf.map_mut("SERVICES6").unwrap()).unwrap();
         for (slot, value) in slots() {

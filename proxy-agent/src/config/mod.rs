@@ -9,7 +9,7 @@
 pub mod types;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -34,7 +34,7 @@ pub struct FileConfig {
     pub metrics_bind_address: Option<SocketAddr>,
     pub hostname_override: Option<String>,
     /// `bindAddress`: kube-proxy's override of the node's primary IP, when not unspecified.
-    pub node_ip: Option<Ipv4Addr>,
+    pub node_ip: Option<IpAddr>,
     pub sync_period: Option<Duration>,
     pub min_sync_period: Option<Duration>,
     pub oom_score_adj: Option<i32>,
@@ -200,9 +200,8 @@ fn resolve(c: &KubeProxyConfiguration) -> Result<FileConfig, BadValue> {
     let bind = c.bind_address.as_deref().filter(|b| !b.is_empty()).unwrap_or("0.0.0.0");
     let bind_ip = sloppy_ip::parse_ip(bind)
         .ok_or_else(|| bad("bindAddress", bind, "not a valid textual representation of an IP address"))?;
-    match bind_ip {
-        IpAddr::V4(v4) if !v4.is_unspecified() => out.node_ip = Some(v4),
-        _ => {}
+    if !bind_ip.is_unspecified() {
+        out.node_ip = Some(bind_ip);
     }
     let bind_is_ipv6 = bind_ip.is_ipv6();
     out.healthz_bind_address = Some(host_port(

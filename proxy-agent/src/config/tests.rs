@@ -92,8 +92,11 @@ fn addresses_follow_kube_proxys_defaulting() {
     let c = parse("healthzBindAddress: 127.0.0.1\nmetricsBindAddress: 0.0.0.0:9100\nbindAddress: 10.240.0.11").unwrap();
     assert_eq!(c.healthz_bind_address, Some("127.0.0.1:10256".parse().unwrap()), "a bare IP gets the port");
     assert_eq!(c.metrics_bind_address, Some("0.0.0.0:9100".parse().unwrap()));
-    assert_eq!(c.node_ip, Some(Ipv4Addr::new(10, 240, 0, 11)), "bindAddress overrides the node IP");
+    assert_eq!(c.node_ip, Some(std::net::Ipv4Addr::new(10, 240, 0, 11).into()), "bindAddress overrides the node IP");
+    let node6 = parse("bindAddress: fd00:240::11").unwrap();
+    assert_eq!(node6.node_ip, Some("fd00:240::11".parse().unwrap()), "an IPv6 bindAddress overrides IPv6's node IP");
     let v6 = parse("bindAddress: \"::\"").unwrap();
+    assert_eq!(v6.node_ip, None, "::: the Node's own address");
     assert_eq!(v6.healthz_bind_address, Some("[::]:10256".parse().unwrap()));
     assert_eq!(v6.metrics_bind_address, Some("[::1]:10249".parse().unwrap()));
 }

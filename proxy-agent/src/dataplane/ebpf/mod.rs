@@ -351,7 +351,11 @@ impl EbpfDataplane {
         self.upgrading = false;
         self.attach_sockets()?;
         self.housekeeping()?;
-        self.ipv6_programs.pin()?;
+        // A failed rename is retried by housekeeping: this build's tables stay pinned beside the previous
+        // agent's meanwhile, so nothing is emptied, and the rest of the upgrade must not wait on it.
+        if let Err(e) = self.ipv6_programs.pin() {
+            tracing::warn!(error = %format!("{e:#}"), "pinning the IPv6 programs' tables in place; retried");
+        }
         carried += pins::migrate(&self.pin_dir, &proxy_common::maps::FLOW_STATE, pins::Overwrite::No)?;
         self.config.flags &= !proxy_common::config::FLAG_MIGRATING;
         write_config(&mut self.ebpf, &self.config)?;
@@ -577,6 +581,9 @@ impl Dataplane for EbpfDataplane {
             return Ok(());
         }
         self.release_conntrack_when_unused();
+        if let Err(e) = self.ipv6_programs.pin() {
+            tracing::warn!(error = %format!("{e:#}"), "pinning the IPv6 programs' tables in place; retried");
+        }
         let interfaces = interfaces::list()?;
         let added = self.attachments.refresh(&mut self.ebpf, &self.roles, &interfaces)?;
         self.sync_egress_snat(&interfaces)?;
