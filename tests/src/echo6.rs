@@ -30,6 +30,8 @@ pub struct Reply6 {
     pub seen_source: SocketAddrV6,
     /// UDP: how many bytes the backend received (the datagram whole, however it was fragmented).
     pub len: Option<usize>,
+    /// UDP: the hop limit the datagram arrived with.
+    pub hop_limit: Option<u8>,
 }
 
 impl crate::echo::Answer for Reply6 {
@@ -44,8 +46,15 @@ impl Reply6 {
         let mut words = line.split_whitespace();
         let (Some(name), Some(peer)) = (words.next(), words.next()) else { bail!("malformed reply {line:?}") };
         let seen_source = peer.parse().with_context(|| format!("malformed peer in {line:?}"))?;
-        let len = words.next().and_then(|w| w.strip_prefix("len=")?.parse().ok());
-        Ok(Self { backend: name.to_owned(), seen_source, len })
+        let (mut len, mut hop_limit) = (None, None);
+        for (key, value) in words.filter_map(|w| w.split_once('=')) {
+            match key {
+                "len" => len = value.parse().ok(),
+                "hops" => hop_limit = value.parse().ok(),
+                _ => {}
+            }
+        }
+        Ok(Self { backend: name.to_owned(), seen_source, len, hop_limit })
     }
 }
 
@@ -77,6 +86,7 @@ impl Echo6 {
             .with_context(|| format!("binding UDP [::]:{port} in {ns}"))?;
         listener.set_nonblocking(true)?;
         udp.set_read_timeout(Some(POLL))?;
+        nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::Ipv6RecvHopLimit, &true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tcp_stop, tcp_name) = (stop.clone(), name.to_owned());
         let (udp_stop, udp_name) = (stop.clone(), name.to_owned());
@@ -128,13 +138,30 @@ fn answer_tcp(stream: &TcpStream, name: &str, peer: SocketAddr) -> std::io::Resu
     }
 }
 
+/// Answers each datagram with `NAME PEER len=BYTES hops=HOP_LIMIT` (the hop limit it arrived with).
 fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
     let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(format!("{name} {peer} len={n}\n").as_bytes(), peer);
+        if let Ok((n, peer, hops)) = recv_with_hop_limit(socket, &mut buf) {
+            let hops = hops.map(|h| format!(" hops={h}")).unwrap_or_default();
+            let _ = socket.send_to(format!("{name} {peer} len={n}{hops}\n").as_bytes(), peer);
         }
     }
+}
+
+/// One datagram, its sender, and the hop limit it arrived with.
+fn recv_with_hop_limit(socket: &UdpSocket, buf: &mut [u8]) -> nix::Result<(usize, SocketAddrV6, Option<u8>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn6, recvmsg};
+    use std::os::fd::AsRawFd as _;
+    let mut control = nix::cmsg_space!(libc::c_int);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrIn6>(socket.as_raw_fd(), &mut iov, Some(&mut control), MsgFlags::empty())?;
+    let hops = msg.cmsgs()?.find_map(|c| match c {
+        ControlMessageOwned::Ipv6HopLimit(h) => u8::try_from(h).ok(),
+        _ => None,
+    });
+    let peer = msg.address.ok_or(nix::errno::Errno::EINVAL)?;
+    Ok((msg.bytes, peer.into(), hops))
 }
 
 /// One TCP request to `target` from namespace `ns`.

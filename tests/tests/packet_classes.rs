@@ -18,7 +18,7 @@ use std::{
 
 use proxy_lab::{
     Lab, LabSpec, PodRef, bulk,
-    cmd::{ip_in, sysctl_in},
+    cmd::{ip_in, run, sysctl_in},
     echo::{self, Outcome, Proto},
     echo6,
     lab::{EXTERNAL_IP, EXTERNAL_IP6, node_ip, node_ip6, node_name},
@@ -566,8 +566,9 @@ fn default_ttl(ns: &str) -> u8 {
 }
 
 /// A lab serving UDP on pod 2-2 behind Service `ttl` (ClusterIP 10.32.0.140:53, NodePort 30140,
-/// externalTrafficPolicy Cluster), sending no redirects.
-fn ttl_lab() -> (Lab, PodRef) {
+/// externalTrafficPolicy Cluster), sending no redirects; dual-stack where the lab is (the IPv6 server
+/// returned).
+fn ttl_lab() -> (Lab, PodRef, Option<echo6::Echo6>) {
     let mut lab = Lab::start(LabSpec::default()).expect("lab");
     no_redirects(&lab);
     let backend = lab.pod(2, 2).clone();
@@ -575,9 +576,24 @@ fn ttl_lab() -> (Lab, PodRef) {
     let mut svc = Svc::new("ttl", vip(140), dns());
     svc.type_ = "NodePort";
     svc.node_ports = vec![30140];
-    lab.write_manifest("ttl.yaml", &svc.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    let (manifest, server6) = match backend.ip6 {
+        Some(ip6) => {
+            svc.cluster_ip6 = Some(vip6(140));
+            let v6 = [Endpoint::ready(ip6, node_name(2))];
+            let server = echo6::Echo6::start(&backend.ns, &backend.name, UDP_PORT).unwrap();
+            (svc.with_endpoints_of_both_families(&eps(&lab, &[(2, 2)]), &v6), Some(server))
+        }
+        None => (svc.with_endpoints(&eps(&lab, &[(2, 2)])), None),
+    };
+    lab.write_manifest("ttl.yaml", &manifest).unwrap();
     lab.start_agents().unwrap();
-    (lab, backend)
+    (lab, backend, server6)
+}
+
+/// The hop limit a UDP request to `target` from namespace `ns` arrived with, as the server reports it.
+fn hop_limit_at(ns: &str, target: SocketAddrV6) -> u8 {
+    let reply = echo6::udp(ns, target, TIMEOUT).unwrap_or_else(|e| panic!("{target}: {e:#}"));
+    reply.hop_limit.unwrap_or_else(|| panic!("{target}: the server reported no hop limit: {reply:?}"))
 }
 
 /// Every router on the way decrements the TTL, and a Service adds no router and removes none: a datagram
@@ -585,7 +601,7 @@ fn ttl_lab() -> (Lab, PodRef) {
 /// forwards without decrementing hides itself from traceroute and lets a routing loop run for ever.)
 #[test]
 fn a_datagram_through_a_cluster_ip_arrives_with_the_ttl_of_the_direct_path() {
-    let (lab, backend) = ttl_lab();
+    let (lab, backend, _server6) = ttl_lab();
     let client = lab.pod(1, 1).clone();
     let direct = ttl_at(&client.ns, at(backend.ip, UDP_PORT));
     // The direct path crosses two routers, node 1 and node 2.
@@ -598,7 +614,7 @@ fn a_datagram_through_a_cluster_ip_arrives_with_the_ttl_of_the_direct_path() {
 /// taken the XDP path, which forwards them itself.
 #[test]
 fn a_datagram_through_a_node_port_arrives_with_the_ttl_of_the_direct_path() {
-    let (lab, backend) = ttl_lab();
+    let (lab, backend, _server6) = ttl_lab();
     let external = lab.external_ns();
     ip_in(&external, &["route", "replace", "10.200.2.0/24", "via", &node_ip(1).to_string()]).unwrap();
     let direct = ttl_at(&external, at(backend.ip, UDP_PORT));
@@ -616,6 +632,25 @@ fn a_datagram_through_a_node_port_arrives_with_the_ttl_of_the_direct_path() {
         );
     }
     assert_eq!(via_node_port, direct, "through the NodePort");
+
+    // IPv6: the hop limit, which XDP decrements as it forwards (`xdp_host6_snat`).
+    let Some(ip6) = backend.ip6 else { return };
+    ip_in(&external, &["-6", "route", "replace", "fd00:200:2::/64", "via", &node_ip6(1).to_string()]).unwrap();
+    let direct = hop_limit_at(&external, SocketAddrV6::new(ip6, UDP_PORT, 0, 0));
+    let initial: u8 = run("ip", &["netns", "exec", &external, "cat", "/proc/sys/net/ipv6/conf/eth0/hop_limit"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(direct, initial - 2, "IPv6: the external client → pod 2-2 over node 1 crosses two routers");
+    let before = if xdp { lab.stats(1).unwrap() } else { Vec::new() };
+    let via_node_port = hop_limit_at(&external, SocketAddrV6::new(node_ip6(1), 30140, 0, 0));
+    if xdp {
+        let forwarded = proxy_common::stats::XDP_TX_FORWARD as usize;
+        let after = lab.stats(1).unwrap();
+        assert!(after[forwarded] > before[forwarded], "the IPv6 NodePort datagram did not take the XDP path");
+    }
+    assert_eq!(via_node_port, direct, "IPv6: through the NodePort");
 }
 
 /// A process on a node sends datagram after datagram from one unconnected UDP socket (`sendto` each time)
