@@ -253,6 +253,14 @@ pub fn udp_sized(ns: &str, target: SocketAddrV6, size: usize, timeout: Duration)
 pub fn udp_here(target: SocketAddrV6, timeout: Duration) -> anyhow::Result<Reply6> {
     let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
     socket.set_read_timeout(Some(timeout))?;
+    udp_ask(&socket, target)
+}
+
+/// One request on an unconnected socket (`sendto`, `recvfrom`): the answer must come from `target`.
+///
+/// # Errors
+/// As [`udp_here`].
+pub fn udp_ask(socket: &UdpSocket, target: SocketAddrV6) -> anyhow::Result<Reply6> {
     socket.send_to(b"hello\n", target).with_context(|| format!("UDP send to {target}"))?;
     let mut buf = [0u8; 2048];
     let (n, from) = socket.recv_from(&mut buf).with_context(|| format!("UDP answer from {target}"))?;

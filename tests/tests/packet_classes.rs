@@ -663,12 +663,43 @@ fn a_nodes_unconnected_udp_socket_keeps_one_backend_for_all_its_datagrams() {
     let client = std::path::Path::new(env!("CARGO_BIN_EXE_lab-client"));
     let mut lab = Lab::start(LabSpec::default()).expect("lab");
     let backends = [(1, 2), (2, 1), (2, 2)];
+    let mut servers6 = Vec::new();
     for &(n, k) in &backends {
         let pod = lab.pod(n, k).clone();
         lab.serve(&pod, &[], &[UDP_PORT]).unwrap();
+        if lab.dual_stack() {
+            servers6.push(echo6::Echo6::start(&pod.ns, &pod.name, UDP_PORT).unwrap());
+        }
     }
-    lab.write_manifest("dns.yaml", &Svc::new("flow", vip(150), dns()).with_endpoints(&eps(&lab, &backends))).unwrap();
+    let mut svc = Svc::new("flow", vip(150), dns());
+    let manifest = if lab.dual_stack() {
+        svc.cluster_ip6 = Some(vip6(150));
+        let v6: Vec<Endpoint> =
+            backends.iter().map(|&(n, k)| Endpoint::ready(lab.pod(n, k).ip6.unwrap(), node_name(n))).collect();
+        svc.with_endpoints_of_both_families(&eps(&lab, &backends), &v6)
+    } else {
+        svc.with_endpoints(&eps(&lab, &backends))
+    };
+    lab.write_manifest("dns.yaml", &manifest).unwrap();
     lab.start_agents().unwrap();
+
+    // IPv6 first: the same through the IPv6 ClusterIP (`sock_sendmsg6`, `sock_recvmsg6`, `SOCK_FLOWS6`).
+    if lab.dual_stack() {
+        let target = SocketAddrV6::new(vip6(150), 53, 0, 0).to_string();
+        let out = lab.run_on_node(1, client, &["udp-flow", &target, "2000", &DATAGRAMS.to_string()]).unwrap();
+        let answers: Vec<(&str, &str)> = out
+            .lines()
+            .map(|line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                ["OK", backend, source] => (backend, source),
+                _ => panic!("a datagram from node 1's IPv6 socket got {line:?}; all output:\n{out}"),
+            })
+            .collect();
+        assert_eq!(answers.len(), DATAGRAMS, "{out}");
+        let sources: BTreeSet<&str> = answers.iter().map(|a| a.1).collect();
+        assert_eq!(sources.len(), 1, "the IPv6 datagrams came from more than one socket: {sources:?}");
+        let answered_by: BTreeSet<&str> = answers.iter().map(|a| a.0).collect();
+        assert_eq!(answered_by.len(), 1, "IPv6: one flow, one backend: {answered_by:?}");
+    }
 
     let target = at(vip(150), 53).to_string();
     let out = lab.run_on_node(1, client, &["udp-flow", &target, "2000", &DATAGRAMS.to_string()]).unwrap();
@@ -686,4 +717,5 @@ fn a_nodes_unconnected_udp_socket_keeps_one_backend_for_all_its_datagrams() {
     assert!(sources.iter().all(|s| *s.ip() == node_ip(1)), "not node 1's own socket: {sources:?}");
     let answered_by: BTreeSet<&str> = replies.iter().map(|r| r.backend.as_str()).collect();
     assert_eq!(answered_by.len(), 1, "one flow, one backend: {answered_by:?}");
+    drop(servers6);
 }

@@ -5,10 +5,10 @@
 //! - `tcp|udp ADDR:PORT TIMEOUT_MS`: one request (UDP: on a fresh unconnected socket); an IPv6 target is
 //!   written `[ADDR]:PORT`.
 //! - `udp-flow ADDR:PORT TIMEOUT_MS COUNT`: COUNT requests on ONE unconnected UDP socket (`sendto` each
-//!   time), so all of them are one flow; stops at the first failure.
+//!   time), so all of them are one flow; stops at the first failure. Either family.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, UdpSocket},
     process::ExitCode,
     time::Duration,
 };
@@ -30,19 +30,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let (Ok(target), Ok(ms)) = (target.parse::<SocketAddrV6>(), timeout_ms.parse::<u64>()) {
-        if mode != "tcp" && mode != "udp" {
-            eprintln!("{mode} takes an IPv4 target only");
-            return ExitCode::from(2);
-        }
+    if let (Ok(target), Ok(ms), Ok(count)) =
+        (target.parse::<SocketAddrV6>(), timeout_ms.parse::<u64>(), count.parse::<usize>())
+    {
         let timeout = Duration::from_millis(ms);
-        let reply =
-            if mode == "udp" { echo6::udp_here(target, timeout) } else { echo6::tcp_here(None, target, timeout) };
-        match reply {
-            Ok(r) => println!("OK {} {}", r.backend, r.seen_source),
-            Err(e) if echo6::refused(&e) => println!("ERR refused"),
-            Err(e) if echo6::timed_out(&e) => println!("ERR timeout"),
-            Err(e) => println!("ERR failed {e:#}"),
+        match mode.as_str() {
+            "udp" => drop(print6(echo6::udp_here(target, timeout))),
+            "udp-flow" => udp_flow6(target, timeout, count),
+            _ => drop(print6(echo6::tcp_here(None, target, timeout))),
         }
         return ExitCode::SUCCESS;
     }
@@ -79,6 +74,34 @@ fn udp_flow(target: SocketAddrV4, timeout: Duration, count: usize) {
             return;
         }
     }
+}
+
+/// [`udp_flow`] over IPv6.
+fn udp_flow6(target: SocketAddrV6, timeout: Duration, count: usize) {
+    let socket =
+        match UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s)) {
+            Ok(socket) => socket,
+            Err(e) => return println!("ERR failed socket: {e}"),
+        };
+    for _ in 0..count {
+        if !print6(echo6::udp_ask(&socket, target)) {
+            return;
+        }
+    }
+}
+
+/// Prints an IPv6 request's outcome as [`print`] does; whether it was answered.
+fn print6(reply: anyhow::Result<echo6::Reply6>) -> bool {
+    match reply {
+        Ok(r) => {
+            println!("OK {} {}", r.backend, r.seen_source);
+            return true;
+        }
+        Err(e) if echo6::refused(&e) => println!("ERR refused"),
+        Err(e) if echo6::timed_out(&e) => println!("ERR timeout"),
+        Err(e) => println!("ERR failed {e:#}"),
+    }
+    false
 }
 
 fn print(outcome: &Outcome) {
