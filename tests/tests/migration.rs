@@ -28,6 +28,10 @@ use proxy_lab::{
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a held connection's answer may take: a segment lost while the dataplanes switch is
+/// retransmitted (the first retransmission comes after at least 200 ms, the next after twice that), which
+/// keeps the connection; a broken one is reset or stays silent past this.
+const HELD_TIMEOUT: Duration = Duration::from_secs(5);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 32, 0, 120);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, 0x120);
 const NODE_PORT: u16 = 30120;
@@ -79,14 +83,14 @@ impl Held {
     fn open(lab: &Lab, udp: bool) -> Self {
         let pod_ns = lab.pod(1, 1).ns.clone();
         let mut tcp: Vec<TcpSession> =
-            (0..4).map(|_| TcpSession::open(&pod_ns, SocketAddrV4::new(VIP, 80), TIMEOUT).unwrap()).collect();
-        tcp.push(TcpSession::open(&lab.external_ns(), SocketAddrV4::new(node_ip(1), NODE_PORT), TIMEOUT).unwrap());
+            (0..4).map(|_| TcpSession::open(&pod_ns, SocketAddrV4::new(VIP, 80), HELD_TIMEOUT).unwrap()).collect();
+        tcp.push(TcpSession::open(&lab.external_ns(), SocketAddrV4::new(node_ip(1), NODE_PORT), HELD_TIMEOUT).unwrap());
         let mut tcp6: Vec<TcpSession<Reply6>> = (0..HELD6 - 1)
-            .map(|_| TcpSession::open6(&pod_ns, SocketAddrV6::new(VIP6, 80, 0, 0), TIMEOUT).unwrap())
+            .map(|_| TcpSession::open6(&pod_ns, SocketAddrV6::new(VIP6, 80, 0, 0), HELD_TIMEOUT).unwrap())
             .collect();
         let node_port6 = SocketAddrV6::new(node_ip6(1), NODE_PORT, 0, 0);
-        tcp6.push(TcpSession::open6(&lab.external_ns(), node_port6, TIMEOUT).unwrap());
-        let udp = udp.then(|| UdpSession::open(&pod_ns, SocketAddrV4::new(VIP, 53), TIMEOUT).unwrap());
+        tcp6.push(TcpSession::open6(&lab.external_ns(), node_port6, HELD_TIMEOUT).unwrap());
+        let udp = udp.then(|| UdpSession::open(&pod_ns, SocketAddrV4::new(VIP, 53), HELD_TIMEOUT).unwrap());
         Self { tcp, tcp6, udp }
     }
 
