@@ -502,21 +502,48 @@ impl<R: Answer> TcpSession<R> {
     }
 }
 
-/// A UDP socket with a fixed source port in a pod namespace: every `ask` is the same flow.
-pub struct UdpSession {
+/// A UDP socket with a fixed source port in a pod namespace: every `ask` is the same flow. IPv4 by
+/// [`UdpSession::open`], IPv6 by [`UdpSession::open6`].
+pub struct UdpSession<R = Reply> {
     socket: UdpSocket,
-    target: SocketAddrV4,
+    target: SocketAddr,
+    answer: std::marker::PhantomData<R>,
 }
 
 impl UdpSession {
     pub fn open(ns: &str, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<Self> {
-        let socket = in_netns(ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))??;
+        Self::start(ns, target.into(), timeout)
+    }
+}
+
+impl UdpSession<crate::echo6::Reply6> {
+    pub fn open6(ns: &str, target: std::net::SocketAddrV6, timeout: Duration) -> anyhow::Result<Self> {
+        Self::start(ns, target.into(), timeout)
+    }
+}
+
+impl<R: Answer> UdpSession<R> {
+    fn start(ns: &str, target: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+        let any: SocketAddr = match target {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = in_netns(ns, move || UdpSocket::bind(any))??;
         socket.set_read_timeout(Some(timeout))?;
-        Ok(Self { socket, target })
+        Ok(Self { socket, target, answer: std::marker::PhantomData })
     }
 
-    pub fn ask(&self) -> anyhow::Result<Reply> {
-        Ok(udp_ask(&self.socket, self.target, b"hello\n")?.0)
+    /// One datagram from the session's port; the answer must come from the target itself.
+    pub fn ask(&self) -> anyhow::Result<R> {
+        let target = self.target;
+        self.socket.send_to(b"hello\n", target).with_context(|| format!("UDP send to {target}"))?;
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let (n, from) =
+            recv_from_retrying(&self.socket, &mut buf).with_context(|| format!("UDP reply from {target}"))?;
+        if from != target {
+            bail!("UDP reply came from {from}, not {target}: reverse NAT did not happen");
+        }
+        R::parse_answer(&String::from_utf8_lossy(&buf[..n]))
     }
 }
 

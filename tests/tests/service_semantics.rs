@@ -52,6 +52,34 @@ fn lab(spec: LabSpec, serving: &[(usize, usize)]) -> Lab {
     lab
 }
 
+fn ep6(lab: &Lab, (n, k): (usize, usize)) -> Endpoint {
+    Endpoint::ready(lab.pod(n, k).ip6.expect("a dual-stack pod"), node_name(n))
+}
+
+/// The IPv6 echo on `port` (TCP and UDP) in each listed pod, beside the IPv4 one; none where the
+/// topology has no IPv6 (the VXLAN overlay), where a test's IPv6 turn is skipped.
+fn serve6(lab: &Lab, pods: &[(usize, usize)], port: u16) -> Vec<Echo6> {
+    if !lab.dual_stack() {
+        return Vec::new();
+    }
+    pods.iter().map(|&(n, k)| lab.pod(n, k)).map(|p| Echo6::start(&p.ns, &p.name, port).unwrap()).collect()
+}
+
+/// `svc` with its endpoints: `v4`, and where the lab has IPv6 also the IPv6 cluster IP `vip6(last)` and
+/// the `v6` endpoints (`RequireDualStack`, one slice per family).
+fn dual_manifest(lab: &Lab, svc: &Svc, last: u8, v4: &[Endpoint], v6: impl FnOnce() -> Vec<Endpoint>) -> String {
+    if !lab.dual_stack() {
+        return svc.with_endpoints(v4);
+    }
+    let mut svc = svc.clone();
+    svc.cluster_ip6 = Some(vip6(last));
+    svc.with_endpoints_of_both_families(v4, &v6())
+}
+
+fn at6(last: u8, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(vip6(last), port, 0, 0)
+}
+
 fn answered(outcome: Outcome) -> proxy_lab::echo::Reply {
     match outcome {
         Outcome::Answered(r) => r,
@@ -296,20 +324,38 @@ fn session_affinity_client_ip_keeps_clients_on_one_backend_until_the_timeout() {
 #[test]
 fn a_udp_flow_moves_to_a_live_backend_when_its_backend_is_removed() {
     let mut lab = lab(LabSpec::default(), &[(1, 2), (2, 2)]);
+    let _echoes = serve6(&lab, &[(1, 2), (2, 2)], 5353);
     let dns = vec![Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 }];
     let svc = Svc::new("dns", vip(83), dns);
-    lab.write_manifest("dns.yaml", &svc.with_endpoints(&eps(&lab, &[(1, 2), (2, 2)]))).unwrap();
+    let both = [(1, 2), (2, 2)];
+    // Each family's pods, so each family's flow can lose its own backend.
+    let manifest = |lab: &Lab, pods: &[(usize, usize)], pods6: &[(usize, usize)]| {
+        dual_manifest(lab, &svc, 83, &eps(lab, pods), || pods6.iter().map(|p| ep6(lab, *p)).collect())
+    };
+    lab.write_manifest("dns.yaml", &manifest(&lab, &both, &both)).unwrap();
     lab.start_agents().unwrap();
 
-    let session = UdpSession::open(&lab.pod(1, 1).ns.clone(), at(vip(83), 53), TIMEOUT).unwrap();
+    let client = lab.pod(1, 1).ns.clone();
+    let session = UdpSession::open(&client, at(vip(83), 53), TIMEOUT).unwrap();
     let first = session.ask().unwrap().backend;
     assert_eq!(session.ask().unwrap().backend, first, "one flow, one backend");
-    let survivor = if first == "pod-1-2" { (2, 2) } else { (1, 2) };
+    let session6 = lab.dual_stack().then(|| UdpSession::open6(&client, at6(83, 53), TIMEOUT).unwrap());
+    let first6 = session6.as_ref().map(|s| s.ask().unwrap().backend);
+    if let Some(session6) = &session6 {
+        assert_eq!(Some(session6.ask().unwrap().backend), first6, "one IPv6 flow, one backend");
+    }
+    let other = |name: &str| if name == "pod-1-2" { (2, 2) } else { (1, 2) };
+    let survivor = other(&first);
+    let survivor6 = first6.as_deref().map_or(survivor, other);
     let seen = lab.sync_counts();
-    lab.write_manifest("dns.yaml", &svc.with_endpoints(&eps(&lab, &[survivor]))).unwrap();
+    lab.write_manifest("dns.yaml", &manifest(&lab, &[survivor], &[survivor6])).unwrap();
     lab.wait_for_sync(&seen).unwrap();
     let after = session.ask().expect("the same flow must be answered after its backend went away").backend;
     assert_eq!(after, format!("pod-{}-{}", survivor.0, survivor.1));
+    if let Some(session6) = session6 {
+        let after6 = session6.ask().expect("the IPv6 flow must be answered after its backend went away").backend;
+        assert_eq!(after6, format!("pod-{}-{}", survivor6.0, survivor6.1), "the IPv6 flow was on {first6:?}");
+    }
 }
 
 /// Endpoint conditions: connections established to an endpoint that starts terminating continue; new
@@ -317,22 +363,38 @@ fn a_udp_flow_moves_to_a_live_backend_when_its_backend_is_removed() {
 #[test]
 fn established_flows_to_a_terminating_endpoint_continue_and_new_ones_avoid_it() {
     let mut lab = lab(LabSpec::default(), &[(1, 2), (2, 2)]);
+    let _echoes = serve6(&lab, &[(1, 2), (2, 2)], 8080);
     let svc = Svc::new("rolling", vip(84), http());
-    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(1, 2)]))).unwrap();
+    lab.write_manifest("svc.yaml", &dual_manifest(&lab, &svc, 84, &eps(&lab, &[(1, 2)]), || vec![ep6(&lab, (1, 2))]))
+        .unwrap();
     lab.start_agents().unwrap();
     let client = lab.pod(1, 1).ns.clone();
     let session = TcpSession::open(&client, at(vip(84), 80), TIMEOUT).unwrap();
     assert_eq!(session.ask().unwrap().backend, "pod-1-2");
+    let session6 = lab.dual_stack().then(|| TcpSession::open6(&client, at6(84, 80), TIMEOUT).unwrap());
+    if let Some(session6) = &session6 {
+        assert_eq!(session6.ask().unwrap().backend, "pod-1-2");
+    }
 
     let seen = lab.sync_counts();
     let endpoints = vec![Endpoint::terminating(lab.pod(1, 2).ip, node_name(1)), ep(&lab, (2, 2))];
-    lab.write_manifest("svc.yaml", &svc.with_endpoints(&endpoints)).unwrap();
+    let manifest = dual_manifest(&lab, &svc, 84, &endpoints, || {
+        vec![Endpoint::terminating(lab.pod(1, 2).ip6.unwrap(), node_name(1)), ep6(&lab, (2, 2))]
+    });
+    lab.write_manifest("svc.yaml", &manifest).unwrap();
     lab.wait_for_sync(&seen).unwrap();
     assert_eq!(session.ask().expect("the established connection must survive").backend, "pod-1-2");
     assert_eq!(
         distinct(requests(&client, Proto::Tcp, at(vip(84), 80), 20, TIMEOUT).unwrap()),
         BTreeSet::from(["pod-2-2".to_owned()])
     );
+    if let Some(session6) = session6 {
+        assert_eq!(session6.ask().expect("the established IPv6 connection must survive").backend, "pod-1-2");
+        for i in 0..20 {
+            let r = echo6::tcp(&client, at6(84, 80), TIMEOUT).unwrap_or_else(|e| panic!("IPv6 request {i}: {e:#}"));
+            assert_eq!(r.backend, "pod-2-2", "a new IPv6 connection avoids the terminating endpoint");
+        }
+    }
 }
 
 /// masqueradeAll: pod traffic to Services is SNATed too.
@@ -351,8 +413,12 @@ fn masquerade_all_snats_pod_traffic() {
 #[test]
 fn topology_hints_keep_traffic_in_the_clients_zone() {
     let mut lab = lab(LabSpec::default(), &[(1, 2), (2, 2)]);
+    let _echoes = serve6(&lab, &[(1, 2), (2, 2)], 8080);
     let endpoints = vec![ep(&lab, (1, 2)).with_zone_hint("zone-a"), ep(&lab, (2, 2)).with_zone_hint("zone-b")];
-    lab.write_manifest("svc.yaml", &Svc::new("zonal", vip(86), http()).with_endpoints(&endpoints)).unwrap();
+    let manifest = dual_manifest(&lab, &Svc::new("zonal", vip(86), http()), 86, &endpoints, || {
+        vec![ep6(&lab, (1, 2)).with_zone_hint("zone-a"), ep6(&lab, (2, 2)).with_zone_hint("zone-b")]
+    });
+    lab.write_manifest("svc.yaml", &manifest).unwrap();
     lab.start_agents().unwrap();
     for (client, backend) in [((1, 1), "pod-1-2"), ((2, 1), "pod-2-2")] {
         let ns = lab.pod(client.0, client.1).ns.clone();
@@ -360,6 +426,10 @@ fn topology_hints_keep_traffic_in_the_clients_zone() {
             distinct(requests(&ns, Proto::Tcp, at(vip(86), 80), 10, TIMEOUT).unwrap()),
             BTreeSet::from([backend.to_owned()])
         );
+        for i in (0..10).filter(|_| lab.dual_stack()) {
+            let r = echo6::tcp(&ns, at6(86, 80), TIMEOUT).unwrap_or_else(|e| panic!("IPv6 request {i}: {e:#}"));
+            assert_eq!(r.backend, backend, "IPv6 from {client:?} stays in its zone");
+        }
     }
 }
 
@@ -367,12 +437,19 @@ fn topology_hints_keep_traffic_in_the_clients_zone() {
 #[test]
 fn a_named_target_port_resolves_through_the_endpoint_slice() {
     let mut lab = lab(LabSpec::default(), &[(2, 2)]);
-    let manifest = Svc::new("named", vip(87), http()).with_endpoints(&eps(&lab, &[(2, 2)]));
+    let _echoes = serve6(&lab, &[(2, 2)], 8080);
+    let manifest =
+        dual_manifest(&lab, &Svc::new("named", vip(87), http()), 87, &eps(&lab, &[(2, 2)]), || vec![ep6(&lab, (2, 2))]);
+    // The Service's port only: the slices' ports carry the name and the number.
     let named = manifest.replacen("targetPort: 8080", "targetPort: web-port", 1);
     assert_ne!(named, manifest);
     lab.write_manifest("svc.yaml", &named).unwrap();
     lab.start_agents().unwrap();
-    assert_eq!(request(&lab.pod(1, 1).ns.clone(), Proto::Tcp, at(vip(87), 80), TIMEOUT).unwrap().backend, "pod-2-2");
+    let client = lab.pod(1, 1).ns.clone();
+    assert_eq!(request(&client, Proto::Tcp, at(vip(87), 80), TIMEOUT).unwrap().backend, "pod-2-2");
+    if lab.dual_stack() {
+        assert_eq!(echo6::tcp(&client, at6(87, 80), TIMEOUT).unwrap().backend, "pod-2-2");
+    }
 }
 
 /// The node's own processes reach ClusterIPs and NodePorts (translated at the socket), TCP and UDP, and
