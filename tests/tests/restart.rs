@@ -5,7 +5,7 @@
 //! table atomically. Either way established connections survive and new ones keep working. Every test here runs in the mode the lab runs (`PROXY_LAB_MODE`).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     thread,
     time::{Duration, Instant},
 };
@@ -13,7 +13,8 @@ use std::{
 use proxy_lab::{
     Lab, LabSpec,
     echo::{TcpSession, UdpSession},
-    lab::{mode, node_ip, node_name},
+    echo6::Echo6,
+    lab::{mode, node_ip, node_ip6, node_name},
     manifests::{Endpoint, Port, Svc},
     traffic::{Bounds, RequestLoops},
 };
@@ -88,18 +89,23 @@ type RestartStep<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
 /// Restarts that change the maps under live traffic, in turn: (a) a bigger connection table
 /// (`--conntrack-min`), (b) an upgrade to a build whose `CONNTRACK` and `SERVICES` layouts have another
 /// version (the test-only `PROXY_AGENT_TEST_LAYOUT_BUMP`), (c) the downgrade back with the default size.
-/// Held TCP connections (from a pod to the ClusterIP, from outside to the NodePort) and a UDP flow keep
-/// their backends and their translation, and new connections made back to back throughout all succeed. In
+/// Held TCP connections (from a pod to the ClusterIP, from outside to the NodePort) and a UDP flow, in
+/// each family (the Service is dual-stack), keep their backends and their translation, and new connections made back to back throughout all succeed. In
 /// the eBPF mode each restart builds new maps beside the old ones and swaps the programs only once they
 /// are filled; the netfilter modes run the same restarts (their rules and the kernel's conntrack stay).
 #[test]
 fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
     let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    assert!(lab.dual_stack(), "the restart tests run on the routed topology, which has IPv6");
+    let mut echoes = Vec::new();
     for (n, k) in [(1, 2), (2, 2)] {
         let pod = lab.pod(n, k).clone();
         lab.serve(&pod, &[8080], &[5353]).unwrap();
+        echoes.push(Echo6::start(&pod.ns, &pod.name, 8080).unwrap());
+        echoes.push(Echo6::start(&pod.ns, &pod.name, 5353).unwrap());
     }
     let vip = Ipv4Addr::new(10, 32, 0, 94);
+    let vip6 = Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, 0x94);
     let mut svc = Svc::new(
         "upgraded",
         vip,
@@ -110,9 +116,12 @@ fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
     );
     svc.type_ = "NodePort";
     svc.node_ports = vec![30106, 30107];
+    svc.cluster_ip6 = Some(vip6);
     let endpoints =
         vec![Endpoint::ready(lab.pod(1, 2).ip, node_name(1)), Endpoint::ready(lab.pod(2, 2).ip, node_name(2))];
-    lab.write_manifest("svc.yaml", &svc.with_endpoints(&endpoints)).unwrap();
+    let endpoints6: Vec<Endpoint> =
+        [(1, 2), (2, 2)].map(|(n, k)| Endpoint::ready(lab.pod(n, k).ip6.unwrap(), node_name(n))).into();
+    lab.write_manifest("svc.yaml", &svc.with_endpoints_of_both_families(&endpoints, &endpoints6)).unwrap();
     lab.start_agents().unwrap();
 
     let cluster_ip = SocketAddrV4::new(vip, 80);
@@ -122,15 +131,24 @@ fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
         (0..4).map(|_| TcpSession::open(&pod_ns, cluster_ip, TIMEOUT).unwrap()).collect();
     let ext_session = TcpSession::open(&lab.external_ns(), node_port, TIMEOUT).unwrap();
     let udp = UdpSession::open(&pod_ns, SocketAddrV4::new(vip, 53), TIMEOUT).unwrap();
+    let pod_sessions6: Vec<_> =
+        (0..4).map(|_| TcpSession::open6(&pod_ns, SocketAddrV6::new(vip6, 80, 0, 0), TIMEOUT).unwrap()).collect();
+    let node_port6 = SocketAddrV6::new(node_ip6(1), 30106, 0, 0);
+    let ext_session6 = TcpSession::open6(&lab.external_ns(), node_port6, TIMEOUT).unwrap();
+    let udp6 = UdpSession::open6(&pod_ns, SocketAddrV6::new(vip6, 53, 0, 0), TIMEOUT).unwrap();
     let backends = |label: &str| -> Vec<String> {
+        let failed = |what: &str, e: &anyhow::Error| -> String { panic!("{label}: {what} failed: {e:#}") };
         let mut b: Vec<String> = pod_sessions
             .iter()
-            .map(|s| s.ask().unwrap_or_else(|e| panic!("{label}: a held pod connection failed: {e:#}")).backend)
+            .map(|s| s.ask().map_or_else(|e| failed("a held pod connection", &e), |r| r.backend))
             .collect();
-        b.push(
-            ext_session.ask().unwrap_or_else(|e| panic!("{label}: the held external connection failed: {e:#}")).backend,
-        );
-        b.push(udp.ask().unwrap_or_else(|e| panic!("{label}: the UDP flow failed: {e:#}")).backend);
+        b.push(ext_session.ask().map_or_else(|e| failed("the held external connection", &e), |r| r.backend));
+        b.push(udp.ask().map_or_else(|e| failed("the UDP flow", &e), |r| r.backend));
+        for s in &pod_sessions6 {
+            b.push(s.ask().map_or_else(|e| failed("a held IPv6 pod connection", &e), |r| r.backend));
+        }
+        b.push(ext_session6.ask().map_or_else(|e| failed("the held IPv6 external connection", &e), |r| r.backend));
+        b.push(udp6.ask().map_or_else(|e| failed("the IPv6 UDP flow", &e), |r| r.backend));
         b
     };
     let first = backends("before");
@@ -145,7 +163,7 @@ fn restarts_that_resize_upgrade_and_downgrade_the_maps_drop_no_flow() {
         (
             "an upgrade to other layout versions",
             vec!["--conntrack-min", "262144"],
-            vec![("PROXY_AGENT_TEST_LAYOUT_BUMP", "CONNTRACK,SERVICES")],
+            vec![("PROXY_AGENT_TEST_LAYOUT_BUMP", "CONNTRACK,SERVICES,CONNTRACK6,SERVICES6")],
         ),
         ("the downgrade back, default size", vec![], vec![]),
     ];
