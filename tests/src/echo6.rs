@@ -267,3 +267,66 @@ pub fn udp_ask(socket: &UdpSocket, target: SocketAddrV6) -> anyhow::Result<Reply
     anyhow::ensure!(from == SocketAddr::V6(target), "UDP answer from {from}, not {target}");
     Reply6::parse(&String::from_utf8_lossy(&buf[..n]))
 }
+
+/// What one IPv6 attempt got, as [`crate::echo::Outcome`] says it for IPv4.
+#[derive(Debug)]
+pub enum Outcome6 {
+    Answered(Reply6),
+    /// ECONNREFUSED: a TCP reset, or an `ICMPv6` port unreachable.
+    Refused,
+    TimedOut,
+    Failed(String),
+}
+
+impl Outcome6 {
+    /// A request's result, classified.
+    #[must_use]
+    pub fn of(result: anyhow::Result<Reply6>) -> Self {
+        match result {
+            Ok(reply) => Self::Answered(reply),
+            Err(e) if refused(&e) => Self::Refused,
+            Err(e) if timed_out(&e) => Self::TimedOut,
+            Err(e) => Self::Failed(format!("{e:#}")),
+        }
+    }
+
+    /// Parses what `lab-client` printed for an IPv6 target.
+    #[must_use]
+    pub fn from_client_output(out: &str) -> Self {
+        let line = out.trim();
+        if let Some(rest) = line.strip_prefix("OK ") {
+            return Reply6::parse(rest).map_or_else(|e| Self::Failed(format!("{e:#}")), Self::Answered);
+        }
+        match line {
+            "ERR refused" => Self::Refused,
+            "ERR timeout" => Self::TimedOut,
+            other => Self::Failed(other.to_owned()),
+        }
+    }
+}
+
+/// One attempt from namespace `ns` (from its address `source`, or the one the kernel picks), classified.
+/// UDP uses a connected socket, so an `ICMPv6` error is reported.
+#[must_use]
+pub fn attempt(
+    ns: &str,
+    proto: crate::echo::Proto,
+    source: Option<Ipv6Addr>,
+    target: SocketAddrV6,
+    timeout: Duration,
+) -> Outcome6 {
+    let result = match proto {
+        crate::echo::Proto::Tcp => tcp_from(ns, source, target, timeout),
+        crate::echo::Proto::Udp => in_netns(ns, move || -> anyhow::Result<Reply6> {
+            let socket = UdpSocket::bind((source.unwrap_or(Ipv6Addr::UNSPECIFIED), 0))?;
+            socket.set_read_timeout(Some(timeout))?;
+            socket.connect(target)?;
+            socket.send(b"hello\n").with_context(|| format!("UDP send to {target}"))?;
+            let mut buf = [0u8; 2048];
+            let n = socket.recv(&mut buf).with_context(|| format!("UDP answer from {target}"))?;
+            Reply6::parse(&String::from_utf8_lossy(&buf[..n]))
+        })
+        .and_then(|r| r),
+    };
+    Outcome6::of(result)
+}

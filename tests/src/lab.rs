@@ -162,6 +162,7 @@ pub struct Lab {
     spec: LabSpec,
     agents: Vec<Agent>,
     servers: Vec<EchoServer>,
+    servers6: Vec<crate::echo6::Echo6>,
     bulk_servers: Vec<BulkServer>,
     /// Real servers (dnsmasq, nginx) started in pods.
     daemons: Vec<Daemon>,
@@ -188,6 +189,48 @@ pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 100);
 #[must_use]
 pub fn node_ip6(node: usize) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, 0x10 + u16::try_from(node).expect("small node number"))
+}
+
+/// An address family of the lab: its tests and figures say which one they ran over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+impl Family {
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+
+    /// The families `lab` serves: IPv6 too where it is dual-stack (every topology but the VXLAN overlay).
+    #[must_use]
+    pub fn of(lab: &Lab) -> Vec<Self> {
+        if lab.dual_stack() { vec![Self::V4, Self::V6] } else { vec![Self::V4] }
+    }
+
+    /// `pod`'s address in this family.
+    #[must_use]
+    pub fn pod(self, pod: &PodRef) -> std::net::IpAddr {
+        match self {
+            Self::V4 => pod.ip.into(),
+            Self::V6 => pod.ip6.expect("a dual-stack lab's pod has an IPv6 address").into(),
+        }
+    }
+
+    /// Node `n`'s address in this family.
+    #[must_use]
+    pub fn node(self, n: usize) -> std::net::IpAddr {
+        match self {
+            Self::V4 => node_ip(n).into(),
+            Self::V6 => node_ip6(n).into(),
+        }
+    }
 }
 
 pub const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, 0x64);
@@ -231,6 +274,7 @@ impl Lab {
             spec,
             agents: Vec::new(),
             servers: Vec::new(),
+            servers6: Vec::new(),
             bulk_servers: Vec::new(),
             daemons: Vec::new(),
             expected_leaks: Vec::new(),
@@ -503,6 +547,18 @@ impl Lab {
         Ok(())
     }
 
+    /// The IPv6 addresses node `node` may masquerade to or send from: its uplink's, and on a pod bridge
+    /// the bridge's. (The eBPF mode masquerades IPv6 to the uplink's address on every interface; the
+    /// netfilter modes' MASQUERADE takes the outgoing interface's.)
+    #[must_use]
+    pub fn node_sources6(&self, node: usize) -> Vec<Ipv6Addr> {
+        let mut sources = vec![node_ip6(node)];
+        if self.spec.pod_network.bridged() {
+            sources.push(format!("fd00:200:{node}::1").parse().expect("an IPv6 address"));
+        }
+        sources
+    }
+
     /// The source address a packet from node `node` has when it reaches a pod of node `pod_node` after
     /// masquerade (or when the node itself connects): the address of the interface it leaves by, which
     /// netfilter's MASQUERADE and the kernel's source selection both take. That is the pod bridge's for a
@@ -571,9 +627,14 @@ impl Lab {
         Ok(())
     }
 
-    /// Gives the external client a second IPv6 address on the lab's network (`addr`/64), in a dual-stack lab.
+    /// Gives the external client a second IPv6 address on the lab's network (`addr`/64), in a dual-stack
+    /// lab. It is deprecated at once (`preferred_lft 0`), so the kernel's source selection keeps picking
+    /// the client's own address (it would prefer the newest of two alike) and only a socket bound to this
+    /// one sends from it, as with IPv4's second address.
     pub fn add_external_address6(&self, addr: Ipv6Addr) -> anyhow::Result<()> {
-        add_ip6(&self.external_ns(), &format!("{addr}/64"), "eth0")
+        let addr = format!("{addr}/64");
+        ip_in(&self.external_ns(), &["-6", "addr", "add", &addr, "dev", "eth0", "nodad", "preferred_lft", "0"])?;
+        Ok(())
     }
 
     /// Gives node `node` a secondary IPv6 address (`addr`/64) on its uplink, before its agent starts.
@@ -590,7 +651,13 @@ impl Lab {
 
     /// Routes the network `cidr` from the external client's namespace via node `node`: a static route to
     /// the Service range through a node, which kube-proxy supports (it masquerades such traffic).
+    /// An IPv6 `cidr` goes via the node's IPv6 address.
     pub fn route_external_net_via(&self, cidr: &str, node: usize) -> anyhow::Result<()> {
+        if cidr.contains(':') {
+            let via = node_ip6(node).to_string();
+            ip_in(&self.external_ns(), &["-6", "route", "replace", cidr, "via", &via])?;
+            return Ok(());
+        }
         ip_in(&self.external_ns(), &["route", "replace", cidr, "via", &node_ip(node).to_string()])?;
         Ok(())
     }
@@ -613,6 +680,19 @@ impl Lab {
         let proto = if proto == Proto::Udp { "udp" } else { "tcp" };
         let out = self.run_on_node(node, client, &[proto, &target.to_string(), "2000"])?;
         Ok(Outcome::from_client_output(&out))
+    }
+
+    /// [`Lab::request_from_node`] to an IPv6 target.
+    pub fn request6_from_node(
+        &self,
+        node: usize,
+        client: &Path,
+        proto: Proto,
+        target: std::net::SocketAddrV6,
+    ) -> anyhow::Result<crate::echo6::Outcome6> {
+        let proto = if proto == Proto::Udp { "udp" } else { "tcp" };
+        let out = self.run_on_node(node, client, &[proto, &target.to_string(), "2000"])?;
+        Ok(crate::echo6::Outcome6::from_client_output(&out))
     }
 
     /// Runs the `lab-client` binary at `client` with `args` as a process of node `node` itself (its
@@ -653,6 +733,16 @@ impl Lab {
     /// Starts an echo server named after the pod, on the given ports.
     pub fn serve(&mut self, pod: &PodRef, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
         self.servers.push(EchoServer::start(&pod.ns, &pod.name, tcp, udp)?);
+        Ok(())
+    }
+
+    /// Starts the IPv6 echo (TCP and UDP, [`crate::echo6::Echo6`]) on each of `ports` in `pod`, beside the
+    /// IPv4 one [`Lab::serve`] starts; a dual-stack lab only.
+    pub fn serve6(&mut self, pod: &PodRef, ports: &[u16]) -> anyhow::Result<()> {
+        anyhow::ensure!(self.dual_stack(), "this topology has no IPv6");
+        for &port in ports {
+            self.servers6.push(crate::echo6::Echo6::start(&pod.ns, &pod.name, port)?);
+        }
         Ok(())
     }
 
@@ -882,6 +972,7 @@ impl Drop for Lab {
         }
         self.agents.clear();
         self.servers.clear();
+        self.servers6.clear();
         self.bulk_servers.clear();
         self.daemons.clear();
         self.underlay_xdp = None;

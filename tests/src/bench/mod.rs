@@ -15,9 +15,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    Lab, LabSpec, PodRef,
+    Lab, LabSpec,
     echo6::Echo6,
-    lab::{node_ip, node_ip6},
     manifests::{self, Endpoint, Port, Svc},
 };
 
@@ -90,46 +89,13 @@ impl Pair {
 }
 
 /// The address family a figure was measured over.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Family {
-    #[default]
-    V4,
-    V6,
-}
+pub use crate::lab::Family;
 
-impl Family {
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::V4 => "IPv4",
-            Self::V6 => "IPv6",
-        }
-    }
-
-    /// The families a lab serves: IPv6 too where it is dual-stack.
-    fn of(lab: &Lab) -> Vec<Self> {
-        if lab.dual_stack() { vec![Self::V4, Self::V6] } else { vec![Self::V4] }
-    }
-
-    fn pod(self, pod: &PodRef) -> IpAddr {
-        match self {
-            Self::V4 => pod.ip.into(),
-            Self::V6 => pod.ip6.expect("a dual-stack lab's pod has an IPv6 address").into(),
-        }
-    }
-
-    fn vip(self) -> IpAddr {
-        match self {
-            Self::V4 => TARGET_VIP.into(),
-            Self::V6 => TARGET_VIP6.into(),
-        }
-    }
-
-    fn node(self, n: usize) -> IpAddr {
-        match self {
-            Self::V4 => node_ip(n).into(),
-            Self::V6 => node_ip6(n).into(),
-        }
+/// The measured Service's address in `family`.
+fn target_vip(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => TARGET_VIP.into(),
+        Family::V6 => TARGET_VIP6.into(),
     }
 }
 
@@ -331,7 +297,7 @@ fn measure_scale(config: &BenchConfig, mode: &str, services: usize) -> anyhow::R
     let client = lab.pod(1, 1).ns.clone();
     let mut data = Vec::new();
     for family in Family::of(&lab) {
-        let service = SocketAddr::new(family.vip(), TARGET_PORT);
+        let service = SocketAddr::new(target_vip(family), TARGET_PORT);
         let direct = SocketAddr::new(family.pod(lab.pod(2, 2)), SERVER_PORT);
         let mut row =
             DataRow { mode: mode.to_owned(), services, family, connections: Vec::new(), requests: Vec::new() };
