@@ -3,7 +3,7 @@
 
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -65,10 +65,13 @@ impl Drop for Daemon {
     }
 }
 
-/// dnsmasq answering `who.lab` with `answer` (which tells the client which pod answered) on `addr:port`,
-/// nothing else: no upstream, no hosts file, no cache of anything it was not told.
+/// dnsmasq listening on each of `addrs` at `port` and answering `who.lab` with those same addresses (`A`
+/// with the IPv4 one, `AAAA` with the IPv6 one: the answer tells a client which pod answered), nothing
+/// else: no upstream, no hosts file, no cache of anything it was not told.
 #[must_use]
-pub fn dnsmasq_args(addr: Ipv4Addr, port: u16, answer: Ipv4Addr) -> Vec<String> {
+pub fn dnsmasq_args(addrs: &[IpAddr], port: u16) -> Vec<String> {
+    let listen = addrs.iter().map(|a| format!("--listen-address={a}"));
+    let answers: Vec<String> = addrs.iter().map(ToString::to_string).collect();
     [
         "--keep-in-foreground",
         "--conf-file=/dev/null",
@@ -81,16 +84,17 @@ pub fn dnsmasq_args(addr: Ipv4Addr, port: u16, answer: Ipv4Addr) -> Vec<String> 
     ]
     .iter()
     .map(|s| (*s).to_owned())
-    .chain([format!("--listen-address={addr}"), format!("--port={port}"), format!("--host-record=who.lab,{answer}")])
+    .chain(listen)
+    .chain([format!("--port={port}"), format!("--host-record=who.lab,{}", answers.join(","))])
     .collect()
 }
 
-/// An nginx configuration serving `body` on `addr:port` to every request, as a foreground single process
+/// An nginx configuration serving `body` on each of `addrs` at `port` to every request, as a foreground single process
 /// whose files all live under `dir`. The body goes through the SSI filter, which drops `Content-Length`:
 /// an HTTP/1.0 response then ends when the server closes, so the server always closes first and a client
 /// reusing its port is never held up by its own `TIME_WAIT`.
 #[must_use]
-pub fn nginx_conf(dir: &Path, addr: Ipv4Addr, port: u16, body: &str) -> String {
+pub fn nginx_conf(dir: &Path, addrs: &[IpAddr], port: u16, body: &str) -> String {
     let d = dir.display();
     let mut conf = String::new();
     let _ = writeln!(conf, "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;");
@@ -98,7 +102,10 @@ pub fn nginx_conf(dir: &Path, addr: Ipv4Addr, port: u16, body: &str) -> String {
     let _ =
         writeln!(conf, "http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;");
     let _ = writeln!(conf, "  keepalive_requests 100000;");
-    let _ = writeln!(conf, "  server {{\n    listen {addr}:{port} reuseport backlog=4096;");
+    let _ = writeln!(conf, "  server {{");
+    for addr in addrs {
+        let _ = writeln!(conf, "    listen {} reuseport backlog=4096;", SocketAddr::new(*addr, port));
+    }
     let _ = writeln!(conf, "    location / {{ ssi on; ssi_types *; return 200 \"{body}\\n\"; }}\n  }}\n}}");
     conf
 }
@@ -115,8 +122,9 @@ pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool
     anyhow::bail!("{what}: not ready within {timeout:?}")
 }
 
-/// What `dig` got for `who.lab`: the answer's address, or the reason there was none.
-pub fn dig_who(ns: &str, server: Ipv4Addr, port: u16, source: Option<(Ipv4Addr, u16)>) -> Result<Ipv4Addr, String> {
+/// What `dig` got for `who.lab` in the server's family (`A` from an IPv4 server, `AAAA` from an IPv6 one):
+/// the answer's address, or the reason there was none.
+pub fn dig_who(ns: &str, server: IpAddr, port: u16, source: Option<(IpAddr, u16)>) -> Result<IpAddr, String> {
     let mut args = vec![
         "netns".to_owned(),
         "exec".to_owned(),
@@ -134,6 +142,7 @@ pub fn dig_who(ns: &str, server: Ipv4Addr, port: u16, source: Option<(Ipv4Addr, 
         args.push(format!("{addr}#{sport}"));
     }
     args.push("who.lab".to_owned());
+    args.push(if server.is_ipv6() { "AAAA" } else { "A" }.to_owned());
     let out = Command::new("ip").args(&args).output().map_err(|e| format!("running dig: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines().find_map(|l| l.trim().parse().ok()).ok_or_else(|| {
