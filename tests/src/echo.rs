@@ -12,7 +12,7 @@
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -311,17 +311,26 @@ pub fn udp_ask(socket: &UdpSocket, target: SocketAddrV4, request: &[u8]) -> anyh
     Ok((Reply::parse(&String::from_utf8_lossy(&buf[..n]))?, n))
 }
 
-/// Asks `target` once over UDP from each of `ports` (fixed client ports, one socket each) in namespace
-/// `ns`: the backend that answered each, or why none did.
+/// Asks `target` (either family) once over UDP from each of `ports` (fixed client ports, one socket each)
+/// in namespace `ns`: the backend that answered each, or why none did.
 #[must_use]
-pub fn udp_ask_from_ports(ns: &str, target: SocketAddrV4, ports: Vec<u16>) -> Vec<Result<String, String>> {
+pub fn udp_ask_from_ports(ns: &str, target: impl Into<SocketAddr>, ports: Vec<u16>) -> Vec<Result<String, String>> {
+    let target = target.into();
     in_netns(ns, move || {
         ports
             .into_iter()
             .map(|port| {
-                let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).map_err(|e| e.to_string())?;
+                let any = match target {
+                    SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    SocketAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                };
+                let socket = UdpSocket::bind((any, port)).map_err(|e| e.to_string())?;
                 socket.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
-                udp_ask(&socket, target, b"hello\n").map(|(r, _)| r.backend).map_err(|e| format!("{e:#}"))
+                let backend = match target {
+                    SocketAddr::V4(t) => udp_ask(&socket, t, b"hello\n").map(|(r, _)| r.backend),
+                    SocketAddr::V6(t) => crate::echo6::udp_ask(&socket, t).map(|r| r.backend),
+                };
+                backend.map_err(|e| format!("{e:#}"))
             })
             .collect()
     })
