@@ -43,18 +43,13 @@ static SOCK_REVNAT6: LruHashMap<SockKey6, SockFrontend6> = LruHashMap::pinned(ca
 #[map(name = "SOCK_FLOWS6")]
 static SOCK_FLOWS6: LruHashMap<SockFlowKey6, SockFlow> = LruHashMap::pinned(capacity::SOCK_FLOWS, 0);
 
-/// A family as the socket hooks see it: where `bpf_sock_addr` holds its address (`user_ip4`, `user_ip6`),
-/// and its socket maps.
+/// A family as the socket hooks see it: its socket maps.
 trait SockFamily: Family {
     type RevKey: 'static;
     type Front: Copy + 'static;
     type FlowKey: 'static;
     fn revnat() -> &'static LruHashMap<Self::RevKey, Self::Front>;
     fn flows() -> &'static LruHashMap<Self::FlowKey, SockFlow>;
-    /// The call's address. SAFETY: `sa` is the program's `bpf_sock_addr`, and the hook is this family's.
-    unsafe fn user_addr(sa: *mut bpf_sock_addr) -> Self;
-    /// SAFETY: as [`SockFamily::user_addr`], from a hook that may write it.
-    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: Self);
     fn rev_key(cookie: u64, addr: Self, port: u16) -> Self::RevKey;
     fn front(addr: Self, port: u16) -> Self::Front;
     fn front_parts(front: Self::Front) -> (Self, u16);
@@ -74,18 +69,6 @@ impl SockFamily for u32 {
     #[inline(always)]
     fn flows() -> &'static LruHashMap<SockFlowKey, SockFlow> {
         &SOCK_FLOWS
-    }
-
-    #[inline(always)]
-    unsafe fn user_addr(sa: *mut bpf_sock_addr) -> Self {
-        // SAFETY: the caller's.
-        unsafe { (*sa).user_ip4 }
-    }
-
-    #[inline(always)]
-    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: Self) {
-        // SAFETY: the caller's.
-        unsafe { (*sa).user_ip4 = addr };
     }
 
     #[inline(always)]
@@ -125,23 +108,6 @@ impl SockFamily for In6 {
     }
 
     #[inline(always)]
-    unsafe fn user_addr(sa: *mut bpf_sock_addr) -> Self {
-        // SAFETY: the caller's; the verifier wants the words read one at a time.
-        unsafe { In6([(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]]) }
-    }
-
-    #[inline(always)]
-    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: Self) {
-        // SAFETY: the caller's; written a word at a time, as the verifier allows.
-        unsafe {
-            (*sa).user_ip6[0] = addr.0[0];
-            (*sa).user_ip6[1] = addr.0[1];
-            (*sa).user_ip6[2] = addr.0[2];
-            (*sa).user_ip6[3] = addr.0[3];
-        }
-    }
-
-    #[inline(always)]
     fn rev_key(cookie: u64, addr: Self, port: u16) -> SockKey6 {
         SockKey6 { cookie, addr, port, pad: [0; 3] }
     }
@@ -160,6 +126,86 @@ impl SockFamily for In6 {
     fn flow_key(cookie: u64, addr: Self, port: u16, proto: u8) -> SockFlowKey6 {
         SockFlowKey6 { cookie, addr, port, proto, pad: [0; 5] }
     }
+}
+
+/// Where a hook's `bpf_sock_addr` holds the call's address, and as which family's: `user_ip4` in the IPv4
+/// hooks; `user_ip6` in the IPv6 ones, holding an IPv6 address or, for an IPv6 socket talking IPv4 (a
+/// dual-stack program given an IPv4 name), an IPv4-mapped one (`::ffff:a.b.c.d`). The kernel sends the
+/// latter as IPv4, so it is translated with the IPv4 frontends and maps, and written back mapped.
+trait UserAddr {
+    type Family: SockFamily;
+    /// SAFETY: `sa` is the program's `bpf_sock_addr`, in a hook of the field's family.
+    unsafe fn get(sa: *mut bpf_sock_addr) -> Self::Family;
+    /// SAFETY: as [`UserAddr::get`], from a hook that may write it.
+    unsafe fn set(sa: *mut bpf_sock_addr, addr: Self::Family);
+}
+
+struct UserIp4;
+struct UserIp6;
+struct UserIp6Mapped;
+
+/// The third word of an IPv4-mapped address (`0:0:0:0:0:ffff:…`), as it lies in memory.
+const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl UserAddr for UserIp4 {
+    type Family = u32;
+
+    #[inline(always)]
+    unsafe fn get(sa: *mut bpf_sock_addr) -> u32 {
+        // SAFETY: the caller's.
+        unsafe { (*sa).user_ip4 }
+    }
+
+    #[inline(always)]
+    unsafe fn set(sa: *mut bpf_sock_addr, addr: u32) {
+        // SAFETY: the caller's.
+        unsafe { (*sa).user_ip4 = addr };
+    }
+}
+
+impl UserAddr for UserIp6 {
+    type Family = In6;
+
+    #[inline(always)]
+    unsafe fn get(sa: *mut bpf_sock_addr) -> In6 {
+        // SAFETY: the caller's; the verifier wants the words read one at a time.
+        unsafe { In6([(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]]) }
+    }
+
+    #[inline(always)]
+    unsafe fn set(sa: *mut bpf_sock_addr, addr: In6) {
+        // SAFETY: the caller's; written a word at a time, as the verifier allows.
+        unsafe {
+            (*sa).user_ip6[0] = addr.0[0];
+            (*sa).user_ip6[1] = addr.0[1];
+            (*sa).user_ip6[2] = addr.0[2];
+            (*sa).user_ip6[3] = addr.0[3];
+        }
+    }
+}
+
+impl UserAddr for UserIp6Mapped {
+    type Family = u32;
+
+    #[inline(always)]
+    unsafe fn get(sa: *mut bpf_sock_addr) -> u32 {
+        // SAFETY: the caller's; only called once `mapped` said the address is IPv4-mapped.
+        unsafe { (*sa).user_ip6[3] }
+    }
+
+    #[inline(always)]
+    unsafe fn set(sa: *mut bpf_sock_addr, addr: u32) {
+        // SAFETY: the caller's.
+        unsafe { UserIp6::set(sa, In6([0, 0, MAPPED_WORD, addr])) };
+    }
+}
+
+/// Whether an IPv6 hook's address is IPv4-mapped.
+#[inline(always)]
+fn mapped(ctx: &SockAddrContext) -> bool {
+    // SAFETY: an IPv6 hook's context; the words are readable one at a time.
+    let sa = ctx.sock_addr;
+    unsafe { (*sa).user_ip6[0] == 0 && (*sa).user_ip6[1] == 0 && (*sa).user_ip6[2] == MAPPED_WORD }
 }
 
 /// Which hook a translation runs in.
@@ -222,13 +268,13 @@ fn sticky_backend<A: SockFamily>(key: &A::FlowKey, now: u64) -> Option<Backend<A
 
 /// Points the socket at a backend if it is addressed to a frontend.
 #[inline(always)]
-fn translate<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
+fn translate<A: SockFamily, U: UserAddr<Family = A>>(ctx: &SockAddrContext, call: Call) -> i32 {
     if !ours(ctx) {
         return ALLOW;
     }
     let sa = ctx.sock_addr;
     // SAFETY: the context points at the kernel's bpf_sock_addr for the whole run; these fields are readable.
-    let (addr, user_port, protocol) = unsafe { (A::user_addr(sa), (*sa).user_port, (*sa).protocol) };
+    let (addr, user_port, protocol) = unsafe { (U::get(sa), (*sa).user_port, (*sa).protocol) };
     let Ok(proto) = u8::try_from(protocol) else { return ALLOW };
     // user_port holds the port in network byte order in its low 16 bits.
     let port = (user_port & 0xffff) as u16;
@@ -296,7 +342,7 @@ fn translate<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
     }
     // SAFETY: as above; these fields are writable from connect and sendmsg hooks.
     unsafe {
-        A::set_user_addr(sa, backend.addr);
+        U::set(sa, backend.addr);
         (*sa).user_port = u32::from(backend.port);
     }
     ALLOW
@@ -304,20 +350,20 @@ fn translate<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
 
 /// Shows the frontend instead of the backend a socket was pointed at.
 #[inline(always)]
-fn restore<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
+fn restore<A: SockFamily, U: UserAddr<Family = A>>(ctx: &SockAddrContext) -> i32 {
     if !ours(ctx) {
         return ALLOW;
     }
     let sa = ctx.sock_addr;
     // SAFETY: as in `translate`.
-    let (addr, user_port) = unsafe { (A::user_addr(sa), (*sa).user_port) };
+    let (addr, user_port) = unsafe { (U::get(sa), (*sa).user_port) };
     let key = A::rev_key(socket_cookie(ctx), addr, (user_port & 0xffff) as u16);
     // SAFETY: the value is copied out at once.
     if let Some(frontend) = unsafe { A::revnat().get(&key).copied() } {
         let (addr, port) = A::front_parts(frontend);
         // SAFETY: these fields are writable from recvmsg and getpeername hooks.
         unsafe {
-            A::set_user_addr(sa, addr);
+            U::set(sa, addr);
             (*sa).user_port = u32::from(port);
         }
     }
@@ -327,47 +373,55 @@ fn restore<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect4)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    translate::<u32>(&ctx, Call::Connect)
+    translate::<_, UserIp4>(&ctx, Call::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate::<u32>(&ctx, Call::SendTo)
+    translate::<_, UserIp4>(&ctx, Call::SendTo)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore::<u32>(&ctx)
+    restore::<_, UserIp4>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    restore::<u32>(&ctx)
+    restore::<_, UserIp4>(&ctx)
 }
 
 #[cgroup_sock_addr(connect6)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
-    translate::<In6>(&ctx, Call::Connect)
+    if mapped(&ctx) {
+        translate::<_, UserIp6Mapped>(&ctx, Call::Connect)
+    } else {
+        translate::<_, UserIp6>(&ctx, Call::Connect)
+    }
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    translate::<In6>(&ctx, Call::SendTo)
+    if mapped(&ctx) {
+        translate::<_, UserIp6Mapped>(&ctx, Call::SendTo)
+    } else {
+        translate::<_, UserIp6>(&ctx, Call::SendTo)
+    }
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
-    restore::<In6>(&ctx)
+    if mapped(&ctx) { restore::<_, UserIp6Mapped>(&ctx) } else { restore::<_, UserIp6>(&ctx) }
 }
 
 #[cgroup_sock_addr(getpeername6)]
 #[expect(clippy::needless_pass_by_value, reason = "#[cgroup_sock_addr] fixes the signature")]
 pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
-    restore::<In6>(&ctx)
+    if mapped(&ctx) { restore::<_, UserIp6Mapped>(&ctx) } else { restore::<_, UserIp6>(&ctx) }
 }

@@ -45,7 +45,13 @@ impl Reply6 {
         let line = text.lines().next().unwrap_or_default().trim();
         let mut words = line.split_whitespace();
         let (Some(name), Some(peer)) = (words.next(), words.next()) else { bail!("malformed reply {line:?}") };
-        let seen_source = peer.parse().with_context(|| format!("malformed peer in {line:?}"))?;
+        // An IPv4 echo's peer (an IPv6 socket's request to an IPv4-mapped address reaches one) reads as
+        // the IPv4-mapped address, as the client's own socket would name it.
+        let seen_source = match peer.parse::<SocketAddr>() {
+            Ok(SocketAddr::V6(v6)) => v6,
+            Ok(SocketAddr::V4(v4)) => SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0),
+            Err(e) => return Err(e).with_context(|| format!("malformed peer in {line:?}")),
+        };
         let (mut len, mut hop_limit) = (None, None);
         for (key, value) in words.filter_map(|w| w.split_once('=')) {
             match key {

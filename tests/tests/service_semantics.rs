@@ -13,7 +13,7 @@ use std::{
 use proxy_lab::{
     Lab, LabSpec,
     echo::{Outcome, Proto, TcpSession, UdpSession, attempt, http_get, request, requests},
-    echo6::{self, Echo6},
+    echo6::{self, Echo6, Outcome6},
     lab::{EXTERNAL_IP, EXTERNAL_IP6, node_ip, node_ip6, node_name},
     manifests::{Endpoint, Port, Svc},
 };
@@ -479,6 +479,43 @@ fn the_node_itself_reaches_cluster_ips_and_node_ports() {
         let r = answered(outcome);
         assert_eq!(r.backend, "pod-2-2", "node{node} → {target}");
         assert_eq!(*r.seen_source.ip(), lab.source_from_node(node, 2), "node{node} → {target}");
+    }
+}
+
+/// A node process's IPv6 socket reaching IPv4 Services by their IPv4-mapped addresses (`::ffff:10.32.0.89`,
+/// what a Java or dual-stack program does with an IPv4 name): the kernel sends IPv4, so the netfilter modes
+/// see IPv4 packets; the eBPF mode's `connect6`/`sendmsg6` must translate the mapped address as `connect4`
+/// and `sendmsg4` do, and `recvmsg6`/`getpeername6` give the Service's mapped address back.
+#[test]
+fn a_nodes_ipv6_socket_reaches_ipv4_services_by_their_mapped_addresses() {
+    let client = std::path::Path::new(env!("CARGO_BIN_EXE_lab-client"));
+    let mut lab = lab(LabSpec::default(), &[(2, 2)]);
+    let ports = vec![
+        Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 },
+        Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 },
+    ];
+    let mut svc = Svc::new("mapped", vip(89), ports);
+    svc.type_ = "NodePort";
+    svc.node_ports = vec![30096, 30097];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(2, 2)]))).unwrap();
+    lab.start_agents().unwrap();
+
+    let mapped = |addr: Ipv4Addr, port| SocketAddrV6::new(addr.to_ipv6_mapped(), port, 0, 0);
+    for (proto, target) in [
+        (Proto::Tcp, mapped(vip(89), 80)),
+        (Proto::Udp, mapped(vip(89), 53)),
+        (Proto::Tcp, mapped(node_ip(1), 30096)),
+        (Proto::Udp, mapped(node_ip(1), 30097)),
+    ] {
+        // lab-client's UDP request requires the answer to come from `target` itself (recvmsg6's work).
+        match lab.request6_from_node(1, client, proto, target).unwrap() {
+            Outcome6::Answered(r) => {
+                assert_eq!(r.backend, "pod-2-2", "node1 → {target} ({proto:?})");
+                let source = lab.source_from_node(1, 2).to_ipv6_mapped();
+                assert_eq!(*r.seen_source.ip(), source, "node1 → {target} ({proto:?})");
+            }
+            other => panic!("node1 → {target} ({proto:?}): {other:?}"),
+        }
     }
 }
 
