@@ -121,6 +121,7 @@ pub mod maps {
     pub const FRONTEND_ADDRS: &str = "FRONTEND_ADDRS";
     pub const MAGLEV: &str = "MAGLEV";
     pub const EGRESS_SNAT: &str = "EGRESS_SNAT";
+    pub const EGRESS_SNAT6: &str = "EGRESS_SNAT6";
     /// IPv6's maps: the same roles, keyed and valued by the IPv6 forms of the same types. Backend ids,
     /// reverse-NAT ids and Maglev tables are numbered across both families (`IDS`, `MAGLEV` are shared).
     pub const SERVICES6: &str = "SERVICES6";
@@ -144,7 +145,7 @@ pub mod maps {
     /// Every map, with the version of its layout (key, value, type, flags), which its pin name carries
     /// (`NAME_vN`). A build that changes a map's layout bumps its version: the upgraded agent then builds the
     /// new map beside the pinned one, fills it, swaps its programs in, and only then lets the old one go.
-    pub const LAYOUTS: [(&str, u32); 29] = [
+    pub const LAYOUTS: [(&str, u32); 30] = [
         (SERVICES, 1),
         (BACKENDS, 1),
         (CONNTRACK, 1),
@@ -169,7 +170,8 @@ pub mod maps {
         (SNAT6, 1),
         (AFFINITY6, 1),
         (SOURCE_RANGES6, 1),
-        (CONFIG6, 1),
+        (CONFIG6, 2),
+        (EGRESS_SNAT6, 1),
         (FRAGS6, 1),
         (FRONTEND_ADDRS6, 1),
         (SOCK_REVNAT6, 1),
@@ -453,11 +455,15 @@ pub mod config {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Config6 {
-        /// The node's primary IPv6, which SNATed IPv6 flows leave with. Zero: none.
+        /// The node's primary IPv6, which SNATed IPv6 flows leave with unless their interface has its
+        /// own (`EGRESS_SNAT6`). Zero: none.
         pub snat_addr: In6,
         /// `clusterCIDR`'s IPv6 CIDR for local-traffic detection; mask zero: unset.
         pub cluster: Ipv6Net,
         pub service_cidrs: [Ipv6Net; MAX_SERVICE_CIDRS],
+        /// The node's other IPv6 SNAT addresses (zero: unused), as [`Config::snat_addrs`]: a pod bridge's,
+        /// an overlay device's.
+        pub snat_addrs: [In6; MAX_SNAT_ADDRS],
     }
 
     /// An IPv6 network, address and mask in network byte order. A zero mask is "unset".
@@ -503,12 +509,24 @@ pub mod config {
             self.service_cidrs[0].is_set()
         }
 
-        /// Whether `addr` is the node's IPv6 SNAT address. IPv6 has one per node, the primary's: every
-        /// link routes replies to it back here, so no interface needs its own (as IPv4's bridges do).
+        /// Whether `addr` is one of the node's IPv6 SNAT addresses.
         #[inline]
         #[must_use]
         pub fn is_snat_addr(&self, addr: &In6) -> bool {
-            !addr.is_zero() && *addr == self.snat_addr
+            if addr.is_zero() {
+                return false;
+            }
+            if *addr == self.snat_addr {
+                return true;
+            }
+            let mut i = 0;
+            while i < MAX_SNAT_ADDRS {
+                if self.snat_addrs[i] == *addr {
+                    return true;
+                }
+                i += 1;
+            }
+            false
         }
     }
 
@@ -1241,7 +1259,7 @@ mod layout_tests {
         assert_eq!(offset_of!(SourceRangeKey6, addr), 4);
         assert_eq!(size_of::<FragKey6>(), 40);
         assert_eq!(offset_of!(FragKey6, pad), 37);
-        assert_eq!(size_of::<super::config::Config6>(), 16 + 32 + 4 * 32);
+        assert_eq!(size_of::<super::config::Config6>(), 16 + 32 + 4 * 32 + 4 * 16);
         assert_eq!(size_of::<super::sock::SockKey6>(), 32);
         assert_eq!(offset_of!(super::sock::SockKey6, port), 24);
         assert_eq!(offset_of!(super::sock::SockKey6, pad), 26);
@@ -1278,6 +1296,9 @@ mod layout_tests {
         cfg.snat_addr = In6([1, 2, 3, 4]);
         assert!(cfg.is_snat_addr(&In6([1, 2, 3, 4])));
         assert!(!cfg.is_snat_addr(&In6([1, 2, 3, 5])));
+        cfg.snat_addrs[1] = In6([1, 2, 3, 5]);
+        assert!(cfg.is_snat_addr(&In6([1, 2, 3, 5])), "a bridge's or an overlay's address");
+        assert!(!cfg.is_snat_addr(&In6::UNSPECIFIED), "unused slots match nothing");
         cfg.service_cidrs[0] = net;
         assert!(cfg.has_service_cidrs() && cfg.in_service_cidr(&In6([0xfd, 1, 1, 1])));
         let addr: core::net::Ipv6Addr = "fd00:10:96::a".parse().unwrap();

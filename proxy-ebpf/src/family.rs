@@ -142,10 +142,8 @@ impl Family for In6 {
     }
 
     #[inline(always)]
-    fn snat_addr_for(_ifindex: u32, _cfg: &Config) -> Self {
-        // One IPv6 SNAT address per node: the primary's (replies to it are routed back to this node from
-        // every link, the pod bridge's included).
-        snat::config6().map_or(In6::UNSPECIFIED, |c| c.snat_addr)
+    fn snat_addr_for(ifindex: u32, _cfg: &Config) -> Self {
+        snat::addr6_for(ifindex)
     }
 
     #[inline(always)]

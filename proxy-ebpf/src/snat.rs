@@ -96,6 +96,18 @@ pub fn addr_for(ifindex: u32, cfg: &Config) -> u32 {
     unsafe { EGRESS_SNAT.get(&ifindex).copied() }.unwrap_or(cfg.snat_addr)
 }
 
+/// IPv6's [`EGRESS_SNAT`]: an interface's own (or its bridge's) global IPv6 address.
+#[map(name = "EGRESS_SNAT6")]
+static EGRESS_SNAT6: HashMap<u32, In6> = HashMap::pinned(capacity::EGRESS_SNAT, 0);
+
+/// The IPv6 address a flow SNATed on its way out of interface `ifindex` leaves with (zero: none).
+#[inline(always)]
+pub fn addr6_for(ifindex: u32) -> In6 {
+    // SAFETY: the value is copied out at once.
+    unsafe { EGRESS_SNAT6.get(&ifindex).copied() }
+        .unwrap_or_else(|| config6().map_or(In6::UNSPECIFIED, |c| c.snat_addr))
+}
+
 #[map(name = "CONFIG")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 

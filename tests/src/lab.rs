@@ -16,7 +16,9 @@
 //! nodes at `fd00:240::1N/64` ([`node_ip6`]), the external client at `fd00:240::64`, pods at
 //! `fd00:200:N::K/128` behind a link-local gateway `fe80::1` (routed) or `fd00:200:N::(10+K)/64` on the
 //! bridge at `fd00:200:N::1` (bridged), each node's pod prefix `fd00:200:N::/64` routed via that node. The
-//! VXLAN lab stays IPv4-only, as flannel's IPv4 backend.
+//! VXLAN lab is dual-stack too: its overlay device carries both families (IPv4 underlay), holding
+//! `fd00:200:N::f1` ([`overlay_ip6`]) beside `10.200.N.0`, and the other nodes' pod prefixes of both
+//! families go through it, as flannel's dual-stack `vxlan` backend routes them.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
@@ -208,7 +210,7 @@ impl Family {
         }
     }
 
-    /// The families `lab` serves: IPv6 too where it is dual-stack (every topology but the VXLAN overlay).
+    /// The families `lab` serves: both, in every topology.
     #[must_use]
     pub fn of(lab: &Lab) -> Vec<Self> {
         if lab.dual_stack() { vec![Self::V4, Self::V6] } else { vec![Self::V4] }
@@ -243,6 +245,17 @@ fn pod_ip6(node: usize, k: usize, bridged: bool) -> Ipv6Addr {
     let n = u16::try_from(node).expect("small node number");
     let k = u16::try_from(k).expect("small pod number");
     Ipv6Addr::new(0xfd00, 0x200, n, 0, 0, 0, 0, if bridged { 10 + k } else { k })
+}
+
+/// Node `node`'s pod bridge's IPv6 address, the bridged pods' gateway.
+fn pod_bridge_ip6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x200, u16::try_from(node).expect("small node number"), 0, 0, 0, 0, 1)
+}
+
+/// Node `node`'s IPv6 address on the VXLAN overlay device (IPv4's is `10.200.N.0`).
+#[must_use]
+pub fn overlay_ip6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x200, u16::try_from(node).expect("small node number"), 0, 0, 0, 0, 0xf1)
 }
 
 /// `ip -6 addr add … nodad`: usable at once, without duplicate address detection's second of waiting.
@@ -387,10 +400,11 @@ impl Lab {
         Ok(())
     }
 
-    /// Whether this lab has IPv6 addresses too (all but the VXLAN overlay).
+    /// Whether this lab has IPv6 addresses too: every topology has since the VXLAN overlay carries IPv6;
+    /// tests still ask, so a topology without IPv6 would skip their IPv6 turns rather than fail them.
     #[must_use]
     pub fn dual_stack(&self) -> bool {
-        self.spec.pod_network != PodNetwork::Vxlan
+        true
     }
 
     /// Native-mode `XDP_TX` on a node's uplink (a veth) delivers only if the underlay end runs an XDP program
@@ -468,6 +482,7 @@ impl Lab {
             ],
         )?;
         ip_in(node_ns, &["addr", "add", &format!("10.200.{node}.0/32"), "dev", "flannel.1"])?;
+        add_ip6(node_ns, &format!("{}/128", overlay_ip6(node)), "flannel.1")?;
         ip_in(node_ns, &["link", "set", "flannel.1", "mtu", "1450", "up"])?;
         for other in (1..=self.spec.nodes).filter(|o| *o != node) {
             let gateway = format!("10.200.{other}.0");
@@ -479,6 +494,12 @@ impl Lab {
             )?;
             let cidr = format!("10.200.{other}.0/24");
             ip_in(node_ns, &["route", "add", &cidr, "via", &gateway, "dev", "flannel.1", "onlink"])?;
+            let gateway6 = overlay_ip6(other).to_string();
+            let neigh6 =
+                ["-6", "neigh", "add", &gateway6, "lladdr", &mac(other), "dev", "flannel.1", "nud", "permanent"];
+            ip_in(node_ns, &neigh6)?;
+            let cidr6 = format!("fd00:200:{other}::/64");
+            ip_in(node_ns, &["-6", "route", "add", &cidr6, "via", &gateway6, "dev", "flannel.1", "onlink"])?;
         }
         Ok(())
     }
@@ -547,16 +568,36 @@ impl Lab {
         Ok(())
     }
 
-    /// The IPv6 addresses node `node` may masquerade to or send from: its uplink's, and on a pod bridge
-    /// the bridge's. (The eBPF mode masquerades IPv6 to the uplink's address on every interface; the
-    /// netfilter modes' MASQUERADE takes the outgoing interface's.)
+    /// The IPv6 addresses node `node` may masquerade to or send from: its uplink's, on a pod bridge the
+    /// bridge's, on the VXLAN overlay the overlay device's.
     #[must_use]
     pub fn node_sources6(&self, node: usize) -> Vec<Ipv6Addr> {
         let mut sources = vec![node_ip6(node)];
         if self.spec.pod_network.bridged() {
-            sources.push(format!("fd00:200:{node}::1").parse().expect("an IPv6 address"));
+            sources.push(pod_bridge_ip6(node));
+        }
+        if self.spec.pod_network == PodNetwork::Vxlan {
+            sources.push(overlay_ip6(node));
         }
         sources
+    }
+
+    /// [`Lab::source_from_node`] over IPv6: the address node `node` masquerades to (or sends from) towards
+    /// a pod of node `pod_node` — the outgoing interface's, as MASQUERADE takes it.
+    #[must_use]
+    pub fn source6_from_node(&self, node: usize, pod_node: usize) -> Ipv6Addr {
+        match self.spec.pod_network {
+            PodNetwork::Bridge | PodNetwork::Vxlan if node == pod_node => pod_bridge_ip6(node),
+            PodNetwork::Vxlan => overlay_ip6(node),
+            _ => node_ip6(node),
+        }
+    }
+
+    /// [`Lab::source6_from_node`] towards the pod named `backend` (`pod-N-K`).
+    #[must_use]
+    pub fn source6_from_node_to(&self, node: usize, backend: &str) -> Ipv6Addr {
+        let pod_node = self.pods.iter().find(|p| p.name == backend).map_or(0, |p| p.node);
+        self.source6_from_node(node, pod_node)
     }
 
     /// The source address a packet from node `node` has when it reaches a pod of node `pod_node` after

@@ -89,10 +89,10 @@ fn a_dual_stack_service_answers_on_both_families() {
     assert_eq!(seen.iter().map(String::as_str).collect::<Vec<_>>(), names, "both IPv6 endpoints take flows");
 
     // From outside to node 1's IPv6 NodePorts and to the IPv6 load-balancer IP (externalTrafficPolicy
-    // Cluster: masqueraded to a node-1 address, so replies return through node 1).
+    // Cluster: masqueraded to the address of node 1's interface towards the backend — uplink, pod bridge or
+    // overlay device — as MASQUERADE takes it, so replies return through node 1 the way the request left).
     let external = lab.external_ns();
     let node1 = node_ip6(1);
-    let node1_addrs = [IpAddr::V6(node1), "fd00:200:1::1".parse().unwrap()];
     for (proto, target) in [
         ("TCP", SocketAddrV6::new(node1, NODE_PORT_TCP, 0, 0)),
         ("UDP", SocketAddrV6::new(node1, NODE_PORT_UDP, 0, 0)),
@@ -107,7 +107,8 @@ fn a_dual_stack_service_answers_on_both_families() {
         .unwrap_or_else(|e| panic!("{proto} {target} from outside: {e:#}"));
         assert!(names.contains(&reply.backend.as_str()), "{reply:?}");
         assert_ne!(*reply.seen_source.ip(), EXTERNAL_IP6, "Cluster policy masquerades: {reply:?}");
-        assert!(node1_addrs.contains(&IpAddr::V6(*reply.seen_source.ip())), "masqueraded to node 1: {reply:?}");
+        let masqueraded_to = lab.source6_from_node_to(1, &reply.backend);
+        assert_eq!(*reply.seen_source.ip(), masqueraded_to, "masqueraded to node 1's outgoing interface: {reply:?}");
     }
     drop(echoes);
 }

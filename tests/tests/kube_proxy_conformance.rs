@@ -308,15 +308,14 @@ fn client_addr(lab: &Lab, from: Client) -> Ipv4Addr {
     }
 }
 
-/// Whether `source` is what a backend should see: node1's address when masqueraded (or when node1
-/// itself sent), else the client's own. IPv4 knows the one address MASQUERADE takes towards `backend`;
-/// IPv6 takes any of node1's (the eBPF mode masquerades to the uplink's on every interface).
+/// What a backend should see as the source: node1's address when masqueraded (or when node1 itself
+/// sent), the one MASQUERADE takes towards `backend` (the outgoing interface's), else the client's own.
 fn expected_source(lab: &Lab, case: &Case, masq: Masq, family: Family, backend: &str) -> Vec<IpAddr> {
     let masqueraded = masq == Yes || matches!(case.from, Node);
     match (family, masqueraded) {
         (Family::V4, true) => vec![lab.source_from_node_to(1, backend).into()],
         (Family::V4, false) => vec![client_addr(lab, case.from).into()],
-        (Family::V6, true) => lab.node_sources6(1).into_iter().map(IpAddr::V6).collect(),
+        (Family::V6, true) => vec![lab.source6_from_node_to(1, backend).into()],
         (Family::V6, false) => vec![twin(lab, client_addr(lab, case.from)).into()],
     }
 }

@@ -230,15 +230,18 @@ const BRIDGE_ARGS: [&str; 10] = [
     "dual_stack",
 ];
 
-/// `cargo test` arguments for the overlay's run: the Service behaviour suite, less two eBPF-only tests that
+/// `cargo test` arguments for the overlay's run: the Service behaviour and dual-stack suites (the overlay
+/// carries both families), less two eBPF-only tests that
 /// assume a routed underlay: XDP cannot forward a flow that leaves by another interface (the overlay
 /// device), so it hands them all to TC; and the cluster-CIDR test expects the node's own address as the
 /// masquerade source, where the overlay device's is right.
-const VXLAN_ARGS: [&str; 9] = [
+const VXLAN_ARGS: [&str; 11] = [
     "--package",
     "proxy-lab",
     "--test",
     "service_semantics",
+    "--test",
+    "dual_stack",
     "--",
     "--skip",
     "xdp_and_tc_paths_give_identical_results_for_external_traffic",

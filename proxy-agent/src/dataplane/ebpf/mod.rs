@@ -50,6 +50,8 @@ pub struct EbpfDataplane {
     flow_stats: std::sync::Arc<FlowTableStats>,
     /// What `EGRESS_SNAT` and `CONFIG.snat_addrs` hold.
     egress_snat: egress_snat::EgressSnat,
+    /// What `EGRESS_SNAT6` and `CONFIG6.snat_addrs` hold.
+    egress_snat6: egress_snat::EgressSnat<std::net::Ipv6Addr>,
     /// What `CONFIG6` holds.
     config6: proxy_common::config::Config6,
     /// The IPv6 programs' tail-call tables, pinned once this build's programs serve (`ipv6_programs`).
@@ -165,6 +167,8 @@ fn config6_value(settings: &NodeSettings) -> proxy_common::config::Config6 {
             .map_or(proxy_common::addr::In6::UNSPECIFIED, |a| proxy_common::addr::In6::from_octets(a.octets())),
         cluster: settings.cluster_cidr6.map_or_else(Default::default, |(a, len)| ipv6_net(a, len)),
         service_cidrs: Default::default(),
+        // Written as the interfaces are attached (`EbpfDataplane::sync_egress_snat`).
+        snat_addrs: Default::default(),
     }
 }
 
@@ -217,6 +221,42 @@ fn write_config(ebpf: &mut aya::Ebpf, value: &proxy_common::config::Config) -> a
     let mut config: aya::maps::Array<_, proxy_common::config::Config> =
         aya::maps::Array::try_from(map).context("map CONFIG has an unexpected type")?;
     config.set(0, value, 0).context("writing CONFIG")
+}
+
+/// The first [`MAX_SNAT_ADDRS`] distinct non-zero addresses of `list`, in order, zero-padded: the
+/// `snat_addrs` of `CONFIG` or `CONFIG6`.
+///
+/// [`MAX_SNAT_ADDRS`]: proxy_common::config::MAX_SNAT_ADDRS
+fn snat_slots<A: Copy + PartialEq + Default>(
+    list: impl IntoIterator<Item = A>,
+) -> [A; proxy_common::config::MAX_SNAT_ADDRS] {
+    let mut out = [A::default(); proxy_common::config::MAX_SNAT_ADDRS];
+    let mut n = 0;
+    for addr in list {
+        if n < out.len() && addr != A::default() && !out[..n].contains(&addr) {
+            out[n] = addr;
+            n += 1;
+        }
+    }
+    out
+}
+
+/// Makes the egress SNAT map `name` (interface index → address) hold exactly `wanted`.
+fn write_egress_snat<A: aya::Pod>(
+    ebpf: &mut aya::Ebpf,
+    name: &str,
+    wanted: std::collections::BTreeMap<u32, A>,
+) -> anyhow::Result<()> {
+    let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+    let mut map: aya::maps::HashMap<_, u32, A> = aya::maps::HashMap::try_from(map)?;
+    let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|k| !wanted.contains_key(k)).collect();
+    for index in stale {
+        map.remove(&index)?;
+    }
+    for (index, addr) in &wanted {
+        map.insert(index, addr, 0)?;
+    }
+    Ok(())
 }
 
 impl EbpfDataplane {
@@ -291,6 +331,7 @@ impl EbpfDataplane {
             take_over,
             flow_stats,
             egress_snat: egress_snat::EgressSnat::default(),
+            egress_snat6: egress_snat::EgressSnat::default(),
             config6,
             ipv6_programs,
         };
@@ -364,45 +405,42 @@ impl EbpfDataplane {
         Ok(())
     }
 
-    /// Writes each attached interface's SNAT address (`egress_snat`) where it changed: the addresses into
-    /// `CONFIG` first, so replies to a new one are known before a flow leaves with it.
+    /// Writes each attached interface's SNAT address of each family where it changed: the addresses into
+    /// `CONFIG` (`CONFIG6`) first, so replies to a new one are known before a flow leaves with it, and
+    /// while an interface may still leave with an old address, replies to it stay known: the addresses are
+    /// widened before the map changes and narrowed after.
     fn sync_egress_snat(&mut self, interfaces: &[interfaces::Interface]) -> anyhow::Result<()> {
         let snat_addr =
             (self.config.snat_addr != 0).then(|| std::net::Ipv4Addr::from(self.config.snat_addr.to_ne_bytes()));
         let wanted = egress_snat::plan(interfaces, self.attachments.indexes(), &interfaces::addresses()?, snat_addr);
-        if wanted == self.egress_snat {
-            return Ok(());
+        if wanted != self.egress_snat {
+            let addrs = snat_slots(wanted.addresses.iter().map(|a| u32::from_ne_bytes(a.octets())));
+            self.config.snat_addrs = snat_slots(addrs.into_iter().chain(self.config.snat_addrs));
+            write_config(&mut self.ebpf, &self.config)?;
+            let by_interface = wanted.by_interface.iter().map(|(i, a)| (*i, u32::from_ne_bytes(a.octets())));
+            write_egress_snat(&mut self.ebpf, proxy_common::maps::EGRESS_SNAT, by_interface.collect())?;
+            self.config.snat_addrs = addrs;
+            write_config(&mut self.ebpf, &self.config)?;
+            tracing::info!(by_interface = ?wanted.by_interface, "IPv4 SNAT leaves these interfaces with their own (or their bridge's) address");
+            self.egress_snat = wanted;
         }
-        let slots = |list: &mut dyn Iterator<Item = u32>| {
-            let mut out = [0u32; proxy_common::config::MAX_SNAT_ADDRS];
-            let mut n = 0;
-            for addr in list {
-                if n < out.len() && addr != 0 && !out[..n].contains(&addr) {
-                    out[n] = addr;
-                    n += 1;
-                }
-            }
-            out
-        };
-        let addrs = slots(&mut wanted.addresses.iter().map(|a| u32::from_ne_bytes(a.octets())));
-        // While an interface may still leave with an old address, replies to it stay known: the addresses
-        // are widened before the map changes and narrowed after.
-        self.config.snat_addrs = slots(&mut addrs.into_iter().chain(self.config.snat_addrs));
-        write_config(&mut self.ebpf, &self.config)?;
-        let map = self.ebpf.map_mut(proxy_common::maps::EGRESS_SNAT).context("map EGRESS_SNAT missing")?;
-        let mut map: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(map)?;
-        let stale: Vec<u32> =
-            map.keys().filter_map(Result::ok).filter(|k| !wanted.by_interface.contains_key(k)).collect();
-        for index in stale {
-            map.remove(&index)?;
+
+        use proxy_common::addr::In6;
+        let snat_addr6 =
+            (!self.config6.snat_addr.is_zero()).then(|| std::net::Ipv6Addr::from(self.config6.snat_addr.octets()));
+        let wanted =
+            egress_snat::plan(interfaces, self.attachments.indexes(), &interfaces::ipv6_addresses()?, snat_addr6);
+        if wanted != self.egress_snat6 {
+            let addrs = snat_slots(wanted.addresses.iter().map(|a| In6::from_octets(a.octets())));
+            self.config6.snat_addrs = snat_slots(addrs.into_iter().chain(self.config6.snat_addrs));
+            write_config6(&mut self.ebpf, &self.config6)?;
+            let by_interface = wanted.by_interface.iter().map(|(i, a)| (*i, In6::from_octets(a.octets())));
+            write_egress_snat(&mut self.ebpf, proxy_common::maps::EGRESS_SNAT6, by_interface.collect())?;
+            self.config6.snat_addrs = addrs;
+            write_config6(&mut self.ebpf, &self.config6)?;
+            tracing::info!(by_interface = ?wanted.by_interface, "IPv6 SNAT leaves these interfaces with their own (or their bridge's) address");
+            self.egress_snat6 = wanted;
         }
-        for (index, addr) in &wanted.by_interface {
-            map.insert(index, &u32::from_ne_bytes(addr.octets()), 0)?;
-        }
-        self.config.snat_addrs = addrs;
-        write_config(&mut self.ebpf, &self.config)?;
-        tracing::info!(by_interface = ?wanted.by_interface, "SNAT leaves these interfaces with their own (or their bridge's) address");
-        self.egress_snat = wanted;
         Ok(())
     }
 
