@@ -245,7 +245,7 @@ fn snat_slots<A: Copy + PartialEq + Default>(
 fn write_egress_snat<A: aya::Pod>(
     ebpf: &mut aya::Ebpf,
     name: &str,
-    wanted: std::collections::BTreeMap<u32, A>,
+    wanted: &std::collections::BTreeMap<u32, A>,
 ) -> anyhow::Result<()> {
     let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
     let mut map: aya::maps::HashMap<_, u32, A> = aya::maps::HashMap::try_from(map)?;
@@ -253,7 +253,7 @@ fn write_egress_snat<A: aya::Pod>(
     for index in stale {
         map.remove(&index)?;
     }
-    for (index, addr) in &wanted {
+    for (index, addr) in wanted {
         map.insert(index, addr, 0)?;
     }
     Ok(())
@@ -418,24 +418,24 @@ impl EbpfDataplane {
             self.config.snat_addrs = snat_slots(addrs.into_iter().chain(self.config.snat_addrs));
             write_config(&mut self.ebpf, &self.config)?;
             let by_interface = wanted.by_interface.iter().map(|(i, a)| (*i, u32::from_ne_bytes(a.octets())));
-            write_egress_snat(&mut self.ebpf, proxy_common::maps::EGRESS_SNAT, by_interface.collect())?;
+            write_egress_snat(&mut self.ebpf, proxy_common::maps::EGRESS_SNAT, &by_interface.collect())?;
             self.config.snat_addrs = addrs;
             write_config(&mut self.ebpf, &self.config)?;
             tracing::info!(by_interface = ?wanted.by_interface, "IPv4 SNAT leaves these interfaces with their own (or their bridge's) address");
             self.egress_snat = wanted;
         }
 
-        use proxy_common::addr::In6;
         let snat_addr6 =
             (!self.config6.snat_addr.is_zero()).then(|| std::net::Ipv6Addr::from(self.config6.snat_addr.octets()));
         let wanted =
             egress_snat::plan(interfaces, self.attachments.indexes(), &interfaces::ipv6_addresses()?, snat_addr6);
         if wanted != self.egress_snat6 {
-            let addrs = snat_slots(wanted.addresses.iter().map(|a| In6::from_octets(a.octets())));
+            let addrs = snat_slots(wanted.addresses.iter().map(|a| proxy_common::addr::In6::from_octets(a.octets())));
             self.config6.snat_addrs = snat_slots(addrs.into_iter().chain(self.config6.snat_addrs));
             write_config6(&mut self.ebpf, &self.config6)?;
-            let by_interface = wanted.by_interface.iter().map(|(i, a)| (*i, In6::from_octets(a.octets())));
-            write_egress_snat(&mut self.ebpf, proxy_common::maps::EGRESS_SNAT6, by_interface.collect())?;
+            let by_interface =
+                wanted.by_interface.iter().map(|(i, a)| (*i, proxy_common::addr::In6::from_octets(a.octets())));
+            write_egress_snat(&mut self.ebpf, proxy_common::maps::EGRESS_SNAT6, &by_interface.collect())?;
             self.config6.snat_addrs = addrs;
             write_config6(&mut self.ebpf, &self.config6)?;
             tracing::info!(by_interface = ?wanted.by_interface, "IPv6 SNAT leaves these interfaces with their own (or their bridge's) address");
