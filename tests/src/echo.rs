@@ -10,7 +10,6 @@
 //! can send and receive datagrams larger than the path's MTU.
 
 use std::{
-    fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
@@ -153,7 +152,8 @@ fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     while !stop.load(Ordering::Relaxed) {
         if let Ok((n, peer, ttl)) = recv_with_ttl(socket, &mut buf) {
-            let _ = socket.send_to(&udp_answer(name, peer, &buf[..n], ttl), peer);
+            let ttl = ttl.map(|t| format!(" ttl={t}")).unwrap_or_default();
+            let _ = socket.send_to(&udp_answer(name, peer, &buf[..n], &ttl), peer);
         }
     }
 }
@@ -173,15 +173,10 @@ fn recv_with_ttl(socket: &UdpSocket, buf: &mut [u8]) -> nix::Result<(usize, Sock
     Ok((msg.bytes, peer.into(), ttl))
 }
 
-/// The answer to datagram `request`: `NAME PEER len=N ttl=T`, padded with dots to the size a first line
-/// of `big SIZE` asks for.
-fn udp_answer(name: &str, peer: SocketAddrV4, request: &[u8], ttl: Option<u8>) -> Vec<u8> {
-    let mut answer = format!("{name} {peer} len={}", request.len());
-    if let Some(ttl) = ttl {
-        let _ = write!(answer, " ttl={ttl}");
-    }
-    answer.push('\n');
-    let mut answer = answer.into_bytes();
+/// The answer to datagram `request`: `NAME PEER len=N` and `extra` (the TTL or hop limit it arrived with),
+/// padded with dots to the size a first line of `big SIZE` asks for. Both families' echo servers answer so.
+pub(crate) fn udp_answer(name: &str, peer: impl std::fmt::Display, request: &[u8], extra: &str) -> Vec<u8> {
+    let mut answer = format!("{name} {peer} len={}{extra}\n", request.len()).into_bytes();
     let first_line = request.split(|b| *b == b'\n').next().unwrap_or_default();
     let size = std::str::from_utf8(first_line).ok().and_then(|l| l.trim().strip_prefix("big ")?.parse::<usize>().ok());
     if let Some(size) = size {
@@ -593,14 +588,14 @@ mod tests {
 
     #[test]
     fn a_big_request_gets_an_answer_of_the_size_asked_for() {
-        let peer = "10.200.1.11:40000".parse().unwrap();
+        let peer: SocketAddrV4 = "10.200.1.11:40000".parse().unwrap();
         let request = udp_payload(4000, Some(3000));
         assert_eq!(request.len(), 4000);
-        let answer = udp_answer("pod-2-2", peer, &request, Some(62));
+        let answer = udp_answer("pod-2-2", peer, &request, " ttl=62");
         assert_eq!(answer.len(), 3000);
         let reply = Reply::parse(&String::from_utf8_lossy(&answer)).unwrap();
         assert_eq!((reply.backend.as_str(), reply.len, reply.ttl), ("pod-2-2", Some(4000), Some(62)));
-        let small = udp_answer("pod-2-2", peer, b"hello\n", None);
+        let small = udp_answer("pod-2-2", peer, b"hello\n", "");
         assert_eq!(small, b"pod-2-2 10.200.1.11:40000 len=6\n");
     }
 }

@@ -144,13 +144,14 @@ fn answer_tcp(stream: &TcpStream, name: &str, peer: SocketAddr) -> std::io::Resu
     }
 }
 
-/// Answers each datagram with `NAME PEER len=BYTES hops=HOP_LIMIT` (the hop limit it arrived with).
+/// Answers each datagram with `NAME PEER len=BYTES hops=HOP_LIMIT` (the hop limit it arrived with),
+/// padded to N bytes when its first line is `big N`, as the IPv4 echo does.
 fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
     let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
         if let Ok((n, peer, hops)) = recv_with_hop_limit(socket, &mut buf) {
             let hops = hops.map(|h| format!(" hops={h}")).unwrap_or_default();
-            let _ = socket.send_to(format!("{name} {peer} len={n}{hops}\n").as_bytes(), peer);
+            let _ = socket.send_to(&crate::echo::udp_answer(name, peer, &buf[..n], &hops), peer);
         }
     }
 }
@@ -247,6 +248,29 @@ pub fn udp_sized(ns: &str, target: SocketAddrV6, size: usize, timeout: Duration)
         let mut buf = [0u8; 2048];
         let n = socket.recv(&mut buf).with_context(|| format!("UDP answer from {target}"))?;
         Reply6::parse(&String::from_utf8_lossy(&buf[..n]))
+    })?
+}
+
+/// One UDP request of any bytes (see [`crate::echo::udp_payload`]) from namespace `ns`, on an unconnected
+/// socket: the answer, which must come from `target` itself, and its size.
+///
+/// # Errors
+/// As [`udp`], and an answer from another address.
+pub fn udp_exchange(
+    ns: &str,
+    target: SocketAddrV6,
+    request: Vec<u8>,
+    timeout: Duration,
+) -> anyhow::Result<(Reply6, usize)> {
+    in_netns(ns, move || -> anyhow::Result<(Reply6, usize)> {
+        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.send_to(&request, target).with_context(|| format!("UDP send to {target}"))?;
+        let mut buf = vec![0u8; 65_536];
+        let (n, from) =
+            crate::echo::recv_from_retrying(&socket, &mut buf).with_context(|| format!("UDP answer from {target}"))?;
+        anyhow::ensure!(from == SocketAddr::V6(target), "UDP answer from {from}, not {target}");
+        Ok((Reply6::parse(&String::from_utf8_lossy(&buf[..n]))?, n))
     })?
 }
 

@@ -6,7 +6,7 @@
 
 use std::{
     io::Read as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     time::{Duration, Instant},
 };
 
@@ -112,6 +112,21 @@ pub fn send_ipv4(ns: &str, packets: Vec<Vec<u8>>, gap: Duration) -> anyhow::Resu
     for packet in packets {
         let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
         let sent = socket.send_to(&packet, &SockAddr::from(SocketAddrV4::new(dst, 0)))?;
+        anyhow::ensure!(sent == packet.len(), "sent {sent} of {} bytes", packet.len());
+        std::thread::sleep(gap);
+    }
+    Ok(())
+}
+
+/// Sends IPv6 packets exactly as given (headers included: an IPv6 raw socket of protocol `IPPROTO_RAW`)
+/// out of namespace `ns`, in order.
+pub fn send_ipv6(ns: &str, packets: Vec<Vec<u8>>, gap: Duration) -> anyhow::Result<()> {
+    let socket = in_netns(ns, || Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))))?
+        .with_context(|| format!("opening an IPv6 raw socket in {ns}"))?;
+    for packet in packets {
+        anyhow::ensure!(packet.len() >= 40 && packet[0] >> 4 == 6, "not an IPv6 packet");
+        let dst: [u8; 16] = packet[24..40].try_into().expect("16 bytes");
+        let sent = socket.send_to(&packet, &SockAddr::from(SocketAddrV6::new(Ipv6Addr::from(dst), 0, 0, 0)))?;
         anyhow::ensure!(sent == packet.len(), "sent {sent} of {} bytes", packet.len());
         std::thread::sleep(gap);
     }

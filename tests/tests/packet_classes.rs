@@ -86,6 +86,9 @@ fn two_udp_services(serving: &[(usize, usize)], remote: u8, local: u8) -> Lab {
     for &(n, k) in serving {
         let pod = lab.pod(n, k).clone();
         lab.serve(&pod, &[], &[UDP_PORT]).unwrap();
+        if lab.dual_stack() {
+            lab.serve6(&pod, &[UDP_PORT]).unwrap();
+        }
     }
     for (name, last, pod) in [("udp-remote", remote, (2, 2)), ("udp-local", local, (1, 2))] {
         let mut svc = Svc::new(name, vip(last), dns());
@@ -191,7 +194,7 @@ fn a_later_fragment_before_its_first_never_leaves_the_node_untranslated() {
         assert!(offsets.len() >= 3 && offsets[0] > 0, "the client's fragments, in the order sent: offsets {offsets:?}");
         assert_eq!(
             drops(&lab, "frag_without_first"),
-            drops_before.map(|d| d + 1),
+            Some(drops_before.expect("the agent's drop counters at /metrics") + 1),
             "the early fragment, dropped by name"
         );
     } else {
@@ -201,6 +204,60 @@ fn a_later_fragment_before_its_first_never_leaves_the_node_untranslated() {
         assert!(!offsets.is_empty(), "the client sent nothing to {service}");
         let (n, from) = answer.unwrap_or_else(|e| panic!("netfilter reassembles first, so the datagram arrives: {e}"));
         assert_eq!(from, SocketAddr::V4(at(service, 53)), "answered from the ClusterIP ({n} bytes)");
+    }
+    if lab.dual_stack() {
+        a_later_ipv6_fragment_first(&lab, &client);
+    }
+}
+
+/// The IPv6 turn of [`a_later_fragment_before_its_first_never_leaves_the_node_untranslated`]: the same
+/// datagram to the IPv6 ClusterIP, its fragments (Fragment headers) sent second, first, third.
+fn a_later_ipv6_fragment_first(lab: &Lab, client: &PodRef) {
+    let (service, sport) = (SocketAddrV6::new(vip6(104), 53, 0, 0), 40_106);
+    let source = client.ip6.expect("a dual-stack pod");
+    let payload = echo::udp_payload(3000, None);
+    let mut fragments =
+        proxy_lab::fuzz::wire::udp6_fragments((source, sport), (*service.ip(), 53), &payload, 0x0bad_f00d, 1448);
+    assert_eq!(fragments.len(), 3, "three fragments of at most 1448 bytes");
+    fragments.swap(0, 1);
+    let answers = proxy_lab::netns::in_netns(&client.ns, move || {
+        let socket = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, sport))?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        anyhow::Ok(socket)
+    })
+    .unwrap()
+    .unwrap();
+    let sent = Capture::start(&client.ns).unwrap();
+    let outside = Capture::start(&lab.external_ns()).unwrap();
+    let drops_before = drops(lab, "frag_without_first");
+    proxy_lab::rawtcp::send_ipv6(&client.ns, fragments, Duration::from_millis(20)).unwrap();
+    let mut buf = [0u8; 2048];
+    let answer = echo::recv_from_retrying(&answers, &mut buf);
+
+    let to_service = |p: &Vec<u8>| p.len() >= 40 && p[0] >> 4 == 6 && p[24..40] == service.ip().octets();
+    let captured: Vec<Vec<u8>> = sent.packets(Duration::from_millis(300)).into_iter().filter(to_service).collect();
+    // A Fragment header right after the fixed header: its offset field, in bytes.
+    let offsets: Vec<u16> = captured
+        .iter()
+        .map(|p| if p[6] == 44 && p.len() >= 48 { u16::from_be_bytes([p[42], p[43]]) & 0xfff8 } else { 0 })
+        .collect();
+    let leaked = outside.packets(Duration::from_millis(300)).iter().filter(|p| to_service(p)).count();
+    assert_eq!(leaked, 0, "{leaked} IPv6 packets to {service} left the node by its default route");
+    if proxy_lab::lab::mode() == "ebpf" {
+        assert!(
+            offsets.len() >= 3 && offsets[0] > 0,
+            "the client's IPv6 fragments, in the order sent: offsets {offsets:?}"
+        );
+        assert_eq!(
+            drops(lab, "frag_without_first"),
+            Some(drops_before.expect("the agent's drop counters at /metrics") + 1),
+            "the early IPv6 fragment, dropped by name"
+        );
+    } else {
+        assert!(!offsets.is_empty(), "the client sent nothing to {service}");
+        let (n, from) =
+            answer.unwrap_or_else(|e| panic!("netfilter reassembles first, so the IPv6 datagram arrives: {e}"));
+        assert_eq!(from, SocketAddr::V6(service), "answered from the IPv6 ClusterIP ({n} bytes)");
     }
 }
 
@@ -232,6 +289,27 @@ fn an_answer_fragmented_by_the_backend_arrives_whole_from_the_cluster_ip() {
         assert_eq!(reply.backend, backend.name, "{service}");
         assert_eq!(size, BIG, "{service}: the client must receive the answer whole");
         assert!(rose(&receiver, "Ip:ReasmOKs") >= 1, "{service}: the client reassembled no datagram");
+    }
+    // The same over IPv6, where only the backend's kernel may fragment (no router does): every fragment
+    // of its answer, behind a Fragment header, reverse-translated to the IPv6 ClusterIP.
+    if !lab.dual_stack() {
+        return;
+    }
+    for (last, backend) in [(102, lab.pod(2, 2).clone()), (103, lab.pod(1, 2).clone())] {
+        let service = SocketAddrV6::new(vip6(last), 53, 0, 0);
+        let (sender, receiver) = (Snapshot::take(&backend.ns).unwrap(), Snapshot::take(&client.ns).unwrap());
+        let result = echo6::udp_exchange(&client.ns, service, echo::udp_payload(0, Some(BIG)), TIMEOUT);
+
+        let fragments = rose(&sender, "Ip6FragCreates");
+        assert!(
+            fragments >= BIG_FRAGMENTS,
+            "{service}: the backend's kernel did not fragment its answer ({fragments} fragments); was the request received?"
+        );
+        let (reply, size) =
+            result.unwrap_or_else(|e| panic!("{service} → {}: a {BIG}-byte answer: {e:#}", backend.name));
+        assert_eq!(reply.backend, backend.name, "{service}");
+        assert_eq!(size, BIG, "{service}: the client must receive the answer whole");
+        assert!(rose(&receiver, "Ip6ReasmOKs") >= 1, "{service}: the client reassembled no datagram");
     }
 }
 

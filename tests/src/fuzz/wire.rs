@@ -2,7 +2,10 @@
 //! Every checksum is computed here in full from the packet's content, independently of the data path's
 //! incremental updates.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use proxy_common::proto;
 
@@ -212,6 +215,58 @@ impl Datagram {
             })
             .collect()
     }
+}
+
+/// A UDP datagram from `src:sport` to `dst:dport` carrying `payload`, as IPv6 fragments (each with a
+/// Fragment header, identification `id`) of at most `chunk` bytes of the fragmentable part (a multiple of
+/// 8): what a sender's kernel makes of a datagram bigger than its path MTU. The UDP checksum, mandatory in
+/// IPv6, covers the whole datagram.
+#[must_use]
+pub fn udp6_fragments(
+    (src, sport): (Ipv6Addr, u16),
+    (dst, dport): (Ipv6Addr, u16),
+    payload: &[u8],
+    id: u32,
+    chunk: usize,
+) -> Vec<Vec<u8>> {
+    const FRAGMENT_HEADER: u8 = 44;
+    let len = 8 + payload.len();
+    let mut udp = Vec::with_capacity(len);
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&u16::try_from(len).expect("a datagram under 64 KiB").to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut sum = Vec::with_capacity(40 + len);
+    sum.extend_from_slice(&src.octets());
+    sum.extend_from_slice(&dst.octets());
+    sum.extend_from_slice(&u32::try_from(len).expect("small").to_be_bytes());
+    sum.extend_from_slice(&[0, 0, 0, proto::UDP]);
+    sum.extend_from_slice(&udp);
+    let c = match inet_checksum(&sum) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    udp.chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| {
+            let offset = i * chunk;
+            let more = offset + part.len() < udp.len();
+            let mut p = Vec::with_capacity(48 + part.len());
+            p.extend_from_slice(&[0x60, 0, 0, 0]);
+            p.extend_from_slice(&u16::try_from(8 + part.len()).expect("small").to_be_bytes());
+            p.extend_from_slice(&[FRAGMENT_HEADER, 64]);
+            p.extend_from_slice(&src.octets());
+            p.extend_from_slice(&dst.octets());
+            let offset_field = u16::try_from(offset).expect("offset fits") | u16::from(more);
+            p.extend_from_slice(&[proto::UDP, 0]);
+            p.extend_from_slice(&offset_field.to_be_bytes());
+            p.extend_from_slice(&id.to_be_bytes());
+            p.extend_from_slice(part);
+            p
+        })
+        .collect()
 }
 
 /// An Ethernet frame around an IPv4 packet.
