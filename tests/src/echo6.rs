@@ -274,6 +274,28 @@ pub fn udp_exchange(
     })?
 }
 
+/// `count` requests, one after another, over `proto` to `target` from namespace `ns` (TCP: a connection
+/// each; UDP: a fresh unconnected socket each), as [`crate::echo::requests`] sends them over IPv4.
+///
+/// # Errors
+/// The client thread could not enter `ns`; each request's own failure is in its entry.
+pub fn requests(
+    ns: &str,
+    proto: crate::echo::Proto,
+    target: SocketAddrV6,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<anyhow::Result<Reply6>>> {
+    in_netns(ns, move || {
+        (0..count)
+            .map(|_| match proto {
+                crate::echo::Proto::Tcp => tcp_here(None, target, timeout),
+                crate::echo::Proto::Udp => udp_here(target, timeout),
+            })
+            .collect()
+    })
+}
+
 /// One UDP request from the calling process's own namespace and cgroup (the `lab-client` binary on a
 /// node), on an unconnected socket (`sendto`, `recvfrom`), as the IPv4 client does: the answer must come
 /// from the address sent to.

@@ -1,21 +1,33 @@
-//! ClusterIP through the eBPF dataplane, with real TCP and UDP traffic between pod namespaces.
+//! ClusterIP through the dataplane, with real TCP and UDP traffic between pod namespaces, over both
+//! families: every Service here is dual-stack (one EndpointSlice per family) and each test asks its IPv4
+//! and its IPv6 cluster IP in turn (the source-port and out-of-window tests below stay IPv4: they craft
+//! IPv4 segments).
 //!
 //! Each test builds its own lab (nodes, pods, one real agent per node reading a manifest directory), sends
 //! real requests, and checks which backend answered and what source address it saw.
 
-use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    time::Duration,
+};
 
 use proxy_lab::{
     Lab, LabSpec,
-    echo::{Proto, Reply, request, requests},
-    lab::node_name,
-    manifests::{Endpoint, Port, service_with_endpoints},
+    echo::{Proto, request, requests},
+    echo6,
+    lab::{Family, node_name},
+    manifests::{Endpoint, Port, Svc, service_with_endpoints},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn vip(last: u8, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(std::net::Ipv4Addr::new(10, 32, 0, last), port)
+    SocketAddrV4::new(Ipv4Addr::new(10, 32, 0, last), port)
+}
+
+fn vip6(last: u8, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, u16::from(last)), port, 0, 0)
 }
 
 fn http(target_port: u16) -> Vec<Port> {
@@ -26,36 +38,88 @@ fn ready(lab: &Lab, pods: &[(usize, usize)]) -> Vec<Endpoint> {
     pods.iter().map(|&(n, k)| Endpoint::ready(lab.pod(n, k).ip, node_name(n))).collect()
 }
 
+/// Service `namespace/name` at `vip(last)` and `vip6(last)` with `ports`, the `pods` its ready endpoints in
+/// each family (IPv4 only where the lab has no IPv6).
+fn dual(
+    lab: &Lab,
+    (namespace, name): (&'static str, &'static str),
+    last: u8,
+    ports: Vec<Port>,
+    pods: &[(usize, usize)],
+) -> String {
+    let mut svc = Svc::new(name, *vip(last, 0).ip(), ports);
+    svc.namespace = namespace;
+    if !lab.dual_stack() {
+        return svc.with_endpoints(&ready(lab, pods));
+    }
+    svc.cluster_ip6 = Some(*vip6(last, 0).ip());
+    let v6: Vec<Endpoint> =
+        pods.iter().map(|&(n, k)| Endpoint::ready(Family::V6.pod(lab.pod(n, k)), node_name(n))).collect();
+    svc.with_endpoints_of_both_families(&ready(lab, pods), &v6)
+}
+
+/// Starts the IPv4 and IPv6 echoes (TCP on `tcp`, UDP on `udp`; the IPv6 one serves both on each port).
+fn serve(lab: &mut Lab, pods: &[(usize, usize)], tcp: &[u16], udp: &[u16]) {
+    for &(n, k) in pods {
+        let pod = lab.pod(n, k).clone();
+        lab.serve(&pod, tcp, udp).unwrap();
+        if lab.dual_stack() {
+            let mut ports: Vec<u16> = tcp.iter().chain(udp).copied().collect();
+            ports.dedup();
+            lab.serve6(&pod, &ports).unwrap();
+        }
+    }
+}
+
+/// `count` requests over `proto` from namespace `ns` to the Service `last` on `port`, in `family`: each
+/// one's answering backend and the source address it saw. Panics, naming the target, on any failure.
+fn ask(ns: &str, family: Family, proto: Proto, (last, port): (u8, u16), count: usize) -> Vec<(String, IpAddr)> {
+    let (target, replies): (String, Vec<anyhow::Result<(String, IpAddr)>>) = match family {
+        Family::V4 => {
+            let target = vip(last, port);
+            let replies = requests(ns, proto, target, count, TIMEOUT).unwrap();
+            (
+                target.to_string(),
+                replies.into_iter().map(|r| r.map(|r| (r.backend, IpAddr::V4(*r.seen_source.ip())))).collect(),
+            )
+        }
+        Family::V6 => {
+            let target = vip6(last, port);
+            let replies = echo6::requests(ns, proto, target, count, TIMEOUT).unwrap();
+            (
+                target.to_string(),
+                replies.into_iter().map(|r| r.map(|r| (r.backend, IpAddr::V6(*r.seen_source.ip())))).collect(),
+            )
+        }
+    };
+    replies.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{proto:?} from {ns} to {target}: {e:#}"))).collect()
+}
+
 /// kube-proxy behaviour: a ClusterIP Service forwards to its endpoints, and the backend sees the client
 /// pod's own address (no SNAT for pod-to-service traffic).
 fn clusterip_tcp_same_and_other_node(spec: LabSpec) {
     let mut lab = Lab::start(spec).expect("lab");
     let (local, remote) = (lab.pod(1, 2).clone(), lab.pod(2, 1).clone());
-    lab.serve(&local, &[8080], &[]).unwrap();
-    lab.serve(&remote, &[8080], &[]).unwrap();
-    let local_eps = ready(&lab, &[(1, 2)]);
-    let remote_eps = ready(&lab, &[(2, 1)]);
-    lab.write_manifest(
-        "local.yaml",
-        &service_with_endpoints("default", "web-local", vip(10, 80).ip().to_owned(), &http(8080), &local_eps),
-    )
-    .unwrap();
-    lab.write_manifest(
-        "remote.yaml",
-        &service_with_endpoints("default", "web-remote", *vip(11, 80).ip(), &http(8080), &remote_eps),
-    )
-    .unwrap();
+    serve(&mut lab, &[(1, 2), (2, 1)], &[8080], &[]);
+    lab.write_manifest("local.yaml", &dual(&lab, ("default", "web-local"), 10, http(8080), &[(1, 2)])).unwrap();
+    lab.write_manifest("remote.yaml", &dual(&lab, ("default", "web-remote"), 11, http(8080), &[(2, 1)])).unwrap();
     lab.start_agents().unwrap();
 
     let client = lab.pod(1, 1).clone();
-    for (target, backend) in [(vip(10, 80), &local), (vip(11, 80), &remote)] {
-        let reply = request(&client.ns, Proto::Tcp, target, TIMEOUT).unwrap_or_else(|e| panic!("{target}: {e:#}"));
-        assert_eq!(reply.backend, backend.name, "{target} answered by the wrong pod");
-        assert_eq!(*reply.seen_source.ip(), client.ip, "backend must see the client pod's address");
+    for family in Family::of(&lab) {
+        for (last, backend) in [(10, &local), (11, &remote)] {
+            let (answered, seen) = ask(&client.ns, family, Proto::Tcp, (last, 80), 1).remove(0);
+            assert_eq!(answered, backend.name, "{} Service {last} answered by the wrong pod", family.name());
+            assert_eq!(seen, family.pod(&client), "backend must see the client pod's address");
+        }
     }
     // The backend itself is still reachable by pod IP: traffic that is not to a Service passes untouched.
     let direct = request(&client.ns, Proto::Tcp, SocketAddrV4::new(remote.ip, 8080), TIMEOUT).unwrap();
     assert_eq!(direct.backend, remote.name);
+    if let Some(ip6) = remote.ip6 {
+        let direct = echo6::tcp(&client.ns, SocketAddrV6::new(ip6, 8080, 0, 0), TIMEOUT).unwrap();
+        assert_eq!(direct.backend, remote.name);
+    }
 }
 
 #[test]
@@ -71,7 +135,8 @@ fn clusterip_tcp_with_checksum_offload_off() {
     clusterip_tcp_same_and_other_node(LabSpec { tx_checksum_offload: false, ..LabSpec::default() });
 }
 
-/// kube-dns's shape: one Service with port 53 over UDP and over TCP. Replies must come from the Service IP.
+/// kube-dns's shape: one Service with port 53 over UDP and over TCP. Replies must come from the Service IP
+/// (each family's client checks the answer's source).
 #[test]
 fn dns_like_service_answers_on_udp_and_tcp_port_53() {
     let mut lab = Lab::start(LabSpec::default()).expect("lab");
@@ -79,96 +144,95 @@ fn dns_like_service_answers_on_udp_and_tcp_port_53() {
         Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 },
         Port { name: "dns-tcp", port: 53, protocol: "TCP", target_port: 5353 },
     ];
-    for (n, k) in [(1, 3), (2, 3)] {
-        let pod = lab.pod(n, k).clone();
-        lab.serve(&pod, &[5353], &[5353]).unwrap();
-    }
-    let eps = ready(&lab, &[(1, 3), (2, 3)]);
-    lab.write_manifest("dns.yaml", &service_with_endpoints("kube-system", "kube-dns", *vip(53, 53).ip(), &ports, &eps))
-        .unwrap();
+    serve(&mut lab, &[(1, 3), (2, 3)], &[5353], &[5353]);
+    lab.write_manifest("dns.yaml", &dual(&lab, ("kube-system", "kube-dns"), 53, ports, &[(1, 3), (2, 3)])).unwrap();
     lab.start_agents().unwrap();
 
     let backends = [lab.pod(1, 3).name.clone(), lab.pod(2, 3).name.clone()];
     for client in [lab.pod(1, 1).clone(), lab.pod(2, 2).clone()] {
-        for proto in [Proto::Udp, Proto::Tcp] {
-            let replies = requests(&client.ns, proto, vip(53, 53), 10, TIMEOUT).unwrap();
-            for reply in replies {
-                let reply = reply.unwrap_or_else(|e| panic!("{proto:?} from {}: {e:#}", client.name));
-                assert!(backends.contains(&reply.backend), "unexpected backend {}", reply.backend);
-                assert_eq!(*reply.seen_source.ip(), client.ip);
+        for family in Family::of(&lab) {
+            for proto in [Proto::Udp, Proto::Tcp] {
+                for (backend, seen) in ask(&client.ns, family, proto, (53, 53), 10) {
+                    assert!(backends.contains(&backend), "unexpected backend {backend}");
+                    assert_eq!(seen, family.pod(&client), "{} {proto:?} from {}", family.name(), client.name);
+                }
             }
         }
     }
 }
 
-/// kube-proxy picks a backend at random per connection. 600 new connections over 3 backends: each count
-/// is Binomial(600, 1/3), mean 200, standard deviation 11.5; the bounds 140..=260 are over 5 standard
-/// deviations wide, so a correct dataplane fails this less than once in a million runs.
+/// kube-proxy picks a backend at random per connection. 600 new connections over 3 backends, per family:
+/// each count is Binomial(600, 1/3), mean 200, standard deviation 11.5; the bounds 140..=260 are over 5
+/// standard deviations wide, so a correct dataplane fails this less than once in a million runs.
 #[test]
 fn load_spreads_across_three_backends() {
     let mut lab = Lab::start(LabSpec::default()).expect("lab");
     let pods = [(1, 2), (1, 3), (2, 1)];
-    for &(n, k) in &pods {
-        let pod = lab.pod(n, k).clone();
-        lab.serve(&pod, &[8080], &[]).unwrap();
-    }
-    let eps = ready(&lab, &pods);
-    lab.write_manifest("web.yaml", &service_with_endpoints("default", "web", *vip(20, 80).ip(), &http(8080), &eps))
-        .unwrap();
+    serve(&mut lab, &pods, &[8080], &[]);
+    lab.write_manifest("web.yaml", &dual(&lab, ("default", "web"), 20, http(8080), &pods)).unwrap();
     lab.start_agents().unwrap();
 
     let client = lab.pod(1, 1).clone();
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for reply in requests(&client.ns, Proto::Tcp, vip(20, 80), 600, TIMEOUT).unwrap() {
-        *counts.entry(reply.expect("request").backend).or_default() += 1;
-    }
-    eprintln!("spread over 600 connections: {counts:?}");
-    assert_eq!(counts.len(), 3, "every backend must get traffic: {counts:?}");
-    for (backend, count) in &counts {
-        assert!((140..=260).contains(count), "{backend} got {count} of 600: {counts:?}");
+    for family in Family::of(&lab) {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for (backend, _) in ask(&client.ns, family, Proto::Tcp, (20, 80), 600) {
+            *counts.entry(backend).or_default() += 1;
+        }
+        eprintln!("{}: spread over 600 connections: {counts:?}", family.name());
+        assert_eq!(counts.len(), 3, "{}: every backend must get traffic: {counts:?}", family.name());
+        for (backend, count) in &counts {
+            assert!((140..=260).contains(count), "{}: {backend} got {count} of 600: {counts:?}", family.name());
+        }
     }
 }
 
-fn backends_seen(replies: Vec<anyhow::Result<Reply>>) -> BTreeMap<String, usize> {
+fn backends_seen(replies: Vec<(String, IpAddr)>) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
-    for reply in replies {
-        *seen.entry(reply.expect("request").backend).or_default() += 1;
+    for (backend, _) in replies {
+        *seen.entry(backend).or_default() += 1;
     }
     seen
 }
 
 /// EndpointSlice updates take effect without restarting the agent: an added endpoint starts receiving new
-/// connections, and a removed one receives none.
+/// connections, and a removed one receives none, in both families' slices.
 #[test]
 fn endpoint_added_and_removed_while_running() {
     let mut lab = Lab::start(LabSpec::default()).expect("lab");
     let (first, second) = (lab.pod(1, 2).clone(), lab.pod(2, 2).clone());
-    lab.serve(&first, &[8080], &[]).unwrap();
-    lab.serve(&second, &[8080], &[]).unwrap();
+    serve(&mut lab, &[(1, 2), (2, 2)], &[8080], &[]);
     let write = |lab: &Lab, pods: &[(usize, usize)]| {
-        let eps = ready(lab, pods);
-        lab.write_manifest("web.yaml", &service_with_endpoints("default", "web", *vip(30, 80).ip(), &http(8080), &eps))
-            .unwrap();
+        lab.write_manifest("web.yaml", &dual(lab, ("default", "web"), 30, http(8080), pods)).unwrap();
     };
     write(&lab, &[(1, 2)]);
     lab.start_agents().unwrap();
     let client = lab.pod(1, 1).clone();
-    assert_eq!(
-        backends_seen(requests(&client.ns, Proto::Tcp, vip(30, 80), 20, TIMEOUT).unwrap()).keys().collect::<Vec<_>>(),
-        [&first.name]
-    );
+    let families = Family::of(&lab);
+    for &f in &families {
+        let only = backends_seen(ask(&client.ns, f, Proto::Tcp, (30, 80), 20));
+        assert_eq!(only.keys().collect::<Vec<_>>(), [&first.name], "{}", f.name());
+    }
 
     let seen = lab.sync_counts();
     write(&lab, &[(1, 2), (2, 2)]);
     lab.wait_for_sync(&seen).unwrap();
-    let both = backends_seen(requests(&client.ns, Proto::Tcp, vip(30, 80), 60, TIMEOUT).unwrap());
-    assert!(both.contains_key(&second.name), "added endpoint never answered: {both:?}");
+    for &f in &families {
+        let both = backends_seen(ask(&client.ns, f, Proto::Tcp, (30, 80), 60));
+        assert!(both.contains_key(&second.name), "{}: added endpoint never answered: {both:?}", f.name());
+    }
 
     let seen = lab.sync_counts();
     write(&lab, &[(2, 2)]);
     lab.wait_for_sync(&seen).unwrap();
-    let after = backends_seen(requests(&client.ns, Proto::Tcp, vip(30, 80), 40, TIMEOUT).unwrap());
-    assert_eq!(after.keys().collect::<Vec<_>>(), [&second.name], "removed endpoint still answered: {after:?}");
+    for &f in &families {
+        let after = backends_seen(ask(&client.ns, f, Proto::Tcp, (30, 80), 40));
+        let name = f.name();
+        assert_eq!(
+            after.keys().collect::<Vec<_>>(),
+            [&second.name],
+            "{name}: removed endpoint still answered: {after:?}"
+        );
+    }
 }
 
 /// A bad edit to one manifest is rejected with a log line naming the object and the field; every other
@@ -231,7 +295,7 @@ fn request_from_port(source_port: u16, target: SocketAddrV4) -> anyhow::Result<S
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_linger(Some(Duration::ZERO))?;
-    socket.bind(&SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, source_port).into())?;
+    socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, source_port).into())?;
     socket.connect_timeout(&target.into(), TIMEOUT)?;
     let stream: std::net::TcpStream = socket.into();
     stream.set_read_timeout(Some(TIMEOUT))?;
