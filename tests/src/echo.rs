@@ -552,15 +552,21 @@ impl<R: Answer> UdpSession<R> {
 }
 
 /// `GET /healthz` over HTTP/1.0 from namespace `ns`: the status code and the body.
-pub fn http_get(ns: &str, target: SocketAddrV4, timeout: Duration) -> anyhow::Result<(u16, String)> {
+pub fn http_get(ns: &str, target: impl Into<SocketAddr>, timeout: Duration) -> anyhow::Result<(u16, String)> {
     http_get_path(ns, target, "/healthz", timeout)
 }
 
 /// `GET path` over HTTP/1.0 from namespace `ns`: the status code and the body.
-pub fn http_get_path(ns: &str, target: SocketAddrV4, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+pub fn http_get_path(
+    ns: &str,
+    target: impl Into<SocketAddr>,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
+    let target = target.into();
     let request = format!("GET {path} HTTP/1.0\r\nHost: lab\r\n\r\n");
     in_netns(ns, move || -> anyhow::Result<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&target.into(), timeout)?;
+        let mut stream = TcpStream::connect_timeout(&target, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.write_all(request.as_bytes())?;
         let mut response = String::new();

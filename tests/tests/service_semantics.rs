@@ -142,7 +142,9 @@ fn nodeport_local_policy_preserves_client_source_and_uses_local_endpoints_only()
     svc.node_ports = vec![30090];
     svc.external_policy = "Local";
     svc.health_check_node_port = Some(32000);
-    lab.write_manifest("svc.yaml", &svc.with_endpoints(&eps(&lab, &[(1, 2), (2, 2)]))).unwrap();
+    let manifest =
+        dual_manifest(&lab, &svc, 72, &eps(&lab, &[(1, 2), (2, 2)]), || vec![ep6(&lab, (1, 2)), ep6(&lab, (2, 2))]);
+    lab.write_manifest("svc.yaml", &manifest).unwrap();
     lab.start_agents().unwrap();
 
     for (node, backend) in [(1, "pod-1-2"), (2, "pod-2-2")] {
@@ -158,6 +160,13 @@ fn nodeport_local_policy_preserves_client_source_and_uses_local_endpoints_only()
         assert_eq!(json["serviceProxyHealthy"], true, "{body}");
         assert_eq!(json["service"]["name"], "np-local", "{body}");
         assert_eq!(json["service"]["namespace"], "default", "{body}");
+        // A load balancer probing the node's IPv6 address gets the same answer: the dual-stack pod counts
+        // once, as kube-proxy's per-family servers each count it once.
+        if lab.dual_stack() {
+            let (status, body6) =
+                http_get(&ext(&lab), SocketAddrV6::new(node_ip6(node), 32000, 0, 0), TIMEOUT).unwrap();
+            assert_eq!((status, body6.as_str()), (200, body.as_str()), "node{node}'s health check over IPv6");
+        }
     }
 }
 
@@ -179,6 +188,10 @@ fn nodeport_local_policy_without_local_endpoint_drops_external_traffic_but_not_p
     let (status, body) = http_get(&ext(&lab), at(node_ip(1), 32001), TIMEOUT).unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    if lab.dual_stack() {
+        let (status, body6) = http_get(&ext(&lab), SocketAddrV6::new(node_ip6(1), 32001, 0, 0), TIMEOUT).unwrap();
+        assert_eq!((status, body6.as_str()), (503, body.as_str()), "the health check over IPv6");
+    }
 
     let client = lab.pod(1, 1).clone();
     let r = request(&client.ns, Proto::Tcp, at(node_ip(1), 30091), TIMEOUT).unwrap();
