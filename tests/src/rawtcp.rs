@@ -6,7 +6,7 @@
 
 use std::{
     io::Read as _,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::{Duration, Instant},
 };
 
@@ -19,13 +19,13 @@ const TCP: u8 = 6;
 const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
 
-/// One TCP segment as seen on a pod's interface.
+/// One TCP segment as seen on a pod's interface, either family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
-    /// The IPv4 header's length in bytes: 20, more when it carries options.
+    /// The IP header's length in bytes: IPv4's 20, more when it carries options; IPv6's 40.
     pub ip_header_len: usize,
-    pub from: SocketAddrV4,
-    pub to: SocketAddrV4,
+    pub from: SocketAddr,
+    pub to: SocketAddr,
     pub seq: u32,
     pub ack: u32,
     pub flags: u8,
@@ -33,23 +33,42 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Parses an IPv4 packet carrying TCP; anything else is `None`.
+    /// Parses an IPv4 packet carrying TCP, or an IPv6 one whose TCP header follows the fixed header;
+    /// anything else is `None`.
     fn parse(packet: &[u8]) -> Option<Self> {
-        let ihl = usize::from(packet.first()? & 0x0f) * 4;
-        if packet.first()? >> 4 != 4 || *packet.get(9)? != TCP || ihl < 20 {
-            return None;
-        }
-        let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?])).min(packet.len());
-        let addr = |at: usize| Some(Ipv4Addr::new(*packet.get(at)?, packet[at + 1], packet[at + 2], packet[at + 3]));
-        let (src, dst) = (addr(12)?, addr(16)?);
+        let (ihl, src, dst, total): (usize, IpAddr, IpAddr, usize) = match packet.first()? >> 4 {
+            4 => {
+                let ihl = usize::from(packet.first()? & 0x0f) * 4;
+                if *packet.get(9)? != TCP || ihl < 20 {
+                    return None;
+                }
+                let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?])).min(packet.len());
+                let addr = |at: usize| -> Option<IpAddr> {
+                    Some(Ipv4Addr::from(<[u8; 4]>::try_from(packet.get(at..at + 4)?).ok()?).into())
+                };
+                (ihl, addr(12)?, addr(16)?, total)
+            }
+            6 => {
+                if *packet.get(6)? != TCP {
+                    return None;
+                }
+                let total =
+                    (40 + usize::from(u16::from_be_bytes([*packet.get(4)?, *packet.get(5)?]))).min(packet.len());
+                let addr = |at: usize| -> Option<IpAddr> {
+                    Some(Ipv6Addr::from(<[u8; 16]>::try_from(packet.get(at..at + 16)?).ok()?).into())
+                };
+                (40, addr(8)?, addr(24)?, total)
+            }
+            _ => return None,
+        };
         let tcp = packet.get(ihl..total)?;
         let word = |at: usize| Some(u32::from_be_bytes(tcp.get(at..at + 4)?.try_into().ok()?));
         let port = |at: usize| Some(u16::from_be_bytes(tcp.get(at..at + 2)?.try_into().ok()?));
         let header = usize::from(tcp.get(12)? >> 4) * 4;
         Some(Self {
             ip_header_len: ihl,
-            from: SocketAddrV4::new(src, port(0)?),
-            to: SocketAddrV4::new(dst, port(2)?),
+            from: SocketAddr::new(src, port(0)?),
+            to: SocketAddr::new(dst, port(2)?),
             seq: word(4)?,
             ack: word(8)?,
             flags: *tcp.get(13)?,
@@ -133,27 +152,31 @@ pub fn send_ipv6(ns: &str, packets: Vec<Vec<u8>>, gap: Duration) -> anyhow::Resu
     Ok(())
 }
 
-/// Sends one TCP segment with ACK and PSH set, from `from` to `to`, out of namespace `ns` with a raw socket:
-/// the pod's own TCP stack does not see it, the network does. `from` must be an address of `ns`.
+/// Sends one TCP segment with ACK and PSH set, from `from` to `to` (one family), out of namespace `ns` with
+/// a raw socket: the pod's own TCP stack does not see it, the network does. `from` must be an address of
+/// `ns`.
 pub fn inject(
     ns: &str,
-    from: SocketAddrV4,
-    to: SocketAddrV4,
+    from: impl Into<SocketAddr>,
+    to: impl Into<SocketAddr>,
     seq: u32,
     ack: u32,
     payload: &[u8],
 ) -> anyhow::Result<()> {
+    let (from, to) = (from.into(), to.into());
     let segment = tcp_segment(from, to, seq, ack, payload);
-    let socket = in_netns(ns, || Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)))?
+    let domain = if to.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let socket = in_netns(ns, move || Socket::new(domain, Type::RAW, Some(Protocol::TCP)))?
         .with_context(|| format!("opening a raw socket in {ns}"))?;
     // A raw socket's address has no port: the TCP header carries it.
-    let sent = socket.send_to(&segment, &SockAddr::from(SocketAddrV4::new(*to.ip(), 0)))?;
+    let sent = socket.send_to(&segment, &SockAddr::from(SocketAddr::new(to.ip(), 0)))?;
     anyhow::ensure!(sent == segment.len(), "sent {sent} of {} bytes", segment.len());
     Ok(())
 }
 
-/// A TCP header (20 bytes, no options) and payload, with its checksum over the IPv4 pseudo-header.
-fn tcp_segment(from: SocketAddrV4, to: SocketAddrV4, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+/// A TCP header (20 bytes, no options) and payload, with its checksum over the pseudo-header of the
+/// addresses' family.
+fn tcp_segment(from: SocketAddr, to: SocketAddr, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
     let mut s = Vec::with_capacity(20 + payload.len());
     s.extend(from.port().to_be_bytes());
     s.extend(to.port().to_be_bytes());
@@ -164,18 +187,29 @@ fn tcp_segment(from: SocketAddrV4, to: SocketAddrV4, seq: u32, ack: u32, payload
     s.extend(512u16.to_be_bytes());
     s.extend([0, 0, 0, 0]);
     s.extend(payload);
-    let checksum = internet_checksum(&with_pseudo_header(from, to, &s));
+    let checksum = internet_checksum(&with_pseudo_header(from.ip(), to.ip(), &s));
     s[16..18].copy_from_slice(&checksum.to_be_bytes());
     s
 }
 
-/// What a TCP checksum covers: the IPv4 pseudo-header, then the segment.
-fn with_pseudo_header(from: SocketAddrV4, to: SocketAddrV4, segment: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(12 + segment.len());
-    out.extend(from.ip().octets());
-    out.extend(to.ip().octets());
-    out.extend([0, TCP]);
-    out.extend(u16::try_from(segment.len()).expect("a small segment").to_be_bytes());
+/// What a TCP checksum covers: the pseudo-header (IPv4's or IPv6's), then the segment.
+fn with_pseudo_header(from: IpAddr, to: IpAddr, segment: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40 + segment.len());
+    match (from, to) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            out.extend(from.octets());
+            out.extend(to.octets());
+            out.extend([0, TCP]);
+            out.extend(u16::try_from(segment.len()).expect("a small segment").to_be_bytes());
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            out.extend(from.octets());
+            out.extend(to.octets());
+            out.extend(u32::try_from(segment.len()).expect("a small segment").to_be_bytes());
+            out.extend([0, 0, 0, TCP]);
+        }
+        _ => panic!("a segment from {from} to {to} mixes families"),
+    }
     out.extend(segment);
     out
 }
@@ -195,7 +229,8 @@ mod tests {
 
     #[test]
     fn a_built_segment_parses_back_and_its_checksum_verifies() {
-        let (from, to) = ("10.200.2.12:8080".parse().unwrap(), "10.200.1.11:40000".parse().unwrap());
+        let (from, to): (SocketAddr, SocketAddr) =
+            ("10.200.2.12:8080".parse().unwrap(), "10.200.1.11:40000".parse().unwrap());
         let tcp = tcp_segment(from, to, 7, 9, b"boom\n");
         let mut packet = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, TCP, 0, 0];
         packet.extend(from.ip().octets());
@@ -208,6 +243,29 @@ mod tests {
         assert_eq!(parsed.flags, ACK | PSH);
         assert_eq!(parsed.ip_header_len, 20);
         // Summed with its checksum in place, a correct segment gives all ones (complemented: zero).
-        assert_eq!(internet_checksum(&with_pseudo_header(from, to, &tcp)), 0);
+        assert_eq!(internet_checksum(&with_pseudo_header(from.ip(), to.ip(), &tcp)), 0);
+    }
+
+    #[test]
+    fn an_ipv6_segment_parses_back_and_its_checksum_verifies() {
+        let (from, to): (SocketAddr, SocketAddr) =
+            ("[fd00:200:2::2]:8080".parse().unwrap(), "[fd00:200:1::1]:40000".parse().unwrap());
+        let tcp = tcp_segment(from, to, 7, 9, b"boom\n");
+        let mut packet = vec![0x60, 0, 0, 0];
+        packet.extend(u16::try_from(tcp.len()).unwrap().to_be_bytes());
+        packet.extend([TCP, 64]);
+        packet.extend(match from.ip() {
+            IpAddr::V6(a) => a.octets(),
+            IpAddr::V4(_) => unreachable!(),
+        });
+        packet.extend(match to.ip() {
+            IpAddr::V6(a) => a.octets(),
+            IpAddr::V4(_) => unreachable!(),
+        });
+        packet.extend(&tcp);
+        let parsed = Segment::parse(&packet).unwrap();
+        assert_eq!((parsed.from, parsed.to, parsed.seq, parsed.ack, parsed.payload_len), (from, to, 7, 9, 5));
+        assert_eq!(parsed.ip_header_len, 40);
+        assert_eq!(internet_checksum(&with_pseudo_header(from.ip(), to.ip(), &tcp)), 0);
     }
 }

@@ -1,14 +1,13 @@
 //! ClusterIP through the dataplane, with real TCP and UDP traffic between pod namespaces, over both
 //! families: every Service here is dual-stack (one EndpointSlice per family) and each test asks its IPv4
-//! and its IPv6 cluster IP in turn (the source-port and out-of-window tests below stay IPv4: they craft
-//! IPv4 segments).
+//! and its IPv6 cluster IP in turn (the source-port-reuse test stays IPv4).
 //!
 //! Each test builds its own lab (nodes, pods, one real agent per node reading a manifest directory), sends
 //! real requests, and checks which backend answered and what source address it saw.
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
@@ -358,45 +357,63 @@ fn with_conntrack_tcp_be_liberal_an_out_of_window_segment_does_not_reset_the_con
     assert_eq!(set.trim(), "1", "the agent set the node's sysctl");
 }
 
-/// Opens a ClusterIP connection (pod 1-1 to a backend on node 2), injects an out-of-window segment from the
-/// backend into it, and checks the connection still answers. Returns the lab for further checks.
+/// Opens a ClusterIP connection (pod 1-1 to a backend on node 2) in each family, injects an out-of-window
+/// segment from the backend into it, and checks the connection still answers. Returns the lab for further
+/// checks.
 fn survives_an_out_of_window_segment(spec: LabSpec) -> Lab {
-    use proxy_lab::{
-        echo::TcpSession,
-        rawtcp::{Capture, inject},
-    };
+    use proxy_lab::echo::TcpSession;
 
     let (lab, backend) = one_backend_on_node_2(spec, "boom", 74);
-
-    let capture = Capture::start(&backend.ns).unwrap();
-    let session = TcpSession::open(&lab.pod(1, 1).ns.clone(), vip(74, 80), TIMEOUT).unwrap();
-    let first = session.ask().unwrap();
-    let (client, server) = (first.seen_source, SocketAddrV4::new(backend.ip, 8080));
-    let segments = capture.segments(Duration::from_millis(300));
-    let last = |from, to| segments.iter().rev().find(|s| s.from == from && s.to == to).copied();
-    let (sent, received) = (last(server, client).expect("the reply seen"), last(client, server).expect("the request"));
-    // A sequence number 1 GiB past what the backend has sent is beyond any window conntrack allows; the
-    // acknowledgment is the real one, so a RST answering it is one the backend accepts.
-    let seq = sent.end().wrapping_add(1 << 30);
-    inject(&backend.ns, server, client, seq, received.end(), b"boom\n").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        capture.segments(Duration::from_millis(100)).iter().any(|s| s.from == server && s.to == client && s.seq == seq),
-        "the injected segment left the backend pod"
-    );
-
-    let after = session.ask().expect("the connection survives an out-of-window segment");
-    assert_eq!(after.backend, first.backend);
+    let client = lab.pod(1, 1).ns.clone();
+    let session = TcpSession::open(&client, vip(74, 80), TIMEOUT).unwrap();
+    let ask4 = || session.ask().map(|r| (r.backend, SocketAddr::V4(r.seen_source)));
+    survives_in(&backend.ns, SocketAddr::new(backend.ip.into(), 8080), "IPv4", &ask4);
+    if let Some(ip6) = backend.ip6.filter(|_| lab.dual_stack()) {
+        let session = TcpSession::open6(&client, vip6(74, 80), TIMEOUT).unwrap();
+        let ask6 = || session.ask().map(|r| (r.backend, SocketAddr::V6(r.seen_source)));
+        survives_in(&backend.ns, SocketAddr::new(ip6.into(), 8080), "IPv6", &ask6);
+    }
     lab
 }
 
-/// A lab whose agents serve one ClusterIP Service `name` at `vip(last, 80)`, backed by pod 2-2 on port 8080.
-fn one_backend_on_node_2(spec: LabSpec, name: &str, last: u8) -> (Lab, proxy_lab::lab::PodRef) {
+/// One family's turn of [`survives_an_out_of_window_segment`]: `ask` is a request on the held connection,
+/// answered by the backend at `server` in namespace `backend_ns`.
+fn survives_in(
+    backend_ns: &str,
+    server: SocketAddr,
+    family: &str,
+    ask: &dyn Fn() -> anyhow::Result<(String, SocketAddr)>,
+) {
+    use proxy_lab::rawtcp::{Capture, inject};
+
+    let capture = Capture::start(backend_ns).unwrap();
+    let (first, client) = ask().unwrap();
+    let segments = capture.segments(Duration::from_millis(300));
+    let last = |from, to| segments.iter().rev().find(|s| s.from == from && s.to == to).copied();
+    let (sent, received) =
+        (last(server, client).expect("the reply seen"), last(client, server).expect("the request seen"));
+    // A sequence number 1 GiB past what the backend has sent is beyond any window conntrack allows; the
+    // acknowledgment is the real one, so a RST answering it is one the backend accepts.
+    let seq = sent.end().wrapping_add(1 << 30);
+    inject(backend_ns, server, client, seq, received.end(), b"boom\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        capture.segments(Duration::from_millis(100)).iter().any(|s| s.from == server && s.to == client && s.seq == seq),
+        "{family}: the injected segment left the backend pod"
+    );
+
+    let (after, _) =
+        ask().unwrap_or_else(|e| panic!("{family}: the connection survives an out-of-window segment: {e:#}"));
+    assert_eq!(after, first, "{family}");
+}
+
+/// A lab whose agents serve one ClusterIP Service `name` at `vip(last, 80)` (and `vip6(last, 80)`), backed
+/// by pod 2-2 on port 8080.
+fn one_backend_on_node_2(spec: LabSpec, name: &'static str, last: u8) -> (Lab, proxy_lab::lab::PodRef) {
     let mut lab = Lab::start(spec).expect("lab");
     let backend = lab.pod(2, 2).clone();
-    lab.serve(&backend, &[8080], &[]).unwrap();
-    let eps = ready(&lab, &[(2, 2)]);
-    let svc = service_with_endpoints("default", name, *vip(last, 80).ip(), &http(8080), &eps);
+    serve(&mut lab, &[(2, 2)], &[8080], &[]);
+    let svc = dual(&lab, ("default", name), last, http(8080), &[(2, 2)]);
     lab.write_manifest(&format!("{name}.yaml"), &svc).unwrap();
     lab.start_agents().unwrap();
     (lab, backend)

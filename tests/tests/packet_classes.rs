@@ -619,7 +619,7 @@ fn tcp_with_ipv4_options_works_through_a_cluster_ip() {
     let result = echo::tcp_request_with_ip_options(&client.ns, at(vip(130), 80), echo::RECORD_ROUTE, TIMEOUT);
     let with_options = |capture: &Capture, to: SocketAddrV4| {
         let segments = capture.segments(Duration::from_millis(300));
-        let n = segments.iter().filter(|s| s.to == to && s.ip_header_len > 20).count();
+        let n = segments.iter().filter(|s| s.to == SocketAddr::V4(to) && s.ip_header_len > 20).count();
         (n, segments)
     };
     let (n, segments) = with_options(&sent, at(vip(130), 80));
