@@ -227,14 +227,21 @@ fn internet_checksum(bytes: &[u8]) -> u16 {
 mod tests {
     use super::*;
 
+    fn octets(addr: IpAddr) -> Vec<u8> {
+        match addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        }
+    }
+
     #[test]
     fn a_built_segment_parses_back_and_its_checksum_verifies() {
         let (from, to): (SocketAddr, SocketAddr) =
             ("10.200.2.12:8080".parse().unwrap(), "10.200.1.11:40000".parse().unwrap());
         let tcp = tcp_segment(from, to, 7, 9, b"boom\n");
         let mut packet = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, TCP, 0, 0];
-        packet.extend(from.ip().octets());
-        packet.extend(to.ip().octets());
+        packet.extend(octets(from.ip()));
+        packet.extend(octets(to.ip()));
         packet.extend(&tcp);
         let total = u16::try_from(packet.len()).unwrap();
         packet[2..4].copy_from_slice(&total.to_be_bytes());
@@ -254,14 +261,8 @@ mod tests {
         let mut packet = vec![0x60, 0, 0, 0];
         packet.extend(u16::try_from(tcp.len()).unwrap().to_be_bytes());
         packet.extend([TCP, 64]);
-        packet.extend(match from.ip() {
-            IpAddr::V6(a) => a.octets(),
-            IpAddr::V4(_) => unreachable!(),
-        });
-        packet.extend(match to.ip() {
-            IpAddr::V6(a) => a.octets(),
-            IpAddr::V4(_) => unreachable!(),
-        });
+        packet.extend(octets(from.ip()));
+        packet.extend(octets(to.ip()));
         packet.extend(&tcp);
         let parsed = Segment::parse(&packet).unwrap();
         assert_eq!((parsed.from, parsed.to, parsed.seq, parsed.ack, parsed.payload_len), (from, to, 7, 9, 5));
