@@ -1,12 +1,16 @@
-//! The eBPF dataplane's connection table, with real traffic: its sweep, its capacity and its metrics.
-//! (Lifetimes in every mode: `flow_lifetimes.rs`.)
+//! The eBPF dataplane's connection tables, with real traffic: their sweep, their capacity and their
+//! metrics, for each family's table (`CONNTRACK` and `SNAT`, `CONNTRACK6` and `SNAT6`; the Services are
+//! dual-stack). (Lifetimes in every mode: `flow_lifetimes.rs`.)
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
-use proxy_common::conntrack::{CtKey, CtValue, SnatValue};
+use proxy_common::{
+    conntrack::{CtKey, CtKey6, CtValue, CtValue6, SnatValue, SnatValue6},
+    maps::{CONNTRACK, CONNTRACK6, SNAT, SNAT6},
+};
 use proxy_lab::{
     Lab, LabSpec,
     echo::{Proto, TcpSession, http_get_path, udp_ask_from_ports},
@@ -35,6 +39,12 @@ fn spec_with(args: &[&str]) -> LabSpec {
     spec
 }
 
+/// How many entries node 1's pinned map `name` holds (key `K`, value `V`).
+fn entries<K: aya::Pod, V: aya::Pod>(lab: &Lab, name: &str) -> usize {
+    let map = lab.pinned_map(1, name).unwrap();
+    aya::maps::HashMap::<_, K, V>::try_from(map).unwrap().keys().count()
+}
+
 /// Closed TCP flows and idle UDP flows leave the eBPF tables by the background sweep, without any packet
 /// of theirs: `CONNTRACK` and `SNAT` (for flows from outside to a NodePort, SNATed to the remote backend)
 /// empty, and the metrics count the flows.
@@ -51,15 +61,23 @@ fn the_sweep_removes_ended_flows_and_the_metrics_count_them() {
     .expect("lab");
     let backend = lab.pod(2, 1).clone();
     lab.serve(&backend, &[8080], &[5353]).unwrap();
+    lab.serve6(&backend, &[8080, 5353]).unwrap();
     let ports = vec![
         Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 },
         Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 },
     ];
     let vip = Ipv4Addr::new(10, 32, 0, 61);
+    let vip6 = Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, 0x61);
     let mut svc = Svc::new("mixed", vip, ports);
     svc.type_ = "NodePort";
     svc.node_ports = vec![30161, 30162];
-    lab.write_manifest("svc.yaml", &svc.with_endpoints(&[Endpoint::ready(backend.ip, node_name(2))])).unwrap();
+    svc.cluster_ip6 = Some(vip6);
+    let v6 = [Endpoint::ready(backend.ip6.unwrap(), node_name(2))];
+    lab.write_manifest(
+        "svc.yaml",
+        &svc.with_endpoints_of_both_families(&[Endpoint::ready(backend.ip, node_name(2))], &v6),
+    )
+    .unwrap();
     lab.start_agents().unwrap();
     let client = lab.pod(1, 1).ns.clone();
     let replies = proxy_lab::echo::requests(&client, Proto::Tcp, SocketAddrV4::new(vip, 80), 20, TIMEOUT).unwrap();
@@ -69,29 +87,42 @@ fn the_sweep_removes_ended_flows_and_the_metrics_count_them() {
     let node_port = SocketAddrV4::new(proxy_lab::lab::node_ip(1), 30161);
     let external = proxy_lab::echo::requests(&lab.external_ns(), Proto::Tcp, node_port, 10, TIMEOUT).unwrap();
     assert!(external.iter().all(Result::is_ok), "{external:?}");
-    let conntrack = || -> usize {
-        let map = lab.pinned_map(1, proxy_common::maps::CONNTRACK).unwrap();
-        aya::maps::HashMap::<_, CtKey, CtValue>::try_from(map).unwrap().keys().count()
+    // The same flows over IPv6.
+    let replies =
+        proxy_lab::echo6::requests(&client, Proto::Tcp, SocketAddrV6::new(vip6, 80, 0, 0), 20, TIMEOUT).unwrap();
+    assert!(replies.iter().all(Result::is_ok), "{replies:?}");
+    let udp = udp_ask_from_ports(&client, SocketAddrV6::new(vip6, 53, 0, 0), (48_100..48_120).collect());
+    assert!(udp.iter().all(Result::is_ok), "{udp:?}");
+    let node_port6 = SocketAddrV6::new(proxy_lab::lab::node_ip6(1), 30161, 0, 0);
+    let external = proxy_lab::echo6::requests(&lab.external_ns(), Proto::Tcp, node_port6, 10, TIMEOUT).unwrap();
+    assert!(external.iter().all(Result::is_ok), "{external:?}");
+    let counts = || {
+        (
+            entries::<CtKey, CtValue>(&lab, CONNTRACK),
+            entries::<CtKey, SnatValue>(&lab, SNAT),
+            entries::<CtKey6, CtValue6>(&lab, CONNTRACK6),
+            entries::<CtKey6, SnatValue6>(&lab, SNAT6),
+        )
     };
-    let snat = || -> usize {
-        let map = lab.pinned_map(1, proxy_common::maps::SNAT).unwrap();
-        aya::maps::HashMap::<_, CtKey, SnatValue>::try_from(map).unwrap().keys().count()
-    };
-    // The situation: 50 flows with two entries each, and 10 SNATed flows with two SNAT entries each.
-    assert!(conntrack() >= 100, "expected the flows' entries in the table, found {}", conntrack());
-    assert!(snat() >= 20, "expected the SNATed flows' entries, found {}", snat());
+    // The situation: in each family 50 flows with two entries each, and 10 SNATed flows with two SNAT
+    // entries each.
+    let (ct, snat, ct6, snat6) = counts();
+    assert!(ct >= 100 && ct6 >= 100, "expected the flows' entries in the tables, found {ct} and {ct6}");
+    assert!(snat >= 20 && snat6 >= 20, "expected the SNATed flows' entries, found {snat} and {snat6}");
 
     // Lifetimes of 1 s, a sweep pass every half second: gone well within 10 s.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while (conntrack() > 0 || snat() > 0) && std::time::Instant::now() < deadline {
+    while counts() != (0, 0, 0, 0) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert_eq!((conntrack(), snat()), (0, 0), "ended flows left in the tables");
+    assert_eq!(counts(), (0, 0, 0, 0), "ended flows left in the tables (CONNTRACK, SNAT, CONNTRACK6, SNAT6)");
     let text = metrics(&lab);
     let expired = metric(&text, "proxy_agent_conntrack_expired_total").unwrap_or(0.0);
-    assert!(expired >= 50.0, "expired flows counted: {expired}\n{text}");
-    assert_eq!(metric(&text, "proxy_agent_bpf_map_entries{map=\"CONNTRACK\"}"), Some(0.0), "{text}");
-    assert_eq!(metric(&text, "proxy_agent_bpf_map_entries{map=\"SNAT\"}"), Some(0.0), "{text}");
+    assert!(expired >= 100.0, "expired flows of both families counted: {expired}\n{text}");
+    for map in [CONNTRACK, SNAT, CONNTRACK6, SNAT6] {
+        let name = format!("proxy_agent_bpf_map_entries{{map=\"{map}\"}}");
+        assert_eq!(metric(&text, &name), Some(0.0), "{map}: {text}");
+    }
     assert_eq!(metric(&text, "proxy_agent_conntrack_evictions_total"), Some(0.0), "{text}");
 }
 
@@ -108,16 +139,20 @@ fn a_full_table_evicts_idle_flows_reports_it_and_keeps_busy_ones() {
         Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 },
         Port { name: "dns", port: 53, protocol: "UDP", target_port: 5353 },
     ];
+    lab.serve6(&backend, &[8080, 5353]).unwrap();
     let vip = Ipv4Addr::new(10, 32, 0, 62);
-    lab.write_manifest(
-        "svc.yaml",
-        &Svc::new("busy", vip, ports).with_endpoints(&[Endpoint::ready(backend.ip, node_name(2))]),
-    )
-    .unwrap();
+    let vip6 = Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, 0x62);
+    let mut svc = Svc::new("busy", vip, ports);
+    svc.cluster_ip6 = Some(vip6);
+    let (v4, v6) = ([Endpoint::ready(backend.ip, node_name(2))], [Endpoint::ready(backend.ip6.unwrap(), node_name(2))]);
+    lab.write_manifest("svc.yaml", &svc.with_endpoints_of_both_families(&v4, &v6)).unwrap();
     lab.start_agents().unwrap();
     let text = metrics(&lab);
     let capacity = proxy_common::capacity::lru_entries(1024, 2, cpus());
-    assert_eq!(metric(&text, "proxy_agent_bpf_map_capacity{map=\"CONNTRACK\"}"), Some(f64::from(capacity)), "{text}");
+    for map in ["CONNTRACK", "CONNTRACK6"] {
+        let name = format!("proxy_agent_bpf_map_capacity{{map=\"{map}\"}}");
+        assert_eq!(metric(&text, &name), Some(f64::from(capacity)), "{map}: {text}");
+    }
 
     let client = lab.pod(1, 1).ns.clone();
     let session = TcpSession::open(&client, SocketAddrV4::new(vip, 80), TIMEOUT).unwrap();
@@ -142,6 +177,35 @@ fn a_full_table_evicts_idle_flows_reports_it_and_keeps_busy_ones() {
     assert!((1800.0..=f64::from(capacity)).contains(&entries), "entries {entries}\n{text}");
     let evictions = metric(&text, "proxy_agent_conntrack_evictions_total").unwrap();
     assert!(evictions >= 500.0, "3000 flows through a 1024-flow table: {evictions} evictions\n{text}");
+
+    // The IPv6 table the same way, with its own busy connection, and its own warning naming it.
+    let session = TcpSession::open6(&client, SocketAddrV6::new(vip6, 80, 0, 0), TIMEOUT).unwrap();
+    let before = session.ask().unwrap();
+    let target = SocketAddrV6::new(vip6, 53, 0, 0);
+    for chunk in 0..30u16 {
+        let ports: Vec<u16> = (0..100).map(|i| 40_000 + chunk * 100 + i).collect();
+        let answered = udp_ask_from_ports(&client, target, ports);
+        assert!(answered.iter().all(Result::is_ok), "IPv6 flood chunk {chunk}: {answered:?}");
+        let during =
+            session.ask().unwrap_or_else(|e| panic!("the busy IPv6 connection failed after chunk {chunk}: {e:#}"));
+        assert_eq!(during.backend, before.backend);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lab.agent(1).count_in_log(warning) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let log = lab.agent(1).log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(warning)).collect();
+    assert_eq!(warnings.len(), 2, "one warning per table: {warnings:?}");
+    assert!(warnings[1].contains("CONNTRACK6"), "the second names the IPv6 table: {}", warnings[1]);
+    // A pass that overlapped the flood is an estimate; one whole pass after it (a tick every half second,
+    // one tick each for tables this size) counts what stayed.
+    std::thread::sleep(Duration::from_millis(1500));
+    let text = metrics(&lab);
+    let entries6 = metric(&text, "proxy_agent_bpf_map_entries{map=\"CONNTRACK6\"}").unwrap();
+    assert!((1800.0..=f64::from(capacity)).contains(&entries6), "IPv6 entries {entries6}\n{text}");
+    let evictions6 = metric(&text, "proxy_agent_conntrack_evictions_total").unwrap() - evictions;
+    assert!(evictions6 >= 500.0, "3000 IPv6 flows through a 1024-flow table: {evictions6} more evictions\n{text}");
 }
 
 /// The table holds what it is sized for: 65536 flows through `tc_pod_ingress` (`BPF_PROG_TEST_RUN`) into a

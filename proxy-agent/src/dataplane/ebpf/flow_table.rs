@@ -152,6 +152,8 @@ struct Walk<A: MapAddr, V: aya::Pod> {
     cursor: Option<CtKey<A>>,
     /// Entries kept so far in this pass.
     kept: u64,
+    /// The map's `max_entries`.
+    capacity: u64,
 }
 
 impl<A: MapAddr, V: aya::Pod> Walk<A, V> {
@@ -161,7 +163,7 @@ impl<A: MapAddr, V: aya::Pod> Walk<A, V> {
         let data = open()?;
         let capacity = u64::from(data.info()?.max_entries());
         let map = aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
-        Ok((Self { map, keys: open()?, cursor: None, kept: 0 }, capacity))
+        Ok((Self { map, keys: open()?, cursor: None, kept: 0, capacity }, capacity))
     }
 
     /// Looks at up to `limit` entries from where the last call stopped, removing those `ended` says have
@@ -186,7 +188,10 @@ impl<A: MapAddr, V: aya::Pod> Walk<A, V> {
             }
         }
         self.cursor = key;
-        Ok(self.cursor.is_none().then(|| std::mem::take(&mut self.kept)))
+        // A table churning under a flood evicts the walk's cursor between ticks, and the kernel then
+        // continues from the first key: a pass may meet keys twice. What it counts is an estimate, and
+        // never more than the table holds.
+        Ok(self.cursor.is_none().then(|| std::mem::take(&mut self.kept).min(self.capacity)))
     }
 
     fn restart(&mut self) {
@@ -278,16 +283,50 @@ pub struct Sweeper {
     pass4: Option<Pass>,
     pass6: Option<Pass>,
     timeouts: Timeouts,
-    capacity: u64,
+    /// Each family's connection table's capacity, and whether its fullness was warned about.
+    full4: Fullness,
+    full6: Fullness,
     stats: Arc<FlowTableStats>,
+}
+
+/// One connection table's capacity, and whether the warning that it is nearly full was given (once, until
+/// it falls below the lower mark again).
+struct Fullness {
+    map: &'static str,
+    capacity: u64,
     warned: bool,
+}
+
+impl Fullness {
+    fn new(map: &'static str, capacity: u64) -> Self {
+        Self { map, capacity, warned: false }
+    }
+
+    /// Warns when a pass found `entries` past [`WARN_AT`] of the capacity.
+    fn check(&mut self, entries: u64) {
+        #[expect(clippy::cast_precision_loss, reason = "a share, not a count")]
+        let share = entries as f64 / self.capacity.max(1) as f64;
+        if share >= WARN_AT && !self.warned {
+            tracing::warn!(
+                map = self.map,
+                entries,
+                capacity = self.capacity,
+                "the connection table is over 90% full: the oldest idle flows are being evicted; raise \
+                 --conntrack-max-per-core or --conntrack-min"
+            );
+            self.warned = true;
+        } else if share < REARM_AT {
+            self.warned = false;
+        }
+    }
 }
 
 impl Sweeper {
     pub fn open(pin_dir: &Path, timeouts: Timeouts, stats: Arc<FlowTableStats>) -> anyhow::Result<Self> {
         let (v4, capacity) = Tables::open(pin_dir, maps::CONNTRACK, maps::SNAT)?;
-        let (v6, _) = Tables::open(pin_dir, maps::CONNTRACK6, maps::SNAT6)?;
-        Ok(Self { v4, v6, pass4: None, pass6: None, timeouts, capacity, stats, warned: false })
+        let (v6, capacity6) = Tables::open(pin_dir, maps::CONNTRACK6, maps::SNAT6)?;
+        let (full4, full6) = (Fullness::new(maps::CONNTRACK, capacity), Fullness::new(maps::CONNTRACK6, capacity6));
+        Ok(Self { v4, v6, pass4: None, pass6: None, timeouts, full4, full6, stats })
     }
 
     /// Looks at up to `limit` entries of each map. Returns whether a pass of both connection tables completed.
@@ -316,32 +355,19 @@ impl Sweeper {
         }
         let (Some(p4), Some(p6)) = (self.pass4, self.pass6) else { return Ok(false) };
         (self.pass4, self.pass6) = (None, None);
-        let both =
-            Pass { entries: p4.entries, flows: p4.flows + p6.flows, kernel_flows: p4.kernel_flows + p6.kernel_flows };
-        self.finish_pass(both);
+        self.finish_pass(p4, p6);
         Ok(true)
     }
 
-    fn finish_pass(&mut self, pass: Pass) {
-        self.stats.entries.store(pass.entries, Ordering::Relaxed);
-        self.stats.flows.store(pass.flows, Ordering::Relaxed);
-        self.stats.kernel_flows.store(pass.kernel_flows, Ordering::Relaxed);
+    /// Reports a pass of both families' tables; warns of either table nearly full.
+    fn finish_pass(&mut self, p4: Pass, p6: Pass) {
+        self.stats.entries.store(p4.entries, Ordering::Relaxed);
+        self.stats.flows.store(p4.flows + p6.flows, Ordering::Relaxed);
+        self.stats.kernel_flows.store(p4.kernel_flows + p6.kernel_flows, Ordering::Relaxed);
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
         self.stats.measured.store(true, Ordering::Relaxed);
-        #[expect(clippy::cast_precision_loss, reason = "a share, not a count")]
-        let share = pass.entries as f64 / self.capacity.max(1) as f64;
-        if share >= WARN_AT && !self.warned {
-            tracing::warn!(
-                map = maps::CONNTRACK,
-                entries = pass.entries,
-                capacity = self.capacity,
-                "the connection table is over 90% full: the oldest idle flows are being evicted; raise \
-                 --conntrack-max-per-core or --conntrack-min"
-            );
-            self.warned = true;
-        } else if share < REARM_AT {
-            self.warned = false;
-        }
+        self.full4.check(p4.entries);
+        self.full6.check(p6.entries);
     }
 
     /// Sweeps forever on a thread of its own, a chunk per tick.
