@@ -207,6 +207,66 @@ pub fn tcp_here(source: Option<Ipv6Addr>, target: SocketAddrV6, timeout: Duratio
     Reply6::parse(&line)
 }
 
+/// A Hop-by-Hop or Destination Options header's content as a socket option gives it (the kernel fills in
+/// the next-header byte): eight bytes, of which six are a PadN option.
+const PADDED_OPTIONS: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+
+/// Makes every packet `socket` sends carry a Hop-by-Hop Options and a Destination Options header (sticky
+/// options, `IPV6_HOPOPTS` and `IPV6_DSTOPTS`; root only), so its transport header sits 16 bytes later
+/// than in a plain packet.
+fn add_extension_headers(socket: &impl std::os::fd::AsRawFd) -> anyhow::Result<()> {
+    for (name, option) in [("IPV6_HOPOPTS", libc::IPV6_HOPOPTS), ("IPV6_DSTOPTS", libc::IPV6_DSTOPTS)] {
+        // SAFETY: a valid socket and a buffer of the length given, which the kernel only reads.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                option,
+                PADDED_OPTIONS.as_ptr().cast(),
+                libc::socklen_t::try_from(PADDED_OPTIONS.len()).expect("8 bytes"),
+            )
+        };
+        anyhow::ensure!(rc == 0, "setting {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One request over `proto` to `target` from namespace `ns` whose every packet carries a Hop-by-Hop and a
+/// Destination Options header (see [`add_extension_headers`]); a UDP answer must come from `target`.
+///
+/// # Errors
+/// As [`tcp`] and [`udp`], and the options refused.
+pub fn request_with_extension_headers(
+    ns: &str,
+    proto: crate::echo::Proto,
+    target: SocketAddrV6,
+    timeout: Duration,
+) -> anyhow::Result<Reply6> {
+    in_netns(ns, move || -> anyhow::Result<Reply6> {
+        match proto {
+            crate::echo::Proto::Tcp => {
+                let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+                add_extension_headers(&socket)?;
+                socket
+                    .connect_timeout(&SocketAddr::V6(target).into(), timeout)
+                    .with_context(|| format!("TCP connect to {target}"))?;
+                let stream: TcpStream = socket.into();
+                stream.set_read_timeout(Some(timeout))?;
+                (&stream).write_all(b"hello\n")?;
+                let mut line = String::new();
+                BufReader::new(&stream).read_line(&mut line).with_context(|| format!("TCP answer from {target}"))?;
+                Reply6::parse(&line)
+            }
+            crate::echo::Proto::Udp => {
+                let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+                add_extension_headers(&socket)?;
+                socket.set_read_timeout(Some(timeout))?;
+                udp_ask(&socket, target)
+            }
+        }
+    })?
+}
+
 /// Whether a request's error is a refusal (an `ICMPv6` port unreachable, or a TCP reset), not silence.
 #[must_use]
 pub fn refused(error: &anyhow::Error) -> bool {

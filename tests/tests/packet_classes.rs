@@ -631,6 +631,44 @@ fn tcp_with_ipv4_options_works_through_a_cluster_ip() {
     assert!(n >= 1, "no segment with IP options reached the backend's port 8080: {segments:?}");
 }
 
+/// IPv6's counterpart of IP options: extension headers between the fixed header and the transport header.
+/// Every packet of the client's TCP connection and UDP exchange carries a Hop-by-Hop Options and a
+/// Destination Options header (which the forwarding node and the backend process and skip). Through an IPv6
+/// ClusterIP both must work, and the headers must reach the backend.
+#[test]
+fn tcp_and_udp_with_ipv6_extension_headers_work_through_a_cluster_ip() {
+    let mut lab = Lab::start(LabSpec::default()).expect("lab");
+    let backend = lab.pod(2, 2).clone();
+    lab.serve6(&backend, &[8080]).unwrap();
+    let ports = vec![
+        Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 },
+        Port { name: "dns", port: 53, protocol: "UDP", target_port: 8080 },
+    ];
+    let mut svc = Svc::new("ext-headers", vip(131), ports);
+    svc.cluster_ip6 = Some(vip6(131));
+    let v6 = [Endpoint::ready(backend.ip6.unwrap(), node_name(2))];
+    lab.write_manifest("svc.yaml", &svc.with_endpoints_of_both_families(&eps(&lab, &[(2, 2)]), &v6)).unwrap();
+    lab.start_agents().unwrap();
+    let client = lab.pod(1, 1).clone();
+    // IPv6 packets to `to` whose first extension header is Hop-by-Hop (next header 0 in the fixed header).
+    let with_headers = |capture: &Capture, to: Ipv6Addr| {
+        let packets = capture.packets(Duration::from_millis(300));
+        packets.iter().filter(|p| p.len() > 40 && p[0] >> 4 == 6 && p[6] == 0 && p[24..40] == to.octets()).count()
+    };
+    for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
+        let (sent, received) = (Capture::start(&client.ns).unwrap(), Capture::start(&backend.ns).unwrap());
+        let target = SocketAddrV6::new(vip6(131), port, 0, 0);
+        let result = echo6::request_with_extension_headers(&client.ns, proto, target, TIMEOUT);
+        let n = with_headers(&sent, vip6(131));
+        assert!(n >= 1, "{proto:?}: the client sent no packet with extension headers to the ClusterIP");
+        let reply = result.unwrap_or_else(|e| panic!("{proto:?} with extension headers to {target}: {e:#}"));
+        assert_eq!(reply.backend, backend.name, "{proto:?}");
+        assert_eq!(Some(*reply.seen_source.ip()), client.ip6, "{proto:?}");
+        let n = with_headers(&received, backend.ip6.unwrap());
+        assert!(n >= 1, "{proto:?}: no packet with extension headers reached the backend");
+    }
+}
+
 /// The TTL a datagram from pod 1-1 arrives with at `target`, through a UDP echo server that reads it.
 fn ttl_at(ns: &str, target: SocketAddrV4) -> u8 {
     let reply = echo::request(ns, Proto::Udp, target, TIMEOUT).unwrap_or_else(|e| panic!("{target}: {e:#}"));
