@@ -208,7 +208,7 @@ pub fn tcp_here(source: Option<Ipv6Addr>, target: SocketAddrV6, timeout: Duratio
 }
 
 /// A Hop-by-Hop or Destination Options header's content as a socket option gives it (the kernel fills in
-/// the next-header byte): eight bytes, of which six are a PadN option.
+/// the next-header byte): eight bytes, of which six are a `PadN` option.
 const PADDED_OPTIONS: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
 
 /// Makes every packet `socket` sends carry a Hop-by-Hop Options and a Destination Options header (sticky
