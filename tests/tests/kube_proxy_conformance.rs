@@ -1043,22 +1043,34 @@ fn a_udp_flow_follows_its_endpoints_renumbered_port() {
 fn an_established_tcp_connection_outlives_its_endpoint_leaving() {
     let mut lab = lab(2, &[]);
     let svc = Svc::new("svc1", cip(61), vec![port("http", 80, "TCP", 80)]);
-    lab.write_manifest("svc1.yaml", &svc.with_endpoints(&ready(&lab, &[(1, 2)]))).unwrap();
+    lab.write_manifest("svc1.yaml", &manifest(&lab, &svc, &ready(&lab, &[(1, 2)]))).unwrap();
     lab.start_agents().unwrap();
     let client = lab.pod(1, 1).ns.clone();
     let session = proxy_lab::echo::TcpSession::open(&client, at(cip(61), 80), TIMEOUT).unwrap();
     assert_eq!(session.ask().unwrap().backend, "pod-1-2");
+    // The same connection over IPv6, to the Service's IPv6 twin.
+    let target6 = SocketAddrV6::new(twin(&lab, cip(61)), 80, 0, 0);
+    let session6 = lab.dual_stack().then(|| proxy_lab::echo::TcpSession::open6(&client, target6, TIMEOUT).unwrap());
+    if let Some(session6) = &session6 {
+        assert_eq!(session6.ask().unwrap().backend, "pod-1-2", "IPv6");
+    }
     let stopped = ep(&lab, (1, 2), (false, false, true));
     for (step, endpoints) in
         [("stops serving", vec![stopped, ep(&lab, (2, 2), READY)]), ("is removed", ready(&lab, &[(2, 2)]))]
     {
         let seen = lab.sync_counts();
-        lab.write_manifest("svc1.yaml", &svc.with_endpoints(&endpoints)).unwrap();
+        lab.write_manifest("svc1.yaml", &manifest(&lab, &svc, &endpoints)).unwrap();
         lab.wait_for_sync(&seen).unwrap();
         let r = session.ask().unwrap_or_else(|e| panic!("after the endpoint {step}: the connection broke: {e:#}"));
         assert_eq!(r.backend, "pod-1-2", "after the endpoint {step}");
         let fresh = proxy_lab::echo::request(&client, Proto::Tcp, at(cip(61), 80), TIMEOUT).unwrap();
         assert_eq!(fresh.backend, "pod-2-2", "after the endpoint {step}: new connections");
+        if let Some(session6) = &session6 {
+            let r = session6.ask().unwrap_or_else(|e| panic!("IPv6, after the endpoint {step}: broke: {e:#}"));
+            assert_eq!(r.backend, "pod-1-2", "IPv6, after the endpoint {step}");
+            let fresh = echo6::tcp(&client, target6, TIMEOUT).unwrap();
+            assert_eq!(fresh.backend, "pod-2-2", "IPv6, after the endpoint {step}: new connections");
+        }
     }
 }
 
