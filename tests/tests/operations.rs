@@ -273,29 +273,43 @@ fn the_agent_works_with_only_the_daemonsets_capabilities() {
 }
 
 /// The eBPF data path names every drop: a client refused by a Service without endpoints shows up as
-/// `proxy_agent_packet_drops_total{reason="rejected"}`, and every reason is exported, zero or not. The
-/// netfilter modes have no such counters (the kernel's own are in `iptables -L -v` / `nft list`).
+/// `proxy_agent_packet_drops_total{reason="rejected"}`, over IPv4 and again over IPv6 (the Service is
+/// dual-stack), and every reason is exported, zero or not. The netfilter modes have no such counters (the
+/// kernel's own are in `iptables -L -v` / `nft list`).
 #[test]
 fn drops_are_counted_by_reason_and_exported() {
     let mut lab = Lab::start(LabSpec::default()).expect("lab");
     let http = vec![Port { name: "http", port: 80, protocol: "TCP", target_port: 8080 }];
     let empty = Ipv4Addr::new(10, 32, 0, 98);
-    lab.write_manifest("empty.yaml", &Svc::new("empty", empty, http).with_endpoints(&[])).unwrap();
+    let empty6 = std::net::Ipv6Addr::new(0xfd00, 0x32, 0, 0, 0, 0, 0, 0x98);
+    let mut svc = Svc::new("empty", empty, http);
+    svc.cluster_ip6 = Some(empty6);
+    lab.write_manifest("empty.yaml", &svc.with_endpoints_of_both_families(&[], &[])).unwrap();
     lab.start_agents().unwrap();
-    let outcome =
-        proxy_lab::echo::attempt(&lab.pod(1, 1).ns, Proto::Tcp, SocketAddrV4::new(empty, 80), TIMEOUT).unwrap();
+    let metrics = || {
+        let (status, text) =
+            http_get_path(&lab.node_ns(1), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249), "/metrics", TIMEOUT).unwrap();
+        assert_eq!(status, 200);
+        text
+    };
+    let drops =
+        |text: &str, reason: &str| metric(text, &format!("proxy_agent_packet_drops_total{{reason=\"{reason}\"}}"));
+    let client = lab.pod(1, 1).ns.clone();
+    let outcome = proxy_lab::echo::attempt(&client, Proto::Tcp, SocketAddrV4::new(empty, 80), TIMEOUT).unwrap();
     assert!(matches!(outcome, proxy_lab::echo::Outcome::Refused), "a Service without endpoints refuses: {outcome:?}");
-
-    let (status, text) =
-        http_get_path(&lab.node_ns(1), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249), "/metrics", TIMEOUT).unwrap();
-    assert_eq!(status, 200);
-    let drops = |reason: &str| metric(&text, &format!("proxy_agent_packet_drops_total{{reason=\"{reason}\"}}"));
-    if proxy_lab::lab::mode() == "ebpf" {
-        assert!(drops("rejected").unwrap_or(0.0) >= 1.0, "{text}");
-        for reason in proxy_common::drop::NAMES {
-            assert!(drops(reason).is_some(), "reason {reason} not exported: {text}");
-        }
-    } else {
+    let text = metrics();
+    if proxy_lab::lab::mode() != "ebpf" {
         assert!(!text.contains("proxy_agent_packet_drops_total"), "{text}");
+        return;
     }
+    let after_ipv4 = drops(&text, "rejected").unwrap_or(0.0);
+    assert!(after_ipv4 >= 1.0, "{text}");
+    for reason in proxy_common::drop::NAMES {
+        assert!(drops(&text, reason).is_some(), "reason {reason} not exported: {text}");
+    }
+    let target6 = std::net::SocketAddrV6::new(empty6, 80, 0, 0);
+    let outcome = proxy_lab::echo6::Outcome6::of(proxy_lab::echo6::tcp(&client, target6, TIMEOUT));
+    assert!(matches!(outcome, proxy_lab::echo6::Outcome6::Refused), "the IPv6 half refuses too: {outcome:?}");
+    let after_ipv6 = drops(&metrics(), "rejected").unwrap_or(0.0);
+    assert!(after_ipv6 > after_ipv4, "the IPv6 refusal counted: {after_ipv4} then {after_ipv6}");
 }
