@@ -1,6 +1,6 @@
 //! ClusterIP through the dataplane, with real TCP and UDP traffic between pod namespaces, over both
 //! families: every Service here is dual-stack (one EndpointSlice per family) and each test asks its IPv4
-//! and its IPv6 cluster IP in turn (the source-port-reuse test stays IPv4).
+//! and its IPv6 cluster IP in turn.
 //!
 //! Each test builds its own lab (nodes, pods, one real agent per node reading a manifest directory), sends
 //! real requests, and checks which backend answered and what source address it saw.
@@ -289,12 +289,16 @@ fn bad_manifest_edits_are_rejected_and_nothing_else_breaks() {
 
 /// One TCP request from `source_port` (reusable at once, as a busy client's ports are) to `target`. The
 /// connection ends with a reset, so no `TIME_WAIT` keeps the same four-tuple from being used again at once.
-fn request_from_port(source_port: u16, target: SocketAddrV4) -> anyhow::Result<String> {
+fn request_from_port(source_port: u16, target: SocketAddr) -> anyhow::Result<String> {
     use std::io::{BufRead as _, Write as _};
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let (domain, any) = match target {
+        SocketAddr::V4(_) => (socket2::Domain::IPV4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        SocketAddr::V6(_) => (socket2::Domain::IPV6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_linger(Some(Duration::ZERO))?;
-    socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, source_port).into())?;
+    socket.bind(&SocketAddr::new(any, source_port).into())?;
     socket.connect_timeout(&target.into(), TIMEOUT)?;
     let stream: std::net::TcpStream = socket.into();
     stream.set_read_timeout(Some(TIMEOUT))?;
@@ -311,22 +315,31 @@ fn request_from_port(source_port: u16, target: SocketAddrV4) -> anyhow::Result<S
 #[test]
 fn a_source_port_reused_for_a_direct_connection_to_a_former_backend_works() {
     let (lab, backend) = one_backend_on_node_2(LabSpec::default(), "web", 31);
-    let direct = SocketAddrV4::new(backend.ip, 8080);
-    let results = proxy_lab::netns::in_netns(&lab.pod(1, 1).ns.clone(), move || {
-        (41000..41005)
-            .map(|port| {
-                let via_service = request_from_port(port, vip(31, 80)).map_err(|e| format!("{e:#}"));
-                let straight = request_from_port(port, direct).map_err(|e| format!("{e:#}"));
-                let again = request_from_port(port, vip(31, 80)).map_err(|e| format!("{e:#}"));
-                (port, via_service, straight, again)
-            })
-            .collect::<Vec<_>>()
-    })
-    .unwrap();
-    for (port, via_service, straight, again) in results {
-        assert_eq!(via_service.as_deref(), Ok("pod-2-2"), "port {port} through the Service");
-        assert_eq!(straight.as_deref(), Ok("pod-2-2"), "port {port} straight to the pod after the Service");
-        assert_eq!(again.as_deref(), Ok("pod-2-2"), "port {port} through the Service again");
+    let mut cases = vec![("IPv4", SocketAddr::V4(vip(31, 80)), SocketAddr::new(backend.ip.into(), 8080))];
+    if let Some(ip6) = backend.ip6.filter(|_| lab.dual_stack()) {
+        cases.push(("IPv6", SocketAddr::V6(vip6(31, 80)), SocketAddr::new(ip6.into(), 8080)));
+    }
+    for (family, service, direct) in cases {
+        let results = proxy_lab::netns::in_netns(&lab.pod(1, 1).ns.clone(), move || {
+            (41000..41005)
+                .map(|port| {
+                    let via_service = request_from_port(port, service).map_err(|e| format!("{e:#}"));
+                    let straight = request_from_port(port, direct).map_err(|e| format!("{e:#}"));
+                    let again = request_from_port(port, service).map_err(|e| format!("{e:#}"));
+                    (port, via_service, straight, again)
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+        for (port, via_service, straight, again) in results {
+            assert_eq!(via_service.as_deref(), Ok("pod-2-2"), "{family}: port {port} through the Service");
+            assert_eq!(
+                straight.as_deref(),
+                Ok("pod-2-2"),
+                "{family}: port {port} straight to the pod after the Service"
+            );
+            assert_eq!(again.as_deref(), Ok("pod-2-2"), "{family}: port {port} through the Service again");
+        }
     }
 }
 
