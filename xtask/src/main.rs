@@ -263,6 +263,7 @@ fn parity_args() -> Vec<&'static str> {
         "kube_proxy_conformance",
         "pod_networks",
         "dual_stack",
+        "sctp",
     ] {
         args.extend(["--test", test]);
     }
